@@ -1,0 +1,1 @@
+"""One small adapter per model family behind one protocol (`dopsd.models.base.ModelAdapter`)."""

@@ -1,0 +1,61 @@
+"""The protocol every model family implements; the trainer, sampler, probe and bench only talk to this.
+
+An adapter translates between the project's conventions and its model's own:
+  * latents are one batch tensor (B, …) in the project's σ convention (σ=1 noise, σ=0 clean);
+  * `velocity` returns v = ε − x0 for a batch of latents at per-sample σ (B,), whatever the model's own
+    timestep convention or output sign;
+  * contexts are built per sample as dicts of tensors (so they can be cached on disk by content hash)
+    and batched by `collate`; the objective never looks inside them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from PIL import Image
+from torch import nn
+
+Context = dict[str, torch.Tensor]
+
+
+@runtime_checkable
+class ModelAdapter(Protocol):
+    name: str
+    network: nn.Module  # the denoiser whose weights are fine-tuned (LoRA or full)
+
+    def velocity(self, network: nn.Module, x: torch.Tensor, sigma: torch.Tensor, context: Any) -> torch.Tensor:
+        """v(x, σ, context) with `network` (the student may be DDP-wrapped; the teacher is not)."""
+        ...
+
+    def student_contexts(self, captions: list[str]) -> list[Context]:
+        """Caption-only conditioning, exactly what inference uses."""
+        ...
+
+    def teacher_contexts(self, captions: list[str], images: list[Image.Image]) -> list[Context]:
+        """Caption + target-image conditioning for the teacher."""
+        ...
+
+    def collate(self, contexts: list[Context]) -> Any:
+        """Batch per-sample contexts into what `velocity` takes."""
+        ...
+
+    def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
+        """Clean latents x0 (for SFT and metrics)."""
+        ...
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents → images (B, 3, H, W) in [-1, 1]."""
+        ...
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        """Shape of one sample's latents (no batch dim) for an image of this size."""
+        ...
+
+    def inference_schedule(self, height: int, width: int, steps: int | None = None) -> torch.Tensor:
+        """The model's own few-step σ schedule (…, 0) for this resolution."""
+        ...
+
+    def release_encoders(self) -> None:
+        """Free the frozen encoders once contexts are cached (they are not needed while training)."""
+        ...

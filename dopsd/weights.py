@@ -1,0 +1,85 @@
+"""Teacher weights for self-distillation: the same network, other values of its trainable parameters.
+
+The teacher differs from the student only in the values of the *trainable* parameters (the LoRA
+matrices under LoRA, every weight under full fine-tuning), so one copy of the frozen base weights serves
+both. A `ParamShadow` keeps the teacher's values beside the live ones and swaps them in for a
+teacher forward:
+  * ema  – slow exponential moving average of the student (default, decay 0.9999), updated after
+           every optimizer step;
+  * base – the initial values, frozen (under LoRA: the adapter at init, B=0, i.e. the adapter off);
+  * live – no copy: the teacher is the current student (ablation; it collapses).
+The same class gives the *original* model for on-policy prior preservation (mode "base").
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Literal
+
+import torch
+from torch import nn
+
+from dopsd.objective import VelocityFn
+
+TeacherMode = Literal["ema", "base", "live"]
+
+
+class ParamShadow:
+    def __init__(self, named_params: dict[str, nn.Parameter], mode: TeacherMode = "ema", decay: float = 0.9999):
+        if mode not in ("ema", "base", "live"):
+            raise ValueError(f"teacher mode must be 'ema', 'base' or 'live', got {mode!r}")
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"EMA decay must lie in [0, 1], got {decay}")
+        self.mode: TeacherMode = mode
+        self.decay = decay
+        self.params = dict(named_params)
+        self.shadow: dict[str, torch.Tensor] = (
+            {} if mode == "live" else {k: p.detach().clone() for k, p in self.params.items()}
+        )
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """After an optimizer step: θ̄ ← d·θ̄ + (1−d)·θ for ema; nothing for base and live."""
+        if self.mode != "ema":
+            return
+        for name, p in self.params.items():
+            self.shadow[name].lerp_(p.detach().to(self.shadow[name].dtype), 1.0 - self.decay)
+
+    @contextlib.contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        """Temporarily give the network the teacher's parameter values (no copies: storage swap)."""
+        if self.mode == "live":
+            yield
+            return
+        for name, p in self.params.items():
+            p.data, self.shadow[name] = self.shadow[name], p.data
+        try:
+            yield
+        finally:
+            for name, p in self.params.items():
+                p.data, self.shadow[name] = self.shadow[name], p.data
+
+    def wrap(self, velocity: VelocityFn) -> VelocityFn:
+        """A velocity function that runs `velocity` with the shadow weights and no gradient."""
+
+        def teacher_velocity(x: torch.Tensor, sigma: torch.Tensor, context: Any) -> torch.Tensor:
+            with torch.no_grad(), self.swapped_in():
+                return velocity(x, sigma, context)
+
+        return teacher_velocity
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "decay": self.decay, "shadow": {k: v.clone() for k, v in self.shadow.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["mode"] != self.mode:
+            raise ValueError(f"checkpoint teacher mode {state['mode']!r} differs from the configured {self.mode!r}")
+        missing = set(self.shadow) ^ set(state["shadow"])
+        if missing:
+            raise ValueError(f"teacher state does not match the model's trainable parameters: {sorted(missing)[:5]}")
+        for k, v in state["shadow"].items():
+            self.shadow[k].copy_(v)
+
+
+def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in module.named_parameters() if p.requires_grad}
