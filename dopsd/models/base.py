@@ -28,12 +28,16 @@ class ModelAdapter(Protocol):
         """v(x, σ, context) with `network` (the student may be DDP-wrapped; the teacher is not)."""
         ...
 
-    def student_contexts(self, captions: list[str]) -> list[Context]:
-        """Caption-only conditioning, exactly what inference uses."""
+    def student_contexts(
+        self, captions: list[str], sources: list[list[Image.Image]] | None = None
+    ) -> list[Context]:
+        """Caption-only conditioning, exactly what inference uses (editing models: + source images)."""
         ...
 
-    def teacher_contexts(self, captions: list[str], images: list[Image.Image]) -> list[Context]:
-        """Caption + target-image conditioning for the teacher."""
+    def teacher_contexts(
+        self, captions: list[str], images: list[Image.Image], sources: list[list[Image.Image]] | None = None
+    ) -> list[Context]:
+        """Caption + target-image conditioning for the teacher (editing: sources, then the target last)."""
         ...
 
     def collate(self, contexts: list[Context]) -> Any:
@@ -54,6 +58,10 @@ class ModelAdapter(Protocol):
 
     def inference_schedule(self, height: int, width: int, steps: int | None = None) -> torch.Tensor:
         """The model's own few-step σ schedule (…, 0) for this resolution."""
+        ...
+
+    def default_lora_targets(self) -> list[str] | str:
+        """peft target_modules for this family (names or a regex)."""
         ...
 
     def release_encoders(self) -> None:
