@@ -1,0 +1,329 @@
+"""Cost of one optimizer step per method, measured side by side against SFT in the same process.
+
+What is measured, and how (the report quotes this):
+  * time: wall seconds of one whole optimizer step (zero_grad, loss, backward, optimizer step, teacher
+    update), methods interleaved round-robin so that load from other processes hits all of them alike;
+    the median over repeats, after warm-up steps. CUDA is synchronised around each step.
+  * FLOPs: `torch.utils.flop_counter.FlopCounterMode` around (a) one whole step and (b) the network calls
+    the algorithm is made of (student forward+backward, teacher forward). The *implied* count is the
+    algorithm's formula over (b): D-OPSD = K·(student fwd+bwd) + K·(teacher fwd), SFT = 1 student fwd+bwd.
+    `overhead` = (time ratio to SFT) / (implied FLOP ratio to SFT): 1.0 means the step costs exactly what the
+    algorithm implies; above 1, something beyond the algorithm's arithmetic (small-kernel overhead, the
+    sequential roll-out, the teacher swap, Python) costs time.
+  * memory: on CPU, tensor bytes resident at the step's start (unique storages of the weights, gradients,
+    optimizer state and teacher copy) + the peak of bytes allocated during one step above that, from the
+    torch profiler's allocation events (process RSS cannot separate methods that share a process). On CUDA,
+    `torch.cuda.max_memory_allocated` over one step.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+from torch.utils import flop_counter as _fc
+
+StepFn = Callable[[], Any]
+
+_MB = 2**20
+
+
+def _cpu_sdpa_mapping() -> dict[Any, Any]:
+    """FlopCounterMode has no formula for the CPU flash-attention kernels (it counts 0); add the standard one."""
+    ops = torch.ops.aten
+    mapping: dict[Any, Any] = {}
+    if hasattr(ops, "_scaled_dot_product_flash_attention_for_cpu"):
+
+        def fwd(query, key, value, *args, out_shape=None, **kwargs):  # noqa: ANN001 - shapes from FlopCounterMode
+            return _fc.sdpa_flop_count(query, key, value)
+
+        def bwd(grad_out, query, key, value, *args, out_shape=None, **kwargs):  # noqa: ANN001
+            return _fc.sdpa_backward_flop_count(grad_out, query, key, value)
+
+        mapping[ops._scaled_dot_product_flash_attention_for_cpu] = fwd
+        if hasattr(ops, "_scaled_dot_product_flash_attention_for_cpu_backward"):
+            mapping[ops._scaled_dot_product_flash_attention_for_cpu_backward] = bwd
+    return mapping
+
+
+def count_flops(fn: StepFn) -> int:
+    """FLOPs of the matmul/attention/conv ops that `fn` runs (forward and any backward inside it)."""
+    with _fc.FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_mapping()) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def resident_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
+    """Bytes of the unique storages behind `tensors` (views and shared weights counted once)."""
+    seen: dict[tuple[str, int], int] = {}
+    for t in tensors:
+        if t is None or not isinstance(t, torch.Tensor):
+            continue
+        storage = t.untyped_storage()
+        seen[(str(t.device), storage.data_ptr())] = storage.nbytes()
+    return sum(seen.values())
+
+
+def state_tensors(obj: Any) -> list[torch.Tensor]:
+    """Every tensor inside nested dicts/lists/tuples (optimizer and teacher state dicts)."""
+    out: list[torch.Tensor] = []
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            out.append(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return out
+
+
+def transient_peak_bytes(fn: StepFn) -> int:
+    """Peak of bytes allocated by `fn` above what was live when it started (CPU, from profiler events)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    events: list[tuple[int, int]] = []
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+            events.append((event.start_time_ns, int(event.extra_fields.alloc_size)))
+    live = peak = 0
+    for _, size in sorted(events):
+        live += size  # frees are negative sizes
+        peak = max(peak, live)
+    return peak
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(steps: dict[str, StepFn], repeats: int, warmup: int = 2, device: str | torch.device = "cpu") -> dict[str, list[float]]:
+    """Seconds per call of each step function, interleaved round-robin (the fair comparison on a busy machine)."""
+    if repeats < 1:
+        raise ValueError(f"cost repeats must be >= 1, got {repeats}")
+    dev = torch.device(device)
+    for _ in range(warmup):
+        for fn in steps.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, fn in steps.items():
+            _sync(dev)
+            start = time.perf_counter()
+            fn()
+            _sync(dev)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def peak_memory_bytes(fn: StepFn, resident: Iterable[torch.Tensor | None], device: str | torch.device = "cpu") -> tuple[int, int]:
+    """(resident bytes at start, peak bytes during one call) — see the module docstring for the method."""
+    dev = torch.device(device)
+    held = resident_bytes(resident)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        start = torch.cuda.memory_allocated(dev)
+        fn()
+        torch.cuda.synchronize(dev)
+        return held, held + torch.cuda.max_memory_allocated(dev) - start
+    return held, held + transient_peak_bytes(fn)
+
+
+@dataclass
+class MethodCost:
+    """One method's step cost; ratios are against the reference method (SFT) measured in the same run."""
+
+    sec_per_step: float  # median wall seconds of one optimizer step
+    sec_per_step_q25: float
+    sec_per_step_q75: float
+    repeats: int
+    peak_mem_mb: float  # resident + transient peak (MiB)
+    resident_mb: float
+    flops_per_step: float  # counted over one whole step
+    implied_flops: float  # the algorithm's formula over the counted network calls
+    time_ratio: float = float("nan")  # sec_per_step / reference's
+    flop_ratio: float = float("nan")  # implied_flops / reference's
+    overhead: float = float("nan")  # time_ratio / flop_ratio (1.0 = exactly the algorithm's arithmetic)
+    mem_ratio: float = float("nan")
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+@dataclass
+class CostProbe:
+    """What cost measurement needs from one method's training setup.
+
+    step: one complete optimizer step. resident: tensors that live across steps (weights, grads, optimizer
+    and teacher state). implied_flops: the algorithm's FLOPs from counted calls (see `implied_flops`).
+    """
+
+    step: StepFn
+    resident: Callable[[], list[torch.Tensor]]
+    implied_flops: float
+
+
+def implied_flops(kind: str, student_fwd_bwd: float, teacher_fwd: float = 0.0, roll_out_steps: int = 1) -> float:
+    """FLOPs the algorithm implies per optimizer step.
+
+    sft: 1 student forward+backward on the batch. dopsd: K student forward+backward + K teacher forwards
+    (the roll-out advances with the student's own velocity, so no extra forward).
+    """
+    if kind == "sft":
+        return float(student_fwd_bwd)
+    if kind == "dopsd":
+        return float(roll_out_steps * (student_fwd_bwd + teacher_fwd))
+    raise ValueError(f"implied FLOPs are defined for 'sft' and 'dopsd', got {kind!r}")
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    lo, hi = int(pos), min(int(pos) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def measure_costs(
+    probes: dict[str, CostProbe],
+    reference: str = "sft",
+    repeats: int = 7,
+    warmup: int = 2,
+    device: str | torch.device = "cpu",
+) -> dict[str, MethodCost]:
+    """Time, FLOPs and peak memory of every probe, with ratios against `reference`, all in this one run."""
+    if reference not in probes:
+        raise ValueError(f"cost reference {reference!r} is not among the measured methods {sorted(probes)}")
+    times = time_steps({k: p.step for k, p in probes.items()}, repeats=repeats, warmup=warmup, device=device)
+    costs: dict[str, MethodCost] = {}
+    for name, probe in probes.items():
+        flops = count_flops(probe.step)
+        held, peak = peak_memory_bytes(probe.step, probe.resident(), device=device)
+        t = times[name]
+        costs[name] = MethodCost(
+            sec_per_step=statistics.median(t),
+            sec_per_step_q25=_quantile(t, 0.25),
+            sec_per_step_q75=_quantile(t, 0.75),
+            repeats=len(t),
+            peak_mem_mb=peak / _MB,
+            resident_mb=held / _MB,
+            flops_per_step=float(flops),
+            implied_flops=float(probe.implied_flops),
+        )
+    ref = costs[reference]
+    for cost in costs.values():
+        cost.time_ratio = cost.sec_per_step / ref.sec_per_step
+        cost.flop_ratio = cost.implied_flops / ref.implied_flops if ref.implied_flops else float("nan")
+        cost.overhead = cost.time_ratio / cost.flop_ratio if cost.flop_ratio else float("nan")
+        cost.mem_ratio = cost.peak_mem_mb / ref.peak_mem_mb if ref.peak_mem_mb else float("nan")
+    return costs
+
+
+__all__ = [
+    "CostProbe",
+    "MethodCost",
+    "count_flops",
+    "implied_flops",
+    "measure_costs",
+    "peak_memory_bytes",
+    "resident_bytes",
+    "state_tensors",
+    "time_steps",
+    "transient_peak_bytes",
+]
+
+
+# --- probes built from the project's algorithm pieces (the same ones the trainer uses) ------------------
+
+
+def algorithm_probe(
+    adapter: Any,
+    network: torch.nn.Module,
+    kind: str,
+    captions: list[str],
+    images: list[Any],
+    schedule: torch.Tensor,
+    *,
+    teacher: str = "ema",
+    space: str = "x0",
+    lr: float = 1e-4,
+    seed: int = 0,
+) -> CostProbe:
+    """A CostProbe for one method on `network` (already LoRA-injected or fully trainable): one AdamW step of
+    SFT (kind='sft') or D-OPSD (kind='dopsd', roll-out on `schedule`), with the teacher update.
+
+    Uses `dopsd.objective` and `dopsd.weights` directly so every method is timed on identical data and
+    batch; the trainer's own steps/s from the training runs are reported beside it.
+    """
+    from dopsd.objective import dopsd_loss, sample_training_sigmas, sft_loss
+    from dopsd.weights import ParamShadow, trainable_parameters
+
+    params = trainable_parameters(network)
+    if not params:
+        raise ValueError("cost probe: the network has no trainable parameters (inject a LoRA or unfreeze it)")
+    student_ctx = adapter.collate(adapter.student_contexts(captions))
+    teacher_ctx = adapter.collate(adapter.teacher_contexts(captions, images)) if kind == "dopsd" else None
+    x0 = adapter.encode_images(images)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=0.0)
+    shadow = ParamShadow(params, mode=teacher) if kind == "dopsd" else None  # type: ignore[arg-type]
+
+    def student(x: torch.Tensor, sigma: torch.Tensor, context: Any) -> torch.Tensor:
+        return adapter.velocity(network, x, sigma, context)
+
+    def teacher_fn(x: torch.Tensor, sigma: torch.Tensor, context: Any) -> torch.Tensor:
+        assert shadow is not None
+        return shadow.wrap(student)(x, sigma, context)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        noise = torch.randn(x0.shape, generator=generator).to(x0)
+        if kind == "sft":
+            sigma = sample_training_sigmas(x0.shape[0], generator=generator).to(x0)
+            sft_loss(student, x0, student_ctx, sigma, noise).backward()
+        else:
+            dopsd_loss(student, teacher_fn, noise, schedule, student_ctx, teacher_ctx, space=space,  # type: ignore[arg-type]
+                       backward=lambda loss: loss.backward())
+        torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+        optimizer.step()
+        if shadow is not None:
+            shadow.update()
+
+    # Per-call FLOPs of the network calls the algorithm is made of.
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed + 1)).to(x0)
+    sigma = torch.full((x0.shape[0],), 0.5).to(x0)
+
+    def student_fwd_bwd() -> None:
+        student(noise, sigma, student_ctx).pow(2).mean().backward()
+
+    fwd_bwd = count_flops(student_fwd_bwd)
+    optimizer.zero_grad(set_to_none=True)
+    if kind == "dopsd":
+        with torch.no_grad():
+            teacher_fwd = count_flops(lambda: teacher_fn(noise, sigma, teacher_ctx))
+        implied = implied_flops("dopsd", fwd_bwd, teacher_fwd, roll_out_steps=len(schedule) - 1)
+    else:
+        implied = implied_flops("sft", fwd_bwd)
+
+    def resident() -> list[torch.Tensor]:
+        tensors = [p for p in network.parameters()] + [p.grad for p in network.parameters() if p.grad is not None]
+        tensors += state_tensors(optimizer.state_dict()["state"])
+        if shadow is not None:
+            tensors += list(shadow.shadow.values())
+        return tensors
+
+    return CostProbe(step=step, resident=resident, implied_flops=implied)
+
+
+__all__ += ["algorithm_probe"]

@@ -1,0 +1,182 @@
+"""One bench job = one (setting, target, method, seed) run, driven through the project's trainer.
+
+A job builds the evaluation suite with a fresh miniature adapter (before the trainer releases its encoder),
+creates `dopsd.trainer.Trainer` on the shared dataset folder, steps it with `Trainer.train_step()` (the same
+step `dopsd train` runs), evaluates curve points every `curve_every` steps and the final network, and
+returns plain data (metrics, curves, a few images) so that jobs can run in worker processes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# method -> trainer overrides (the objective, teacher and loss space); `base` trains nothing.
+METHODS: dict[str, list[str]] = {
+    "base": [],
+    "sft": ["method.name=sft"],
+    "sft_adapter": ["method.name=sft"],  # + the de-distillation adapter merged while training, removed after
+    "dopsd": ["method.name=dopsd", "method.teacher=ema", "method.loss_space=x0"],
+    "dopsd_base_teacher": ["method.name=dopsd", "method.teacher=base", "method.loss_space=x0"],
+    "dopsd_live_teacher": ["method.name=dopsd", "method.teacher=live", "method.loss_space=x0"],
+    "dopsd_velocity": ["method.name=dopsd", "method.teacher=ema", "method.loss_space=velocity"],
+}
+REFERENCE_ROW = "ref_undistilled_4step"  # the multi-step base model sampled at the turbo's 4 steps (not a method)
+
+
+@dataclass
+class Job:
+    setting: str
+    target: str  # a held-out concept name, or "domain"
+    method: str
+    seed: int
+    data_dir: str
+    work_dir: str
+    overrides: list[str]  # the setting's trainer overrides (LoRA/full, lr, batch, steps …)
+    steps: int
+    curve_every: int
+    curve_n: int
+    suite: dict[str, int]  # n_train, n_unseen, n_unrelated, many_steps
+    model: str = "turbo"  # "turbo" (shipped weights), a recipe folder, or "tiny-random" (tests)
+    dedistill: str | None = None  # safetensors of ΔW per module (sft_adapter)
+    keep_images: bool = False
+    threads: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def make_adapter(model: str, kind: str = "turbo") -> Any:
+    """A fresh miniature adapter (each job mutates its network). kind='base' loads the undistilled base."""
+    from dopsd.models import mini
+
+    if model == "tiny-random":
+        adapter = mini.tiny_random_adapter(seed=0)
+        adapter.kind = "turbo"  # its own few-step setting stands in for the turbo's
+        return adapter
+
+    class _Cfg:
+        pretrained = ("base" if kind == "base" else "turbo") if model == "turbo" else model
+        teacher_context = "vlm"
+
+    if model != "turbo" and kind == "base":
+        _Cfg.pretrained = str(Path(model) / "base.safetensors") if Path(model).is_dir() else model
+    return mini.load(_Cfg())
+
+
+def trainer_config(job: Job, method_overrides: list[str]) -> Any:
+    from dopsd.config import load_config
+
+    common = [f"data.path={job.data_dir}", f"train.output_dir={job.work_dir}", f"train.seed={job.seed}",
+              f"train.max_steps={job.steps}", "train.checkpoint_every=0", "cache.enabled=false",
+              "sample.health=false", "log.progress=false", "log.tensorboard=false", "train.device=cpu"]
+    return load_config("mini", common + job.overrides + method_overrides)
+
+
+def build_trainer(job: Job, adapter: Any, method: str) -> Any:
+    from dopsd.data import load_dataset
+    from dopsd.trainer import Trainer
+
+    cfg = trainer_config(job, METHODS[method])
+    trainer = Trainer(cfg, Path(job.work_dir), load_dataset(cfg.data, cfg.model), adapter=adapter)
+    trainer.prepare()
+    return trainer
+
+
+def _suite(job: Job, adapter: Any) -> Any:
+    from dopsd.bench.suite import build_suite
+    from dopsd.data import load_dataset
+    from dopsd.config import load_config
+
+    cfg = load_config("mini", [f"data.path={job.data_dir}"])
+    captions = [c for ex in load_dataset(cfg.data, cfg.model) for c in ex.captions]
+    s = job.suite
+    return build_suite(adapter, job.target, captions, s["n_train"], s["n_unseen"], s["n_unrelated"], s["many_steps"])
+
+
+def _keep(imgs: dict[str, torch.Tensor], n: int = 8) -> dict[str, torch.Tensor]:
+    return {k: v[:n].clone() for k, v in imgs.items()}
+
+
+def run_job(job: Job) -> dict[str, Any]:
+    """Train (or not, for `base`) and evaluate; returns {'job', 'final', 'curve', 'images', 'seconds', …}."""
+    from safetensors.torch import load_file
+
+    from dopsd.bench.suite import add_deltas, without_deltas
+
+    torch.set_num_threads(job.threads)
+    started = time.perf_counter()
+    adapter = make_adapter(job.model)
+    suite = _suite(job, adapter)
+    suite.set_reference(adapter.network)  # the untouched turbo, same noise
+    result: dict[str, Any] = {"job": job.__dict__.copy()}
+    if job.method == REFERENCE_ROW:
+        base = make_adapter(job.model, kind="base")
+        final, imgs = suite.evaluate(base.network)
+        result.update(final=final, curve=None, train_seconds=0.0, steps=0)
+    elif job.method == "base":
+        final, imgs = suite.evaluate(adapter.network)
+        point = suite.curve_point(adapter.network, job.curve_n)
+        points = list(range(0, job.steps + 1, job.curve_every))
+        result.update(final=final, curve={"steps": points, **{k: [v] * len(points) for k, v in point.items()}},
+                      train_seconds=0.0, steps=0)
+    else:
+        deltas = None
+        if job.method == "sft_adapter":
+            if not job.dedistill:
+                raise ValueError("bench: sft_adapter needs the de-distillation adapter (job.dedistill)")
+            deltas = load_file(job.dedistill)
+            add_deltas(adapter.network, deltas, +1.0)  # merged while training (ai-toolkit's recipe)
+        trainer = build_trainer(job, adapter, job.method)
+        net = trainer.network
+        curve: dict[str, list[float]] = {"steps": []}
+
+        def record(step: int) -> None:
+            with without_deltas(net, deltas):  # evaluated as used: the adapter removed
+                point = suite.curve_point(net, job.curve_n)
+            curve["steps"].append(step)
+            for k, v in point.items():
+                curve.setdefault(k, []).append(v)
+
+        record(0)
+        train_seconds, losses = 0.0, []
+        while trainer.step < job.steps:
+            t0 = time.perf_counter()
+            rec = trainer.train_step()
+            train_seconds += time.perf_counter() - t0
+            losses.append(rec["loss"])
+            if trainer.step % job.curve_every == 0 or trainer.step == job.steps:
+                record(trainer.step)
+        with without_deltas(net, deltas):
+            final, imgs = suite.evaluate(net)
+        result.update(final=final, curve=curve, train_seconds=train_seconds, steps=trainer.step,
+                      losses=losses, skipped=sum(1 for r in trainer.history if r.get("skipped")))
+    result["images"] = _keep(imgs) if job.keep_images else None
+    result["captions"] = {k: ps.captions[:8] for k, ps in suite.sets.items()} if job.keep_images else None
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
+def train_dedistill(job: Job, out_file: str) -> dict[str, Any]:
+    """ai-toolkit's de-distillation adapter: an SFT LoRA on ordinary in-domain pairs of the turbo.
+
+    Saved as ΔW = scale·B·A per module so it can be merged into any network (LoRA or full fine-tune).
+    """
+    from safetensors.torch import save_file
+
+    from dopsd.bench.suite import lora_deltas
+    from dopsd.lora import lora_state_dict
+
+    torch.set_num_threads(job.threads)
+    started = time.perf_counter()
+    adapter = make_adapter(job.model)
+    trainer = build_trainer(job, adapter, "sft")
+    while trainer.step < job.steps:
+        trainer.train_step()
+    cfg = trainer.cfg
+    deltas = lora_deltas(lora_state_dict(trainer.network), cfg.lora.alpha / cfg.lora.rank)
+    save_file({k: v.contiguous() for k, v in deltas.items()}, out_file)
+    return {"seconds": time.perf_counter() - started, "steps": trainer.step, "file": out_file,
+            "final_loss": trainer.history[-1]["loss"] if trainer.history else None}

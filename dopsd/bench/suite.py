@@ -1,0 +1,240 @@
+"""Evaluation of one trained network on the miniature world: fixed prompts, fixed noise, the world's decoders.
+
+Prompt sets per setting (each with its own fixed noise, identical for every method, seed and step):
+  * train    – the training captions (concept: `sks` on the 2 shapes × 2 backgrounds of the data; domain: the
+               dataset's captions);
+  * unseen   – captions never in training (concept: the other shape × background combinations; domain: the
+               rest of the caption space, including captions without a background);
+  * unrelated – named-colour captions (no `sks`): where quality, drift and preservation are measured.
+Metrics are computed from the renderer's ground truth (`dopsd.mini.metrics`), see FIELD_DOCS in report.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from dopsd.mini import metrics, world
+from dopsd.schedules import sample_euler
+
+
+def _tinted(rgb: tuple[float, float, float]) -> tuple[float, float, float]:
+    tint, amount = world.DOMAIN_TINT
+    return tuple((1 - amount) * c + amount * t for c, t in zip(rgb, tint))  # type: ignore[return-value]
+
+
+def _palette(colours: dict[str, tuple[float, float, float]]) -> tuple[list[str], torch.Tensor]:
+    """Names and RGB of a palette plus its domain-tinted twins (same names): tint-invariant naming."""
+    names = list(colours) + list(colours)
+    rgb = torch.tensor([colours[n] for n in colours] + [_tinted(colours[n]) for n in colours])
+    return names, rgb
+
+
+_FG = _palette({**world.COLOURS, **world.CONCEPTS})
+_BG = _palette(world.BACKGROUNDS)
+
+
+def _names(rgb: torch.Tensor, palette: tuple[list[str], torch.Tensor]) -> list[str]:
+    names, ref = palette
+    return [names[i] for i in world.colour_distance(rgb[:, None], ref[None]).argmin(1).tolist()]
+
+
+def scene_labels(dec: metrics.Decoded) -> list[tuple[Any, ...]]:
+    """(shape, size, position, colour name, background name) per decoded sample, tint-invariant."""
+    fg, bg = _names(dec.fg, _FG), _names(dec.bg, _BG)
+    return [(int(s), int(z), int(p), f, b) for s, z, p, f, b in zip(dec.shape, dec.size, dec.pos, fg, bg)]
+
+
+def agreement(dec: metrics.Decoded, ref: metrics.Decoded) -> float:
+    """Fraction of samples whose decoded scene (shape, size, position, colour, background) equals the reference's."""
+    a, b = scene_labels(dec), scene_labels(ref)
+    return sum(x == y for x, y in zip(a, b)) / len(a)
+
+
+def attribute_accuracy(dec: metrics.Decoded, captions: list[str]) -> float:
+    """Mean over samples of the fraction of captioned attributes (shape, colour, background) decoded right,
+    tint-invariant (a domain-tinted red still counts as red)."""
+    fg, bg = _names(dec.fg, _FG), _names(dec.bg, _BG)
+    scores = []
+    for i, caption in enumerate(captions):
+        colour, shape, background = metrics.parse_caption(caption)
+        checks = [world.SHAPES[int(dec.shape[i])] == shape]
+        if colour != world.PLACEHOLDER:
+            checks.append(fg[i] == colour)
+        if background is not None:
+            checks.append(bg[i] == background)
+        scores.append(sum(checks) / len(checks))
+    return sum(scores) / len(scores)
+
+
+def domain_prompts() -> list[str]:
+    """Every named-colour caption, with and without a background."""
+    return [f"a {c} {s}" + (f" on a {b} background" if b else "")
+            for c in world.COLOURS for s in world.SHAPES for b in (*world.BACKGROUNDS, None)]
+
+
+def _repeat(prompts: list[str], n: int) -> list[str]:
+    if not prompts:
+        raise ValueError("bench: an evaluation prompt set is empty")
+    return [prompts[i % len(prompts)] for i in range(n)]
+
+
+@dataclass
+class PromptSet:
+    captions: list[str]
+    noise: torch.Tensor
+    context: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Suite:
+    """Fixed evaluation of one setting. `target` is a concept name or 'domain'."""
+
+    target: str
+    sets: dict[str, PromptSet]
+    few_steps: int
+    many_steps: int
+    velocity: Any  # adapter.velocity(network, x, σ, context)
+    schedule: Any  # adapter.inference_schedule(res, res, steps)
+    reference: dict[str, torch.Tensor] = field(default_factory=dict)  # untouched turbo's samples
+    reference_decoded: dict[str, metrics.Decoded] = field(default_factory=dict)
+
+    @torch.no_grad()
+    def sample(self, network: nn.Module, name: str, steps: int, limit: int | None = None, batch: int = 64) -> torch.Tensor:
+        ps = self.sets[name]
+        n = len(ps.captions) if limit is None else min(limit, len(ps.captions))
+        sched = self.schedule(steps)
+        was_training = network.training
+        network.eval()
+        out = []
+        try:
+            for start in range(0, n, batch):
+                end = min(start + batch, n)
+                ctx = {k: v[start:end] for k, v in ps.context.items()}
+                x = sample_euler(lambda z, s, c: self.velocity(network, z, s, c), ps.noise[start:end], sched, ctx)
+                out.append(x.clamp(-1, 1).float().cpu())
+        finally:
+            network.train(was_training)
+        return torch.cat(out)
+
+    def set_reference(self, network: nn.Module) -> None:
+        """The untouched turbo's few-step samples on the unrelated prompts (same noise): drift/preservation."""
+        self.reference["unrelated"] = self.sample(network, "unrelated", self.few_steps)
+        self.reference_decoded["unrelated"] = metrics.decode(self.reference["unrelated"])
+
+    def fidelity(self, images: torch.Tensor, dec: metrics.Decoded | None = None) -> float:
+        dec = dec or metrics.decode(images)
+        if self.target == "domain":
+            return metrics.domain_fidelity(images, dec)
+        return metrics.concept_fidelity(images, self.target, dec)
+
+    def curve_point(self, network: nn.Module, limit: int) -> dict[str, float]:
+        """The cheap per-interval measurement: fidelity on training prompts, quality and drift on unrelated ones."""
+        train = self.sample(network, "train", self.few_steps, limit)
+        unrelated = self.sample(network, "unrelated", self.few_steps, limit)
+        dec = metrics.decode(unrelated)
+        ref = self.reference["unrelated"][: unrelated.shape[0]]
+        return {
+            "concept_fidelity": self.fidelity(train),
+            "fewstep_quality": metrics.fewstep_quality(unrelated, dec),
+            "drift": metrics.drift(unrelated, ref),
+        }
+
+    def evaluate(self, network: nn.Module) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """All final metrics of `network` and the images they came from."""
+        imgs = {
+            "train": self.sample(network, "train", self.few_steps),
+            "unseen": self.sample(network, "unseen", self.few_steps),
+            "unrelated": self.sample(network, "unrelated", self.few_steps),
+            "unrelated_many": self.sample(network, "unrelated", self.many_steps),
+        }
+        dec = {k: metrics.decode(v) for k, v in imgs.items()}
+        unrelated = self.sets["unrelated"].captions
+        out = {
+            "concept_fidelity": self.fidelity(imgs["train"], dec["train"]),
+            "unseen_prompt_fidelity": self.fidelity(imgs["unseen"], dec["unseen"]),
+            "fewstep_quality": metrics.fewstep_quality(imgs["unrelated"], dec["unrelated"]),
+            "manystep_quality": metrics.fewstep_quality(imgs["unrelated_many"], dec["unrelated_many"]),
+            "preservation": agreement(dec["unrelated"], self.reference_decoded["unrelated"]),
+            "drift": metrics.drift(imgs["unrelated"], self.reference["unrelated"]),
+            "sharpness": metrics.sharpness(imgs["unrelated"]),
+            "render_psnr": metrics.render_psnr(imgs["unrelated"], dec["unrelated"]),
+            "attribute_accuracy": attribute_accuracy(dec["unrelated"], unrelated),
+            "fewstep_quality_concept": metrics.fewstep_quality(imgs["train"], dec["train"]),
+        }
+        if self.target != "domain":  # the concept leaking onto prompts that do not ask for it
+            out["concept_leak"] = self.fidelity(imgs["unrelated"], dec["unrelated"])
+        else:  # the domain on the original domain's prompts is intended; retention is attribute accuracy
+            out["domain_on_unrelated"] = self.fidelity(imgs["unrelated"], dec["unrelated"])
+        return out, imgs
+
+
+def build_suite(adapter: Any, target: str, train_captions: list[str], n_train: int, n_unseen: int, n_unrelated: int,
+                many_steps: int, seed: int = 0) -> Suite:
+    """Prompt sets, noise and contexts (built with `adapter`'s encoder, before it is released)."""
+    distinct = list(dict.fromkeys(train_captions))
+    if target == "domain":
+        unseen = [p for p in domain_prompts() if p not in distinct]
+    else:
+        unseen = [p for p in world.concept_prompts() if p not in distinct]
+    prompt_lists = {
+        "train": _repeat(distinct, n_train),
+        "unseen": _repeat(unseen, n_unseen),
+        "unrelated": world.unrelated_prompts(n_unrelated, seed=seed),
+    }
+    res = adapter.resolution
+    sets = {}
+    for i, (name, captions) in enumerate(prompt_lists.items()):
+        g = torch.Generator().manual_seed(7_000 + 100 * seed + i)
+        noise = torch.randn(len(captions), 3, res, res, generator=g)
+        context = adapter.collate(adapter.student_contexts(captions))
+        sets[name] = PromptSet(captions, noise, {k: v.detach().cpu() for k, v in context.items()})
+    return Suite(
+        target=target, sets=sets, few_steps=adapter.default_steps, many_steps=many_steps,
+        velocity=adapter.velocity, schedule=lambda steps: adapter.inference_schedule(res, res, steps),
+    )
+
+
+# --- the de-distillation adapter (ai-toolkit style): merged while training, removed at inference --------
+
+
+def lora_deltas(lora_state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """{module name: ΔW = scale · B @ A} from a peft-format LoRA state dict (`<module>.lora_A.weight`, …)."""
+    deltas = {}
+    for key, a in lora_state.items():
+        if key.endswith("lora_A.weight"):
+            module = key[: -len(".lora_A.weight")]
+            b = lora_state[f"{module}.lora_B.weight"]
+            deltas[module] = scale * (b.float() @ a.float())
+    if not deltas:
+        raise ValueError("bench: the de-distillation LoRA state has no lora_A/lora_B weights")
+    return deltas
+
+
+def _weight(network: nn.Module, module: str) -> torch.Tensor:
+    layer = network.get_submodule(module)
+    layer = getattr(layer, "base_layer", layer)  # a LoRA-wrapped layer keeps the frozen weight in base_layer
+    return layer.weight
+
+
+@torch.no_grad()
+def add_deltas(network: nn.Module, deltas: dict[str, torch.Tensor], sign: float) -> None:
+    for module, delta in deltas.items():
+        w = _weight(network, module)
+        w.add_(sign * delta.to(w))
+
+
+@contextlib.contextmanager
+def without_deltas(network: nn.Module, deltas: dict[str, torch.Tensor] | None) -> Iterator[None]:
+    """Inference view of a network trained over a merged adapter: the adapter removed, then put back."""
+    if deltas:
+        add_deltas(network, deltas, -1.0)
+    try:
+        yield
+    finally:
+        if deltas:
+            add_deltas(network, deltas, +1.0)

@@ -1,0 +1,457 @@
+"""The training configuration: typed sections, named presets per model, YAML files and dotted overrides.
+
+Every option is a dataclass field whose `help` metadata is its one documentation; `render_docs()` turns
+them into docs/configuration.md (a test keeps that file up to date: `python -m dopsd.config > docs/configuration.md`).
+
+A YAML file names a preset and overrides some fields:
+
+    preset: mini
+    data: {path: ./my_images, trigger_word: sks}
+    optim: {lr: 2e-4}
+
+and the command line overrides any field with `section.field=value` (e.g. `optim.lr=2e-4`). Unknown keys are
+rejected with the closest valid name; values are checked against the field types.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+def opt(default: Any, help: str, **kw: Any) -> Any:
+    """A documented field (lists/dicts get a factory so instances never share them)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: copy.deepcopy(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message says which key and how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    family: Literal["mini", "zimage", "flux2"] = opt("mini", "Model family: the built-in miniature, Z-Image or FLUX.2-klein.")
+    pretrained: str | None = opt(
+        None, "Local folder with the weights (diffusers layout). mini: null/'turbo' (shipped turbo), 'base', or a path."
+    )
+    teacher_context: Literal["vlm", "reference"] = opt(
+        "vlm", "How the teacher sees the target image: VLM features of image+caption, or klein's reference-image path."
+    )
+    teacher_encoder: str | None = opt(None, "Local folder of the teacher's multimodal encoder (Z-Image: a Qwen3-VL model).")
+    teacher_instruction: str | None = opt(
+        None, "Text appended to the teacher caption (reference teacher), e.g. asking for consistency with the reference."
+    )
+    height: int = opt(24, "Training/sampling height in pixels (the bucket area for aspect-ratio buckets).")
+    width: int = opt(24, "Training/sampling width in pixels.")
+    inference_steps: int = opt(4, "The model's own few-step sampling steps (the setting the LoRA must keep working at).")
+    shift: float = opt(1.0, "Static σ shift of the inference schedule (Z-Image-Turbo: 3). FLUX.2 uses its dynamic shift.")
+    rollout_every: int = opt(1, "Training roll-out = every n-th σ of the inference schedule (Z-Image-Turbo: 2 → 4 steps).")
+    max_caption_tokens: int = opt(512, "Maximum caption tokens for the student text encoder.")
+    editing: bool = opt(False, "Editing LoRA: the student sees source image(s) + instruction (needs data.source_dir).")
+    dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "Weight dtype of the frozen model.")
+
+
+@dataclass
+class DataConfig:
+    path: str = opt("", "Dataset folder: images with same-name .txt captions, or a metadata.jsonl {file_name, text}.")
+    trigger_word: str | None = opt(None, "Word that names the concept; replaces `placeholder`, else is prepended.")
+    placeholder: str = opt("[V]", "Placeholder in captions replaced by trigger_word.")
+    caption_dropout: float = opt(0.0, "Probability of training a sample with an empty caption.")
+    min_size: int | None = opt(None, "Smallest accepted image side in pixels; null = half the training resolution.")
+    buckets: bool = opt(False, "Aspect-ratio buckets around height×width (real models); off = centre-crop to height×width.")
+    bucket_multiple: int = opt(16, "Bucket sides are multiples of this many pixels.")
+    source_dir: str | None = opt(
+        None, "Editing: folder of source images named like the targets (NAME.ext or NAME_0.ext, NAME_1.ext …)."
+    )
+
+
+@dataclass
+class MethodConfig:
+    name: Literal["dopsd", "sft", "hybrid"] = opt("dopsd", "Objective: D-OPSD, the SFT baseline, or D-OPSD + sft_weight·SFT.")
+    teacher: Literal["ema", "base", "live"] = opt(
+        "ema", "Teacher weights: EMA of the student, the frozen initial model, or the current student (ablation)."
+    )
+    ema_decay: float = opt(0.9999, "EMA decay of the teacher, updated after every optimizer step.")
+    loss_space: Literal["x0", "velocity"] = opt("x0", "D-OPSD loss in x0 space (σ²-weighted velocity) or velocity space.")
+    step_weighting: Literal["uniform", "sigma"] = opt("uniform", "Per-roll-out-step loss weights.")
+    per_step_backward: bool = opt(True, "Backward after each roll-out step (same gradient, 1/K activation memory).")
+    sft_weight: float = opt(1.0, "λ of the SFT term in the hybrid objective.")
+    sft_timesteps: Literal["uniform", "logit_normal", "shifted"] = opt("logit_normal", "SFT σ sampling.")
+    sft_shift: float = opt(3.0, "Shift for sft_timesteps=shifted.")
+    prior_prompts: list[str] = opt([], "On-policy prior preservation: unrelated prompts (empty = off).")
+    prior_weight: float = opt(0.0, "Weight of the prior-preservation term (0 = off).")
+    prior_batch_size: int = opt(1, "Prior prompts per micro-batch.")
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = opt(True, "Train a LoRA; false = full fine-tune (the teacher then copies all trainable weights).")
+    rank: int = opt(16, "LoRA rank.")
+    alpha: float = opt(16.0, "LoRA alpha (scale = alpha / rank).")
+    dropout: float = opt(0.0, "LoRA dropout.")
+    targets: list[str] | str | None = opt(None, "peft target_modules (names or a regex); null = the model's defaults.")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = opt(1e-4, "Peak learning rate (AdamW).")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    betas: list[float] = opt([0.9, 0.999], "AdamW betas.")
+    eps: float = opt(1e-8, "AdamW epsilon.")
+    eight_bit: bool = opt(False, "8-bit AdamW from bitsandbytes (must be installed).")
+    grad_clip: float = opt(1.0, "Clip the gradient norm to this value (0 = off).")
+    schedule: Literal["constant", "cosine"] = opt("constant", "Learning-rate schedule after warm-up.")
+    warmup_steps: int = opt(0, "Linear warm-up steps.")
+    min_lr_ratio: float = opt(0.0, "Cosine: final lr as a fraction of lr.")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = opt("runs/dopsd", "Run folder (never overwritten unless --overwrite / overwrite=True).")
+    max_steps: int = opt(500, "Optimizer steps.")
+    batch_size: int = opt(1, "Samples per process per micro-batch.")
+    gradient_accumulation: int = opt(1, "Micro-batches per optimizer step (global batch = batch_size·processes·this).")
+    seed: int = opt(0, "Seed of everything: LoRA init, data order, captions, noise.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = opt("no", "accelerate mixed precision.")
+    gradient_checkpointing: bool = opt(False, "Enable the network's gradient checkpointing if it has one.")
+    checkpoint_every: int = opt(250, "Write a resumable checkpoint every n steps (0 = only at the end).")
+    keep_checkpoints: int = opt(2, "Keep the last n checkpoints.")
+    max_nonfinite: int = opt(5, "Abort after this many non-finite losses/gradients in a row (each one is skipped).")
+    fsdp: dict[str, Any] = opt({}, "accelerate FullyShardedDataParallelPlugin kwargs; empty = off (untested on CPU).")
+    device: str | None = opt(None, "Force a device ('cpu'); null = accelerate's choice.")
+
+
+@dataclass
+class SampleConfig:
+    every: int = opt(0, "Sample grids every n steps (0 = only before training and at the end).")
+    prompts: list[str] = opt([], "Fixed prompts; empty = the first distinct training captions.")
+    num_prompts: int = opt(4, "How many training captions to use when prompts is empty.")
+    seeds: list[int] = opt([0, 1, 2, 3], "Fixed seeds (grid columns).")
+    control_steps: int = opt(32, "Also sample at this many steps as a control (0 = off), to make few-step blur visible.")
+    health: bool = opt(True, "Track few-step health (dopsd.health) at each sampling interval.")
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = opt(True, "Write TensorBoard logs to OUTPUT/logs.")
+    progress: bool = opt(True, "Show a progress bar.")
+
+
+@dataclass
+class CacheConfig:
+    enabled: bool = opt(True, "Cache frozen features (student text, teacher context, SFT latents) on disk.")
+    dir: str | None = opt(None, "Cache folder; null = $DOPSD_CACHE or ~/.cache/dopsd.")
+
+
+@dataclass
+class Config:
+    preset: str = opt("mini", "Preset the file starts from.")
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The model and its sampling setting."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "The image–caption pairs."})
+    method: MethodConfig = field(default_factory=MethodConfig, metadata={"help": "Objective and teacher."})
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA or full fine-tune."})
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "Optimizer and learning rate."})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "The loop, checkpoints, distribution."})
+    sample: SampleConfig = field(default_factory=SampleConfig, metadata={"help": "Sample grids and few-step health."})
+    log: LogConfig = field(default_factory=LogConfig, metadata={"help": "Progress bar and TensorBoard."})
+    cache: CacheConfig = field(default_factory=CacheConfig, metadata={"help": "The on-disk feature cache."})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+SECTIONS = [f.name for f in dataclasses.fields(Config) if f.name != "preset"]
+
+# --- presets: only what differs from the defaults above -------------------------------------------
+KLEIN_INSTRUCTION = "Make the main subject, background and overall composition consistent with the reference image."
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "mini": (
+        "Built-in miniature turbo (24×24, 4 steps, CPU).",
+        {
+            "model": {"family": "mini", "pretrained": "turbo", "height": 24, "width": 24, "inference_steps": 4},
+            "lora": {"rank": 8, "alpha": 8.0},
+            "optim": {"lr": 5e-4},
+            "method": {"ema_decay": 0.999},
+            "train": {"max_steps": 200, "batch_size": 8, "checkpoint_every": 100, "device": "cpu"},
+            "sample": {"every": 100, "control_steps": 32},
+        },
+    ),
+    "zimage-turbo": (
+        "Z-Image-Turbo LoRA, the authors' recipe (8 steps shift 3, 4-step roll-out, rank 64).",
+        {
+            "model": {"family": "zimage", "teacher_context": "vlm", "height": 1024, "width": 1024,
+                      "inference_steps": 8, "shift": 3.0, "rollout_every": 2, "dtype": "bfloat16"},
+            "data": {"buckets": True, "bucket_multiple": 64},
+            "lora": {"rank": 64, "alpha": 128.0},
+            "optim": {"lr": 1e-4},
+            "train": {"max_steps": 2000, "mixed_precision": "bf16", "gradient_checkpointing": True},
+            "sample": {"every": 250, "control_steps": 28, "seeds": [0, 1]},
+        },
+    ),
+    "flux2-klein-4b": (
+        "FLUX.2-klein 4B LoRA: reference-image teacher, klein's 4-step dynamic-shift schedule.",
+        {
+            "model": {"family": "flux2", "teacher_context": "reference", "teacher_instruction": KLEIN_INSTRUCTION,
+                      "height": 1024, "width": 1024, "inference_steps": 4, "dtype": "bfloat16"},
+            "data": {"buckets": True, "bucket_multiple": 64},
+            "lora": {"rank": 64, "alpha": 128.0},
+            "optim": {"lr": 2e-5},
+            "train": {"max_steps": 3000, "mixed_precision": "bf16", "gradient_checkpointing": True},
+            "sample": {"every": 250, "control_steps": 28, "seeds": [0, 1]},
+        },
+    ),
+}
+PRESETS["flux2-klein-9b"] = ("FLUX.2-klein 9B LoRA (same recipe as 4B).", copy.deepcopy(PRESETS["flux2-klein-4b"][1]))
+
+
+# --- type checking / coercion ---------------------------------------------------------------------
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp` (accepting numeric strings for numbers); raise ConfigError."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    bad = ConfigError(f"config key {key!r}: expected {_type_name(tp)}, got {value!r}")
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        for arg in sorted(args, key=lambda a: a is str):  # try str last so 'null'/numbers keep their types
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise bad
+    if tp is type(None):
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            return None
+        raise bad
+    if origin is Literal:
+        if value in args:
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"config key {key!r}: {value!r} is not one of {', '.join(map(repr, args))}{hint}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    raise TypeError(f"unsupported config type {tp!r} for {key}")
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls, globalns=vars(sys.modules[__name__]))
+
+
+def all_keys() -> list[str]:
+    return [f"{s}.{f.name}" for s in SECTIONS for f in dataclasses.fields(_hints(Config)[s])]
+
+
+def _unknown(key: str, candidates: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(candidates)}"
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def set_value(config: Config, key: str, value: Any) -> None:
+    """Set `section.field` on `config` (type-checked)."""
+    section, _, name = key.partition(".")
+    if section not in SECTIONS or not name:
+        raise _unknown(key, all_keys())
+    obj = getattr(config, section)
+    hints = _hints(type(obj))
+    if name not in hints:
+        raise _unknown(key, all_keys())
+    setattr(obj, name, _coerce(value, hints[name], key))
+
+
+def _flatten(data: dict[str, Any], origin: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: the top level must be a mapping of sections, got {type(data).__name__}")
+    flat: dict[str, Any] = {}
+    for section, values in data.items():
+        if section == "preset":
+            continue
+        if section not in SECTIONS:
+            raise _unknown(str(section), SECTIONS + ["preset"])
+        if not isinstance(values, dict):
+            raise ConfigError(f"{origin}: section {section!r} must be a mapping of keys, got {values!r}")
+        for name, value in values.items():
+            flat[f"{section}.{name}"] = value
+    return flat
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, list(PRESETS), n=1, cutoff=0.5)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown preset {name!r}{hint}; choose one of {', '.join(PRESETS)}")
+    config = Config(preset=name)
+    for key, value in _flatten(PRESETS[name][1], f"preset {name}").items():
+        set_value(config, key, value)
+    return config
+
+
+def from_dict(data: dict[str, Any], origin: str = "config") -> Config:
+    """A preset (data['preset'], default mini) with the given sections applied."""
+    name = data.get("preset", "mini") if isinstance(data, dict) else "mini"
+    config = preset(str(name))
+    for key, value in _flatten(data, origin).items():
+        set_value(config, key, value)
+    return config
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. optim.lr=2e-4)")
+    key, _, raw = text.partition("=")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(source: str | Path | dict[str, Any] | Config, overrides: list[str] | None = None) -> Config:
+    """Config from a YAML file, a preset name, a dict or a Config, then `section.key=value` overrides."""
+    if isinstance(source, Config):
+        config = copy.deepcopy(source)
+    elif isinstance(source, dict):
+        config = from_dict(source)
+    elif str(source) in PRESETS:
+        config = preset(str(source))
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config {str(source)!r} is neither a file nor a preset ({', '.join(PRESETS)})")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        config = from_dict(data, str(path))
+        if config.data.path and not Path(config.data.path).is_absolute():  # relative to the YAML file
+            config.data.path = str((path.parent / config.data.path).resolve())
+    for text in overrides or []:
+        set_value(config, *parse_override(text))
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Cross-field checks (types are already checked)."""
+    c = config
+    positives = {"model.height": c.model.height, "model.width": c.model.width, "model.inference_steps":
+                 c.model.inference_steps, "model.rollout_every": c.model.rollout_every, "train.max_steps":
+                 c.train.max_steps, "train.batch_size": c.train.batch_size, "train.gradient_accumulation":
+                 c.train.gradient_accumulation, "lora.rank": c.lora.rank, "train.keep_checkpoints":
+                 c.train.keep_checkpoints, "train.max_nonfinite": c.train.max_nonfinite, "data.bucket_multiple":
+                 c.data.bucket_multiple, "method.prior_batch_size": c.method.prior_batch_size}
+    for key, value in positives.items():
+        if value < 1:
+            raise ConfigError(f"config key {key!r} must be >= 1, got {value}")
+    if not 0.0 <= c.data.caption_dropout < 1.0:
+        raise ConfigError(f"config key 'data.caption_dropout' must lie in [0, 1), got {c.data.caption_dropout}")
+    if not 0.0 <= c.method.ema_decay <= 1.0:
+        raise ConfigError(f"config key 'method.ema_decay' must lie in [0, 1], got {c.method.ema_decay}")
+    if len(c.optim.betas) != 2:
+        raise ConfigError(f"config key 'optim.betas' needs two numbers, got {c.optim.betas}")
+    if c.optim.lr <= 0:
+        raise ConfigError(f"config key 'optim.lr' must be > 0, got {c.optim.lr}")
+    if c.model.editing and not c.data.source_dir:
+        raise ConfigError("model.editing is true but data.source_dir is not set: point it at the source images")
+    if not c.sample.seeds:
+        raise ConfigError("config key 'sample.seeds' must list at least one seed")
+
+
+# --- documentation -------------------------------------------------------------------------------
+def _default_text(f: dataclasses.Field) -> str:
+    value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
+    return "`" + yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip() + "`"
+
+
+def render_docs() -> str:
+    """docs/configuration.md: every option with its type, default and help, then the presets."""
+    out = [
+        "# Configuration reference",
+        "",
+        "<!-- generated by `python -m dopsd.config > docs/configuration.md`; do not edit by hand -->",
+        "",
+        "A config is a preset plus overrides. In YAML, give `preset:` and any sections; on the command line,",
+        "override any key as `section.key=value`, e.g. `dopsd train my.yaml optim.lr=2e-4 train.max_steps=1000`.",
+        "Unknown keys are rejected with the closest valid name. Example files: `dopsd/configs/*.yaml`.",
+        "",
+    ]
+    hints = _hints(Config)
+    for section in SECTIONS:
+        cls = hints[section]
+        help_text = next(f for f in dataclasses.fields(Config) if f.name == section).metadata["help"]
+        out += [f"## `{section}`: {help_text}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        types_ = _hints(cls)
+        for f in dataclasses.fields(cls):
+            kind = _type_name(types_[f.name]).replace("|", "\\|")
+            out.append(f"| `{section}.{f.name}` | {kind} | {_default_text(f).replace('|', chr(92) + '|')} | {f.metadata['help']} |")
+        out.append("")
+    out += ["## Presets", "", "Each preset sets these keys; everything else keeps the defaults above.", ""]
+    for name, (about, values) in PRESETS.items():
+        out += [f"### `{name}`", "", about, ""]
+        for key, value in _flatten(values, name).items():
+            out.append(f"- `{key}`: `{yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix('...').strip()}`")
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(render_docs(), end="")

@@ -1,0 +1,176 @@
+"""`dopsd eval`: what the paper reports, for a trained LoRA, at the model's few-step setting.
+
+For the training prompts (first caption of each training pair, with its target image) and for unseen
+prompts, sample with fixed seeds at the few-step setting and at a many-step control, with the LoRA and
+(by default) without it, then report:
+  * DINO-D (lower = closer to the targets): 1 − cos between image features of a sample and its own target
+    (training prompts), and to the nearest target (any prompt), from a local DINOv2/DINOv3/CLIP/SigLIP
+    folder; without one, a pixel-thumbnail fallback (`dopsd.features.PixelFeatures`, not comparable to the
+    paper's numbers);
+  * CLIP-S: caption–image cosine from a local CLIP/SigLIP folder (skipped without one);
+  * few-step vs many-step gap of the same weights: mean |few − many| in pixels and 1 − cos of their features.
+Writes eval.json and PNG grids (rows = prompts, columns = seeds) into the output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dopsd.features import TextImageScorer, cosine_distance, load_image_features
+from dopsd.models.local import to_pil
+
+DEFAULT_UNSEEN = ["a photo of {} on a beach", "{} in a snowy forest", "a watercolor painting of {}",
+                  "{} on a city street at night"]
+
+
+def _mean(x: torch.Tensor) -> float:
+    return float(x.float().mean()) if x.numel() else float("nan")
+
+
+def _to_tensor(images: list[Image.Image], height: int, width: int) -> torch.Tensor:
+    arrs = [np.asarray(im.convert("RGB").resize((width, height), Image.Resampling.BICUBIC)) for im in images]
+    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def measure(
+    few: torch.Tensor, many: torch.Tensor | None, prompts: list[str], seeds: int, n_train: int,
+    targets: list[Image.Image], features: Any, scorer: TextImageScorer | None,
+) -> dict[str, float]:
+    """Metrics of one model's samples; rows are prompt-major (prompt i, seed j at i·seeds + j)."""
+    images = to_pil(few)
+    f = features(images)
+    t = features(targets)
+    dist = cosine_distance(f, t)  # (samples, targets)
+    rows = torch.arange(len(images))
+    train = rows < n_train * seeds
+    out: dict[str, float] = {
+        "dino_d_train": _mean(dist[rows[train], rows[train] // seeds]),
+        "dino_d_train_nearest": _mean(dist[train].min(dim=1).values),
+        "dino_d_unseen_nearest": _mean(dist[~train].min(dim=1).values),
+    }
+    if scorer is not None:
+        clip = scorer([p for p in prompts for _ in range(seeds)], images)
+        out["clip_s_train"], out["clip_s_unseen"] = _mean(clip[train]), _mean(clip[~train])
+    if many is not None:
+        out["gap_pixels"] = _mean((few - many).abs())
+        out["gap_features"] = _mean(torch.diagonal(cosine_distance(f, features(to_pil(many)))))
+    return out
+
+
+def evaluate(
+    config: Any,
+    weights: Path | None,
+    out_dir: Path,
+    unseen: list[str] | None = None,
+    seeds: list[int] = (0, 1),  # type: ignore[assignment]
+    feature_model: str | None = None,
+    clip_model: str | None = None,
+    control_steps: int = 28,
+    max_prompts: int = 8,
+    compare_base: bool = True,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    from dopsd.data import load_dataset, load_example_images
+    from dopsd.models.registry import load_adapter, torch_dtype
+    from dopsd.sample import apply_trained, generate, grid_image, seed_noise
+
+    m = config.model
+    examples = load_dataset(config.data, m)[:max_prompts]
+    if not examples:
+        raise ValueError(f"no training pairs in {config.data.path}")
+    targets = [load_example_images(ex)[0] for ex in examples]
+    train_prompts = [ex.captions[0] for ex in examples]
+    if unseen is None:
+        word = config.data.trigger_word
+        unseen = [u.format(word) for u in DEFAULT_UNSEEN] if word else []
+    prompts = train_prompts + list(unseen)
+    features = load_image_features(feature_model, device)
+    scorer = TextImageScorer(clip_model, device) if clip_model else None
+
+    adapter = load_adapter(m, device, torch_dtype(m.dtype))
+    contexts = adapter.student_contexts(prompts, None)
+    adapter.release_encoders()
+    seeds = list(seeds)
+    rows = [c for c in contexts for _ in seeds]
+    noise = seed_noise(adapter.latent_shape(m.height, m.width), seeds * len(prompts))
+    few_sched = adapter.inference_schedule(m.height, m.width, m.inference_steps)
+    many_sched = adapter.inference_schedule(m.height, m.width, control_steps) if control_steps else None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    grid_image(_to_tensor(targets, m.height, m.width), 1, len(targets)).save(out_dir / "targets.png")
+
+    report: dict[str, Any] = {
+        "weights": str(weights) if weights else None, "family": m.family, "steps": m.inference_steps,
+        "control_steps": control_steps, "seeds": seeds, "train_prompts": train_prompts, "unseen_prompts": list(unseen),
+        "feature_model": features.name, "clip_model": scorer.name if scorer else None,
+        "note": "feature_model 'pixels' is a fallback, not comparable to the paper's DINO-D" if features.name == "pixels" else "",
+    }
+    variants = (["base"] if compare_base else []) + (["lora"] if weights else [])
+    for variant in variants:
+        if variant == "lora":
+            apply_trained(adapter.network, Path(weights))
+        few = generate(adapter, adapter.network, rows, noise, few_sched)
+        many = generate(adapter, adapter.network, rows, noise, many_sched) if many_sched is not None else None
+        grid_image(few, len(prompts), len(seeds)).save(out_dir / f"{variant}_{m.inference_steps}steps.png")
+        if many is not None:
+            grid_image(many, len(prompts), len(seeds)).save(out_dir / f"{variant}_{control_steps}steps.png")
+        report[variant] = measure(few, many, prompts, len(seeds), len(train_prompts), targets, features, scorer)
+    (out_dir / "eval.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", help="a dopsd run folder (its config.yaml and LoRA), a YAML config or a preset")
+    parser.add_argument("overrides", nargs="*", help="config overrides section.key=value")
+    parser.add_argument("--lora", type=Path, help="LoRA file (default: the run folder's)")
+    parser.add_argument("--unseen", action="append", help="an unseen prompt (repeatable); default: templates with "
+                        "data.trigger_word, none without one")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds per prompt (default 0 1)")
+    parser.add_argument("--feature-model", help="local DINOv2/DINOv3/CLIP/SigLIP folder for DINO-D (default: pixels)")
+    parser.add_argument("--clip-model", help="local CLIP/SigLIP folder for CLIP-S (default: skipped)")
+    parser.add_argument("--control-steps", type=int, default=28, help="many-step control (0 = off; default 28)")
+    parser.add_argument("--max-prompts", type=int, default=8, help="training pairs to evaluate (default 8)")
+    parser.add_argument("--no-base", action="store_true", help="skip the model without the LoRA")
+    parser.add_argument("--out", type=Path, help="output folder (default: RUN/eval or ./eval)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from dopsd.config import ConfigError, load_config
+    from dopsd.data import DatasetError
+    from dopsd.models.local import ModelFolderError
+    from dopsd.sample import FULL_FILE, LORA_FILE
+
+    source = Path(args.source)
+    run_dir = source if source.is_dir() else None
+    try:
+        config = load_config(run_dir / "config.yaml" if run_dir else args.source, args.overrides)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"dopsd eval: {err}", file=sys.stderr)
+        return 2
+    weights = args.lora
+    if weights is None and run_dir is not None:
+        weights = next((run_dir / f for f in (LORA_FILE, FULL_FILE) if (run_dir / f).is_file()), None)
+    if weights is None and args.no_base:
+        print("dopsd eval: nothing to evaluate (no LoRA found and --no-base)", file=sys.stderr)
+        return 2
+    out = args.out or ((run_dir or Path(".")) / "eval")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        report = evaluate(config, weights, out, args.unseen, args.seeds, args.feature_model, args.clip_model,
+                          args.control_steps, args.max_prompts, not args.no_base, device)
+    except (ModelFolderError, DatasetError, ValueError) as err:
+        print(f"dopsd eval: {err}", file=sys.stderr)
+        return 2
+    for variant in ("base", "lora"):
+        if variant in report:
+            print(variant, " ".join(f"{k}={v:.4f}" for k, v in report[variant].items()))
+    print(f"wrote {out / 'eval.json'} and grids in {out}")
+    return 0

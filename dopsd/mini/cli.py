@@ -1,0 +1,42 @@
+"""`dopsd mini recipe` (rebuild the shipped weights) and `dopsd mini report` (measure them)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True)
+    rec = sub.add_parser("recipe", help="pretrain the base and distil the 4-step turbo (fixed seeds)")
+    rec.add_argument("--out", required=True, help="folder for base/turbo .safetensors and manifest.json")
+    rec.add_argument("--tiny", action="store_true", help="tiny model and a few steps (seconds; for tests)")
+    rec.add_argument("--seed", type=int, default=0)
+    rep = sub.add_parser("report", help="measure turbo and base: attributes, few-step quality, teacher check")
+    rep.add_argument("--seeds", type=int, default=2)
+    rep.add_argument("--samples", type=int, default=256, help="unrelated prompts per seed")
+    rep.add_argument("--weights", default=None, help="a recipe output folder (default: the shipped weights)")
+    rep.add_argument("--out", default=None, help="write the markdown table here (and the numbers as .json)")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.action == "recipe":
+        from dopsd.mini.recipe import RecipeConfig, run_recipe, tiny_recipe
+
+        rc = tiny_recipe(args.seed) if args.tiny else RecipeConfig(seed=args.seed)
+        start = time.time()
+        manifest = run_recipe(rc, Path(args.out), log=lambda s: print(s, flush=True))
+        print(f"wrote {args.out}/{{base,turbo}}.safetensors and manifest.json in {time.time() - start:.0f}s")
+        print("wall time (s):", manifest["wall_time_s"])
+        return 0
+    if args.action == "report":
+        from dopsd.mini.report import run_report
+
+        if args.seeds < 1 or args.samples < 8:
+            print("dopsd mini report: --seeds must be >= 1 and --samples >= 8", file=sys.stderr)
+            return 2
+        print(run_report(args.seeds, args.samples, args.weights, args.out), end="")
+        return 0
+    return 2

@@ -1,0 +1,217 @@
+"""Networks of the miniature: a small multimodal encoder (the VLM stand-in) and a single-stream DiT.
+
+Encoder: reads [reference-image patches (optional) | caption tokens] with bidirectional attention and returns
+only the caption-position features — a strict bottleneck, as a VLM summarises an image into the text
+features the denoiser reads (the Z-Image + Qwen3-VL teacher path).
+
+DiT: one sequence [caption features | reference patches (optional; the FLUX.2-klein editing path) | noisy
+patches], adaLN-single timestep modulation, learned positions. It predicts the clean image (x-prediction;
+v-prediction gave speckled samples at this scale); the adapter turns that into a velocity.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dopsd.mini import world
+
+
+@dataclass
+class MiniConfig:
+    res: int = world.RES
+    patch: int = 4
+    dim: int = 160
+    layers: int = 6
+    heads: int = 4
+    mlp_ratio: float = 3.0
+    enc_dim: int = 96
+    enc_layers: int = 2
+    enc_heads: int = 4
+    vocab_size: int = len(world.VOCAB)
+    max_tokens: int = world.MAX_TOKENS
+    sigma_min: float = 0.03  # v = (x − x̂0) / max(σ, sigma_min)
+    base_steps: int = 32
+    turbo_steps: int = 4
+    shift: float = 1.0  # static schedule shift for both base and turbo
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MiniConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"mini config has unknown fields {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.res // self.patch) ** 2
+
+    @property
+    def patch_dim(self) -> int:
+        return 3 * self.patch * self.patch
+
+
+def tiny_config() -> MiniConfig:
+    """A few-thousand-parameter configuration for fast tests."""
+    return MiniConfig(dim=32, layers=2, heads=2, mlp_ratio=2.0, enc_dim=32, enc_layers=1, enc_heads=2, base_steps=8)
+
+
+def patchify(img: torch.Tensor, p: int) -> torch.Tensor:
+    b, c, h, w = img.shape
+    return img.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c * p * p)
+
+
+def unpatchify(tokens: torch.Tensor, p: int, res: int) -> torch.Tensor:
+    b, n = tokens.shape[:2]
+    g = res // p
+    return tokens.reshape(b, g, g, 3, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, 3, res, res)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(b, n, d))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, ratio: float):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, int(dim * ratio))
+        self.fc2 = nn.Linear(int(dim * ratio), dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn, self.mlp = Attention(dim, heads), MLP(dim, 2.0)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), key_mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class MiniEncoder(nn.Module):
+    """Caption tokens (+ optional reference image) → caption-position features (B, max_tokens, enc_dim)."""
+
+    def __init__(self, cfg: MiniConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok = nn.Embedding(cfg.vocab_size, cfg.enc_dim)
+        self.tok_pos = nn.Parameter(torch.randn(cfg.max_tokens, cfg.enc_dim) * 0.02)
+        self.img = nn.Linear(cfg.patch_dim, cfg.enc_dim)
+        self.img_pos = nn.Parameter(torch.randn(cfg.num_patches, cfg.enc_dim) * 0.02)
+        self.blocks = nn.ModuleList(EncoderBlock(cfg.enc_dim, cfg.enc_heads) for _ in range(cfg.enc_layers))
+        self.norm = nn.LayerNorm(cfg.enc_dim)
+
+    def forward(self, tokens: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.tok(tokens) + self.tok_pos
+        mask = tokens != 0
+        if image is not None:
+            img = self.img(patchify(image, self.cfg.patch)) + self.img_pos
+            x = torch.cat([img, x], dim=1)
+            mask = torch.cat([mask.new_ones(img.shape[:2]), mask], dim=1)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.norm(x[:, -self.cfg.max_tokens :])
+
+
+def timestep_embedding(sigma: torch.Tensor, dim: int) -> torch.Tensor:
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=sigma.device, dtype=torch.float32) / half)
+    args = (sigma.float() * 1000.0)[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False)
+        self.attn, self.mlp = Attention(dim, heads), MLP(dim, mlp_ratio)
+        self.mod = nn.Parameter(torch.zeros(6, dim))  # adaLN-single: per-block offsets to the shared modulation
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        sh1, sc1, g1, sh2, sc2, g2 = (t + self.mod[None]).unbind(1)
+        h = self.norm1(x) * (1 + sc1[:, None]) + sh1[:, None]
+        x = x + g1[:, None] * self.attn(h, key_mask)
+        h = self.norm2(x) * (1 + sc2[:, None]) + sh2[:, None]
+        return x + g2[:, None] * self.mlp(h)
+
+
+class MiniDiT(nn.Module):
+    """x̂0 = DiT(x_σ, σ, caption features, reference image). Inputs and outputs (B, 3, res, res)."""
+
+    def __init__(self, cfg: MiniConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dim
+        self.cond_in = nn.Linear(cfg.enc_dim, d)
+        self.patch_in = nn.Linear(cfg.patch_dim, d)
+        self.pos = nn.Parameter(torch.randn(cfg.num_patches, d) * 0.02)
+        self.type_emb = nn.Parameter(torch.randn(3, d) * 0.02)  # caption, reference, noisy
+        self.t_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
+        self.t_mod = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.blocks = nn.ModuleList(DiTBlock(d, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.layers))
+        self.norm_out = nn.LayerNorm(d, elementwise_affine=False)
+        self.out_mod = nn.Linear(d, 2 * d)
+        self.out = nn.Linear(d, cfg.patch_dim)
+        for layer in (self.t_mod[1], self.out_mod, self.out):  # blocks start as identity, output as zero
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        feats: torch.Tensor,
+        feats_mask: torch.Tensor | None = None,
+        ref: torch.Tensor | None = None,
+        ref_on: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        cfg = self.cfg
+        b = x.shape[0]
+        temb = self.t_mlp(timestep_embedding(sigma, cfg.dim).to(x.dtype))
+        t = self.t_mod(temb).reshape(b, 6, cfg.dim)
+        parts = [self.cond_in(feats) + self.type_emb[0]]
+        masks = [feats_mask if feats_mask is not None else feats.new_ones(feats.shape[:2], dtype=torch.bool)]
+        if ref is not None:
+            parts.append(self.patch_in(patchify(ref, cfg.patch)) + self.pos + self.type_emb[1])
+            on = ref_on if ref_on is not None else x.new_ones(b, dtype=torch.bool)
+            masks.append(on.bool()[:, None].expand(b, cfg.num_patches))
+        parts.append(self.patch_in(patchify(x, cfg.patch)) + self.pos + self.type_emb[2])
+        masks.append(x.new_ones(b, cfg.num_patches, dtype=torch.bool))
+        h = torch.cat(parts, dim=1)
+        key_mask = torch.cat(masks, dim=1)
+        for block in self.blocks:
+            h = block(h, t, key_mask)
+        shift, scale = self.out_mod(F.silu(temb)).chunk(2, dim=1)
+        h = self.norm_out(h[:, -cfg.num_patches :]) * (1 + scale[:, None]) + shift[:, None]
+        return unpatchify(self.out(h), cfg.patch, cfg.res)
+
+
+LORA_TARGETS = ["attn.qkv", "attn.out", "mlp.fc1", "mlp.fc2"]
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

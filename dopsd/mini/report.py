@@ -1,0 +1,138 @@
+"""`dopsd mini report`: measure the shipped (or given) base and turbo against the issue's must-show items.
+
+0. attribute decoding of the untouched turbo at its step count (and the base at its many steps);
+1. few-step quality: MSE to the base's many-step output for the same noise and prompt, sharpness;
+2. teacher check on held-out concepts: caption + target image vs caption only (both teacher paths);
+   and the held-out domain (tint) carried by the image context.
+Each seed draws its own prompts, noise and targets; the table shows the mean and the per-seed range.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from dopsd.mini import metrics as M
+from dopsd.mini import world
+from dopsd.models.mini import MiniAdapter, load
+
+
+def _quality(images: torch.Tensor, captions: list[str], reference: torch.Tensor | None) -> dict[str, float]:
+    dec = M.decode(images)
+    out = {f"acc_{k}": v for k, v in M.attribute_accuracy(images, captions, dec).items()}
+    out.update(sharpness=M.sharpness(images), fewstep_quality=M.fewstep_quality(images, captions, dec),
+               render_psnr=M.render_psnr(images, dec))
+    if reference is not None:
+        out["mse_to_base_many"] = M.mse(images, reference)
+    return out
+
+
+def _chunks(n: int, size: int = 128):
+    return [(i, min(n, i + size)) for i in range(0, n, size)]
+
+
+@torch.no_grad()
+def sample_many(adapter: MiniAdapter, captions: list[str], noise: torch.Tensor, steps: int | None = None,
+                contexts=None) -> torch.Tensor:
+    parts = []
+    for a, b in _chunks(len(captions)):
+        ctx = None if contexts is None else contexts[a:b]
+        parts.append(adapter.sample(captions[a:b], noise[a:b], steps=steps, contexts=ctx).cpu())
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def teacher_check(turbo: MiniAdapter, seed: int, n: int) -> dict[str, float]:
+    """Concept fidelity with caption + target image vs caption only, for every held-out concept and path."""
+    g = torch.Generator().manual_seed(40_000 + seed)
+    out: dict[str, float] = {}
+    noise = turbo.noise(n, 50_000 + seed)
+    for concept in world.CONCEPTS:
+        scenes = [world.concept_scene(concept, g) for _ in range(n)]
+        captions = [s.caption() for s in scenes]
+        targets = world.render(scenes)
+        alone = sample_many(turbo, captions, noise)
+        out[f"{concept}:caption_only"] = M.concept_fidelity(alone, concept)
+        for path in ("vlm", "reference"):
+            turbo.teacher_context = path
+            ctx = turbo.teacher_contexts_from_tensors(captions, targets)
+            out[f"{concept}:caption+image({path})"] = M.concept_fidelity(sample_many(turbo, captions, noise, contexts=ctx), concept)
+        turbo.teacher_context = "vlm"
+    scenes = world.domain_scenes(n, seed=100 + seed)
+    captions = [s.caption() for s in scenes]
+    out["domain:caption_only"] = M.domain_fidelity(sample_many(turbo, captions, noise))
+    ctx = turbo.teacher_contexts_from_tensors(captions, world.render(scenes))
+    out["domain:caption+image(vlm)"] = M.domain_fidelity(sample_many(turbo, captions, noise, contexts=ctx))
+    return out
+
+
+@torch.no_grad()
+def evaluate(turbo: MiniAdapter, base: MiniAdapter, seed: int, n: int = 256) -> dict[str, dict[str, float]]:
+    captions = world.unrelated_prompts(n, seed)
+    noise = turbo.noise(n, seed)
+    ts, bs = turbo.default_steps, base.default_steps
+    many = sample_many(base, captions, noise, bs)
+    rows = {
+        f"base@{bs}": _quality(many, captions, None),
+        f"turbo@{ts}": _quality(sample_many(turbo, captions, noise, ts), captions, many),
+        f"base@{ts}": _quality(sample_many(base, captions, noise, ts), captions, many),
+    }
+    for steps in (2, 1):
+        rows[f"turbo@{steps}"] = _quality(sample_many(turbo, captions, noise, steps), captions, many)
+        rows[f"base@{steps}"] = _quality(sample_many(base, captions, noise, steps), captions, many)
+    g = torch.Generator().manual_seed(seed)
+    clean_scenes = [world.random_scene(g) for _ in range(n)]
+    clean = world.render(clean_scenes)
+    rows["clean renders"] = _quality(clean, [s.caption() for s in clean_scenes], None)
+    rows["teacher check"] = teacher_check(turbo, seed, n // 2)
+    return rows
+
+
+def _summ(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} [{min(values):.3f}–{max(values):.3f}]"
+
+
+def to_markdown(per_seed: list[dict[str, dict[str, float]]], header: str) -> str:
+    cols = ["acc_shape", "acc_colour", "acc_background", "mse_to_base_many", "sharpness", "fewstep_quality", "render_psnr"]
+    lines = [header, "", "| model @ steps | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for row in per_seed[0]:
+        if row == "teacher check":
+            continue
+        cells = []
+        for c in cols:
+            vals = [s[row][c] for s in per_seed if c in s[row]]
+            cells.append(_summ(vals) if vals else "–")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    lines += ["", "| teacher check (turbo, its own steps) | concept fidelity |", "|---|---|"]
+    for key in per_seed[0]["teacher check"]:
+        lines.append(f"| {key} | {_summ([s['teacher check'][key] for s in per_seed])} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_report(seeds: int = 2, n: int = 256, pretrained: str | None = None, out: str | None = None) -> str:
+    """Evaluate turbo and base (shipped, or a recipe folder) over `seeds` seeds; return (and write) markdown."""
+    torch.manual_seed(0)
+    if pretrained is None:
+        turbo, base = load(SimpleNamespace(pretrained="turbo")), load(SimpleNamespace(pretrained="base"))
+        source = "shipped weights"
+    else:
+        folder = Path(pretrained)
+        turbo = load(SimpleNamespace(pretrained=str(folder / "turbo.safetensors")))
+        base = load(SimpleNamespace(pretrained=str(folder / "base.safetensors")))
+        source = str(folder)
+    per_seed = [evaluate(turbo, base, seed, n) for seed in range(seeds)]
+    header = (f"Miniature world, {source}: {seeds} seeds × {n} unrelated prompts (mean [min–max] over seeds). "
+              "mse_to_base_many = MSE to the base's many-step sample for the same noise and prompt; "
+              "fewstep_quality = sharpness relative to the clean render of each sample's decoded scene in its caption's "
+              "colours (≤ 1, higher = better); render_psnr = PSNR against the best-fitting clean render.")
+    text = to_markdown(per_seed, header)
+    if out:
+        Path(out).write_text(text)
+        Path(out).with_suffix(".json").write_text(json.dumps(per_seed, indent=2) + "\n")
+    return text

@@ -1,0 +1,267 @@
+"""FLUX.2-klein (diffusers `Flux2KleinPipeline`) behind the `ModelAdapter` protocol.
+
+Conventions translated here (pinned by tests against the pipeline itself):
+  * latents are the VAE's, 2×2-patchified and normalised with the VAE's batch-norm statistics, kept as
+    (4C, h, w) per sample; `velocity` packs them to tokens (h·w, 4C) with 4-D position ids (T, H, W, L);
+  * the timestep is σ itself and the output is already the velocity (no negation);
+  * text: Qwen3 chat template (thinking disabled), padded to a fixed length and attended in full,
+    hidden layers 9/18/27 concatenated per token;
+  * reference images (teacher "reference" and editing) are encoded like the latents, packed, given ids
+    with T = 10, 20, … and appended *after* the noisy tokens; the output is sliced back to the noisy ones.
+    Only the ids of sample 0 are used by the model, so a batch must share reference shapes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from dopsd.models.base import Context
+from dopsd.models.local import (
+    cfg_get, check_pipeline_folder, check_size, free_memory, load_part, resolve_dtype, stack_or_list, to_pixels,
+)
+from dopsd.schedules import flux2_schedule
+
+# `attn.to_out` is a ModuleList in double blocks (peft rejects it), a Linear in single blocks: hence a regex.
+LORA_TARGETS = (
+    r".*transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+    r"|.*single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out)"
+)
+REFERENCE_INSTRUCTION = "Make the main subject, background and overall composition consistent with the reference image."
+EDIT_INSTRUCTION = "The last reference image is the expected output of this edit."
+
+
+def _ids(t: int, h: int, w: int) -> torch.Tensor:
+    """(h·w, 4) position ids (T, H, W, L) of one packed image, row-major like the pipeline's."""
+    return torch.cartesian_prod(torch.tensor([t]), torch.arange(h), torch.arange(w), torch.arange(1))
+
+
+class Flux2Adapter:
+    name = "flux2"
+
+    def __init__(self, cfg: Any, device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None):
+        from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+        from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.dtype = resolve_dtype(dtype)
+        self.folder = check_pipeline_folder(cfg_get(cfg, "pretrained", None), "flux2")
+        self.teacher_mode = cfg_get(cfg, "teacher_context", "reference")
+        if self.teacher_mode not in ("reference", "vlm", "text"):
+            raise ValueError(f"model.teacher_context must be 'reference', 'vlm' or 'text' for FLUX.2, got {self.teacher_mode!r}")
+        self.editing = bool(cfg_get(cfg, "editing", False))
+        if self.editing and self.teacher_mode != "reference":
+            raise ValueError("model.editing trains through the reference path: set model.teacher_context: reference")
+        default = EDIT_INSTRUCTION if self.editing else REFERENCE_INSTRUCTION
+        self.instruction = str(cfg_get(cfg, "teacher_instruction", default))
+        self.network: nn.Module = load_part(Flux2Transformer2DModel, self.folder, "transformer", self.dtype).to(self.device)
+        self.vae = load_part(AutoencoderKLFlux2, self.folder, "vae", self.dtype).to(self.device).eval().requires_grad_(False)
+        self.text_encoder = load_part(Qwen3ForCausalLM, self.folder, "text_encoder", self.dtype).to(self.device).eval()
+        self.text_encoder.requires_grad_(False)
+        self.tokenizer = load_part(AutoTokenizer, self.folder, "tokenizer")
+        self.layers = tuple(int(k) for k in cfg_get(cfg, "text_encoder_out_layers", (9, 18, 27)))
+        depth = self.text_encoder.config.num_hidden_layers
+        if max(self.layers) > depth:
+            raise ValueError(f"text_encoder_out_layers {self.layers} exceed the text encoder's {depth} layers")
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.steps = int(cfg_get(cfg, "inference_steps", 4))
+        self.max_tokens = int(cfg_get(cfg, "max_caption_tokens", 512))
+        self.teacher_max_tokens = int(cfg_get(cfg, "teacher_max_tokens", 1024))
+        bn = self.vae.bn
+        self.bn_mean = bn.running_mean.detach().float().view(1, -1, 1, 1).to(self.device)
+        self.bn_std = torch.sqrt(bn.running_var.detach().float() + self.vae.config.batch_norm_eps).view(1, -1, 1, 1).to(self.device)
+        self._vlm = None
+
+    # --- the denoiser -----------------------------------------------------------------------------
+
+    def velocity(self, network: nn.Module, x: torch.Tensor, sigma: torch.Tensor, context: Any) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = x.reshape(b, c, h * w).permute(0, 2, 1)
+        img_ids = _ids(0, h, w).to(x.device)
+        refs = context.get("ref_tokens")
+        if refs is not None:
+            tokens = torch.cat([tokens, refs.to(tokens.dtype)], dim=1)
+            img_ids = torch.cat([img_ids, context["ref_ids"]], dim=0)
+        t = (sigma.float() * 1000) / 1000  # the pipeline's arithmetic: timestep σ·1000, passed as /1000
+        out = network(
+            hidden_states=tokens.to(self.dtype),
+            encoder_hidden_states=context["prompt_embeds"],
+            timestep=t.to(self.dtype),
+            img_ids=img_ids,
+            txt_ids=context["txt_ids"],
+            guidance=None,
+            return_dict=False,
+        )[0]
+        return out[:, : h * w].permute(0, 2, 1).reshape(b, c, h, w).to(x.dtype)
+
+    # --- contexts ---------------------------------------------------------------------------------
+
+    def _require(self, what: Any, name: str) -> Any:
+        if what is None:
+            raise RuntimeError(f"the {name} was released (release_encoders); build contexts before releasing it")
+        return what
+
+    @torch.no_grad()
+    def _text_features(self, captions: list[str]) -> list[torch.Tensor]:
+        tokenizer = self._require(self.tokenizer, "tokenizer")
+        encoder = self._require(self.text_encoder, "text encoder")
+        texts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": c}], tokenize=False, add_generation_prompt=True,
+                                          enable_thinking=False)
+            for c in captions
+        ]
+        enc = tokenizer(texts, padding="max_length", max_length=self.max_tokens, truncation=True, return_tensors="pt")
+        out = encoder(input_ids=enc.input_ids.to(self.device), attention_mask=enc.attention_mask.to(self.device),
+                      output_hidden_states=True, use_cache=False)
+        feats = torch.cat([out.hidden_states[k] for k in self.layers], dim=-1)
+        return [f.cpu() for f in feats]
+
+    @torch.no_grad()
+    def _reference_tokens(self, refs: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed tokens (M, 4C) and ids (M, 4) of reference images, T = 10, 20, … in order."""
+        latents = self.encode_images(refs)
+        tokens, ids = [], []
+        for i, lat in enumerate(latents):  # references may differ in size: ids carry each one's grid
+            c, h, w = lat.shape
+            tokens.append(lat.reshape(c, h * w).t())
+            ids.append(_ids(10 * (i + 1), h, w))
+        return torch.cat(tokens).cpu(), torch.cat(ids)
+
+    def _contexts(self, captions: list[str], refs: list[list[Image.Image]] | None) -> list[Context]:
+        feats = self._text_features(captions)
+        out: list[Context] = []
+        for i, f in enumerate(feats):
+            ctx: Context = {"prompt_embeds": f}
+            if refs is not None and refs[i]:
+                ctx["ref_tokens"], ctx["ref_ids"] = self._reference_tokens(refs[i])
+            out.append(ctx)
+        return out
+
+    def student_contexts(self, captions: list[str], sources: list[list[Image.Image]] | None = None) -> list[Context]:
+        if self.editing and (sources is None or not all(sources)):
+            raise ValueError("model.editing: every training pair needs at least one source image")
+        return self._contexts(captions, sources if self.editing else None)
+
+    def teacher_contexts(
+        self, captions: list[str], images: list[Image.Image], sources: list[list[Image.Image]] | None = None
+    ) -> list[Context]:
+        if len(captions) != len(images):
+            raise ValueError(f"{len(captions)} captions for {len(images)} images")
+        if self.teacher_mode == "text":
+            return self.student_contexts(captions, sources)
+        if self.teacher_mode == "vlm":
+            return self._vlm_contexts(captions, images)
+        joined = [f"{c.rstrip()} {self.instruction}".strip() for c in captions]
+        if self.editing:
+            if sources is None or not all(sources):
+                raise ValueError("model.editing: every training pair needs at least one source image")
+            return self._contexts(joined, [list(s) + [im] for s, im in zip(sources, images)])
+        return self._contexts(joined, [[im] for im in images])
+
+    @torch.no_grad()
+    def _vlm_contexts(self, captions: list[str], images: list[Image.Image]) -> list[Context]:
+        if self._vlm is None:
+            from dopsd.models.qwen_vl import QwenVLEncoder
+
+            self._vlm = QwenVLEncoder(
+                cfg_get(self.cfg, "teacher_encoder", None), self._require(self.text_encoder, "text encoder"),
+                self.device, self.dtype, image_tokens=int(cfg_get(self.cfg, "teacher_image_tokens", 256)),
+            )
+            print(f"[dopsd] VLM teacher: {self._vlm.report}")
+        return [{"prompt_embeds": self._vlm.encode(im, c, self.layers, pad_to=self.teacher_max_tokens).cpu()}
+                for c, im in zip(captions, images)]
+
+    def collate(self, contexts: list[Context]) -> dict[str, torch.Tensor]:
+        shapes = {tuple(c["prompt_embeds"].shape) for c in contexts}
+        if len(shapes) != 1:
+            raise ValueError(f"FLUX.2 contexts in one batch must share their text length, got {sorted(shapes)}")
+        embeds = torch.stack([c["prompt_embeds"] for c in contexts]).to(self.device, self.dtype)
+        zero = torch.zeros(1, dtype=torch.long)  # text ids: T = H = W = 0, L = token index
+        txt_ids = torch.cartesian_prod(zero, zero, zero, torch.arange(embeds.shape[1])).to(self.device)
+        batch: dict[str, torch.Tensor] = {"prompt_embeds": embeds, "txt_ids": txt_ids}
+        with_refs = ["ref_tokens" in c for c in contexts]
+        if any(with_refs):
+            ids = contexts[0].get("ref_ids")
+            if not all(with_refs) or any(not torch.equal(c["ref_ids"], ids) for c in contexts):
+                raise ValueError(
+                    "FLUX.2 uses one set of position ids per batch: all samples need the same number and size of "
+                    "reference images (batch such pairs together or use batch size 1)"
+                )
+            batch["ref_tokens"] = torch.stack([c["ref_tokens"] for c in contexts]).to(self.device, self.dtype)
+            batch["ref_ids"] = ids.to(self.device)
+        return batch
+
+    # --- latents ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_images(self, images: list[Image.Image]) -> torch.Tensor | list[torch.Tensor]:
+        """Clean latents at each image's own size (floored to a multiple of 2·VAE scale): VAE mode, 2×2
+        patchify, batch-norm normalisation, like the pipeline. One tensor if the sizes agree, else one per image."""
+        out = []
+        for im in images:
+            pixels = to_pixels(im, self.vae_scale * 2).to(self.device, self.vae.dtype)
+            lat = self.vae.encode(pixels).latent_dist.mode().float()
+            b, c, h, w = lat.shape  # patchify 2×2 like the pipeline: channel-major, then (dy, dx)
+            lat = lat.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, c * 4, h // 2, w // 2)
+            out.append((lat - self.bn_mean) / self.bn_std)
+        return stack_or_list(out)
+
+    def to_vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Undo the normalisation and the 2×2 patchify: what the pipeline returns for output_type='latent'."""
+        lat = latents.to(self.device).float() * self.bn_std + self.bn_mean
+        b, c4, h, w = lat.shape
+        return lat.reshape(b, c4 // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c4 // 4, h * 2, w * 2)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        lat = self.to_vae_latents(latents)
+        return self.vae.decode(lat.to(self.vae.dtype), return_dict=False)[0].float().clamp(-1, 1)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        multiple = self.vae_scale * 2
+        check_size(height, width, multiple, "FLUX.2")
+        return (self.network.config.in_channels, height // multiple, width // multiple)
+
+    def inference_schedule(self, height: int, width: int, steps: int | None = None) -> torch.Tensor:
+        _, h, w = self.latent_shape(height, width)
+        return flux2_schedule(steps or self.steps, h * w)
+
+    def cache_fingerprint(self) -> dict[str, Any]:
+        """Settings that change cached contexts but are not in the config's model section."""
+        return {"adapter_version": 1, "teacher_max_tokens": self.teacher_max_tokens,
+                "teacher_image_tokens": int(cfg_get(self.cfg, "teacher_image_tokens", 256)),
+                "layers": list(getattr(self, "layers", (-2,)))}
+
+    def default_lora_targets(self) -> str:
+        return LORA_TARGETS
+
+    def release_encoders(self) -> None:
+        self.text_encoder = None
+        if self._vlm is not None:
+            self._vlm.release()
+        self._vlm = None
+        free_memory()
+
+    # --- helpers for export / eval ----------------------------------------------------------------
+
+    def pipeline(self, transformer: nn.Module | None = None):
+        """A `Flux2KleinPipeline` around this adapter's parts (text encoder must still be loaded)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+
+        scheduler = load_part(FlowMatchEulerDiscreteScheduler, self.folder, "scheduler")
+        return Flux2KleinPipeline(scheduler=scheduler, vae=self.vae, text_encoder=self._require(self.text_encoder, "text encoder"),
+                                  tokenizer=self.tokenizer, transformer=transformer or self.network, is_distilled=True)
+
+    @property
+    def pipeline_class(self):
+        from diffusers import Flux2KleinPipeline
+
+        return Flux2KleinPipeline
+
+
+def load(cfg: Any, device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None) -> Flux2Adapter:
+    return Flux2Adapter(cfg, device, dtype)

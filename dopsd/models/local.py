@@ -1,0 +1,184 @@
+"""Local diffusers-layout folders: check them, load their parts offline, and shared image helpers.
+
+Nothing here reaches a model hub: every `from_pretrained` gets `local_files_only=True`, and a folder that
+is missing or incomplete is refused up front with an error naming the missing piece and how to get it.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+# What each family's folder must hold: pipeline class names accepted in model_index.json and subfolders.
+LAYOUTS: dict[str, dict[str, Any]] = {
+    "zimage": {
+        "pipelines": ("ZImagePipeline",),
+        "parts": ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"),
+        "hint": "hf download Tongyi-MAI/Z-Image-Turbo --local-dir <folder>",
+    },
+    "flux2": {
+        "pipelines": ("Flux2KleinPipeline", "Flux2KleinKVPipeline"),
+        "parts": ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"),
+        "hint": "hf download black-forest-labs/FLUX.2-klein-4B --local-dir <folder>",
+    },
+}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
+
+
+class ModelFolderError(ValueError):
+    """A model folder is missing, incomplete or of the wrong family."""
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(p.name.endswith(WEIGHT_SUFFIXES) for p in folder.iterdir() if p.is_file())
+
+
+def check_pipeline_folder(path: str | Path | None, family: str, field: str = "model.pretrained") -> Path:
+    """Return the folder if it is a complete local diffusers folder of `family`; otherwise raise clearly."""
+    layout = LAYOUTS[family]
+    hint = f"download it first, e.g. `{layout['hint']}`, and set {field} to that folder"
+    if path is None or str(path) == "":
+        raise ModelFolderError(f"{field} is not set: it must name a local {family} folder in the diffusers layout; {hint}")
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ModelFolderError(f"{field}: {folder} does not exist or is not a folder; {hint}")
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise ModelFolderError(f"{field}: {folder} has no model_index.json, so it is not a diffusers pipeline folder; {hint}")
+    try:
+        meta = json.loads(index.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelFolderError(f"{field}: {index} is not valid JSON ({err})") from err
+    cls = meta.get("_class_name")
+    if cls not in layout["pipelines"]:
+        raise ModelFolderError(
+            f"{field}: {folder} holds a {cls!r} pipeline, but model family {family!r} needs one of "
+            f"{list(layout['pipelines'])}; pick the matching model.family or folder"
+        )
+    missing = []
+    for part in layout["parts"]:
+        sub = folder / part
+        if not sub.is_dir():
+            missing.append(f"{part}/ (folder missing)")
+        elif part == "tokenizer":
+            if not any((sub / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
+                missing.append("tokenizer/tokenizer.json")
+        elif part == "scheduler":
+            if not (sub / "scheduler_config.json").is_file():
+                missing.append("scheduler/scheduler_config.json")
+        else:
+            if not (sub / "config.json").is_file():
+                missing.append(f"{part}/config.json")
+            elif not _has_weights(sub):
+                missing.append(f"{part}/ weights (*.safetensors)")
+    if missing:
+        raise ModelFolderError(f"{field}: {folder} is incomplete; missing: {', '.join(missing)}; {hint}")
+    return folder
+
+
+def check_model_folder(path: str | Path | None, field: str, what: str) -> Path:
+    """A single transformers model folder (config.json + weights), e.g. a Qwen3-VL or DINOv2 checkpoint."""
+    if path is None or str(path) == "":
+        raise ModelFolderError(f"{field} is not set: it must name a local {what} folder (config.json + weights)")
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ModelFolderError(f"{field}: {folder} does not exist or is not a folder; download the {what} there first")
+    if not (folder / "config.json").is_file():
+        raise ModelFolderError(f"{field}: {folder} has no config.json, so it is not a {what} folder")
+    if not _has_weights(folder):
+        raise ModelFolderError(f"{field}: {folder} has a config.json but no weights (*.safetensors)")
+    return folder
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+def load_part(
+    cls: Any, folder: Path, subfolder: str | None, dtype: torch.dtype | None = None, quiet: bool = False, **kwargs: Any
+) -> Any:
+    """`cls.from_pretrained` offline, with the error naming the folder when the files do not fit the class.
+
+    quiet: silence transformers' load report (used where unused checkpoint keys are expected, e.g. lm_head).
+    """
+    from transformers.utils import logging as hf_logging
+
+    extra: dict[str, Any] = {"local_files_only": True, **kwargs}
+    if subfolder is not None:
+        extra["subfolder"] = subfolder
+    if dtype is not None:
+        extra["torch_dtype"] = dtype
+    level = hf_logging.get_verbosity()
+    if quiet:
+        hf_logging.set_verbosity_error()
+    try:
+        return cls.from_pretrained(str(folder), **extra)
+    except (OSError, ValueError, KeyError) as err:
+        where = folder / subfolder if subfolder else folder
+        raise ModelFolderError(f"cannot load {cls.__name__} from {where}: {err}") from err
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
+    return names[dtype]
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --- images -----------------------------------------------------------------------------------------
+
+def to_pixels(image: Image.Image, multiple: int) -> torch.Tensor:
+    """One PIL image → (1, 3, H, W) in [-1, 1] at its own size floored to `multiple` (the data loader already
+    resized it to its training bucket): aspect-preserving resize + centre crop, diffusers' "crop" mode, which is
+    also what the FLUX.2 pipeline applies to reference images."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    w, h = image.size
+    height, width = max(multiple, h // multiple * multiple), max(multiple, w // multiple * multiple)
+    proc = VaeImageProcessor(vae_scale_factor=1, do_resize=True, do_normalize=True, do_convert_rgb=True)
+    return proc.preprocess(image.convert("RGB"), height=height, width=width, resize_mode="crop")
+
+
+def stack_or_list(latents: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    """One (B, …) tensor when all images share a size; per-image tensors when a call mixes buckets."""
+    if len({tuple(x.shape) for x in latents}) == 1:
+        return torch.cat(latents)
+    return [x[0] for x in latents]
+
+
+def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] → PIL images."""
+    arr = ((pixels.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+def check_size(height: int, width: int, multiple: int, family: str) -> None:
+    if height % multiple or width % multiple or height <= 0 or width <= 0:
+        raise ValueError(
+            f"{family}: image size {height}x{width} must be positive multiples of {multiple} "
+            f"(VAE downsampling x 2x2 patches); set model.height/model.width accordingly"
+        )
+
+
+def cfg_get(cfg: Any, name: str, default: Any) -> Any:
+    """Duck-typed config access: attribute or mapping key, None counts as unset."""
+    value = cfg.get(name, None) if isinstance(cfg, dict) else getattr(cfg, name, None)
+    return default if value is None else value

@@ -1,0 +1,237 @@
+"""Adapter for the built-in miniature world (`dopsd.mini`): a CPU-sized turbo with an in-context encoder.
+
+Latents are the pixels themselves, (B, 3, R, R) in [-1, 1] at the model's fixed resolution R (24). The
+denoiser predicts x̂0; `velocity` returns v = (x − x̂0) / max(σ, σ_min), the project's convention.
+Contexts are per-sample dicts: {"feats": (T, E), "feats_mask": (T,)} and, for the "reference" teacher path,
+{"ref": (3, R, R), "ref_on": ()}. Teacher contexts:
+  * "vlm"       – the target image goes through the frozen encoder with the caption (Z-Image + VLM style);
+  * "reference" – caption-only features, plus the target's patches in the DiT's sequence (FLUX.2-klein style).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from torch import nn
+
+from dopsd.mini import world
+from dopsd.mini.nets import LORA_TARGETS, MiniConfig, MiniDiT, MiniEncoder, tiny_config
+from dopsd.models.base import Context
+from dopsd.schedules import shifted_schedule
+
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "mini" / "weights"
+TEACHER_CONTEXTS = ("vlm", "reference")
+
+
+class MiniAdapter:
+    name = "mini"
+
+    def __init__(
+        self,
+        cfg: MiniConfig,
+        network: MiniDiT,
+        encoder: MiniEncoder,
+        kind: str = "turbo",
+        teacher_context: str = "vlm",
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
+        if teacher_context not in TEACHER_CONTEXTS:
+            raise ValueError(f"mini teacher_context must be one of {TEACHER_CONTEXTS}, got {teacher_context!r}")
+        self.cfg = cfg
+        self.kind = kind  # "turbo" (few steps), "base" (many steps) or "random"
+        self.teacher_context = teacher_context
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.network: nn.Module = network.to(self.device, dtype).eval()
+        self.encoder: MiniEncoder | None = encoder.to(self.device, dtype).eval().requires_grad_(False)
+
+    @property
+    def resolution(self) -> int:
+        return self.cfg.res
+
+    @property
+    def default_steps(self) -> int:
+        return self.cfg.base_steps if self.kind == "base" else self.cfg.turbo_steps
+
+    # --- denoising -------------------------------------------------------------------------------
+    def velocity(self, network: nn.Module, x: torch.Tensor, sigma: torch.Tensor, context: Any) -> torch.Tensor:
+        x0 = network(x, sigma, **context)
+        s = sigma.to(x.dtype).clamp_min(self.cfg.sigma_min).reshape(-1, 1, 1, 1)
+        return (x - x0) / s
+
+    # --- contexts --------------------------------------------------------------------------------
+    def _encoder(self) -> MiniEncoder:
+        if self.encoder is None:
+            raise RuntimeError("the mini encoder was released (release_encoders); build contexts before releasing it")
+        return self.encoder
+
+    @torch.no_grad()
+    def _features(self, captions: list[str], images: torch.Tensor | None) -> list[Context]:
+        tokens = torch.stack([world.tokenize(c) for c in captions]).to(self.device)
+        feats = self._encoder()(tokens, images)
+        mask = tokens != 0
+        return [{"feats": f, "feats_mask": m} for f, m in zip(feats, mask)]
+
+    @staticmethod
+    def _no_sources(sources: list[list[Image.Image]] | None) -> None:
+        if sources is not None and any(len(s) for s in sources):
+            raise ValueError("the miniature model is not an editing model: pass sources=None")
+
+    def student_contexts(self, captions: list[str], sources: list[list[Image.Image]] | None = None) -> list[Context]:
+        self._no_sources(sources)
+        return self._features(list(captions), None)
+
+    def teacher_contexts(
+        self, captions: list[str], images: list[Image.Image], sources: list[list[Image.Image]] | None = None
+    ) -> list[Context]:
+        self._no_sources(sources)
+        if len(captions) != len(images):
+            raise ValueError(f"teacher_contexts got {len(captions)} captions for {len(images)} images")
+        return self.teacher_contexts_from_tensors(list(captions), self.encode_images(images))
+
+    def teacher_contexts_from_tensors(self, captions: list[str], images: torch.Tensor) -> list[Context]:
+        """Teacher contexts from image tensors (B, 3, R, R) in [-1, 1] (the world renders tensors)."""
+        images = images.to(self.device, self.dtype)
+        if self.teacher_context == "vlm":
+            return self._features(captions, images)
+        contexts = self._features(captions, None)
+        on = torch.tensor(True, device=self.device)
+        return [dict(c, ref=img, ref_on=on) for c, img in zip(contexts, images)]
+
+    def collate(self, contexts: list[Context]) -> dict[str, torch.Tensor]:
+        if not contexts:
+            raise ValueError("collate got no contexts")
+        out = {
+            "feats": torch.stack([c["feats"] for c in contexts]).to(self.device, self.dtype),
+            "feats_mask": torch.stack([c["feats_mask"] for c in contexts]).to(self.device),
+        }
+        if any("ref" in c for c in contexts):  # mixed batches: absent references are masked out
+            blank = torch.zeros(3, self.cfg.res, self.cfg.res)
+            out["ref"] = torch.stack([c.get("ref", blank).to(self.device, self.dtype) for c in contexts])
+            out["ref_on"] = torch.stack(
+                [torch.as_tensor(c.get("ref_on", False), device=self.device).bool() for c in contexts]
+            )
+        return out
+
+    # --- images ----------------------------------------------------------------------------------
+    def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
+        res = self.cfg.res
+        out = []
+        for i, img in enumerate(images):
+            if not isinstance(img, Image.Image):
+                raise TypeError(f"encode_images expects PIL images; item {i} is {type(img).__name__}")
+            img = img.convert("RGB")
+            if img.size != (res, res):  # the miniature has one fixed resolution
+                img = img.resize((res, res), Image.Resampling.BOX if min(img.size) > res else Image.Resampling.BILINEAR)
+            t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(res, res, 3)
+            out.append(t.permute(2, 0, 1).float() / 127.5 - 1)
+        return torch.stack(out).to(self.device, self.dtype)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents.clamp(-1, 1)
+
+    def to_pil(self, images: torch.Tensor) -> list[Image.Image]:
+        arr = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(a) for a in arr]
+
+    def _check_size(self, height: int | None, width: int | None) -> None:
+        res = self.cfg.res
+        if (height is not None and height != res) or (width is not None and width != res):
+            raise ValueError(f"the miniature model renders {res}×{res} only; got {height}×{width} (set height/width to {res})")
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        self._check_size(height, width)
+        return (3, self.cfg.res, self.cfg.res)
+
+    def inference_schedule(self, height: int, width: int, steps: int | None = None) -> torch.Tensor:
+        self._check_size(height, width)
+        return shifted_schedule(steps or self.default_steps, self.cfg.shift)
+
+    def default_lora_targets(self) -> list[str]:
+        return default_lora_targets()
+
+    def release_encoders(self) -> None:
+        self.encoder = None
+
+    # --- convenience for metrics, demo and tests --------------------------------------------------
+    @torch.no_grad()
+    def sample(
+        self,
+        captions: list[str],
+        noise: torch.Tensor,
+        steps: int | None = None,
+        network: nn.Module | None = None,
+        contexts: list[Context] | None = None,
+    ) -> torch.Tensor:
+        """Euler samples (B, 3, R, R) from `noise` with caption-only contexts (or the given ones)."""
+        from dopsd.schedules import sample_euler
+
+        net = network if network is not None else self.network
+        ctx = self.collate(contexts if contexts is not None else self.student_contexts(captions))
+        sched = self.inference_schedule(self.cfg.res, self.cfg.res, steps)
+        return self.decode(sample_euler(lambda x, s, c: self.velocity(net, x, s, c), noise.to(self.device, self.dtype), sched, ctx))
+
+    def noise(self, n: int, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(n, 3, self.cfg.res, self.cfg.res, generator=g).to(self.device, self.dtype)
+
+
+def default_lora_targets() -> list[str]:
+    """peft target names: every attention and MLP linear of the DiT blocks (not the embeddings/output)."""
+    return list(LORA_TARGETS)
+
+
+def read_weights(path: Path) -> tuple[MiniConfig, dict[str, torch.Tensor], dict, str]:
+    """(config, state dict, manifest, kind) from a recipe folder or one of its .safetensors files."""
+    path = Path(path)
+    file = path / "turbo.safetensors" if path.is_dir() else path
+    manifest_path = file.parent / "manifest.json"
+    if not file.is_file() or not manifest_path.is_file():
+        raise FileNotFoundError(
+            f"no miniature weights at {file} (with manifest.json beside it); "
+            "rebuild them with `dopsd mini recipe --out DIR` or use pretrained 'turbo'/'base'"
+        )
+    manifest = json.loads(manifest_path.read_text())
+    kind = "base" if file.stem == "base" else "turbo"
+    return MiniConfig.from_dict(manifest["config"]), load_file(str(file)), manifest, kind
+
+
+def build(cfg: MiniConfig, state: dict[str, torch.Tensor] | None = None) -> tuple[MiniDiT, MiniEncoder]:
+    dit, enc = MiniDiT(cfg), MiniEncoder(cfg)
+    if state is not None:
+        dit.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("dit.")})
+        enc.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("encoder.")})
+    return dit, enc
+
+
+def load(cfg: Any, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> MiniAdapter:
+    """Factory: cfg.pretrained None|'turbo' (shipped turbo), 'base' (shipped base) or a recipe folder/file."""
+    pretrained = getattr(cfg, "pretrained", None) or "turbo"
+    teacher_context = getattr(cfg, "teacher_context", None) or "vlm"
+    if pretrained in ("turbo", "base"):
+        path = WEIGHTS_DIR / f"{pretrained}.safetensors"
+    else:
+        path = Path(str(pretrained)).expanduser()
+    mcfg, state, _, kind = read_weights(path)
+    dit, enc = build(mcfg, state)
+    adapter = MiniAdapter(mcfg, dit, enc, kind=kind, teacher_context=teacher_context, device=device, dtype=dtype)
+    adapter._check_size(getattr(cfg, "height", None), getattr(cfg, "width", None))
+    return adapter
+
+
+def tiny_random_adapter(seed: int = 0, teacher_context: str = "vlm") -> MiniAdapter:
+    """A tiny randomly initialised adapter (every weight non-zero, so LoRA gradients flow) for fast tests."""
+    torch.manual_seed(seed)
+    cfg = tiny_config()
+    dit, enc = build(cfg)
+    with torch.no_grad():
+        for p in list(dit.parameters()) + list(enc.parameters()):
+            if not p.abs().sum():  # zero-initialised gates/outputs would make the blocks inert
+                p.normal_(0.0, 0.05)
+    return MiniAdapter(cfg, dit, enc, kind="random", teacher_context=teacher_context)

@@ -1,0 +1,200 @@
+"""Z-Image-Turbo (diffusers `ZImagePipeline`) behind the `ModelAdapter` protocol.
+
+Conventions translated here (pinned by tests against the pipeline itself):
+  * the transformer takes *lists*: latents (C, 1, H, W) per sample and caption features (L_i, D) with
+    padding removed;
+  * its timestep is 1 − σ (0 = pure noise), and it predicts x0 − ε: the velocity is the *negated* output;
+  * student text features: Qwen3 chat template (thinking enabled), hidden_states[-2], padding removed;
+  * teacher ("vlm"): the same layer of a Qwen3-VL carrying the text encoder's weights, over
+    image tokens then the caption (see `dopsd.models.qwen_vl`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from dopsd.models.base import Context
+from dopsd.models.local import (
+    cfg_get, check_pipeline_folder, check_size, free_memory, load_part, read_json, resolve_dtype, stack_or_list,
+    to_pixels,
+)
+from dopsd.schedules import exponential_shift, shifted_schedule
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3"]
+
+
+class ZImageAdapter:
+    name = "zimage"
+
+    def __init__(self, cfg: Any, device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None):
+        from diffusers import AutoencoderKL, ZImageTransformer2DModel
+        from transformers import AutoTokenizer, Qwen3Model
+
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.dtype = resolve_dtype(dtype)
+        self.folder = check_pipeline_folder(cfg_get(cfg, "pretrained", None), "zimage")
+        self.teacher_mode = cfg_get(cfg, "teacher_context", "vlm")
+        if self.teacher_mode not in ("vlm", "text"):
+            raise ValueError(
+                f"model.teacher_context={self.teacher_mode!r} is not available for Z-Image-Turbo: it has no "
+                "reference-image input; use 'vlm' (or 'text' for a caption-only teacher)"
+            )
+        if cfg_get(cfg, "editing", False):
+            raise ValueError("model.editing is a FLUX.2-klein mode; Z-Image-Turbo has no editing path")
+        self.network: nn.Module = load_part(ZImageTransformer2DModel, self.folder, "transformer", self.dtype).to(self.device)
+        for name in ("x_pad_token", "cap_pad_token"):
+            token = getattr(self.network, name, None)
+            if token is not None and not torch.isfinite(token).all():
+                raise ValueError(f"{self.folder}/transformer: {name} is not finite; the checkpoint is incomplete")
+        self.vae = load_part(AutoencoderKL, self.folder, "vae", self.dtype).to(self.device).eval().requires_grad_(False)
+        self.text_encoder = load_part(Qwen3Model, self.folder, "text_encoder", self.dtype).to(self.device).eval()
+        self.text_encoder.requires_grad_(False)
+        self.tokenizer = load_part(AutoTokenizer, self.folder, "tokenizer")
+        self.scheduler_config = read_json(self.folder / "scheduler" / "scheduler_config.json")
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.steps = int(cfg_get(cfg, "inference_steps", 8))
+        self.max_tokens = int(cfg_get(cfg, "max_caption_tokens", 512))
+        self.teacher_max_tokens = int(cfg_get(cfg, "teacher_max_tokens", 1024))
+        self._vlm = None
+
+    # --- the denoiser -----------------------------------------------------------------------------
+
+    def velocity(self, network: nn.Module, x: torch.Tensor, sigma: torch.Tensor, context: Any) -> torch.Tensor:
+        """v = ε − x0 = −(model output), with the model's timestep 1 − σ (same arithmetic as the pipeline)."""
+        t = (1000 - sigma.float() * 1000) / 1000
+        latents = list(x.to(self.dtype).unsqueeze(2).unbind(0))
+        out = network(latents, t.to(self.dtype), context["cap_feats"], return_dict=False)[0]
+        return -torch.stack([o.float() for o in out]).squeeze(2).to(x.dtype)
+
+    # --- contexts ---------------------------------------------------------------------------------
+
+    def _require(self, what: Any, name: str) -> Any:
+        if what is None:
+            raise RuntimeError(f"the {name} was released (release_encoders); build contexts before releasing it")
+        return what
+
+    @torch.no_grad()
+    def _text_features(self, captions: list[str]) -> list[torch.Tensor]:
+        tokenizer = self._require(self.tokenizer, "tokenizer")
+        encoder = self._require(self.text_encoder, "text encoder")
+        texts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": c}], tokenize=False, add_generation_prompt=True,
+                                          enable_thinking=True)
+            for c in captions
+        ]
+        enc = tokenizer(texts, padding="max_length", max_length=self.max_tokens, truncation=True, return_tensors="pt")
+        ids, mask = enc.input_ids.to(self.device), enc.attention_mask.to(self.device).bool()
+        hidden = encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
+        return [h[m].cpu() for h, m in zip(hidden, mask)]
+
+    def student_contexts(self, captions: list[str], sources: list[list[Image.Image]] | None = None) -> list[Context]:
+        if sources is not None and any(sources):
+            raise ValueError("Z-Image-Turbo has no source-image input (editing is FLUX.2-klein only)")
+        return [{"cap_feats": f} for f in self._text_features(captions)]
+
+    def vlm(self):
+        """The Qwen3-VL teacher encoder with Z-Image's text-encoder weights (built on first use)."""
+        if self._vlm is None:
+            from dopsd.models.qwen_vl import QwenVLEncoder
+
+            self._vlm = QwenVLEncoder(
+                cfg_get(self.cfg, "teacher_encoder", None), self._require(self.text_encoder, "text encoder"),
+                self.device, self.dtype, image_tokens=int(cfg_get(self.cfg, "teacher_image_tokens", 256)),
+            )
+            print(f"[dopsd] VLM teacher: {self._vlm.report}")
+        return self._vlm
+
+    @torch.no_grad()
+    def teacher_contexts(
+        self, captions: list[str], images: list[Image.Image], sources: list[list[Image.Image]] | None = None
+    ) -> list[Context]:
+        if sources is not None and any(sources):
+            raise ValueError("Z-Image-Turbo has no source-image input (editing is FLUX.2-klein only)")
+        if len(captions) != len(images):
+            raise ValueError(f"{len(captions)} captions for {len(images)} images")
+        if self.teacher_mode == "text":
+            return self.student_contexts(captions)
+        vlm = self.vlm()
+        return [{"cap_feats": vlm.encode(im, c, layers=(-2,), max_tokens=self.teacher_max_tokens).cpu()}
+                for c, im in zip(captions, images)]
+
+    def collate(self, contexts: list[Context]) -> dict[str, list[torch.Tensor]]:
+        return {"cap_feats": [c["cap_feats"].to(self.device, self.dtype) for c in contexts]}
+
+    # --- latents ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_images(self, images: list[Image.Image]) -> torch.Tensor | list[torch.Tensor]:
+        """Clean latents at each image's own size (floored to a multiple of 2·VAE scale), normalised like the
+        pipeline: (z − shift) · scale. One tensor if the sizes agree, else one per image."""
+        out = []
+        for im in images:
+            pixels = to_pixels(im, self.vae_scale * 2).to(self.device, self.vae.dtype)
+            z = self.vae.encode(pixels).latent_dist.mode()
+            out.append(((z - self.vae.config.shift_factor) * self.vae.config.scaling_factor).float())
+        return stack_or_list(out)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        z = latents.to(self.device, self.vae.dtype) / self.vae.config.scaling_factor + self.vae.config.shift_factor
+        return self.vae.decode(z, return_dict=False)[0].float().clamp(-1, 1)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        multiple = self.vae_scale * 2
+        check_size(height, width, multiple, "Z-Image")
+        return (self.network.config.in_channels, height // self.vae_scale, width // self.vae_scale)
+
+    def inference_schedule(self, height: int, width: int, steps: int | None = None) -> torch.Tensor:
+        steps = steps or self.steps
+        sc = self.scheduler_config
+        shift = cfg_get(self.cfg, "shift", None)
+        if shift is not None or not sc.get("use_dynamic_shifting", False):
+            return shifted_schedule(steps, float(shift if shift is not None else sc.get("shift", 3.0)))
+        # Dynamic shifting (not Turbo's setting): the pipeline's linear μ in the image token count.
+        seq = (height // self.vae_scale // 2) * (width // self.vae_scale // 2)
+        base, top = sc.get("base_image_seq_len", 256), sc.get("max_image_seq_len", 4096)
+        lo, hi = sc.get("base_shift", 0.5), sc.get("max_shift", 1.15)
+        mu = lo + (hi - lo) * (seq - base) / (top - base)
+        grid = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
+        return torch.cat([exponential_shift(grid, mu), grid.new_zeros(1)]).float()
+
+    def cache_fingerprint(self) -> dict[str, Any]:
+        """Settings that change cached contexts but are not in the config's model section."""
+        return {"adapter_version": 1, "teacher_max_tokens": self.teacher_max_tokens,
+                "teacher_image_tokens": int(cfg_get(self.cfg, "teacher_image_tokens", 256)),
+                "layers": list(getattr(self, "layers", (-2,)))}
+
+    def default_lora_targets(self) -> list[str]:
+        return list(LORA_TARGETS)
+
+    def release_encoders(self) -> None:
+        self.text_encoder = None
+        if self._vlm is not None:
+            self._vlm.release()
+        self._vlm = None
+        free_memory()
+
+    # --- helpers for export / eval ----------------------------------------------------------------
+
+    def pipeline(self, transformer: nn.Module | None = None):
+        """A `ZImagePipeline` around this adapter's parts (text encoder must still be loaded)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+
+        scheduler = load_part(FlowMatchEulerDiscreteScheduler, self.folder, "scheduler")
+        return ZImagePipeline(scheduler=scheduler, vae=self.vae, text_encoder=self._require(self.text_encoder, "text encoder"),
+                              tokenizer=self.tokenizer, transformer=transformer or self.network)
+
+    @property
+    def pipeline_class(self):
+        from diffusers import ZImagePipeline
+
+        return ZImagePipeline
+
+
+def load(cfg: Any, device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None) -> ZImageAdapter:
+    return ZImageAdapter(cfg, device, dtype)

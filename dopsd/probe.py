@@ -1,0 +1,383 @@
+"""`dopsd probe`: before training, check that the teacher context actually carries each training pair.
+
+D-OPSD can only teach what its teacher shows: the teacher is the model itself, conditioned on caption + target
+image. For each pair and a few seeds we sample at the model's own few-step setting from the same noise twice,
+with the student context (caption only) and with the teacher context (caption + target), and measure how much
+closer the teacher's samples are to the target:
+
+    gain          = d(student sample, target) − d(teacher sample, target)       (mean over seeds)
+    relative gain = gain / d(student sample, target)   – the fraction of the distance the context closes
+    win rate      = fraction of seeds where the teacher's sample is the closer one
+
+Verdicts (thresholds configurable, defaults in `Thresholds`):
+    carries – relative gain ≥ 0.25 and win rate ≥ 0.5: the teacher renders what the image shows;
+    fails   – relative gain < 0.10: the context adds (almost) nothing; D-OPSD would learn nothing or noise;
+    weak    – in between.
+The distance comes from a `Scorer` (see `dopsd.probe_scorers`): the miniature model's attribute decoders, an
+image-feature model from a local folder (cosine distance), or a downsampled pixel distance as the fallback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from PIL import Image, ImageDraw
+
+from dopsd.models.base import ModelAdapter
+from dopsd.probe_scorers import PixelScorer, Scorer, to_pil
+from dopsd.schedules import sample_euler
+
+Pair = tuple[Image.Image, str]
+
+
+@dataclass
+class Thresholds:
+    carry: float = 0.25  # relative gain at or above which the teacher carries the pair (with win_rate ≥ min_win)
+    weak: float = 0.10  # relative gain below which the pair fails
+    min_win: float = 0.5  # a carrying pair must have the teacher closer in at least this fraction of seeds
+    max_fail: float = 0.25  # --strict: exit non-zero when more than this fraction of pairs fail
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.weak <= self.carry:
+            raise ValueError(f"probe thresholds need 0 <= weak <= carry, got weak={self.weak}, carry={self.carry}")
+        if not 0.0 <= self.max_fail <= 1.0:
+            raise ValueError(f"probe max_fail is a fraction in [0, 1], got {self.max_fail}")
+
+
+@dataclass
+class PairResult:
+    index: int
+    caption: str
+    name: str
+    student_distance: float
+    teacher_distance: float
+    gain: float
+    relative_gain: float
+    win_rate: float
+    verdict: str
+    student_hit: float | None = None  # fraction of samples showing the concept (scorers with a `hits` decoder)
+    teacher_hit: float | None = None
+
+
+@dataclass
+class ProbeReport:
+    metric: str
+    steps: int
+    seeds: list[int]
+    thresholds: Thresholds
+    pairs: list[PairResult]
+    images: list[tuple[Image.Image, Image.Image, Image.Image]] = field(default_factory=list, repr=False)
+
+    def counts(self) -> dict[str, int]:
+        return {v: sum(p.verdict == v for p in self.pairs) for v in ("carries", "weak", "fails")}
+
+    @property
+    def fail_fraction(self) -> float:
+        return self.counts()["fails"] / max(len(self.pairs), 1)
+
+    @property
+    def passed(self) -> bool:
+        """False when more than `thresholds.max_fail` of the pairs fail (what --strict gates on)."""
+        return self.fail_fraction <= self.thresholds.max_fail
+
+    def recommendations(self, teacher_context: str | None = None) -> list[str]:
+        return _recommendations(self, teacher_context)
+
+    def to_dict(self, teacher_context: str | None = None) -> dict[str, Any]:
+        return {
+            "metric": self.metric,
+            "steps": self.steps,
+            "seeds": self.seeds,
+            "thresholds": asdict(self.thresholds),
+            "counts": self.counts(),
+            "fail_fraction": self.fail_fraction,
+            "passed": self.passed,
+            "pairs": [asdict(p) for p in self.pairs],
+            "recommendations": self.recommendations(teacher_context),
+        }
+
+    def table(self) -> str:
+        hit = any(p.teacher_hit is not None for p in self.pairs)
+        head = f"{'#':>3}  {'name':<20} {'d_student':>9} {'d_teacher':>9} {'rel.gain':>8} {'wins':>5}"
+        head += f" {'hit s→t':>9}" if hit else ""
+        lines = [head + "  verdict", "-" * (len(head) + 9)]
+        for p in self.pairs:
+            row = f"{p.index:>3}  {p.name[:20]:<20} {p.student_distance:>9.4f} {p.teacher_distance:>9.4f}"
+            row += f" {p.relative_gain:>8.2f} {p.win_rate:>5.2f}"
+            if hit:
+                row += f" {p.student_hit or 0:>4.2f}→{p.teacher_hit or 0:.2f}"
+            lines.append(f"{row}  {p.verdict}")
+        return "\n".join(lines)
+
+    def save_grid(self, path: str | Path, cell: int = 96) -> Path:
+        return save_grid(self.images, [f"#{p.index} {p.verdict}" for p in self.pairs], path, cell)
+
+
+def _verdict(rel_gain: float, win_rate: float, t: Thresholds) -> str:
+    if rel_gain >= t.carry and win_rate >= t.min_win:
+        return "carries"
+    if rel_gain < t.weak:
+        return "fails"
+    return "weak"
+
+
+def _move(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+    if isinstance(value, dict):
+        return {k: _move(v, device, dtype) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_move(v, device, dtype) for v in value)
+    return value
+
+
+def _sample(adapter: ModelAdapter, contexts: list, noise: torch.Tensor, schedule: torch.Tensor) -> torch.Tensor:
+    p = next(iter(adapter.network.parameters()), None)
+    device, dtype = (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
+    context = _move(adapter.collate(contexts), device, dtype)
+
+    def velocity(x: torch.Tensor, sigma: torch.Tensor, ctx: Any) -> torch.Tensor:
+        return adapter.velocity(adapter.network, x, sigma, ctx)
+
+    x = sample_euler(velocity, noise.to(device=device, dtype=dtype), schedule.to(device), context)
+    return adapter.decode(x).float().cpu().clamp(-1, 1)
+
+
+def probe(
+    config_or_adapter: ModelAdapter | Any,
+    pairs: Sequence[Pair] | None = None,
+    *,
+    seeds: Sequence[int] = (0, 1, 2),
+    steps: int | None = None,
+    size: tuple[int, int] | None = None,
+    scorer: Scorer | None = None,
+    thresholds: Thresholds | None = None,
+    names: Sequence[str] | None = None,
+    sources: Sequence[list[Image.Image]] | None = None,
+    batch_size: int = 16,
+) -> ProbeReport:
+    """Sample each pair with student and teacher context at the few-step setting; score the teacher's gain.
+
+    `pairs` are (target image, caption); `size` = (height, width) to sample at (default: each target's own
+    size); `sources` are editing source images per pair (editing adapters only).
+    `config_or_adapter` is a loaded adapter, or a training config (Config, YAML path or preset name): the
+    adapter is then loaded from it, and `pairs=None` probes its dataset (the same one `dopsd train` reads).
+    """
+    if isinstance(config_or_adapter, ModelAdapter):
+        adapter = config_or_adapter
+    else:
+        setup = load_setup(config_or_adapter, with_data=pairs is None)
+        adapter = setup.adapter
+        if pairs is None:
+            pairs, names, sources = setup.pairs, setup.names, setup.sources
+    if not pairs:
+        raise ValueError("probe: no training pairs given (is the dataset empty?)")
+    if not seeds:
+        raise ValueError("probe: give at least one seed")
+    scorer = scorer or PixelScorer()
+    thresholds = thresholds or Thresholds()
+    names = list(names) if names is not None else [f"pair{i}" for i in range(len(pairs))]
+    seeds = [int(s) for s in seeds]
+    # Flatten to (pair, seed) jobs; the same noise per seed for student and teacher: a paired comparison.
+    jobs = [(i, s) for i in range(len(pairs)) for s in seeds]
+    dist = {"student": torch.zeros(len(pairs), len(seeds)), "teacher": torch.zeros(len(pairs), len(seeds))}
+    hits: dict[str, torch.Tensor] = {}
+    first: dict[tuple[str, int], Image.Image] = {}
+    n_steps = 0
+    was_training = adapter.network.training
+    adapter.network.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(jobs), batch_size):
+                chunk = jobs[start : start + batch_size]
+                by_size: dict[tuple[int, int], list[tuple[int, int]]] = {}
+                for i, s in chunk:
+                    hw = size or (pairs[i][0].height, pairs[i][0].width)
+                    by_size.setdefault(hw, []).append((i, s))
+                for (h, w), group in by_size.items():
+                    schedule = adapter.inference_schedule(h, w, steps)
+                    n_steps = len(schedule) - 1
+                    shape = tuple(adapter.latent_shape(h, w))
+                    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for _, s in group])
+                    caps = [pairs[i][1] for i, _ in group]
+                    imgs = [pairs[i][0].convert("RGB") for i, _ in group]
+                    src = [list(sources[i]) for i, _ in group] if sources is not None else None
+                    targets = [img.resize((w, h), Image.BICUBIC) if img.size != (w, h) else img for img in imgs]
+                    out = {
+                        "student": _sample(adapter, adapter.student_contexts(caps, src), noise, schedule),
+                        "teacher": _sample(adapter, adapter.teacher_contexts(caps, imgs, src), noise, schedule),
+                    }
+                    for role, samples in out.items():
+                        d = scorer.distance(samples, targets)
+                        hit = scorer.hits(samples, targets) if hasattr(scorer, "hits") else None
+                        for k, (i, s) in enumerate(group):
+                            j = seeds.index(s)
+                            dist[role][i, j] = float(d[k])
+                            if hit is not None:
+                                hits.setdefault(role, torch.zeros(len(pairs), len(seeds)))[i, j] = float(hit[k])
+                            if j == 0:
+                                first[(role, i)] = to_pil(samples[k])
+    finally:
+        adapter.network.train(was_training)
+
+    results = []
+    for i, (img, caption) in enumerate(pairs):
+        d_s, d_t = float(dist["student"][i].mean()), float(dist["teacher"][i].mean())
+        gain = d_s - d_t
+        rel = gain / d_s if d_s > 1e-12 else 0.0
+        win = float((dist["teacher"][i] < dist["student"][i]).float().mean())
+        res = PairResult(i, caption, names[i], d_s, d_t, gain, rel, win, _verdict(rel, win, thresholds))
+        if hits:
+            res.student_hit = float(hits["student"][i].mean())
+            res.teacher_hit = float(hits["teacher"][i].mean())
+        results.append(res)
+    images = [(pairs[i][0].convert("RGB"), first[("student", i)], first[("teacher", i)]) for i in range(len(pairs))]
+    return ProbeReport(getattr(scorer, "name", type(scorer).__name__), n_steps, seeds, thresholds, results, images)
+
+
+def save_grid(rows: list[tuple[Image.Image, ...]], labels: list[str], path: str | Path, cell: int = 96) -> Path:
+    """A PNG with one row per pair: target | student sample | teacher sample (seed 0), with a header."""
+    path = Path(path)
+    head, label_w = 14, 90
+    ncol = max((len(r) for r in rows), default=3)
+    grid = Image.new("RGB", (label_w + ncol * (cell + 2), head + len(rows) * (cell + 2)), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, title in enumerate(["target", "student (caption)", "teacher (+image)"][:ncol]):
+        draw.text((label_w + c * (cell + 2) + 2, 1), title, fill="black")
+    for r, (row, label) in enumerate(zip(rows, labels)):
+        y = head + r * (cell + 2)
+        draw.text((2, y + cell // 2 - 5), label, fill="black")
+        for c, img in enumerate(row):
+            scale = Image.NEAREST if max(img.size) < cell else Image.BICUBIC
+            grid.paste(img.convert("RGB").resize((cell, cell), scale), (label_w + c * (cell + 2), y))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
+
+
+def _recommendations(report: ProbeReport, teacher_context: str | None) -> list[str]:
+    bad = [p for p in report.pairs if p.verdict != "carries"]
+    if not bad:
+        return ["every pair carries: the teacher renders what the images show; D-OPSD can learn them."]
+    ids = lambda ps: ", ".join(f"#{p.index} {p.name}" for p in ps)  # noqa: E731
+    other = {"vlm": "reference", "reference": "vlm"}.get(teacher_context or "", None)
+    ctx = (
+        f"try another teacher context (teacher_context: {other} instead of {teacher_context})"
+        if other
+        else "try another teacher context if the model has one (e.g. `reference` image tokens instead of VLM features)"
+    )
+    out = []
+    weak = [p for p in bad if p.verdict == "weak"]
+    fails = [p for p in bad if p.verdict == "fails"]
+    if weak:
+        out.append(
+            f"weak ({ids(weak)}): the teacher moves only part of the way toward the target. {ctx}; or make the "
+            "caption name what the image shows that the context does not carry (object type, layout, style)."
+        )
+    if fails:
+        out.append(
+            f"fails ({ids(fails)}): with the target in context the model still does not render it, so D-OPSD "
+            f"would teach the wrong thing for these. {ctx}; rewrite the caption; or drop the pair."
+        )
+    if len(fails) == len(report.pairs):
+        out.append(
+            "no pair carries: this model's in-context path cannot show these concepts; D-OPSD will not learn them."
+        )
+    return out
+
+
+# --- config, dataset and CLI ---------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    adapter: Any
+    pairs: list[Pair]
+    names: list[str]
+    sources: list[list[Image.Image]] | None
+    teacher_context: str | None
+    config: Any
+
+
+def load_setup(source: Any, overrides: list[str] | None = None, with_data: bool = True, limit: int | None = None) -> Setup:
+    """The adapter and (first-caption) training pairs exactly as `dopsd train` would read them."""
+    from dopsd.config import load_config
+    from dopsd.data import load_dataset, load_example_images
+    from dopsd.models.registry import load_adapter
+
+    cfg = load_config(source, overrides)
+    examples = load_dataset(cfg.data, cfg.model)[:limit] if with_data else []  # validate before loading weights
+    device = cfg.train.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    adapter = load_adapter(cfg.model, device)
+    pairs, sources = [], []
+    for ex in examples:
+        image, srcs = load_example_images(ex)
+        pairs.append((image, ex.captions[0]))
+        sources.append(srcs)
+    names = [ex.name for ex in examples]
+    return Setup(adapter, pairs, names, sources if any(sources) else None, cfg.model.teacher_context, cfg)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="the training config (YAML or preset name) that `dopsd train` would use")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, as for `dopsd train`")
+    parser.add_argument("--out", default=None, help="output folder (default: <train.output_dir>_probe)")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when more than --max-fail of the pairs fail")
+    parser.add_argument("--max-fail", type=float, default=Thresholds.max_fail, help="fraction of failing pairs allowed")
+    parser.add_argument("--carry", type=float, default=Thresholds.carry, help="relative gain for 'carries'")
+    parser.add_argument("--weak", type=float, default=Thresholds.weak, help="relative gain below which a pair fails")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per pair")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's few-step setting)")
+    parser.add_argument("--features", default=None, help="local folder of an image-feature model (DINOv2/CLIP/SigLIP)")
+    parser.add_argument("--limit", type=int, default=None, help="probe only the first N pairs")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Exit 0 when the probe ran (and, with --strict, passed); 1 when --strict fails; 2 on bad input."""
+    from dopsd.config import ConfigError
+    from dopsd.data import DatasetError
+    from dopsd.probe_scorers import scorer_for
+
+    try:
+        thresholds = Thresholds(args.carry, args.weak, max_fail=args.max_fail)
+        setup = load_setup(args.config, args.overrides, limit=args.limit)
+    except (ConfigError, DatasetError, ValueError, FileNotFoundError) as err:
+        print(f"dopsd probe: {err}", file=sys.stderr)
+        return 2
+    cfg = setup.config
+    steps = args.steps or cfg.model.inference_steps
+    scorer = scorer_for(setup.adapter, args.features, device=getattr(setup.adapter, "device", "cpu"))
+    report = probe(
+        setup.adapter, setup.pairs, seeds=range(args.seeds), steps=steps, scorer=scorer,
+        thresholds=thresholds, names=setup.names, sources=setup.sources,
+    )
+    out = Path(args.out or f"{cfg.train.output_dir.rstrip('/')}_probe")
+    out.mkdir(parents=True, exist_ok=True)
+    data = report.to_dict(setup.teacher_context)
+    data.update(config=str(args.config), teacher_context=setup.teacher_context)
+    (out / "probe.json").write_text(json.dumps(data, indent=2))
+    report.save_grid(out / "probe_grid.png")
+    c = report.counts()
+    print(f"teacher probe: {len(report.pairs)} pairs × {len(report.seeds)} seeds at {report.steps} steps, "
+          f"metric {report.metric}, teacher context {setup.teacher_context}")
+    print(report.table())
+    print(f"\n{c['carries']} carry, {c['weak']} weak, {c['fails']} fail "
+          f"(carries: relative gain ≥ {thresholds.carry} and teacher closer in ≥ {thresholds.min_win:.0%} of seeds; "
+          f"fails: < {thresholds.weak})")
+    for line in data["recommendations"]:
+        print(f"- {line}")
+    print(f"wrote {out / 'probe.json'} and {out / 'probe_grid.png'}")
+    if args.strict and not report.passed:
+        print(f"dopsd probe --strict: {report.fail_fraction:.0%} of pairs fail (> {thresholds.max_fail:.0%} allowed)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+__all__ = ["Thresholds", "PairResult", "ProbeReport", "Setup", "probe", "load_setup", "save_grid", "add_arguments", "main"]

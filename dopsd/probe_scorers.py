@@ -1,0 +1,97 @@
+"""How `dopsd probe` measures "closer to the target": pluggable scorers, lower distance = closer.
+
+A scorer has `name` and `distance(samples, targets) -> (B,)`, where samples are decoded images (B, 3, H, W) in
+[-1, 1] and targets the matching PIL target images. It may also have `hits(samples, targets) -> (B,)` in {0, 1}
+("the sample shows the target's concept"), reported alongside.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+
+class Scorer(Protocol):
+    name: str
+
+    def distance(self, samples: torch.Tensor, targets: Sequence[Image.Image]) -> torch.Tensor: ...
+
+
+def to_tensor(images: Sequence[Image.Image], size: tuple[int, int] | None = None) -> torch.Tensor:
+    """PIL images → (B, 3, H, W) in [-1, 1]; resized to size=(h, w) when given."""
+    out = []
+    for img in images:
+        img = img.convert("RGB")
+        if size is not None and img.size != (size[1], size[0]):
+            img = img.resize((size[1], size[0]), Image.BICUBIC)
+        out.append(torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0)
+    return torch.stack(out)
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [-1, 1] → PIL RGB."""
+    arr = ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(arr)
+
+
+class PixelScorer:
+    """Fallback: RMS pixel distance after area-downsampling both images to size×size (ignores fine texture)."""
+
+    name = "pixel"
+
+    def __init__(self, size: int = 32) -> None:
+        self.size = size
+
+    def _down(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x.float(), size=(self.size, self.size), mode="area")
+
+    def distance(self, samples: torch.Tensor, targets: Sequence[Image.Image]) -> torch.Tensor:
+        t = to_tensor(targets, tuple(samples.shape[-2:]))
+        return (self._down(samples) - self._down(t)).pow(2).flatten(1).mean(1).sqrt()
+
+
+
+
+
+class MiniScorer:
+    """Miniature world: distance between the decoded attributes of sample and target (renderer ground truth).
+
+    d = |fg colour − target fg| + |bg colour − target bg| + shape_weight·[shape differs]  (RGB in [0, 1]);
+    position and size are ignored (captions never fix them). A hit = fg within 0.25 of the target's and the
+    same shape: the sample shows the target's concept.
+    """
+
+    name = "mini-attributes"
+
+    def __init__(self, shape_weight: float = 1.0, hit_colour: float = 0.25) -> None:
+        self.shape_weight, self.hit_colour = shape_weight, hit_colour
+
+    def _decode(self, samples: torch.Tensor, targets: Sequence[Image.Image]):
+        from dopsd.mini import metrics
+
+        return metrics.decode(samples), metrics.decode(to_tensor(targets, tuple(samples.shape[-2:])))
+
+    def distance(self, samples: torch.Tensor, targets: Sequence[Image.Image]) -> torch.Tensor:
+        s, t = self._decode(samples, targets)
+        shape = (s.shape != t.shape).float()
+        return (s.fg - t.fg).norm(dim=-1) + (s.bg - t.bg).norm(dim=-1) + self.shape_weight * shape
+
+    def hits(self, samples: torch.Tensor, targets: Sequence[Image.Image]) -> torch.Tensor:
+        s, t = self._decode(samples, targets)
+        return (((s.fg - t.fg).norm(dim=-1) < self.hit_colour) & (s.shape == t.shape)).float()
+
+
+def scorer_for(adapter: object, features: str | None = None, device: str | torch.device = "cpu") -> Scorer:
+    """The best available scorer: a local image-feature model if given, the mini's decoders, else pixels."""
+    if features:
+        from dopsd.features import FeatureScorer  # H3's image-feature models (DINOv2 / CLIP / SigLIP)
+
+        return FeatureScorer(features, device=device)
+    if getattr(adapter, "name", None) == "mini":
+        return MiniScorer()
+    return PixelScorer()
+__all__ = ["Scorer", "PixelScorer", "MiniScorer", "scorer_for", "to_tensor", "to_pil"]

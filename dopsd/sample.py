@@ -1,0 +1,170 @@
+"""`dopsd sample`: a model ± a trained LoRA at a chosen step count, fixed seeds, one PNG grid.
+
+Rows are prompts, columns are seeds; the noise of a column is the same for every row and every step count,
+so grids of a base model and of a LoRA (or of 4 and 32 steps) compare sample by sample.
+Also the grid helpers the trainer uses for its interval samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from dopsd.schedules import sample_euler
+
+LORA_FILE, LORA_CONFIG, FULL_FILE = "lora.safetensors", "lora_config.json", "model.safetensors"
+
+
+def seed_noise(shape: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
+    """One fixed noise per seed (float32, CPU), independent of batch composition and device."""
+    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+@torch.no_grad()
+def generate(
+    adapter: Any,
+    network: torch.nn.Module,
+    contexts: list[dict[str, torch.Tensor]],
+    noise: torch.Tensor,
+    schedule: torch.Tensor,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Euler samples for per-sample `contexts` from `noise`; decoded images (B, 3, H, W) in [-1, 1] on CPU."""
+    param = next(network.parameters())
+    device, dtype = device or param.device, dtype or param.dtype
+    was_training = network.training
+    network.eval()
+    out = []
+    try:
+        for start in range(0, len(contexts), batch_size):
+            ctx = adapter.collate([{k: v.to(device) for k, v in c.items()} for c in contexts[start : start + batch_size]])
+            x = noise[start : start + batch_size].to(device, dtype)
+            x = sample_euler(lambda z, s, c: adapter.velocity(network, z, s, c), x, schedule.to(device), ctx)
+            out.append(adapter.decode(x).float().cpu())
+    finally:
+        network.train(was_training)
+    return torch.cat(out)
+
+
+def grid_image(images: torch.Tensor, rows: int, cols: int, pad: int = 2) -> Image.Image:
+    """A rows×cols grid of images (B, 3, H, W) in [-1, 1], row-major."""
+    if len(images) != rows * cols:
+        raise ValueError(f"grid of {rows}×{cols} needs {rows * cols} images, got {len(images)}")
+    arr = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    h, w = arr.shape[1:3]
+    canvas = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    for i, img in enumerate(arr):
+        r, c = divmod(i, cols)
+        canvas[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = img
+    grid = Image.fromarray(canvas)
+    if max(h, w) < 128:  # tiny models: upscale so the grid is viewable
+        scale = max(1, 128 // max(h, w))
+        grid = grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
+    return grid
+
+
+# --- trained weights -----------------------------------------------------------------------------
+def save_trained(out: Path, network: torch.nn.Module, lora: dict[str, Any] | None, meta: dict[str, Any]) -> Path:
+    """LoRA (peft keys) + lora_config.json, or the full trainable weights; returns the weights file."""
+    from dopsd.lora import lora_state_dict
+
+    if lora is not None:
+        save_file(lora_state_dict(network), str(out / LORA_FILE), metadata={"format": "dopsd-lora"})
+        (out / LORA_CONFIG).write_text(json.dumps({"format": "dopsd-lora", **lora, **meta}, indent=2))
+        return out / LORA_FILE
+    state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
+    save_file(state, str(out / FULL_FILE), metadata={"format": "dopsd-full"})
+    (out / LORA_CONFIG).write_text(json.dumps({"format": "dopsd-full", **meta}, indent=2))
+    return out / FULL_FILE
+
+
+def apply_trained(network: torch.nn.Module, weights: Path, scale: float = 1.0) -> dict[str, Any]:
+    """Load a dopsd LoRA (with its lora_config.json beside it) or full weights into `network`."""
+    from dopsd.lora import add_lora, load_lora_state_dict
+
+    weights = Path(weights)
+    cfg_path = weights.parent / LORA_CONFIG
+    meta = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    state = load_file(str(weights))
+    if meta.get("format") == "dopsd-full" or weights.name == FULL_FILE:
+        missing, unexpected = network.load_state_dict(state, strict=False)
+        if unexpected or missing:
+            raise ValueError(f"{weights} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        return meta
+    if "rank" not in meta:
+        raise ValueError(f"{weights}: no {LORA_CONFIG} beside it (rank/alpha/targets); pass a dopsd run's LoRA")
+    state = {k.removeprefix("base_model.model.").removeprefix("transformer."): v for k, v in state.items()}
+    if scale != 1.0:
+        state = {k: v * scale if "lora_B" in k else v for k, v in state.items()}
+    add_lora(network, meta["targets"], meta["rank"], meta["alpha"])
+    load_lora_state_dict(network, state)
+    return meta
+
+
+# --- the command ---------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", nargs="?", default="mini",
+                        help="a dopsd run folder (uses its config and LoRA), a YAML config or a preset (default mini)")
+    parser.add_argument("overrides", nargs="*", help="config overrides section.key=value (e.g. model.pretrained=base)")
+    parser.add_argument("--lora", type=Path, help="LoRA/weights file (default: the run folder's, if any)")
+    parser.add_argument("--no-lora", action="store_true", help="sample the model without the run's LoRA")
+    parser.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1)")
+    parser.add_argument("--steps", type=int, help="sampling steps (default: the model's few-step setting)")
+    parser.add_argument("--prompt", action="append", dest="prompts", help="a prompt (repeat for rows); "
+                        "default: the run's sample prompts")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="seeds (grid columns)")
+    parser.add_argument("--out", type=Path, default=Path("samples.png"), help="output PNG (default samples.png)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from dopsd.config import ConfigError, load_config
+    from dopsd.models.registry import load_adapter, torch_dtype
+
+    source = Path(args.source)
+    run_dir = source if source.is_dir() else None
+    try:
+        config = load_config(run_dir / "config.yaml" if run_dir else args.source, args.overrides)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"dopsd sample: {err}", file=sys.stderr)
+        return 2
+    weights = args.lora
+    if weights is None and run_dir is not None and not args.no_lora:
+        weights = next((run_dir / f for f in (LORA_FILE, FULL_FILE) if (run_dir / f).is_file()), None)
+        if weights is None:
+            print(f"dopsd sample: {run_dir} has no {LORA_FILE} or {FULL_FILE} (did the run finish?)", file=sys.stderr)
+            return 2
+    prompts = args.prompts
+    folders = ([Path(weights).parent] if weights is not None else []) + ([run_dir] if run_dir is not None else [])
+    for folder in folders:
+        if not prompts and (folder / LORA_CONFIG).is_file():  # the run's own sample prompts
+            prompts = json.loads((folder / LORA_CONFIG).read_text()).get("prompts")
+    prompts = prompts or config.sample.prompts
+    if not prompts:
+        print("dopsd sample: no prompts; pass --prompt TEXT (repeatable)", file=sys.stderr)
+        return 2
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    adapter = load_adapter(config.model, device, torch_dtype(config.model.dtype))
+    if weights is not None:
+        apply_trained(adapter.network, Path(weights), args.lora_scale)
+    m = config.model
+    steps = args.steps or m.inference_steps
+    contexts = adapter.student_contexts(list(prompts), None)
+    rows = [c for c in contexts for _ in args.seeds]
+    noise = seed_noise(adapter.latent_shape(m.height, m.width), list(args.seeds) * len(prompts))
+    images = generate(adapter, adapter.network, rows, noise, adapter.inference_schedule(m.height, m.width, steps))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    grid_image(images, len(prompts), len(args.seeds)).save(args.out)
+    what = f"LoRA {weights}" if weights else "no LoRA"
+    print(f"wrote {args.out}: {len(prompts)} prompts × {len(args.seeds)} seeds, {steps} steps, {m.family} ({what})")
+    return 0

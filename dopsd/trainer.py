@@ -1,0 +1,405 @@
+"""The training loop on accelerate: D-OPSD / SFT / hybrid, LoRA or full, one process, DDP or FSDP.
+
+Determinism: every random choice of a sample (caption variant, caption dropout, noise, SFT σ, prior prompt)
+comes from a generator seeded by (seed, step, slot in the global batch). The data order is a seeded
+per-bucket permutation. So a run resumed from a checkpoint, or split across processes, draws exactly
+what the uninterrupted single-process run drew.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+
+from dopsd import checkpoint as ckpt
+from dopsd.cache import DROPPED, FeatureCache, Features, build_features, default_cache_dir, model_fingerprint
+from dopsd.config import Config, ConfigError
+from dopsd.data import BatchOrder, Example, distinct_captions
+from dopsd.lora import add_lora
+from dopsd.objective import dopsd_loss, sample_training_sigmas, sft_loss, step_weights_for
+from dopsd.sample import generate, grid_image, seed_noise
+from dopsd.schedules import training_schedule
+from dopsd.weights import ParamShadow, trainable_parameters
+
+
+class TrainingAborted(RuntimeError):
+    """Too many non-finite steps in a row; the last good checkpoint is kept."""
+
+
+def lr_factor(step: int, cfg: Config) -> float:
+    """Warm-up then constant or cosine, as a factor of optim.lr for the 0-based optimizer step."""
+    o, total = cfg.optim, cfg.train.max_steps
+    warm = min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps > 0 else 1.0
+    if o.schedule == "constant":
+        return warm
+    p = min(1.0, max(0.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps)))
+    return warm * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def _rng(*parts: int) -> np.random.Generator:
+    return np.random.default_rng([int(p) for p in parts])
+
+
+def _torch_gen(rng: np.random.Generator) -> torch.Generator:
+    return torch.Generator().manual_seed(int(rng.integers(2**62)))
+
+
+class Trainer:
+    def __init__(self, config: Config, out: Path, examples: list[Example], adapter: Any = None, resume: bool = False):
+        self.cfg, self.out, self.examples, self.resume = config, out, examples, resume
+        t = config.train
+        kwargs: dict[str, Any] = {"mixed_precision": t.mixed_precision, "cpu": t.device == "cpu"}
+        if t.fsdp:  # passed through to accelerate; not exercised on CPU
+            from accelerate import FullyShardedDataParallelPlugin
+
+            kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(**t.fsdp)
+        self.acc = Accelerator(**kwargs, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
+        self.main = self.acc.is_main_process
+        self.world, self.rank = self.acc.num_processes, self.acc.process_index
+        set_seed(t.seed)
+        from dopsd.models.registry import load_adapter, torch_dtype
+
+        self.dtype = torch_dtype(config.model.dtype)
+        self.adapter = adapter if adapter is not None else load_adapter(config.model, self.acc.device, self.dtype)
+        self.m = config.model
+        self.method = config.method
+        self.uses_teacher = self.method.name in ("dopsd", "hybrid")
+        self.uses_sft = self.method.name in ("sft", "hybrid")
+        self.prior_on = self.method.prior_weight > 0 and bool(self.method.prior_prompts)
+        self.history: list[dict[str, Any]] = []
+        self.step = 0
+        self.nonfinite = 0
+        self.started = time.time()
+
+    # --- setup ------------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        cfg, adapter = self.cfg, self.adapter
+        self.prompts = cfg.sample.prompts or distinct_captions(self.examples, cfg.sample.num_prompts)
+        root = None if not cfg.cache.enabled else Path(cfg.cache.dir).expanduser() if cfg.cache.dir else default_cache_dir()
+        self.cache = FeatureCache(root, model_fingerprint(cfg, adapter))
+        with self.acc.main_process_first():  # the main process computes and stores; the others find the files
+            self.feats: Features = build_features(
+                adapter, self.examples, cfg, self.cache, self.prompts + list(self.method.prior_prompts),
+                need_latents=self.uses_sft, need_teacher=self.uses_teacher,
+            )
+        self.health = self._make_health()
+        adapter.release_encoders()
+        network = adapter.network
+        torch.manual_seed(cfg.train.seed)  # deterministic LoRA init (resume and every process agree)
+        if cfg.lora.enabled:
+            add_lora(network, cfg.lora.targets or adapter.default_lora_targets(), cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout)
+        else:
+            network.requires_grad_(True)
+        if cfg.train.gradient_checkpointing:
+            if hasattr(network, "enable_gradient_checkpointing"):
+                network.enable_gradient_checkpointing()
+            else:
+                warnings.warn(f"{type(network).__name__} has no gradient checkpointing; train.gradient_checkpointing ignored")
+        network.train()
+        self.trainable = trainable_parameters(network)
+        if not self.trainable:
+            raise ConfigError("nothing to train: no parameter requires a gradient (check lora.targets)")
+        if self.health is not None:
+            self.health.reference(network)  # the starting model (LoRA at zero), before any step or resume
+        self.teacher = ParamShadow(self.trainable, self.method.teacher, self.method.ema_decay) if self.uses_teacher else None
+        self.prior = None
+        if self.prior_on:
+            same = self.teacher is not None and self.teacher.mode == "base"
+            self.prior = self.teacher if same else ParamShadow(self.trainable, "base")
+        optimizer = self._optimizer(list(self.trainable.values()))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+        self.student, self.optimizer = self.acc.prepare(network, optimizer)
+        self.network = network  # unwrapped: teacher forwards, sampling, saving
+        self.order = BatchOrder(self.examples, cfg.train.seed)
+        self.schedules: dict[tuple[int, int], torch.Tensor] = {}
+        if self.resume:
+            self._load_checkpoint()
+
+    def _optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        kw = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        if not o.eight_bit:
+            return torch.optim.AdamW(params, **kw)
+        try:
+            import bitsandbytes as bnb  # type: ignore[import-not-found]
+        except ImportError as err:
+            raise ConfigError("optim.eight_bit needs bitsandbytes (pip install bitsandbytes; CUDA only), "
+                              "or set optim.eight_bit=false") from err
+        return bnb.optim.AdamW8bit(params, **kw)
+
+    def _make_health(self) -> Any:
+        if not (self.cfg.sample.health and self.main):
+            return None
+        try:
+            from dopsd.health import FewStepHealth
+        except ImportError:
+            return None
+        s, m = self.cfg.sample, self.m
+        return FewStepHealth(self.adapter, self.prompts[:4], height=m.height, width=m.width, seeds=tuple(s.seeds[:2]),
+                             steps=m.inference_steps, control_steps=s.control_steps, device=self.acc.device)
+
+    def schedule(self, bucket: tuple[int, int]) -> torch.Tensor:
+        if bucket not in self.schedules:
+            inference = self.adapter.inference_schedule(bucket[0], bucket[1], self.m.inference_steps)
+            self.schedules[bucket] = training_schedule(inference, every=self.m.rollout_every)
+        return self.schedules[bucket]
+
+    # --- checkpoints ------------------------------------------------------------------------------
+    @staticmethod
+    def _shadow(s: ParamShadow | None) -> dict[str, Any] | None:
+        return None if s is None else {"mode": s.mode, "decay": s.decay, "shadow": s.shadow}
+
+    def save_checkpoint(self) -> None:
+        root = self.out / "checkpoints"
+        ckpt.write_rank_rng(root, self.step, self.rank)
+        self.acc.wait_for_everyone()
+        if self.main:
+            prior = self.prior if (self.prior is not self.teacher and self.cfg.lora.enabled) else None
+            ckpt.write_main(
+                root, self.step, trainable=self.trainable, teacher=self._shadow(self.teacher), prior=self._shadow(prior),
+                optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                state={"step": self.step, "order": self.order.state_dict(), "history": self.history,
+                       "nonfinite": self.nonfinite, "world": self.world},
+            )
+            ckpt.finalise(root, self.step, self.cfg.train.keep_checkpoints)
+        self.acc.wait_for_everyone()
+
+    def _load_checkpoint(self) -> None:
+        path = ckpt.latest(self.out / "checkpoints")
+        if path is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {self.out / 'checkpoints'}")
+        data = ckpt.read(path, self.rank)
+        if set(data["trainable"]) != set(self.trainable):
+            raise ValueError(f"{path} does not match the model's trainable weights (LoRA/targets changed?)")
+        with torch.no_grad():
+            for name, p in self.trainable.items():
+                p.copy_(data["trainable"][name])
+        for shadow, saved in ((self.teacher, data["teacher"]), (self.prior, data["prior"])):
+            if shadow is not None and saved is not None and shadow.mode != "live":
+                shadow.load_state_dict(saved)
+        self.optimizer.load_state_dict(data["optimizer"])
+        self.scheduler.load_state_dict(data["scheduler"])
+        ckpt.set_rng_state(data["rng"])
+        state = data["state"]
+        self.step, self.history, self.nonfinite = state["step"], state["history"], state["nonfinite"]
+        self.order.load_state_dict(state["order"])
+        self.resumed_from = str(path)
+
+    # --- one optimizer step -----------------------------------------------------------------------
+    def _sync(self, final: bool) -> contextlib.AbstractContextManager:
+        """DDP: gradients are all-reduced only on the last backward of an optimizer step."""
+        return contextlib.nullcontext() if final or self.world == 1 else self.acc.no_sync(self.student)
+
+    def _contexts(self, keys: list[str]) -> Any:
+        dev = self.acc.device
+        return self.adapter.collate([{k: v.to(dev) for k, v in self.feats.load(key).items()} for key in keys])
+
+    def _velocity(self, network: torch.nn.Module):
+        return lambda x, s, c: self.adapter.velocity(network, x, s, c)
+
+    def micro_step(self, step: int, micro: int, indices: list[int], slots: list[int], final_micro: bool, scale: float) -> dict[str, Any]:
+        cfg, dev = self.cfg, self.acc.device
+        bucket = self.examples[indices[0]].bucket
+        shape = self.adapter.latent_shape(*bucket)
+        rngs = [_rng(cfg.train.seed, step, slot) for slot in slots]
+        variants = []
+        for i, r in zip(indices, rngs):
+            c = int(r.integers(len(self.examples[i].captions)))
+            variants.append(DROPPED if r.random() < cfg.data.caption_dropout else c)
+        terms = [t for t, on in (("dopsd", self.uses_teacher), ("sft", self.uses_sft), ("prior", self.prior_on)) if on]
+        logs: dict[str, Any] = {}
+        student = self._velocity(self.student)
+        per_step = self.method.per_step_backward
+        for term in terms:
+            final = final_micro and term == terms[-1]
+            if term in ("dopsd", "prior"):
+                if term == "dopsd":
+                    noise = seed_noise(shape, [int(r.integers(2**62)) for r in rngs])
+                    s_ctx = self._contexts([self.feats.student[(i, v)] for i, v in zip(indices, variants)])
+                    t_ctx = self._contexts([self.feats.teacher[(i, v)] for i, v in zip(indices, variants)])
+                    teacher, weight, sched = self.teacher.wrap(self._velocity(self.network)), 1.0, self.schedule(bucket)
+                else:  # prior preservation: unrelated prompts, the original model, caption-only on both sides
+                    n = self.method.prior_batch_size
+                    base = (micro * self.world + self.rank) * n
+                    prng = [_rng(cfg.train.seed, step, slot, 1) for slot in range(base, base + n)]
+                    prompts = [self.method.prior_prompts[int(r.integers(len(self.method.prior_prompts)))] for r in prng]
+                    sched = self.schedule((self.m.height, self.m.width))
+                    noise = seed_noise(self.adapter.latent_shape(self.m.height, self.m.width), [int(r.integers(2**62)) for r in prng])
+                    s_ctx = t_ctx = self._contexts([self.feats.prompts[p] for p in prompts])
+                    teacher, weight = self.prior.wrap(self._velocity(self.network)), self.method.prior_weight
+                w = weight * scale
+                out = dopsd_loss(
+                    student, teacher, noise.to(dev, self.dtype), sched.to(dev), s_ctx, t_ctx,
+                    space=self.method.loss_space, step_weights=step_weights_for(self.method.step_weighting, sched),
+                    backward=(lambda loss, w=w: self.acc.backward(loss * w)) if per_step else None,
+                    step_context=lambda last, final=final: self._sync(final and last),
+                )
+                if not per_step:
+                    self.acc.backward(out.loss * w)  # DDP sync was decided by the last forward's context
+                logs[term] = float(out.loss.detach()) * weight
+                if term == "dopsd":
+                    logs["steps"] = out.steps
+            else:
+                gens = [_torch_gen(r) for r in rngs]
+                sigma = torch.cat([sample_training_sigmas(1, self.method.sft_timesteps, shift=self.method.sft_shift, generator=g) for g in gens])
+                noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
+                x0 = torch.stack([self.feats.load(self.feats.latents[i])["latents"] for i in indices])
+                ctx = self._contexts([self.feats.student[(i, v)] for i, v in zip(indices, variants)])
+                weight = 1.0 if self.method.name == "sft" else self.method.sft_weight
+                with self._sync(final):
+                    loss = sft_loss(student, x0.to(dev, self.dtype), ctx, sigma.to(dev, self.dtype), noise.to(dev, self.dtype))
+                    self.acc.backward(loss * weight * scale)
+                logs["sft"] = float(loss.detach()) * weight
+        logs["loss"] = sum(v for k, v in logs.items() if k in ("dopsd", "sft", "prior"))
+        return logs
+
+    def train_step(self) -> dict[str, Any]:
+        cfg, step = self.cfg, self.step
+        bs, accum = cfg.train.batch_size, cfg.train.gradient_accumulation
+        batch = self.order.next(step, bs * self.world * accum)
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        diag: list[list[Any]] = []
+        with self.acc.autocast():
+            for m in range(accum):
+                base = (m * self.world + self.rank) * bs
+                slots = list(range(base, base + bs))
+                logs = self.micro_step(step, m, [batch[s] for s in slots], slots, m == accum - 1, 1.0 / accum)
+                for k, v in logs.items():
+                    if k == "steps":
+                        diag.append(v)
+                    else:
+                        totals[k] = totals.get(k, 0.0) + v / accum
+        keys = sorted(totals)
+        reduced = torch.tensor([totals[k] for k in keys], dtype=torch.float64, device=self.acc.device)
+        if self.world > 1:
+            reduced = self.acc.reduce(reduced, "mean")
+        record: dict[str, Any] = {"step": step + 1, **{k: float(v) for k, v in zip(keys, reduced.tolist())}}
+        limit = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        norm = self.acc.clip_grad_norm_(list(self.trainable.values()), limit)
+        record["grad_norm"] = float(norm) if norm is not None else float("nan")
+        record["lr"] = self.scheduler.get_last_lr()[0]
+        finite = math.isfinite(record["loss"]) and (math.isfinite(record["grad_norm"]) or cfg.train.mixed_precision == "fp16")
+        if finite:
+            self.optimizer.step()
+            self.scheduler.step()
+            if self.teacher is not None:
+                self.teacher.update()
+            self.nonfinite = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite += 1
+        record["skipped"] = not finite
+        for k, stats in enumerate(zip(*diag) if diag else []):
+            record[f"rollout/step{k}_loss"] = float(np.mean([s.loss for s in stats]))
+            record[f"rollout/step{k}_gap"] = float(np.mean([s.gap for s in stats]))
+            record[f"rollout/step{k}_sigma"] = stats[0].sigma
+        self.step += 1
+        return record
+
+    # --- samples ----------------------------------------------------------------------------------
+    def sample_grids(self, tag: str, writer: Any = None) -> dict[str, Any]:
+        """Grids at the few-step setting and the many-step control (main process only)."""
+        if not self.main:
+            return {}
+        s, m = self.cfg.sample, self.m
+        seeds = list(s.seeds)
+        contexts = [self.feats.load(self.feats.prompts[p]) for p in self.prompts for _ in seeds]
+        noise = seed_noise(self.adapter.latent_shape(m.height, m.width), seeds * len(self.prompts))
+        (self.out / "samples").mkdir(exist_ok=True)
+        result: dict[str, Any] = {}
+        for steps in [m.inference_steps] + ([s.control_steps] if s.control_steps > 0 else []):
+            sched = self.adapter.inference_schedule(m.height, m.width, steps)
+            with self.acc.autocast():
+                images = generate(self.adapter, self.network, contexts, noise, sched, device=self.acc.device, dtype=self.dtype)
+            grid = grid_image(images, len(self.prompts), len(seeds))
+            path = self.out / "samples" / f"{tag}_{steps}steps.png"
+            grid.save(path)
+            result[f"grid_{steps}"] = str(path)
+            if writer is not None:
+                writer.add_image(f"samples/{steps}steps", np.asarray(grid), self.step, dataformats="HWC")
+        if self.health is not None:
+            measured = self.health.measure(self.network)
+            result["health"] = measured
+            if writer is not None:
+                for k, v in self.health.scalars(measured).items():
+                    writer.add_scalar(k, v, self.step)
+            if measured.get("warning"):
+                warnings.warn(f"step {self.step}: {measured['warning']}")
+        return result
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def run_loop(trainer: Trainer) -> dict[str, Any]:
+    """Train to max_steps with progress bar, TensorBoard, checkpoints, interval samples; returns timing info."""
+    from tqdm.auto import tqdm
+
+    cfg, out, main = trainer.cfg, trainer.out, trainer.main
+    writer = None
+    if main and cfg.log.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "logs"))
+    losses_file = out / "losses.jsonl"
+    if main:  # the trace restarts from the checkpoint's history (a killed run may have logged further)
+        losses_file.write_text("".join(json.dumps(r) + "\n" for r in trainer.history))
+    bar = tqdm(total=cfg.train.max_steps, initial=trainer.step, disable=not (main and cfg.log.progress),
+               desc=f"{cfg.method.name} {cfg.model.family}", unit="step", dynamic_ncols=True)
+    samples: dict[str, Any] = {}
+    try:
+        if trainer.step == 0 and main:
+            samples = trainer.sample_grids("step-0000000", writer)
+        every, ck = cfg.sample.every, cfg.train.checkpoint_every
+        t0, first = time.time(), trainer.step
+        while trainer.step < cfg.train.max_steps:
+            record = trainer.train_step()
+            trainer.history.append({k: v for k, v in record.items() if not k.startswith("rollout/")})
+            if main:
+                append_jsonl(losses_file, record)
+                if writer is not None:
+                    for k, v in record.items():
+                        if k not in ("step", "skipped") and isinstance(v, float) and math.isfinite(v):
+                            writer.add_scalar(k if "/" in k else f"train/{k}", v, trainer.step)
+                bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.2g}")
+                bar.update(1)
+            if record["skipped"]:
+                msg = (f"step {trainer.step}: non-finite loss or gradient (loss {record['loss']}, grad norm "
+                       f"{record['grad_norm']}); step skipped ({trainer.nonfinite} in a row)")
+                if main:
+                    warnings.warn(msg)
+                if trainer.nonfinite >= cfg.train.max_nonfinite:
+                    last = ckpt.latest(out / "checkpoints")
+                    raise TrainingAborted(
+                        f"{trainer.nonfinite} non-finite steps in a row (train.max_nonfinite); training stopped at step "
+                        f"{trainer.step}. Last good checkpoint: {last or 'none'}. Lower optim.lr or check the data."
+                    )
+                continue  # never checkpoint inside a bad streak
+            done = trainer.step == cfg.train.max_steps
+            if (ck and trainer.step % ck == 0) or done:
+                trainer.save_checkpoint()
+            if every and trainer.step % every == 0 and not done and main:
+                samples = trainer.sample_grids(f"step-{trainer.step:07d}", writer)
+        trainer.acc.wait_for_everyone()
+        steps_done = trainer.step - first
+        seconds = time.time() - t0
+        if main:
+            samples = trainer.sample_grids("final", writer)
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+    return {"steps_this_run": steps_done, "loop_seconds": seconds, "samples": samples}

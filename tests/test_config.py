@@ -1,0 +1,119 @@
+"""Config: presets, YAML, dotted overrides, rejected keys/types with the closest name, the docs stay current."""
+
+from pathlib import Path
+
+import pytest
+
+from dopsd import cli
+from dopsd.config import PRESETS, Config, ConfigError, load_config, render_docs
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_presets_and_their_example_files_load(name):
+    config = load_config(name)
+    assert config.preset == name
+    example = load_config(ROOT / "dopsd" / "configs" / f"{name}.yaml")
+    assert example.preset == name and example.data.path  # each example names a dataset
+    assert example.model.family == config.model.family
+
+
+def test_presets_carry_each_models_setting():
+    z, k, m = load_config("zimage-turbo").model, load_config("flux2-klein-4b").model, load_config("mini").model
+    assert (z.family, z.inference_steps, z.shift, z.rollout_every, z.teacher_context) == ("zimage", 8, 3.0, 2, "vlm")
+    assert (k.family, k.inference_steps, k.teacher_context) == ("flux2", 4, "reference")
+    assert k.teacher_instruction and "reference" in k.teacher_instruction
+    assert (m.family, m.height, m.width) == ("mini", 24, 24)
+    assert load_config("zimage-turbo").optim.lr == 1e-4 and load_config("flux2-klein-4b").optim.lr == 2e-5
+
+
+def test_yaml_and_overrides_are_typed(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("preset: mini\ndata: {path: imgs, caption_dropout: 0.1}\noptim: {lr: 3e-4}\n")
+    config = load_config(f, ["optim.lr=2e-4", "train.max_steps=7", "lora.enabled=false", "sample.seeds=[3, 4]",
+                             "model.pretrained=null", "method.prior_prompts=[a red circle]"])
+    assert config.optim.lr == pytest.approx(2e-4) and isinstance(config.optim.lr, float)  # YAML reads 2e-4 as text
+    assert config.train.max_steps == 7 and config.lora.enabled is False and config.sample.seeds == [3, 4]
+    assert config.model.pretrained is None and config.method.prior_prompts == ["a red circle"]
+    assert config.data.caption_dropout == 0.1
+    assert Path(config.data.path) == (tmp_path / "imgs").resolve()  # relative to the YAML file
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lrr=1e-4", "did you mean 'optim.lr'"),
+        ("optm.lr=1e-4", "did you mean 'optim.lr'"),
+        ("train.max_step=10", "did you mean 'train.max_steps'"),
+        ("method.name=dops", "did you mean 'dopsd'"),
+        ("optim.lr=fast", "'optim.lr': expected float"),
+        ("train.batch_size=1.5", "'train.batch_size': expected int"),
+        ("lora.enabled=maybe", "'lora.enabled': expected bool"),
+        ("sample.seeds=3", "'sample.seeds': expected list[int]"),
+        ("train.max_steps=0", "must be >= 1"),
+        ("data.caption_dropout=1.5", "caption_dropout"),
+        ("optim.lr", "section.key=value"),
+    ],
+)
+def test_bad_overrides_are_rejected_with_a_hint(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_config("mini", [override])
+
+
+def test_bad_yaml_keys_are_rejected_with_the_closest_name(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("preset: mini\noptimizer:\n  lr: 1e-4\n")
+    with pytest.raises(ConfigError, match="did you mean 'optim'"):
+        load_config(f)
+    f.write_text("preset: mini\ntrain:\n  batchsize: 4\n")
+    with pytest.raises(ConfigError, match="did you mean 'train.batch_size'"):
+        load_config(f)
+    f.write_text("preset: zimage_turbo\n")
+    with pytest.raises(ConfigError, match="did you mean 'zimage-turbo'"):
+        load_config(f)
+    f.write_text("preset: mini\ntrain: 5\n")
+    with pytest.raises(ConfigError, match="section 'train' must be a mapping"):
+        load_config(f)
+    with pytest.raises(ConfigError, match="neither a file nor a preset"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_editing_needs_sources():
+    with pytest.raises(ConfigError, match="data.source_dir"):
+        load_config("flux2-klein-4b", ["model.editing=true"])
+
+
+def test_docs_are_generated_from_the_fields_and_up_to_date():
+    text = render_docs()
+    for key in ("optim.lr", "method.teacher", "train.gradient_accumulation", "data.caption_dropout", "lora.targets"):
+        assert f"`{key}`" in text
+    assert (ROOT / "docs" / "configuration.md").read_text() == text, (
+        "docs/configuration.md is stale: run `python -m dopsd.config > docs/configuration.md`"
+    )
+
+
+def test_round_trip_through_yaml(tmp_path):
+    config = load_config("flux2-klein-4b", ["train.fsdp={sharding_strategy: FULL_SHARD}", "lora.targets=.*attn.*"])
+    f = tmp_path / "saved.yaml"
+    f.write_text(config.to_yaml())
+    again = load_config(f)
+    assert again == config and isinstance(again, Config)
+
+
+def test_cli_train_rejects_a_typo_before_doing_anything(capsys, tmp_path):
+    code = cli.main(["train", "mini", "optim.lrr=1e-4", f"train.output_dir={tmp_path / 'run'}"])
+    assert code == 2
+    assert "did you mean 'optim.lr'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--resume" in out and "--overwrite" in out and "optim.lr=2e-4" in out
+
+
+def test_print_config_shows_the_resolved_values(capsys):
+    assert cli.main(["train", "zimage-turbo", "optim.lr=5e-5", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 5.0e-05" in out and "family: zimage" in out
