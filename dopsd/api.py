@@ -15,6 +15,7 @@ Output folder (train.output_dir):
 from __future__ import annotations
 
 import json
+import math
 import platform
 import shutil
 import time
@@ -63,6 +64,10 @@ def _check_output(config: Config, resume: bool, overwrite: bool) -> Path:
         saved = out / "config.yaml"
         if not saved.is_file():
             raise FileNotFoundError(f"--resume: {out} is not a dopsd run folder (no config.yaml)")
+        from dopsd.checkpoint import latest
+
+        if latest(out / "checkpoints") is None:
+            raise FileNotFoundError(f"--resume: {out / 'checkpoints'} holds no complete checkpoint; start a new run")
         old, new = _flat(load_config(saved).to_dict()), _flat(config.to_dict())
         changed = [k for k in new if old.get(k) != new[k] and not k.startswith(RESUMABLE_CHANGES) and k != "data.path"]
         if changed:
@@ -102,7 +107,7 @@ def train(
         (out / "config.yaml").write_text(cfg.to_yaml())
     trainer.acc.wait_for_everyone()
     trainer.prepare()
-    timing = tr.run_loop(trainer)
+    timing = run_loop(trainer)
     weights = None
     summary: dict[str, Any] = {}
     if trainer.main:
@@ -112,6 +117,77 @@ def train(
         print(format_summary(summary))
     trainer.acc.wait_for_everyone()
     return Result(out, trainer.step, [r["loss"] for r in trainer.history], weights, summary, trainer.history)
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def run_loop(trainer: Any) -> dict[str, Any]:
+    """Train to max_steps with progress bar, TensorBoard, checkpoints, interval samples; returns timing info."""
+    from tqdm.auto import tqdm
+
+    from dopsd import checkpoint as ckpt
+    from dopsd.trainer import TrainingAborted
+
+    cfg, out, main = trainer.cfg, trainer.out, trainer.main
+    writer = None
+    if main and cfg.log.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "logs"))
+    losses_file = out / "losses.jsonl"
+    if main:  # the trace restarts from the checkpoint's history (a killed run may have logged further)
+        losses_file.write_text("".join(json.dumps(r) + "\n" for r in trainer.history))
+    bar = tqdm(total=cfg.train.max_steps, initial=trainer.step, disable=not (main and cfg.log.progress),
+               desc=f"{cfg.method.name} {cfg.model.family}", unit="step", dynamic_ncols=True)
+    samples: dict[str, Any] = {}
+    try:
+        if trainer.step == 0 and main:
+            samples = trainer.sample_grids("step-0000000", writer)
+        every, ck = cfg.sample.every, cfg.train.checkpoint_every
+        t0, first = time.time(), trainer.step
+        while trainer.step < cfg.train.max_steps:
+            record = trainer.train_step()
+            trainer.history.append({k: v for k, v in record.items() if not k.startswith("rollout/")})
+            if main:
+                append_jsonl(losses_file, record)
+                if writer is not None:
+                    for k, v in record.items():
+                        if k not in ("step", "skipped") and isinstance(v, float) and math.isfinite(v):
+                            writer.add_scalar(k if "/" in k else f"train/{k}", v, trainer.step)
+                health = (samples.get("health") or {}).get("health")  # few-step health at the last interval
+                bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.2g}",
+                                **({"health": f"{health:.3f}"} if isinstance(health, float) else {}))
+                bar.update(1)
+            if record["skipped"]:
+                msg = (f"step {trainer.step}: non-finite loss or gradient (loss {record['loss']}, grad norm "
+                       f"{record['grad_norm']}); step skipped ({trainer.nonfinite} in a row)")
+                if main:
+                    warnings.warn(msg)
+                if trainer.nonfinite >= cfg.train.max_nonfinite:
+                    last = ckpt.latest(out / "checkpoints")
+                    raise TrainingAborted(
+                        f"{trainer.nonfinite} non-finite steps in a row (train.max_nonfinite); training stopped at step "
+                        f"{trainer.step}. Last good checkpoint: {last or 'none'}. Lower optim.lr or check the data."
+                    )
+                continue  # never checkpoint inside a bad streak
+            done = trainer.step == cfg.train.max_steps
+            if (ck and trainer.step % ck == 0) or done:
+                trainer.save_checkpoint()
+            if every and trainer.step % every == 0 and not done and main:
+                samples = trainer.sample_grids(f"step-{trainer.step:07d}", writer)
+        trainer.acc.wait_for_everyone()
+        steps_done = trainer.step - first
+        seconds = time.time() - t0
+        if main:
+            samples = trainer.sample_grids("final", writer)
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+    return {"steps_this_run": steps_done, "loop_seconds": seconds, "samples": samples}
 
 
 def _save_final(trainer: Any) -> Path:

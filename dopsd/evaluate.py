@@ -36,7 +36,7 @@ def _mean(x: torch.Tensor) -> float:
 
 
 def _to_tensor(images: list[Image.Image], height: int, width: int) -> torch.Tensor:
-    arrs = [np.asarray(im.convert("RGB").resize((width, height), Image.Resampling.BICUBIC)) for im in images]
+    arrs = [np.array(im.convert("RGB").resize((width, height), Image.Resampling.BICUBIC)) for im in images]
     return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 

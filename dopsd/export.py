@@ -206,6 +206,8 @@ def export(path: str | Path, out: str | Path, fmt: str, family: str | None = Non
                   metadata={"format": "pt", "dopsd_family": family})
         return target
     if fmt == "diffusers":
+        if any(k.startswith("diffusion_model.") for k in state):
+            raise ValueError(f"{path} is already a ComfyUI file; export the diffusers format from the dopsd run instead")
         layers = {f"{name}.lora_{x}.weight": ab[x] for name, ab in modules.items() for x in "AB"}
         if meta is None or "peft_type" not in meta:  # a dopsd run's file: a minimal peft config, exact module names
             ranks = {ab["A"].shape[0] for ab in modules.values()}
@@ -221,7 +223,8 @@ def export(path: str | Path, out: str | Path, fmt: str, family: str | None = Non
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("lora", help=f"LoRA written by dopsd train: a .safetensors file or a folder with {WEIGHTS_NAME}")
+    parser.add_argument("lora", help=f"a dopsd run folder ({RUN_LORA} + {RUN_CONFIG}), a folder with {WEIGHTS_NAME}, "
+                        "or a LoRA .safetensors file")
     parser.add_argument("--format", choices=("comfyui", "diffusers"), default="comfyui", help="target format")
     parser.add_argument("--out", required=True, help="output .safetensors file or folder")
     parser.add_argument("--model", choices=FAMILIES, default=None, help="model family (default: from the key names)")

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dopsd.models.base import ModelAdapter
-from dopsd.schedules import sample_euler, shifted_schedule
+from dopsd.schedules import sample_euler
 
 QualityFn = Callable[[torch.Tensor, list[str]], float]
 
@@ -46,6 +46,17 @@ def relative_gap(few: torch.Tensor, many: torch.Tensor) -> torch.Tensor:
     """‖few − many‖ / ‖many‖ per sample (B,)."""
     diff = (few.float() - many.float()).flatten(1).norm(dim=1)
     return diff / many.float().flatten(1).norm(dim=1).clamp_min(1e-6)
+
+
+def move_to(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """Tensors in a (nested) context onto device; floating ones to dtype (masks and ids keep theirs)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+    if isinstance(value, dict):
+        return {k: move_to(v, device, dtype) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(move_to(v, device, dtype) for v in value)
+    return value
 
 
 def _network_device_dtype(network: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -94,25 +105,16 @@ class FewStepHealth:
             [torch.randn((len(prompts), *shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds]
         )
         self.schedule = adapter.inference_schedule(height, width, steps)
-        # The control only has to be a fine discretisation of the same ODE; plain uniform σ steps.
-        self.control = shifted_schedule(control_steps, 1.0) if control_steps > 0 else None
+        # The control: the model's own schedule at many steps (what the trainer's control grid uses too).
+        self.control = adapter.inference_schedule(height, width, control_steps) if control_steps > 0 else None
         self.start: dict[str, float] | None = None
         self.last_images: torch.Tensor | None = None
 
     # --- sampling -----------------------------------------------------------------------------------
-    def _move(self, value: Any, device: torch.device, dtype: torch.dtype) -> Any:
-        if isinstance(value, torch.Tensor):
-            return value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
-        if isinstance(value, dict):
-            return {k: self._move(v, device, dtype) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return type(value)(self._move(v, device, dtype) for v in value)
-        return value
-
     def _sample(self, network: nn.Module) -> dict[str, torch.Tensor]:
         device, dtype = _network_device_dtype(network)
         device, dtype = self.device or device, self.dtype or dtype
-        context = self._move(self.context, device, dtype)
+        context = move_to(self.context, device, dtype)
         noise = self.noise.to(device=device, dtype=dtype)
 
         def velocity(x: torch.Tensor, sigma: torch.Tensor, ctx: Any) -> torch.Tensor:
@@ -177,4 +179,4 @@ class FewStepHealth:
         return {f"{prefix}{k}": float(v) for k, v in result.items() if isinstance(v, (int, float)) and v is not None}
 
 
-__all__ = ["FewStepHealth", "sharpness", "relative_gap"]
+__all__ = ["FewStepHealth", "sharpness", "relative_gap", "move_to"]

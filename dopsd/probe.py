@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import torch
 from PIL import Image, ImageDraw
 
+from dopsd.health import move_to
 from dopsd.models.base import ModelAdapter
 from dopsd.probe_scorers import PixelScorer, Scorer, to_pil
 from dopsd.schedules import sample_euler
@@ -127,20 +128,10 @@ def _verdict(rel_gain: float, win_rate: float, t: Thresholds) -> str:
     return "weak"
 
 
-def _move(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
-    if isinstance(value, dict):
-        return {k: _move(v, device, dtype) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_move(v, device, dtype) for v in value)
-    return value
-
-
 def _sample(adapter: ModelAdapter, contexts: list, noise: torch.Tensor, schedule: torch.Tensor) -> torch.Tensor:
     p = next(iter(adapter.network.parameters()), None)
     device, dtype = (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
-    context = _move(adapter.collate(contexts), device, dtype)
+    context = move_to(adapter.collate(contexts), device, dtype)
 
     def velocity(x: torch.Tensor, sigma: torch.Tensor, ctx: Any) -> torch.Tensor:
         return adapter.velocity(adapter.network, x, sigma, ctx)
@@ -268,7 +259,7 @@ def _recommendations(report: ProbeReport, teacher_context: str | None) -> list[s
     ids = lambda ps: ", ".join(f"#{p.index} {p.name}" for p in ps)  # noqa: E731
     other = {"vlm": "reference", "reference": "vlm"}.get(teacher_context or "", None)
     ctx = (
-        f"try another teacher context (teacher_context: {other} instead of {teacher_context})"
+        f"try the other teacher context (model.teacher_context={other} instead of {teacher_context})"
         if other
         else "try another teacher context if the model has one (e.g. `reference` image tokens instead of VLM features)"
     )
@@ -347,12 +338,12 @@ def main(args: argparse.Namespace) -> int:
     try:
         thresholds = Thresholds(args.carry, args.weak, max_fail=args.max_fail)
         setup = load_setup(args.config, args.overrides, limit=args.limit)
+        scorer = scorer_for(setup.adapter, args.features, device=getattr(setup.adapter, "device", "cpu"))
     except (ConfigError, DatasetError, ValueError, FileNotFoundError) as err:
         print(f"dopsd probe: {err}", file=sys.stderr)
         return 2
     cfg = setup.config
     steps = args.steps or cfg.model.inference_steps
-    scorer = scorer_for(setup.adapter, args.features, device=getattr(setup.adapter, "device", "cpu"))
     report = probe(
         setup.adapter, setup.pairs, seeds=range(args.seeds), steps=steps, scorer=scorer,
         thresholds=thresholds, names=setup.names, sources=setup.sources,

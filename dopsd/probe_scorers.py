@@ -85,13 +85,26 @@ class MiniScorer:
         return (((s.fg - t.fg).norm(dim=-1) < self.hit_colour) & (s.shape == t.shape)).float()
 
 
+class FeatureScorer:
+    """Cosine distance between image-feature embeddings (a local DINOv2/CLIP/SigLIP folder, `dopsd.features`)."""
+
+    def __init__(self, folder: str, device: str | torch.device = "cpu") -> None:
+        from dopsd.features import HFImageFeatures
+
+        self.features = HFImageFeatures(folder, device, field="--features")
+        self.name = f"features:{self.features.name}"
+
+    def distance(self, samples: torch.Tensor, targets: Sequence[Image.Image]) -> torch.Tensor:
+        a = self.features([to_pil(s) for s in samples])
+        b = self.features(list(targets))
+        return 1 - F.cosine_similarity(a.float(), b.float(), dim=-1)
+
+
 def scorer_for(adapter: object, features: str | None = None, device: str | torch.device = "cpu") -> Scorer:
     """The best available scorer: a local image-feature model if given, the mini's decoders, else pixels."""
     if features:
-        from dopsd.features import FeatureScorer  # H3's image-feature models (DINOv2 / CLIP / SigLIP)
-
         return FeatureScorer(features, device=device)
     if getattr(adapter, "name", None) == "mini":
         return MiniScorer()
     return PixelScorer()
-__all__ = ["Scorer", "PixelScorer", "MiniScorer", "scorer_for", "to_tensor", "to_pil"]
+__all__ = ["Scorer", "PixelScorer", "MiniScorer", "FeatureScorer", "scorer_for", "to_tensor", "to_pil"]

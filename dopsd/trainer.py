@@ -9,7 +9,6 @@ what the uninterrupted single-process run drew.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 import warnings
@@ -87,11 +86,18 @@ class Trainer:
         self.prompts = cfg.sample.prompts or distinct_captions(self.examples, cfg.sample.num_prompts)
         root = None if not cfg.cache.enabled else Path(cfg.cache.dir).expanduser() if cfg.cache.dir else default_cache_dir()
         self.cache = FeatureCache(root, model_fingerprint(cfg, adapter))
+        editing = self.m.editing  # editing models need sources: sample the first training examples instead
         with self.acc.main_process_first():  # the main process computes and stores; the others find the files
             self.feats: Features = build_features(
-                adapter, self.examples, cfg, self.cache, self.prompts + list(self.method.prior_prompts),
+                adapter, self.examples, cfg, self.cache, ([] if editing else self.prompts) + list(self.method.prior_prompts),
                 need_latents=self.uses_sft, need_teacher=self.uses_teacher,
             )
+        if editing:
+            shown = range(min(len(self.examples), cfg.sample.num_prompts))
+            self.prompts = [self.examples[i].captions[0] for i in shown]
+            self.sample_keys = [self.feats.student[(i, 0)] for i in shown]
+        else:
+            self.sample_keys = [self.feats.prompts[p] for p in self.prompts]
         self.health = self._make_health()
         adapter.release_encoders()
         network = adapter.network
@@ -107,6 +113,9 @@ class Trainer:
                 warnings.warn(f"{type(network).__name__} has no gradient checkpointing; train.gradient_checkpointing ignored")
         network.train()
         self.trainable = trainable_parameters(network)
+        if cfg.lora.enabled and self.dtype != torch.float32:
+            for p in self.trainable.values():  # LoRA weights train in float32 on a low-precision base (peft casts)
+                p.data = p.data.float()
         if not self.trainable:
             raise ConfigError("nothing to train: no parameter requires a gradient (check lora.targets)")
         if self.health is not None:
@@ -138,7 +147,7 @@ class Trainer:
         return bnb.optim.AdamW8bit(params, **kw)
 
     def _make_health(self) -> Any:
-        if not (self.cfg.sample.health and self.main):
+        if not (self.cfg.sample.health and self.main) or self.m.editing:
             return None
         try:
             from dopsd.health import FewStepHealth
@@ -292,9 +301,10 @@ class Trainer:
         finite = math.isfinite(record["loss"]) and (math.isfinite(record["grad_norm"]) or cfg.train.mixed_precision == "fp16")
         if finite:
             self.optimizer.step()
-            self.scheduler.step()
-            if self.teacher is not None:
-                self.teacher.update()
+            if not self.acc.optimizer_step_was_skipped:  # fp16: the grad scaler may skip an overflowing step
+                self.scheduler.step()
+                if self.teacher is not None:
+                    self.teacher.update()
             self.nonfinite = 0
         else:
             self.optimizer.zero_grad(set_to_none=True)
@@ -312,9 +322,14 @@ class Trainer:
         """Grids at the few-step setting and the many-step control (main process only)."""
         if not self.main:
             return {}
+        # Sampling leaves the training RNG untouched, so a resumed run (which skips these samples) stays exact.
+        with torch.random.fork_rng(devices=None if torch.cuda.is_available() else []):
+            return self._sample_grids(tag, writer)
+
+    def _sample_grids(self, tag: str, writer: Any) -> dict[str, Any]:
         s, m = self.cfg.sample, self.m
         seeds = list(s.seeds)
-        contexts = [self.feats.load(self.feats.prompts[p]) for p in self.prompts for _ in seeds]
+        contexts = [self.feats.load(key) for key in self.sample_keys for _ in seeds]
         noise = seed_noise(self.adapter.latent_shape(m.height, m.width), seeds * len(self.prompts))
         (self.out / "samples").mkdir(exist_ok=True)
         result: dict[str, Any] = {}
@@ -337,69 +352,3 @@ class Trainer:
             if measured.get("warning"):
                 warnings.warn(f"step {self.step}: {measured['warning']}")
         return result
-
-
-def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
-
-
-def run_loop(trainer: Trainer) -> dict[str, Any]:
-    """Train to max_steps with progress bar, TensorBoard, checkpoints, interval samples; returns timing info."""
-    from tqdm.auto import tqdm
-
-    cfg, out, main = trainer.cfg, trainer.out, trainer.main
-    writer = None
-    if main and cfg.log.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out / "logs"))
-    losses_file = out / "losses.jsonl"
-    if main:  # the trace restarts from the checkpoint's history (a killed run may have logged further)
-        losses_file.write_text("".join(json.dumps(r) + "\n" for r in trainer.history))
-    bar = tqdm(total=cfg.train.max_steps, initial=trainer.step, disable=not (main and cfg.log.progress),
-               desc=f"{cfg.method.name} {cfg.model.family}", unit="step", dynamic_ncols=True)
-    samples: dict[str, Any] = {}
-    try:
-        if trainer.step == 0 and main:
-            samples = trainer.sample_grids("step-0000000", writer)
-        every, ck = cfg.sample.every, cfg.train.checkpoint_every
-        t0, first = time.time(), trainer.step
-        while trainer.step < cfg.train.max_steps:
-            record = trainer.train_step()
-            trainer.history.append({k: v for k, v in record.items() if not k.startswith("rollout/")})
-            if main:
-                append_jsonl(losses_file, record)
-                if writer is not None:
-                    for k, v in record.items():
-                        if k not in ("step", "skipped") and isinstance(v, float) and math.isfinite(v):
-                            writer.add_scalar(k if "/" in k else f"train/{k}", v, trainer.step)
-                bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.2g}")
-                bar.update(1)
-            if record["skipped"]:
-                msg = (f"step {trainer.step}: non-finite loss or gradient (loss {record['loss']}, grad norm "
-                       f"{record['grad_norm']}); step skipped ({trainer.nonfinite} in a row)")
-                if main:
-                    warnings.warn(msg)
-                if trainer.nonfinite >= cfg.train.max_nonfinite:
-                    last = ckpt.latest(out / "checkpoints")
-                    raise TrainingAborted(
-                        f"{trainer.nonfinite} non-finite steps in a row (train.max_nonfinite); training stopped at step "
-                        f"{trainer.step}. Last good checkpoint: {last or 'none'}. Lower optim.lr or check the data."
-                    )
-                continue  # never checkpoint inside a bad streak
-            done = trainer.step == cfg.train.max_steps
-            if (ck and trainer.step % ck == 0) or done:
-                trainer.save_checkpoint()
-            if every and trainer.step % every == 0 and not done and main:
-                samples = trainer.sample_grids(f"step-{trainer.step:07d}", writer)
-        trainer.acc.wait_for_everyone()
-        steps_done = trainer.step - first
-        seconds = time.time() - t0
-        if main:
-            samples = trainer.sample_grids("final", writer)
-    finally:
-        bar.close()
-        if writer is not None:
-            writer.close()
-    return {"steps_this_run": steps_done, "loop_seconds": seconds, "samples": samples}

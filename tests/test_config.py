@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from dopsd import cli
-from dopsd.config import PRESETS, Config, ConfigError, load_config, render_docs
+from dopsd.config import PRESETS, Config, ConfigError, load_config
+from dopsd.config_docs import render_docs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,7 +90,7 @@ def test_docs_are_generated_from_the_fields_and_up_to_date():
     for key in ("optim.lr", "method.teacher", "train.gradient_accumulation", "data.caption_dropout", "lora.targets"):
         assert f"`{key}`" in text
     assert (ROOT / "docs" / "configuration.md").read_text() == text, (
-        "docs/configuration.md is stale: run `python -m dopsd.config > docs/configuration.md`"
+        "docs/configuration.md is stale: run `python -m dopsd.config_docs`"
     )
 
 
@@ -117,3 +118,12 @@ def test_print_config_shows_the_resolved_values(capsys):
     assert cli.main(["train", "zimage-turbo", "optim.lr=5e-5", "--print-config"]) == 0
     out = capsys.readouterr().out
     assert "lr: 5.0e-05" in out and "family: zimage" in out
+
+
+def test_import_dopsd_is_light_and_exposes_train():
+    import subprocess
+    import sys
+
+    code = "import sys, dopsd; print('torch' in sys.modules, callable(dopsd.train), 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "True", "True"]  # torch loads only when dopsd.train is first used

@@ -189,3 +189,56 @@ def test_missing_or_wrong_folder_is_a_clear_error(folders, tmp_path):
         zimage.load(config(folders, pretrained=str(flux)))
     meta = json.loads((folders.model / "model_index.json").read_text())
     assert meta["_class_name"] == "ZImagePipeline"
+
+
+def test_bf16_sampling_reproduces_the_bf16_pipeline(folders):
+    """bf16 weights (the GPU setting): still identical to the pipeline (timestep kept in float32 like it)."""
+    adapter = zimage.load(config(folders), "cpu", torch.bfloat16)
+    assert next(adapter.network.parameters()).dtype == torch.bfloat16
+    noise = torch.randn(2, *adapter.latent_shape(SIZE, SIZE), generator=torch.Generator().manual_seed(1))
+    ref = adapter.pipeline()(list(CAPTIONS), height=SIZE, width=SIZE, num_inference_steps=8, guidance_scale=0.0,
+                             max_sequence_length=64, latents=noise.clone(), output_type="latent").images
+    with torch.no_grad():
+        ours = sample_euler(lambda x, s, c: adapter.velocity(adapter.network, x, s, c), noise,
+                            adapter.inference_schedule(SIZE, SIZE), adapter.collate(adapter.student_contexts(CAPTIONS)))
+    assert ours.dtype == torch.float32
+    assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
+
+
+def test_caption_lengths_stay_within_the_rope_table(folders):
+    """Caption + VLM tokens are capped at axes_lens[0] − 32 (tiny: 256 → 224) so image positions stay in range."""
+    adapter = zimage.load(config(folders, teacher_max_tokens=100000, max_caption_tokens=100000))
+    assert adapter.caption_limit == 224 and adapter.teacher_max_tokens == 224 and adapter.max_tokens == 224
+    long = " ".join(["a [V] teapot on a wooden table"] * 40)
+    ctx = adapter.teacher_contexts([long], images(1, SIZE)) + adapter.student_contexts([long])
+    assert [c["cap_feats"].shape[0] for c in ctx] == [224, 224]
+    x = torch.randn(2, *adapter.latent_shape(SIZE, SIZE))
+    with torch.no_grad():
+        assert torch.isfinite(adapter.velocity(adapter.network, x, torch.tensor([0.5, 0.5]), adapter.collate(ctx))).all()
+
+
+def test_full_dopsd_train_run_with_the_vlm_teacher(folders, tmp_path):
+    """`dopsd.train` end to end on the tiny Z-Image (preset zimage-turbo: VLM teacher, 4-step roll-out,
+    gradient checkpointing); the diffusers LoRA it writes reproduces its own LoRA's samples in the pipeline."""
+    import dopsd
+    from dopsd.sample import apply_trained
+    from tiny_real import train_config, write_pairs
+
+    data = write_pairs(tmp_path / "data", CAPTIONS, SIZE, seed=7)
+    cfg = train_config("zimage-turbo", tmp_path, data, SIZE, f"model.pretrained={folders.model}",
+                       f"model.teacher_encoder={folders.vlm}")
+    assert cfg.train.gradient_checkpointing and cfg.model.rollout_every == 2
+    result = dopsd.train(cfg)
+    assert result.steps == 2 and all(l == l and l > 0 for l in result.losses)
+    assert (result.output_dir / "pytorch_lora_weights.safetensors").is_file()
+    fresh = zimage.load(config(folders))
+    apply_trained(fresh.network, result.weights)
+    noise = torch.randn(1, *fresh.latent_shape(SIZE, SIZE), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ours = sample_euler(lambda x, s, c: fresh.velocity(fresh.network, x, s, c), noise,
+                            fresh.inference_schedule(SIZE, SIZE), fresh.collate(fresh.student_contexts(CAPTIONS[:1])))
+    pipe = zimage.load(config(folders)).pipeline()
+    pipe.load_lora_weights(str(result.output_dir))
+    ref = pipe(list(CAPTIONS[:1]), height=SIZE, width=SIZE, num_inference_steps=8, guidance_scale=0.0,
+               max_sequence_length=32, latents=noise.clone(), output_type="latent").images
+    assert torch.allclose(ours, ref, atol=1e-5)

@@ -255,3 +255,27 @@ def dopsd_lora_steps(adapter, captions: list[str], images: list[Image.Image], st
         opt.zero_grad()
         shadow.update()
     return {"grads": first, "losses": losses, "shadow": shadow, "student_ctx": student_ctx, "teacher_ctx": teacher_ctx}
+
+
+def write_pairs(folder: Path, captions: list[str], size: int, seed: int = 0, prefix: str = "img") -> Path:
+    """A dataset folder: one random image per caption with a same-name .txt."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (im, cap) in enumerate(zip(images(len(captions), size, seed), captions)):
+        im.save(folder / f"{prefix}{i}.png")
+        (folder / f"{prefix}{i}.txt").write_text(cap)
+    return folder
+
+
+def train_config(preset: str, root: Path, data: Path, size: int, *extra: str):
+    """A 2-step CPU run of a real-model preset on a tiny model (float32, no progress bar, cache in root)."""
+    from dopsd.config import load_config
+
+    return load_config(preset, [
+        f"model.height={size}", f"model.width={size}", "model.dtype=float32", "model.max_caption_tokens=32",
+        f"data.path={data}", "data.buckets=false", "train.max_steps=2", "train.batch_size=2",
+        "train.mixed_precision='no'", "train.device=cpu", "train.checkpoint_every=0", "sample.every=0",
+        "sample.control_steps=0", "sample.seeds=[0]", "log.progress=false", "log.tensorboard=false",
+        f"cache.dir={root / 'cache'}", "lora.rank=4", "lora.alpha=8", "optim.lr=1e-3",
+        f"train.output_dir={root / 'run'}", *extra,
+    ])

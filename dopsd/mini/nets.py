@@ -24,7 +24,7 @@ from dopsd.mini import world
 @dataclass
 class MiniConfig:
     res: int = world.RES
-    patch: int = 4
+    patch: int = 6
     dim: int = 160
     layers: int = 6
     heads: int = 4

@@ -39,10 +39,10 @@ VLM, REFERENCE = 1, 2  # context paths of a sample (0 = caption only)
 @dataclass
 class RecipeConfig:
     seed: int = 0
-    threads: int = 2
+    threads: int = 1
     batch: int = 64
     base_iters: int = 3000
-    base_lr: float = 6e-4
+    base_lr: float = 8e-4
     warmup: int = 200
     ema: float = 0.999
     p_incontext: float = 0.30

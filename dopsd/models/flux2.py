@@ -21,7 +21,8 @@ from torch import nn
 
 from dopsd.models.base import Context
 from dopsd.models.local import (
-    cfg_get, check_pipeline_folder, check_size, free_memory, load_part, resolve_dtype, stack_or_list, to_pixels,
+    cfg_get, check_pipeline_folder, check_size, folder_fingerprint, free_memory, load_part, resolve_dtype, stack_or_list,
+    to_pixels,
 )
 from dopsd.schedules import flux2_schedule
 
@@ -142,7 +143,8 @@ class Flux2Adapter:
         return out
 
     def student_contexts(self, captions: list[str], sources: list[list[Image.Image]] | None = None) -> list[Context]:
-        if self.editing and (sources is None or not all(sources)):
+        """Editing: instruction + source references; sources=None (e.g. sample prompts) gives plain text-to-image."""
+        if self.editing and sources is not None and not all(sources):
             raise ValueError("model.editing: every training pair needs at least one source image")
         return self._contexts(captions, sources if self.editing else None)
 
@@ -234,7 +236,8 @@ class Flux2Adapter:
         """Settings that change cached contexts but are not in the config's model section."""
         return {"adapter_version": 1, "teacher_max_tokens": self.teacher_max_tokens,
                 "teacher_image_tokens": int(cfg_get(self.cfg, "teacher_image_tokens", 256)),
-                "layers": list(getattr(self, "layers", (-2,)))}
+                "layers": list(getattr(self, "layers", (-2,))), "weights": folder_fingerprint(self.folder),
+                "teacher_weights": folder_fingerprint(cfg_get(self.cfg, "teacher_encoder", None))}
 
     def default_lora_targets(self) -> str:
         return LORA_TARGETS

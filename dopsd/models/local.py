@@ -7,6 +7,7 @@ is missing or incomplete is refused up front with an error naming the missing pi
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,15 @@ def check_model_folder(path: str | Path | None, field: str, what: str) -> Path:
     if not _has_weights(folder):
         raise ModelFolderError(f"{field}: {folder} has a config.json but no weights (*.safetensors)")
     return folder
+
+
+def folder_fingerprint(path: str | Path | None) -> str | None:
+    """Hash of a folder's file names, sizes and mtimes: changes when its weights change (for feature caches)."""
+    if path is None or not Path(path).expanduser().is_dir():
+        return None
+    root = Path(path).expanduser()
+    stats = sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file())
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
 
 
 def read_json(path: Path) -> dict[str, Any]:

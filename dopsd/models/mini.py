@@ -193,10 +193,13 @@ def read_weights(path: Path) -> tuple[MiniConfig, dict[str, torch.Tensor], dict,
     file = path / "turbo.safetensors" if path.is_dir() else path
     manifest_path = file.parent / "manifest.json"
     if not file.is_file() or not manifest_path.is_file():
-        raise FileNotFoundError(
-            f"no miniature weights at {file} (with manifest.json beside it); "
-            "rebuild them with `dopsd mini recipe --out DIR` or use pretrained 'turbo'/'base'"
+        hint = (
+            "the shipped weights are missing from the package: reinstall dopsd or rebuild them with "
+            f"`dopsd mini recipe --out {WEIGHTS_DIR}`"
+            if file.parent == WEIGHTS_DIR
+            else "point pretrained at a folder written by `dopsd mini recipe --out DIR`, or use 'turbo'/'base'"
         )
+        raise FileNotFoundError(f"no miniature weights at {file} (with manifest.json beside it); {hint}")
     manifest = json.loads(manifest_path.read_text())
     kind = "base" if file.stem == "base" else "turbo"
     return MiniConfig.from_dict(manifest["config"]), load_file(str(file)), manifest, kind

@@ -19,8 +19,8 @@ from torch import nn
 
 from dopsd.models.base import Context
 from dopsd.models.local import (
-    cfg_get, check_pipeline_folder, check_size, free_memory, load_part, read_json, resolve_dtype, stack_or_list,
-    to_pixels,
+    cfg_get, check_pipeline_folder, check_size, folder_fingerprint, free_memory, load_part, read_json, resolve_dtype,
+    stack_or_list, to_pixels,
 )
 from dopsd.schedules import exponential_shift, shifted_schedule
 
@@ -58,17 +58,20 @@ class ZImageAdapter:
         self.scheduler_config = read_json(self.folder / "scheduler" / "scheduler_config.json")
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.steps = int(cfg_get(cfg, "inference_steps", 8))
-        self.max_tokens = int(cfg_get(cfg, "max_caption_tokens", 512))
-        self.teacher_max_tokens = int(cfg_get(cfg, "teacher_max_tokens", 1024))
+        # Captions are padded to a multiple of 32 and the image's first RoPE index sits right after them, so a
+        # caption may not exceed axes_lens[0] − 32 tokens (992 for an axis of 1024): longer ones index past RoPE.
+        self.caption_limit = (int(self.network.config.axes_lens[0]) - 2) // 32 * 32
+        self.max_tokens = min(int(cfg_get(cfg, "max_caption_tokens", 512)), self.caption_limit)
+        self.teacher_max_tokens = min(int(cfg_get(cfg, "teacher_max_tokens", 1024)), self.caption_limit)
         self._vlm = None
 
     # --- the denoiser -----------------------------------------------------------------------------
 
     def velocity(self, network: nn.Module, x: torch.Tensor, sigma: torch.Tensor, context: Any) -> torch.Tensor:
         """v = ε − x0 = −(model output), with the model's timestep 1 − σ (same arithmetic as the pipeline)."""
-        t = (1000 - sigma.float() * 1000) / 1000
+        t = (1000 - sigma.float() * 1000) / 1000  # float32 like the pipeline: the model embeds it before casting
         latents = list(x.to(self.dtype).unsqueeze(2).unbind(0))
-        out = network(latents, t.to(self.dtype), context["cap_feats"], return_dict=False)[0]
+        out = network(latents, t, context["cap_feats"], return_dict=False)[0]
         return -torch.stack([o.float() for o in out]).squeeze(2).to(x.dtype)
 
     # --- contexts ---------------------------------------------------------------------------------
@@ -167,7 +170,8 @@ class ZImageAdapter:
         """Settings that change cached contexts but are not in the config's model section."""
         return {"adapter_version": 1, "teacher_max_tokens": self.teacher_max_tokens,
                 "teacher_image_tokens": int(cfg_get(self.cfg, "teacher_image_tokens", 256)),
-                "layers": list(getattr(self, "layers", (-2,)))}
+                "layers": list(getattr(self, "layers", (-2,))), "weights": folder_fingerprint(self.folder),
+                "teacher_weights": folder_fingerprint(cfg_get(self.cfg, "teacher_encoder", None))}
 
     def default_lora_targets(self) -> list[str]:
         return list(LORA_TARGETS)

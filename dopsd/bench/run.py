@@ -1,0 +1,288 @@
+"""The bench matrix: settings × methods × targets × seeds, run through the trainer, then cost and report.
+
+Presets: `tiny` (tests, seconds, tiny random model), `quick` (< 10 min on 2 CPU cores, what the README
+quotes), `full` (the documented full run). Same data, optimizer budget (steps, batch, lr) and seeds for
+every method of a setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import statistics
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dopsd.bench.jobs import METHODS, REFERENCE_ROW, Job, run_job, train_dedistill
+
+ALL_METHODS = list(METHODS)
+
+
+@dataclass
+class Setting:
+    name: str  # "concept_lora" | "domain_full"
+    targets: list[str]  # held-out concepts, or ["domain"]
+    pairs: int  # training pairs per target
+    overrides: list[str]  # trainer overrides shared by every method (LoRA/full, lr, batch)
+    steps: int
+    curve_every: int
+    description: str = ""
+
+
+@dataclass
+class BenchConfig:
+    name: str
+    settings: list[Setting]
+    methods: list[str]
+    seeds: int
+    curve_n: int  # samples per prompt set at each curve point
+    n_train: int
+    n_unseen: int
+    n_unrelated: int
+    many_steps: int
+    cost_repeats: int
+    cost_warmup: int
+    dedistill_pairs: int
+    dedistill_steps: int
+    dedistill_overrides: list[str]
+    workers: int
+    model: str = "turbo"
+    reference_row: bool = True  # evaluate the undistilled base at 4 steps as a reference line
+    ablation_seeds: int | None = None  # seeds for the teacher/loss ablations (None = `seeds`)
+
+    def override(self, settings: list[str] | None = None, methods: list[str] | None = None, seeds: int | None = None,
+                 steps: int | None = None) -> "BenchConfig":
+        cfg = dataclasses.replace(self)
+        if settings:
+            known = {s.name for s in self.settings}
+            unknown = sorted(set(settings) - known)
+            if unknown:
+                raise ValueError(f"bench: unknown settings {unknown}; choose from {sorted(known)}")
+            cfg.settings = [s for s in self.settings if s.name in settings]
+        if methods:
+            unknown = sorted(set(methods) - set(ALL_METHODS))
+            if unknown:
+                raise ValueError(f"bench: unknown methods {unknown}; choose from {ALL_METHODS}")
+            cfg.methods = [m for m in ALL_METHODS if m in methods]
+        if seeds is not None:
+            if seeds < 1:
+                raise ValueError(f"bench: --seeds must be >= 1, got {seeds}")
+            cfg.seeds = seeds
+            cfg.ablation_seeds = None
+        if steps is not None:
+            cfg.settings = [dataclasses.replace(s, steps=steps, curve_every=max(1, steps // 5)) for s in cfg.settings]
+        return cfg
+
+
+def preset(name: str) -> BenchConfig:
+    """The bench configurations. Learning rates and steps are the mini preset's; see the report for numbers."""
+    if name == "tiny":
+        settings = [
+            Setting("concept_lora", ["orange"], 4, ["lora.rank=2", "lora.alpha=2", "train.batch_size=2"], 4, 2),
+            Setting("domain_full", ["domain"], 8, ["lora.enabled=false", "optim.lr=1e-4", "train.batch_size=2"], 4, 2),
+        ]
+        return BenchConfig("tiny", settings, ALL_METHODS, seeds=3, curve_n=4, n_train=4, n_unseen=4, n_unrelated=4,
+                           many_steps=6, cost_repeats=2, cost_warmup=1, dedistill_pairs=8, dedistill_steps=2,
+                           dedistill_overrides=["lora.rank=2", "lora.alpha=2", "train.batch_size=2"], workers=1,
+                           model="tiny-random", reference_row=False)
+    concept = ["lora.rank=8", "lora.alpha=8", "optim.lr=5e-4", "train.batch_size=8"]
+    domain = ["lora.enabled=false", "optim.lr=1e-4", "train.batch_size=8"]
+    dedistill = ["lora.rank=16", "lora.alpha=16", "optim.lr=5e-4", "train.batch_size=8"]
+    if name == "quick":
+        settings = [
+            Setting("concept_lora", ["orange"], 6, concept, 60, 20),
+            Setting("domain_full", ["domain"], 128, domain, 60, 20),
+        ]
+        return BenchConfig("quick", settings, ALL_METHODS, seeds=3, curve_n=16, n_train=32, n_unseen=48,
+                           n_unrelated=48, many_steps=32, cost_repeats=5, cost_warmup=1, dedistill_pairs=256,
+                           dedistill_steps=100, dedistill_overrides=dedistill, workers=2, ablation_seeds=1)
+    if name == "full":
+        settings = [
+            Setting("concept_lora", ["orange", "teal", "pink"], 6, concept, 200, 25),
+            Setting("domain_full", ["domain"], 256, domain, 200, 25),
+        ]
+        return BenchConfig("full", settings, ALL_METHODS, seeds=3, curve_n=32, n_train=64, n_unseen=96,
+                           n_unrelated=128, many_steps=32, cost_repeats=9, cost_warmup=2, dedistill_pairs=512,
+                           dedistill_steps=300, dedistill_overrides=dedistill, workers=2)
+    raise ValueError(f"bench: unknown preset {name!r}; choose tiny, quick or full")
+
+
+DESCRIPTIONS = {
+    "concept_lora": "Concept LoRA: a few pairs of a held-out colour (never named in any caption) bound to the placeholder "
+                    "word `sks`, on 2 shapes × 2 backgrounds; evaluated on the training prompts and on the 12 unseen "
+                    "shape × background combinations; preservation on unrelated named-colour prompts.",
+    "domain_full": "Domain full fine-tune: many pairs of ordinary scenes under the held-out sepia tint, plain captions; "
+                   "evaluated on the training captions, on unseen captions (incl. captions without a background), and "
+                   "retention of the original content on unrelated prompts.",
+}
+
+
+def _write_data(cfg: BenchConfig, out: Path) -> dict[str, str]:
+    """Dataset folders (same data for every method and seed): {'setting/target': folder}."""
+    import torch
+
+    from dopsd.mini import world
+
+    folders: dict[str, str] = {}
+    for s in cfg.settings:
+        for target in s.targets:
+            folder = out / "data" / s.name / target
+            if target == "domain":
+                world.write_domain_dataset(folder, n=s.pairs)
+            else:
+                world.write_concept_dataset(folder, target, n=s.pairs)
+            folders[f"{s.name}/{target}"] = str(folder)
+    if "sft_adapter" in cfg.methods:  # ordinary in-domain data for the de-distillation adapter
+        g = torch.Generator().manual_seed(40_000)
+        folder = out / "data" / "dedistill"
+        world.write_pairs(folder, [world.random_scene(g) for _ in range(cfg.dedistill_pairs)])
+        folders["dedistill"] = str(folder)
+    return folders
+
+
+def _jobs(cfg: BenchConfig, folders: dict[str, str], out: Path, dedistill: str | None) -> list[Job]:
+    jobs = []
+    ablations = {"dopsd_base_teacher", "dopsd_live_teacher", "dopsd_velocity"}
+    for s in cfg.settings:
+        suite = {"n_train": cfg.n_train, "n_unseen": cfg.n_unseen, "n_unrelated": cfg.n_unrelated, "many_steps": cfg.many_steps}
+        rows = list(cfg.methods) + ([REFERENCE_ROW] if cfg.reference_row else [])
+        for method in rows:
+            n_seeds = 1 if method in ("base", REFERENCE_ROW) else (
+                cfg.ablation_seeds if (method in ablations and cfg.ablation_seeds) else cfg.seeds)
+            for ti, target in enumerate(s.targets):
+                for seed in range(n_seeds):
+                    jobs.append(Job(
+                        setting=s.name, target=target, method=method, seed=seed, data_dir=folders[f"{s.name}/{target}"],
+                        work_dir=str(out / "work" / s.name / f"{target}-{method}-{seed}"), overrides=s.overrides,
+                        steps=s.steps, curve_every=s.curve_every, curve_n=cfg.curve_n, suite=suite, model=cfg.model,
+                        dedistill=dedistill if method == "sft_adapter" else None, keep_images=(ti == 0 and seed == 0),
+                    ))
+    return jobs
+
+
+def _execute(cfg: BenchConfig, folders: dict[str, str], out: Path, log: Any) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Run the de-distillation adapter and every job (in `cfg.workers` processes); adapter jobs wait for it."""
+    dedistill_file = str(out / "work" / "dedistill_delta.safetensors") if "sft_adapter" in cfg.methods else None
+    jobs = _jobs(cfg, folders, out, dedistill_file)
+    waiting = [j for j in jobs if j.method == "sft_adapter"]
+    ready = [j for j in jobs if j.method != "sft_adapter"]
+    pre = None
+    if dedistill_file:
+        pre = Job(setting="dedistill", target="indomain", method="sft", seed=0, data_dir=folders["dedistill"],
+                  work_dir=str(out / "work" / "dedistill"), overrides=cfg.dedistill_overrides,
+                  steps=cfg.dedistill_steps, curve_every=cfg.dedistill_steps, curve_n=0, suite={}, model=cfg.model)
+    results: list[dict[str, Any]] = []
+    dedistill_info: dict[str, Any] | None = None
+    total = len(jobs) + (pre is not None)
+    if cfg.workers <= 1:
+        if pre is not None:
+            dedistill_info = train_dedistill(pre, dedistill_file)  # type: ignore[arg-type]
+        for i, job in enumerate(ready + waiting):
+            results.append(run_job(job))
+            log(f"[{i + 1 + (pre is not None)}/{total}] {job.setting} {job.target} {job.method} seed {job.seed}: "
+                f"{results[-1]['seconds']:.1f} s")
+        return results, dedistill_info
+    import multiprocessing
+
+    # Big jobs first so the two workers finish together; the adapter first of all (others wait on it).
+    ready.sort(key=lambda j: (0 if j.method.startswith("dopsd") else 1))
+    with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending: dict[Future, Job | None] = {}
+        if pre is not None:
+            pending[pool.submit(train_dedistill, pre, dedistill_file)] = None
+        for job in ready:
+            pending[pool.submit(run_job, job)] = job
+        done_count = 0
+        while pending:
+            finished, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+            for fut in finished:
+                job = pending.pop(fut)
+                done_count += 1
+                if job is None:
+                    dedistill_info = fut.result()
+                    log(f"[{done_count}/{total}] de-distillation adapter: {dedistill_info['seconds']:.1f} s")
+                    for w in waiting:
+                        pending[pool.submit(run_job, w)] = w
+                    continue
+                results.append(fut.result())
+                log(f"[{done_count}/{total}] {job.setting} {job.target} {job.method} seed {job.seed}: "
+                    f"{results[-1]['seconds']:.1f} s")
+    return results, dedistill_info
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    vals = [float(v) for v in values]
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def aggregate(results: list[dict[str, Any]], settings: list[Setting]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Per setting: method rows (mean and *_std over runs), curves {metric: {method: [run curves]}}, images."""
+    rows: dict[str, Any] = {}
+    curves: dict[str, Any] = {}
+    images: dict[str, Any] = {}
+    for s in settings:
+        mine = [r for r in results if r["job"]["setting"] == s.name]
+        methods = list(dict.fromkeys(r["job"]["method"] for r in mine))
+        rows[s.name], images[s.name] = {}, {}
+        curves[s.name] = {"steps": None, "metrics": {}}
+        for m in methods:
+            runs = [r for r in mine if r["job"]["method"] == m]
+            row: dict[str, Any] = {}
+            for key in runs[0]["final"]:
+                row[key], row[f"{key}_std"] = _mean_std([r["final"][key] for r in runs])
+            row["seeds"] = len({r["job"]["seed"] for r in runs})
+            row["runs"] = len(runs)
+            row["targets"] = sorted({r["job"]["target"] for r in runs})
+            trained = [r for r in runs if r["steps"]]
+            row["train_sec_per_step"] = (statistics.fmean(r["train_seconds"] / r["steps"] for r in trained)
+                                         if trained else None)
+            row["steps"] = runs[0]["steps"]
+            rows[s.name][m] = row
+            for r in runs:
+                if r["images"] is not None:
+                    images[s.name][m] = {"images": r["images"], "captions": r["captions"]}
+            if runs[0]["curve"] is not None:
+                curves[s.name]["steps"] = runs[0]["curve"]["steps"]
+                for metric in ("concept_fidelity", "fewstep_quality", "drift"):
+                    curves[s.name]["metrics"].setdefault(metric, {})[m] = [r["curve"][metric] for r in runs]
+    return rows, curves, images
+
+
+def machine_note() -> str:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, Python "
+            f"{sys.version.split()[0]}; load average at the end {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}")
+
+
+def run_bench(cfg: BenchConfig, out: Path, log: Any = print) -> dict[str, Any]:
+    """Everything `dopsd bench` does; returns {'seconds', 'results'} and writes the report folder."""
+    from dopsd.bench.costrun import measure_setting_costs
+    from dopsd.bench.document import build_report
+
+    started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    folders = _write_data(cfg, out)
+    log(f"dopsd bench ({cfg.name}): {len(cfg.settings)} setting(s), methods {', '.join(cfg.methods)}, "
+        f"{cfg.seeds} seed(s), {cfg.workers} worker process(es)")
+    results, dedistill = _execute(cfg, folders, out, log)
+    train_seconds = time.perf_counter() - started
+    rows, curves, images = aggregate(results, cfg.settings)
+    costs = {}
+    for s in cfg.settings:
+        t0 = time.perf_counter()
+        costs[s.name] = measure_setting_costs(cfg, s, folders, out, [m for m in cfg.methods if m != "base"])
+        log(f"cost measurement {s.name}: {time.perf_counter() - t0:.1f} s")
+    meta = {"preset": cfg.name, "command": "dopsd bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else
+            f"dopsd bench ({cfg.name})", "seconds_training_and_eval": train_seconds, "machine": machine_note(),
+            "workers": cfg.workers, "dedistill": dedistill, "config": dataclasses.asdict(cfg)}
+    meta["seconds"] = time.perf_counter() - started
+    build_report(out, cfg, rows, curves, images, costs, meta)
+    return {"seconds": time.perf_counter() - started, "rows": rows, "costs": costs}
+
+
+__all__ = ["BenchConfig", "Setting", "preset", "run_bench", "aggregate", "ALL_METHODS"]

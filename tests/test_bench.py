@@ -1,0 +1,149 @@
+"""`dopsd bench`: a tiny configuration end to end (real trainer, real metrics, tiny random miniature), and the
+cost / report / adapter-merge building blocks on their own."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from dopsd.bench.cost import count_flops, resident_bytes, transient_peak_bytes
+from dopsd.bench.report import REQUIRED_FIELDS, REQUIRED_METHODS, fmt, is_trained, validate_results
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from dopsd.cli import main
+
+    out = tmp_path_factory.mktemp("bench") / "report"
+    assert main(["bench", "--tiny", "--out", str(out)]) == 0
+    return out
+
+
+def test_results_json_complete_and_consistent(bench: Path) -> None:
+    results = json.loads((bench / "results.json").read_text())
+    assert set(results) == {"concept_lora", "domain_full"}
+    assert validate_results(results) == []
+    for name, block in results.items():
+        methods, setting = block["methods"], block["setting"]
+        assert set(REQUIRED_METHODS) | {"dopsd_velocity"} <= set(methods)
+        assert setting["optimizer_steps"] == 4 and setting["seeds"] == 3
+        for method, row in methods.items():
+            assert set(REQUIRED_FIELDS) <= set(row)
+            for key in ("concept_fidelity", "unseen_prompt_fidelity", "preservation", "fewstep_quality"):
+                assert 0.0 <= row[key] <= 1.0, (name, method, key)
+            if not is_trained(method):
+                assert row["sec_per_step"] is None and row["peak_mem_mb"] is None
+                continue
+            assert row["seeds"] == 3 and row["runs"] == 3 and row["steps"] == 4
+            assert row["sec_per_step"] > 0 and row["peak_mem_mb"] > 0
+            # ratios are what they claim to be, against SFT measured in the same run
+            assert row["time_ratio_vs_sft"] == pytest.approx(row["sec_per_step"] / methods["sft"]["sec_per_step"])
+            assert row["overhead_vs_flops"] == pytest.approx(row["time_ratio_vs_sft"] / row["flop_ratio_vs_sft"])
+            assert row["drift"] > 0  # training changed the network
+        # the untouched turbo is its own reference: zero drift, full agreement
+        assert methods["base"]["drift"] == 0.0 and methods["base"]["preservation"] == 1.0
+        assert methods["sft"]["flop_ratio_vs_sft"] == 1.0
+        # D-OPSD: K=4 roll-out steps of student fwd+bwd plus teacher forwards vs one SFT fwd+bwd
+        assert methods["dopsd"]["flop_ratio_vs_sft"] > 4.0
+        assert methods["sft_adapter"]["flop_ratio_vs_sft"] == pytest.approx(1.0)
+
+
+def test_report_markdown_html_and_figures(bench: Path) -> None:
+    md = (bench / "report.md").read_text()
+    page = (bench / "report.html").read_text()
+    results = json.loads((bench / "results.json").read_text())
+    for name, block in results.items():
+        assert f"## Setting: {name}" in md
+        for method, row in block["methods"].items():
+            line = next(l for l in md.splitlines() if l.startswith(f"| `{method}` |"))
+            assert fmt(row["concept_fidelity"], row["concept_fidelity_std"]) in line  # table matches the JSON
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert len(images) == 2 + 2 * 7  # curves per setting + one grid per method and setting
+    for rel in images:
+        assert (bench / rel).is_file() and (bench / rel).read_bytes()[:4] == b"\x89PNG"
+    assert page.count("data:image/png;base64,") == len(images)  # self-contained
+    assert not re.search(r"src=['\"](?!data:)", page)
+    for field in REQUIRED_FIELDS:
+        assert f"`{field}`" in md  # every field documented with its direction
+    claims = json.loads((bench / "claims.json").read_text())
+    assert claims and all(c["verdict"].split()[0] in ("reproduced", "not", "inconclusive") for c in claims)
+    curves = json.loads((bench / "curves.json").read_text())
+    for name in results:
+        runs = curves[name]["metrics"]["concept_fidelity"]["dopsd"]
+        assert len(runs) >= 3 and all(len(r) == len(curves[name]["steps"]) for r in runs)
+
+
+def test_refuses_non_empty_out(tmp_path: Path) -> None:
+    from dopsd.cli import main
+
+    (tmp_path / "keep.txt").write_text("x")
+    assert main(["bench", "--tiny", "--out", str(tmp_path)]) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_validate_results_names_what_is_missing() -> None:
+    row = {f: 0.5 for f in REQUIRED_FIELDS} | {"seeds": 3}
+    base = {f: 0.5 for f in REQUIRED_FIELDS} | {"seeds": 1, "sec_per_step": None, "peak_mem_mb": None}
+    good = {"s": {"setting": {}, "methods": {m: dict(row) for m in REQUIRED_METHODS} | {"base": base}}}
+    assert validate_results(good) == []
+    bad = json.loads(json.dumps(good))
+    del bad["s"]["methods"]["dopsd_live_teacher"]
+    del bad["s"]["methods"]["sft"]["preservation"]
+    bad["s"]["methods"]["dopsd"]["fewstep_quality"] = float("nan")
+    problems = " ".join(validate_results(bad))
+    assert "dopsd_live_teacher" in problems and "preservation" in problems and "fewstep_quality" in problems
+
+
+def test_flop_counter_counts_linear_and_cpu_attention() -> None:
+    lin = nn.Linear(16, 32)
+    x = torch.randn(8, 16)
+    assert count_flops(lambda: lin(x)) == 2 * 8 * 16 * 32
+    q = torch.randn(2, 4, 10, 8)
+    attn = count_flops(lambda: nn.functional.scaled_dot_product_attention(q, q, q))
+    assert attn == 2 * (2 * 2 * 4 * 10 * 10 * 8)  # QKᵀ and AV; torch's own counter gives 0 for the CPU kernel
+
+
+def test_memory_measurement() -> None:
+    w = torch.zeros(256, 256)
+    assert resident_bytes([w, w[:10], w.t()]) == w.numel() * 4  # views counted once
+    size = 512 * 512 * 4
+
+    def alloc() -> None:
+        a = torch.ones(512, 512)
+        b = a * 2  # two live at once, then freed
+        del a, b
+
+    peak = transient_peak_bytes(alloc)
+    assert 2 * size <= peak < 3 * size
+
+
+def test_dedistill_deltas_merge_and_remove_exactly() -> None:
+    from dopsd.bench.suite import add_deltas, lora_deltas, without_deltas
+    from dopsd.lora import add_lora, lora_state_dict
+
+    net = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6))
+    add_lora(net, ["0", "1"], rank=2, alpha=4)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    x = torch.randn(3, 6)
+    state = lora_state_dict(net)
+    deltas = lora_deltas(state, scale=2.0)
+    plain = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6))
+    plain.load_state_dict({k.replace("base_layer.", ""): v for k, v in net.state_dict().items() if "lora_" not in k})
+    before = plain(x)
+    add_deltas(plain, deltas, +1.0)
+    assert torch.allclose(plain(x), net(x), atol=1e-5)  # merged ΔW = the LoRA's effect
+    with without_deltas(plain, deltas):
+        assert torch.allclose(plain(x), before, atol=1e-5)
+    assert torch.allclose(plain(x), net(x), atol=1e-5)
+    assert math.isfinite(float(before.sum()))

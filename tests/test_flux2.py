@@ -1,0 +1,187 @@
+"""FLUX.2-klein adapter on a tiny random model of the real architecture, against diffusers' own pipeline."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dopsd.models import flux2
+from dopsd.models.local import ModelFolderError
+from dopsd.schedules import sample_euler
+from tiny_real import build_flux2, build_qwen3_vl, build_zimage, dopsd_lora_steps, images
+
+torch.set_num_threads(1)
+SIZE = 64
+TOKENS = 32
+CAPTIONS = ["a red cat", "a [V] teapot on a wooden table"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flux2")
+    return SimpleNamespace(root=root, model=build_flux2(root / "fl"))
+
+
+def config(folders, **kw):
+    base = dict(pretrained=str(folders.model), height=SIZE, width=SIZE, max_caption_tokens=TOKENS)
+    return SimpleNamespace(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def adapter(folders):
+    return flux2.load(config(folders))
+
+
+def sample(adapter, ctx, noise, steps=None):
+    with torch.no_grad():
+        return sample_euler(lambda x, s, c: adapter.velocity(adapter.network, x, s, c), noise,
+                            adapter.inference_schedule(SIZE, SIZE, steps), ctx)
+
+
+def run_pipe(adapter, noise, **kw):
+    pipe = adapter.pipeline()
+    return pipe(height=SIZE, width=SIZE, num_inference_steps=4, guidance_scale=1.0, max_sequence_length=TOKENS,
+                latents=noise.clone(), output_type="latent", **kw).images
+
+
+def noise_for(adapter, n, seed=0):
+    return torch.randn(n, *adapter.latent_shape(SIZE, SIZE), generator=torch.Generator().manual_seed(seed))
+
+
+def test_text_to_image_reproduces_the_pipeline(adapter):
+    """Packing, 4-D ids, σ as timestep, no negation, BN-normalised patchified latents, dynamic shift."""
+    noise = noise_for(adapter, 2)
+    ref = run_pipe(adapter, noise, prompt=list(CAPTIONS))
+    ours = adapter.to_vae_latents(sample(adapter, adapter.collate(adapter.student_contexts(CAPTIONS)), noise))
+    assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
+    wrong = sample(adapter, adapter.collate(adapter.student_contexts(CAPTIONS)), noise, steps=2)
+    assert (adapter.to_vae_latents(wrong) - ref).abs().max() > 1e-2  # the comparison has power
+
+
+def test_schedule_is_klein_dynamic_shift(adapter, folders):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folders.model, subfolder="scheduler")
+    seq = (SIZE // 16) ** 2
+    scheduler.set_timesteps(sigmas=torch.linspace(1, 1 / 4, 4).tolist(), mu=compute_empirical_mu(seq, 4))
+    assert torch.allclose(adapter.inference_schedule(SIZE, SIZE), scheduler.sigmas, atol=1e-6)
+
+
+def test_reference_teacher_is_kleins_editing_path(adapter):
+    """Teacher = the target as a reference image + the instruction: equals the pipeline called with image=target."""
+    target = images(1, SIZE, seed=4)[0]
+    teacher = adapter.teacher_contexts(CAPTIONS[:1], [target])
+    assert torch.equal(teacher[0]["ref_ids"][:, 0], torch.full((16,), 10))  # T = 10 for the first reference
+    noise = noise_for(adapter, 1, seed=2)
+    prompt = f"{CAPTIONS[0]} {flux2.REFERENCE_INSTRUCTION}"
+    ref = run_pipe(adapter, noise, prompt=prompt, image=target)
+    ours = adapter.to_vae_latents(sample(adapter, adapter.collate(teacher), noise))
+    assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
+    # The target changes the teacher's prediction; the student's context never contains it.
+    other = adapter.teacher_contexts(CAPTIONS[:1], images(1, SIZE, seed=8))
+    x, s = noise, torch.tensor([0.6])
+    with torch.no_grad():
+        vt1 = adapter.velocity(adapter.network, x, s, adapter.collate(teacher))
+        vt2 = adapter.velocity(adapter.network, x, s, adapter.collate(other))
+    assert (vt1 - vt2).abs().max() > 1e-4
+    student = adapter.student_contexts(CAPTIONS[:1])[0]
+    assert set(student) == {"prompt_embeds"}
+    assert (student["prompt_embeds"] - teacher[0]["prompt_embeds"]).abs().max() > 1e-4  # instruction appended
+
+
+def test_editing_mode_student_sees_sources_teacher_also_the_output(folders):
+    adapter = flux2.load(config(folders, editing=True))
+    source, target = images(2, SIZE, seed=6)
+    instruction = "turn the sky orange"
+    student = adapter.student_contexts([instruction], [[source]])
+    teacher = adapter.teacher_contexts([instruction], [target], [[source]])
+    assert sorted(set(student[0]["ref_ids"][:, 0].tolist())) == [10]
+    assert sorted(set(teacher[0]["ref_ids"][:, 0].tolist())) == [10, 20]  # the ground truth is the last reference
+    noise = noise_for(adapter, 1, seed=3)
+    ref_s = run_pipe(adapter, noise, prompt=instruction, image=[source])
+    ref_t = run_pipe(adapter, noise, prompt=f"{instruction} {flux2.EDIT_INSTRUCTION}", image=[source, target])
+    assert torch.allclose(adapter.to_vae_latents(sample(adapter, adapter.collate(student), noise)), ref_s, atol=1e-5)
+    assert torch.allclose(adapter.to_vae_latents(sample(adapter, adapter.collate(teacher), noise)), ref_t, atol=1e-5)
+    with pytest.raises(ValueError, match="source image"):
+        adapter.student_contexts([instruction], [[]])
+    assert set(adapter.student_contexts([instruction], None)[0]) == {"prompt_embeds"}  # prompts without sources: t2i
+
+
+def test_collate_refuses_batches_with_different_references(adapter):
+    a = adapter.teacher_contexts(CAPTIONS[:1], images(1, SIZE))
+    b = adapter.teacher_contexts(CAPTIONS[:1], images(1, 2 * SIZE))
+    with pytest.raises(ValueError, match="same number and size of reference images"):
+        adapter.collate(a + b)
+    with pytest.raises(ValueError, match="same number and size"):
+        adapter.collate(a + adapter.student_contexts(CAPTIONS[:1]))
+
+
+def test_vlm_teacher_option_uses_layers_9_18_27(folders):
+    vl = build_qwen3_vl(folders.root / "vl", text_hidden=32, text_layers=27)
+    adapter = flux2.load(config(folders, teacher_context="vlm", teacher_encoder=str(vl), teacher_max_tokens=48))
+    ctx = adapter.teacher_contexts(CAPTIONS, images(2, SIZE))
+    assert adapter._vlm.report.matched == 27 * 11 + 2
+    assert [tuple(c["prompt_embeds"].shape) for c in ctx] == [(48, 96)] * 2  # padded, 3 layers × width 32
+    batch = adapter.collate(ctx)
+    with torch.no_grad():
+        v = adapter.velocity(adapter.network, noise_for(adapter, 2), torch.tensor([0.5, 0.5]), batch)
+    assert torch.isfinite(v).all()
+
+
+def test_dopsd_step_gives_finite_gradients_on_lora_only(folders):
+    adapter = flux2.load(config(folders))
+    out = dopsd_lora_steps(adapter, CAPTIONS, images(2, SIZE), steps=2)
+    grads = out["grads"]
+    lora = {n: g for n, g in grads.items() if "lora_" in n}
+    assert all(g is None for n, g in grads.items() if "lora_" not in n)
+    assert lora and all(g is not None and torch.isfinite(g).all() for g in lora.values())
+    assert sum(float(g.abs().sum()) for n, g in lora.items() if "lora_B" in n) > 0
+    modules = {n.split(".lora_")[0] for n in lora}
+    assert "transformer_blocks.0.attn.to_out.0" in modules  # the ModuleList's Linear, via the regex
+    assert "single_transformer_blocks.1.attn.to_out" in modules
+    assert "single_transformer_blocks.0.attn.to_qkv_mlp_proj" in modules
+    assert "transformer_blocks.0.attn.add_k_proj" in modules
+    assert out["losses"][0] > 0  # the reference teacher disagrees with the caption-only student
+
+
+def test_wrong_folder_is_a_clear_error(folders, tmp_path):
+    zi = build_zimage(tmp_path / "zi")
+    with pytest.raises(ModelFolderError, match="'ZImagePipeline' pipeline, but model family 'flux2'"):
+        flux2.load(config(folders, pretrained=str(zi)))
+    with pytest.raises(ModelFolderError, match="does not exist"):
+        flux2.load(config(folders, pretrained=str(tmp_path / "missing")))
+    with pytest.raises(ValueError, match="teacher_context"):
+        flux2.load(config(folders, teacher_context="bogus"))
+
+
+def test_bf16_weights_sample_like_the_bf16_pipeline(folders):
+    """bf16 weights: close to the pipeline, which keeps its latents in bf16 between steps (we keep float32)."""
+    adapter = flux2.load(config(folders), "cpu", torch.bfloat16)
+    noise = noise_for(adapter, 2, seed=5)
+    ref = run_pipe(adapter, noise, prompt=list(CAPTIONS)).float()
+    ours = adapter.to_vae_latents(sample(adapter, adapter.collate(adapter.student_contexts(CAPTIONS)), noise))
+    assert ours.dtype == torch.float32
+    assert (ours - ref).abs().max() < 0.1 * ref.abs().mean(), (ours - ref).abs().max()
+
+
+@pytest.mark.parametrize("mode", ["reference", "vlm", "editing"])
+def test_full_dopsd_train_run(folders, tmp_path, mode):
+    """`dopsd.train` end to end on the tiny FLUX.2-klein for each teacher mode (preset flux2-klein-4b)."""
+    import dopsd
+    from tiny_real import train_config, write_pairs
+
+    data = write_pairs(tmp_path / "data", CAPTIONS, SIZE, seed=7)
+    extra = [f"model.pretrained={folders.model}"]
+    if mode == "vlm":
+        vl = build_qwen3_vl(tmp_path / "vl", text_hidden=32, text_layers=27)
+        extra += ["model.teacher_context=vlm", f"model.teacher_encoder={vl}"]
+    if mode == "editing":
+        write_pairs(tmp_path / "sources", ["unused", "unused"], SIZE, seed=8)
+        extra += ["model.editing=true", f"data.source_dir={tmp_path / 'sources'}"]
+    result = dopsd.train(train_config("flux2-klein-4b", tmp_path, data, SIZE, *extra))
+    assert result.steps == 2 and all(l == l and l > 0 for l in result.losses)
+    assert (result.output_dir / "pytorch_lora_weights.safetensors").is_file()
+    assert (result.output_dir / "lora_config.json").is_file()

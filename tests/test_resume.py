@@ -1,0 +1,90 @@
+"""Resume: an interrupted-and-resumed run reproduces the uninterrupted loss trace, also after SIGKILL."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+import dopsd
+from conftest import tiny_config
+from dopsd.models.mini import tiny_random_adapter
+
+# Everything that has state or randomness: EMA teacher, cosine LR with warm-up, LoRA dropout (global RNG),
+# caption dropout and several captions per image, the hybrid objective and prior preservation.
+STATEFUL = {"optim.schedule": "cosine", "optim.warmup_steps": 2, "lora.dropout": 0.1, "data.caption_dropout": 0.3,
+            "method.name": "hybrid", "method.prior_prompts": ["a red circle", "a blue square"], "method.prior_weight": 0.5,
+            "train.max_steps": 6, "train.checkpoint_every": 3, "sample.every": 3}
+
+
+def adapter():
+    return tiny_random_adapter(0, teacher_context="reference")
+
+
+def test_resume_from_a_middle_checkpoint_reproduces_the_run(tmp_path, concept_data):
+    full = dopsd.train(tiny_config(tmp_path, concept_data, **STATEFUL, **{"train.output_dir": tmp_path / "full"}),
+                       adapter=adapter())
+    cut = tmp_path / "cut"  # the same run as if it had stopped right after its step-3 checkpoint
+    shutil.copytree(full.output_dir, cut)
+    shutil.rmtree(cut / "checkpoints" / "step-0000006")
+    for name in ("lora.safetensors", "lora_config.json", "summary.json"):
+        (cut / name).unlink()
+    cfg = tiny_config(tmp_path, concept_data, **STATEFUL, **{"train.output_dir": cut})
+    resumed = dopsd.train(cfg, resume=True, adapter=adapter())
+    assert resumed.summary["resumed_from"].endswith("step-0000003") and resumed.summary["steps_this_run"] == 3
+    assert resumed.losses == full.losses  # bit-exact
+    a, b = load_file(str(full.weights)), load_file(str(resumed.weights))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ta = load_file(str(full.output_dir / "checkpoints/step-0000006/teacher.safetensors"))
+    tb = load_file(str(cut / "checkpoints/step-0000006/teacher.safetensors"))
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)  # the EMA teacher resumed too
+    lines = (cut / "losses.jsonl").read_text().splitlines()
+    assert len(lines) == 6  # the trace file holds the whole run once
+
+
+def test_resume_extends_a_finished_run(tmp_path, concept_data):
+    long = dopsd.train(tiny_config(tmp_path, concept_data, **{"train.output_dir": tmp_path / "long", "train.max_steps": 6}),
+                       adapter=adapter())
+    cfg = tiny_config(tmp_path, concept_data, **{"train.output_dir": tmp_path / "short", "train.max_steps": 3})
+    dopsd.train(cfg, adapter=adapter())
+    extended = dopsd.train(cfg, ["train.max_steps=6"], resume=True, adapter=adapter())
+    assert extended.losses == long.losses
+    changed = tiny_config(tmp_path, concept_data, **{"train.output_dir": tmp_path / "short", "optim.lr": 0.5})
+    try:
+        dopsd.train(changed, resume=True, adapter=adapter())
+    except ValueError as err:
+        assert "optim.lr" in str(err)
+    else:
+        raise AssertionError("resuming with another learning rate must be refused")
+
+
+def test_a_killed_process_resumes_exactly(tmp_path, concept_data, tiny_mini):
+    settings = {"model.pretrained": tiny_mini, "train.max_steps": 400, "train.checkpoint_every": 2,
+                "optim.schedule": "constant", "lora.dropout": 0.1, "data.caption_dropout": 0.3}
+    cfg = tiny_config(tmp_path, concept_data, **settings)
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(cfg.to_yaml())
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "dopsd.cli", "train", str(config_file)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    deadline = time.time() + 120
+    while not (checkpoints / "step-0000002" / "state.json").is_file():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.time() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # mid-run: no cleanup, possibly mid-write of the next checkpoint
+    proc.wait()
+    proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    latest = max(int(p.name.split("-")[1]) for p in checkpoints.glob("step-*") if (p / "state.json").is_file())
+    assert 2 <= latest < 12
+    resumed = dopsd.train(config_file, ["train.max_steps=12"], resume=True)
+    reference = dopsd.train(config_file, ["train.max_steps=12", f"train.output_dir={tmp_path / 'reference'}"])
+    assert len(resumed.losses) == 12 and resumed.summary["steps_this_run"] == 12 - latest
+    np.testing.assert_array_equal(resumed.losses, reference.losses)
