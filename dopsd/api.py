@@ -22,7 +22,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -86,11 +86,13 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     adapter: Any = None,
+    callback: Callable[[Any, dict[str, Any]], None] | None = None,
 ) -> Result:
     """Train as `dopsd train` does. `config`: a Config, a YAML path, a preset name or a dict.
 
     `adapter` (optional) is an already-built model adapter to train instead of loading config.model
-    (tests pass a tiny random miniature). Raises DatasetError before anything starts if the data is bad,
+    (tests pass a tiny random miniature). `callback(trainer, record)` runs on every process after each
+    optimizer step (e.g. to evaluate `trainer.network`). Raises DatasetError before anything starts if the data is bad,
     OutputExistsError for an existing output folder, TrainingAborted after too many non-finite steps.
     """
     from dopsd import trainer as tr
@@ -107,7 +109,7 @@ def train(
         (out / "config.yaml").write_text(cfg.to_yaml())
     trainer.acc.wait_for_everyone()
     trainer.prepare()
-    timing = run_loop(trainer)
+    timing = run_loop(trainer, callback)
     weights = None
     summary: dict[str, Any] = {}
     if trainer.main:
@@ -124,7 +126,7 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
         fh.write(json.dumps(record) + "\n")
 
 
-def run_loop(trainer: Any) -> dict[str, Any]:
+def run_loop(trainer: Any, callback: Callable[[Any, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train to max_steps with progress bar, TensorBoard, checkpoints, interval samples; returns timing info."""
     from tqdm.auto import tqdm
 
@@ -151,6 +153,8 @@ def run_loop(trainer: Any) -> dict[str, Any]:
         while trainer.step < cfg.train.max_steps:
             record = trainer.train_step()
             trainer.history.append({k: v for k, v in record.items() if not k.startswith("rollout/")})
+            if callback is not None:
+                callback(trainer, record)
             if main:
                 append_jsonl(losses_file, record)
                 if writer is not None:

@@ -45,8 +45,9 @@ class ModelConfig:
     pretrained: str | None = opt(
         None, "Local folder with the weights (diffusers layout). mini: null/'turbo' (shipped turbo), 'base', or a path."
     )
-    teacher_context: Literal["vlm", "reference"] = opt(
-        "vlm", "How the teacher sees the target image: VLM features of image+caption, or klein's reference-image path."
+    teacher_context: Literal["vlm", "reference", "text"] = opt(
+        "vlm", "How the teacher sees the target image: VLM features of image+caption, the model's reference-image "
+        "path (FLUX.2, mini), or 'text' (caption only: no image, a control for probes/ablations)."
     )
     teacher_encoder: str | None = opt(None, "Local folder of the teacher's multimodal encoder (Z-Image: a Qwen3-VL model).")
     teacher_instruction: str | None = opt(
@@ -54,8 +55,12 @@ class ModelConfig:
     )
     height: int = opt(24, "Training/sampling height in pixels (the bucket area for aspect-ratio buckets).")
     width: int = opt(24, "Training/sampling width in pixels.")
-    inference_steps: int = opt(4, "The model's own few-step sampling steps (the setting the LoRA must keep working at).")
-    shift: float = opt(1.0, "Static σ shift of the inference schedule (Z-Image-Turbo: 3). FLUX.2 uses its dynamic shift.")
+    inference_steps: int | None = opt(
+        None, "Few-step sampling steps the LoRA must keep working at (roll-out, grids); null = the model's own."
+    )
+    shift: float | None = opt(
+        None, "Static σ shift of the inference schedule (Z-Image-Turbo: 3); null = the model's own. FLUX.2: dynamic."
+    )
     rollout_every: int = opt(1, "Training roll-out = every n-th σ of the inference schedule (Z-Image-Turbo: 2 → 4 steps).")
     max_caption_tokens: int = opt(512, "Maximum caption tokens for the student text encoder.")
     editing: bool = opt(False, "Editing LoRA: the student sees source image(s) + instruction (needs data.source_dir).")
@@ -129,7 +134,7 @@ class TrainConfig:
     keep_checkpoints: int = opt(2, "Keep the last n checkpoints.")
     max_nonfinite: int = opt(5, "Abort after this many non-finite losses/gradients in a row (each one is skipped).")
     fsdp: dict[str, Any] = opt({}, "accelerate FullyShardedDataParallelPlugin kwargs; empty = off (untested on CPU).")
-    device: str | None = opt(None, "Force a device ('cpu'); null = accelerate's choice.")
+    device: str | None = opt(None, "'cpu' forces the CPU; null = accelerate's choice (choose GPUs with CUDA_VISIBLE_DEVICES).")
 
 
 @dataclass
@@ -182,7 +187,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "mini": (
         "Built-in miniature turbo (24×24, 4 steps, CPU).",
         {
-            "model": {"family": "mini", "pretrained": "turbo", "height": 24, "width": 24, "inference_steps": 4},
+            "model": {"family": "mini", "pretrained": "turbo", "height": 24, "width": 24},
             "lora": {"rank": 8, "alpha": 8.0},
             "optim": {"lr": 5e-4},
             "method": {"ema_decay": 0.999},
@@ -394,7 +399,7 @@ def validate(config: Config) -> None:
     """Cross-field checks (types are already checked)."""
     c = config
     positives = {"model.height": c.model.height, "model.width": c.model.width, "model.inference_steps":
-                 c.model.inference_steps, "model.rollout_every": c.model.rollout_every, "train.max_steps":
+                 c.model.inference_steps or 1, "model.rollout_every": c.model.rollout_every, "train.max_steps":
                  c.train.max_steps, "train.batch_size": c.train.batch_size, "train.gradient_accumulation":
                  c.train.gradient_accumulation, "lora.rank": c.lora.rank, "train.keep_checkpoints":
                  c.train.keep_checkpoints, "train.max_nonfinite": c.train.max_nonfinite, "data.bucket_multiple":
@@ -414,5 +419,8 @@ def validate(config: Config) -> None:
         raise ConfigError("model.editing is true but data.source_dir is not set: point it at the source images")
     if c.model.editing and c.method.prior_prompts and c.method.prior_weight > 0:
         raise ConfigError("prior preservation (method.prior_prompts) is not supported for editing models (model.editing)")
+    if c.train.device not in (None, "cpu"):
+        raise ConfigError(f"config key 'train.device' must be 'cpu' or null, got {c.train.device!r} "
+                          "(choose GPUs with CUDA_VISIBLE_DEVICES or accelerate launch)")
     if not c.sample.seeds:
         raise ConfigError("config key 'sample.seeds' must list at least one seed")

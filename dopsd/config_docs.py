@@ -30,6 +30,9 @@ def render_docs() -> str:
         "A config is a preset plus overrides. In YAML, give `preset:` and any sections; on the command line,",
         "override any key as `section.key=value`, e.g. `dopsd train my.yaml optim.lr=2e-4 train.max_steps=1000`.",
         "Unknown keys are rejected with the closest valid name. Example files: `dopsd/configs/*.yaml`.",
+        "A relative `data.path` in a YAML file is relative to that file; other paths to the working directory.",
+        "Several GPUs (DDP): `torchrun --nproc_per_node N -m dopsd.cli train CONFIG` or",
+        "`accelerate launch --multi_gpu --num_processes N -m dopsd.cli train CONFIG`; `train.batch_size` is per process.",
         "",
     ]
     hints = _hints(Config)

@@ -39,9 +39,9 @@ def generate(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Euler samples for per-sample `contexts` from `noise`; decoded images (B, 3, H, W) in [-1, 1] on CPU."""
-    param = next(network.parameters())
-    device, dtype = device or param.device, dtype or param.dtype
+    """Euler samples for per-sample `contexts` from `noise`; decoded images (B, 3, H, W) in [-1, 1] on CPU.
+    Latents are float32 unless `dtype` says otherwise (adapters cast to their weights' dtype inside)."""
+    device, dtype = device or next(network.parameters()).device, dtype or torch.float32
     was_training = network.training
     network.eval()
     out = []
@@ -158,11 +158,12 @@ def main(args: argparse.Namespace) -> int:
     if weights is not None:
         apply_trained(adapter.network, Path(weights), args.lora_scale)
     m = config.model
-    steps = args.steps or m.inference_steps
+    schedule = adapter.inference_schedule(m.height, m.width, args.steps or m.inference_steps)
+    steps = len(schedule) - 1
     contexts = adapter.student_contexts(list(prompts), None)
     rows = [c for c in contexts for _ in args.seeds]
     noise = seed_noise(adapter.latent_shape(m.height, m.width), list(args.seeds) * len(prompts))
-    images = generate(adapter, adapter.network, rows, noise, adapter.inference_schedule(m.height, m.width, steps))
+    images = generate(adapter, adapter.network, rows, noise, schedule, dtype=torch.float32)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     grid_image(images, len(prompts), len(args.seeds)).save(args.out)
     what = f"LoRA {weights}" if weights else "no LoRA"

@@ -69,6 +69,8 @@ class Trainer:
         from dopsd.models.registry import load_adapter, torch_dtype
 
         self.dtype = torch_dtype(config.model.dtype)
+        # Latents and roll-outs stay float32 whatever the weights' dtype (adapters cast inside `velocity`).
+        self.latent_dtype = torch.float32
         self.adapter = adapter if adapter is not None else load_adapter(config.model, self.acc.device, self.dtype)
         self.m = config.model
         self.method = config.method
@@ -216,57 +218,65 @@ class Trainer:
     def _velocity(self, network: torch.nn.Module):
         return lambda x, s, c: self.adapter.velocity(network, x, s, c)
 
-    def micro_step(self, step: int, micro: int, indices: list[int], slots: list[int], final_micro: bool, scale: float) -> dict[str, Any]:
-        cfg, dev = self.cfg, self.acc.device
+    def _rollout_term(self, s_ctx: Any, t_ctx: Any, teacher: ParamShadow, noise: torch.Tensor, sched: torch.Tensor,
+                      weight: float, final: bool) -> Any:
+        """One D-OPSD-form loss (per-step backward by default); DDP syncs only on the step's very last backward."""
+        dev, per_step = self.acc.device, self.method.per_step_backward
+        teacher_fn = teacher.wrap(self._velocity(self.network))
+        out = dopsd_loss(
+            self._velocity(self.student), teacher_fn, noise.to(dev, self.latent_dtype), sched.to(dev), s_ctx, t_ctx,
+            space=self.method.loss_space, step_weights=step_weights_for(self.method.step_weighting, sched),
+            backward=(lambda loss: self.acc.backward(loss * weight)) if per_step else None,
+            step_context=lambda last: self._sync(final and last),
+        )
+        if not per_step:
+            self.acc.backward(out.loss * weight)  # DDP sync was decided by the last forward's context
+        return out
+
+    def micro_step(self, step: int, micro: int, indices: list[int], slots: list[int], final_micro: bool,
+                   scale: float) -> dict[str, Any]:
+        """Forward + backward of every loss term for this process's part of one micro-batch."""
+        cfg, dev, f32 = self.cfg, self.acc.device, self.latent_dtype
         bucket = self.examples[indices[0]].bucket
         shape = self.adapter.latent_shape(*bucket)
-        rngs = [_rng(cfg.train.seed, step, slot) for slot in slots]
+        rngs = [_rng(cfg.train.seed, step, slot) for slot in slots]  # per-sample randomness, by global slot
         variants = []
         for i, r in zip(indices, rngs):
             c = int(r.integers(len(self.examples[i].captions)))
             variants.append(DROPPED if r.random() < cfg.data.caption_dropout else c)
+        student_keys = [self.feats.student[(i, v)] for i, v in zip(indices, variants)]
         terms = [t for t, on in (("dopsd", self.uses_teacher), ("sft", self.uses_sft), ("prior", self.prior_on)) if on]
         logs: dict[str, Any] = {}
-        student = self._velocity(self.student)
-        per_step = self.method.per_step_backward
         for term in terms:
             final = final_micro and term == terms[-1]
-            if term in ("dopsd", "prior"):
-                if term == "dopsd":
-                    noise = seed_noise(shape, [int(r.integers(2**62)) for r in rngs])
-                    s_ctx = self._contexts([self.feats.student[(i, v)] for i, v in zip(indices, variants)])
-                    t_ctx = self._contexts([self.feats.teacher[(i, v)] for i, v in zip(indices, variants)])
-                    teacher, weight, sched = self.teacher.wrap(self._velocity(self.network)), 1.0, self.schedule(bucket)
-                else:  # prior preservation: unrelated prompts, the original model, caption-only on both sides
-                    n = self.method.prior_batch_size
-                    base = (micro * self.world + self.rank) * n
-                    prng = [_rng(cfg.train.seed, step, slot, 1) for slot in range(base, base + n)]
-                    prompts = [self.method.prior_prompts[int(r.integers(len(self.method.prior_prompts)))] for r in prng]
-                    sched = self.schedule((self.m.height, self.m.width))
-                    noise = seed_noise(self.adapter.latent_shape(self.m.height, self.m.width), [int(r.integers(2**62)) for r in prng])
-                    s_ctx = t_ctx = self._contexts([self.feats.prompts[p] for p in prompts])
-                    teacher, weight = self.prior.wrap(self._velocity(self.network)), self.method.prior_weight
-                w = weight * scale
-                out = dopsd_loss(
-                    student, teacher, noise.to(dev, self.dtype), sched.to(dev), s_ctx, t_ctx,
-                    space=self.method.loss_space, step_weights=step_weights_for(self.method.step_weighting, sched),
-                    backward=(lambda loss, w=w: self.acc.backward(loss * w)) if per_step else None,
-                    step_context=lambda last, final=final: self._sync(final and last),
-                )
-                if not per_step:
-                    self.acc.backward(out.loss * w)  # DDP sync was decided by the last forward's context
-                logs[term] = float(out.loss.detach()) * weight
-                if term == "dopsd":
-                    logs["steps"] = out.steps
-            else:
+            if term == "dopsd":  # the student's roll-out, matched to the teacher that also sees the target image
+                noise = seed_noise(shape, [int(r.integers(2**62)) for r in rngs])
+                t_ctx = self._contexts([self.feats.teacher[(i, v)] for i, v in zip(indices, variants)])
+                out = self._rollout_term(self._contexts(student_keys), t_ctx, self.teacher, noise,
+                                         self.schedule(bucket), scale, final)
+                logs["dopsd"], logs["steps"] = float(out.loss.detach()), out.steps
+            elif term == "prior":  # unrelated prompts: the original model, caption-only on both sides
+                n = self.method.prior_batch_size
+                base = (micro * self.world + self.rank) * n
+                prng = [_rng(cfg.train.seed, step, slot, 1) for slot in range(base, base + n)]
+                prompts = [self.method.prior_prompts[int(r.integers(len(self.method.prior_prompts)))] for r in prng]
+                noise = seed_noise(self.adapter.latent_shape(self.m.height, self.m.width),
+                                   [int(r.integers(2**62)) for r in prng])
+                ctx = self._contexts([self.feats.prompts[p] for p in prompts])
+                weight = self.method.prior_weight
+                out = self._rollout_term(ctx, ctx, self.prior, noise, self.schedule((self.m.height, self.m.width)),
+                                         weight * scale, final)
+                logs["prior"] = float(out.loss.detach()) * weight
+            else:  # SFT: flow matching on the target latents with the caption-only context
                 gens = [_torch_gen(r) for r in rngs]
-                sigma = torch.cat([sample_training_sigmas(1, self.method.sft_timesteps, shift=self.method.sft_shift, generator=g) for g in gens])
+                sigma = torch.cat([sample_training_sigmas(1, self.method.sft_timesteps, shift=self.method.sft_shift,
+                                                          generator=g) for g in gens])
                 noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
                 x0 = torch.stack([self.feats.load(self.feats.latents[i])["latents"] for i in indices])
-                ctx = self._contexts([self.feats.student[(i, v)] for i, v in zip(indices, variants)])
                 weight = 1.0 if self.method.name == "sft" else self.method.sft_weight
                 with self._sync(final):
-                    loss = sft_loss(student, x0.to(dev, self.dtype), ctx, sigma.to(dev, self.dtype), noise.to(dev, self.dtype))
+                    loss = sft_loss(self._velocity(self.student), x0.to(dev, f32), self._contexts(student_keys),
+                                    sigma.to(dev, f32), noise.to(dev, f32))
                     self.acc.backward(loss * weight * scale)
                 logs["sft"] = float(loss.detach()) * weight
         logs["loss"] = sum(v for k, v in logs.items() if k in ("dopsd", "sft", "prior"))
@@ -335,8 +345,10 @@ class Trainer:
         result: dict[str, Any] = {}
         for steps in [m.inference_steps] + ([s.control_steps] if s.control_steps > 0 else []):
             sched = self.adapter.inference_schedule(m.height, m.width, steps)
+            steps = len(sched) - 1  # None = the model's own count
             with self.acc.autocast():
-                images = generate(self.adapter, self.network, contexts, noise, sched, device=self.acc.device, dtype=self.dtype)
+                images = generate(self.adapter, self.network, contexts, noise, sched, device=self.acc.device,
+                                  dtype=self.latent_dtype)
             grid = grid_image(images, len(self.prompts), len(seeds))
             path = self.out / "samples" / f"{tag}_{steps}steps.png"
             grid.save(path)

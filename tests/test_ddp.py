@@ -27,7 +27,8 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, co
     settings = {"model.pretrained": tiny_mini, "method.name": "hybrid", "method.prior_weight": 0.5,
                 "method.prior_prompts": ["a red circle", "a blue square", "a green plus"], "data.caption_dropout": 0.3,
                 "train.batch_size": 1, "train.gradient_accumulation": 2, "method.prior_batch_size": 1,
-                "train.max_steps": 3, "optim.lr": 1e-2, "train.checkpoint_every": 0}
+                "train.max_steps": 3, "optim.lr": 1e-2, "train.checkpoint_every": 0,
+                "optim.eps": 1e-6}  # Adam eps above float noise: near-zero gradients must not flip signs
     config_file = tmp_path / "ddp.yaml"
     config_file.write_text(tiny_config(tmp_path, concept_data, **settings).to_yaml())
     script = tmp_path / "launch.py"

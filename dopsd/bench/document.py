@@ -61,8 +61,10 @@ def _setting_info(cfg: Any, s: Any, meta: dict[str, Any]) -> dict[str, Any]:
         "ema_decay": tc.method.ema_decay, "optimizer": f"AdamW, {tc.optim.schedule} lr, grad clip {tc.optim.grad_clip:g}",
         "trainer_overrides": s.overrides, "seeds": cfg.seeds, "ablation_seeds": cfg.ablation_seeds or cfg.seeds,
         "few_steps": 4, "many_steps": cfg.many_steps, "curve_every": s.curve_every,
-        "eval_samples": {"train": cfg.n_train, "unseen": cfg.n_unseen, "unrelated": cfg.n_unrelated, "curve": cfg.curve_n},
-        "model": cfg.model, "preset": cfg.name, "seconds_total": round(meta["seconds"], 1), "machine": meta["machine"],
+        "eval_samples": {"train": cfg.n_train, "unseen": cfg.n_unseen, "unrelated": cfg.n_unrelated,
+                         "unrelated_many_steps": cfg.n_many, "curve": cfg.curve_n},
+        "model": cfg.model, "preset": cfg.name, "seconds_total": round(meta["seconds"], 1),
+        "seconds_idle_estimate": round(meta.get("idle_estimate_seconds", float("nan")), 1), "machine": meta["machine"],
     }
 
 
@@ -84,7 +86,11 @@ def build_report(out: Path, cfg: Any, rows: dict[str, Any], curves: dict[str, An
     blocks.append(("p", f"Preset `{meta['preset']}` (`{meta['command']}`), {meta['seconds']:.0f} s wall time in total "
                         f"({meta['seconds_training_and_eval']:.0f} s training and evaluation with {meta['workers']} worker "
                         f"process(es)). Machine: {meta['machine']}. The machine may be shared with other processes: "
-                        "absolute timings are noisy; the cost ratios are measured side by side in one process."))
+                        "absolute timings are noisy; the cost ratios are measured side by side in one process. "
+                        f"CPU time used: {meta.get('cpu_seconds', {}).get('workers', 0):.0f} s in worker processes + "
+                        f"{meta.get('cpu_seconds', {}).get('main', 0):.0f} s in the main process, i.e. about "
+                        f"{meta.get('idle_estimate_seconds', float('nan')):.0f} s of wall time on an otherwise idle "
+                        "machine (estimate: single-threaded work, CPU time ≈ wall time)."))
     if meta.get("dedistill"):
         d = meta["dedistill"]
         blocks.append(("p", f"De-distillation adapter for `sft_adapter`: an SFT LoRA trained first on {cfg.dedistill_pairs} "

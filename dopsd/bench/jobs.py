@@ -40,7 +40,7 @@ class Job:
     steps: int
     curve_every: int
     curve_n: int
-    suite: dict[str, int]  # n_train, n_unseen, n_unrelated, many_steps
+    suite: dict[str, int]  # n_train, n_unseen, n_unrelated, many_steps, n_many
     model: str = "turbo"  # "turbo" (shipped weights), a recipe folder, or "tiny-random" (tests)
     dedistill: str | None = None  # safetensors of ΔW per module (sft_adapter)
     keep_images: bool = False
@@ -93,7 +93,8 @@ def _suite(job: Job, adapter: Any) -> Any:
     cfg = load_config("mini", [f"data.path={job.data_dir}"])
     captions = [c for ex in load_dataset(cfg.data, cfg.model) for c in ex.captions]
     s = job.suite
-    return build_suite(adapter, job.target, captions, s["n_train"], s["n_unseen"], s["n_unrelated"], s["many_steps"])
+    return build_suite(adapter, job.target, captions, s["n_train"], s["n_unseen"], s["n_unrelated"], s["many_steps"],
+                       s["n_many"])
 
 
 def _keep(imgs: dict[str, torch.Tensor], n: int = 8) -> dict[str, torch.Tensor]:

@@ -45,6 +45,7 @@ class BenchConfig:
     n_unseen: int
     n_unrelated: int
     many_steps: int
+    n_many: int  # unrelated prompts sampled at many steps too (the control)
     cost_repeats: int
     cost_warmup: int
     dedistill_pairs: int
@@ -87,7 +88,7 @@ def preset(name: str) -> BenchConfig:
             Setting("domain_full", ["domain"], 8, ["lora.enabled=false", "optim.lr=1e-4", "train.batch_size=2"], 4, 2),
         ]
         return BenchConfig("tiny", settings, ALL_METHODS, seeds=3, curve_n=4, n_train=4, n_unseen=4, n_unrelated=4,
-                           many_steps=6, cost_repeats=2, cost_warmup=1, dedistill_pairs=8, dedistill_steps=2,
+                           many_steps=6, n_many=4, cost_repeats=2, cost_warmup=1, dedistill_pairs=8, dedistill_steps=2,
                            dedistill_overrides=["lora.rank=2", "lora.alpha=2", "train.batch_size=2"], workers=1,
                            model="tiny-random", reference_row=False)
     concept = ["lora.rank=8", "lora.alpha=8", "optim.lr=5e-4", "train.batch_size=8"]
@@ -99,7 +100,7 @@ def preset(name: str) -> BenchConfig:
             Setting("domain_full", ["domain"], 128, domain, 60, 20),
         ]
         return BenchConfig("quick", settings, ALL_METHODS, seeds=3, curve_n=16, n_train=32, n_unseen=48,
-                           n_unrelated=48, many_steps=32, cost_repeats=5, cost_warmup=1, dedistill_pairs=256,
+                           n_unrelated=48, many_steps=32, n_many=24, cost_repeats=5, cost_warmup=1, dedistill_pairs=256,
                            dedistill_steps=100, dedistill_overrides=dedistill, workers=2, ablation_seeds=1)
     if name == "full":
         settings = [
@@ -107,7 +108,7 @@ def preset(name: str) -> BenchConfig:
             Setting("domain_full", ["domain"], 256, domain, 200, 25),
         ]
         return BenchConfig("full", settings, ALL_METHODS, seeds=3, curve_n=32, n_train=64, n_unseen=96,
-                           n_unrelated=128, many_steps=32, cost_repeats=9, cost_warmup=2, dedistill_pairs=512,
+                           n_unrelated=128, many_steps=32, n_many=64, cost_repeats=9, cost_warmup=2, dedistill_pairs=512,
                            dedistill_steps=300, dedistill_overrides=dedistill, workers=2)
     raise ValueError(f"bench: unknown preset {name!r}; choose tiny, quick or full")
 
@@ -149,7 +150,8 @@ def _jobs(cfg: BenchConfig, folders: dict[str, str], out: Path, dedistill: str |
     jobs = []
     ablations = {"dopsd_base_teacher", "dopsd_live_teacher", "dopsd_velocity"}
     for s in cfg.settings:
-        suite = {"n_train": cfg.n_train, "n_unseen": cfg.n_unseen, "n_unrelated": cfg.n_unrelated, "many_steps": cfg.many_steps}
+        suite = {"n_train": cfg.n_train, "n_unseen": cfg.n_unseen, "n_unrelated": cfg.n_unrelated,
+                 "many_steps": cfg.many_steps, "n_many": cfg.n_many}
         rows = list(cfg.methods) + ([REFERENCE_ROW] if cfg.reference_row else [])
         for method in rows:
             n_seeds = 1 if method in ("base", REFERENCE_ROW) else (
@@ -227,7 +229,8 @@ def aggregate(results: list[dict[str, Any]], settings: list[Setting]) -> tuple[d
     images: dict[str, Any] = {}
     for s in settings:
         mine = [r for r in results if r["job"]["setting"] == s.name]
-        methods = list(dict.fromkeys(r["job"]["method"] for r in mine))
+        order = ALL_METHODS + [REFERENCE_ROW]
+        methods = sorted(dict.fromkeys(r["job"]["method"] for r in mine), key=order.index)
         rows[s.name], images[s.name] = {}, {}
         curves[s.name] = {"steps": None, "metrics": {}}
         for m in methods:
@@ -264,7 +267,7 @@ def run_bench(cfg: BenchConfig, out: Path, log: Any = print) -> dict[str, Any]:
     from dopsd.bench.costrun import measure_setting_costs
     from dopsd.bench.document import build_report
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     out.mkdir(parents=True, exist_ok=True)
     folders = _write_data(cfg, out)
     log(f"dopsd bench ({cfg.name}): {len(cfg.settings)} setting(s), methods {', '.join(cfg.methods)}, "
@@ -281,6 +284,12 @@ def run_bench(cfg: BenchConfig, out: Path, log: Any = print) -> dict[str, Any]:
             f"dopsd bench ({cfg.name})", "seconds_training_and_eval": train_seconds, "machine": machine_note(),
             "workers": cfg.workers, "dedistill": dedistill, "config": dataclasses.asdict(cfg)}
     meta["seconds"] = time.perf_counter() - started
+    # CPU seconds ≈ what an idle machine needs (each job and the cost run use 1 thread): an honest estimate of
+    # the wall time without other load, next to the measured one.
+    main_cpu = time.process_time() - cpu_started
+    worker_cpu = sum(r.get("cpu_seconds", 0.0) for r in results) + (dedistill or {}).get("cpu_seconds", 0.0)
+    meta["cpu_seconds"] = {"main": main_cpu, "workers": worker_cpu if cfg.workers > 1 else 0.0}
+    meta["idle_estimate_seconds"] = main_cpu + (worker_cpu / cfg.workers if cfg.workers > 1 else 0.0)
     build_report(out, cfg, rows, curves, images, costs, meta)
     return {"seconds": time.perf_counter() - started, "rows": rows, "costs": costs}
 

@@ -122,6 +122,7 @@ class Suite:
     sets: dict[str, PromptSet]
     few_steps: int
     many_steps: int
+    n_many: int  # unrelated prompts also sampled at many steps (the control; the costliest part)
     velocity: Any  # adapter.velocity(network, x, σ, context)
     schedule: Any  # adapter.inference_schedule(res, res, steps)
     reference: dict[str, torch.Tensor] = field(default_factory=dict)  # untouched turbo's samples
@@ -178,7 +179,7 @@ class Suite:
             "train": self.sample(network, "train", self.few_steps),
             "unseen": self.sample(network, "unseen", self.few_steps),
             "unrelated": self.sample(network, "unrelated", self.few_steps),
-            "unrelated_many": self.sample(network, "unrelated", self.many_steps),
+            "unrelated_many": self.sample(network, "unrelated", self.many_steps, self.n_many),
         }
         dec = {k: metrics.decode(v) for k, v in imgs.items()}
         unrelated = self.sets["unrelated"].captions
@@ -186,7 +187,8 @@ class Suite:
             "concept_fidelity": self.fidelity(imgs["train"], dec["train"]),
             "unseen_prompt_fidelity": self.fidelity(imgs["unseen"], dec["unseen"]),
             "fewstep_quality": quality(imgs["unrelated"], unrelated, dec["unrelated"], self.domain),
-            "manystep_quality": quality(imgs["unrelated_many"], unrelated, dec["unrelated_many"], self.domain),
+            "manystep_quality": quality(imgs["unrelated_many"], unrelated[: self.n_many], dec["unrelated_many"],
+                                        self.domain),
             "preservation": agreement(dec["unrelated"], self.reference_decoded["unrelated"]),
             "drift": metrics.drift(imgs["unrelated"], self.reference["unrelated"]),
             "sharpness": metrics.sharpness(imgs["unrelated"]),
@@ -202,7 +204,7 @@ class Suite:
 
 
 def build_suite(adapter: Any, target: str, train_captions: list[str], n_train: int, n_unseen: int, n_unrelated: int,
-                many_steps: int, seed: int = 0) -> Suite:
+                many_steps: int, n_many: int, seed: int = 0) -> Suite:
     """Prompt sets, noise and contexts (built with `adapter`'s encoder, before it is released)."""
     distinct = list(dict.fromkeys(train_captions))
     if target == "domain":
@@ -222,7 +224,7 @@ def build_suite(adapter: Any, target: str, train_captions: list[str], n_train: i
         context = adapter.collate(adapter.student_contexts(captions))
         sets[name] = PromptSet(captions, noise, {k: v.detach().cpu() for k, v in context.items()})
     return Suite(
-        target=target, sets=sets, few_steps=adapter.default_steps, many_steps=many_steps,
+        target=target, sets=sets, few_steps=adapter.default_steps, many_steps=many_steps, n_many=min(n_many, n_unrelated),
         velocity=adapter.velocity, schedule=lambda steps: adapter.inference_schedule(res, res, steps),
     )
 
