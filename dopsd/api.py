@@ -102,6 +102,7 @@ def train(
     examples = load_dataset(cfg.data, cfg.model)  # every problem reported before anything starts
     t_start = time.time()
     trainer = tr.Trainer(cfg, out, examples, adapter=adapter, resume=resume)
+    trainer.acc.wait_for_everyone()  # every process has checked the folder before the main one writes into it
     if trainer.main:
         if out.exists() and overwrite and not resume:
             shutil.rmtree(out)

@@ -12,7 +12,8 @@ few fixed prompts and noises, for any model family, against the starting model:
     score is 1 − (gap now − gap at start), so 1.0 = unchanged and a 0.1 increase of the relative error
     scores 0.9. Using the current network's own control (not the starting model's) keeps intended concept
     changes on the fixed prompts out of the signal.
-  * quality (optional) – a caller-supplied decoder-based quality (the miniature model's), now / at start.
+  * quality (optional) – a decoder-based quality, now / at start: `quality_fn(images, prompts)`; by default
+    ("auto") the miniature model's `dopsd.mini.metrics.fewstep_quality` when every prompt can be decoded.
 
 `health` is the minimum of the available scores; `warning` is set when it falls below `threshold`.
 The untouched model scores exactly 1.0 (fixed noise, deterministic forward).
@@ -59,6 +60,20 @@ def move_to(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
     return value
 
 
+def _auto_quality(adapter: ModelAdapter, prompts: Sequence[str]) -> QualityFn | None:
+    """The miniature model's decoder-based few-step quality when every prompt can be decoded, else None."""
+    if getattr(adapter, "name", None) != "mini":
+        return None
+    from dopsd.mini import metrics
+
+    try:
+        for p in prompts:
+            metrics.parse_caption(p)
+    except ValueError:  # e.g. a caption without a shape word: no reference render to compare with
+        return None
+    return metrics.fewstep_quality
+
+
 def _network_device_dtype(network: nn.Module) -> tuple[torch.device, torch.dtype]:
     for p in network.parameters():
         return p.device, p.dtype
@@ -79,7 +94,7 @@ class FewStepHealth:
         steps: int | None = None,
         control_steps: int = 24,
         threshold: float = 0.85,
-        quality_fn: QualityFn | None = None,
+        quality_fn: QualityFn | None | str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -93,7 +108,7 @@ class FewStepHealth:
             raise ValueError(f"control_steps must be >= 0, got {control_steps}")
         self.adapter = adapter
         self.threshold = float(threshold)
-        self.quality_fn = quality_fn
+        self.quality_fn = _auto_quality(adapter, prompts) if quality_fn == "auto" else quality_fn
         self.device = None if device is None else torch.device(device)
         self.dtype = dtype
         # One sample per (prompt, seed); prompts repeat seed-major so a grid row is one seed.

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 import dopsd
+from dopsd import cli
 from dopsd.config import load_config
 from dopsd.data import BatchOrder, DatasetError, apply_trigger, bucket_sizes, choose_bucket, load_dataset
 
@@ -46,7 +47,7 @@ def test_metadata_jsonl_with_list_text(tmp_path):
     assert [e.captions for e in examples] == [["a red circle", "a red circle on a navy background"], ["a blue square"]]
 
 
-def test_every_bad_file_is_reported_in_one_message_and_nothing_starts(tmp_path):
+def test_every_bad_file_is_reported_in_one_message_and_nothing_starts(tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()
     png(data / "good.png")
@@ -76,6 +77,8 @@ def test_every_bad_file_is_reported_in_one_message_and_nothing_starts(tmp_path):
     assert len(err.value.problems) == 6 and "good.png" not in message
     assert "nothing was started" in message
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()  # nothing was started
+    assert cli.main(["train", "mini", f"data.path={data}", f"train.output_dir={tmp_path / 'run'}"]) == 2
+    assert "6 problem(s)" in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
 def test_metadata_problems_are_collected(tmp_path):

@@ -37,10 +37,10 @@ def test_render_ranges_and_multimodal_captions():
     assert x.shape == (400, 3, world.RES, world.RES) and x.min() >= -1 and x.max() <= 1
     by_caption: dict[str, set] = {}
     for s in sc:
-        by_caption.setdefault(s.caption(), set()).add((s.pos, s.size))
+        by_caption.setdefault(s.caption(), set()).add(s.place)
     assert max(len(v) for v in by_caption.values()) >= 3  # position/size unspecified by captions
     # each shape covers a clearly different set of pixels at the same position and size
-    m = world.MASKS[:, 1, 4].reshape(len(world.SHAPES), -1)
+    m = world.MASKS[:, 4].reshape(len(world.SHAPES), -1)
     diffs = torch.cdist(m, m, p=1)
     assert float(diffs[~torch.eye(len(world.SHAPES), dtype=torch.bool)].min()) > 15
 
@@ -50,7 +50,7 @@ def test_decoder_recovers_ground_truth_and_continuous_colours():
     x = world.render(sc)
     dec = M.decode(x)
     assert dec.shape.tolist() == [s.shape for s in sc]
-    assert dec.pos.tolist() == [s.pos for s in sc] and dec.size.tolist() == [s.size for s in sc]
+    assert dec.place.tolist() == [s.place for s in sc]
     assert M.attribute_accuracy(x, [s.caption() for s in sc], dec) == {"shape": 1.0, "colour": 1.0, "background": 1.0}
     g = torch.Generator().manual_seed(1)
     orange = world.render([world.concept_scene("orange", g) for _ in range(50)])

@@ -54,6 +54,8 @@ def test_train_cli_end_to_end_and_sample_uses_the_lora(tmp_path, concept_data, t
     assert np.abs(with_lora - pixels(out / "samples/final_4steps.png")).max() <= 1
     assert np.abs(without - pixels(out / "samples/step-0000000_4steps.png")).max() <= 1
     assert np.abs(with_lora - without).mean() > 0.5  # the LoRA changes the samples
+    assert cli.main(["sample", str(out), "--lora-scale", "0", "--seeds", "0", "1", "--out", str(tmp_path / "s0.png")]) == 0
+    assert np.abs(pixels(tmp_path / "s0.png") - without).max() <= 1  # strength 0 = no LoRA
 
 
 def test_cache_is_reused_keyed_by_content_and_encoders_are_released(tmp_path, concept_data):
@@ -168,3 +170,20 @@ def test_eight_bit_adam_needs_bitsandbytes(tmp_path, concept_data):
             dopsd.train(cfg, adapter=tiny_random_adapter(0, teacher_context="reference"))
     else:
         assert dopsd.train(cfg, adapter=tiny_random_adapter(0, teacher_context="reference")).steps == 1
+
+
+def test_shipped_turbo_trains_from_the_example_config_and_samples(tmp_path, concept_data):
+    """The documented example (shipped 4-step turbo, prior preservation) end to end on a folder of images."""
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parent.parent / "dopsd" / "configs" / "mini.yaml"
+    out = tmp_path / "run"
+    assert cli.main(["train", str(example), f"data.path={concept_data}", f"train.output_dir={out}", "train.max_steps=3",
+                     "train.batch_size=4", "sample.control_steps=8", "sample.seeds=[0,1]", "log.progress=false",
+                     f"cache.dir={tmp_path / 'cache'}"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["pretrained"] == "turbo" and "turbo" in summary["what"] and summary["steps"] == 3
+    records = [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["dopsd"]) and np.isfinite(r["prior"]) for r in records)
+    assert cli.main(["sample", str(out), "--seeds", "0", "1", "--out", str(tmp_path / "grid.png")]) == 0
+    assert np.abs(pixels(tmp_path / "grid.png") - pixels(out / "samples/final_4steps.png")).max() <= 1

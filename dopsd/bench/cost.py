@@ -108,7 +108,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(steps: dict[str, StepFn], repeats: int, warmup: int = 2, device: str | torch.device = "cpu") -> dict[str, list[float]]:
+def time_steps(
+    steps: dict[str, StepFn], repeats: int, warmup: int = 2, device: str | torch.device = "cpu"
+) -> dict[str, list[float]]:
     """Seconds per call of each step function, interleaved round-robin (the fair comparison on a busy machine)."""
     if repeats < 1:
         raise ValueError(f"cost repeats must be >= 1, got {repeats}")
@@ -127,7 +129,9 @@ def time_steps(steps: dict[str, StepFn], repeats: int, warmup: int = 2, device: 
     return times
 
 
-def peak_memory_bytes(fn: StepFn, resident: Iterable[torch.Tensor | None], device: str | torch.device = "cpu") -> tuple[int, int]:
+def peak_memory_bytes(
+    fn: StepFn, resident: Iterable[torch.Tensor | None], device: str | torch.device = "cpu"
+) -> tuple[int, int]:
     """(resident bytes at start, peak bytes during one call) — see the module docstring for the method."""
     dev = torch.device(device)
     held = resident_bytes(resident)

@@ -68,7 +68,9 @@ def trainer_probe(job: Job, method: str, dedistill: str | None) -> tuple[CostPro
     return CostProbe(step=trainer.train_step, resident=resident, implied_flops=implied), calls
 
 
-def measure_setting_costs(cfg: Any, setting: Any, folders: dict[str, str], out: Path, methods: list[str]) -> dict[str, Any]:
+def measure_setting_costs(
+    cfg: Any, setting: Any, folders: dict[str, str], out: Path, methods: list[str]
+) -> dict[str, Any]:
     """{method: cost dict} for the trained methods of one setting; ratios against `sft` (if measured)."""
     if not methods:
         return {}
@@ -79,7 +81,7 @@ def measure_setting_costs(cfg: Any, setting: Any, folders: dict[str, str], out: 
     for method in methods:
         job = Job(setting=setting.name, target=target, method=method, seed=0,
                   data_dir=folders[f"{setting.name}/{target}"], work_dir=str(out / "work" / "cost" / method),
-                  overrides=setting.overrides, steps=10**6, curve_every=10**6, curve_n=0, suite={}, model=cfg.model)
+                  overrides=setting.overrides_for(method), steps=10**6, curve_every=10**6, curve_n=0, suite={}, model=cfg.model)
         probes[method], calls[method] = trainer_probe(job, method, dedistill if Path(dedistill).is_file() else None)
     reference = "sft" if "sft" in probes else next(iter(probes))
     costs = measure_costs(probes, reference=reference, repeats=cfg.cost_repeats, warmup=cfg.cost_warmup)

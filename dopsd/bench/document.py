@@ -17,7 +17,8 @@ COST_MAP = {"sec_per_step": "sec_per_step", "peak_mem_mb": "peak_mem_mb", "time_
 METRICS_TEXT = (
     "All samples use fixed noise per prompt, identical for every method, seed and curve point; 4 Euler steps (the "
     "turbo's setting) unless stated, and many steps (`many_steps`) for the control. Decoding fits every clean shape "
-    "mask of the world with free foreground/background colours (`dopsd.mini.metrics.decode`). **fidelity**: concept — "
+    "mask of the world with free foreground/background colours (`dopsd.mini.metrics.decode`). **fidelity**: "
+    "concept — "
     "the decoded foreground colour is the held-out concept's (nearer it than any named colour and within 0.25 RGB); "
     "domain — the decoded background is nearer its sepia-tinted version than any plain background. **quality** "
     "(`dopsd.mini.metrics.fewstep_quality`): per sample, sharpness (mean |Laplacian|) relative to its own best-fitting "
@@ -58,8 +59,10 @@ def _setting_info(cfg: Any, s: Any, meta: dict[str, Any]) -> dict[str, Any]:
         "name": s.name, "description": s.description or "", "targets": s.targets, "pairs_per_target": s.pairs,
         "fine_tune": f"LoRA rank {tc.lora.rank} alpha {tc.lora.alpha:g}" if tc.lora.enabled else "full",
         "optimizer_steps": s.steps, "batch_size": tc.train.batch_size, "lr": tc.optim.lr,
-        "ema_decay": tc.method.ema_decay, "optimizer": f"AdamW, {tc.optim.schedule} lr, grad clip {tc.optim.grad_clip:g}",
-        "trainer_overrides": s.overrides, "seeds": cfg.seeds, "ablation_seeds": cfg.ablation_seeds or cfg.seeds,
+        "ema_decay": tc.method.ema_decay,
+        "optimizer": f"AdamW, {tc.optim.schedule} lr, grad clip {tc.optim.grad_clip:g}",
+        "trainer_overrides": s.overrides, "dopsd_overrides": s.dopsd_overrides,
+        "seeds": cfg.seeds, "ablation_seeds": cfg.ablation_seeds or cfg.seeds,
         "few_steps": 4, "many_steps": cfg.many_steps, "curve_every": s.curve_every,
         "eval_samples": {"train": cfg.n_train, "unseen": cfg.n_unseen, "unrelated": cfg.n_unrelated,
                          "unrelated_many_steps": cfg.n_many, "curve": cfg.curve_n},
@@ -68,12 +71,84 @@ def _setting_info(cfg: Any, s: Any, meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+GRID_ROWS = {"train": "training prompts", "unseen": "unseen prompts", "unrelated": "unrelated prompts",
+             "unrelated_many": "unrelated, many steps"}
+
+
 def _grid(out: Path, setting: str, method: str, data: dict[str, Any]) -> str:
     imgs = data["images"]
-    rows = [imgs[k] for k in ("train", "unseen", "unrelated", "unrelated_many") if k in imgs]
+    keys = [k for k in GRID_ROWS if k in imgs]
     name = f"grid_{setting}_{method}.png"
-    image_grid(rows).save(out / name)
+    image_grid([imgs[k] for k in keys], labels=[GRID_ROWS[k] for k in keys]).save(out / name)
     return name
+
+
+def _compare(out: Path, setting: str, images: dict[str, Any], per: int = 4) -> str:
+    """Methods side by side: the same training-prompt and unrelated-prompt samples (4 steps, same noise)."""
+    import torch
+
+    rows = [torch.cat([d["images"]["train"][:per], d["images"]["unrelated"][:per]]) for d in images.values()]
+    name = f"compare_{setting}.png"
+    image_grid(rows, labels=list(images)).save(out / name)
+    return name
+
+
+def _intro(cfg: Any, meta: dict[str, Any]) -> list[Block]:
+    cpu = meta.get("cpu_seconds", {})
+    text = (f"Preset `{meta['preset']}` (`{meta['command']}`): {meta['seconds']:.0f} s wall time in total, "
+            f"{meta['seconds_training_and_eval']:.0f} s of it training and evaluation in {meta['workers']} worker "
+            f"process(es). Machine: {meta['machine']}. The machine may be shared with other processes, so absolute "
+            "timings are noisy; the cost ratios are measured side by side in one process. CPU time used: "
+            f"{cpu.get('workers', 0):.0f} s in worker processes + {cpu.get('main', 0):.0f} s in the main process, "
+            f"i.e. about {meta.get('idle_estimate_seconds', float('nan')):.0f} s of wall time on an otherwise idle "
+            "machine (an estimate: the work is single-threaded, so CPU time ≈ wall time on a free core).")
+    blocks: list[Block] = [("h1", "D-OPSD bench on the miniature world"), ("p", text)]
+    if meta.get("dedistill"):
+        d = meta["dedistill"]
+        blocks.append(("p", f"De-distillation adapter for `sft_adapter`: an SFT LoRA trained first on "
+                            f"{cfg.dedistill_pairs} ordinary pairs for {d['steps']} steps ({d['seconds']:.1f} s), "
+                            "merged into the weights while the method trains and removed for every evaluation "
+                            "(ai-toolkit's recipe for Z-Image-Turbo)."))
+    return blocks
+
+
+def _cost_blocks(name: str, costs: dict[str, Any]) -> list[Block]:
+    if not costs:
+        return []
+    table = [["method", "s/step (median)", "q25–q75", "time ×ref", "implied FLOPs ×ref", "counted FLOPs/step",
+              "overhead", "peak MiB (resident + transient)", "mem ×ref"]]
+    for m, v in costs.items():
+        transient = v["peak_mem_mb"] - v["resident_mb"]
+        table.append([f"`{m}`", fmt(v["sec_per_step"], digits=4),
+                      f"{fmt(v['sec_per_step_q25'], digits=4)}–{fmt(v['sec_per_step_q75'], digits=4)}",
+                      fmt(v["time_ratio"], digits=2), fmt(v["flop_ratio"], digits=2), f"{v['flops_per_step']:.3g}",
+                      fmt(v["overhead"], digits=2), f"{v['peak_mem_mb']:.2f} ({v['resident_mb']:.2f} + {transient:.2f})",
+                      fmt(v["mem_ratio"], digits=2)])
+    ref = next(iter(costs.values()))["reference"]
+    return [("h3", f"Cost ({name}, reference `{ref}`)"), ("table", table)]
+
+
+def _setting_blocks(out: Path, cfg: Any, s: Any, info: dict[str, Any], methods: dict[str, Any],
+                    curves: dict[str, Any], images: dict[str, Any], costs: dict[str, Any]) -> list[Block]:
+    blocks: list[Block] = [
+        ("h2", f"Setting: {s.name}"), ("p", s.description),
+        ("p", f"{s.steps} optimizer steps, batch {info['batch_size']}, lr {info['lr']}, {info['fine_tune']}; targets "
+              f"{', '.join(s.targets)}; {cfg.seeds} seed(s) per target ({cfg.ablation_seeds or cfg.seeds} for the "
+              "teacher/loss ablations). Values are mean ± std over runs (targets × seeds)."),
+        ("table", results_table(methods)),
+    ]
+    if curves["steps"]:
+        png = plot_curves(curves, out / f"curves_{s.name}.png", f"{s.name}: mean ± std over runs")
+        blocks.append(("img", (png.name, f"{s.name}: curves over training steps (mean ± std over runs)")))
+    blocks += _cost_blocks(s.name, costs)
+    blocks.append(("h3", f"Samples ({s.name})"))
+    if images:
+        blocks.append(("img", (_compare(out, s.name, images), f"{s.name}: methods side by side — 4 training-prompt "
+                                                              "then 4 unrelated-prompt samples at 4 steps, same noise")))
+    blocks.append(("p", "Per method, rows: training prompts, unseen prompts, unrelated prompts at 4 steps, and the "
+                        "unrelated prompts at many steps (control); the same noise in every grid."))
+    blocks += [("img", (_grid(out, s.name, m, data), f"{s.name} / {m}")) for m, data in images.items()]
+    return blocks
 
 
 def build_report(out: Path, cfg: Any, rows: dict[str, Any], curves: dict[str, Any], images: dict[str, Any],
@@ -82,68 +157,30 @@ def build_report(out: Path, cfg: Any, rows: dict[str, Any], curves: dict[str, An
 
     results: dict[str, Any] = {}
     claims: list[dict[str, str]] = []
-    blocks: list[Block] = [("h1", "D-OPSD bench on the miniature world")]
-    blocks.append(("p", f"Preset `{meta['preset']}` (`{meta['command']}`), {meta['seconds']:.0f} s wall time in total "
-                        f"({meta['seconds_training_and_eval']:.0f} s training and evaluation with {meta['workers']} worker "
-                        f"process(es)). Machine: {meta['machine']}. The machine may be shared with other processes: "
-                        "absolute timings are noisy; the cost ratios are measured side by side in one process. "
-                        f"CPU time used: {meta.get('cpu_seconds', {}).get('workers', 0):.0f} s in worker processes + "
-                        f"{meta.get('cpu_seconds', {}).get('main', 0):.0f} s in the main process, i.e. about "
-                        f"{meta.get('idle_estimate_seconds', float('nan')):.0f} s of wall time on an otherwise idle "
-                        "machine (estimate: single-threaded work, CPU time ≈ wall time)."))
-    if meta.get("dedistill"):
-        d = meta["dedistill"]
-        blocks.append(("p", f"De-distillation adapter for `sft_adapter`: an SFT LoRA trained first on {cfg.dedistill_pairs} "
-                            f"ordinary pairs for {d['steps']} steps ({d['seconds']:.1f} s), merged into the weights while "
-                            "the method trains and removed for every evaluation (ai-toolkit's recipe for Z-Image-Turbo)."))
     setting_blocks: list[Block] = []
     for s in cfg.settings:
         s.description = s.description or DESCRIPTIONS.get(s.name, "")
-        methods = rows[s.name]
-        _merge_costs(methods, costs.get(s.name, {}))
-        results[s.name] = {"setting": _setting_info(cfg, s, meta), "methods": methods}
-        claims += check_setting(s.name, methods, curves[s.name]) + check_cost(s.name, costs.get(s.name, {}))
-        setting_blocks += [("h2", f"Setting: {s.name}"), ("p", s.description),
-                           ("p", f"{s.steps} optimizer steps, batch {results[s.name]['setting']['batch_size']}, lr "
-                                 f"{results[s.name]['setting']['lr']}, {results[s.name]['setting']['fine_tune']}; targets "
-                                 f"{', '.join(s.targets)}; {cfg.seeds} seed(s) per target "
-                                 f"({cfg.ablation_seeds or cfg.seeds} for the teacher/loss ablations). Values are mean ± "
-                                 "std over runs (targets × seeds)."),
-                           ("table", results_table(methods))]
-        if curves[s.name]["steps"]:
-            png = plot_curves(curves[s.name], out / f"curves_{s.name}.png", f"{s.name}: mean ± std over runs")
-            setting_blocks.append(("img", (png.name, f"{s.name}: curves over training steps (mean ± std over runs)")))
-        c = costs.get(s.name, {})
-        if c:
-            table = [["method", "s/step (median)", "q25–q75", "time ×ref", "implied FLOPs ×ref", "counted FLOPs/step",
-                      "overhead", "peak MiB (resident + transient)", "mem ×ref"]]
-            for m, v in c.items():
-                table.append([f"`{m}`", fmt(v["sec_per_step"], digits=4),
-                              f"{fmt(v['sec_per_step_q25'], digits=4)}–{fmt(v['sec_per_step_q75'], digits=4)}",
-                              fmt(v["time_ratio"], digits=2), fmt(v["flop_ratio"], digits=2),
-                              f"{v['flops_per_step']:.3g}", fmt(v["overhead"], digits=2),
-                              f"{v['peak_mem_mb']:.2f} ({v['resident_mb']:.2f} + {v['peak_mem_mb'] - v['resident_mb']:.2f})",
-                              fmt(v["mem_ratio"], digits=2)])
-            setting_blocks += [("h3", f"Cost ({s.name}, reference `{next(iter(c.values()))['reference']}`)"),
-                               ("table", table)]
-        setting_blocks.append(("h3", f"Samples ({s.name})"))
-        setting_blocks.append(("p", "Rows: training prompts, unseen prompts, unrelated prompts at 4 steps, and the "
-                                    "unrelated prompts at many steps (control); same noise in every grid."))
-        for m, data in images[s.name].items():
-            setting_blocks.append(("img", (_grid(out, s.name, m, data), f"{s.name} / {m}")))
+        methods, cost = rows[s.name], costs.get(s.name, {})
+        _merge_costs(methods, cost)
+        info = _setting_info(cfg, s, meta)
+        results[s.name] = {"setting": info, "methods": methods}
+        claims += check_setting(s.name, methods, curves[s.name]) + check_cost(s.name, cost)
+        setting_blocks += _setting_blocks(out, cfg, s, info, methods, curves[s.name], images[s.name], cost)
     write_results(out / "results.json", results)
     (out / "claims.json").write_text(json.dumps(claims, indent=2) + "\n")
     (out / "curves.json").write_text(json.dumps(curves, indent=2) + "\n")
-    blocks += [("h2", "Claims"), ("p", "Each claim of the paper checked with fixed criteria: a difference counts when it "
-                                       f"exceeds 2× the combined std over runs and {MIN_EFFECT}. Claims that do not "
-                                       "reproduce are listed with their numbers; no metric was tuned to agree."),
-               ("table", [["setting", "claim", "source", "evidence", "verdict"]] +
-                [[c["setting"], c["claim"], c["source"], c["evidence"], f"**{c['verdict']}**"] for c in claims])]
-    blocks += setting_blocks
+    claim_rows = [[c["setting"], c["claim"], c["source"], c["evidence"], f"**{c['verdict']}**"] for c in claims]
+    blocks = _intro(cfg, meta) + [
+        ("h2", "Claims"),
+        ("p", "Each claim of the paper checked with fixed criteria: a difference counts when it exceeds 2× the "
+              f"combined std over runs and {MIN_EFFECT}. Claims that do not reproduce are listed with their numbers; "
+              "no metric was tuned to agree."),
+        ("table", [["setting", "claim", "source", "evidence", "verdict"]] + claim_rows),
+    ] + setting_blocks
     extra = [f for f in FIELD_DOCS if f not in REQUIRED_FIELDS]
     blocks += [("h2", "results.json"),
-               ("p", "`{SETTING: {\"setting\": {...}, \"methods\": {METHOD: {...}}}}`; every metric field has a `_std` "
-                     "twin (std over runs); `base` (no training) and `ref_*` rows have null cost fields. "
+               ("p", "`{SETTING: {\"setting\": {...}, \"methods\": {METHOD: {...}}}}`; every metric field has a "
+                     "`_std` twin (std over runs); `base` (no training) and `ref_*` rows have null cost fields. "
                      "`ref_undistilled_4step` is the multi-step base model sampled at 4 steps: the blur level SFT "
                      "falls toward."),
                ("table", field_doc_table(list(REQUIRED_FIELDS) + extra)),

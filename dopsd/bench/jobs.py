@@ -153,7 +153,8 @@ def run_job(job: Job) -> dict[str, Any]:
                 record(trainer.step)
         with without_deltas(net, deltas):
             final, imgs = suite.evaluate(net)
-        result.update(final=final, curve=curve, train_seconds=train_seconds, train_cpu_seconds=train_cpu, steps=trainer.step,
+        result.update(final=final, curve=curve, train_seconds=train_seconds, train_cpu_seconds=train_cpu,
+                      steps=trainer.step,
                       losses=losses, skipped=sum(1 for r in trainer.history if r.get("skipped")))
     result["images"] = _keep(imgs) if job.keep_images else None
     result["captions"] = {k: ps.captions[:8] for k, ps in suite.sets.items()} if job.keep_images else None

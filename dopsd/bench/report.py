@@ -59,9 +59,10 @@ FIELD_DOCS: dict[str, tuple[str, str]] = {
     "seeds": ("number of training seeds (each *_std field is the standard deviation over all runs)", "-"),
     "runs": ("runs averaged: targets × seeds", "-"),
     "steps": ("optimizer steps of each run (0 = not trained)", "-"),
-    "sharpness": ("mean |Laplacian| of the 4-step samples on unrelated prompts (clean renders set the scale)", "higher"),
-    "render_psnr": ("PSNR (dB) of 4-step unrelated samples to their best-fitting clean render; blur and speckle lower it",
-                    "higher"),
+    "sharpness": ("mean |Laplacian| of the 4-step samples on unrelated prompts (clean renders set the scale)",
+                  "higher"),
+    "render_psnr": ("PSNR (dB) of 4-step unrelated samples to their best-fitting clean render; blur and speckle "
+                    "lower it", "higher"),
     "attribute_accuracy": ("fraction of captioned attributes (shape, colour, background) decoded right on unrelated "
                            "prompts, tint-invariant", "higher"),
     "fewstep_quality_concept": ("fewstep_quality on the training prompts' samples", "higher"),
@@ -130,9 +131,10 @@ def write_results(path: Path, results: dict[str, Any]) -> None:
 # --- figures ----------------------------------------------------------------------------------------------
 
 
-def image_grid(rows: list[torch.Tensor], scale: int = 3, pad: int = 2) -> "Any":
-    """A PIL image: one row per tensor (N, 3, H, W) in [-1, 1], nearest-neighbour upscaled by `scale`."""
-    from PIL import Image
+def image_grid(rows: list[torch.Tensor], scale: int = 3, pad: int = 2, labels: list[str] | None = None) -> "Any":
+    """A PIL image: one row per tensor (N, 3, H, W) in [-1, 1], nearest-neighbour upscaled by `scale`, with an
+    optional text label left of each row."""
+    from PIL import Image, ImageDraw
 
     if not rows:
         raise ValueError("image_grid needs at least one row")
@@ -145,7 +147,16 @@ def image_grid(rows: list[torch.Tensor], scale: int = 3, pad: int = 2) -> "Any":
             canvas[:, y : y + h, x : x + w] = (img.float().clamp(-1, 1) + 1) / 2
     array = (canvas.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
     image = Image.fromarray(array)
-    return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    if not labels:
+        return image
+    margin = 8 + 7 * max(len(t) for t in labels)  # the default bitmap font is ~6–7 px per character
+    framed = Image.new("RGB", (image.width + margin, image.height), "white")
+    framed.paste(image, (margin, 0))
+    draw = ImageDraw.Draw(framed)
+    for i, text in enumerate(labels):
+        draw.text((4, (pad + i * (h + pad) + h // 2) * scale - 6), text, fill="black")
+    return framed
 
 
 def plot_curves(curves: dict[str, Any], path: Path, title: str) -> Path:
@@ -185,7 +196,8 @@ def fmt(value: Any, std: Any = None, digits: int = 3) -> str:
         return "–"
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
-    text = f"{float(value):.{digits}g}" if abs(float(value)) >= 1000 or abs(float(value)) < 1e-3 else f"{float(value):.{digits}f}"
+    v = float(value)
+    text = f"{v:.{digits}g}" if abs(v) >= 1000 or (v != 0 and abs(v) < 1e-3) else f"{v:.{digits}f}"
     if std is not None and isinstance(std, (int, float)) and math.isfinite(float(std)):
         text += f" ± {float(std):.{digits}f}"
     return text
@@ -196,11 +208,13 @@ def results_table(methods: dict[str, dict[str, Any]]) -> list[list[str]]:
     columns = [("concept_fidelity", "fidelity ↑"), ("unseen_prompt_fidelity", "unseen fidelity ↑"),
                ("fewstep_quality", "few-step quality ↑"), ("manystep_quality", "many-step quality ↑"),
                ("preservation", "preservation ↑"), ("drift", "drift ↓")]
-    rows = [["method"] + [label for _, label in columns] + ["s/step (×SFT)", "FLOPs ×SFT", "overhead", "peak MiB", "seeds"]]
+    rows = [["method"] + [label for _, label in columns]
+            + ["s/step (×SFT)", "FLOPs ×SFT", "overhead", "peak MiB", "seeds"]]
     for name, row in methods.items():
         cells = [f"`{name}`"] + [fmt(row.get(k), row.get(f"{k}_std")) for k, _ in columns]
         sec = row.get("sec_per_step")
-        cells.append("–" if sec is None else f"{fmt(sec, digits=4)} ({fmt(row.get('time_ratio_vs_sft'), digits=2)}×)")
+        ratio = fmt(row.get("time_ratio_vs_sft"), digits=2)
+        cells.append("–" if sec is None else f"{fmt(sec, digits=4)} ({ratio}×)")
         cells += [fmt(row.get("flop_ratio_vs_sft"), digits=2), fmt(row.get("overhead_vs_flops"), digits=2),
                   fmt(row.get("peak_mem_mb"), digits=2), fmt(row.get("seeds"))]
         rows.append(cells)

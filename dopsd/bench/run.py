@@ -32,6 +32,10 @@ class Setting:
     steps: int
     curve_every: int
     description: str = ""
+    dopsd_overrides: list[str] = field(default_factory=list)  # extra trainer overrides of the D-OPSD methods only
+
+    def overrides_for(self, method: str) -> list[str]:
+        return self.overrides + (self.dopsd_overrides if method.startswith("dopsd") else [])
 
 
 @dataclass
@@ -108,18 +112,19 @@ def preset(name: str) -> BenchConfig:
             Setting("domain_full", ["domain"], 256, domain, 200, 25),
         ]
         return BenchConfig("full", settings, ALL_METHODS, seeds=3, curve_n=32, n_train=64, n_unseen=96,
-                           n_unrelated=128, many_steps=32, n_many=64, cost_repeats=9, cost_warmup=2, dedistill_pairs=512,
+                           n_unrelated=128, many_steps=32, n_many=64, cost_repeats=9, cost_warmup=2,
+                           dedistill_pairs=512,
                            dedistill_steps=300, dedistill_overrides=dedistill, workers=2)
     raise ValueError(f"bench: unknown preset {name!r}; choose tiny, quick or full")
 
 
 DESCRIPTIONS = {
-    "concept_lora": "Concept LoRA: a few pairs of a held-out colour (never named in any caption) bound to the placeholder "
-                    "word `sks`, on 2 shapes × 2 backgrounds; evaluated on the training prompts and on the 12 unseen "
-                    "shape × background combinations; preservation on unrelated named-colour prompts.",
-    "domain_full": "Domain full fine-tune: many pairs of ordinary scenes under the held-out sepia tint, plain captions; "
-                   "evaluated on the training captions, on unseen captions (incl. captions without a background), and "
-                   "retention of the original content on unrelated prompts.",
+    "concept_lora": "Concept LoRA: a few pairs of a held-out colour (never named in any caption) bound to the "
+                    "placeholder word `sks`, on 2 shapes × 2 backgrounds; evaluated on the training prompts and on the "
+                    "12 unseen shape × background combinations; preservation on unrelated named-colour prompts.",
+    "domain_full": "Domain full fine-tune: many pairs of ordinary scenes under the held-out sepia tint, plain "
+                   "captions; evaluated on the training captions, on unseen captions (incl. captions without a "
+                   "background), and retention of the original content on unrelated prompts.",
 }
 
 
@@ -160,14 +165,16 @@ def _jobs(cfg: BenchConfig, folders: dict[str, str], out: Path, dedistill: str |
                 for seed in range(n_seeds):
                     jobs.append(Job(
                         setting=s.name, target=target, method=method, seed=seed, data_dir=folders[f"{s.name}/{target}"],
-                        work_dir=str(out / "work" / s.name / f"{target}-{method}-{seed}"), overrides=s.overrides,
+                        work_dir=str(out / "work" / s.name / f"{target}-{method}-{seed}"), overrides=s.overrides_for(method),
                         steps=s.steps, curve_every=s.curve_every, curve_n=cfg.curve_n, suite=suite, model=cfg.model,
                         dedistill=dedistill if method == "sft_adapter" else None, keep_images=(ti == 0 and seed == 0),
                     ))
     return jobs
 
 
-def _execute(cfg: BenchConfig, folders: dict[str, str], out: Path, log: Any) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+def _execute(
+    cfg: BenchConfig, folders: dict[str, str], out: Path, log: Any
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """Run the de-distillation adapter and every job (in `cfg.workers` processes); adapter jobs wait for it."""
     dedistill_file = str(out / "work" / "dedistill_delta.safetensors") if "sft_adapter" in cfg.methods else None
     jobs = _jobs(cfg, folders, out, dedistill_file)
@@ -222,7 +229,9 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
-def aggregate(results: list[dict[str, Any]], settings: list[Setting]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+def aggregate(
+    results: list[dict[str, Any]], settings: list[Setting]
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Per setting: method rows (mean and *_std over runs), curves {metric: {method: [run curves]}}, images."""
     rows: dict[str, Any] = {}
     curves: dict[str, Any] = {}

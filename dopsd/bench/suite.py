@@ -44,9 +44,11 @@ def _names(rgb: torch.Tensor, palette: tuple[list[str], torch.Tensor]) -> list[s
 
 
 def scene_labels(dec: metrics.Decoded) -> list[tuple[Any, ...]]:
-    """(shape, size, position, colour name, background name) per decoded sample, tint-invariant."""
+    """(shape, placement (position and size), colour name, background name) per decoded sample, tint-invariant."""
     fg, bg = _names(dec.fg, _FG), _names(dec.bg, _BG)
-    return [(int(s), int(z), int(p), f, b) for s, z, p, f, b in zip(dec.shape, dec.size, dec.pos, fg, bg)]
+    # the decoder's discrete geometry fields (shape + placement, or shape + size + position in older versions)
+    geometry = [getattr(dec, f).tolist() for f in ("shape", "place", "size", "pos") if hasattr(dec, f)]
+    return [(*g, f, b) for g, f, b in zip(zip(*geometry), fg, bg)]
 
 
 def agreement(dec: metrics.Decoded, ref: metrics.Decoded) -> float:
@@ -73,7 +75,7 @@ def attribute_accuracy(dec: metrics.Decoded, captions: list[str]) -> float:
 
 def in_domain(dec: metrics.Decoded) -> torch.Tensor:
     """(N,) bool: the decoded background is nearer its domain-tinted version than any plain background
-    (the per-sample test behind `metrics.domain_fidelity`)."""
+    (the per-sample test behind `metrics.domain_fidelity`, which returns only the mean)."""
     tint, amount = torch.tensor(world.DOMAIN_TINT[0]), world.DOMAIN_TINT[1]
     plain = torch.tensor(list(world.BACKGROUNDS.values()))
     tinted = (1 - amount) * plain + amount * tint
@@ -129,7 +131,9 @@ class Suite:
     reference_decoded: dict[str, metrics.Decoded] = field(default_factory=dict)
 
     @torch.no_grad()
-    def sample(self, network: nn.Module, name: str, steps: int, limit: int | None = None, batch: int = 64) -> torch.Tensor:
+    def sample(
+        self, network: nn.Module, name: str, steps: int, limit: int | None = None, batch: int = 64
+    ) -> torch.Tensor:
         ps = self.sets[name]
         n = len(ps.captions) if limit is None else min(limit, len(ps.captions))
         sched = self.schedule(steps)
@@ -224,7 +228,8 @@ def build_suite(adapter: Any, target: str, train_captions: list[str], n_train: i
         context = adapter.collate(adapter.student_contexts(captions))
         sets[name] = PromptSet(captions, noise, {k: v.detach().cpu() for k, v in context.items()})
     return Suite(
-        target=target, sets=sets, few_steps=adapter.default_steps, many_steps=many_steps, n_many=min(n_many, n_unrelated),
+        target=target, sets=sets, few_steps=adapter.default_steps, many_steps=many_steps,
+        n_many=min(n_many, n_unrelated),
         velocity=adapter.velocity, schedule=lambda steps: adapter.inference_schedule(res, res, steps),
     )
 

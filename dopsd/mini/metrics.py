@@ -1,6 +1,6 @@
 """Measurements from the renderer's ground truth.
 
-Decoder: every sample is fitted by every clean shape mask of the world (shape × size × position) with free
+Decoder: every sample is fitted by every clean shape mask of the world (shape × placement) with free
 foreground/background colours (closed-form least squares); the best fit gives the decoded shape, size,
 position, colours and the fit error. Free colours make it work for continuous concept colours and tints.
 
@@ -25,16 +25,14 @@ import torch.nn.functional as F
 
 from dopsd.mini import world
 
-_FLAT = world.MASKS.reshape(-1, world.RES * world.RES).double()  # (J, P), J = shapes × sizes × positions
+_FLAT = world.MASKS.reshape(-1, world.RES * world.RES).double()  # (J, P), J = shapes × placements
 _SUMS = (_FLAT.sum(1), (_FLAT**2).sum(1))  # Σm, Σm²
-_N_SIZE_POS = len(world.SIZES) * world.NUM_POS
 
 
 @dataclass
 class Decoded:
     shape: torch.Tensor  # (N,) index into world.SHAPES
-    size: torch.Tensor
-    pos: torch.Tensor
+    place: torch.Tensor  # (N,) index into world.PLACEMENTS (position and size)
     fg: torch.Tensor  # (N, 3) RGB in [0, 1]
     bg: torch.Tensor
     fit_mse: torch.Tensor  # (N,) per-pixel MSE of the best fit, in [-1, 1] units
@@ -63,9 +61,8 @@ def decode(images: torch.Tensor) -> Decoded:
     fit = (bg[:, :, None, None] * (1 - m) + fg[:, :, None, None] * m).float() * 2 - 1
     fit_mse = (fit - images.detach().float().cpu()).pow(2).mean((1, 2, 3))
     return Decoded(
-        shape=best // _N_SIZE_POS,
-        size=(best % _N_SIZE_POS) // world.NUM_POS,
-        pos=best % world.NUM_POS,
+        shape=best // world.NUM_PLACES,
+        place=best % world.NUM_PLACES,
         fg=fg.float(),
         bg=bg.float(),
         fit_mse=fit_mse,
@@ -168,7 +165,7 @@ def reference_renders(captions: list[str], decoded: Decoded) -> torch.Tensor:
             fg[i] = torch.tensor(world.COLOURS[colour])
         if background is not None:
             bg[i] = torch.tensor(world.BACKGROUNDS[background])
-    mask = world.MASKS[decoded.shape, decoded.size, decoded.pos]
+    mask = world.MASKS[decoded.shape, decoded.place]
     return world.composite(mask, fg, bg)
 
 

@@ -5,7 +5,8 @@ only the caption-position features — a strict bottleneck, as a VLM summarises 
 features the denoiser reads (the Z-Image + Qwen3-VL teacher path).
 
 DiT: one sequence [caption features | reference patches (optional; the FLUX.2-klein editing path) | noisy
-patches], adaLN-single timestep modulation, learned positions. It predicts the clean image (x-prediction;
+patches], adaLN-single modulation from the timestep and the pooled caption features, learned positions, and a
+small convolutional output head that refines pixels across patch borders. It predicts the clean image (x-prediction;
 v-prediction gave speckled samples at this scale); the adapter turns that into a velocity.
 """
 
@@ -29,6 +30,7 @@ class MiniConfig:
     layers: int = 6
     heads: int = 4
     mlp_ratio: float = 3.0
+    head_channels: int = 16  # conv output head over the unpatchified features (0 = plain linear unpatchify)
     enc_dim: int = 96
     enc_layers: int = 2
     enc_heads: int = 4
@@ -69,10 +71,9 @@ def patchify(img: torch.Tensor, p: int) -> torch.Tensor:
     return img.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c * p * p)
 
 
-def unpatchify(tokens: torch.Tensor, p: int, res: int) -> torch.Tensor:
-    b, n = tokens.shape[:2]
-    g = res // p
-    return tokens.reshape(b, g, g, 3, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, 3, res, res)
+def unpatchify(tokens: torch.Tensor, p: int, res: int, channels: int = 3) -> torch.Tensor:
+    b, g = tokens.shape[0], res // p
+    return tokens.reshape(b, g, g, channels, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, channels, res, res)
 
 
 class Attention(nn.Module):
@@ -171,12 +172,19 @@ class MiniDiT(nn.Module):
         self.pos = nn.Parameter(torch.randn(cfg.num_patches, d) * 0.02)
         self.type_emb = nn.Parameter(torch.randn(3, d) * 0.02)  # caption, reference, noisy
         self.t_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
+        self.pool_in = nn.Linear(cfg.enc_dim, d)  # pooled caption features join the timestep modulation
         self.t_mod = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.blocks = nn.ModuleList(DiTBlock(d, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.layers))
         self.norm_out = nn.LayerNorm(d, elementwise_affine=False)
         self.out_mod = nn.Linear(d, 2 * d)
-        self.out = nn.Linear(d, cfg.patch_dim)
-        for layer in (self.t_mod[1], self.out_mod, self.out):  # blocks start as identity, output as zero
+        hc = cfg.head_channels
+        self.out = nn.Linear(d, cfg.patch * cfg.patch * (3 + hc))
+        zero = [self.t_mod[1], self.out_mod, self.out]  # blocks start as identity, output as zero
+        if hc:
+            # pixel-level refinement across patch borders (sees the noisy input too): removes blocky patches
+            self.head = nn.Sequential(nn.Conv2d(hc + 3, 32, 3, padding=1), nn.GELU(), nn.Conv2d(32, 3, 3, padding=1))
+            zero.append(self.head[2])
+        for layer in zero:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -191,10 +199,13 @@ class MiniDiT(nn.Module):
     ) -> torch.Tensor:
         cfg = self.cfg
         b = x.shape[0]
-        temb = self.t_mlp(timestep_embedding(sigma, cfg.dim).to(x.dtype))
+        fmask = feats_mask if feats_mask is not None else feats.new_ones(feats.shape[:2], dtype=torch.bool)
+        w = fmask.to(feats.dtype)[..., None]
+        pooled = (feats * w).sum(1) / w.sum(1).clamp_min(1.0)
+        temb = self.t_mlp(timestep_embedding(sigma, cfg.dim).to(x.dtype)) + self.pool_in(pooled)
         t = self.t_mod(temb).reshape(b, 6, cfg.dim)
         parts = [self.cond_in(feats) + self.type_emb[0]]
-        masks = [feats_mask if feats_mask is not None else feats.new_ones(feats.shape[:2], dtype=torch.bool)]
+        masks = [fmask]
         if ref is not None:
             parts.append(self.patch_in(patchify(ref, cfg.patch)) + self.pos + self.type_emb[1])
             on = ref_on if ref_on is not None else x.new_ones(b, dtype=torch.bool)
@@ -207,7 +218,10 @@ class MiniDiT(nn.Module):
             h = block(h, t, key_mask)
         shift, scale = self.out_mod(F.silu(temb)).chunk(2, dim=1)
         h = self.norm_out(h[:, -cfg.num_patches :]) * (1 + scale[:, None]) + shift[:, None]
-        return unpatchify(self.out(h), cfg.patch, cfg.res)
+        out = unpatchify(self.out(h), cfg.patch, cfg.res, 3 + cfg.head_channels)
+        if not cfg.head_channels:
+            return out
+        return out[:, :3] + self.head(torch.cat([out[:, 3:], x], dim=1))
 
 
 LORA_TARGETS = ["attn.qkv", "attn.out", "mlp.fc1", "mlp.fc2"]

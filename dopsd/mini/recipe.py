@@ -21,7 +21,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -83,12 +83,12 @@ def _reference_for(g: torch.Generator, fg, tint) -> world.Scene:
     while world.colour_distance(torch.tensor(fg), torch.tensor(world.BACKGROUNDS[bg])) < 0.35:
         bg = world.random_scene(g).bg
     s = world.random_scene(g, bg=bg)
-    return world.Scene(s.shape, s.pos, s.size, fg, bg, s.colour, tint)
+    return replace(s, fg=fg, tint=tint)
 
 
 def sample_batch(rc: RecipeConfig, n: int, g: torch.Generator) -> Batch:
     targets, refs, paths, captions = [], [], [], []
-    blank = world.Scene(0, 0, 0, (0.0, 0.0, 0.0), "black", "red")
+    blank = world.Scene(0, 0, (0.0, 0.0, 0.0), "black", "red")
     for _ in range(n):
         u = float(torch.rand(1, generator=g))
         s = world.random_scene(g)
@@ -96,16 +96,15 @@ def sample_batch(rc: RecipeConfig, n: int, g: torch.Generator) -> Batch:
         ref_path = REFERENCE if float(torch.rand(1, generator=g)) < rc.p_reference_path else VLM
         if u < rc.p_incontext:
             fg = world.random_colour(g, world.BACKGROUNDS[s.bg])
-            s = world.Scene(s.shape, s.pos, s.size, fg, s.bg, world.PLACEHOLDER)
+            s = replace(s, fg=fg, colour=world.PLACEHOLDER)
             targets.append(s), refs.append(_reference_for(g, fg, None)), paths.append(ref_path)
         elif u < rc.p_incontext + rc.p_tint:
-            s = world.Scene(s.shape, s.pos, s.size, s.fg, s.bg, s.colour, world.random_tint(g))
-            r = world.random_scene(g)
-            targets.append(s), refs.append(world.Scene(r.shape, r.pos, r.size, r.fg, r.bg, r.colour, s.tint))
+            s = replace(s, tint=world.random_tint(g))
+            targets.append(s), refs.append(replace(world.random_scene(g), tint=s.tint))
             paths.append(ref_path)
         else:
             if float(torch.rand(1, generator=g)) < rc.p_sks_plain:
-                s = world.Scene(s.shape, s.pos, s.size, s.fg, s.bg, world.PLACEHOLDER)
+                s = replace(s, colour=world.PLACEHOLDER)
             targets.append(s), refs.append(blank), paths.append(0)
         captions.append(s.caption(with_bg))
     path = torch.tensor(paths)
@@ -173,8 +172,9 @@ def pretrain(rc: RecipeConfig, log: Log = print) -> tuple[MiniDiT, MiniEncoder]:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        _ema_update(ema_dit, dit, rc.ema if step > rc.warmup else 0.0)
-        _ema_update(ema_enc, enc, rc.ema if step > rc.warmup else 0.0)
+        decay = min(rc.ema, (1 + step) / (10 + step))  # short runs: the average must not lag far behind
+        _ema_update(ema_dit, dit, decay)
+        _ema_update(ema_enc, enc, decay)
         run = 0.98 * run + 0.02 * float(loss.detach()) if step else float(loss.detach())
         if step % 100 == 0 or step == rc.base_iters - 1:
             log(f"base {step}/{rc.base_iters} loss {run:.4f} ({time.time() - t0:.0f}s)")
