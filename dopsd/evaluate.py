@@ -102,12 +102,13 @@ def evaluate(
     rows = [c for c in contexts for _ in seeds]
     noise = seed_noise(adapter.latent_shape(m.height, m.width), seeds * len(prompts))
     few_sched = adapter.inference_schedule(m.height, m.width, m.inference_steps)
+    few_steps = len(few_sched) - 1  # model.inference_steps may be null (= the model's own)
     many_sched = adapter.inference_schedule(m.height, m.width, control_steps) if control_steps else None
     out_dir.mkdir(parents=True, exist_ok=True)
     grid_image(_to_tensor(targets, m.height, m.width), 1, len(targets)).save(out_dir / "targets.png")
 
     report: dict[str, Any] = {
-        "weights": str(weights) if weights else None, "family": m.family, "steps": m.inference_steps,
+        "weights": str(weights) if weights else None, "family": m.family, "steps": few_steps,
         "control_steps": control_steps, "seeds": seeds, "train_prompts": train_prompts, "unseen_prompts": list(unseen),
         "feature_model": features.name, "clip_model": scorer.name if scorer else None,
         "note": "feature_model 'pixels' is a fallback, not comparable to the paper's DINO-D" if features.name == "pixels" else "",
@@ -118,7 +119,7 @@ def evaluate(
             apply_trained(adapter.network, Path(weights))
         few = generate(adapter, adapter.network, rows, noise, few_sched)
         many = generate(adapter, adapter.network, rows, noise, many_sched) if many_sched is not None else None
-        grid_image(few, len(prompts), len(seeds)).save(out_dir / f"{variant}_{m.inference_steps}steps.png")
+        grid_image(few, len(prompts), len(seeds)).save(out_dir / f"{variant}_{few_steps}steps.png")
         if many is not None:
             grid_image(many, len(prompts), len(seeds)).save(out_dir / f"{variant}_{control_steps}steps.png")
         report[variant] = measure(few, many, prompts, len(seeds), len(train_prompts), targets, features, scorer)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from dopsd.bench.claims import MIN_EFFECT, check_cost, check_setting
-from dopsd.bench.report import (FIELD_DOCS, REQUIRED_FIELDS, Block, field_doc_table, fmt, image_grid, is_trained,
+from dopsd.bench.report import (FIELD_DOCS, REQUIRED_FIELDS, REQUIRED_METHODS, Block, field_doc_table, fmt, image_grid, is_trained,
                                 plot_curves, results_table, write_report, write_results)
 
 COST_MAP = {"sec_per_step": "sec_per_step", "peak_mem_mb": "peak_mem_mb", "time_ratio_vs_sft": "time_ratio",
@@ -103,6 +103,8 @@ def _intro(cfg: Any, meta: dict[str, Any]) -> list[Block]:
             f"i.e. about {meta.get('idle_estimate_seconds', float('nan')):.0f} s of wall time on an otherwise idle "
             "machine (an estimate: the work is single-threaded, so CPU time ≈ wall time on a free core).")
     blocks: list[Block] = [("h1", "D-OPSD bench on the miniature world"), ("p", text)]
+    if meta.get("note"):
+        blocks.append(("p", f"**{meta['note']}**"))
     if meta.get("dedistill"):
         d = meta["dedistill"]
         blocks.append(("p", f"De-distillation adapter for `sft_adapter`: an SFT LoRA trained first on "
@@ -166,10 +168,14 @@ def build_report(out: Path, cfg: Any, rows: dict[str, Any], curves: dict[str, An
         results[s.name] = {"setting": info, "methods": methods}
         claims += check_setting(s.name, methods, curves[s.name]) + check_cost(s.name, cost)
         setting_blocks += _setting_blocks(out, cfg, s, info, methods, curves[s.name], images[s.name], cost)
-    write_results(out / "results.json", results)
+    run_methods = [m for m in REQUIRED_METHODS if m in cfg.methods]
+    write_results(out / "results.json", results, run_methods)
     (out / "claims.json").write_text(json.dumps(claims, indent=2) + "\n")
     (out / "curves.json").write_text(json.dumps(curves, indent=2) + "\n")
     claim_rows = [[c["setting"], c["claim"], c["source"], c["evidence"], f"**{c['verdict']}**"] for c in claims]
+    skipped = [m for m in REQUIRED_METHODS if m not in cfg.methods]
+    if skipped:
+        meta = {**meta, "note": f"Restricted run: the methods {', '.join(skipped)} were not run (--methods)."}
     blocks = _intro(cfg, meta) + [
         ("h2", "Claims"),
         ("p", "Each claim of the paper checked with fixed criteria: a difference counts when it exceeds 2× the "

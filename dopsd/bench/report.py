@@ -91,8 +91,9 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def validate_results(results: dict[str, Any]) -> list[str]:
-    """Every problem with a results dict (empty list = complete and consistent)."""
+def validate_results(results: dict[str, Any], required: Iterable[str] = REQUIRED_METHODS) -> list[str]:
+    """Every problem with a results dict (empty list = complete and consistent). `required`: the methods every
+    setting must have (all of REQUIRED_METHODS unless the run was restricted with --methods)."""
     problems: list[str] = []
     if not results:
         return ["results.json has no settings"]
@@ -101,7 +102,7 @@ def validate_results(results: dict[str, Any]) -> list[str]:
             problems.append(f"{setting}: keys must be 'setting' and 'methods', got {sorted(block)}")
             continue
         methods = block["methods"]
-        for name in REQUIRED_METHODS:
+        for name in required:
             if name not in methods:
                 problems.append(f"{setting}: method {name!r} missing")
         for name, row in methods.items():
@@ -121,8 +122,8 @@ def validate_results(results: dict[str, Any]) -> list[str]:
     return problems
 
 
-def write_results(path: Path, results: dict[str, Any]) -> None:
-    problems = validate_results(results)
+def write_results(path: Path, results: dict[str, Any], required: Iterable[str] = REQUIRED_METHODS) -> None:
+    problems = validate_results(results, required)
     if problems:
         raise ValueError("bench results are incomplete: " + "; ".join(problems))
     path.write_text(json.dumps(_clean(results), indent=2, allow_nan=False) + "\n")

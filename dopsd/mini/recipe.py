@@ -45,6 +45,11 @@ class RecipeConfig:
     base_lr: float = 8e-4
     warmup: int = 200
     ema: float = 0.999
+    sigma_sampling: str = "logit_normal"  # or "uniform"
+    sigma_mean: float = 0.8  # logit-normal over σ: mostly noisy states
+    sigma_std: float = 0.8
+    loss: str = "velocity"  # or "x0"
+    loss_sigma_min: float = 0.05
     p_incontext: float = 0.30
     p_tint: float = 0.12
     p_sks_plain: float = 0.07
@@ -134,6 +139,19 @@ def predict_x0(dit: MiniDiT, x, sigma, feats, tokens, ref, path) -> torch.Tensor
     return out
 
 
+def base_sigmas(rc: RecipeConfig, n: int, g: torch.Generator) -> torch.Tensor:
+    if rc.sigma_sampling == "uniform":
+        return torch.rand(n, generator=g)
+    return torch.sigmoid(rc.sigma_mean + rc.sigma_std * torch.randn(n, generator=g))  # logit-normal
+
+
+def base_loss(rc: RecipeConfig, err: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """x0 error, or velocity error (x0 error / σ, as in JiT: x-prediction with a v-loss) with σ clamped."""
+    if rc.loss == "x0":
+        return err.pow(2).mean()
+    return (err / sigma.clamp_min(rc.loss_sigma_min)[:, None, None, None]).pow(2).mean()
+
+
 def _lr(step: int, total: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -160,12 +178,13 @@ def pretrain(rc: RecipeConfig, log: Log = print) -> tuple[MiniDiT, MiniEncoder]:
     t0, run = time.time(), 0.0
     for step in range(rc.base_iters):
         b = sample_batch(rc, rc.batch, g)
-        sigma = torch.rand(rc.batch, generator=g)
+        sigma = base_sigmas(rc, rc.batch, g)
         noise = torch.randn(b.x0.shape, generator=g)
         s = sigma[:, None, None, None]
         x = (1 - s) * b.x0 + s * noise
         feats = features(enc, b.tokens, b.ref, b.path)
-        loss = (predict_x0(dit, x, sigma, feats, b.tokens, b.ref, b.path) - b.x0).pow(2).mean()
+        err = predict_x0(dit, x, sigma, feats, b.tokens, b.ref, b.path) - b.x0
+        loss = base_loss(rc, err, sigma)
         for group in opt.param_groups:
             group["lr"] = _lr(step, rc.base_iters, rc.base_lr, rc.warmup)
         opt.zero_grad(set_to_none=True)
