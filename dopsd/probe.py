@@ -74,6 +74,8 @@ class ProbeReport:
     thresholds: Thresholds
     pairs: list[PairResult]
     images: list[tuple[Image.Image, Image.Image, Image.Image]] = field(default_factory=list, repr=False)
+    family: str | None = None  # adapter.name, for family-aware recommendations
+    teacher_context: str | None = None
 
     def counts(self) -> dict[str, int]:
         return {v: sum(p.verdict == v for p in self.pairs) for v in ("carries", "weak", "fails")}
@@ -87,12 +89,14 @@ class ProbeReport:
         """False when more than `thresholds.max_fail` of the pairs fail (what --strict gates on)."""
         return self.fail_fraction <= self.thresholds.max_fail
 
-    def recommendations(self, teacher_context: str | None = None) -> list[str]:
-        return _recommendations(self, teacher_context)
+    def recommendations(self) -> list[str]:
+        return _recommendations(self)
 
-    def to_dict(self, teacher_context: str | None = None) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "metric": self.metric,
+            "family": self.family,
+            "teacher_context": self.teacher_context,
             "steps": self.steps,
             "seeds": self.seeds,
             "thresholds": asdict(self.thresholds),
@@ -100,7 +104,7 @@ class ProbeReport:
             "fail_fraction": self.fail_fraction,
             "passed": self.passed,
             "pairs": [asdict(p) for p in self.pairs],
-            "recommendations": self.recommendations(teacher_context),
+            "recommendations": self.recommendations(),
         }
 
     def table(self) -> str:
@@ -229,7 +233,10 @@ def probe(
             res.teacher_hit = float(hits["teacher"][i].mean())
         results.append(res)
     images = [(pairs[i][0].convert("RGB"), first[("student", i)], first[("teacher", i)]) for i in range(len(pairs))]
-    return ProbeReport(getattr(scorer, "name", type(scorer).__name__), n_steps, seeds, thresholds, results, images)
+    family = getattr(adapter, "name", None)
+    teacher_context = getattr(adapter, "teacher_context", None) or getattr(adapter, "teacher_mode", None)
+    metric = getattr(scorer, "name", type(scorer).__name__)
+    return ProbeReport(metric, n_steps, seeds, thresholds, results, images, family, teacher_context)
 
 
 def save_grid(rows: list[tuple[Image.Image, ...]], labels: list[str], path: str | Path, cell: int = 96) -> Path:
@@ -252,17 +259,22 @@ def save_grid(rows: list[tuple[Image.Image, ...]], labels: list[str], path: str 
     return path
 
 
-def _recommendations(report: ProbeReport, teacher_context: str | None) -> list[str]:
+# Teacher contexts each family offers through model.teacher_context, the default first.
+TEACHER_CONTEXTS = {"mini": ("vlm", "reference"), "flux2": ("reference", "vlm"), "zimage": ("vlm",)}
+
+
+def _recommendations(report: ProbeReport) -> list[str]:
     bad = [p for p in report.pairs if p.verdict != "carries"]
     if not bad:
         return ["every pair carries: the teacher renders what the images show; D-OPSD can learn them."]
     ids = lambda ps: ", ".join(f"#{p.index} {p.name}" for p in ps)  # noqa: E731
-    other = {"vlm": "reference", "reference": "vlm"}.get(teacher_context or "", None)
-    ctx = (
-        f"try the other teacher context (model.teacher_context={other} instead of {teacher_context})"
-        if other
-        else "try another teacher context if the model has one (e.g. `reference` image tokens instead of VLM features)"
-    )
+    current = report.teacher_context
+    others = [c for c in TEACHER_CONTEXTS.get(report.family or "", ("vlm", "reference")) if c != current]
+    if others:
+        ctx = f"try model.teacher_context={others[0]} instead of {current or 'the current one'}"
+        ctx += " (the target as reference-image tokens: keeps identity better)" if others[0] == "reference" else ""
+    else:
+        ctx = f"this model has no other teacher context than {current}; a stronger VLM (model.teacher_encoder) may help"
     out = []
     weak = [p for p in bad if p.verdict == "weak"]
     fails = [p for p in bad if p.verdict == "fails"]
@@ -292,7 +304,6 @@ class Setup:
     pairs: list[Pair]
     names: list[str]
     sources: list[list[Image.Image]] | None
-    teacher_context: str | None
     config: Any
 
 
@@ -312,7 +323,7 @@ def load_setup(source: Any, overrides: list[str] | None = None, with_data: bool 
         pairs.append((image, ex.captions[0]))
         sources.append(srcs)
     names = [ex.name for ex in examples]
-    return Setup(adapter, pairs, names, sources if any(sources) else None, cfg.model.teacher_context, cfg)
+    return Setup(adapter, pairs, names, sources if any(sources) else None, cfg)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -350,13 +361,13 @@ def main(args: argparse.Namespace) -> int:
     )
     out = Path(args.out or f"{cfg.train.output_dir.rstrip('/')}_probe")
     out.mkdir(parents=True, exist_ok=True)
-    data = report.to_dict(setup.teacher_context)
-    data.update(config=str(args.config), teacher_context=setup.teacher_context)
+    data = report.to_dict()
+    data["config"] = str(args.config)
     (out / "probe.json").write_text(json.dumps(data, indent=2))
     report.save_grid(out / "probe_grid.png")
     c = report.counts()
     print(f"teacher probe: {len(report.pairs)} pairs × {len(report.seeds)} seeds at {report.steps} steps, "
-          f"metric {report.metric}, teacher context {setup.teacher_context}")
+          f"metric {report.metric}, teacher context {report.teacher_context}")
     print(report.table())
     print(f"\n{c['carries']} carry, {c['weak']} weak, {c['fails']} fail "
           f"(carries: relative gain ≥ {thresholds.carry} and teacher closer in ≥ {thresholds.min_win:.0%} of seeds; "

@@ -70,7 +70,7 @@ def test_probe_ranks_a_carried_concept_above_one_the_teacher_cannot_carry(turbo)
     # Student and teacher both render the caption's shape for the contradicting pairs: no hits either way.
     assert all(p.teacher_hit == 0 for p in bad)
     assert report.counts() == {"carries": 3, "weak": 0, "fails": 3} and not report.passed
-    recs = " ".join(report.recommendations("vlm"))
+    recs = " ".join(report.recommendations())
     assert "#3" in recs and "model.teacher_context=reference" in recs and "drop the pair" in recs
     assert "#0" not in recs
 

@@ -139,6 +139,12 @@ def _setting_blocks(out: Path, cfg: Any, s: Any, info: dict[str, Any], methods: 
               "teacher/loss ablations). Values are mean ± std over runs (targets × seeds)."),
         ("table", results_table(methods)),
     ]
+    by_target = {m: r["by_target"] for m, r in methods.items() if r.get("by_target")}
+    if by_target:
+        targets = s.targets
+        head = ["method"] + [f"{t}: fidelity / unseen / few-step quality / preservation" for t in targets]
+        body = [[f"`{m}`"] + [" / ".join(f"{v[t][k]:.2f}" for k in v[t]) for t in targets] for m, v in by_target.items()]
+        blocks += [("p", "Per concept (mean over seeds):"), ("table", [head] + body)]
     if curves["steps"]:
         png = plot_curves(curves, out / f"curves_{s.name}.png", f"{s.name}: mean ± std over runs")
         blocks.append(("img", (png.name, f"{s.name}: curves over training steps (mean ± std over runs)")))

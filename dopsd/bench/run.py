@@ -21,6 +21,7 @@ from typing import Any
 from dopsd.bench.jobs import METHODS, REFERENCE_ROW, Job, run_job, train_dedistill
 
 ALL_METHODS = list(METHODS)
+BY_TARGET = ("concept_fidelity", "unseen_prompt_fidelity", "fewstep_quality", "preservation")
 
 
 @dataclass
@@ -250,6 +251,9 @@ def aggregate(
             row["seeds"] = len({r["job"]["seed"] for r in runs})
             row["runs"] = len(runs)
             row["targets"] = sorted({r["job"]["target"] for r in runs})
+            if len(row["targets"]) > 1:  # several concepts: each one's mean too
+                row["by_target"] = {t: {k: statistics.fmean(r["final"][k] for r in runs if r["job"]["target"] == t)
+                                        for k in BY_TARGET} for t in row["targets"]}
             trained = [r for r in runs if r["steps"]]
             row["train_sec_per_step"] = (statistics.fmean(r["train_seconds"] / r["steps"] for r in trained)
                                          if trained else None)

@@ -25,8 +25,8 @@ from dopsd.mini import world
 @dataclass
 class MiniConfig:
     res: int = world.RES
-    patch: int = 6
-    dim: int = 160
+    patch: int = 12  # 2×2 image tokens: few tokens make the global choice of placement easy to learn
+    dim: int = 192
     layers: int = 6
     heads: int = 4
     mlp_ratio: float = 3.0

@@ -42,7 +42,7 @@ class RecipeConfig:
     threads: int = 1
     batch: int = 64
     base_iters: int = 3000
-    base_lr: float = 8e-4
+    base_lr: float = 1.2e-3
     warmup: int = 200
     ema: float = 0.999
     sigma_sampling: str = "logit_normal"  # or "uniform"
@@ -167,8 +167,10 @@ def _ema_update(ema: torch.nn.Module, live: torch.nn.Module, decay: float) -> No
 Log = Callable[[str], None]
 
 
-def pretrain(rc: RecipeConfig, log: Log = print) -> tuple[MiniDiT, MiniEncoder]:
-    """Flow matching with x0-MSE (uniform σ), jointly training the encoder; returns the EMA weights."""
+def pretrain(rc: RecipeConfig, log: Log = print, on_step: Callable | None = None) -> tuple[MiniDiT, MiniEncoder]:
+    """Flow matching (x-prediction, v-loss by default), jointly training the encoder; returns the EMA weights.
+
+    on_step(step, ema_dit, ema_enc) is called after every step (progress hooks, checkpoint evaluation)."""
     torch.manual_seed(rc.seed)
     g = torch.Generator().manual_seed(rc.seed)
     dit, enc = MiniDiT(rc.model), MiniEncoder(rc.model)
@@ -195,6 +197,8 @@ def pretrain(rc: RecipeConfig, log: Log = print) -> tuple[MiniDiT, MiniEncoder]:
         _ema_update(ema_dit, dit, decay)
         _ema_update(ema_enc, enc, decay)
         run = 0.98 * run + 0.02 * float(loss.detach()) if step else float(loss.detach())
+        if on_step is not None:
+            on_step(step, ema_dit, ema_enc)
         if step % 100 == 0 or step == rc.base_iters - 1:
             log(f"base {step}/{rc.base_iters} loss {run:.4f} ({time.time() - t0:.0f}s)")
     return ema_dit.eval(), ema_enc.eval()

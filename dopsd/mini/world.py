@@ -4,8 +4,8 @@ A scene is one shape (circle, square, triangle, plus) of a colour on a plain bac
 placements: small (12 px) on a 3×3 grid of positions or large (18 px) on a 2×2 grid. Captions name the
 colour, the shape and (optionally) the background, and never the position or size: every caption has a
 multimodal image distribution (13 modes, 52 without a background), which is what makes few-step sampling
-hard, as with real captions. Placements line up with the DiT's 6-px patches (small shapes cover 2×2
-patches, large ones 3×3), which lets a CPU-sized model learn crisp shapes in minutes.
+hard, as with real captions. Shapes are large and distinct (so that samples are recognisable to a person
+and to the decoder) and never cut by the image border.
 
 Hidden (in-context) attributes, never named in captions, drawn from continuous ranges:
   * the foreground colour, written with the placeholder word `sks` (held-out concepts: orange, teal, pink);
