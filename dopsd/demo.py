@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="Optimizer steps per method (default: the demo's 200).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the data, training and evaluation noise.")
     parser.add_argument("--samples", type=int, default=64, help="Evaluation samples per prompt set.")
+    parser.add_argument("--pretrained", default="turbo",
+                        help="Mini weights: 'turbo' (shipped) or a folder written by `dopsd mini recipe`.")
 
 
 def fresh_folder(out: Path) -> Path:
@@ -49,19 +51,19 @@ def fresh_folder(out: Path) -> Path:
     return candidate
 
 
-def _turbo(weights: Path | None = None):
+def _turbo(pretrained: str, weights: Path | None = None):
     from dopsd.config import load_config
     from dopsd.models.mini import load
     from dopsd.sample import apply_trained
 
-    adapter = load(load_config("mini").model)
+    adapter = load(load_config("mini", [f"model.pretrained={pretrained}"]).model)
     if weights is not None:
         apply_trained(adapter.network, weights)
     adapter.network.eval()
     return adapter
 
 
-def evaluate(weights: dict[str, Path | None], samples: int, seed: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def evaluate(pretrained: str, weights: dict[str, Path | None], samples: int, seed: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     from dopsd.mini import metrics, world
     from dopsd.sample import generate, seed_noise
 
@@ -71,7 +73,7 @@ def evaluate(weights: dict[str, Path | None], samples: int, seed: int) -> tuple[
     images: dict[str, torch.Tensor] = {}
     reference = None
     for name, path in weights.items():
-        adapter = _turbo(path)
+        adapter = _turbo(pretrained, path)
         schedule = adapter.inference_schedule(adapter.resolution, adapter.resolution)
         noise = seed_noise(adapter.latent_shape(adapter.resolution, adapter.resolution), range(seed, seed + samples))
         concept = generate(adapter, adapter.network, adapter.student_contexts(concept_prompts), noise, schedule)
@@ -101,7 +103,8 @@ def comparison_grid(images: dict[str, torch.Tensor]) -> Image.Image:
     return canvas
 
 
-def run_demo(out: Path, steps: int | None = None, seed: int = 0, samples: int = 64) -> dict[str, Any]:
+def run_demo(out: Path, steps: int | None = None, seed: int = 0, samples: int = 64,
+             pretrained: str = "turbo") -> dict[str, Any]:
     import dopsd
     from dopsd.config import load_config
     from dopsd.mini import world
@@ -115,13 +118,14 @@ def run_demo(out: Path, steps: int | None = None, seed: int = 0, samples: int = 
     trained: dict[str, Path | None] = {"before": None}
     for method in METHODS:
         overrides = TRAIN_OVERRIDES + [f"data.path={data}", f"train.output_dir={out / method}",
-                                       f"method.name={method}", f"train.seed={seed}"]
+                                       f"method.name={method}", f"train.seed={seed}",
+                                       f"model.pretrained={pretrained}"]
         if steps is not None:
             overrides.append(f"train.max_steps={steps}")
         print(f"\n== {method}: fine-tuning the shipped 4-step turbo ==")
         trained[method] = dopsd.train(load_config("mini", overrides)).weights
     print("\n== evaluating at the turbo's 4 steps (same noise for every model) ==")
-    results, images = evaluate(trained, samples, seed)
+    results, images = evaluate(pretrained, trained, samples, seed)
     comparison_grid(images).save(out / "demo.png")
     summary = {**results, "seconds": round(time.perf_counter() - start, 1)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -134,5 +138,5 @@ def run_demo(out: Path, steps: int | None = None, seed: int = 0, samples: int = 
 
 
 def main(args: argparse.Namespace) -> int:
-    run_demo(args.out, steps=args.steps, seed=args.seed, samples=args.samples)
+    run_demo(args.out, steps=args.steps, seed=args.seed, samples=args.samples, pretrained=args.pretrained)
     return 0

@@ -55,14 +55,14 @@ def relative_gap(few: torch.Tensor, many: torch.Tensor) -> torch.Tensor:
     return diff / many.float().flatten(1).norm(dim=1).clamp_min(1e-6)
 
 
-def move_to(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
-    """Tensors in a (nested) context onto device; floating ones to dtype (masks and ids keep theirs)."""
+def move_to(value: Any, device: torch.device) -> Any:
+    """Tensors in a (nested) collated context onto `device`; dtypes are the adapter's business."""
     if isinstance(value, torch.Tensor):
-        return value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+        return value.to(device)
     if isinstance(value, dict):
-        return {k: move_to(v, device, dtype) for k, v in value.items()}
+        return {k: move_to(v, device) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(move_to(v, device, dtype) for v in value)
+        return type(value)(move_to(v, device) for v in value)
     return value
 
 
@@ -80,10 +80,10 @@ def _auto_quality(adapter: ModelAdapter, prompts: Sequence[str]) -> QualityFn | 
     return metrics.fewstep_quality
 
 
-def _network_device_dtype(network: nn.Module) -> tuple[torch.device, torch.dtype]:
+def _network_device(network: nn.Module) -> torch.device:
     for p in network.parameters():
-        return p.device, p.dtype
-    return torch.device("cpu"), torch.float32
+        return p.device
+    return torch.device("cpu")
 
 
 class FewStepHealth:
@@ -133,10 +133,10 @@ class FewStepHealth:
 
     # --- sampling -----------------------------------------------------------------------------------
     def _sample(self, network: nn.Module) -> dict[str, torch.Tensor]:
-        device, dtype = _network_device_dtype(network)
-        device, dtype = self.device or device, self.dtype or dtype
-        context = move_to(self.context, device, dtype)
-        noise = self.noise.to(device=device, dtype=dtype)
+        device = self.device or _network_device(network)
+        context = move_to(self.context, device)
+        # Latents in float32 unless told otherwise, as dopsd.sample.generate (adapters cast inside).
+        noise = self.noise.to(device=device, dtype=self.dtype or torch.float32)
 
         def velocity(x: torch.Tensor, sigma: torch.Tensor, ctx: Any) -> torch.Tensor:
             return self.adapter.velocity(network, x, sigma, ctx)

@@ -134,13 +134,13 @@ def _verdict(rel_gain: float, win_rate: float, t: Thresholds) -> str:
 
 def _sample(adapter: ModelAdapter, contexts: list, noise: torch.Tensor, schedule: torch.Tensor) -> torch.Tensor:
     p = next(iter(adapter.network.parameters()), None)
-    device, dtype = (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
-    context = move_to(adapter.collate(contexts), device, dtype)
+    device = p.device if p is not None else torch.device("cpu")
+    context = move_to(adapter.collate(contexts), device)
 
     def velocity(x: torch.Tensor, sigma: torch.Tensor, ctx: Any) -> torch.Tensor:
         return adapter.velocity(adapter.network, x, sigma, ctx)
 
-    x = sample_euler(velocity, noise.to(device=device, dtype=dtype), schedule.to(device), context)
+    x = sample_euler(velocity, noise.to(device=device, dtype=torch.float32), schedule.to(device), context)  # as generate()
     return adapter.decode(x).float().cpu().clamp(-1, 1)
 
 

@@ -39,22 +39,29 @@ def to_pil(image: torch.Tensor) -> Image.Image:
 
 
 class PixelScorer:
-    """Fallback: RMS pixel distance after area-downsampling both images to size×size (ignores fine texture)."""
+    """Fallback without a feature model: a plain pixel distance on area-downsampled images (size×size).
 
-    name = "pixel"
+    kind="palette" (default): RMS difference of each channel's sorted pixel values, i.e. the 1-D optimal
+    transport distance between the colour distributions. Position-invariant, so the unspecified layout of a
+    sample (where the object lands) does not swamp the concept; blind to shape and identity (use a feature
+    model for those). kind="layout" compares the pixels in place. Measured on the miniature turbo (4 orange
+    pairs, 4 shape-contradicting pairs, 4 seeds, both teacher contexts): palette relative gains 0.25–0.66 on
+    the pairs the decoders call carried vs −0.48–0.16 on the uncarried ones; layout −0.02–0.40 vs 0.04–0.16.
+    """
 
-    def __init__(self, size: int = 32) -> None:
-        self.size = size
+    def __init__(self, size: int = 32, kind: str = "palette") -> None:
+        if kind not in ("palette", "layout"):
+            raise ValueError(f"PixelScorer kind must be 'palette' or 'layout', got {kind!r}")
+        self.size, self.kind = size, kind
+        self.name = f"pixel-{kind}"
 
     def _down(self, x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(x.float(), size=(self.size, self.size), mode="area")
+        x = F.interpolate(x.float(), size=(self.size, self.size), mode="area").flatten(2)
+        return x.sort(-1).values if self.kind == "palette" else x
 
     def distance(self, samples: torch.Tensor, targets: Sequence[Image.Image]) -> torch.Tensor:
         t = to_tensor(targets, tuple(samples.shape[-2:]))
         return (self._down(samples) - self._down(t)).pow(2).flatten(1).mean(1).sqrt()
-
-
-
 
 
 class MiniScorer:

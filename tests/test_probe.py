@@ -65,8 +65,8 @@ def test_probe_ranks_a_carried_concept_above_one_the_teacher_cannot_carry(turbo)
     assert all(p.verdict == "carries" for p in good), report.table()
     assert all(p.verdict == "fails" for p in bad), report.table()
     # The decoders agree: the teacher shows the orange concept, the student (caption only) mostly does not.
-    assert sum(p.teacher_hit for p in good) / len(good) >= 0.8
-    assert sum(p.student_hit for p in good) / len(good) <= 0.4
+    teacher_hits, student_hits = (sum(getattr(p, k) for p in good) / len(good) for k in ("teacher_hit", "student_hit"))
+    assert teacher_hits >= student_hits + 0.4 and student_hits <= 0.25, report.table()
     # Student and teacher both render the caption's shape for the contradicting pairs: no hits either way.
     assert all(p.teacher_hit == 0 for p in bad)
     assert report.counts() == {"carries": 3, "weak": 0, "fails": 3} and not report.passed
@@ -116,6 +116,6 @@ def test_verdict_thresholds_and_pixel_fallback():
 def test_probe_runs_on_any_adapter_with_the_pixel_fallback():
     adapter = tiny_random_adapter(0, teacher_context="reference")
     report = probe(adapter, carried_pairs(2), seeds=(0,), scorer=PixelScorer())
-    assert report.metric == "pixel" and report.steps == 4 and len(report.images) == 2
+    assert report.metric == "pixel-palette" and report.steps == 4 and len(report.images) == 2
     assert all(p.student_hit is None for p in report.pairs)
     assert all(p.student_distance > 0 and p.teacher_distance > 0 for p in report.pairs)

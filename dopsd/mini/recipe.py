@@ -57,7 +57,7 @@ class RecipeConfig:
     p_reference_path: float = 0.5
     trajectories: int = 3072
     traj_batch: int = 256
-    distil_iters: int = 1200
+    distil_iters: int = 1500
     distil_lr: float = 2e-4
     model: MiniConfig = field(default_factory=MiniConfig)
 
@@ -270,8 +270,9 @@ def distil(rc: RecipeConfig, base: MiniDiT, enc: MiniEncoder, data: dict[str, to
 
 
 def _state(dit: MiniDiT, enc: MiniEncoder) -> dict[str, torch.Tensor]:
-    state = {f"dit.{k}": v.detach().contiguous() for k, v in dit.state_dict().items()}
-    state.update({f"encoder.{k}": v.detach().contiguous() for k, v in enc.state_dict().items()})
+    """float16 on disk (half the size; the adapter loads into float32)."""
+    state = {f"dit.{k}": v.detach().half().contiguous() for k, v in dit.state_dict().items()}
+    state.update({f"encoder.{k}": v.detach().half().contiguous() for k, v in enc.state_dict().items()})
     return state
 
 
