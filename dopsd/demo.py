@@ -26,7 +26,7 @@ CONCEPT = "orange"
 METHODS = ("dopsd", "sft")
 # Same data, optimizer and budget for both methods; only the objective differs.
 TRAIN_OVERRIDES = [
-    "train.max_steps=200",
+    "train.max_steps=100",
     "sample.every=0",
     "sample.control_steps=0",
 ]
@@ -35,7 +35,7 @@ TRAIN_OVERRIDES = [
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/demo"),
                         help="Output folder (default outputs/demo; an existing one is kept and a new -N folder used).")
-    parser.add_argument("--steps", type=int, default=None, help="Optimizer steps per method (default: the demo's 200).")
+    parser.add_argument("--steps", type=int, default=None, help="Optimizer steps per method (default: the demo's 100).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the data, training and evaluation noise.")
     parser.add_argument("--samples", type=int, default=64, help="Evaluation samples per prompt set.")
     parser.add_argument("--pretrained", default="turbo",

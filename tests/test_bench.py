@@ -146,3 +146,22 @@ def test_dedistill_deltas_merge_and_remove_exactly() -> None:
     with without_deltas(plain, deltas):
         assert torch.allclose(plain(x), before, atol=1e-5)
     assert torch.allclose(plain(x), net(x), atol=1e-5)
+
+
+def test_claim_verdicts_follow_the_stated_criteria() -> None:
+    from dopsd.bench.claims import check_setting
+
+    def row(q: float, q_std: float, fid: float = 0.9) -> dict:
+        return {"fewstep_quality": q, "fewstep_quality_std": q_std, "manystep_quality": 0.99,
+                "concept_fidelity": fid, "concept_fidelity_std": 0.01, "attribute_accuracy": 0.95}
+
+    def verdict(rows: dict, claim: str) -> str:
+        return next(c["verdict"] for c in check_setting("concept_lora", rows, {}) if c["claim"].startswith(claim))
+
+    blurred = {"base": row(0.95, 0.0, 0.05), "sft": row(0.80, 0.02), "dopsd": row(0.94, 0.01)}
+    assert verdict(blurred, "SFT lowers few-step quality") == "reproduced"
+    assert verdict(blurred, "SFT's damage is few-step specific") == "reproduced"
+    assert verdict(blurred, "D-OPSD keeps the few-step quality") == "reproduced"
+    noisy = {"base": row(0.95, 0.0, 0.05), "sft": row(0.90, 0.05), "dopsd": row(0.80, 0.01)}
+    assert verdict(noisy, "SFT lowers few-step quality") == "not reproduced"  # Δ −0.05 within 2×std
+    assert verdict(noisy, "D-OPSD keeps the few-step quality") == "not reproduced"

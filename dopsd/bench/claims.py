@@ -104,15 +104,20 @@ def check_setting(name: str, rows: dict[str, dict[str, Any]], curves: dict[str, 
         add("D-OPSD preserves unrelated outputs better than SFT", src,
             f"preservation: dopsd {_fmt(dp)} vs sft {_fmt(sp)} (Δ {d:+.3f})",
             "reproduced" if sig and d > 0 else "not reproduced" if sig else "inconclusive (within noise)")
-    # 7. Live teacher collapses.
-    live = rows.get("dopsd_live_teacher")
-    lq, lf = _v(live, "fewstep_quality"), _v(live, "concept_fidelity")
-    if lq and dq and lf and df:
-        dq_, sq_ = compare(lq, dq)
-        dfid, sfid = compare(lf, df)
-        worse = (sq_ and dq_ < 0) or (sfid and dfid < 0)
-        add("A live teacher (= the current student) collapses / is worse than EMA", "paper ablation",
-            f"live vs ema: few-step quality {_fmt(lq)} vs {_fmt(dq)}; {fid} {_fmt(lf)} vs {_fmt(df)}",
+    # 7. Live teacher collapses: worse few-step quality, worse fidelity, or the captioned content lost.
+    live, ema = rows.get("dopsd_live_teacher"), dopsd
+    keys = (("fewstep_quality", "few-step quality"), ("concept_fidelity", fid), ("attribute_accuracy", "attribute acc."))
+    pairs = [(label, _v(live, k), _v(ema, k)) for k, label in keys]
+    if all(a and b for _, a, b in pairs):
+        worse, shown = [], []
+        for label, a, b in pairs:
+            assert a and b
+            d, sig = compare(a, b)
+            if sig and d < 0:
+                worse.append(label)
+            shown.append(f"{label} {_fmt(a)} vs {_fmt(b)}")
+        add("A live teacher (= the current student) collapses / is worse than the EMA teacher", "paper ablation",
+            "live vs ema: " + "; ".join(shown) + (f" (worse: {', '.join(worse)})" if worse else ""),
             "reproduced" if worse else "not reproduced")
     # 8–9. Speed of learning: EMA vs frozen base teacher; x0 vs velocity loss.
     for other, claim, src in (("dopsd_base_teacher", "EMA teacher learns faster than the frozen initial model",

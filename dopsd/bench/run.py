@@ -101,10 +101,10 @@ def preset(name: str) -> BenchConfig:
     dedistill = ["lora.rank=16", "lora.alpha=16", "optim.lr=5e-4", "train.batch_size=8"]
     if name == "quick":
         settings = [
-            Setting("concept_lora", ["orange"], 6, concept, 60, 20),
-            Setting("domain_full", ["domain"], 128, domain, 60, 20),
+            Setting("concept_lora", ["orange"], 6, concept, 80, 20),
+            Setting("domain_full", ["domain"], 128, domain, 80, 20),
         ]
-        return BenchConfig("quick", settings, ALL_METHODS, seeds=3, curve_n=16, n_train=32, n_unseen=48,
+        return BenchConfig("quick", settings, ALL_METHODS, seeds=3, curve_n=32, n_train=32, n_unseen=48,
                            n_unrelated=48, many_steps=32, n_many=24, cost_repeats=5, cost_warmup=1, dedistill_pairs=256,
                            dedistill_steps=100, dedistill_overrides=dedistill, workers=2, ablation_seeds=1)
     if name == "full":
