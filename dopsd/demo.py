@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="Optimizer steps per method (default: the demo's 100).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the data, training and evaluation noise.")
     parser.add_argument("--samples", type=int, default=64, help="Evaluation samples per prompt set.")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: the miniature's matrices are small, and more threads "
+                        "than free cores makes every step many times slower).")
     parser.add_argument("--pretrained", default="turbo",
                         help="Mini weights: 'turbo' (shipped) or a folder written by `dopsd mini recipe`.")
 
@@ -138,5 +141,6 @@ def run_demo(out: Path, steps: int | None = None, seed: int = 0, samples: int = 
 
 
 def main(args: argparse.Namespace) -> int:
+    torch.set_num_threads(max(1, args.threads))
     run_demo(args.out, steps=args.steps, seed=args.seed, samples=args.samples, pretrained=args.pretrained)
     return 0
