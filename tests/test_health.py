@@ -1,8 +1,7 @@
-"""Few-step health on the shipped miniature turbo: flat for the untouched model, falls when SFT blurs it."""
+"""Few-step health on the shipped miniature turbo: flat for the untouched model, falls for a blurring denoiser."""
 
 from __future__ import annotations
 
-import copy
 from types import SimpleNamespace
 
 import pytest
@@ -12,7 +11,6 @@ import torch.nn.functional as F
 from dopsd.health import FewStepHealth, relative_gap, sharpness
 from dopsd.mini import world
 from dopsd.models.mini import load
-from dopsd.objective import sample_training_sigmas, sft_loss
 
 torch.set_num_threads(1)
 PROMPTS = [
@@ -57,40 +55,31 @@ def test_untouched_model_stays_at_one(turbo):
     assert scalars["health/health"] == 1.0 and "health/warning" not in scalars
 
 
-def test_the_undistilled_base_at_few_steps_scores_low(turbo):
-    """The shipped base sampled at the turbo's 4 steps is what "lost its distillation" looks like."""
-    base = load(SimpleNamespace(pretrained="base"))
-    health = monitor(turbo)
-    health.reference(turbo.network)
-    out = health.measure(base.network)
-    assert out["health"] < health.threshold and "few-step health" in out["warning"]
-    assert out["sharpness"] < 0.95
+class BlurredOutput(torch.nn.Module):
+    """The turbo with its x̂0 blurred: a denoiser that lost its few-step sharpness, by construction.
+
+    In the shipped miniature neither the multi-step base at 4 steps nor a short SFT run blurs few-step samples
+    measurably (README, "what holds and what does not"), so the blur the monitor must catch is built here.
+    """
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x, sigma, **context):
+        x0 = self.inner(x, sigma, **context)
+        return F.avg_pool2d(F.pad(x0, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
 
 
-def test_health_falls_during_a_blurring_sft_run(turbo):
-    """SFT (flow matching on multimodal scenes) pulls the turbo back toward a multi-step model: few-step blur."""
+def test_health_falls_for_a_blurring_denoiser_and_stays_for_the_untouched_one(turbo):
     health = monitor(turbo)
     health.reference(turbo.network)
-    net = copy.deepcopy(turbo.network).train()
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-4)
-    g = torch.Generator().manual_seed(0)
-    trace = []
-    for step in range(1, 61):
-        scenes = [world.random_scene(g) for _ in range(16)]
-        x0 = world.render(scenes)
-        context = turbo.collate(turbo.student_contexts([s.caption() for s in scenes]))
-        sigma = sample_training_sigmas(16, "shifted", shift=3.0, generator=g)
-        loss = sft_loss(lambda x, s, c: turbo.velocity(net, x, s, c), x0, context, sigma, torch.randn(x0.shape, generator=g))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 20 == 0:
-            trace.append(health.measure(net))
-    values = [t["health"] for t in trace]
-    assert values[-1] < health.threshold, values
-    assert trace[-1]["warning"] is not None and "SFT" in trace[-1]["warning"]
-    # The untouched network measured after the run is still exactly where it started.
-    assert health.measure(turbo.network)["health"] == 1.0
+    out = health.measure(BlurredOutput(turbo.network))
+    assert out["health"] < health.threshold, out
+    assert out["sharpness"] < 0.95 and out["warning"] is not None and "few-step health" in out["warning"]
+    # The untouched network measured afterwards is still exactly where it started.
+    again = health.measure(turbo.network)
+    assert again["health"] == 1.0 and again["warning"] is None
 
 
 def test_errors_are_clear(turbo):
