@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageDraw
 
 CONCEPT = "orange"
-METHODS = ("dopsd", "sft")
+METHODS = ("sft", "dopsd")  # grid columns: before | SFT | D-OPSD
 # Same data, optimizer and budget for both methods; only the objective differs.
 TRAIN_OVERRIDES = [
     "train.max_steps=100",

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from dopsd.bench.claims import MIN_EFFECT, check_cost, check_setting
-from dopsd.bench.report import (FIELD_DOCS, REQUIRED_FIELDS, REQUIRED_METHODS, Block, field_doc_table, fmt, image_grid, is_trained,
+from dopsd.bench.report import (FIELD_DOCS, REQUIRED_FIELDS, REQUIRED_METHODS, Block, field_doc_table, fmt,
+                                image_grid, is_trained,
                                 plot_curves, results_table, write_report, write_results)
 
 COST_MAP = {"sec_per_step": "sec_per_step", "peak_mem_mb": "peak_mem_mb", "time_ratio_vs_sft": "time_ratio",
