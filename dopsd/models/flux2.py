@@ -21,7 +21,7 @@ from torch import nn
 
 from dopsd.models.base import Context
 from dopsd.models.local import (
-    cfg_get, check_pipeline_folder, check_size, folder_fingerprint, free_memory, load_part, resolve_dtype, stack_or_list,
+    chat_tokens, still_loaded, cfg_get, check_pipeline_folder, check_size, folder_fingerprint, free_memory, load_part, resolve_dtype, stack_or_list,
     to_pixels,
 )
 from dopsd.schedules import flux2_schedule
@@ -101,22 +101,12 @@ class Flux2Adapter:
 
     # --- contexts ---------------------------------------------------------------------------------
 
-    def _require(self, what: Any, name: str) -> Any:
-        if what is None:
-            raise RuntimeError(f"the {name} was released (release_encoders); build contexts before releasing it")
-        return what
-
     @torch.no_grad()
     def _text_features(self, captions: list[str]) -> list[torch.Tensor]:
-        tokenizer = self._require(self.tokenizer, "tokenizer")
-        encoder = self._require(self.text_encoder, "text encoder")
-        texts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": c}], tokenize=False, add_generation_prompt=True,
-                                          enable_thinking=False)
-            for c in captions
-        ]
-        enc = tokenizer(texts, padding="max_length", max_length=self.max_tokens, truncation=True, return_tensors="pt")
-        out = encoder(input_ids=enc.input_ids.to(self.device), attention_mask=enc.attention_mask.to(self.device),
+        tokenizer = still_loaded(self.tokenizer, "tokenizer")
+        encoder = still_loaded(self.text_encoder, "text encoder")
+        ids, mask = chat_tokens(tokenizer, captions, self.max_tokens, thinking=False, device=self.device)
+        out = encoder(input_ids=ids, attention_mask=mask,
                       output_hidden_states=True, use_cache=False)
         feats = torch.cat([out.hidden_states[k] for k in self.layers], dim=-1)
         return [f.cpu() for f in feats]
@@ -170,7 +160,7 @@ class Flux2Adapter:
             from dopsd.models.qwen_vl import QwenVLEncoder
 
             self._vlm = QwenVLEncoder(
-                cfg_get(self.cfg, "teacher_encoder", None), self._require(self.text_encoder, "text encoder"),
+                cfg_get(self.cfg, "teacher_encoder", None), still_loaded(self.text_encoder, "text encoder"),
                 self.device, self.dtype, image_tokens=int(cfg_get(self.cfg, "teacher_image_tokens", 256)),
             )
             print(f"[dopsd] VLM teacher: {self._vlm.report}")
@@ -256,7 +246,7 @@ class Flux2Adapter:
         from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
 
         scheduler = load_part(FlowMatchEulerDiscreteScheduler, self.folder, "scheduler")
-        return Flux2KleinPipeline(scheduler=scheduler, vae=self.vae, text_encoder=self._require(self.text_encoder, "text encoder"),
+        return Flux2KleinPipeline(scheduler=scheduler, vae=self.vae, text_encoder=still_loaded(self.text_encoder, "text encoder"),
                                   tokenizer=self.tokenizer, transformer=transformer or self.network, is_distilled=True)
 
     @property

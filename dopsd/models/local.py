@@ -192,3 +192,22 @@ def cfg_get(cfg: Any, name: str, default: Any) -> Any:
     """Duck-typed config access: attribute or mapping key, None counts as unset."""
     value = cfg.get(name, None) if isinstance(cfg, dict) else getattr(cfg, name, None)
     return default if value is None else value
+
+
+def still_loaded(part: Any, name: str) -> Any:
+    """`part`, or a clear error if `release_encoders()` already freed it."""
+    if part is None:
+        raise RuntimeError(f"the {name} was released (release_encoders); build contexts before releasing it")
+    return part
+
+
+def chat_tokens(tokenizer: Any, captions: list[str], max_tokens: int, thinking: bool, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Captions as one user turn of the Qwen chat template (generation prompt appended), padded to max_tokens.
+    Returns (input_ids, attention_mask) on `device`. Z-Image uses thinking=True, FLUX.2-klein thinking=False."""
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": c}], tokenize=False, add_generation_prompt=True,
+                                      enable_thinking=thinking)
+        for c in captions
+    ]
+    enc = tokenizer(texts, padding="max_length", max_length=max_tokens, truncation=True, return_tensors="pt")
+    return enc.input_ids.to(device), enc.attention_mask.to(device)

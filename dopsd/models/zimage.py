@@ -19,7 +19,7 @@ from torch import nn
 
 from dopsd.models.base import Context
 from dopsd.models.local import (
-    cfg_get, check_pipeline_folder, check_size, folder_fingerprint, free_memory, load_part, read_json, resolve_dtype,
+    chat_tokens, still_loaded, cfg_get, check_pipeline_folder, check_size, folder_fingerprint, free_memory, load_part, read_json, resolve_dtype,
     stack_or_list, to_pixels,
 )
 from dopsd.schedules import exponential_shift, shifted_schedule
@@ -76,22 +76,12 @@ class ZImageAdapter:
 
     # --- contexts ---------------------------------------------------------------------------------
 
-    def _require(self, what: Any, name: str) -> Any:
-        if what is None:
-            raise RuntimeError(f"the {name} was released (release_encoders); build contexts before releasing it")
-        return what
-
     @torch.no_grad()
     def _text_features(self, captions: list[str]) -> list[torch.Tensor]:
-        tokenizer = self._require(self.tokenizer, "tokenizer")
-        encoder = self._require(self.text_encoder, "text encoder")
-        texts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": c}], tokenize=False, add_generation_prompt=True,
-                                          enable_thinking=True)
-            for c in captions
-        ]
-        enc = tokenizer(texts, padding="max_length", max_length=self.max_tokens, truncation=True, return_tensors="pt")
-        ids, mask = enc.input_ids.to(self.device), enc.attention_mask.to(self.device).bool()
+        tokenizer = still_loaded(self.tokenizer, "tokenizer")
+        encoder = still_loaded(self.text_encoder, "text encoder")
+        ids, mask = chat_tokens(tokenizer, captions, self.max_tokens, thinking=True, device=self.device)
+        mask = mask.bool()
         hidden = encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
         return [h[m].cpu() for h, m in zip(hidden, mask)]
 
@@ -106,7 +96,7 @@ class ZImageAdapter:
             from dopsd.models.qwen_vl import QwenVLEncoder
 
             self._vlm = QwenVLEncoder(
-                cfg_get(self.cfg, "teacher_encoder", None), self._require(self.text_encoder, "text encoder"),
+                cfg_get(self.cfg, "teacher_encoder", None), still_loaded(self.text_encoder, "text encoder"),
                 self.device, self.dtype, image_tokens=int(cfg_get(self.cfg, "teacher_image_tokens", 256)),
             )
             print(f"[dopsd] VLM teacher: {self._vlm.report}")
@@ -190,7 +180,7 @@ class ZImageAdapter:
         from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
 
         scheduler = load_part(FlowMatchEulerDiscreteScheduler, self.folder, "scheduler")
-        return ZImagePipeline(scheduler=scheduler, vae=self.vae, text_encoder=self._require(self.text_encoder, "text encoder"),
+        return ZImagePipeline(scheduler=scheduler, vae=self.vae, text_encoder=still_loaded(self.text_encoder, "text encoder"),
                               tokenizer=self.tokenizer, transformer=transformer or self.network)
 
     @property
