@@ -21,8 +21,8 @@ from torch import nn
 
 from dopsd.models.base import Context
 from dopsd.models.local import (
-    chat_tokens, still_loaded, cfg_get, check_pipeline_folder, check_size, folder_fingerprint, free_memory, load_part, resolve_dtype, stack_or_list,
-    to_pixels,
+    cfg_get, chat_tokens, check_pipeline_folder, check_size, folder_fingerprint, free_memory, load_part, resolve_dtype,
+    stack_or_list, still_loaded, to_pixels,
 )
 from dopsd.schedules import flux2_schedule
 
