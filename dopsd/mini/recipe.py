@@ -93,7 +93,7 @@ def _reference_for(g: torch.Generator, fg, tint) -> world.Scene:
 
 def sample_batch(rc: RecipeConfig, n: int, g: torch.Generator) -> Batch:
     targets, refs, paths, captions = [], [], [], []
-    blank = world.Scene(0, 12.0, 12.0, 14.0, (0.0, 0.0, 0.0), "black", "red")
+    blank = world.Scene(0, 0, (0.0, 0.0, 0.0), "black", "red")
     for _ in range(n):
         u = float(torch.rand(1, generator=g))
         s = world.random_scene(g)
