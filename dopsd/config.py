@@ -145,6 +145,10 @@ class SampleConfig:
     seeds: list[int] = opt([0, 1, 2, 3], "Fixed seeds (grid columns).")
     control_steps: int = opt(32, "Also sample at this many steps as a control (0 = off), to make few-step blur visible.")
     health: bool = opt(True, "Track few-step health (dopsd.health) at each sampling interval.")
+    health_prompts: list[str] = opt(
+        [], "Prompts the health signal samples (empty = method.prior_prompts, else the sample prompts). Prompts "
+        "unrelated to the concept keep the concept itself from moving the signal."
+    )
 
 
 @dataclass

@@ -5,8 +5,9 @@
 3. Sample before | SFT | D-OPSD at the turbo's own step count, with the same noise, and measure:
    concept_fidelity  fraction of concept-prompt samples that show the concept colour (higher = better);
                      the prompts include shape/background combinations absent from the training pairs;
-   fewstep_quality   on unrelated prompts (named colours): sharpness relative to the clean render of the
-                     decoded scene, 1 = as sharp as a clean render (higher = better; see dopsd.mini.metrics);
+   fewstep_quality   on unrelated prompts (named colours): sharpness (mean |Laplacian|) relative to the clean
+                     render of the decoded scene with the world's fine grain, 1 = as sharp as a clean render
+                     (higher = better; blur toward posterior means loses the grain first; dopsd.mini.metrics);
    drift             MSE to the untouched turbo's samples on unrelated prompts, same noise (lower = better).
 Writes OUT/{data,dopsd,sft}/, OUT/demo.png and OUT/summary.json.
 """

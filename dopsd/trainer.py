@@ -156,7 +156,8 @@ class Trainer:
         except ImportError:
             return None
         s, m = self.cfg.sample, self.m
-        return FewStepHealth(self.adapter, self.prompts[:4], height=m.height, width=m.width, seeds=tuple(s.seeds[:2]),
+        prompts = s.health_prompts or self.cfg.method.prior_prompts[:4] or self.prompts[:4]
+        return FewStepHealth(self.adapter, prompts, height=m.height, width=m.width, seeds=tuple(s.seeds[:2]),
                              steps=m.inference_steps, control_steps=s.control_steps, device=self.acc.device)
 
     def schedule(self, bucket: tuple[int, int]) -> torch.Tensor:

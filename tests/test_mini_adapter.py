@@ -45,6 +45,8 @@ def test_protocol_contexts_and_images():
     a.teacher_context = "reference"
     ref = a.teacher_contexts(caps, imgs)
     assert torch.allclose(ref[0]["feats"], student[0]["feats"]) and ref[0]["ref"].shape == (3, 24, 24)
+    a.teacher_context = "text"  # control: the image is ignored
+    assert torch.equal(a.teacher_contexts(caps, imgs)[1]["feats"], student[1]["feats"])
     batch = a.collate(student + ref)  # mixed batch: absent references are masked
     assert batch["ref_on"].tolist() == [False] * 3 + [True] * 3
     with pytest.raises(ValueError, match="not an editing model"):

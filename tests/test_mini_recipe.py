@@ -35,8 +35,11 @@ def test_tiny_recipe_cli_reproducible_and_loadable(tmp_path, capsys):
     assert x.shape == (2, 3, 24, 24) and torch.isfinite(x).all()
 
     report = tmp_path / "report.md"
-    assert main(["mini", "report", "--weights", str(out1), "--seeds", "2", "--samples", "8", "--out", str(report)]) == 0
+    assert main(["mini", "report", "--weights", str(out1), "--seeds", "2", "--samples", "8", "--out", str(report),
+                 "--premise-steps", "3"]) == 0
     text = report.read_text()
     assert "| turbo@4 |" in text and "| base@8 |" in text and "orange:caption+image(vlm)" in text
     numbers = json.loads(report.with_suffix(".json").read_text())
     assert len(numbers) == 2 and 0.0 <= numbers[0]["turbo@4"]["acc_shape"] <= 1.0
+    assert "| premise (`dopsd demo`, 4 steps) |" in text and set(numbers[1]["premise"]) == {"before", "sft", "dopsd"}
+    assert numbers[0]["premise"]["before"]["drift"] == 0.0 and numbers[0]["premise"]["sft"]["drift"] > 0.0

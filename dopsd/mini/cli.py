@@ -19,6 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rep.add_argument("--samples", type=int, default=256, help="unrelated prompts per seed")
     rep.add_argument("--weights", default=None, help="a recipe output folder (default: the shipped weights)")
     rep.add_argument("--out", default=None, help="write the markdown table here (and the numbers as .json)")
+    rep.add_argument("--no-premise", action="store_true", help="skip the SFT vs D-OPSD runs (item 3; ~1 min per seed)")
+    rep.add_argument("--premise-steps", type=int, default=None, help="optimizer steps of those runs (default: the demo's)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -37,6 +39,6 @@ def main(args: argparse.Namespace) -> int:
         if args.seeds < 1 or args.samples < 8:
             print("dopsd mini report: --seeds must be >= 1 and --samples >= 8", file=sys.stderr)
             return 2
-        print(run_report(args.seeds, args.samples, args.weights, args.out), end="")
+        print(run_report(args.seeds, args.samples, args.weights, args.out, not args.no_premise, args.premise_steps), end="")
         return 0
     return 2

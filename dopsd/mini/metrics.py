@@ -1,6 +1,6 @@
 """Measurements from the renderer's ground truth.
 
-Decoder: every sample is fitted by every clean shape mask of the world (shape × placement) with free
+Decoder: every sample is fitted by a bank of clean shape masks (shape × position × size grid) with free
 foreground/background colours (closed-form least squares); the best fit gives the decoded shape, size,
 position, colours and the fit error. Free colours make it work for continuous concept colours and tints.
 
@@ -18,36 +18,50 @@ blur when samples are imperfect.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 
 from dopsd.mini import world
 
-_FLAT = world.MASKS.reshape(-1, world.RES * world.RES).double()  # (J, P), J = shapes × placements
-_SUMS = (_FLAT.sum(1), (_FLAT**2).sum(1))  # Σm, Σm²
+@functools.lru_cache(maxsize=1)
+def templates() -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoder bank: (J, 4) rows (shape, cx, cy, size) and (J, P) coverage masks. Sizes on a 1-px grid,
+    centres on a 0.5-px grid over each size's allowed range (≈ 8,500 templates; built once, ~1 s)."""
+    rows = []
+    lo_s, hi_s = world.SIZE_RANGE
+    for size in torch.arange(lo_s, hi_s + 1e-6, 1.0).tolist():
+        lo, hi = world.MARGIN + size / 2, world.RES - world.MARGIN - size / 2
+        centres = torch.arange(lo, hi + 1e-6, 0.5).tolist()
+        rows += [(k, x, y, size) for k in range(len(world.SHAPES)) for y in centres for x in centres]
+    params = torch.tensor(rows)
+    masks = torch.cat([world.shape_masks(*params[i : i + 512].T) for i in range(0, len(params), 512)])
+    return params, masks.reshape(len(params), -1).double()
 
 
 @dataclass
 class Decoded:
     shape: torch.Tensor  # (N,) index into world.SHAPES
-    place: torch.Tensor  # (N,) index into world.PLACEMENTS (position and size)
+    cx: torch.Tensor  # (N,) centre and extent in pixels (on the template grid: 0.5 px, 1 px)
+    cy: torch.Tensor
+    size: torch.Tensor
     fg: torch.Tensor  # (N, 3) RGB in [0, 1]
     bg: torch.Tensor
     fit_mse: torch.Tensor  # (N,) per-pixel MSE of the best fit, in [-1, 1] units
     fit: torch.Tensor  # (N, 3, R, R) the best-fitting clean render in [-1, 1]
+    mask: torch.Tensor  # (N, R, R) its coverage
 
 
-@torch.no_grad()
-def decode(images: torch.Tensor) -> Decoded:
-    """Best clean-render fit of each image (shape/size/position masks × free fg/bg colours)."""
+def _decode_chunk(images: torch.Tensor) -> Decoded:
+    params, flat = templates()
+    sm, smm = flat.sum(1), (flat**2).sum(1)
     x = ((images.detach().double().cpu() + 1) / 2).reshape(images.shape[0], 3, -1)  # (N, 3, P) in [0, 1]
     p = x.shape[-1]
-    sm, smm = _SUMS
     suu, suw, sww = p - 2 * sm + smm, sm - smm, smm  # u = 1 − m, w = m
     sx = x.sum(-1, keepdim=True)  # (N, 3, 1)
-    swx = x @ _FLAT.T  # (N, 3, J)
+    swx = x @ flat.T  # (N, 3, J)
     sux = sx - swx
     det = (suu * sww - suw**2).clamp_min(1e-9)
     b = (sww * sux - suw * swx) / det
@@ -57,17 +71,18 @@ def decode(images: torch.Tensor) -> Decoded:
     best = resid.sum(1).argmin(1)  # (N,)
     idx = torch.arange(x.shape[0])
     fg, bg = f[idx, :, best], b[idx, :, best]
-    m = _FLAT[best].reshape(-1, 1, world.RES, world.RES)
+    m = flat[best].reshape(-1, 1, world.RES, world.RES)
     fit = (bg[:, :, None, None] * (1 - m) + fg[:, :, None, None] * m).float() * 2 - 1
     fit_mse = (fit - images.detach().float().cpu()).pow(2).mean((1, 2, 3))
-    return Decoded(
-        shape=best // world.NUM_PLACES,
-        place=best % world.NUM_PLACES,
-        fg=fg.float(),
-        bg=bg.float(),
-        fit_mse=fit_mse,
-        fit=fit,
-    )
+    sh, cx, cy, size = params[best].T
+    return Decoded(sh.long(), cx, cy, size, fg.float(), bg.float(), fit_mse, fit, m[:, 0].float())
+
+
+@torch.no_grad()
+def decode(images: torch.Tensor) -> Decoded:
+    """Best clean-render fit of each image (shape/position/size templates × free fg/bg colours)."""
+    parts = [_decode_chunk(images[i : i + 64]) for i in range(0, len(images), 64)]
+    return Decoded(*(torch.cat([getattr(d, f.name) for d in parts]) for f in fields(Decoded)))
 
 
 def parse_caption(caption: str) -> tuple[str, str, str | None]:
@@ -155,9 +170,10 @@ def render_psnr(images: torch.Tensor, decoded: Decoded | None = None) -> float:
     return world.sigma_to_psnr(float(dec.fit_mse.mean()))
 
 
-def reference_renders(captions: list[str], decoded: Decoded) -> torch.Tensor:
-    """Clean renders with each sample's decoded shape/size/position and its caption's colours (decoded
-    colours where the caption does not name them: `sks`, no background)."""
+def reference_renders(captions: list[str], decoded: Decoded, tinted: torch.Tensor | None = None) -> torch.Tensor:
+    """Clean renders (with a fixed grain texture) of each sample's decoded shape/size/position in its caption's
+    colours (decoded colours where the caption does not name them: `sks`, no background); samples flagged in
+    `tinted` (N,) bool are rendered under the held-out domain's tint, as the world renders them."""
     fg, bg = decoded.fg.clone(), decoded.bg.clone()
     for i, caption in enumerate(captions):
         colour, _, background = parse_caption(caption)
@@ -165,23 +181,30 @@ def reference_renders(captions: list[str], decoded: Decoded) -> torch.Tensor:
             fg[i] = torch.tensor(world.COLOURS[colour])
         if background is not None:
             bg[i] = torch.tensor(world.BACKGROUNDS[background])
-    mask = world.MASKS[decoded.shape, decoded.place]
-    return world.composite(mask, fg, bg)
+    tint = None
+    if tinted is not None:
+        colour, amount = world.DOMAIN_TINT
+        tint = (torch.tensor(colour).expand(len(captions), 3), tinted.float() * amount)
+    grain = 2 * world.grain_texture(list(range(len(captions))))[:, None]  # fixed grain: expected texture energy
+    return (world.composite(decoded.mask, fg, bg, tint) + grain).clamp(-1, 1)
 
 
-def fewstep_quality(images: torch.Tensor, captions: list[str], decoded: Decoded | None = None) -> float:
-    """Higher = better, 1 = as sharp as clean renders. Per sample: sharpness / sharpness of the clean render
-    with the sample's decoded shape, size and position in its caption's colours, capped at 1 (speckle cannot
-    beat a clean render); the mean over samples.
+def fewstep_quality(
+    images: torch.Tensor, captions: list[str], decoded: Decoded | None = None, tinted: torch.Tensor | None = None
+) -> float:
+    """Higher = better, 1 = as sharp as clean renders: Σ sharpness(samples) / Σ sharpness(references), capped
+    at 1 (speckle cannot beat a clean render), where each sample's reference is the clean render of its decoded
+    shape, size and position in its caption's colours, with the world's grain texture.
 
-    Blur (the failure mode of fine-tuned few-step models) and washed-out or missing objects lower it; the
-    per-sample reference makes it independent of which shapes/colours were drawn. Superposed sharp modes are
-    not caught: report `render_psnr` beside it.
+    Blur and lost fine texture (the failure mode of fine-tuned few-step models: posterior means) and
+    washed-out or missing objects lower it; the per-sample reference makes it independent of which
+    shapes/colours were drawn. Excess noise is not penalised: report `render_psnr` beside it.
+    `tinted`: see `reference_renders` (the domain setting).
     """
     dec = decoded or decode(images)
-    ref = reference_renders(captions, dec)
-    ratio = sharpness_per_sample(images) / sharpness_per_sample(ref).clamp_min(1e-6)
-    return float(ratio.clamp(max=1.0).mean())
+    ref = reference_renders(captions, dec, tinted)
+    ratio = sharpness_per_sample(images).sum() / sharpness_per_sample(ref).sum().clamp_min(1e-6)
+    return float(ratio.clamp(max=1.0))
 
 
 def mse(a: torch.Tensor, b: torch.Tensor) -> float:

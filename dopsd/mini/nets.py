@@ -5,9 +5,11 @@ only the caption-position features — a strict bottleneck, as a VLM summarises 
 features the denoiser reads (the Z-Image + Qwen3-VL teacher path).
 
 DiT: one sequence [caption features | reference patches (optional; the FLUX.2-klein editing path) | noisy
-patches], adaLN-single modulation from the timestep and the pooled caption features, learned positions, and a
-small convolutional output head that refines pixels across patch borders. It predicts the clean image (x-prediction;
-v-prediction gave speckled samples at this scale); the adapter turns that into a velocity.
+patches], adaLN-single modulation from the timestep and the pooled caption features, learned positions, a
+small convolutional output head that refines pixels across patch borders, and a per-pixel gain on the noisy
+input (x̂0 += gain ⊙ x_σ) so that per-pixel detail (the world's grain) can pass 12-px tokens. It predicts the
+clean image (x-prediction; v-prediction gave speckled samples at this scale); the adapter turns that into a
+velocity.
 """
 
 from __future__ import annotations
@@ -25,13 +27,15 @@ from dopsd.mini import world
 @dataclass
 class MiniConfig:
     res: int = world.RES
-    patch: int = 12  # 2×2 image tokens: few tokens make the global choice of placement easy to learn
+    patch: int = 12  # 2×2 image tokens: few tokens make the global layout easy to learn on a CPU budget
     dim: int = 192
     layers: int = 6
     heads: int = 4
     mlp_ratio: float = 3.0
     head_channels: int = 16  # conv output head over the unpatchified features (0 = plain linear unpatchify)
+    pixel_gate: bool = True  # x̂0 += gain(σ, content) ⊙ x_σ per pixel: carries per-pixel detail past coarse tokens
     enc_dim: int = 96
+    enc_patch: int = 6  # the encoder reads the reference image in finer patches than the DiT
     enc_layers: int = 2
     enc_heads: int = 4
     vocab_size: int = len(world.VOCAB)
@@ -120,8 +124,8 @@ class MiniEncoder(nn.Module):
         self.cfg = cfg
         self.tok = nn.Embedding(cfg.vocab_size, cfg.enc_dim)
         self.tok_pos = nn.Parameter(torch.randn(cfg.max_tokens, cfg.enc_dim) * 0.02)
-        self.img = nn.Linear(cfg.patch_dim, cfg.enc_dim)
-        self.img_pos = nn.Parameter(torch.randn(cfg.num_patches, cfg.enc_dim) * 0.02)
+        self.img = nn.Linear(3 * cfg.enc_patch**2, cfg.enc_dim)
+        self.img_pos = nn.Parameter(torch.randn((cfg.res // cfg.enc_patch) ** 2, cfg.enc_dim) * 0.02)
         self.blocks = nn.ModuleList(EncoderBlock(cfg.enc_dim, cfg.enc_heads) for _ in range(cfg.enc_layers))
         self.norm = nn.LayerNorm(cfg.enc_dim)
 
@@ -129,7 +133,7 @@ class MiniEncoder(nn.Module):
         x = self.tok(tokens) + self.tok_pos
         mask = tokens != 0
         if image is not None:
-            img = self.img(patchify(image, self.cfg.patch)) + self.img_pos
+            img = self.img(patchify(image, self.cfg.enc_patch)) + self.img_pos
             x = torch.cat([img, x], dim=1)
             mask = torch.cat([mask.new_ones(img.shape[:2]), mask], dim=1)
         for block in self.blocks:
@@ -178,7 +182,7 @@ class MiniDiT(nn.Module):
         self.norm_out = nn.LayerNorm(d, elementwise_affine=False)
         self.out_mod = nn.Linear(d, 2 * d)
         hc = cfg.head_channels
-        self.out = nn.Linear(d, cfg.patch * cfg.patch * (3 + hc))
+        self.out = nn.Linear(d, cfg.patch * cfg.patch * (3 + hc + 3 * cfg.pixel_gate))
         zero = [self.t_mod[1], self.out_mod, self.out]  # blocks start as identity, output as zero
         if hc:
             # pixel-level refinement across patch borders (sees the noisy input too): removes blocky patches
@@ -218,10 +222,16 @@ class MiniDiT(nn.Module):
             h = block(h, t, key_mask)
         shift, scale = self.out_mod(F.silu(temb)).chunk(2, dim=1)
         h = self.norm_out(h[:, -cfg.num_patches :]) * (1 + scale[:, None]) + shift[:, None]
-        out = unpatchify(self.out(h), cfg.patch, cfg.res, 3 + cfg.head_channels)
-        if not cfg.head_channels:
-            return out
-        return out[:, :3] + self.head(torch.cat([out[:, 3:], x], dim=1))
+        hc = cfg.head_channels
+        out = unpatchify(self.out(h), cfg.patch, cfg.res, 3 + hc + 3 * cfg.pixel_gate)
+        x0 = out[:, :3]
+        if cfg.pixel_gate:
+            # a 12-px token cannot describe per-pixel grain; the posterior mean of such detail is a σ-dependent
+            # shrinkage of x_σ, which this gain expresses exactly (real DiTs have per-pixel tokens instead)
+            x0 = x0 + out[:, 3 + hc :] * x
+        if hc:
+            x0 = x0 + self.head(torch.cat([out[:, 3 : 3 + hc], x], dim=1))
+        return x0
 
 
 LORA_TARGETS = ["attn.qkv", "attn.out", "mlp.fc1", "mlp.fc2"]

@@ -32,7 +32,7 @@ from dopsd.mini import world
 from dopsd.mini.nets import MiniConfig, MiniDiT, MiniEncoder, tiny_config
 from dopsd.schedules import shifted_schedule
 
-RECIPE_VERSION = "mini-recipe-1"
+RECIPE_VERSION = "mini-recipe-2"  # bump when the world, network or recipe changes the weights
 VLM, REFERENCE = 1, 2  # context paths of a sample (0 = caption only)
 
 
@@ -41,21 +41,22 @@ class RecipeConfig:
     seed: int = 0
     threads: int = 1
     batch: int = 64
-    base_iters: int = 3000
+    base_iters: int = 4500
     base_lr: float = 1.2e-3
     warmup: int = 200
     ema: float = 0.999
     sigma_sampling: str = "logit_normal"  # or "uniform"
     sigma_mean: float = 0.8  # logit-normal over σ: mostly noisy states
     sigma_std: float = 0.8
+    p_uniform_sigma: float = 0.3  # this share of σ uniform in [0, 1]: low σ (where grain is decided) gets trained
     loss: str = "velocity"  # or "x0"
     loss_sigma_min: float = 0.05
-    p_incontext: float = 0.30
+    p_incontext: float = 0.40
     p_tint: float = 0.12
     p_sks_plain: float = 0.07
     p_no_background: float = 0.2
     p_reference_path: float = 0.5
-    trajectories: int = 3072
+    trajectories: int = 4096
     traj_batch: int = 256
     distil_iters: int = 1500
     distil_lr: float = 2e-4
@@ -93,7 +94,7 @@ def _reference_for(g: torch.Generator, fg, tint) -> world.Scene:
 
 def sample_batch(rc: RecipeConfig, n: int, g: torch.Generator) -> Batch:
     targets, refs, paths, captions = [], [], [], []
-    blank = world.Scene(0, 0, (0.0, 0.0, 0.0), "black", "red")
+    blank = world.Scene(0, 12.0, 12.0, 14.0, (0.0, 0.0, 0.0), "black", "red")
     for _ in range(n):
         u = float(torch.rand(1, generator=g))
         s = world.random_scene(g)
@@ -140,9 +141,13 @@ def predict_x0(dit: MiniDiT, x, sigma, feats, tokens, ref, path) -> torch.Tensor
 
 
 def base_sigmas(rc: RecipeConfig, n: int, g: torch.Generator) -> torch.Tensor:
+    uniform = torch.rand(n, generator=g)
     if rc.sigma_sampling == "uniform":
-        return torch.rand(n, generator=g)
-    return torch.sigmoid(rc.sigma_mean + rc.sigma_std * torch.randn(n, generator=g))  # logit-normal
+        return uniform
+    sigma = torch.sigmoid(rc.sigma_mean + rc.sigma_std * torch.randn(n, generator=g))  # logit-normal
+    # logit-normal alone almost never draws σ < 0.1, where the last sampling steps (and fine grain) live
+    mix = torch.rand(n, generator=g) < rc.p_uniform_sigma
+    return torch.where(mix, uniform, sigma)
 
 
 def base_loss(rc: RecipeConfig, err: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

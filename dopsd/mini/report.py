@@ -3,7 +3,9 @@
 0. attribute decoding of the untouched turbo at its step count (and the base at its many steps);
 1. few-step quality: MSE to the base's many-step output for the same noise and prompt, sharpness;
 2. teacher check on held-out concepts: caption + target image vs caption only (both teacher paths);
-   and the held-out domain (tint) carried by the image context.
+   and the held-out domain (tint) carried by the image context;
+3. the premise: the demo's SFT and D-OPSD runs (same pairs, budget and seed) and the few-step quality of their
+   samples on unrelated prompts, beside the untouched turbo's and the base's at the same step count.
 Each seed draws its own prompts, noise and targets; the table shows the mean and the per-seed range.
 """
 
@@ -92,6 +94,17 @@ def evaluate(turbo: MiniAdapter, base: MiniAdapter, seed: int, n: int = 256) -> 
     return rows
 
 
+def premise(pretrained: str, seed: int, steps: int | None = None) -> dict[str, dict[str, float]]:
+    """Item 3: `dopsd demo` (SFT and D-OPSD LoRAs on the held-out concept) with this seed, in a scratch folder."""
+    import tempfile
+
+    from dopsd.demo import run_demo
+
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = run_demo(Path(tmp) / "demo", steps=steps, seed=seed, pretrained=pretrained)
+    return {k: v for k, v in summary.items() if isinstance(v, dict)}
+
+
 def _summ(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.3f}"
@@ -102,7 +115,7 @@ def to_markdown(per_seed: list[dict[str, dict[str, float]]], header: str) -> str
     cols = ["acc_shape", "acc_colour", "acc_background", "mse_to_base_many", "sharpness", "fewstep_quality", "render_psnr"]
     lines = [header, "", "| model @ steps | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for row in per_seed[0]:
-        if row == "teacher check":
+        if row in ("teacher check", "premise"):
             continue
         cells = []
         for c in cols:
@@ -112,10 +125,17 @@ def to_markdown(per_seed: list[dict[str, dict[str, float]]], header: str) -> str
     lines += ["", "| teacher check (turbo, its own steps) | concept fidelity |", "|---|---|"]
     for key in per_seed[0]["teacher check"]:
         lines.append(f"| {key} | {_summ([s['teacher check'][key] for s in per_seed])} |")
+    if "premise" in per_seed[0]:
+        cols = ["concept_fidelity", "fewstep_quality", "drift"]
+        lines += ["", "| premise (`dopsd demo`, 4 steps) | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        for name in per_seed[0]["premise"]:
+            cells = [_summ([s["premise"][name][c] for s in per_seed]) for c in cols]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def run_report(seeds: int = 2, n: int = 256, pretrained: str | None = None, out: str | None = None) -> str:
+def run_report(seeds: int = 2, n: int = 256, pretrained: str | None = None, out: str | None = None,
+               with_premise: bool = True, premise_steps: int | None = None) -> str:
     """Evaluate turbo and base (shipped, or a recipe folder) over `seeds` seeds; return (and write) markdown."""
     torch.manual_seed(0)
     if pretrained is None:
@@ -127,10 +147,15 @@ def run_report(seeds: int = 2, n: int = 256, pretrained: str | None = None, out:
         base = load(SimpleNamespace(pretrained=str(folder / "base.safetensors")))
         source = str(folder)
     per_seed = [evaluate(turbo, base, seed, n) for seed in range(seeds)]
+    if with_premise:
+        for seed, rows in enumerate(per_seed):
+            rows["premise"] = premise(str(pretrained or "turbo"), seed, premise_steps)
     header = (f"Miniature world, {source}: {seeds} seeds × {n} unrelated prompts (mean [min–max] over seeds). "
               "mse_to_base_many = MSE to the base's many-step sample for the same noise and prompt; "
               "fewstep_quality = sharpness relative to the clean render of each sample's decoded scene in its caption's "
-              "colours (≤ 1, higher = better); render_psnr = PSNR against the best-fitting clean render.")
+              "colours, with the world's grain (≤ 1, higher = better); render_psnr = PSNR against the best-fitting clean "
+              "render. Premise: `dopsd demo --seed S` per seed (concept_fidelity on `sks` prompts; fewstep_quality "
+              "and drift on unrelated prompts; see dopsd/demo.py).")
     text = to_markdown(per_seed, header)
     if out:
         Path(out).write_text(text)

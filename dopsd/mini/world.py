@@ -1,11 +1,14 @@
 """The miniature world: a procedural renderer with ground truth, captions from a fixed vocabulary.
 
-A scene is one shape (circle, square, triangle, plus) of a colour on a plain background, at one of 13
-placements: small (12 px) on a 3×3 grid of positions or large (18 px) on a 2×2 grid. Captions name the
-colour, the shape and (optionally) the background, and never the position or size: every caption has a
-multimodal image distribution (13 modes, 52 without a background), which is what makes few-step sampling
-hard, as with real captions. Shapes are large and distinct (so that samples are recognisable to a person
-and to the decoder) and never cut by the image border.
+A scene is one shape (circle, square, triangle, plus) of a colour on a plain background, with a continuous
+position and size. Captions name the colour, the shape and (optionally) the background, and never the
+position or size: every caption has a spread-out image distribution whose posterior mean stays blurred until
+late in sampling, which is what makes few-step sampling hard, as with real captions. (Continuous rather than
+discrete placements keep the base's ODE a smooth function of the noise, so a turbo can be distilled from it.)
+Shapes are large and distinct (recognisable to a person and to the decoder) and never cut by the border.
+Every image also carries a fine film grain (per-pixel luminance noise, a fixed texture per scene): the
+finest detail of the world, decided last in sampling — samplers that return posterior means (few-step base,
+SFT-tuned turbo) wash it out, while an ODE-faithful turbo keeps it, as real turbos keep fine texture.
 
 Hidden (in-context) attributes, never named in captions, drawn from continuous ranges:
   * the foreground colour, written with the placeholder word `sks` (held-out concepts: orange, teal, pink);
@@ -23,12 +26,9 @@ import torch
 RES = 24
 SUPERSAMPLE = 4
 SHAPES = ("circle", "square", "triangle", "plus")
-SIZES = (12.0, 18.0)  # shape extents in pixels; captions never say which
-# (size index, centre x, centre y) of every placement; captions never say which
-PLACEMENTS: tuple[tuple[int, float, float], ...] = tuple(
-    [(0, x, y) for y in (6.0, 12.0, 18.0) for x in (6.0, 12.0, 18.0)] + [(1, x, y) for y in (9.0, 15.0) for x in (9.0, 15.0)]
-)
-NUM_PLACES = len(PLACEMENTS)
+SIZE_RANGE = (11.0, 17.0)  # shape extent in pixels, uniform; captions never say
+MARGIN = 1.0  # the shape's box stays this far inside the image; the centre is uniform over the rest
+GRAIN = 0.06  # std of the per-pixel luminance grain, in [0, 1] colour units
 
 # Named foreground colours (RGB in [0, 1]); the words are taught by captions.
 COLOURS: dict[str, tuple[float, float, float]] = {
@@ -83,38 +83,36 @@ class Scene:
     """Ground truth of one image. `colour` is the caption word (a named colour or `sks`)."""
 
     shape: int
-    place: int  # index into PLACEMENTS (position and size)
+    cx: float  # centre (pixels) and extent: never captioned
+    cy: float
+    size: float
     fg: tuple[float, float, float]
     bg: str
     colour: str
     tint: tuple[tuple[float, float, float], float] | None = None
+    grain: int | None = None  # seed of the scene's grain texture (None: no grain)
 
     def caption(self, with_background: bool = True) -> str:
         text = f"a {self.colour} {SHAPES[self.shape]}"
         return f"{text} on a {self.bg} background" if with_background else text
 
 
-def _coverage_masks() -> torch.Tensor:
-    """(len(SHAPES), NUM_PLACES, RES, RES) anti-aliased coverage in [0, 1]."""
+def shape_masks(shape: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """Anti-aliased coverage (B, RES, RES) in [0, 1] of shapes (B,) at centres/extents (B,) in pixels."""
     n = RES * SUPERSAMPLE
-    c = (torch.arange(n, dtype=torch.float64) + 0.5) / SUPERSAMPLE
-    yy, xx = torch.meshgrid(c, c, indexing="ij")
-    out = torch.zeros(len(SHAPES), NUM_PLACES, RES, RES)
-    for p, (si, cx, cy) in enumerate(PLACEMENTS):
-        h = SIZES[si] / 2
-        dx, dy = xx - cx, yy - cy
-        masks = (
-            dx**2 + dy**2 <= (h * 0.98) ** 2,  # circle
-            (dx.abs() <= h * 0.84) & (dy.abs() <= h * 0.84),  # square: similar area to the circle
-            (dy <= h * 0.85) & (dy >= -h) & (dx.abs() <= (dy + h) * 0.58),  # upward triangle
-            ((dx.abs() <= h * 0.30) & (dy.abs() <= h)) | ((dy.abs() <= h * 0.30) & (dx.abs() <= h)),  # plus
-        )
-        for k, m in enumerate(masks):
-            out[k, p] = m.double().reshape(RES, SUPERSAMPLE, RES, SUPERSAMPLE).mean((1, 3)).float()
-    return out
-
-
-MASKS = _coverage_masks()
+    c = (torch.arange(n, dtype=torch.float32) + 0.5) / SUPERSAMPLE
+    dx = c[None, None, :] - cx.float()[:, None, None]
+    dy = c[None, :, None] - cy.float()[:, None, None]
+    h = (size.float() / 2)[:, None, None]
+    ax, ay = dx.abs(), dy.abs()
+    masks = torch.stack((
+        dx**2 + dy**2 <= (h * 0.98) ** 2,  # circle
+        (ax <= h * 0.84) & (ay <= h * 0.84),  # square: about the circle's area
+        (dy <= h * 0.85) & (dy >= -h) & (ax <= (dy + h) * 0.58),  # upward triangle
+        ((ax <= h * 0.30) & (ay <= h)) | ((ay <= h * 0.30) & (ax <= h)),  # plus
+    ))  # (4, B, n, n)
+    m = masks[shape.long(), torch.arange(len(shape))].float()
+    return m.reshape(-1, RES, SUPERSAMPLE, RES, SUPERSAMPLE).mean((2, 4))
 
 
 def composite(mask: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor, tint=None) -> torch.Tensor:
@@ -133,7 +131,7 @@ def composite(mask: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor, tint=None)
 
 def render(scenes: list[Scene]) -> torch.Tensor:
     """Scenes → (B, 3, RES, RES) images in [-1, 1]."""
-    mask = torch.stack([MASKS[s.shape, s.place] for s in scenes])
+    mask = shape_masks(*(torch.tensor([getattr(s, k) for s in scenes]) for k in ("shape", "cx", "cy", "size")))
     fg = torch.tensor([s.fg for s in scenes])
     bg = torch.tensor([BACKGROUNDS[s.bg] for s in scenes])
     tint = None
@@ -142,19 +140,38 @@ def render(scenes: list[Scene]) -> torch.Tensor:
         colour = torch.tensor([(s.tint or none)[0] for s in scenes])
         amount = torch.tensor([(s.tint or none)[1] for s in scenes])
         tint = (colour, amount)
-    return composite(mask, fg, bg, tint)
+    img = composite(mask, fg, bg, tint)
+    grain = [s.grain for s in scenes]
+    if any(seed is not None for seed in grain):
+        img = (img + 2 * grain_texture(grain)[:, None]).clamp(-1, 1)
+    return img
+
+
+def grain_texture(seeds: list[int | None]) -> torch.Tensor:
+    """(B, RES, RES) luminance grain in [0, 1] units (zeros for None): one fixed texture per seed."""
+    out = torch.zeros(len(seeds), RES, RES)
+    for i, seed in enumerate(seeds):
+        if seed is not None:
+            out[i] = GRAIN * torch.randn(RES, RES, generator=torch.Generator().manual_seed(seed))
+    return out
 
 
 def random_scene(g: torch.Generator, colour: str | None = None, bg: str | None = None, shape: int | None = None) -> Scene:
     """A scene with a named colour (random unless given), random background, shape, position and size."""
     names, bgs = list(COLOURS), list(BACKGROUNDS)
     colour = colour or names[int(torch.randint(len(names), (1,), generator=g))]
+    u = torch.rand(3, generator=g).tolist()
+    size = SIZE_RANGE[0] + (SIZE_RANGE[1] - SIZE_RANGE[0]) * u[0]
+    lo, hi = MARGIN + size / 2, RES - MARGIN - size / 2
     return Scene(
         shape=int(torch.randint(len(SHAPES), (1,), generator=g)) if shape is None else shape,
-        place=int(torch.randint(NUM_PLACES, (1,), generator=g)),
+        cx=lo + (hi - lo) * u[1],
+        cy=lo + (hi - lo) * u[2],
+        size=size,
         fg=COLOURS[colour] if colour in COLOURS else CONCEPTS[colour],
         bg=bg or bgs[int(torch.randint(len(bgs), (1,), generator=g))],
         colour=colour if colour in COLOURS else PLACEHOLDER,
+        grain=int(torch.randint(2**31 - 1, (1,), generator=g)),
     )
 
 
@@ -170,18 +187,6 @@ def random_tint(g: torch.Generator) -> tuple[tuple[float, float, float], float]:
     """A global tint: a random colour and an amount in [0.25, 0.5] (the held-out domain is one such tint)."""
     colour = tuple(float(v) for v in torch.rand(3, generator=g))
     return colour, 0.25 + 0.25 * float(torch.rand(1, generator=g))
-
-
-def all_scenes(colours: dict[str, tuple[float, float, float]] | None = None) -> list[Scene]:
-    """Every discrete scene (shape × placement × colour × background): the clean-render bank."""
-    colours = COLOURS if colours is None else colours
-    return [
-        Scene(shape=k, place=p, fg=rgb, bg=b, colour=name if name in COLOURS else PLACEHOLDER)
-        for k in range(len(SHAPES))
-        for p in range(NUM_PLACES)
-        for name, rgb in colours.items()
-        for b in BACKGROUNDS
-    ]
 
 
 def concept_scene(concept: str, g: torch.Generator, **kw) -> Scene:

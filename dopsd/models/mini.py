@@ -5,7 +5,8 @@ denoiser predicts x̂0; `velocity` returns v = (x − x̂0) / max(σ, σ_min), t
 Contexts are per-sample dicts: {"feats": (T, E), "feats_mask": (T,)} and, for the "reference" teacher path,
 {"ref": (3, R, R), "ref_on": ()}. Teacher contexts:
   * "vlm"       – the target image goes through the frozen encoder with the caption (Z-Image + VLM style);
-  * "reference" – caption-only features, plus the target's patches in the DiT's sequence (FLUX.2-klein style).
+  * "reference" – caption-only features, plus the target's patches in the DiT's sequence (FLUX.2-klein style);
+  * "text"      – caption only, no image (a control for probes and ablations).
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from torch import nn
 
 from dopsd.mini import world
 from dopsd.mini.nets import LORA_TARGETS, MiniConfig, MiniDiT, MiniEncoder, tiny_config
+from dopsd.mini.recipe import RECIPE_VERSION
 from dopsd.models.base import Context
 from dopsd.schedules import shifted_schedule
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "mini" / "weights"
-TEACHER_CONTEXTS = ("vlm", "reference")
+TEACHER_CONTEXTS = ("vlm", "reference", "text")
 
 
 class MiniAdapter:
@@ -98,6 +100,8 @@ class MiniAdapter:
     def teacher_contexts_from_tensors(self, captions: list[str], images: torch.Tensor) -> list[Context]:
         """Teacher contexts from image tensors (B, 3, R, R) in [-1, 1] (the world renders tensors)."""
         images = images.to(self.device, self.dtype)
+        if self.teacher_context == "text":
+            return self._features(captions, None)
         if self.teacher_context == "vlm":
             return self._features(captions, images)
         contexts = self._features(captions, None)
@@ -202,7 +206,16 @@ def read_weights(path: Path) -> tuple[MiniConfig, dict[str, torch.Tensor], dict,
         raise FileNotFoundError(f"no miniature weights at {file} (with manifest.json beside it); {hint}")
     manifest = json.loads(manifest_path.read_text())
     kind = "base" if file.stem == "base" else "turbo"
-    return MiniConfig.from_dict(manifest["config"]), load_file(str(file)), manifest, kind
+    cfg, state = MiniConfig.from_dict(manifest["config"]), load_file(str(file))
+    try:
+        build(cfg, state)
+    except RuntimeError as err:  # weights from another recipe version than this network
+        raise ValueError(
+            f"{file} does not fit this version's miniature network (weights: "
+            f"{manifest.get('recipe_version', 'unknown recipe')}, this dopsd: {RECIPE_VERSION}). Rebuild them with "
+            f"`dopsd mini recipe --out {file.parent}` or use the shipped 'turbo'/'base'. Detail: {str(err)[:300]}"
+        ) from None
+    return cfg, state, manifest, kind
 
 
 def build(cfg: MiniConfig, state: dict[str, torch.Tensor] | None = None) -> tuple[MiniDiT, MiniEncoder]:
