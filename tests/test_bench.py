@@ -33,6 +33,7 @@ def test_results_json_complete_and_consistent(bench: Path) -> None:
     for name, block in results.items():
         methods, setting = block["methods"], block["setting"]
         assert set(REQUIRED_METHODS) | {"dopsd_velocity"} <= set(methods)
+        assert ("dopsd_prior" in methods) == (name == "concept_lora")  # prior preservation: concepts only
         assert setting["optimizer_steps"] == 4 and setting["seeds"] == 3
         for method, row in methods.items():
             assert set(REQUIRED_FIELDS) <= set(row)
@@ -66,7 +67,8 @@ def test_report_markdown_html_and_figures(bench: Path) -> None:
             line = next(l for l in section.splitlines() if l.startswith(f"| `{method}` |"))
             assert fmt(row["concept_fidelity"], row["concept_fidelity_std"]) in line  # table matches the JSON
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert len(images) == 2 * (1 + 1 + 7)  # per setting: curves, methods side by side, one grid per method
+    grids = sum(len(block["methods"]) for block in results.values())  # one grid per method
+    assert len(images) == 2 * (1 + 1) + grids  # per setting: curves, methods side by side; then the grids
     for rel in images:
         assert (bench / rel).is_file() and (bench / rel).read_bytes()[:4] == b"\x89PNG"
     assert page.count("data:image/png;base64,") == len(images)  # self-contained

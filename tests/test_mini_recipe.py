@@ -1,8 +1,10 @@
 """The recipe end to end on the tiny configuration, through the `dopsd mini` command line."""
 
 import json
+import shutil
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from dopsd.cli import main
@@ -43,3 +45,16 @@ def test_tiny_recipe_cli_reproducible_and_loadable(tmp_path, capsys):
     assert len(numbers) == 2 and 0.0 <= numbers[0]["turbo@4"]["acc_shape"] <= 1.0
     assert "| premise (`dopsd demo`, 4 steps) |" in text and set(numbers[1]["premise"]) == {"before", "sft", "dopsd"}
     assert numbers[0]["premise"]["before"]["drift"] == 0.0 and numbers[0]["premise"]["sft"]["drift"] > 0.0
+
+
+def test_weights_that_do_not_fit_the_network_get_a_clear_error(tmp_path):
+    """Weights from another recipe version (here: built without the per-pixel gain) name the file and the fix."""
+    assert main(["mini", "recipe", "--tiny", "--out", str(tmp_path / "w")]) == 0
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "w", old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["config"]["pixel_gate"] = False
+    manifest["recipe_version"] = "mini-recipe-1"
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"turbo.safetensors does not fit .*mini-recipe-1.*dopsd mini recipe --out"):
+        load(SimpleNamespace(pretrained=str(old)))

@@ -112,6 +112,13 @@ def _intro(cfg: Any, meta: dict[str, Any]) -> list[Block]:
                             f"{cfg.dedistill_pairs} ordinary pairs for {d['steps']} steps ({d['seconds']:.1f} s), "
                             "merged into the weights while the method trains and removed for every evaluation "
                             "(ai-toolkit's recipe for Z-Image-Turbo)."))
+    blocks.append(("p", "Methods: `base` the untouched turbo; `sft` flow matching on the targets; `sft_adapter` the "
+                        "same with a de-distillation adapter (below); `dopsd` D-OPSD, EMA teacher, x0-space loss; "
+                        "`dopsd_base_teacher` / `dopsd_live_teacher` the frozen initial / the current weights as "
+                        "teacher; `dopsd_velocity` velocity-space loss; `dopsd_prior` (concept setting only; not in "
+                        "the paper) D-OPSD plus dopsd's on-policy prior preservation on unrelated prompts; "
+                        "`ref_undistilled_4step` the multi-step base sampled at 4 steps (a reference level, not a "
+                        "method)."))
     return blocks
 
 

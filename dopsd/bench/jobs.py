@@ -24,7 +24,14 @@ METHODS: dict[str, list[str]] = {
     "dopsd_base_teacher": ["method.name=dopsd", "method.teacher=base", "method.loss_space=x0"],
     "dopsd_live_teacher": ["method.name=dopsd", "method.teacher=live", "method.loss_space=x0"],
     "dopsd_velocity": ["method.name=dopsd", "method.teacher=ema", "method.loss_space=velocity"],
+    # not in the paper: D-OPSD plus dopsd's on-policy prior preservation (unrelated prompts kept at the original
+    # turbo's predictions). Concept setting only: in the domain setting the "unrelated" prompts are the domain's.
+    "dopsd_prior": ["method.name=dopsd", "method.teacher=ema", "method.loss_space=x0", "method.prior_weight=1.0",
+                    "method.prior_prompts=[a red circle on a gray background, a blue square on a black background, "
+                    "a green triangle on a navy background, a white plus on a brown background, a yellow circle, "
+                    "a purple square on a gray background, a red plus on a navy background, a blue triangle]"],
 }
+CONCEPT_ONLY = {"dopsd_prior"}
 REFERENCE_ROW = "ref_undistilled_4step"  # the multi-step base model sampled at the turbo's 4 steps (not a method)
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dopsd.bench.jobs import METHODS, REFERENCE_ROW, Job, run_job, train_dedistill
+from dopsd.bench.jobs import CONCEPT_ONLY, METHODS, REFERENCE_ROW, Job, run_job, train_dedistill
 
 ALL_METHODS = list(METHODS)
 BY_TARGET = ("concept_fidelity", "unseen_prompt_fidelity", "fewstep_quality", "preservation")
@@ -34,6 +34,9 @@ class Setting:
     curve_every: int
     description: str = ""
     dopsd_overrides: list[str] = field(default_factory=list)  # extra trainer overrides of the D-OPSD methods only
+
+    def runs(self, method: str) -> bool:
+        return self.name == "concept_lora" or method not in CONCEPT_ONLY
 
     def overrides_for(self, method: str) -> list[str]:
         return self.overrides + (self.dopsd_overrides if method.startswith("dopsd") else [])
@@ -154,11 +157,11 @@ def _write_data(cfg: BenchConfig, out: Path) -> dict[str, str]:
 
 def _jobs(cfg: BenchConfig, folders: dict[str, str], out: Path, dedistill: str | None) -> list[Job]:
     jobs = []
-    ablations = {"dopsd_base_teacher", "dopsd_live_teacher", "dopsd_velocity"}
+    ablations = {"dopsd_base_teacher", "dopsd_live_teacher", "dopsd_velocity", "dopsd_prior"}
     for s in cfg.settings:
         suite = {"n_train": cfg.n_train, "n_unseen": cfg.n_unseen, "n_unrelated": cfg.n_unrelated,
                  "many_steps": cfg.many_steps, "n_many": cfg.n_many}
-        rows = list(cfg.methods) + ([REFERENCE_ROW] if cfg.reference_row else [])
+        rows = [m for m in cfg.methods if s.runs(m)] + ([REFERENCE_ROW] if cfg.reference_row else [])
         for method in rows:
             n_seeds = 1 if method in ("base", REFERENCE_ROW) else (
                 cfg.ablation_seeds if (method in ablations and cfg.ablation_seeds) else cfg.seeds)
@@ -291,7 +294,7 @@ def run_bench(cfg: BenchConfig, out: Path, log: Any = print) -> dict[str, Any]:
     costs = {}
     for s in cfg.settings:
         t0 = time.perf_counter()
-        costs[s.name] = measure_setting_costs(cfg, s, folders, out, [m for m in cfg.methods if m != "base"])
+        costs[s.name] = measure_setting_costs(cfg, s, folders, out, [m for m in cfg.methods if m != "base" and s.runs(m)])
         log(f"cost measurement {s.name}: {time.perf_counter() - t0:.1f} s")
     meta = {"preset": cfg.name, "command": "dopsd bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else
             f"dopsd bench ({cfg.name})", "seconds_training_and_eval": train_seconds, "machine": machine_note(),
