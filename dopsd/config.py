@@ -43,7 +43,8 @@ class ConfigError(ValueError):
 class ModelConfig:
     family: Literal["mini", "zimage", "flux2"] = opt("mini", "Model family: the built-in miniature, Z-Image or FLUX.2-klein.")
     pretrained: str | None = opt(
-        None, "Local folder with the weights (diffusers layout). mini: null/'turbo' (shipped turbo), 'base', or a path."
+        None, "Local folder with the weights (diffusers layout; relative to the YAML file). mini: null/'turbo' "
+        "(shipped turbo), 'base', or a path."
     )
     teacher_context: Literal["vlm", "reference", "text"] = opt(
         "vlm", "How the teacher sees the target image: VLM features of image+caption, the model's reference-image "
@@ -393,6 +394,11 @@ def load_config(source: str | Path | dict[str, Any] | Config, overrides: list[st
         config = from_dict(data, str(path))
         if config.data.path and not Path(config.data.path).is_absolute():  # relative to the YAML file
             config.data.path = str((path.parent / config.data.path).resolve())
+        # other local paths too, where they exist beside the YAML file ('turbo'/'base' stay keywords)
+        for section, key in (("model", "pretrained"), ("model", "teacher_encoder"), ("data", "source_dir")):
+            value = getattr(getattr(config, section), key)
+            if value and not Path(value).is_absolute() and (path.parent / value).exists():
+                setattr(getattr(config, section), key, str((path.parent / value).resolve()))
     for text in overrides or []:
         set_value(config, *parse_override(text))
     validate(config)

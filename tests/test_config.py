@@ -39,6 +39,13 @@ def test_yaml_and_overrides_are_typed(tmp_path):
     assert config.model.pretrained is None and config.method.prior_prompts == ["a red circle"]
     assert config.data.caption_dropout == 0.1
     assert Path(config.data.path) == (tmp_path / "imgs").resolve()  # relative to the YAML file
+    (tmp_path / "weights").mkdir()
+    f.write_text("preset: mini\nmodel: {pretrained: weights, teacher_encoder: missing-folder}\n")
+    config = load_config(f)
+    assert config.model.pretrained == str((tmp_path / "weights").resolve())  # exists beside the YAML: resolved
+    assert config.model.teacher_encoder == "missing-folder"  # left as given (its own error names it later)
+    f.write_text("preset: mini\nmodel: {pretrained: turbo}\n")
+    assert load_config(f).model.pretrained == "turbo"  # the keyword, while no folder of that name is there
 
 
 @pytest.mark.parametrize(
