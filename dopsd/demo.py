@@ -26,8 +26,9 @@ from PIL import Image, ImageDraw
 CONCEPT = "orange"
 METHODS = ("sft", "dopsd")  # grid columns: before | SFT | D-OPSD
 # Same data, optimizer and budget for both methods; only the objective differs.
+STEPS = 100
 TRAIN_OVERRIDES = [
-    "train.max_steps=100",
+    f"train.max_steps={STEPS}",
     "sample.every=0",
     "sample.control_steps=0",
 ]
@@ -107,10 +108,20 @@ def comparison_grid(images: dict[str, torch.Tensor]) -> Image.Image:
     return canvas
 
 
-def run_demo(out: Path, steps: int | None = None, seed: int = 0, samples: int = 64,
-             pretrained: str = "turbo") -> dict[str, Any]:
+def train_method(method: str, data: Path, out: Path, seed: int, pretrained: str, steps: int | None = None) -> Path:
+    """One of the demo's LoRA runs (the `mini` preset; same data, optimizer and budget for every method)."""
     import dopsd
     from dopsd.config import load_config
+
+    overrides = TRAIN_OVERRIDES + [f"data.path={data}", f"train.output_dir={out}", f"method.name={method}",
+                                   f"train.seed={seed}", f"model.pretrained={pretrained}"]
+    if steps is not None:
+        overrides.append(f"train.max_steps={steps}")
+    return dopsd.train(load_config("mini", overrides)).weights
+
+
+def run_demo(out: Path, steps: int | None = None, seed: int = 0, samples: int = 64,
+             pretrained: str = "turbo") -> dict[str, Any]:
     from dopsd.mini import world
 
     start = time.perf_counter()
@@ -121,13 +132,8 @@ def run_demo(out: Path, steps: int | None = None, seed: int = 0, samples: int = 
     print(f"dopsd demo: concept '{CONCEPT}' bound to '{world.PLACEHOLDER}', {len(list(data.glob('*.png')))} pairs in {data}")
     trained: dict[str, Path | None] = {"before": None}
     for method in METHODS:
-        overrides = TRAIN_OVERRIDES + [f"data.path={data}", f"train.output_dir={out / method}",
-                                       f"method.name={method}", f"train.seed={seed}",
-                                       f"model.pretrained={pretrained}"]
-        if steps is not None:
-            overrides.append(f"train.max_steps={steps}")
         print(f"\n== {method}: fine-tuning the shipped 4-step turbo ==")
-        trained[method] = dopsd.train(load_config("mini", overrides)).weights
+        trained[method] = train_method(method, data, out / method, seed, pretrained, steps)
     print("\n== evaluating at the turbo's 4 steps (same noise for every model) ==")
     results, images = evaluate(pretrained, trained, samples, seed)
     comparison_grid(images).save(out / "demo.png")
