@@ -167,3 +167,15 @@ def test_claim_verdicts_follow_the_stated_criteria() -> None:
     noisy = {"base": row(0.95, 0.0, 0.05), "sft": row(0.90, 0.05), "dopsd": row(0.80, 0.01)}
     assert verdict(noisy, "SFT lowers few-step quality") == "not reproduced"  # Δ −0.05 within 2×std
     assert verdict(noisy, "D-OPSD keeps the few-step quality") == "not reproduced"
+
+
+def test_a_diverged_run_does_not_take_the_report_down() -> None:
+    """Means and spreads skip non-finite values (a collapsed run); all non-finite gives NaN, not a crash."""
+    import math
+    import statistics
+
+    from dopsd.bench.run import _mean_std
+
+    assert _mean_std([1.0, math.nan, 3.0]) == (2.0, statistics.stdev([1.0, 3.0]))
+    assert _mean_std([0.5, math.inf]) == (0.5, 0.0)
+    assert all(math.isnan(v) for v in _mean_std([math.nan, math.nan]))

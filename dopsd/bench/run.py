@@ -8,6 +8,7 @@ every method of a setting.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import platform
 import statistics
@@ -17,6 +18,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from dopsd.bench.jobs import CONCEPT_ONLY, METHODS, REFERENCE_ROW, Job, run_job, train_dedistill
 
@@ -197,6 +200,7 @@ def _execute(
             dedistill_info = train_dedistill(pre, dedistill_file)  # type: ignore[arg-type]
         for i, job in enumerate(ready + waiting):
             results.append(run_job(job))
+            _save_result(job, results[-1])
             log(f"[{i + 1 + (pre is not None)}/{total}] {job.setting} {job.target} {job.method} seed {job.seed}: "
                 f"{results[-1]['seconds']:.1f} s")
         return results, dedistill_info
@@ -223,13 +227,26 @@ def _execute(
                         pending[pool.submit(run_job, w)] = w
                     continue
                 results.append(fut.result())
+                _save_result(job, results[-1])
                 log(f"[{done_count}/{total}] {job.setting} {job.target} {job.method} seed {job.seed}: "
                     f"{results[-1]['seconds']:.1f} s")
     return results, dedistill_info
 
 
+def _save_result(job: Job, result: dict[str, Any]) -> None:
+    """Each finished job's result, written atomically beside its work folder (`<work_dir>.result.pt`)."""
+    path = Path(job.work_dir + ".result.pt")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(result, tmp)
+    tmp.replace(path)
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
-    vals = [float(v) for v in values]
+    """Mean and std over the finite values (a diverged run must not take the whole report down with it)."""
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not vals:
+        return math.nan, math.nan
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 

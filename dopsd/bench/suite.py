@@ -138,7 +138,9 @@ class Suite:
                 end = min(start + batch, n)
                 ctx = {k: v[start:end] for k, v in ps.context.items()}
                 x = sample_euler(lambda z, s, c: self.velocity(network, z, s, c), ps.noise[start:end], sched, ctx)
-                out.append(x.clamp(-1, 1).float().cpu())
+                # a diverged network's NaN samples count as blank images: every metric stays defined and the
+                # failure shows as lost fidelity and quality (and large drift)
+                out.append(x.nan_to_num(0.0, 1.0, -1.0).clamp(-1, 1).float().cpu())
         finally:
             network.train(was_training)
         return torch.cat(out)
