@@ -244,7 +244,7 @@ def _save_result(job: Job, result: dict[str, Any]) -> None:
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and std over the finite values (a diverged run must not take the whole report down with it)."""
-    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    vals = [v for v in (float(x) for x in values if x is not None) if math.isfinite(v)]
     if not vals:
         return math.nan, math.nan
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)

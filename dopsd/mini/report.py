@@ -99,9 +99,7 @@ def premise(pretrained: str, seed: int, steps: int | None = None) -> dict[str, d
     """Item 3: `dopsd demo` (SFT and D-OPSD LoRAs on the held-out concept) with this seed, in a scratch folder."""
     import tempfile
 
-    from dopsd.demo import run_demo
-
-    from dopsd.demo import STEPS, evaluate, train_method
+    from dopsd.demo import STEPS, evaluate, run_demo, train_method
 
     with tempfile.TemporaryDirectory() as tmp:
         summary = run_demo(Path(tmp) / "demo", steps=steps, seed=seed, pretrained=pretrained)

@@ -191,10 +191,15 @@ def default_lora_targets() -> list[str]:
     return list(LORA_TARGETS)
 
 
+def weights_file(path: Path | str) -> Path:
+    """A recipe folder means its turbo; a .safetensors file is itself."""
+    path = Path(path)
+    return path / "turbo.safetensors" if path.is_dir() else path
+
+
 def read_weights(path: Path) -> tuple[MiniConfig, dict[str, torch.Tensor], dict, str]:
     """(config, state dict, manifest, kind) from a recipe folder or one of its .safetensors files."""
-    path = Path(path)
-    file = path / "turbo.safetensors" if path.is_dir() else path
+    file = weights_file(path)
     manifest_path = file.parent / "manifest.json"
     if not file.is_file() or not manifest_path.is_file():
         hint = (
@@ -206,16 +211,7 @@ def read_weights(path: Path) -> tuple[MiniConfig, dict[str, torch.Tensor], dict,
         raise FileNotFoundError(f"no miniature weights at {file} (with manifest.json beside it); {hint}")
     manifest = json.loads(manifest_path.read_text())
     kind = "base" if file.stem == "base" else "turbo"
-    cfg, state = MiniConfig.from_dict(manifest["config"]), load_file(str(file))
-    try:
-        build(cfg, state)
-    except RuntimeError as err:  # weights from another recipe version than this network
-        raise ValueError(
-            f"{file} does not fit this version's miniature network (weights: "
-            f"{manifest.get('recipe_version', 'unknown recipe')}, this dopsd: {RECIPE_VERSION}). Rebuild them with "
-            f"`dopsd mini recipe --out {file.parent}` or use the shipped 'turbo'/'base'. Detail: {str(err)[:300]}"
-        ) from None
-    return cfg, state, manifest, kind
+    return MiniConfig.from_dict(manifest["config"]), load_file(str(file)), manifest, kind
 
 
 def build(cfg: MiniConfig, state: dict[str, torch.Tensor] | None = None) -> tuple[MiniDiT, MiniEncoder]:
@@ -226,6 +222,20 @@ def build(cfg: MiniConfig, state: dict[str, torch.Tensor] | None = None) -> tupl
     return dit, enc
 
 
+def build_from(path: Path) -> tuple[MiniConfig, MiniDiT, MiniEncoder, str]:
+    """(config, DiT, encoder, kind) from recipe weights; weights that do not fit this network get a clear error."""
+    cfg, state, manifest, kind = read_weights(path)
+    try:
+        dit, enc = build(cfg, state)
+    except RuntimeError as err:  # weights from another recipe version than this network
+        raise ValueError(
+            f"{weights_file(path)} does not fit this version's miniature network (weights: "
+            f"{manifest.get('recipe_version', 'unknown recipe')}, this dopsd: {RECIPE_VERSION}). Rebuild them with "
+            f"`dopsd mini recipe --out {weights_file(path).parent}` or use the shipped 'turbo'/'base'. Detail: {str(err)[:300]}"
+        ) from None
+    return cfg, dit, enc, kind
+
+
 def load(cfg: Any, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> MiniAdapter:
     """Factory: cfg.pretrained None|'turbo' (shipped turbo), 'base' (shipped base) or a recipe folder/file."""
     pretrained = getattr(cfg, "pretrained", None) or "turbo"
@@ -234,8 +244,7 @@ def load(cfg: Any, device: torch.device | str = "cpu", dtype: torch.dtype = torc
         path = WEIGHTS_DIR / f"{pretrained}.safetensors"
     else:
         path = Path(str(pretrained)).expanduser()
-    mcfg, state, _, kind = read_weights(path)
-    dit, enc = build(mcfg, state)
+    mcfg, dit, enc, kind = build_from(path)
     adapter = MiniAdapter(mcfg, dit, enc, kind=kind, teacher_context=teacher_context, device=device, dtype=dtype)
     adapter._check_size(getattr(cfg, "height", None), getattr(cfg, "width", None))
     return adapter
