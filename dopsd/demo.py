@@ -108,8 +108,10 @@ def comparison_grid(images: dict[str, torch.Tensor]) -> Image.Image:
     return canvas
 
 
-def train_method(method: str, data: Path, out: Path, seed: int, pretrained: str, steps: int | None = None) -> Path:
-    """One of the demo's LoRA runs (the `mini` preset; same data, optimizer and budget for every method)."""
+def train_method(method: str, data: Path, out: Path, seed: int, pretrained: str, steps: int | None = None,
+                 extra: list[str] | None = None) -> Path:
+    """One of the demo's LoRA runs (the `mini` preset; same data, optimizer and budget for every method).
+    extra: further config overrides (`dopsd mini report` adds prior preservation with them)."""
     import dopsd
     from dopsd.config import load_config
 
@@ -117,7 +119,7 @@ def train_method(method: str, data: Path, out: Path, seed: int, pretrained: str,
                                    f"train.seed={seed}", f"model.pretrained={pretrained}"]
     if steps is not None:
         overrides.append(f"train.max_steps={steps}")
-    return dopsd.train(load_config("mini", overrides)).weights
+    return dopsd.train(load_config("mini", overrides + list(extra or []))).weights
 
 
 def run_demo(out: Path, steps: int | None = None, seed: int = 0, samples: int = 64,

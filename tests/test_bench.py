@@ -179,3 +179,69 @@ def test_a_diverged_run_does_not_take_the_report_down() -> None:
     assert _mean_std([1.0, math.nan, 3.0]) == (2.0, statistics.stdev([1.0, 3.0]))
     assert _mean_std([0.5, math.inf]) == (0.5, 0.0)
     assert all(math.isnan(v) for v in _mean_std([math.nan, math.nan]))
+
+
+def _files(folder: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+def test_resume_runs_only_the_unfinished_jobs(bench: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import shutil
+
+    from dopsd.cli import main
+
+    out = tmp_path / "report"
+    shutil.copytree(bench, out)
+    saved = sorted((out / "work").rglob("*.result.pt"))
+    lost = next(p for p in saved if p.name.endswith("-sft-1.result.pt"))
+    kept = {p: p.stat().st_mtime_ns for p in saved if p != lost}
+    lost.unlink()  # an interrupted run: this job never finished, the report was never written
+    (out / "results.json").unlink()
+    capsys.readouterr()
+    assert main(["bench", "--tiny", "--out", str(out), "--resume"]) == 0
+    log = capsys.readouterr().out
+    assert f"resuming: {len(kept)} finished job(s) kept" in log
+    ran = re.findall(r"^\[\d+/\d+\] (.*?):", log, re.M)
+    assert len(ran) == 1 and ran[0].endswith("sft seed 1"), log
+    assert lost.is_file() and {p: p.stat().st_mtime_ns for p in kept} == kept  # finished jobs untouched
+    # the report holds every run again, and the re-run job reproduced the lost one (same seeds, same numbers)
+    new, old = (json.loads((d / "results.json").read_text()) for d in (out, bench))
+    assert validate_results(new) == []
+    for setting in old:
+        for key in ("concept_fidelity", "fewstep_quality", "drift"):
+            assert new[setting]["methods"]["sft"][key] == pytest.approx(old[setting]["methods"]["sft"][key])
+
+
+def test_resume_with_other_options_changes_nothing(bench: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import shutil
+
+    from dopsd.cli import main
+
+    out = tmp_path / "report"
+    shutil.copytree(bench, out)
+    before = _files(out)
+    capsys.readouterr()
+    assert main(["bench", "--tiny", "--out", str(out), "--resume", "--steps", "3"]) == 2
+    message = capsys.readouterr().out
+    assert "was made with other settings" in message and "steps" in message and "--out" in message
+    assert _files(out) == before
+
+
+def test_two_worker_processes_and_resume(tmp_path: Path) -> None:
+    """The quick/full presets run jobs in two spawned worker processes (the adapter job first, the adapter users
+    after it): the same results as one process, and resuming that run trains nothing again."""
+    import dataclasses
+
+    from dopsd.bench.run import preset, run_bench
+
+    cfg = preset("tiny").override(settings=["concept_lora"], methods=["base", "sft", "sft_adapter"], seeds=1)
+    one = run_bench(cfg, tmp_path / "one", log=lambda _: None)
+    lines: list[str] = []
+    two = run_bench(dataclasses.replace(cfg, workers=2), tmp_path / "two", log=lines.append)
+    assert sum(line.startswith("[") for line in lines) == 4  # adapter + base, sft, sft_adapter
+    for method in ("base", "sft", "sft_adapter"):
+        for key in ("concept_fidelity", "fewstep_quality", "drift"):
+            assert two["rows"]["concept_lora"][method][key] == pytest.approx(one["rows"]["concept_lora"][method][key])
+    lines.clear()
+    run_bench(dataclasses.replace(cfg, workers=2), tmp_path / "two", log=lines.append, resume=True)
+    assert "resuming: 4 finished job(s) kept" in lines[1] and not any(line.startswith("[") for line in lines)

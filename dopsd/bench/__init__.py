@@ -19,14 +19,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only these methods (default: all; the report then lists what is missing)")
     parser.add_argument("--seeds", type=int, default=None, help="number of training seeds (default: the preset's)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the preset's)")
-    parser.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out (runs every job)")
+    again.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run in --out with the same options: jobs whose result was saved "
+                       "are kept, the rest run")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
 def main(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from dopsd.bench.run import preset, run_bench
+    from dopsd.bench.run import ResumeMismatch, preset, run_bench
 
     config = preset("tiny" if args.tiny else "quick" if args.quick else "full")
     config = config.override(settings=args.settings, methods=args.methods, seeds=args.seeds, steps=args.steps)
@@ -35,10 +39,15 @@ def main(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        print(f"dopsd bench: {out} is not empty; choose another --out or pass --overwrite")
+    if out.exists() and any(out.iterdir()) and not (args.overwrite or args.resume):
+        print(f"dopsd bench: {out} is not empty; choose another --out, pass --resume to continue the run in it, "
+              "or --overwrite")
         return 2
-    summary = run_bench(config, out)
+    try:
+        summary = run_bench(config, out, resume=args.resume)
+    except ResumeMismatch as err:
+        print(f"dopsd {err}")
+        return 2
     print(f"dopsd bench: wrote {out / 'report.md'}, {out / 'report.html'} and {out / 'results.json'} "
           f"in {summary['seconds']:.0f} s")
     return 0

@@ -135,26 +135,28 @@ DESCRIPTIONS = {
 }
 
 
-def _write_data(cfg: BenchConfig, out: Path) -> dict[str, str]:
-    """Dataset folders (same data for every method and seed): {'setting/target': folder}."""
-    import torch
+def _data_folders(cfg: BenchConfig, out: Path) -> dict[str, str]:
+    """Dataset folders (same data for every method and seed): {'setting/target': folder, 'dedistill': folder}."""
+    folders = {f"{s.name}/{t}": str(out / "data" / s.name / t) for s in cfg.settings for t in s.targets}
+    if "sft_adapter" in cfg.methods:  # ordinary in-domain data for the de-distillation adapter
+        folders["dedistill"] = str(out / "data" / "dedistill")
+    return folders
 
+
+def _write_data(cfg: BenchConfig, out: Path) -> dict[str, str]:
     from dopsd.mini import world
 
-    folders: dict[str, str] = {}
+    folders = _data_folders(cfg, out)
     for s in cfg.settings:
         for target in s.targets:
-            folder = out / "data" / s.name / target
+            folder = folders[f"{s.name}/{target}"]
             if target == "domain":
                 world.write_domain_dataset(folder, n=s.pairs)
             else:
                 world.write_concept_dataset(folder, target, n=s.pairs)
-            folders[f"{s.name}/{target}"] = str(folder)
-    if "sft_adapter" in cfg.methods:  # ordinary in-domain data for the de-distillation adapter
+    if "dedistill" in folders:
         g = torch.Generator().manual_seed(40_000)
-        folder = out / "data" / "dedistill"
-        world.write_pairs(folder, [world.random_scene(g) for _ in range(cfg.dedistill_pairs)])
-        folders["dedistill"] = str(folder)
+        world.write_pairs(folders["dedistill"], [world.random_scene(g) for _ in range(cfg.dedistill_pairs)])
     return folders
 
 
@@ -179,25 +181,68 @@ def _jobs(cfg: BenchConfig, folders: dict[str, str], out: Path, dedistill: str |
     return jobs
 
 
-def _execute(
-    cfg: BenchConfig, folders: dict[str, str], out: Path, log: Any
-) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    """Run the de-distillation adapter and every job (in `cfg.workers` processes); adapter jobs wait for it."""
+def _all_jobs(cfg: BenchConfig, out: Path) -> tuple[list[Job], Job | None]:
+    """Every evaluation job, and the de-distillation adapter's training job (None without `sft_adapter`)."""
+    folders = _data_folders(cfg, out)
     dedistill_file = str(out / "work" / "dedistill_delta.safetensors") if "sft_adapter" in cfg.methods else None
-    jobs = _jobs(cfg, folders, out, dedistill_file)
-    waiting = [j for j in jobs if j.method == "sft_adapter"]
-    ready = [j for j in jobs if j.method != "sft_adapter"]
     pre = None
     if dedistill_file:
         pre = Job(setting="dedistill", target="indomain", method="sft", seed=0, data_dir=folders["dedistill"],
                   work_dir=str(out / "work" / "dedistill"), overrides=cfg.dedistill_overrides,
-                  steps=cfg.dedistill_steps, curve_every=cfg.dedistill_steps, curve_n=0, suite={}, model=cfg.model)
-    results: list[dict[str, Any]] = []
-    dedistill_info: dict[str, Any] | None = None
+                  steps=cfg.dedistill_steps, curve_every=cfg.dedistill_steps, curve_n=0, suite={}, model=cfg.model,
+                  extra={"file": dedistill_file})
+    return _jobs(cfg, folders, out, dedistill_file), pre
+
+
+class ResumeMismatch(ValueError):
+    """A saved job result that was made with other settings than `--resume` asks for."""
+
+
+_PATH_FIELDS = ("data_dir", "work_dir", "dedistill", "extra")  # where, not what: --out may be spelled differently
+
+
+def saved_results(jobs: list[Job]) -> dict[str, dict[str, Any]]:
+    """The saved results of finished jobs ({work_dir: result}), for `--resume`. A result made with other
+    settings than its job now has is an error (before anything runs): mixing them would corrupt the report."""
+    done = {}
+    for job in jobs:
+        path = Path(job.work_dir + ".result.pt")
+        if not path.is_file():
+            continue
+        result = torch.load(path, weights_only=True)
+        mine = {k: v for k, v in job.__dict__.items() if k not in _PATH_FIELDS}
+        theirs = {k: v for k, v in result["job"].items() if k not in _PATH_FIELDS}
+        if mine != theirs:
+            keys = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+            raise ResumeMismatch(f"bench --resume: {path} was made with other settings ({', '.join(keys)}); "
+                                 "resume with the options of the interrupted run, or choose a new --out")
+        if job.extra.get("file") and not Path(job.extra["file"]).is_file():
+            continue  # the de-distillation adapter's weights are gone: train it again
+        done[job.work_dir] = result
+    return done
+
+
+def _execute(
+    cfg: BenchConfig, out: Path, log: Any, resume: bool = False
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Run the de-distillation adapter and every job (in `cfg.workers` processes); adapter jobs wait for it.
+    resume: jobs with a saved result (`<work_dir>.result.pt`) are not run again."""
+    jobs, pre = _all_jobs(cfg, out)
+    done = saved_results(jobs + ([pre] if pre else [])) if resume else {}
+    results: list[dict[str, Any]] = [done[j.work_dir] for j in jobs if j.work_dir in done]
+    dedistill_info: dict[str, Any] | None = done.get(pre.work_dir) if pre else None
+    if done:
+        log(f"resuming: {len(done)} finished job(s) kept from {out / 'work'}")
+    jobs = [j for j in jobs if j.work_dir not in done]
+    if dedistill_info is not None:
+        pre = None
+    dedistill_file = pre.extra["file"] if pre else None
+    waiting = [j for j in jobs if j.method == "sft_adapter"] if pre else []
+    ready = [j for j in jobs if j not in waiting]
     total = len(jobs) + (pre is not None)
     if cfg.workers <= 1:
         if pre is not None:
-            dedistill_info = train_dedistill(pre, dedistill_file)  # type: ignore[arg-type]
+            dedistill_info = _dedistilled(pre, train_dedistill(pre, dedistill_file))  # type: ignore[arg-type]
         for i, job in enumerate(ready + waiting):
             results.append(run_job(job))
             _save_result(job, results[-1])
@@ -221,7 +266,7 @@ def _execute(
                 job = pending.pop(fut)
                 done_count += 1
                 if job is None:
-                    dedistill_info = fut.result()
+                    dedistill_info = _dedistilled(pre, fut.result())  # type: ignore[arg-type]
                     log(f"[{done_count}/{total}] de-distillation adapter: {dedistill_info['seconds']:.1f} s")
                     for w in waiting:
                         pending[pool.submit(run_job, w)] = w
@@ -231,6 +276,12 @@ def _execute(
                 log(f"[{done_count}/{total}] {job.setting} {job.target} {job.method} seed {job.seed}: "
                     f"{results[-1]['seconds']:.1f} s")
     return results, dedistill_info
+
+
+def _dedistilled(pre: Job, info: dict[str, Any]) -> dict[str, Any]:
+    info = {"job": pre.__dict__.copy(), **info}
+    _save_result(pre, info)
+    return info
 
 
 def _save_result(job: Job, result: dict[str, Any]) -> None:
@@ -295,17 +346,21 @@ def machine_note() -> str:
             f"{sys.version.split()[0]}; load average at the end {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}")
 
 
-def run_bench(cfg: BenchConfig, out: Path, log: Any = print) -> dict[str, Any]:
-    """Everything `dopsd bench` does; returns {'seconds', 'results'} and writes the report folder."""
+def run_bench(cfg: BenchConfig, out: Path, log: Any = print, resume: bool = False) -> dict[str, Any]:
+    """Everything `dopsd bench` does; returns {'seconds', 'results'} and writes the report folder.
+    resume: keep the saved results of an interrupted run in `out` (same options) and run only the rest."""
     from dopsd.bench.costrun import measure_setting_costs
     from dopsd.bench.document import build_report
 
     started, cpu_started = time.perf_counter(), time.process_time()
+    if resume:
+        jobs, pre = _all_jobs(cfg, out)
+        saved_results(jobs + ([pre] if pre else []))  # settings mismatch: fail before writing anything
     out.mkdir(parents=True, exist_ok=True)
     folders = _write_data(cfg, out)
     log(f"dopsd bench ({cfg.name}): {len(cfg.settings)} setting(s), methods {', '.join(cfg.methods)}, "
         f"{cfg.seeds} seed(s), {cfg.workers} worker process(es)")
-    results, dedistill = _execute(cfg, folders, out, log)
+    results, dedistill = _execute(cfg, out, log, resume)
     train_seconds = time.perf_counter() - started
     rows, curves, images = aggregate(results, cfg.settings)
     costs = {}
@@ -327,4 +382,4 @@ def run_bench(cfg: BenchConfig, out: Path, log: Any = print) -> dict[str, Any]:
     return {"seconds": time.perf_counter() - started, "rows": rows, "costs": costs}
 
 
-__all__ = ["BenchConfig", "Setting", "preset", "run_bench", "aggregate", "ALL_METHODS"]
+__all__ = ["BenchConfig", "Setting", "preset", "run_bench", "aggregate", "saved_results", "ResumeMismatch", "ALL_METHODS"]

@@ -6,7 +6,11 @@
    and the held-out domain (tint) carried by the image context;
 3. the premise: the demo's SFT and D-OPSD runs (same pairs, budget and seed), plus SFT at 3× the steps (where
    its concept fidelity reaches D-OPSD's), and the few-step quality of their samples on unrelated prompts,
-   beside the untouched turbo's and the base's at the same step count.
+   beside the untouched turbo's and the base's at the same step count; and a control: D-OPSD on the same
+   scenes in a colour the turbo already knows, with that colour's word in the captions (no new concept to learn),
+   which separates what the in-context teacher costs from what learning the concept costs; and both methods
+   with the on-policy prior preservation of dopsd/configs/mini.yaml (its prompts are of the same family as the
+   unrelated prompts measured here).
 Each seed draws its own prompts, noise and targets; the table shows the mean and the per-seed range.
 """
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -106,10 +111,39 @@ def premise(pretrained: str, seed: int, steps: int | None = None) -> dict[str, d
         rows = {k: v for k, v in summary.items() if isinstance(v, dict)}
         # SFT learns the concept more slowly: also at 3× the budget, where its fidelity reaches D-OPSD's
         longer = 3 * (steps or STEPS)
-        weights = train_method("sft", Path(tmp) / "demo" / "data", Path(tmp) / "sft_long", seed, pretrained, longer)
-        results, _ = evaluate(pretrained, {"before": None, "sft_long": weights}, 64, seed)
+        weights = {"sft_long": train_method("sft", Path(tmp) / "demo" / "data", Path(tmp) / "sft_long", seed,
+                                            pretrained, longer)}
+        known = Path(tmp) / "known_colour"
+        world.write_pairs(known, known_colour_scenes(seed))
+        weights["known"] = train_method("dopsd", known, Path(tmp) / "dopsd_known", seed, pretrained, steps)
+        for method in ("sft", "dopsd"):
+            weights[f"{method}_prior"] = train_method(method, Path(tmp) / "demo" / "data", Path(tmp) / f"{method}_prior",
+                                                      seed, pretrained, steps, prior_overrides())
+        results, _ = evaluate(pretrained, {"before": None, **weights}, 64, seed)
     rows[f"sft, {longer} steps"] = results["sft_long"]
+    rows[f"dopsd, no new concept ({KNOWN_COLOUR})"] = results["known"]
+    for method in ("sft", "dopsd"):
+        rows[f"{method} + prior preservation"] = results[f"{method}_prior"]
     return rows
+
+
+def prior_overrides() -> list[str]:
+    """Prior preservation as dopsd/configs/mini.yaml sets it (its prompts and weight)."""
+    import yaml
+
+    method = yaml.safe_load((Path(__file__).parents[1] / "configs" / "mini.yaml").read_text())["method"]
+    return [f"method.prior_prompts=[{', '.join(method['prior_prompts'])}]", f"method.prior_weight={method['prior_weight']}"]
+
+
+KNOWN_COLOUR = "red"  # a named colour: the turbo already renders it
+
+
+def known_colour_scenes(seed: int) -> list[world.Scene]:
+    """The demo's training scenes in a colour the turbo knows, captioned with its name instead of `sks`."""
+    from dopsd.demo import CONCEPT
+
+    return [replace(s, fg=world.COLOURS[KNOWN_COLOUR], colour=KNOWN_COLOUR)
+            for s in world.concept_scenes(CONCEPT, seed=seed)]
 
 
 def _summ(values: list[float]) -> str:
@@ -162,7 +196,9 @@ def run_report(seeds: int = 2, n: int = 256, pretrained: str | None = None, out:
               "fewstep_quality = sharpness relative to the clean render of each sample's decoded scene in its caption's "
               "colours, with the world's grain (≤ 1, higher = better); render_psnr = PSNR against the best-fitting clean "
               "render. Premise: `dopsd demo --seed S` per seed (concept_fidelity on `sks` prompts; fewstep_quality "
-              "and drift on unrelated prompts; see dopsd/demo.py).")
+              "and drift on unrelated prompts; see dopsd/demo.py). 'no new concept': D-OPSD on the same scenes in "
+              f"{KNOWN_COLOUR}, captioned `{KNOWN_COLOUR}` (a colour the turbo knows: nothing new to learn); "
+              "'+ prior preservation': with the on-policy prior term of dopsd/configs/mini.yaml (named-colour prompts).")
     text = to_markdown(per_seed, header)
     if out:
         Path(out).write_text(text)
