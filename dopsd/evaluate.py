@@ -9,6 +9,10 @@ prompts, sample with fixed seeds at the few-step setting and at a many-step cont
     paper's numbers);
   * CLIP-S: caption–image cosine from a local CLIP/SigLIP folder (skipped without one);
   * few-step vs many-step gap of the same weights: mean |few − many| in pixels and 1 − cos of their features.
+Editing models (`model.editing`): each training prompt is sampled as an edit of its own source image(s), and
+`dino_d_source` (sample vs its first source) says how far the edits move away from their sources, beside
+`dino_d_source_target` (each target vs its source: the change the data asks for); unseen prompts are sampled
+text-to-image (there is no source for them).
 Writes eval.json and PNG grids (rows = prompts, columns = seeds) into the output folder.
 """
 
@@ -43,8 +47,10 @@ def _to_tensor(images: list[Image.Image], height: int, width: int) -> torch.Tens
 def measure(
     few: torch.Tensor, many: torch.Tensor | None, prompts: list[str], seeds: int, n_train: int,
     targets: list[Image.Image], features: Any, scorer: TextImageScorer | None,
+    sources: list[Image.Image] | None = None,
 ) -> dict[str, float]:
-    """Metrics of one model's samples; rows are prompt-major (prompt i, seed j at i·seeds + j)."""
+    """Metrics of one model's samples; rows are prompt-major (prompt i, seed j at i·seeds + j).
+    sources: each training prompt's (first) source image, for editing models."""
     images = to_pil(few)
     f = features(images)
     t = features(targets)
@@ -56,6 +62,9 @@ def measure(
         "dino_d_train_nearest": _mean(dist[train].min(dim=1).values),
         "dino_d_unseen_nearest": _mean(dist[~train].min(dim=1).values),
     }
+    if sources is not None:
+        to_source = cosine_distance(f[train], features(sources))
+        out["dino_d_source"] = _mean(to_source[rows[train], rows[train] // seeds])
     if scorer is not None:
         clip = scorer([p for p in prompts for _ in range(seeds)], images)
         out["clip_s_train"], out["clip_s_unseen"] = _mean(clip[train]), _mean(clip[~train])
@@ -86,7 +95,9 @@ def evaluate(
     examples = load_dataset(config.data, m)[:max_prompts]
     if not examples:
         raise ValueError(f"no training pairs in {config.data.path}")
-    targets = [load_example_images(ex)[0] for ex in examples]
+    loaded = [load_example_images(ex) for ex in examples]
+    targets = [target for target, _ in loaded]
+    sources = [srcs for _, srcs in loaded] if m.editing else None  # edits are sampled from their own sources
     train_prompts = [ex.captions[0] for ex in examples]
     if unseen is None:
         word = config.data.trigger_word
@@ -96,7 +107,8 @@ def evaluate(
     scorer = TextImageScorer(clip_model, device) if clip_model else None
 
     adapter = load_adapter(m, device, torch_dtype(m.dtype))
-    contexts = adapter.student_contexts(prompts, None)
+    contexts = adapter.student_contexts(train_prompts, sources) + (adapter.student_contexts(list(unseen), None)
+                                                                     if unseen else [])
     adapter.release_encoders()
     seeds = list(seeds)
     rows = [c for c in contexts for _ in seeds]
@@ -106,23 +118,40 @@ def evaluate(
     many_sched = adapter.inference_schedule(m.height, m.width, control_steps) if control_steps else None
     out_dir.mkdir(parents=True, exist_ok=True)
     grid_image(_to_tensor(targets, m.height, m.width), 1, len(targets)).save(out_dir / "targets.png")
+    first_sources = [srcs[0] for srcs in sources] if sources else None
+    if first_sources:
+        grid_image(_to_tensor(first_sources, m.height, m.width), 1, len(targets)).save(out_dir / "sources.png")
 
     report: dict[str, Any] = {
         "weights": str(weights) if weights else None, "family": m.family, "steps": few_steps,
         "control_steps": control_steps, "seeds": seeds, "train_prompts": train_prompts, "unseen_prompts": list(unseen),
         "feature_model": features.name, "clip_model": scorer.name if scorer else None,
         "note": "feature_model 'pixels' is a fallback, not comparable to the paper's DINO-D" if features.name == "pixels" else "",
+        "editing": bool(m.editing),
     }
+    if first_sources:
+        report["dino_d_source_target"] = _mean(torch.diagonal(cosine_distance(features(targets), features(first_sources))))
+    n_edits = len(train_prompts) * len(seeds) if sources else 0
+
+    def sample(schedule: torch.Tensor) -> torch.Tensor:
+        parts = []
+        if n_edits:  # one at a time: pairs may differ in source count and size (one set of position ids per batch)
+            parts.append(generate(adapter, adapter.network, rows[:n_edits], noise[:n_edits], schedule, batch_size=1))
+        if n_edits < len(rows):
+            parts.append(generate(adapter, adapter.network, rows[n_edits:], noise[n_edits:], schedule))
+        return torch.cat(parts)
+
     variants = (["base"] if compare_base else []) + (["lora"] if weights else [])
     for variant in variants:
         if variant == "lora":
             apply_trained(adapter.network, Path(weights))
-        few = generate(adapter, adapter.network, rows, noise, few_sched)
-        many = generate(adapter, adapter.network, rows, noise, many_sched) if many_sched is not None else None
+        few = sample(few_sched)
+        many = sample(many_sched) if many_sched is not None else None
         grid_image(few, len(prompts), len(seeds)).save(out_dir / f"{variant}_{few_steps}steps.png")
         if many is not None:
             grid_image(many, len(prompts), len(seeds)).save(out_dir / f"{variant}_{control_steps}steps.png")
-        report[variant] = measure(few, many, prompts, len(seeds), len(train_prompts), targets, features, scorer)
+        report[variant] = measure(few, many, prompts, len(seeds), len(train_prompts), targets, features, scorer,
+                                  first_sources)
     (out_dir / "eval.json").write_text(json.dumps(report, indent=2))
     return report
 

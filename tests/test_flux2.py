@@ -185,3 +185,32 @@ def test_full_dopsd_train_run(folders, tmp_path, mode):
     assert result.steps == 2 and all(l == l and l > 0 for l in result.losses)
     assert (result.output_dir / "pytorch_lora_weights.safetensors").is_file()
     assert (result.output_dir / "lora_config.json").is_file()
+
+
+def test_eval_samples_training_prompts_as_edits_of_their_sources(folders, tmp_path):
+    """`dopsd eval` on an editing LoRA: each training prompt is an edit of its own source image(s)."""
+    import math
+
+    import dopsd
+    from dopsd.evaluate import evaluate
+    from tiny_real import train_config, write_pairs
+
+    data = write_pairs(tmp_path / "data", CAPTIONS, SIZE, seed=7)
+    write_pairs(tmp_path / "sources", ["unused", "unused"], SIZE, seed=8)
+    write_pairs(tmp_path / "other", ["unused", "unused"], SIZE, seed=9)
+
+    def cfg(sources):
+        return train_config("flux2-klein-4b", tmp_path, data, SIZE, f"model.pretrained={folders.model}",
+                            "model.editing=true", f"data.source_dir={tmp_path / sources}")
+
+    weights = dopsd.train(cfg("sources")).weights
+    report = evaluate(cfg("sources"), weights, tmp_path / "eval", unseen=["a red cat"], seeds=[0], control_steps=0)
+    assert report["editing"] and (tmp_path / "eval" / "sources.png").is_file()
+    assert 0.0 <= report["dino_d_source_target"] <= 2.0
+    for variant in ("base", "lora"):
+        assert {"dino_d_train", "dino_d_unseen_nearest", "dino_d_source"} <= set(report[variant])
+        assert all(math.isfinite(v) for v in report[variant].values())
+    # the sources reach the sampler: the same prompts and noise with other source images give other edits
+    other = evaluate(cfg("other"), None, tmp_path / "eval_other", unseen=["a red cat"], seeds=[0], control_steps=0)
+    assert other["base"]["dino_d_train"] != pytest.approx(report["base"]["dino_d_train"], abs=1e-6)
+    assert other["base"]["dino_d_unseen_nearest"] == pytest.approx(report["base"]["dino_d_unseen_nearest"])
