@@ -50,13 +50,20 @@ def test_tiny_recipe_cli_reproducible_and_loadable(tmp_path, capsys):
 
 
 def test_weights_that_do_not_fit_the_network_get_a_clear_error(tmp_path):
-    """Weights from another recipe version (here: built without the per-pixel gain) name the file and the fix."""
+    """Weights that do not fit the network (here: built without the per-pixel gain), or that fit but come from
+    another recipe version, get an error naming the file and the fix."""
     assert main(["mini", "recipe", "--tiny", "--out", str(tmp_path / "w")]) == 0
     old = tmp_path / "old"
     shutil.copytree(tmp_path / "w", old)
     manifest = json.loads((old / "manifest.json").read_text())
     manifest["config"]["pixel_gate"] = False
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"turbo.safetensors does not fit .*dopsd mini recipe --out"):
+        load(SimpleNamespace(pretrained=str(old)))
+    # weights that fit but come from another recipe version may compute something else: refused too
+    manifest = json.loads((tmp_path / "w" / "manifest.json").read_text())
     manifest["recipe_version"] = "mini-recipe-1"
     (old / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match=r"turbo.safetensors does not fit .*mini-recipe-1.*dopsd mini recipe --out"):
+    with pytest.raises(ValueError, match=r"built by recipe mini-recipe-1, this dopsd's miniature is mini-recipe-\d.*"
+                                         r"dopsd mini recipe --out"):
         load(SimpleNamespace(pretrained=str(old)))

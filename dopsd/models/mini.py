@@ -225,6 +225,12 @@ def build(cfg: MiniConfig, state: dict[str, torch.Tensor] | None = None) -> tupl
 def build_from(path: Path) -> tuple[MiniConfig, MiniDiT, MiniEncoder, str]:
     """(config, DiT, encoder, kind) from recipe weights; weights that do not fit this network get a clear error."""
     cfg, state, manifest, kind = read_weights(path)
+    version = manifest.get("recipe_version")
+    if version is not None and version != RECIPE_VERSION:  # they may fit and still compute something else
+        raise ValueError(
+            f"{weights_file(path)} was built by recipe {version}, this dopsd's miniature is {RECIPE_VERSION}. Rebuild "
+            f"them with `dopsd mini recipe --out {weights_file(path).parent}` or use the shipped 'turbo'/'base'."
+        )
     try:
         dit, enc = build(cfg, state)
     except RuntimeError as err:  # weights from another recipe version than this network
