@@ -67,3 +67,26 @@ def test_weights_that_do_not_fit_the_network_get_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"built by recipe mini-recipe-1, this dopsd's miniature is mini-recipe-\d.*"
                                          r"dopsd mini recipe --out"):
         load(SimpleNamespace(pretrained=str(old)))
+
+
+def test_luma_highpass_gate_recipe_and_what_it_passes(tmp_path):
+    """`--gate-input luma_highpass`: the manifest records it, the weights load with it, and the gate passes fine
+    luminance detail only (a colour shift or a flat image gives it nothing)."""
+    from dopsd.mini.nets import MiniConfig, luma_highpass
+
+    out = tmp_path / "hp"
+    assert main(["mini", "recipe", "--tiny", "--out", str(out), "--gate-input", "luma_highpass"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["gate_input"] == "luma_highpass" and "--gate-input luma_highpass" in manifest["command"]
+    turbo = load(SimpleNamespace(pretrained=str(out)))
+    assert turbo.network.cfg.gate_input == "luma_highpass"
+    x = turbo.sample(world.unrelated_prompts(2), turbo.noise(2, 0))
+    assert torch.isfinite(x).all()
+
+    img = world.render([world.random_scene(torch.Generator().manual_seed(i)) for i in range(4)])
+    shift = torch.tensor([0.3, -0.2, 0.1])[None, :, None, None]
+    assert torch.allclose(luma_highpass(img + shift), luma_highpass(img + shift.mean()), atol=1e-6)
+    assert luma_highpass(torch.full((1, 3, 8, 8), 0.4)).abs().max() < 1e-6
+    assert luma_highpass(img).abs().mean() > 0.01  # the grain passes
+    with pytest.raises(ValueError, match="gate_input"):
+        MiniConfig(gate_input="chroma")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -14,6 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rec.add_argument("--out", required=True, help="folder for base/turbo .safetensors and manifest.json")
     rec.add_argument("--tiny", action="store_true", help="tiny model and a few steps (seconds; for tests)")
     rec.add_argument("--seed", type=int, default=0)
+    rec.add_argument("--gate-input", choices=["rgb", "luma_highpass"], default="rgb",
+                     help="what the DiT's per-pixel gate passes on (shipped weights: rgb; see dopsd/mini/nets.py)")
     rep = sub.add_parser("report", help="measure turbo and base: attributes, few-step quality, teacher check")
     rep.add_argument("--seeds", type=int, default=2)
     rep.add_argument("--samples", type=int, default=256, help="unrelated prompts per seed")
@@ -28,6 +31,7 @@ def main(args: argparse.Namespace) -> int:
         from dopsd.mini.recipe import RecipeConfig, run_recipe, tiny_recipe
 
         rc = tiny_recipe(args.seed) if args.tiny else RecipeConfig(seed=args.seed)
+        rc.model = dataclasses.replace(rc.model, gate_input=args.gate_input)
         start = time.time()
         manifest = run_recipe(rc, Path(args.out), log=lambda s: print(s, flush=True))
         print(f"wrote {args.out}/{{base,turbo}}.safetensors and manifest.json in {time.time() - start:.0f}s")

@@ -24,6 +24,9 @@ from torch import nn
 from dopsd.mini import world
 
 
+GATE_INPUTS = ("rgb", "luma_highpass")
+
+
 @dataclass
 class MiniConfig:
     res: int = world.RES
@@ -34,6 +37,9 @@ class MiniConfig:
     mlp_ratio: float = 3.0
     head_channels: int = 16  # conv output head over the unpatchified features (0 = plain linear unpatchify)
     pixel_gate: bool = True  # x̂0 += gain(σ, content) ⊙ x_σ per pixel: carries per-pixel detail past coarse tokens
+    # what the gate passes on: "rgb" (x_σ itself) or "luma_highpass" (only x_σ's fine luminance detail: colour then
+    # comes from the tokens alone, so a LoRA that changes a colour need not turn the gate, and the grain, down)
+    gate_input: str = "rgb"
     enc_dim: int = 96
     enc_patch: int = 6  # the encoder reads the reference image in finer patches than the DiT
     enc_layers: int = 2
@@ -53,6 +59,10 @@ class MiniConfig:
             raise ValueError(f"mini config has unknown fields {unknown}; known: {sorted(known)}")
         return cls(**d)
 
+    def __post_init__(self) -> None:
+        if self.gate_input not in GATE_INPUTS:
+            raise ValueError(f"mini config: gate_input must be one of {GATE_INPUTS}, got {self.gate_input!r}")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -68,6 +78,12 @@ class MiniConfig:
 def tiny_config() -> MiniConfig:
     """A few-thousand-parameter configuration for fast tests."""
     return MiniConfig(dim=32, layers=2, heads=2, mlp_ratio=2.0, enc_dim=32, enc_layers=1, enc_heads=2, base_steps=8)
+
+
+def luma_highpass(x: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W): the channel mean minus its 3×3 local mean (fine luminance detail; no colour, no flat areas)."""
+    luma = x.mean(1, keepdim=True)
+    return luma - F.avg_pool2d(F.pad(luma, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
 
 
 def patchify(img: torch.Tensor, p: int) -> torch.Tensor:
@@ -228,7 +244,11 @@ class MiniDiT(nn.Module):
         if cfg.pixel_gate:
             # a 12-px token cannot describe per-pixel grain; the posterior mean of such detail is a σ-dependent
             # shrinkage of x_σ, which this gain expresses exactly (real DiTs have per-pixel tokens instead)
-            x0 = x0 + out[:, 3 + hc :] * x
+            gain = out[:, 3 + hc :]
+            if cfg.gate_input == "rgb":
+                x0 = x0 + gain * x
+            else:  # one gain for the luminance detail (the mean of the three gain channels: same weights' shape)
+                x0 = x0 + gain.mean(1, keepdim=True) * luma_highpass(x)
         if hc:
             x0 = x0 + self.head(torch.cat([out[:, 3 : 3 + hc], x], dim=1))
         return x0

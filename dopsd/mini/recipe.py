@@ -311,7 +311,8 @@ def run_recipe(rc: RecipeConfig, out: Path, log: Log = print) -> dict:
         "wall_time_s": {"base": round(t1 - t0, 1), "trajectories": round(t2 - t1, 1), "distil": round(t3 - t2, 1),
                         "total": round(t3 - t0, 1)},
         "torch": torch.__version__,
-        "command": f"dopsd mini recipe --out {out} --seed {rc.seed}",
+        "command": f"dopsd mini recipe --out {out} --seed {rc.seed}"
+                   + (f" --gate-input {rc.model.gate_input}" if rc.model.gate_input != "rgb" else ""),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
