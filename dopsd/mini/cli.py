@@ -15,8 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rec.add_argument("--out", required=True, help="folder for base/turbo .safetensors and manifest.json")
     rec.add_argument("--tiny", action="store_true", help="tiny model and a few steps (seconds; for tests)")
     rec.add_argument("--seed", type=int, default=0)
-    rec.add_argument("--gate-input", choices=["rgb", "luma_highpass"], default="rgb",
-                     help="what the DiT's per-pixel gate passes on (shipped weights: rgb; see dopsd/mini/nets.py)")
+    rec.add_argument("--gate-input", choices=["rgb", "luma_highpass"], default="luma_highpass",
+                     help="what the DiT's per-pixel gate passes on (shipped weights: luma_highpass; rgb = mini-recipe-2's; "
+                     "see dopsd/mini/nets.py)")
     rep = sub.add_parser("report", help="measure turbo and base: attributes, few-step quality, teacher check")
     rep.add_argument("--seeds", type=int, default=2)
     rep.add_argument("--samples", type=int, default=256, help="unrelated prompts per seed")

@@ -7,7 +7,8 @@ features the denoiser reads (the Z-Image + Qwen3-VL teacher path).
 DiT: one sequence [caption features | reference patches (optional; the FLUX.2-klein editing path) | noisy
 patches], adaLN-single modulation from the timestep and the pooled caption features, learned positions, a
 small convolutional output head that refines pixels across patch borders, and a per-pixel gain on the noisy
-input (x̂0 += gain ⊙ x_σ) so that per-pixel detail (the world's grain) can pass 12-px tokens. It predicts the
+input's fine luminance detail (x̂0 += gain ⊙ highpass(luma(x_σ)); `gate_input`) so that per-pixel detail (the
+world's grain) can pass 12-px tokens while colour comes from the tokens alone. It predicts the
 clean image (x-prediction; v-prediction gave speckled samples at this scale); the adapter turns that into a
 velocity.
 """

@@ -32,7 +32,7 @@ from dopsd.mini import world
 from dopsd.mini.nets import MiniConfig, MiniDiT, MiniEncoder, tiny_config
 from dopsd.schedules import shifted_schedule
 
-RECIPE_VERSION = "mini-recipe-2"  # bump when the world, network or recipe changes the weights
+RECIPE_VERSION = "mini-recipe-3"  # bump when the world, network or recipe changes the weights
 VLM, REFERENCE = 1, 2  # context paths of a sample (0 = caption only)
 
 
@@ -60,7 +60,7 @@ class RecipeConfig:
     traj_batch: int = 256
     distil_iters: int = 1500
     distil_lr: float = 2e-4
-    model: MiniConfig = field(default_factory=MiniConfig)
+    model: MiniConfig = field(default_factory=lambda: MiniConfig(gate_input="luma_highpass"))
 
     def to_dict(self) -> dict:
         d = asdict(self)
