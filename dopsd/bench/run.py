@@ -223,12 +223,11 @@ def saved_results(jobs: list[Job]) -> dict[str, dict[str, Any]]:
 
 
 def _execute(
-    cfg: BenchConfig, out: Path, log: Any, resume: bool = False
+    cfg: BenchConfig, out: Path, log: Any, done: dict[str, dict[str, Any]]
 ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """Run the de-distillation adapter and every job (in `cfg.workers` processes); adapter jobs wait for it.
-    resume: jobs with a saved result (`<work_dir>.result.pt`) are not run again."""
+    done: saved results of finished jobs ({work_dir: result}, `--resume`); those jobs are not run again."""
     jobs, pre = _all_jobs(cfg, out)
-    done = saved_results(jobs + ([pre] if pre else [])) if resume else {}
     results: list[dict[str, Any]] = [done[j.work_dir] for j in jobs if j.work_dir in done]
     dedistill_info: dict[str, Any] | None = done.get(pre.work_dir) if pre else None
     if done:
@@ -353,14 +352,15 @@ def run_bench(cfg: BenchConfig, out: Path, log: Any = print, resume: bool = Fals
     from dopsd.bench.document import build_report
 
     started, cpu_started = time.perf_counter(), time.process_time()
-    if resume:
+    done = {}
+    if resume:  # read (and checked: settings mismatch fails) before anything is written
         jobs, pre = _all_jobs(cfg, out)
-        saved_results(jobs + ([pre] if pre else []))  # settings mismatch: fail before writing anything
+        done = saved_results(jobs + ([pre] if pre else []))
     out.mkdir(parents=True, exist_ok=True)
     folders = _write_data(cfg, out)
     log(f"dopsd bench ({cfg.name}): {len(cfg.settings)} setting(s), methods {', '.join(cfg.methods)}, "
         f"{cfg.seeds} seed(s), {cfg.workers} worker process(es)")
-    results, dedistill = _execute(cfg, out, log, resume)
+    results, dedistill = _execute(cfg, out, log, done)
     train_seconds = time.perf_counter() - started
     rows, curves, images = aggregate(results, cfg.settings)
     costs = {}
