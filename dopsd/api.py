@@ -28,13 +28,14 @@ import torch
 
 from dopsd.config import Config, ConfigError, load_config
 from dopsd.data import load_dataset
+from dopsd.errors import RunFolderError
 
 # Keys that may change when resuming (extend a run, sample more often, …); anything else must match.
 RESUMABLE_CHANGES = ("train.max_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.max_nonfinite",
                      "train.output_dir", "train.device", "sample.", "log.", "cache.")
 
 
-class OutputExistsError(FileExistsError):
+class OutputExistsError(RunFolderError, FileExistsError):
     pass
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module implementing `add_arguments(parser)` and `main(args) -> int`, one-line help)
@@ -26,18 +27,44 @@ def build_parser(name: str) -> argparse.ArgumentParser:
     return parser
 
 
+def _debug(argv: list[str]) -> bool:
+    return "--debug" in argv or os.environ.get("DOPSD_DEBUG", "") not in ("", "0")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = _debug(argv)
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print("usage: dopsd COMMAND [options]   (dopsd COMMAND --help for a command's options)\n\ncommands:")
         for name, (_, help_text) in COMMANDS.items():
             print(f"  {name:<8} {help_text}")
+        print("\n--debug (or DOPSD_DEBUG=1) shows the full traceback of an error.")
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\ndopsd: unknown command {argv[0]!r}", file=sys.stderr)
             return 2
         return 0
-    args = build_parser(argv[0]).parse_args(argv[1:])
-    return int(importlib.import_module(COMMANDS[argv[0]][0]).main(args) or 0)
+    name = argv[0]
+    from dopsd.errors import DopsdError
+
+    try:
+        args = build_parser(name).parse_args(argv[1:])
+        return int(importlib.import_module(COMMANDS[name][0]).main(args) or 0)
+    except DopsdError as err:  # bad input or a refused action: the message says what to do
+        if debug:
+            raise
+        print(f"dopsd {name}: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(f"dopsd {name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - anything else is a bug in dopsd, reported as one
+        if debug:
+            raise
+        print(f"dopsd {name}: internal error: {type(err).__name__}: {err}\n"
+              "This is a bug in dopsd, not a problem with your input; please report it with the output of the "
+              "same command run with --debug (or DOPSD_DEBUG=1), which shows the traceback.", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from dopsd.errors import DopsdError
+
 
 def opt(default: Any, help: str, **kw: Any) -> Any:
     """A documented field (lists/dicts get a factory so instances never share them)."""
@@ -35,7 +37,7 @@ def opt(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help}, **kw)
 
 
-class ConfigError(ValueError):
+class ConfigError(DopsdError, ValueError):
     """A config file or override that does not fit the schema; the message says which key and how to fix it."""
 
 

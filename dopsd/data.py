@@ -20,12 +20,13 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from dopsd.config import DataConfig, ModelConfig
+from dopsd.errors import DopsdError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA = "metadata.jsonl"
 
 
-class DatasetError(ValueError):
+class DatasetError(DopsdError, ValueError):
     """Every problem found in a dataset, in one message; nothing was started."""
 
     def __init__(self, root: str | Path, problems: list[str]):

@@ -24,6 +24,7 @@ from dopsd import checkpoint as ckpt
 from dopsd.cache import DROPPED, FeatureCache, Features, build_features, default_cache_dir, model_fingerprint
 from dopsd.config import Config, ConfigError
 from dopsd.data import BatchOrder, Example, distinct_captions
+from dopsd.errors import TrainingFailed
 from dopsd.lora import add_lora
 from dopsd.objective import dopsd_loss, sample_training_sigmas, sft_loss, step_weights_for
 from dopsd.sample import generate, grid_image, seed_noise
@@ -31,7 +32,7 @@ from dopsd.schedules import training_schedule
 from dopsd.weights import ParamShadow, trainable_parameters
 
 
-class TrainingAborted(RuntimeError):
+class TrainingAborted(TrainingFailed, RuntimeError):
     """Too many non-finite steps in a row; the last good checkpoint is kept."""
 
 

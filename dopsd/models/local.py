@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from dopsd.errors import DopsdError
+
 # What each family's folder must hold: pipeline class names accepted in model_index.json and subfolders.
 LAYOUTS: dict[str, dict[str, Any]] = {
     "zimage": {
@@ -31,7 +33,7 @@ LAYOUTS: dict[str, dict[str, Any]] = {
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
 
 
-class ModelFolderError(ValueError):
+class ModelFolderError(DopsdError, ValueError):
     """A model folder is missing, incomplete or of the wrong family."""
 
 
