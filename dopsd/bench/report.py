@@ -40,8 +40,15 @@ FIELD_DOCS: dict[str, tuple[str, str]] = {
     "fewstep_quality": ("quality of 4-step samples on unrelated prompts: the miniature's quality score (see "
                         "Metrics), higher = sharper / closer to the base model's many-step output", "higher"),
     "manystep_quality": ("the same quality score for many-step samples of the same network (the control)", "higher"),
-    "preservation": ("agreement with the untouched turbo on unrelated prompts (concept) or on the original domain "
-                     "(domain): see Metrics", "higher"),
+    "preservation": ("fraction of unrelated-prompt samples whose decoded scene matches the untouched turbo's for the "
+                     "same noise: same shape, colour and background names, centre within 1.5 px, extent within "
+                     "1.5 px (see Metrics)", "higher"),
+    "unrelated_accuracy": ("fraction of unrelated-prompt samples whose captioned attributes (shape, colour, background) "
+                           "are all decoded right: does 'a red square' still come out a red square", "higher"),
+    "position_shift_px": ("mean shift of the shape's centre (px) against the untouched turbo's sample, same shape "
+                          "only", "lower"),
+    "size_change_px": ("mean |change| of the shape's extent (px) against the untouched turbo's sample, same shape "
+                       "only", "lower"),
     "drift": ("mean squared difference to the untouched turbo's 4-step output for the same noise and prompt, on "
               "unrelated prompts", "lower"),
     "sec_per_step": ("median wall seconds of one optimizer step, all methods interleaved in one process", "lower"),
