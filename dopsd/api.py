@@ -153,21 +153,22 @@ def train(
             if trainer.main:
                 _write_summary(trainer, timing, time.time() - t_start, None, rundir.STATUS_ABORTED, str(err))
             raise
-        status, problem = _broadcast(trainer, _verdict(trainer, timing) if trainer.main else None)
-        weights = None
+        weights, failure = None, None
         summary: dict[str, Any] = {}
-        if trainer.main:
+        if trainer.main:  # the verdict needs the final health, which only the main process measures
+            status, problem = _verdict(trainer, timing)
             weights = _save_final(trainer) if trainer.weights_verdict()["ok"] else None
             summary = _write_summary(trainer, timing, time.time() - t_start, weights, status, problem)
             print(format_summary(summary))
+            if status != rundir.STATUS_OK:
+                kept = f"the final weights are in {weights}" if weights else "no final weights were written"
+                failure = (f"training finished but the model is broken: {problem}. {out / rundir.SUMMARY} records "
+                           f"status '{status}'; {kept}; last good checkpoint: {summary['last_good_checkpoint'] or 'none'}. "
+                           f"Lower optim.lr (now {cfg.optim.lr:g}) and start again (--overwrite moves this run aside)")
+        failure = _broadcast(trainer, failure)
         trainer.acc.wait_for_everyone()
-        if status != rundir.STATUS_OK:
-            good = ckpt.last_good(out / rundir.CHECKPOINTS)
-            kept = f"the final weights are in {weights}" if weights else "no final weights were written"
-            raise tr.TrainingUnhealthy(
-                f"training finished but the model is broken: {problem}. {out / rundir.SUMMARY} records status "
-                f"'unhealthy'; {kept}; last good checkpoint: {good or 'none'}. Lower optim.lr (now {cfg.optim.lr:g}) "
-                "and start again (--overwrite moves this run aside)")
+        if failure is not None:
+            raise tr.TrainingUnhealthy(failure)
         return Result(out, trainer.step, [r["loss"] for r in trainer.history], weights, summary, trainer.history)
     finally:
         lock.release()
@@ -315,6 +316,7 @@ def _summary(trainer: Any, timing: dict[str, Any], wall: float, weights: Path | 
         "weights": str(weights) if weights else None, "samples": {k: v for k, v in timing["samples"].items() if k.startswith("grid_")},
         "health": {k: v for k, v in (timing["samples"].get("health") or {}).items()
                    if isinstance(v, (float, bool, str)) or v is None},
+        "health_step": (getattr(trainer, "last_health", None) or {}).get("step"),  # when `health` was measured
     }
 
 

@@ -171,7 +171,10 @@ def _try_lock(fd: int, mode: int, wait: float = LOCK_WAIT_S) -> bool:
             fcntl.flock(fd, mode | fcntl.LOCK_NB)
             return True
         except OSError as err:
-            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) or time.monotonic() >= deadline:
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise RunFolderError(f"cannot lock a file in the run folder ({err}); put train.output_dir on a local "
+                                     "file system that supports flock") from None
+            if time.monotonic() >= deadline:
                 return False
             time.sleep(0.05)
 

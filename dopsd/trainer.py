@@ -138,6 +138,7 @@ class Trainer:
             raise ConfigError("nothing to train: no parameter requires a gradient (check lora.targets)")
         self.start_max_abs = ckpt.weights_verdict(self.trainable, 0.0)["max_abs"] or 0.0
         self.global_batch = cfg.train.batch_size * self.world * cfg.train.gradient_accumulation
+        self.dataset = ckpt.dataset_identity(self.examples)  # what a checkpoint must be resumed on
         if self.health is not None:
             self.health.reference(network)  # the starting model (LoRA at zero), before any step or resume
         self.teacher = ParamShadow(self.trainable, self.method.teacher, self.method.ema_decay) if self.uses_teacher else None
@@ -206,7 +207,7 @@ class Trainer:
                 optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
                 state={"step": self.step, "order": self.order.state_dict(), "history": self.history,
                        "nonfinite": self.nonfinite, "processes": self.world, "global_batch": self.global_batch,
-                       "dataset": ckpt.dataset_identity(self.examples), "good": good, "weights": weights,
+                       "dataset": self.dataset, "good": good, "weights": weights,
                        "health": self.last_health},
             )
             ckpt.finalise(root, self.step, self.cfg.train.keep_checkpoints)
@@ -221,12 +222,12 @@ class Trainer:
     def _load_checkpoint(self) -> None:
         root = self.out / "checkpoints"
         path, data, notes = ckpt.load_for_resume(root, self.rank, self.acc.device)
-        notes += ckpt.check_fits(path, data["state"], dataset=ckpt.dataset_identity(self.examples),
+        notes += ckpt.check_fits(path, data["state"], dataset=self.dataset,
                                  processes=self.world, global_batch=self.global_batch)
         if not data["state"].get("good", True):
-            good = ckpt.last_good(root)
-            notes.append(f"{path} was not a good checkpoint when written ({data['state'].get('weights', {}).get('problem') or 'few-step health broken'}); "
-                         f"the last good one is {good or 'none'}")
+            why = (data["state"].get("weights") or {}).get("problem") or "its few-step health was broken"
+            notes.append(f"{path} was not a good checkpoint when written ({why}); the last good one is "
+                         f"{ckpt.last_good(root) or 'none'}")
         if set(data["trainable"]) != set(self.trainable):
             raise CheckpointError(f"{path} does not match the model's trainable weights (lora.targets or the model "
                                   "changed?); resume with the run's settings")

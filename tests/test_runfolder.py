@@ -120,6 +120,8 @@ def test_a_failed_start_writes_nothing_so_the_corrected_start_runs(tmp_path, con
     # (the exit code of a missing model folder is the model loaders' business; here: that nothing was written)
     assert cli.main(args[:2] + [f"data.path={concept_data}", f"model.pretrained={tmp_path / 'missing_model'}"]
                     + args[3:]) != 0
+    with pytest.raises(Exception):  # a learning rate the optimizer rejects (the message is the config's business)
+        dopsd.train(tiny_config(tmp_path, concept_data, **{"optim.lr": float("nan")}), adapter=adapter())
     assert not out.exists()
     capsys.readouterr()
     cfg = tiny_config(tmp_path, concept_data, **{"train.max_steps": 1})
