@@ -162,8 +162,9 @@ def train(
             print(format_summary(summary))
             if status != rundir.STATUS_OK:
                 kept = f"the final weights are in {weights}" if weights else "no final weights were written"
+                good = summary["last_good_checkpoint"] or "none"
                 failure = (f"training finished but the model is broken: {problem}. {out / rundir.SUMMARY} records "
-                           f"status '{status}'; {kept}; last good checkpoint: {summary['last_good_checkpoint'] or 'none'}. "
+                           f"status '{status}'; {kept}; last good checkpoint: {good}. "
                            f"Lower optim.lr (now {cfg.optim.lr:g}) and start again (--overwrite moves this run aside)")
         failure = _broadcast(trainer, failure)
         trainer.acc.wait_for_everyone()

@@ -28,8 +28,8 @@ model is losing few-step quality). `broken` is set when the samples are not fini
 included) falls below `broken_below` (0.5: half its starting value or worse, e.g. half the image-scale contrast
 left, or the high-frequency energy halved or doubled): training produced a broken model, not a degraded one
 (measured on the miniature's unrelated prompts: SFT's blur at the demo's budget scores 0.71, a sound D-OPSD run
-≥ 0.82 on every score, runs with a learning rate 100–600× too high that sample noise 0.25–0.39 on structure). The trainer reports a run whose final
-measurement is broken as failed (summary.json status "unhealthy").
+≥ 0.82 on every score, runs with a learning rate 100–600× too high that sample noise 0.25–0.39 on structure).
+The trainer reports a run whose final measurement is broken as failed (summary.json status "unhealthy").
 The untouched model scores exactly 1.0 (fixed noise, deterministic forward).
 """
 

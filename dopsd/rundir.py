@@ -295,8 +295,13 @@ def write_marker(out: Path) -> None:
 def claim(p: Plan) -> tuple[RunLock, Path | None]:
     """The main process takes the folder for this run: returns its lock and where an earlier run was moved."""
     aside = move_aside(p.out) if p.mode == "replace" else None
-    p.out.mkdir(parents=True, exist_ok=True)
-    lock = lock_as_owner(p.out)
+    try:
+        p.out.mkdir(parents=True, exist_ok=True)
+        lock = lock_as_owner(p.out)
+    except RunFolderError as err:
+        if aside is None:
+            raise
+        raise RunFolderError(f"{err} (the earlier run there was moved aside to {aside})") from None
     try:
         if p.mode != "resume":
             others = [n.name for n in p.out.iterdir() if n.name not in (OWNER_LOCK, WORKERS_LOCK)]
