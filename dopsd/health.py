@@ -5,9 +5,16 @@ network drifts back toward an ordinary multi-step flow model: its few-step sampl
 the modes a caption allows, while many-step samples stay fine. `FewStepHealth` watches exactly that on a
 few fixed prompts and noises, for any model family, against the starting model:
 
-  * sharpness – mean |Laplacian| (high-frequency energy) of the decoded few-step samples, divided by the
-    starting model's. Blur and washed-out objects lower it; 1.0 = unchanged. It also moves when the content
-    of the fixed prompts changes on purpose (a concept's colour), so unrelated prompts measure it best.
+  * sharpness – mean |Laplacian| (high-frequency energy) of the decoded few-step samples relative to the
+    starting model's, two-sided: the ratio r scores min(r, 1/r). Blur and washed-out objects lower r; noise
+    raises it (a model that samples noise is as broken as one that blurs), so both lower the score; 1.0 =
+    unchanged. It also moves when the content of the fixed prompts changes on purpose (a concept's colour), so
+    unrelated prompts measure it best.
+  * structure – image-scale contrast (`structure`: the samples averaged down to 8×8 cells, their spread), now /
+    at start. Blur keeps it; noise averages out of it and flat, black or saturated samples have none, so it
+    falls when the samples stop showing a layout at all. One-sided: only its loss is scored. It also moves with
+    intended content changes (a new colour on the fixed prompts: ~0.8 in a sound D-OPSD run on the miniature),
+    so it only feeds `broken` below, not `health`.
   * gap – the few-step samples' relative L2 distance to the *same network's* many-step samples from the same
     noise. A distilled model keeps this small; a model that has forgotten its distillation does not. The
     score is 1 − (gap now − gap at start), so 1.0 = unchanged and a 0.1 increase of the relative error
@@ -16,7 +23,13 @@ few fixed prompts and noises, for any model family, against the starting model:
   * quality (optional) – a decoder-based quality, now / at start: `quality_fn(images, prompts)`; by default
     ("auto") the miniature model's `dopsd.mini.metrics.fewstep_quality` when every prompt can be decoded.
 
-`health` is the minimum of the available scores; `warning` is set when it falls below `threshold`.
+`health` is the minimum of sharpness, gap and quality; `warning` is set when it falls below `threshold` (the
+model is losing few-step quality). `broken` is set when the samples are not finite or any score (structure
+included) falls below `broken_below` (0.5: half its starting value or worse, e.g. half the image-scale contrast
+left, or the high-frequency energy halved or doubled): training produced a broken model, not a degraded one
+(measured on the miniature's unrelated prompts: SFT's blur at the demo's budget scores 0.71, a sound D-OPSD run
+≥ 0.82 on every score, runs with a learning rate 100–600× too high that sample noise 0.25–0.39 on structure).
+The trainer reports a run whose final measurement is broken as failed (summary.json status "unhealthy").
 The untouched model scores exactly 1.0 (fixed noise, deterministic forward).
 """
 
@@ -33,6 +46,15 @@ from dopsd.schedules import sample_euler
 
 QualityFn = Callable[[torch.Tensor, list[str]], float]
 
+# What a low score of each kind means (for warnings); sharpness depends on the direction it moved.
+MEANING: dict[str, Callable[[float], str]] = {
+    "sharpness": lambda r: ("blur: less fine detail than the starting model, the classic SFT failure" if r < 1
+                            else "noise: more high-frequency energy than the starting model"),
+    "structure": lambda r: "the samples lost their image-scale layout: noise, flat or saturated images",
+    "gap": lambda r: "the few-step samples moved away from the same model's many-step samples",
+    "quality": lambda r: "the decoder-based few-step quality fell",
+}
+
 _LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
 
 
@@ -47,6 +69,14 @@ def sharpness(images: torch.Tensor) -> torch.Tensor:
     kernel = _LAPLACIAN.to(x).expand(c, 1, 3, 3)
     lap = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, groups=c)
     return lap.abs().flatten(1).mean(1)
+
+
+def structure(images: torch.Tensor, cells: int = 8) -> torch.Tensor:
+    """Image-scale contrast per image (B,): each channel averaged down to at most cells×cells, the spread of those
+    cell means, averaged over channels. The layout of a picture survives the averaging; pixel noise does not."""
+    x = images.float()
+    pooled = F.adaptive_avg_pool2d(x, (min(cells, x.shape[-2]), min(cells, x.shape[-1])))
+    return pooled.flatten(2).std(2).mean(1)
 
 
 def relative_gap(few: torch.Tensor, many: torch.Tensor) -> torch.Tensor:
@@ -100,6 +130,7 @@ class FewStepHealth:
         steps: int | None = None,
         control_steps: int = 24,
         threshold: float = 0.85,
+        broken_below: float = 0.5,
         quality_fn: QualityFn | None | str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -113,7 +144,10 @@ class FewStepHealth:
         if control_steps < 0:
             raise ValueError(f"control_steps must be >= 0, got {control_steps}")
         self.adapter = adapter
+        if not 0.0 < broken_below <= threshold:
+            raise ValueError(f"broken_below must lie in (0, threshold], got {broken_below}")
         self.threshold = float(threshold)
+        self.broken_below = float(broken_below)
         self.quality_fn = _auto_quality(adapter, prompts) if quality_fn == "auto" else quality_fn
         self.device = None if device is None else torch.device(device)
         self.dtype = dtype
@@ -129,6 +163,7 @@ class FewStepHealth:
         # The control: the model's own schedule at many steps (what the trainer's control grid uses too).
         self.control = adapter.inference_schedule(height, width, control_steps) if control_steps > 0 else None
         self.start: dict[str, float] | None = None
+        self.finite = True  # whether the last samples were finite before clamping
         self.last_images: torch.Tensor | None = None
 
     # --- sampling -----------------------------------------------------------------------------------
@@ -151,12 +186,13 @@ class FewStepHealth:
                     out["many"] = self.adapter.decode(many)
         finally:
             network.train(was_training)
-        return {k: v.float().cpu().clamp(-1, 1) for k, v in out.items()}
+        self.finite = all(bool(torch.isfinite(v).all()) for v in out.values())
+        return {k: torch.nan_to_num(v.float().cpu(), nan=0.0).clamp(-1, 1) for k, v in out.items()}
 
     def _raw(self, network: nn.Module) -> dict[str, float]:
         images = self._sample(network)
         self.last_images = images["few"]
-        raw = {"sharpness": float(sharpness(images["few"]).mean())}
+        raw = {"sharpness": float(sharpness(images["few"]).mean()), "structure": float(structure(images["few"]).mean())}
         if "many" in images:
             raw["gap"] = float(relative_gap(images["few"], images["many"]).mean())
         if self.quality_fn is not None:
@@ -170,27 +206,44 @@ class FewStepHealth:
         return dict(self.start)
 
     def measure(self, network: nn.Module) -> dict[str, Any]:
-        """Health of `network` now vs the reference: {'health', 'sharpness', 'gap'?, 'quality'?, 'raw/…', 'warning'}."""
+        """Health of `network` now vs the reference: {'health', 'sharpness', 'structure', 'gap'?, 'quality'?,
+        'raw/…', 'start/…', 'sharpness_ratio', 'broken', 'problem', 'warning'}."""
         if self.start is None:
             raise RuntimeError("FewStepHealth.measure() before reference(): measure the starting model first")
         raw = self._raw(network)
-        scores = {"sharpness": raw["sharpness"] / max(self.start["sharpness"], 1e-8)}
+        ratio = raw["sharpness"] / max(self.start["sharpness"], 1e-8)
+        scores = {"sharpness": min(ratio, 1.0 / ratio) if ratio > 0 else 0.0,
+                  "structure": raw["structure"] / max(self.start["structure"], 1e-8)}
         if "gap" in raw:
             scores["gap"] = 1.0 - (raw["gap"] - self.start["gap"])
         if "quality" in raw:
             scores["quality"] = raw["quality"] / self.start["quality"] if self.start["quality"] > 0 else 1.0
-        worst = min(scores, key=scores.get)  # type: ignore[arg-type]
+        quality_scores = {k: v for k, v in scores.items() if k != "structure"}
+        worst = min(quality_scores, key=quality_scores.get)  # type: ignore[arg-type]
         health = scores[worst]
+        lowest = min(scores, key=scores.get)  # type: ignore[arg-type]
         out: dict[str, Any] = {"health": health, **scores}
         out.update({f"raw/{k}": v for k, v in raw.items()})
         out.update({f"start/{k}": v for k, v in self.start.items()})
+        out["sharpness_ratio"] = ratio
+        steps = len(self.schedule) - 1
+        out["broken"] = not self.finite or scores[lowest] < self.broken_below
+        out["problem"] = None
+        if not self.finite:
+            out["problem"] = f"the few-step samples are not finite (NaN/inf) at {steps} steps"
+        elif out["broken"]:
+            out["problem"] = (f"the few-step samples at {steps} steps are broken, {lowest} score {scores[lowest]:.2f} "
+                              f"of the starting model's 1.00 (below {self.broken_below:.2f}): {MEANING[lowest](ratio)}")
         out["warning"] = None
-        if health < self.threshold:
+        if out["broken"]:
+            out["warning"] = (f"few-step health {health:.2f}, broken: {out['problem']}. Training is breaking the "
+                              "model: lower optim.lr; compare the few-step and many-step sample grids.")
+        elif health < self.threshold:
             out["warning"] = (
                 f"few-step health {health:.2f} < {self.threshold:.2f} ({worst} score {scores[worst]:.2f} vs the "
-                f"starting model's 1.00): the model is losing its few-step quality (blur at "
-                f"{len(self.schedule) - 1} steps, the classic SFT failure). Lower the learning rate, add "
-                f"preservation, or use D-OPSD instead of SFT; compare the few-step and many-step sample grids."
+                f"starting model's 1.00: {MEANING[worst](ratio)}): the model is losing its few-step quality at "
+                f"{steps} steps. Lower the learning rate, add preservation, or use D-OPSD instead of SFT; compare "
+                f"the few-step and many-step sample grids."
             )
         return out
 
@@ -200,4 +253,4 @@ class FewStepHealth:
         return {f"{prefix}{k}": float(v) for k, v in result.items() if isinstance(v, (int, float)) and v is not None}
 
 
-__all__ = ["FewStepHealth", "sharpness", "relative_gap", "move_to"]
+__all__ = ["FewStepHealth", "sharpness", "structure", "relative_gap", "move_to"]

@@ -24,7 +24,8 @@ from dopsd import checkpoint as ckpt
 from dopsd.cache import DROPPED, FeatureCache, Features, build_features, default_cache_dir, model_fingerprint
 from dopsd.config import Config, ConfigError
 from dopsd.data import BatchOrder, Example, distinct_captions
-from dopsd.errors import TrainingFailed
+from dopsd.errors import CheckpointError, TrainingFailed
+from dopsd.files import atomic_save_image
 from dopsd.lora import add_lora
 from dopsd.objective import dopsd_loss, sample_training_sigmas, sft_loss, step_weights_for
 from dopsd.sample import generate, grid_image, seed_noise
@@ -33,7 +34,16 @@ from dopsd.weights import ParamShadow, trainable_parameters
 
 
 class TrainingAborted(TrainingFailed, RuntimeError):
-    """Too many non-finite steps in a row; the last good checkpoint is kept."""
+    """Too many non-finite steps in a row; the last good checkpoint is kept (summary.json status "aborted")."""
+
+    exit_code = 3
+
+
+class TrainingUnhealthy(TrainingFailed, RuntimeError):
+    """Training ran to the end but the model is broken (non-finite or exploded weights, broken few-step samples);
+    summary.json says status "unhealthy" and names the last good checkpoint."""
+
+    exit_code = 4
 
 
 def lr_factor(step: int, cfg: Config) -> float:
@@ -59,7 +69,10 @@ class Trainer:
         self.cfg, self.out, self.examples, self.resume = config, out, examples, resume
         t = config.train
         kwargs: dict[str, Any] = {"mixed_precision": t.mixed_precision, "cpu": t.device == "cpu"}
-        if t.fsdp:  # passed through to accelerate; not exercised on CPU
+        if t.fsdp and (t.device == "cpu" or not torch.cuda.is_available()):
+            raise ConfigError("train.fsdp is set but this run would be on the CPU: FSDP shards models across GPUs "
+                              "and is not run on the CPU; on the CPU leave train.fsdp empty (plain DDP)")
+        if t.fsdp:  # passed through to accelerate
             from accelerate import FullyShardedDataParallelPlugin
 
             kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(**t.fsdp)
@@ -82,6 +95,8 @@ class Trainer:
         self.step = 0
         self.nonfinite = 0
         self.started = time.time()
+        self.last_health: dict[str, Any] | None = None  # the latest few-step health measurement, summarised
+        self.resume_notes: list[str] = []
 
     # --- setup ------------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -121,6 +136,9 @@ class Trainer:
                 p.data = p.data.float()
         if not self.trainable:
             raise ConfigError("nothing to train: no parameter requires a gradient (check lora.targets)")
+        self.start_max_abs = ckpt.weights_verdict(self.trainable, 0.0)["max_abs"] or 0.0
+        self.global_batch = cfg.train.batch_size * self.world * cfg.train.gradient_accumulation
+        self.dataset = ckpt.dataset_identity(self.examples)  # what a checkpoint must be resumed on
         if self.health is not None:
             self.health.reference(network)  # the starting model (LoRA at zero), before any step or resume
         self.teacher = ParamShadow(self.trainable, self.method.teacher, self.method.ema_decay) if self.uses_teacher else None
@@ -172,28 +190,50 @@ class Trainer:
     def _shadow(s: ParamShadow | None) -> dict[str, Any] | None:
         return None if s is None else {"mode": s.mode, "decay": s.decay, "shadow": s.shadow}
 
+    def weights_verdict(self) -> dict[str, Any]:
+        return ckpt.weights_verdict(self.trainable, self.start_max_abs)
+
     def save_checkpoint(self) -> None:
         root = self.out / "checkpoints"
         ckpt.write_rank_rng(root, self.step, self.rank)
         self.acc.wait_for_everyone()
         if self.main:
             prior = self.prior if (self.prior is not self.teacher and self.cfg.lora.enabled) else None
+            weights = self.weights_verdict()
+            # Good = finite, sane weights and no broken few-step health at the latest measurement (if any).
+            good = weights["ok"] and not (self.last_health or {}).get("broken")
             ckpt.write_main(
                 root, self.step, trainable=self.trainable, teacher=self._shadow(self.teacher), prior=self._shadow(prior),
                 optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
                 state={"step": self.step, "order": self.order.state_dict(), "history": self.history,
-                       "nonfinite": self.nonfinite, "world": self.world},
+                       "nonfinite": self.nonfinite, "processes": self.world, "global_batch": self.global_batch,
+                       "dataset": self.dataset, "good": good, "weights": weights,
+                       "health": self.last_health},
             )
             ckpt.finalise(root, self.step, self.cfg.train.keep_checkpoints)
         self.acc.wait_for_everyone()
 
+    def amend_checkpoint_health(self) -> None:
+        """Health measured after the checkpoint of the same step was written (the final one): record it there."""
+        path = ckpt.checkpoint_dir(self.out / "checkpoints", self.step)
+        if self.main and self.last_health and self.last_health["step"] == self.step and path.is_dir():
+            ckpt.amend(path, health=self.last_health, broken=bool(self.last_health.get("broken")))
+
     def _load_checkpoint(self) -> None:
-        path = ckpt.latest(self.out / "checkpoints")
-        if path is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {self.out / 'checkpoints'}")
-        data = ckpt.read(path, self.rank)
+        root = self.out / "checkpoints"
+        path, data, notes = ckpt.load_for_resume(root, self.rank, self.acc.device)
+        notes += ckpt.check_fits(path, data["state"], dataset=self.dataset,
+                                 processes=self.world, global_batch=self.global_batch)
+        if not data["state"].get("good", True):
+            why = (data["state"].get("weights") or {}).get("problem") or "its few-step health was broken"
+            notes.append(f"{path} was not a good checkpoint when written ({why}); the last good one is "
+                         f"{ckpt.last_good(root) or 'none'}")
         if set(data["trainable"]) != set(self.trainable):
-            raise ValueError(f"{path} does not match the model's trainable weights (LoRA/targets changed?)")
+            raise CheckpointError(f"{path} does not match the model's trainable weights (lora.targets or the model "
+                                  "changed?); resume with the run's settings")
+        self.checkpoints_seen = [p.name for p in ckpt.list_checkpoints(root)]
+        self.resume_notes = notes
+        self.last_health = data["state"].get("health")
         with torch.no_grad():
             for name, p in self.trainable.items():
                 p.copy_(data["trainable"][name])
@@ -353,13 +393,15 @@ class Trainer:
                                   dtype=self.latent_dtype)
             grid = grid_image(images, len(self.prompts), len(seeds))
             path = self.out / "samples" / f"{tag}_{steps}steps.png"
-            grid.save(path)
+            atomic_save_image(path, grid)
             result[f"grid_{steps}"] = str(path)
             if writer is not None:
                 writer.add_image(f"samples/{steps}steps", np.asarray(grid), self.step, dataformats="HWC")
         if self.health is not None:
             measured = self.health.measure(self.network)
             result["health"] = measured
+            self.last_health = {"step": self.step, "health": measured["health"], "broken": measured["broken"],
+                                "problem": measured["problem"]}
             if writer is not None:
                 for k, v in self.health.scalars(measured).items():
                     writer.add_scalar(k, v, self.step)

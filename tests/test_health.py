@@ -43,7 +43,7 @@ def test_signals_see_blur():
 def test_untouched_model_stays_at_one(turbo):
     health = monitor(turbo)
     start = health.reference(turbo.network)
-    assert set(start) == {"sharpness", "gap", "quality"}  # the mini's decoder quality is picked up by default
+    assert set(start) == {"sharpness", "structure", "gap", "quality"}  # the mini's decoder quality is picked up by default
     turbo.network.train()
     for _ in range(2):
         out = health.measure(turbo.network)
@@ -86,7 +86,7 @@ def test_errors_are_clear(turbo):
     health = monitor(turbo, quality_fn=None, control_steps=0)
     with pytest.raises(RuntimeError, match="before reference"):
         health.measure(turbo.network)
-    assert set(health.reference(turbo.network)) == {"sharpness"}
+    assert set(health.reference(turbo.network)) == {"sharpness", "structure"}
     with pytest.raises(ValueError, match="threshold"):
         monitor(turbo, threshold=1.5)
     with pytest.raises(ValueError, match="prompt"):

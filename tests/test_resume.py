@@ -1,5 +1,6 @@
 """Resume: an interrupted-and-resumed run reproduces the uninterrupted loss trace, also after SIGKILL."""
 
+import json
 import os
 import shutil
 import signal
@@ -45,6 +46,14 @@ def test_resume_from_a_middle_checkpoint_reproduces_the_run(tmp_path, concept_da
     assert all(torch.equal(ta[k], tb[k]) for k in ta)  # the EMA teacher resumed too
     lines = (cut / "losses.jsonl").read_text().splitlines()
     assert len(lines) == 6  # the trace file holds the whole run once
+    # ... with every step's per-roll-out-step diagnostics, those before the checkpoint included
+    assert [line for line in lines] == (full.output_dir / "losses.jsonl").read_text().splitlines()
+    assert all("rollout/step0_loss" in json.loads(line) for line in lines)
+    # TensorBoard: the copied logs ran to step 6 already; the resumed steps 4-6 replace those, not duplicate them.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    points = EventAccumulator(str(cut / "logs")).Reload().Scalars("train/loss")
+    assert [p.step for p in points] == [1, 2, 3, 4, 5, 6]
 
 
 def test_resume_extends_a_finished_run(tmp_path, concept_data):
@@ -88,3 +97,11 @@ def test_a_killed_process_resumes_exactly(tmp_path, concept_data, tiny_mini):
     reference = dopsd.train(config_file, ["train.max_steps=12", f"train.output_dir={tmp_path / 'reference'}"])
     assert len(resumed.losses) == 12 and resumed.summary["steps_this_run"] == 12 - latest
     np.testing.assert_array_equal(resumed.losses, reference.losses)
+    records = [json.loads(line) for line in (tmp_path / "run" / "losses.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 13)) and all("rollout/step0_gap" in r for r in records)
+    # TensorBoard: one point per step, the killed run's points past its checkpoint dropped.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    points = EventAccumulator(str(tmp_path / "run" / "logs")).Reload().Scalars("train/loss")
+    assert [p.step for p in points] == list(range(1, 13))
+    np.testing.assert_allclose([p.value for p in points], reference.losses, rtol=1e-6)

@@ -95,6 +95,8 @@ def test_existing_output_folder_is_not_overwritten(tmp_path, concept_data, capsy
     (out / "marker.txt").write_text("old run")
     dopsd.train(cfg, overwrite=True, adapter=tiny_random_adapter(0, teacher_context="reference"))
     assert not (out / "marker.txt").exists() and (out / "lora.safetensors").is_file()
+    (aside,) = tmp_path.glob("run.replaced-*")  # the earlier run was moved aside, not deleted
+    assert (aside / "marker.txt").read_text() == "old run"
 
 
 def test_nonfinite_steps_are_skipped_then_the_run_aborts_keeping_the_last_good_checkpoint(tmp_path, concept_data):
