@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import shutil
 import time
@@ -27,7 +28,7 @@ from typing import Any, Callable
 import torch
 
 from dopsd.config import Config, ConfigError, load_config
-from dopsd.data import load_dataset
+from dopsd.data import check_dataset
 from dopsd.errors import RunFolderError
 
 # Keys that may change when resuming (extend a run, sample more often, …); anything else must match.
@@ -100,7 +101,10 @@ def train(
 
     cfg = load_config(config, overrides)
     out = _check_output(cfg, resume, overwrite)
-    examples = load_dataset(cfg.data, cfg.model)  # every problem reported before anything starts
+    dataset = check_dataset(cfg.data, cfg.model)  # every problem reported before anything starts
+    if int(os.environ.get("RANK", "0")) == 0:  # what training will do to the data, said once (not per process)
+        print(dataset.summary(), flush=True)
+    examples = dataset.examples
     t_start = time.time()
     trainer = tr.Trainer(cfg, out, examples, adapter=adapter, resume=resume)
     trainer.acc.wait_for_everyone()  # every process has checked the folder before the main one writes into it
