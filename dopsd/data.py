@@ -27,7 +27,7 @@ from PIL import Image
 
 from dopsd.config import DataConfig, ModelConfig
 from dopsd.dataset_checks import (
-    Caption, check_captions, contains_phrase, format_counts, image_notes, names, normalized_trigger,
+    check_captions, contains_phrase, format_counts, image_notes, names, normalized_trigger,
 )
 from dopsd.dataset_scan import METADATA, find_sources, scan_folder, scan_metadata
 from dopsd.errors import DopsdError

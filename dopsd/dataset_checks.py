@@ -54,20 +54,20 @@ def check_captions(
     if data.trigger_word is not None and data.trigger_word != "" and trigger is None:
         problems.append(f"data.trigger_word is blank ({data.trigger_word!r}): set a word, or null for none")
     if data.placeholder and trigger is None:
-        unset = [c.where for c in captions if data.placeholder in c.text]
-        if unset:
-            problems.append(
-                f"{len(unset)} caption(s) use the placeholder {data.placeholder!r} but data.trigger_word is not set, "
-                f"so they would train on the literal text {data.placeholder!r} ({names(unset)}): set "
-                "data.trigger_word to the word you will prompt with"
-            )
-    if trigger:
-        alone = [c.where for c, text in zip(captions, applied) if text == trigger]
-        if alone:
+        literal = [c.where for c in captions if data.placeholder in c.text]
+        if literal:
             notes.append(
-                f"{len(alone)} caption(s) are only the trigger word {trigger!r} ({names(alone)}): it is bound to "
-                "everything in those images; describing the rest (setting, pose, style) helps it bind to the concept"
+                f"{len(literal)} caption(s) use the placeholder {data.placeholder!r} as a word of their own, since "
+                f"data.trigger_word is not set ({names(literal)}): prompt with {data.placeholder!r} too, or set "
+                "data.trigger_word to the word that should replace it"
             )
+    word = trigger or data.placeholder
+    alone = [c.where for c, text in zip(captions, applied) if word and text == word]
+    if alone:
+        notes.append(
+            f"{len(alone)} caption(s) are only the concept's word {word!r} ({names(alone)}): it is bound to "
+            "everything in those images; describing the rest (setting, pose, style) helps it bind to the concept"
+        )
     distinct = list(dict.fromkeys(applied))
     where: dict[str, list[str]] = {}
     for c, text in zip(captions, applied):
@@ -147,8 +147,7 @@ def image_notes(items: list[tuple[str, ImageFacts, tuple[int, int]]], height: in
          "show them)", ""),
         ([f"{n} ({f.depth})" for n, f in facts if f.depth], "have more than 8 bits per channel and are read as 8-bit",
          ""),
-        ([f"{n} ({f.profile})" for n, f in facts if f.profile], "carry a colour profile other than sRGB and are "
-         "converted to sRGB", ""),
+        ([f"{n} ({f.profile})" for n, f in facts if f.profile], "carry a colour profile other than sRGB", ""),
         ([n for n, f in facts if f.naive_cmyk], "are CMYK without a colour profile, converted with the simple "
          "formula", "; colours may be off: save them as RGB"),
     )

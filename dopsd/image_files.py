@@ -16,7 +16,8 @@ What the conversion does, by Pillow mode:
   * any other mode (La, BGR;15, …) is refused by name.
 An embedded colour profile other than sRGB (Display P3, Adobe RGB, a CMYK press profile) is converted to
 sRGB. The EXIF orientation tag is applied, as viewers do. Animated or multi-page files are refused (which
-frame was meant is not ours to guess), and so are images over Pillow's decompression-bomb limit.
+frame was meant is not ours to guess) — except MPO, the JPEG variant phones and cameras write, whose first
+frame is the photo itself — and so are images over Pillow's decompression-bomb limit.
 """
 
 from __future__ import annotations
@@ -97,22 +98,27 @@ def _high_depth(img: Image.Image) -> tuple[Image.Image, str]:
 
 
 def _to_srgb(img: Image.Image, facts: ImageFacts) -> Image.Image:
-    """Apply an embedded non-sRGB colour profile (RGB, RGBA, CMYK, L); others are taken as sRGB."""
+    """Apply an embedded non-sRGB colour profile (RGB, RGBA, CMYK, L); others are taken as sRGB. A profile
+    that cannot be applied (damaged, or for another colour space) is ignored, and the notes say so: the
+    pixels themselves are fine."""
     icc = img.info.get("icc_profile")
     if not icc or img.mode not in ("RGB", "RGBA", "CMYK", "L"):
         if img.mode == "CMYK":
             facts.naive_cmyk = True
         return img
+    name = "embedded profile"
     try:
         source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-        name = ImageCms.getProfileDescription(source).strip()
+        name = ImageCms.getProfileDescription(source).strip() or name
         if "srgb" in name.lower().replace(" ", ""):
             return img  # already what training assumes
         out = ImageCms.profileToProfile(img, source, ImageCms.createProfile("sRGB"),
                                         outputMode="RGBA" if img.mode == "RGBA" else "RGB")
     except (OSError, ImageCms.PyCMSError, ValueError) as err:
-        raise ImageRefused(f"its embedded colour profile cannot be applied ({err}); {FIX} in sRGB") from None
-    facts.profile = name or "unnamed profile"
+        facts.profile = f"{name} cannot be applied ({err}): read as sRGB"
+        facts.naive_cmyk = img.mode == "CMYK"
+        return img
+    facts.profile = f"{name} → sRGB"
     return out
 
 
@@ -142,7 +148,7 @@ def read_rgb(path: Path) -> tuple[Image.Image, ImageFacts]:
     try:
         with _open_checked(path) as img:
             frames = getattr(img, "n_frames", 1)
-            if frames > 1:
+            if frames > 1 and img.format != "MPO":  # an MPO's first frame is the photo (then previews, depth maps)
                 what = "pages" if img.format in ("TIFF", "MPO") else "frames"
                 raise ImageRefused(f"{img.format} with {frames} {what}: dopsd trains on still images; save the one "
                                    "you mean as PNG")

@@ -211,16 +211,20 @@ def test_trigger_words_match_whole_words_and_phrases():
     assert apply_trigger("ohwx, a dog", c) == "ohwx, a dog" and apply_trigger("ohwxy dog", c) == "ohwx ohwxy dog"
 
 
-def test_placeholder_without_trigger_is_refused_and_trigger_only_captions_are_noted(tmp_path):
-    data = pairs(tmp_path, ["a [V] circle", "[V]", "a red circle"])
-    with pytest.raises(DatasetError) as err:
-        load_dataset(cfg(data).data, cfg(data).model)
-    assert "2 caption(s) use the placeholder '[V]' but data.trigger_word is not set" in str(err.value)
-    assert "(img0.txt line 1, img1.txt line 1)" in str(err.value)
-    with pytest.raises(DatasetError, match="data.trigger_word is blank"):
-        load_dataset(cfg(data, "data.trigger_word=' '").data, cfg(data).model)
-    notes = check_dataset(cfg(data, "data.trigger_word=sks").data, cfg(data).model).notes
-    assert any(n.startswith("1 caption(s) are only the trigger word 'sks' (img1.txt line 1)") for n in notes)
+def test_placeholder_and_trigger_word_rules_are_said(tmp_path, real_folders):
+    data = pairs(tmp_path, ["a [V] teapot", "[V]", "a red teapot"], size=(32, 32))
+    real = [f"model.pretrained={real_folders['zimage-turbo']}", "model.height=32", "model.width=32"]
+    notes = " ".join(check_dataset(cfg(data, *real, preset="zimage-turbo").data,
+                                   cfg(data, *real, preset="zimage-turbo").model).notes)
+    assert "2 caption(s) use the placeholder '[V]' as a word of their own, since data.trigger_word is not set " \
+           "(img0.txt line 1, img1.txt line 1)" in notes
+    assert "1 caption(s) are only the concept's word '[V]' (img1.txt line 1)" in notes
+    c = cfg(data, *real, "data.trigger_word=ohwx", preset="zimage-turbo")
+    notes = " ".join(check_dataset(c.data, c.model).notes)
+    assert "as a word of their own" not in notes and "only the concept's word 'ohwx' (img1.txt line 1)" in notes
+    c = cfg(data, *real, "data.trigger_word=' '", preset="zimage-turbo")
+    with pytest.raises(DatasetError, match=r"data.trigger_word is blank \(' '\): set a word, or null for none"):
+        load_dataset(c.data, c.model)
 
 
 def test_links_hidden_files_and_unread_types_are_reported(tmp_path):

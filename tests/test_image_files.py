@@ -200,6 +200,57 @@ def test_oversized_and_empty_files_are_refused_with_a_reason(tmp_path):
     assert "empty.png: the file is empty (0 bytes)" in text and len(err.value.problems) == 3
 
 
+def linear_rgb_profile(name: str = "Linear RGB (test)") -> bytes:
+    """A minimal ICC v2 display profile: sRGB's primaries (D50-adapted) with a linear (gamma 1) curve."""
+    def s15(v):
+        return struct.pack(">i", round(v * 65536))
+
+    def xyz(x, y, z):
+        return b"XYZ \0\0\0\0" + s15(x) + s15(y) + s15(z)
+
+    text = name.encode("ascii") + b"\0"
+    desc = b"desc\0\0\0\0" + struct.pack(">I", len(text)) + text + b"\0" * 8 + b"\0" * 3 + b"\0" * 67
+    curve = b"curv\0\0\0\0" + struct.pack(">IH", 1, 0x0100) + b"\0\0"
+    tags = [(b"desc", desc), (b"wtpt", xyz(0.9642, 1.0, 0.8249)), (b"rXYZ", xyz(0.4361, 0.2225, 0.0139)),
+            (b"gXYZ", xyz(0.3851, 0.7169, 0.0971)), (b"bXYZ", xyz(0.1431, 0.0606, 0.7141)),
+            (b"rTRC", curve), (b"gTRC", curve), (b"bTRC", curve)]
+    offset = 128 + 4 + 12 * len(tags)
+    table, data = b"", b""
+    for sig, body in tags:
+        body += b"\0" * (-len(body) % 4)
+        table += sig + struct.pack(">II", offset + len(data), len(body))
+        data += body
+    size = offset + len(data)
+    header = (struct.pack(">I", size) + b"none" + struct.pack(">I", 0x02100000) + b"mntrRGB XYZ " + b"\0" * 12
+              + b"acsp" + b"\0" * 4 + b"\0" * 4 + b"\0" * 8 + b"\0" * 8 + struct.pack(">I", 0)
+              + s15(0.9642) + s15(1.0) + s15(0.8249) + b"\0" * 4 + b"\0" * 16 + b"\0" * 28)
+    assert len(header) == 128, len(header)
+    return header + struct.pack(">I", len(tags)) + table + data
+
+
+def test_colour_profiles_are_converted_to_srgb_and_a_broken_one_is_said(tmp_path):
+    Image.new("RGB", (24, 24), (128, 128, 128)).save(tmp_path / "linear.png", icc_profile=linear_rgb_profile())
+    Image.new("RGB", (24, 24), (128, 128, 128)).save(tmp_path / "broken.png", icc_profile=b"not a profile" * 8)
+    for name in ("linear", "broken"):
+        (tmp_path / f"{name}.txt").write_text("a red circle")
+    linear = 128 / 255
+    expected = 255 * (1.055 * linear ** (1 / 2.4) - 0.055)  # the same light, written in sRGB's curve
+    assert np.abs(np.asarray(load_image(tmp_path / "linear.png", (24, 24)), float) - expected).max() <= 1
+    assert (np.asarray(load_image(tmp_path / "broken.png", (24, 24))) == 128).all()
+    notes = " ".join(check_dataset(load_config("mini", [f"data.path={tmp_path}"]).data, load_config("mini").model).notes)
+    assert "2 image(s) carry a colour profile other than sRGB" in notes and "linear.png (Linear RGB (test) → sRGB)" in notes
+    assert "broken.png (embedded profile cannot be applied" in notes and "read as sRGB)" in notes
+
+
+def test_a_multi_picture_jpeg_from_a_camera_is_read_as_its_first_frame(tmp_path):
+    frames = [Image.new("RGB", (32, 32), (250, 0, 0)), Image.new("RGB", (8, 8), (0, 0, 250))]
+    frames[0].save(tmp_path / "camera.jpg", format="MPO", save_all=True, append_images=frames[1:], quality=95)
+    with Image.open(tmp_path / "camera.jpg") as img:
+        assert img.format == "MPO" and img.n_frames == 2
+    got = np.asarray(load_image(tmp_path / "camera.jpg", (32, 32)), float)
+    assert np.abs(got - [250, 0, 0]).max() <= 4
+
+
 def test_transparency_is_flattened_onto_white_and_said(tmp_path):
     Image.fromarray(np.dstack([RGB, ALPHA]), "RGBA").resize((24, 24), Image.Resampling.NEAREST).save(tmp_path / "cut.png")
     Image.fromarray(np.dstack([RGB, np.full_like(ALPHA, 255)]), "RGBA").resize((24, 24)).save(tmp_path / "opaque.png")
