@@ -19,6 +19,7 @@ a run that does not end "ok" raises a TrainingFailed subclass after writing its 
 from __future__ import annotations
 
 import math
+import os
 import platform
 import time
 import warnings
@@ -31,7 +32,7 @@ import torch
 from dopsd import checkpoint as ckpt
 from dopsd import rundir
 from dopsd.config import Config, ConfigError, load_config
-from dopsd.data import load_dataset
+from dopsd.data import check_dataset
 from dopsd.errors import RunFolderError
 from dopsd.rundir import OutputExistsError  # noqa: F401 - part of the API (raised for an existing folder)
 
@@ -135,7 +136,10 @@ def train(
     out = plan.out
     if resume:
         _check_resume_config(cfg, out)
-    examples = load_dataset(cfg.data, cfg.model)  # every problem reported before anything starts
+    dataset = check_dataset(cfg.data, cfg.model)  # every problem reported before anything starts
+    if int(os.environ.get("RANK", "0")) == 0:  # what training will do to the data, said once (not per process)
+        print(dataset.summary(), flush=True)
+    examples = dataset.examples
     t_start = time.time()
     trainer = tr.Trainer(cfg, out, examples, adapter=adapter, resume=resume)
     trainer.prepare()  # model, features, LoRA, optimizer, checkpoint: the last checks before the folder is touched

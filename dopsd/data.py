@@ -6,34 +6,46 @@ Layouts:
 A caption file with several non-empty lines, or a `text` that is a list, gives several captions; one is
 picked at random per sample. Editing datasets add source images in `data.source_dir` named like the target
 (`NAME.ext`, or `NAME_0.ext`, `NAME_1.ext`, … for several sources, in that order).
+
+`check_dataset` reads every image exactly as training will (dopsd.image_files) and every caption through the
+model family's caption check, raises one DatasetError listing every problem, and otherwise returns a
+DatasetReport: the examples plus notes on what training will do to them (downscaling, cropping, transparency,
+cut captions, ignored files …) that `dopsd train` and `dopsd probe` print once. `load_dataset` is the same
+check returning only the examples. Text files are UTF-8 (a byte-order mark is allowed); hidden files (`.*`,
+macOS `._*` copies) are skipped.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import warnings
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import Image
 
 from dopsd.config import DataConfig, ModelConfig
+from dopsd.dataset_checks import (
+    check_captions, contains_phrase, format_counts, image_notes, names, normalized_trigger,
+)
+from dopsd.dataset_scan import METADATA, find_sources, scan_folder, scan_metadata
 from dopsd.errors import DopsdError
+from dopsd.image_files import EXTENSIONS, ImageFacts, ImageRefused, inspect_image
+from dopsd.image_files import load_image as _load_image
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-METADATA = "metadata.jsonl"
+IMAGE_EXTENSIONS = EXTENSIONS
 
 
 class DatasetError(DopsdError, ValueError):
     """Every problem found in a dataset, in one message; nothing was started."""
 
-    def __init__(self, root: str | Path, problems: list[str]):
+    def __init__(self, root: str | Path, problems: list[str], hints: list[str] | None = None):
         self.problems = problems
         lines = "\n".join(f"  - {p}" for p in problems)
+        extra = "".join(f"\n  {h}" for h in hints or [])
         super().__init__(
-            f"dataset {root}: {len(problems)} problem(s); nothing was started. Fix these and run again:\n{lines}"
+            f"dataset {root}: {len(problems)} problem(s); nothing was started. Fix these and run again:\n{lines}{extra}"
         )
 
 
@@ -43,21 +55,42 @@ class Example:
     image: Path
     captions: list[str]
     sources: list[Path] = field(default_factory=list)
-    size: tuple[int, int] = (0, 0)  # original (width, height)
+    size: tuple[int, int] = (0, 0)  # original (width, height), upright (after the EXIF orientation)
     bucket: tuple[int, int] = (0, 0)  # training (height, width)
     digest: str = ""  # content hash of the image (and sources): the cache key part for this example
 
 
+@dataclass
+class DatasetReport:
+    """The checked dataset: its examples, and what training will do to them (one line per kind of change)."""
+
+    root: Path
+    examples: list[Example]
+    notes: list[str] = field(default_factory=list)
+    formats: str = ""  # "12 JPEG, 3 PNG"
+
+    def summary(self) -> str:
+        """The text `dopsd train` / `dopsd probe` print once before they start."""
+        n_captions = sum(len(e.captions) for e in self.examples)
+        head = f"dataset {self.root}: {len(self.examples)} images ({self.formats}), {n_captions} captions"
+        if not self.notes:
+            return f"{head}; used as they are"
+        bullets = "\n".join("  - " + note.replace("\n", "\n      ") for note in self.notes)
+        return f"{head}. What training will do with them:\n{bullets}"
+
+
 def apply_trigger(caption: str, cfg: DataConfig) -> str:
-    """Replace the placeholder by the trigger word, or prepend the trigger word if the caption lacks it."""
+    """Replace the placeholder by the trigger word, or prepend the trigger word if the caption lacks it
+    (as whole words, so 'ohwx, a dog' and multi-word triggers count as having it)."""
     caption = caption.strip()
-    if not cfg.trigger_word:
+    trigger = normalized_trigger(cfg.trigger_word)
+    if not trigger:
         return caption
     if cfg.placeholder and cfg.placeholder in caption:
-        return caption.replace(cfg.placeholder, cfg.trigger_word)
-    if cfg.trigger_word in caption.split():
+        return caption.replace(cfg.placeholder, trigger)
+    if contains_phrase(caption, trigger):
         return caption
-    return f"{cfg.trigger_word} {caption}".strip()
+    return f"{trigger} {caption}".strip()
 
 
 def bucket_sizes(height: int, width: int, multiple: int, max_ratio: float = 2.0) -> list[tuple[int, int]]:
@@ -80,25 +113,34 @@ def choose_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tupl
 
 
 def load_image(path: Path, size: tuple[int, int]) -> Image.Image:
-    """RGB image scaled to cover (h, w) and centre-cropped to it."""
-    with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img)
-        img = img.convert("RGB")
-        h, w = size
-        return ImageOps.fit(img, (w, h), method=Image.Resampling.LANCZOS)
-
-
-def _read_image_size(path: Path) -> tuple[tuple[int, int] | None, str | None]:
+    """The training image: upright 8-bit sRGB (dopsd.image_files), scaled to cover (h, w), centre-cropped."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.verify()  # structure check
-            with Image.open(path) as img:
-                img.load()  # full decode: catches truncated files that verify() lets through
-                return img.size, None
-    except Exception as err:  # noqa: BLE001 - every decoder error is a bad file
-        return None, f"cannot read image ({type(err).__name__}: {err})"
+        return _load_image(path, size)
+    except ImageRefused as err:  # it passed the check, so it changed since: say so rather than crash
+        raise DatasetError(Path(path).parent, [f"{Path(path).name}: {err} (the file changed after the check)"]) from None
+
+
+def _check_root(data: DataConfig) -> Path:
+    if not data.path:
+        raise DatasetError("(data.path not set)", ["set data.path to a folder of images with .txt captions"])
+    root = Path(data.path).expanduser()
+    if root.is_dir():
+        return root
+    if root.name == METADATA and root.is_file():
+        why = f"data.path is the {METADATA} file itself: set it to the folder that holds it ({root.parent})"
+    elif root.is_file() and root.suffix.lower() in IMAGE_EXTENSIONS:
+        why = f"data.path is one image: put it in a folder with its caption ({root.stem}.txt) and point data.path there"
+    elif root.is_file():
+        why = f"data.path {root} is a file: set it to the folder of images and captions"
+    elif _is_broken_link(root):
+        why = f"data.path {root} is a broken symbolic link (to {os.readlink(root)})"
+    else:
+        why = f"{root} is not a folder (it does not exist)"
+    raise DatasetError(root, [why])
+
+
+def _is_broken_link(p: Path) -> bool:
+    return p.is_symlink() and not p.exists()
 
 
 def _digest(paths: list[Path]) -> str:
@@ -109,95 +151,22 @@ def _digest(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
-def _split_captions(text: object) -> list[str] | None:
-    if isinstance(text, str):
-        return [line.strip() for line in text.splitlines() if line.strip()]
-    if isinstance(text, list) and all(isinstance(t, str) for t in text):
-        return [t.strip() for t in text if t.strip()]
-    return None
+def _inspect(path: Path, label: str, problems: list[str]) -> ImageFacts | None:
+    try:
+        return inspect_image(path)
+    except ImageRefused as err:
+        problems.append(f"{label}: {err}")
+        return None
 
 
-def _scan_folder(root: Path, problems: list[str]) -> list[tuple[str, list[str] | None]]:
-    images = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    by_stem: dict[str, list[str]] = {}
-    for p in images:
-        by_stem.setdefault(p.stem.lower(), []).append(p.name)
-    for names in by_stem.values():
-        if len(names) > 1:
-            problems.append(f"duplicate name: {', '.join(names)} share one caption file; rename or remove all but one")
-    rows: list[tuple[str, list[str] | None]] = []
-    for p in images:
-        txt = p.with_suffix(".txt")
-        if not txt.is_file():
-            problems.append(f"{p.name}: missing caption file {txt.name}")
-            rows.append((p.name, None))
-            continue
-        try:
-            captions = _split_captions(txt.read_text(encoding="utf-8"))
-        except UnicodeDecodeError:
-            problems.append(f"{txt.name}: caption is not UTF-8 text")
-            rows.append((p.name, None))
-            continue
-        if not captions:
-            problems.append(f"{txt.name}: caption file is empty")
-        rows.append((p.name, captions or None))
-    return rows
-
-
-def _scan_metadata(root: Path, problems: list[str]) -> list[tuple[str, list[str] | None]]:
-    rows: list[tuple[str, list[str] | None]] = []
-    seen: dict[str, int] = {}
-    for lineno, line in enumerate((root / METADATA).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{METADATA} line {lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            problems.append(f"{where}: not valid JSON ({err.msg})")
-            continue
-        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
-            problems.append(f"{where}: needs a string \"file_name\"")
-            continue
-        name = row["file_name"]
-        if name in seen:
-            problems.append(f"duplicate name: {name} appears on lines {seen[name]} and {lineno}")
-            continue
-        seen[name] = lineno
-        captions = _split_captions(row.get("text"))
-        if captions is None:
-            problems.append(f"{where} ({name}): \"text\" must be a string or a list of strings")
-        elif not captions:
-            problems.append(f"{where} ({name}): empty caption")
-        if not (root / name).is_file():
-            problems.append(f"{name}: listed in {METADATA} but the file does not exist")
-            continue
-        rows.append((name, captions or None))
-    return rows
-
-
-def _find_sources(source_dir: Path, name: str) -> list[Path]:
-    stem = Path(name).stem
-    single = [p for p in source_dir.glob(f"{stem}.*") if p.suffix.lower() in IMAGE_EXTENSIONS]
-    if single:
-        return sorted(single)[:1]
-    numbered: list[Path] = []
-    while True:
-        hits = [p for p in source_dir.glob(f"{stem}_{len(numbered)}.*") if p.suffix.lower() in IMAGE_EXTENSIONS]
-        if not hits:
-            return numbered
-        numbered.append(sorted(hits)[0])
-
-
-def load_dataset(data: DataConfig, model: ModelConfig) -> list[Example]:
-    """Scan and validate the whole dataset; raise one DatasetError listing every bad file."""
-    if not data.path:
-        raise DatasetError("(data.path not set)", ["set data.path to a folder of images with .txt captions"])
-    root = Path(data.path).expanduser()
-    if not root.is_dir():
-        raise DatasetError(root, [f"{root} is not a folder"])
+def check_dataset(data: DataConfig, model: ModelConfig) -> DatasetReport:
+    """Scan and validate the whole dataset: one DatasetError listing every problem, or the report."""
+    root = _check_root(data)
     problems: list[str] = []
-    rows = _scan_metadata(root, problems) if (root / METADATA).is_file() else _scan_folder(root, problems)
+    scan_notes: list[str] = []  # said last: skipped files matter less than what happens to the used ones
+    caption_notes: list[str] = []
+    scan = scan_metadata if (root / METADATA).is_file() else scan_folder
+    rows = scan(root, problems, scan_notes)
     if not rows and not problems:
         problems.append(f"no images found (looked for {', '.join(IMAGE_EXTENSIONS)} files or {METADATA})")
     min_size = data.min_size if data.min_size is not None else max(1, min(model.height, model.width) // 2)
@@ -207,34 +176,49 @@ def load_dataset(data: DataConfig, model: ModelConfig) -> list[Example]:
         source_dir = None
     buckets = bucket_sizes(model.height, model.width, data.bucket_multiple) if data.buckets else None
     examples: list[Example] = []
-    for name, captions in rows:
-        path = root / name
-        size, error = _read_image_size(path)
-        if error:
-            problems.append(f"{name}: {error}")
+    seen: list[tuple[str, ImageFacts, tuple[int, int]]] = []
+    for row in rows:
+        path = root / row.name
+        facts = _inspect(path, row.name, problems)
+        if facts is None:
             continue
-        assert size is not None
-        if min(size) < min_size:
-            problems.append(f"{name}: {size[0]}×{size[1]} is smaller than the minimum side {min_size} (data.min_size)")
+        if min(facts.size) < min_size:
+            problems.append(f"{row.name}: {facts.size[0]}×{facts.size[1]} is smaller than the minimum side {min_size} "
+                            "(data.min_size)")
             continue
         sources: list[Path] = []
         if model.editing and source_dir is not None:
-            sources = _find_sources(source_dir, name)
+            sources = find_sources(source_dir, row.name)
             if not sources:
-                problems.append(f"{name}: no source image {Path(name).stem}.* or {Path(name).stem}_0.* in {source_dir}")
+                problems.append(f"{row.name}: no source image {Path(row.name).stem}.* or {Path(row.name).stem}_0.* in "
+                                f"{source_dir}")
             for src in sources:
-                _, src_error = _read_image_size(src)
-                if src_error:
-                    problems.append(f"{src.name} (source of {name}): {src_error}")
-        if captions is None:
+                _inspect(src, f"{src.name} (source of {row.name})", problems)
+        if row.captions is None:
             continue
-        bucket = choose_bucket(size, buckets) if buckets else (model.height, model.width)
-        caps = [apply_trigger(c, data) for c in captions]
-        examples.append(Example(name, path, caps, sources, size, bucket, _digest([path, *sources])))
+        bucket = choose_bucket(facts.size, buckets) if buckets else (model.height, model.width)
+        caps = [apply_trigger(c.text, data) for c in row.captions]
+        examples.append(Example(row.name, path, caps, sources, facts.size, bucket, _digest([path, *sources])))
+        seen.append((row.name, facts, bucket))
+    captions = [c for row in rows if row.captions for c in row.captions]
+    applied = [apply_trigger(c.text, data) for c in captions]
+    hints = check_captions(captions, applied, data, model, problems, caption_notes)
     if problems:
-        raise DatasetError(root, problems)
-    return examples
+        raise DatasetError(root, problems, hints)
+    notes = image_notes(seen, model.height, model.width)
+    twins: dict[str, list[str]] = {}
+    for ex in examples:
+        twins.setdefault(ex.digest, []).append(ex.name)
+    same = [" = ".join(group) for group in twins.values() if len(group) > 1]
+    if same:
+        notes.append(f"{len(same)} image(s) appear more than once (identical files), so they weigh double: "
+                     f"{names(same)}")
+    return DatasetReport(root, examples, notes + caption_notes + scan_notes, format_counts([f for _, f, _ in seen]))
 
+
+def load_dataset(data: DataConfig, model: ModelConfig) -> list[Example]:
+    """The examples of `check_dataset` (same checks, same DatasetError), without its notes."""
+    return check_dataset(data, model).examples
 
 def load_example_images(example: Example) -> tuple[Image.Image, list[Image.Image]]:
     """The target and source images at the example's training size."""

@@ -26,3 +26,7 @@ class TrainingFailed(DopsdError):
     """Training ran but did not succeed (aborted or unhealthy); the run folder says what is kept."""
 
     exit_code = 3
+
+
+class PromptError(DopsdError, ValueError):
+    """A prompt or caption the model cannot read (the miniature's fixed vocabulary and length)."""

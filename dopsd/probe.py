@@ -310,11 +310,15 @@ class Setup:
 def load_setup(source: Any, overrides: list[str] | None = None, with_data: bool = True, limit: int | None = None) -> Setup:
     """The adapter and (first-caption) training pairs exactly as `dopsd train` would read them."""
     from dopsd.config import load_config
-    from dopsd.data import load_dataset, load_example_images
+    from dopsd.data import check_dataset, load_example_images
     from dopsd.models.registry import load_adapter
 
     cfg = load_config(source, overrides)
-    examples = load_dataset(cfg.data, cfg.model)[:limit] if with_data else []  # validate before loading weights
+    examples = []
+    if with_data:  # validate before loading weights, and say once what loading does to the data
+        dataset = check_dataset(cfg.data, cfg.model)
+        print(dataset.summary(), flush=True)
+        examples = dataset.examples[:limit]
     device = cfg.train.device or ("cuda" if torch.cuda.is_available() else "cpu")
     adapter = load_adapter(cfg.model, device)
     pairs, sources = [], []

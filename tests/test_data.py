@@ -110,7 +110,7 @@ def test_editing_sources_are_required(tmp_path):
     data.mkdir(), src.mkdir()
     for name in ("a", "b"):
         png(data / f"{name}.png")
-        (data / f"{name}.txt").write_text("make it red")
+        (data / f"{name}.txt").write_text("a red circle")  # the miniature reads only its own words
     png(src / "a_0.png")
     png(src / "a_1.png")
     c = load_config("mini", [f"data.path={data}", "model.editing=true", f"data.source_dir={src}"])

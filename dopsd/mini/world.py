@@ -63,17 +63,42 @@ MAX_TOKENS = 8
 _INDEX = {w: i for i, w in enumerate(VOCAB)}
 
 
+def caption_words(caption: str) -> list[str]:
+    """The words the tokenizer sees: lower case, commas and full stops read as spaces."""
+    return caption.lower().replace(",", " ").replace(".", " ").split()
+
+
+def caption_issue(caption: str) -> str | None:
+    """Why the miniature cannot read this caption (unknown words with the closest known ones, too many
+    words), or None when it can."""
+    import difflib
+
+    words = caption_words(caption)
+    why = []
+    unknown = [w for w in dict.fromkeys(words) if w not in _INDEX or w == PAD]
+    if unknown:
+        hints = []
+        for w in unknown:
+            close = difflib.get_close_matches(w, VOCAB[1:], n=2, cutoff=0.6)
+            hints.append(f"{w!r} (closest: {', '.join(close)})" if close else f"{w!r} (no close word)")
+        why.append(f"uses words outside the miniature world's vocabulary: {'; '.join(hints)}")
+    if len(words) > MAX_TOKENS:
+        why.append(f"has {len(words)} words; the miniature world allows {MAX_TOKENS}")
+    return " and ".join(why) or None
+
+
+def vocabulary_hint() -> str:
+    return (f"the miniature's words: {' '.join(VOCAB[1:])} (at most {MAX_TOKENS} per caption; "
+            f"{PLACEHOLDER!r} names a held-out concept)")
+
+
 def tokenize(caption: str) -> torch.Tensor:
     """Caption → (MAX_TOKENS,) token ids, <pad>-filled. Raises on words outside the fixed vocabulary."""
-    words = caption.lower().replace(",", " ").replace(".", " ").split()
-    unknown = [w for w in words if w not in _INDEX or w == PAD]
-    if unknown:
-        raise ValueError(
-            f"caption {caption!r} uses words outside the miniature world's vocabulary: {unknown}. "
-            f"Known words: {' '.join(VOCAB[1:])} (use {PLACEHOLDER!r} for a held-out concept)"
-        )
-    if len(words) > MAX_TOKENS:
-        raise ValueError(f"caption {caption!r} has {len(words)} words; the miniature world allows {MAX_TOKENS}")
+    issue = caption_issue(caption)
+    if issue:
+        raise ValueError(f"caption {caption!r} {issue}. Known words: {' '.join(VOCAB[1:])} "
+                         f"(use {PLACEHOLDER!r} for a held-out concept)")
+    words = caption_words(caption)
     ids = [_INDEX[w] for w in words] + [0] * (MAX_TOKENS - len(words))
     return torch.tensor(ids, dtype=torch.long)
 

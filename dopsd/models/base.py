@@ -6,10 +6,17 @@ An adapter translates between the project's conventions and its model's own:
     timestep convention or output sign;
   * contexts are built per sample as dicts of tensors (so they can be cached on disk by content hash)
     and batched by `collate`; the objective never looks inside them.
+
+Each family module (dopsd.models.<family>, listed in `dopsd.models.registry.FAMILIES`) defines two
+module-level functions, reached through the registry (see `FamilyModule`):
+  * `load(model_cfg, device, dtype) -> ModelAdapter`;
+  * `caption_problems(model_cfg, captions) -> list[CaptionProblem]`: what the family's text side cannot read
+    or will change, found without loading weights (the dataset check calls it on every caption at once).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -17,6 +24,29 @@ from PIL import Image
 from torch import nn
 
 Context = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class CaptionProblem:
+    """One finding of a family's caption check.
+
+    index: which caption of the list it is about; None for a line about all of them (e.g. the words the
+    model knows), shown once after the others. message: what is wrong and the fix, without the caption or
+    its file (the caller names those). notice: False = the caption cannot be used (the dataset check
+    refuses it); True = it is used but changed (e.g. cut at the token limit), said once before training.
+    """
+
+    index: int | None
+    message: str
+    notice: bool = False
+
+
+class FamilyModule(Protocol):
+    """The module-level functions every dopsd.models.<family> module defines."""
+
+    def load(self, model_cfg: Any, device: Any, dtype: Any) -> "ModelAdapter": ...
+
+    def caption_problems(self, model_cfg: Any, captions: list[str]) -> list[CaptionProblem]: ...
 
 
 @runtime_checkable

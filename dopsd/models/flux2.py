@@ -19,10 +19,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from dopsd.models.base import Context
+from dopsd.models.base import CaptionProblem, Context
 from dopsd.models.local import (
-    cfg_get, chat_tokens, check_pipeline_folder, check_size, folder_fingerprint, free_memory, load_part, resolve_dtype,
-    stack_or_list, still_loaded, to_pixels,
+    cfg_get, chat_token_counts, chat_tokens, check_pipeline_folder, check_size, folder_fingerprint, free_memory,
+    load_part, resolve_dtype, stack_or_list, still_loaded, to_pixels, token_limit_problems,
 )
 from dopsd.schedules import flux2_schedule
 
@@ -57,8 +57,7 @@ class Flux2Adapter:
         self.editing = bool(cfg_get(cfg, "editing", False))
         if self.editing and self.teacher_mode != "reference":
             raise ValueError("model.editing trains through the reference path: set model.teacher_context: reference")
-        default = EDIT_INSTRUCTION if self.editing else REFERENCE_INSTRUCTION
-        self.instruction = str(cfg_get(cfg, "teacher_instruction", default))
+        self.instruction = teacher_instruction(cfg)
         self.network: nn.Module = load_part(Flux2Transformer2DModel, self.folder, "transformer", self.dtype).to(self.device)
         self.vae = load_part(AutoencoderKLFlux2, self.folder, "vae", self.dtype).to(self.device).eval().requires_grad_(False)
         self.text_encoder = load_part(Qwen3ForCausalLM, self.folder, "text_encoder", self.dtype).to(self.device).eval()
@@ -147,7 +146,7 @@ class Flux2Adapter:
             return self.student_contexts(captions, sources)
         if self.teacher_mode == "vlm":
             return self._vlm_contexts(captions, images)
-        joined = [f"{c.rstrip()} {self.instruction}".strip() for c in captions]
+        joined = with_instruction(captions, self.instruction)
         if self.editing:
             if sources is None or not all(sources):
                 raise ValueError("model.editing: every training pair needs at least one source image")
@@ -254,6 +253,37 @@ class Flux2Adapter:
         from diffusers import Flux2KleinPipeline
 
         return Flux2KleinPipeline
+
+
+def teacher_instruction(cfg: Any) -> str:
+    """What the reference-path teacher reads after the caption."""
+    default = EDIT_INSTRUCTION if cfg_get(cfg, "editing", False) else REFERENCE_INSTRUCTION
+    return str(cfg_get(cfg, "teacher_instruction", default))
+
+
+def with_instruction(captions: list[str], instruction: str) -> list[str]:
+    return [f"{c.rstrip()} {instruction}".strip() for c in captions]
+
+
+def caption_problems(cfg: Any, captions: list[str]) -> list[CaptionProblem]:
+    """The family hook (dopsd.models.base): captions the text encoder will cut at model.max_caption_tokens —
+    for the student, and for the reference-path teacher, which reads the caption plus its instruction in the
+    same budget (a long caption cuts the instruction off). Counted with the folder's own tokenizer."""
+    from transformers import AutoTokenizer
+
+    folder = check_pipeline_folder(cfg_get(cfg, "pretrained", None), "flux2")
+    tokenizer = load_part(AutoTokenizer, folder, "tokenizer")
+    limit = int(cfg_get(cfg, "max_caption_tokens", 512))
+    field = "model.max_caption_tokens"
+    found = token_limit_problems(chat_token_counts(tokenizer, captions, thinking=False), limit, field)
+    if cfg_get(cfg, "teacher_context", "reference") == "reference":
+        joined = chat_token_counts(tokenizer, with_instruction(captions, teacher_instruction(cfg)), thinking=False)
+        cut = {p.index for p in found}
+        teacher = ("{n} tokens with the teacher's instruction appended; the text encoder reads the first {limit} "
+                   "({field}), so the teacher loses the end of the instruction")
+        found += [p for p in token_limit_problems(joined, limit, field, teacher) if p.index not in cut]
+    hint = "shorten them or raise model.max_caption_tokens"
+    return found + [CaptionProblem(None, hint, notice=True)] if found else []
 
 
 def load(cfg: Any, device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None) -> Flux2Adapter:

@@ -213,3 +213,25 @@ def chat_tokens(tokenizer: Any, captions: list[str], max_tokens: int, thinking: 
     ]
     enc = tokenizer(texts, padding="max_length", max_length=max_tokens, truncation=True, return_tensors="pt")
     return enc.input_ids.to(device), enc.attention_mask.to(device)
+
+
+def chat_token_counts(tokenizer: Any, captions: list[str], thinking: bool) -> list[int]:
+    """How many tokens each caption takes in the chat template `chat_tokens` builds (before its truncation)."""
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": c}], tokenize=False, add_generation_prompt=True,
+                                      enable_thinking=thinking)
+        for c in captions
+    ]
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=True).input_ids] if texts else []
+
+
+CUT = "{n} tokens with the chat template; the text encoder reads the first {limit} ({field}), the rest is cut"
+
+
+def token_limit_problems(counts: list[int], limit: int, field: str, message: str = CUT) -> list[Any]:
+    """Notices (dopsd.models.base.CaptionProblem) for captions the text encoder will cut at `limit` tokens;
+    `message` is formatted with n, limit and field."""
+    from dopsd.models.base import CaptionProblem
+
+    return [CaptionProblem(i, message.format(n=n, limit=limit, field=field), notice=True)
+            for i, n in enumerate(counts) if n > limit]

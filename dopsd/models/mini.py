@@ -20,10 +20,11 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
+from dopsd.errors import PromptError
 from dopsd.mini import world
 from dopsd.mini.nets import LORA_TARGETS, MiniConfig, MiniDiT, MiniEncoder, tiny_config
 from dopsd.mini.recipe import RECIPE_VERSION
-from dopsd.models.base import Context
+from dopsd.models.base import CaptionProblem, Context
 from dopsd.schedules import shifted_schedule
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "mini" / "weights"
@@ -75,6 +76,12 @@ class MiniAdapter:
 
     @torch.no_grad()
     def _features(self, captions: list[str], images: torch.Tensor | None) -> list[Context]:
+        # Every prompt path (training captions, sample/probe/eval prompts) comes through here: one clear error
+        # for all unreadable prompts instead of the tokenizer's exception on the first.
+        bad = [f"{c!r} {why}" for c in dict.fromkeys(captions) if (why := world.caption_issue(c))]
+        if bad:
+            lines = "\n".join(f"  - prompt {b}" for b in bad)
+            raise PromptError(f"{len(bad)} prompt(s) the miniature cannot read:\n{lines}\n{world.vocabulary_hint()}")
         tokens = torch.stack([world.tokenize(c) for c in captions]).to(self.device)
         feats = self._encoder()(tokens, images)
         mask = tokens != 0
@@ -184,6 +191,12 @@ class MiniAdapter:
     def noise(self, n: int, seed: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed)
         return torch.randn(n, 3, self.cfg.res, self.cfg.res, generator=g).to(self.device, self.dtype)
+
+
+def caption_problems(cfg: Any, captions: list[str]) -> list[CaptionProblem]:
+    """The family hook (dopsd.models.base): captions outside the fixed vocabulary or over MAX_TOKENS words."""
+    found = [CaptionProblem(i, why) for i, c in enumerate(captions) if (why := world.caption_issue(c))]
+    return found + [CaptionProblem(None, world.vocabulary_hint())] if found else []
 
 
 def default_lora_targets() -> list[str]:

@@ -1,4 +1,5 @@
-"""Model families by name: `load_adapter` imports `dopsd.models.<family>` and calls its `load`."""
+"""Model families by name: `load_adapter` imports `dopsd.models.<family>` and calls its `load`;
+`caption_problems` calls its caption check (the hooks are described in dopsd.models.base)."""
 
 from __future__ import annotations
 
@@ -17,17 +18,26 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_adapter(model_cfg: Any, device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None) -> Any:
-    """The adapter (see dopsd.models.base.ModelAdapter) for `model_cfg.family`, weights on `device`."""
-    family = model_cfg.family
+def family_module(family: str) -> Any:
+    """The dopsd.models.<family> module (see dopsd.models.base.FamilyModule)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}")
     try:
-        module = importlib.import_module(FAMILIES[family])
+        return importlib.import_module(FAMILIES[family])
     except ModuleNotFoundError as err:
         if err.name == FAMILIES[family]:
             raise ValueError(f"model family {family!r} is not available in this install ({err.name} missing)") from err
         raise
+
+
+def caption_problems(model_cfg: Any, captions: list[str]) -> list[Any]:
+    """The family's findings (dopsd.models.base.CaptionProblem) on these captions, without loading weights."""
+    return list(family_module(model_cfg.family).caption_problems(model_cfg, list(captions)))
+
+
+def load_adapter(model_cfg: Any, device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None) -> Any:
+    """The adapter (see dopsd.models.base.ModelAdapter) for `model_cfg.family`, weights on `device`."""
+    module = family_module(model_cfg.family)
     if dtype is None:
         dtype = torch_dtype(model_cfg.dtype)
     elif isinstance(dtype, str):

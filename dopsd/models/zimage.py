@@ -17,10 +17,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from dopsd.models.base import Context
+from dopsd.models.base import CaptionProblem, Context
 from dopsd.models.local import (
-    cfg_get, chat_tokens, check_pipeline_folder, check_size, folder_fingerprint, free_memory, load_part, read_json,
-    resolve_dtype, stack_or_list, still_loaded, to_pixels,
+    cfg_get, chat_token_counts, chat_tokens, check_pipeline_folder, check_size, folder_fingerprint, free_memory,
+    load_part, read_json, resolve_dtype, stack_or_list, still_loaded, to_pixels, token_limit_problems,
 )
 from dopsd.schedules import exponential_shift, shifted_schedule
 
@@ -58,9 +58,7 @@ class ZImageAdapter:
         self.scheduler_config = read_json(self.folder / "scheduler" / "scheduler_config.json")
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.steps = int(cfg_get(cfg, "inference_steps", 8))
-        # Captions are padded to a multiple of 32 and the image's first RoPE index sits right after them, so a
-        # caption may not exceed axes_lens[0] − 32 tokens (992 for an axis of 1024): longer ones index past RoPE.
-        self.caption_limit = (int(self.network.config.axes_lens[0]) - 2) // 32 * 32
+        self.caption_limit = caption_limit(self.network.config.axes_lens)
         self.max_tokens = min(int(cfg_get(cfg, "max_caption_tokens", 512)), self.caption_limit)
         self.teacher_max_tokens = min(int(cfg_get(cfg, "teacher_max_tokens", 1024)), self.caption_limit)
         self._vlm = None
@@ -188,6 +186,26 @@ class ZImageAdapter:
         from diffusers import ZImagePipeline
 
         return ZImagePipeline
+
+
+def caption_limit(axes_lens: list[int]) -> int:
+    """Captions are padded to a multiple of 32 and the image's first RoPE index sits right after them, so a
+    caption may not exceed axes_lens[0] − 32 tokens (992 for an axis of 1024): longer ones index past RoPE."""
+    return (int(axes_lens[0]) - 2) // 32 * 32
+
+
+def caption_problems(cfg: Any, captions: list[str]) -> list[CaptionProblem]:
+    """The family hook (dopsd.models.base): captions the text encoder will cut, counted with the folder's own
+    tokenizer and chat template (only the tokenizer and the transformer's config are read)."""
+    from transformers import AutoTokenizer
+
+    folder = check_pipeline_folder(cfg_get(cfg, "pretrained", None), "zimage")
+    most = caption_limit(read_json(folder / "transformer" / "config.json").get("axes_lens", [1024]))
+    limit = min(int(cfg_get(cfg, "max_caption_tokens", 512)), most)
+    counts = chat_token_counts(load_part(AutoTokenizer, folder, "tokenizer"), captions, thinking=True)
+    found = token_limit_problems(counts, limit, "model.max_caption_tokens")
+    hint = f"shorten them, or raise model.max_caption_tokens (this Z-Image reads at most {most} caption tokens)"
+    return found + [CaptionProblem(None, hint, notice=True)] if found else []
 
 
 def load(cfg: Any, device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None) -> ZImageAdapter:
