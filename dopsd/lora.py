@@ -46,6 +46,7 @@ def lora_modules(network: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tens
 
     out = {}
     for name, module in network.named_modules():
+        name = name.replace("_orig_mod.", "").removeprefix("module.")  # torch.compile / DDP wrappers
         if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
             a = module.lora_A[ADAPTER].weight.detach()
             b = module.lora_B[ADAPTER].weight.detach()

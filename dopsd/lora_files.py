@@ -71,11 +71,14 @@ def write_interchange(path: str | Path, modules: dict[str, Pair], facts: LoraFac
     return atomic_save_safetensors(path, tensors, file_metadata(facts, LAYOUT_INTERCHANGE, dtype))
 
 
-def write_network(path: str | Path, network: nn.Module, facts: LoraFacts, dtype: str | None = None) -> Path:
-    """The trained LoRA of `network` to `path`: interchange layout for Z-Image / FLUX.2, dopsd-peft otherwise."""
+def write_network(path: str | Path, network: nn.Module, facts: LoraFacts, dtype: str | None = None, *,
+                  layout: str | None = None) -> Path:
+    """The trained LoRA of `network` to `path`: interchange layout for Z-Image / FLUX.2, dopsd-peft otherwise
+    (or when `layout` says so)."""
     from dopsd.lora import lora_modules, lora_state_dict
 
-    if facts.family in LAYOUTS:
+    layout = layout or (LAYOUT_INTERCHANGE if facts.family in LAYOUTS else LAYOUT_PEFT)
+    if layout == LAYOUT_INTERCHANGE:
         return write_interchange(path, lora_modules(network), facts, dtype or DEFAULT_DTYPE)
     torch_dtype = check_dtype(dtype or "fp32")
     state = {k: v.detach().to("cpu").to(torch_dtype).contiguous() for k, v in lora_state_dict(network).items()}
@@ -118,13 +121,17 @@ def read_lora(path: str | Path, alpha: float | None = None) -> LoraSource:
     prefix, parts = split_keys(state, str(file))
     own = facts_from_metadata(md)
     sidecar = file.parent / RUN_CONFIG
-    config = json.loads(sidecar.read_text()) if sidecar.is_file() and file.name == RUN_LORA else {}
+    try:
+        config = json.loads(sidecar.read_text()) if sidecar.is_file() and file.name == RUN_LORA else {}
+    except ValueError as err:
+        raise LoraFileError(f"{sidecar} is not valid JSON ({err}); restore it from the run or delete it") from err
     family = family_of_names(list(parts)) or (own[0].family if own else None) or config.get("family") or "mini"
     for claimed in ((own[0].family if own else None), config.get("family")):
         if claimed and claimed != family:
             raise LoraFileError(f"{file}: the keys are {family} module names but the file says family {claimed!r}")
     stored_alpha = own[0].alpha if own else (config.get("alpha") if "rank" in config else None)
-    if alpha is not None and (stored_alpha is not None or prefix in (PREFIX, "transformer.")):
+    if alpha is not None and (stored_alpha is not None or prefix in (PREFIX, "transformer.")
+                              or any("alpha" in p for p in parts.values())):
         raise LoraFileError(f"{file} records its own LoRA scale; --alpha is only for bare peft files without one")
     ranks = Counter(p["A"].shape[0] for p in parts.values())
     rank = ranks.most_common(1)[0][0]

@@ -27,7 +27,7 @@ PREFIX = "diffusion_model."
 QKV = 3  # parts of a fused q/k/v projection
 
 # (diffusers module, module in the interchange layout, slot in a fused q/k/v or None). `{i}` is a block index,
-# `{rest}` any module name. Rows are tried in order.
+# `{blk}` a Z-Image block list. Only modules both ComfyUI and diffusers map are listed; rows are tried in order.
 FLUX2_LAYOUT: tuple[tuple[str, str, int | None], ...] = (
     ("transformer_blocks.{i}.attn.to_q", "double_blocks.{i}.img_attn.qkv", 0),
     ("transformer_blocks.{i}.attn.to_k", "double_blocks.{i}.img_attn.qkv", 1),
@@ -54,7 +54,12 @@ FLUX2_LAYOUT: tuple[tuple[str, str, int | None], ...] = (
     ("double_stream_modulation_txt.linear", "double_stream_modulation_txt.lin", None),
     ("single_stream_modulation.linear", "single_stream_modulation.lin", None),
 )
-ZIMAGE_LAYOUT: tuple[tuple[str, str, int | None], ...] = (("{rest}", "{rest}", None),)
+ZIMAGE_LAYOUT: tuple[tuple[str, str, int | None], ...] = tuple((name, name, None) for name in (
+    "{blk}.{i}.attention.to_q", "{blk}.{i}.attention.to_k", "{blk}.{i}.attention.to_v", "{blk}.{i}.attention.to_out.0",
+    "{blk}.{i}.feed_forward.w1", "{blk}.{i}.feed_forward.w2", "{blk}.{i}.feed_forward.w3",
+    "{blk}.{i}.adaLN_modulation.0", "all_x_embedder.2-1", "all_final_layer.2-1.linear",
+    "all_final_layer.2-1.adaLN_modulation.1", "cap_embedder.1", "t_embedder.mlp.0", "t_embedder.mlp.2",
+))
 LAYOUTS = {"zimage": ZIMAGE_LAYOUT, "flux2": FLUX2_LAYOUT}
 
 # Module names that tell the family of a set of LoRA keys (any layout).
@@ -73,8 +78,14 @@ class LoraFileError(DopsdError, ValueError):
 Pair = tuple[torch.Tensor, torch.Tensor]  # (lora_A: r × in, lora_B: out × r)
 
 
+_PLACEHOLDERS = {"i": r"\d+", "blk": "layers|noise_refiner|context_refiner"}
+
+
 def _regex(template: str) -> re.Pattern[str]:
-    return re.compile(re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{rest\}", r"(?P<rest>.+)"))
+    pattern = re.escape(template)
+    for name, value in _PLACEHOLDERS.items():
+        pattern = pattern.replace(re.escape("{" + name + "}"), f"(?P<{name}>{value})")
+    return re.compile(pattern)
 
 
 @lru_cache(maxsize=None)
@@ -93,6 +104,13 @@ def native_name(family: str, module: str) -> tuple[str, int | None]:
             return n_tpl.format(**m.groupdict()), slot
     raise LoraFileError(f"{family} module {module!r} has no name that ComfyUI and diffusers both load; "
                         "drop it from lora.targets")
+
+
+def check_exportable(family: str, modules: list[str]) -> None:
+    """Raise LoraFileError (naming the module) unless every module has an interchange name: call it once the
+    LoRA is injected, before training, so a run never ends with weights other tools cannot load."""
+    for module in modules:
+        native_name(family, module)
 
 
 def diffusers_names(family: str, native: str) -> dict[int | None, str]:

@@ -118,6 +118,8 @@ def file_metadata(facts: LoraFacts, layout: str, dtype: str) -> dict[str, str]:
     if facts.family == "mini":
         how = ("dopsd miniature LoRA (peft keys): loads only in dopsd (`dopsd sample`, `dopsd eval`); "
                "no other tool has this model.")
+    elif not folded:
+        how = "dopsd's own layout (peft keys): loads only in dopsd (`dopsd sample`, `dopsd eval`)."
     else:
         how = (f"Loads in diffusers (`pipe.load_lora_weights`) and ComfyUI at strength 1.0: alpha {facts.alpha:g} / "
                f"rank {facts.rank} is folded into the weights.")
@@ -130,7 +132,7 @@ def file_metadata(facts: LoraFacts, layout: str, dtype: str) -> dict[str, str]:
         "format": "pt",
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": f"{facts.architecture or facts.family}/lora",
-        "modelspec.implementation": IMPLEMENTATION.get(facts.family, "dopsd"),
+        "modelspec.implementation": IMPLEMENTATION.get(facts.family, "dopsd") if folded else "dopsd",
         "modelspec.title": facts.title or what,
         "modelspec.description": description,
         "modelspec.date": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -86,7 +87,7 @@ def save_trained(out: Path, network: torch.nn.Module, lora: dict[str, Any] | Non
     """
     from dopsd.files import atomic_save_safetensors, atomic_write_json
     from dopsd.lora_files import DEFAULT_DTYPE, network_family, write_network
-    from dopsd.lora_layout import LAYOUTS
+    from dopsd.lora_layout import LAYOUTS, LoraFileError
     from dopsd.lora_meta import LAYOUT_INTERCHANGE, LAYOUT_PEFT, run_facts
 
     out = Path(out)
@@ -97,11 +98,21 @@ def save_trained(out: Path, network: torch.nn.Module, lora: dict[str, Any] | Non
         return out / FULL_FILE
     family = meta.get("family") or network_family(network) or "mini"
     facts = run_facts(family, network, lora, meta, title=out.resolve().name)
-    real = family in LAYOUTS
-    written = write_network(out / LORA_FILE, network, facts, dtype or (DEFAULT_DTYPE if real else "fp32"))
+    layout = LAYOUT_INTERCHANGE if family in LAYOUTS else LAYOUT_PEFT
+    try:
+        written = write_network(out / LORA_FILE, network, facts, dtype or (DEFAULT_DTYPE if family in LAYOUTS else "fp32"),
+                                layout=layout)
+    except LoraFileError as err:
+        if layout == LAYOUT_PEFT:
+            raise
+        # never lose a finished run's weights: keep them in dopsd's own layout and say what other tools miss
+        warnings.warn(f"{err}. {out / LORA_FILE} is saved in dopsd's own layout instead: it loads in "
+                      "`dopsd sample`/`dopsd eval`, not in diffusers or ComfyUI.")
+        layout = LAYOUT_PEFT
+        written = write_network(out / LORA_FILE, network, facts, dtype or "fp32", layout=layout)
     atomic_write_json(out / LORA_CONFIG, {
         "format": "dopsd-lora", **lora, **meta, "family": family,
-        "layout": LAYOUT_INTERCHANGE if real else LAYOUT_PEFT, "alpha_folded": real,
+        "layout": layout, "alpha_folded": layout == LAYOUT_INTERCHANGE,
     })
     return written
 
@@ -147,7 +158,10 @@ def apply_trained(network: torch.nn.Module, weights: Path, scale: float = 1.0) -
     state = {}
     for m, (a, b) in src.modules.items():
         state[f"{m}.lora_A.weight"], state[f"{m}.lora_B.weight"] = a.float(), b.float() * scale
-    load_lora_state_dict(network, state)
+    try:
+        load_lora_state_dict(network, state)
+    except (ValueError, RuntimeError) as err:  # shapes or names of another model
+        raise LoraFileError(f"{weights} does not fit this model: {err}") from err
     return meta
 
 

@@ -114,9 +114,12 @@ def test_diffusers_layout_with_unfolded_alpha_fails_the_comfyui_check(trained, t
     assert torch.allclose(diffusers_samples(t, tmp_path), t.ours, atol=1e-5)  # diffusers reads its metadata
     comfy, _ = comfy_samples(t, tmp_path / export.WEIGHTS_NAME)
     assert (comfy - t.ours).abs().max() > 1e-3
+    fixed = export.export(tmp_path, tmp_path / "fixed.safetensors", dtype="fp32")  # `dopsd export` repairs it
+    comfy, unloaded = comfy_samples(t, fixed)
+    assert unloaded == [] and torch.allclose(comfy, t.ours, atol=1e-5)
 
 
-def test_bf16_default_halves_the_file_and_keeps_the_samples(trained):
+def test_bf16_default_halves_the_file_and_keeps_the_samples(trained, tmp_path):
     t = trained
     fp32, bf16 = t.run / "lora.safetensors", t.run_bf16 / "lora.safetensors"
     a, b = load_file(fp32), load_file(bf16)
@@ -124,7 +127,9 @@ def test_bf16_default_halves_the_file_and_keeps_the_samples(trained):
     nbytes = lambda s: sum(v.numel() * v.element_size() for v in s.values())  # noqa: E731
     assert 2 * nbytes(b) == nbytes(a)
     effect = (run(fresh_pipe(t), t) - t.ours).abs().max()
-    for samples in (diffusers_samples(t, bf16), comfy_samples(t, bf16)[0]):
+    fp16 = export.export(t.run, tmp_path / "h.safetensors", dtype="fp16")
+    assert {v.dtype for v in load_file(fp16).values()} == {torch.float16}
+    for samples in (diffusers_samples(t, bf16), comfy_samples(t, bf16)[0], diffusers_samples(t, fp16)):
         assert (samples - t.ours).abs().max() <= BF16_TOLERANCE * effect, ((samples - t.ours).abs().max(), effect)
 
 
@@ -226,3 +231,28 @@ def test_bad_lora_files_are_refused(tmp_path):
     with pytest.raises(DopsdError, match="norm_out.linear.*drop it from lora.targets"):
         export.export(tmp_path / "odd.safetensors", tmp_path / "o.safetensors", alpha=2.0)
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_unexportable_targets_keep_the_weights_in_dopsds_layout(trained, tmp_path, capsys):
+    """A run whose LoRA has a module no other tool maps (FLUX.2's norm_out.linear) still keeps its weights, in
+    dopsd's own layout, says so, and `dopsd export` names the module."""
+    t = trained
+    if t.family != "flux2":
+        pytest.skip("every Z-Image Linear has an interchange name")
+    from dopsd.lora import add_lora, lora_modules
+    from dopsd.lora_layout import LoraFileError, check_exportable
+
+    adapter = t.module.load(t.cfg)
+    targets = flux2.LORA_TARGETS + r"|norm_out\.linear"
+    add_lora(adapter.network, targets, RANK, ALPHA)
+    with pytest.raises(LoraFileError, match="norm_out.linear"):
+        check_exportable("flux2", list(lora_modules(adapter.network)))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with pytest.warns(UserWarning, match="dopsd's own layout"):
+        written = save_trained(run_dir, adapter.network, {**t.lora, "targets": targets}, t.meta)
+    assert not any(k.startswith("diffusion_model.") for k in load_file(written))
+    assert json.loads((run_dir / "lora_config.json").read_text())["layout"] == "dopsd-peft"
+    apply_trained(t.module.load(t.cfg).network, written)  # dopsd itself still loads it
+    assert cli(["export", str(run_dir), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "norm_out.linear" in capsys.readouterr().err
