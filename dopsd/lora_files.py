@@ -90,7 +90,8 @@ def resolve(path: str | Path) -> Path:
     if p.is_dir():
         p = next((p / n for n in (RUN_LORA, DIFFUSERS_NAME) if (p / n).is_file()), p / RUN_LORA)
     if not p.is_file():
-        raise LoraFileError(f"no LoRA file at {path}: pass a dopsd run folder ({RUN_LORA} + {RUN_CONFIG}), "
+        full = " (its model.safetensors is a full fine-tune, not a LoRA)" if (p.parent / "model.safetensors").is_file() else ""
+        raise LoraFileError(f"no LoRA file at {path}{full}: pass a dopsd run folder ({RUN_LORA} + {RUN_CONFIG}), "
                             f"a folder with {DIFFUSERS_NAME}, or a LoRA .safetensors file")
     return p
 
@@ -130,7 +131,7 @@ def read_lora(path: str | Path, alpha: float | None = None) -> LoraSource:
         if claimed and claimed != family:
             raise LoraFileError(f"{file}: the keys are {family} module names but the file says family {claimed!r}")
     stored_alpha = own[0].alpha if own else (config.get("alpha") if "rank" in config else None)
-    if alpha is not None and (stored_alpha is not None or prefix in (PREFIX, "transformer.")
+    if alpha is not None and (stored_alpha is not None or prefix == PREFIX or "lora_adapter_metadata" in md
                               or any("alpha" in p for p in parts.values())):
         raise LoraFileError(f"{file} records its own LoRA scale; --alpha is only for bare peft files without one")
     ranks = Counter(p["A"].shape[0] for p in parts.values())
@@ -144,7 +145,10 @@ def read_lora(path: str | Path, alpha: float | None = None) -> LoraSource:
     if prefix == PREFIX:
         modules = from_interchange(parts, family)
     else:
-        pe = json.loads(md["lora_adapter_metadata"]) if "lora_adapter_metadata" in md else None
+        try:
+            pe = json.loads(md["lora_adapter_metadata"]) if "lora_adapter_metadata" in md else None
+        except ValueError as err:
+            raise LoraFileError(f"{file}: its lora_adapter_metadata is not valid JSON ({err})") from err
         if pe is not None:
             pe = {k.removeprefix("transformer."): v for k, v in pe.items()}
         elif stored_alpha is None and alpha is None and not any("alpha" in p for p in parts.values()):
