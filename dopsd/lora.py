@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from torch import nn
@@ -9,11 +12,14 @@ from torch import nn
 ADAPTER = "default"
 
 
-def add_lora(network: nn.Module, targets: list[str] | str, rank: int, alpha: float, dropout: float = 0.0) -> LoraConfig:
-    """Freeze `network` and inject a trainable LoRA adapter on `targets` (module-name suffixes or a regex)."""
+def add_lora(network: nn.Module, targets: list[str] | str, rank: int, alpha: float, dropout: float = 0.0, *,
+             rank_pattern: dict[str, int] | None = None, alpha_pattern: dict[str, float] | None = None) -> LoraConfig:
+    """Freeze `network` and inject a trainable LoRA adapter on `targets` (module-name suffixes or a regex);
+    `rank_pattern` / `alpha_pattern` give single modules (exact names) another rank / alpha."""
     if rank < 1:
         raise ValueError(f"lora rank must be >= 1, got {rank}")
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, init_lora_weights=True)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, init_lora_weights=True,
+                        rank_pattern=_exact(rank_pattern), alpha_pattern=_exact(alpha_pattern))
     network.requires_grad_(False)
     try:
         inject_adapter_in_model(config, network, adapter_name=ADAPTER)
@@ -22,6 +28,30 @@ def add_lora(network: nn.Module, targets: list[str] | str, rank: int, alpha: flo
     for name, p in network.named_parameters():
         p.requires_grad_("lora_" in name)
     return config
+
+
+def _exact(pattern: dict[str, Any] | None) -> dict[str, Any]:
+    # peft matches pattern keys as regexes against the end of a module name: anchor and escape exact names
+    return {f"^{re.escape(name)}$": value for name, value in (pattern or {}).items()}
+
+
+def exact_targets(modules: list[str]) -> str:
+    """A peft target regex that matches exactly these module names."""
+    return "^(?:" + "|".join(re.escape(m) for m in sorted(modules)) + ")$"
+
+
+def lora_modules(network: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module: (lora_A, lora_B · scale)}: the trained LoRA with peft's scale (alpha / r) folded into lora_B."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for name, module in network.named_modules():
+        name = name.replace("_orig_mod.", "").removeprefix("module.")  # torch.compile / DDP wrappers
+        if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
+            a = module.lora_A[ADAPTER].weight.detach()
+            b = module.lora_B[ADAPTER].weight.detach()
+            out[name] = (a.float().cpu(), b.float().cpu() * float(module.scaling[ADAPTER]))
+    return out
 
 
 def lora_state_dict(network: nn.Module) -> dict[str, torch.Tensor]:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from dopsd.schedules import sample_euler
 
@@ -74,40 +75,93 @@ def grid_image(images: torch.Tensor, rows: int, cols: int, pad: int = 2) -> Imag
 
 
 # --- trained weights -----------------------------------------------------------------------------
-def save_trained(out: Path, network: torch.nn.Module, lora: dict[str, Any] | None, meta: dict[str, Any]) -> Path:
-    """LoRA (peft keys) + lora_config.json, or the full trainable weights; returns the weights file."""
-    from dopsd.lora import lora_state_dict
+def save_trained(out: Path, network: torch.nn.Module, lora: dict[str, Any] | None, meta: dict[str, Any], *,
+                 dtype: str | None = None) -> Path:
+    """The trained weights of a run (atomically) + lora_config.json; returns the weights file.
 
-    if lora is not None:
-        save_file(lora_state_dict(network), str(out / LORA_FILE), metadata={"format": "dopsd-lora"})
-        (out / LORA_CONFIG).write_text(json.dumps({"format": "dopsd-lora", **lora, **meta}, indent=2))
-        return out / LORA_FILE
-    state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
-    save_file(state, str(out / FULL_FILE), metadata={"format": "dopsd-full"})
-    (out / LORA_CONFIG).write_text(json.dumps({"format": "dopsd-full", **meta}, indent=2))
-    return out / FULL_FILE
+    LoRA: `lora.safetensors`. Z-Image / FLUX.2: the interchange layout (dopsd.lora_layout) that diffusers and
+    ComfyUI load as trained, bf16 unless `dtype` ("bf16" | "fp16" | "fp32") says otherwise; the miniature: bare peft
+    keys, float32, labelled dopsd-only. `lora` = {rank, alpha, targets}; `meta` = run facts (family, model config
+    dict, method, steps, prompts, and optionally trigger_word and title) kept in lora_config.json and in the file's
+    metadata (dopsd.lora_meta). Full fine-tune (`lora` None): `model.safetensors`, the network's state dict.
+    """
+    from dopsd.files import atomic_save_safetensors, atomic_write_json
+    from dopsd.lora_files import DEFAULT_DTYPE, network_family, write_network
+    from dopsd.lora_layout import LAYOUTS, LoraFileError
+    from dopsd.lora_meta import LAYOUT_INTERCHANGE, LAYOUT_PEFT, run_facts
+
+    out = Path(out)
+    if lora is None:
+        state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
+        atomic_save_safetensors(out / FULL_FILE, state, {"format": "pt", "dopsd": json.dumps({"layout": "dopsd-full"})})
+        atomic_write_json(out / LORA_CONFIG, {"format": "dopsd-full", **meta})
+        return out / FULL_FILE
+    family = meta.get("family") or network_family(network) or "mini"
+    facts = run_facts(family, network, lora, meta, title=out.resolve().name)
+    layout = LAYOUT_INTERCHANGE if family in LAYOUTS else LAYOUT_PEFT
+    try:
+        written = write_network(out / LORA_FILE, network, facts, dtype or (DEFAULT_DTYPE if family in LAYOUTS else "fp32"),
+                                layout=layout)
+    except LoraFileError as err:
+        if layout == LAYOUT_PEFT:
+            raise
+        # never lose a finished run's weights: keep them in dopsd's own layout and say what other tools miss
+        warnings.warn(f"{err}. {out / LORA_FILE} is saved in dopsd's own layout instead: it loads in "
+                      "`dopsd sample`/`dopsd eval`, not in diffusers or ComfyUI.")
+        layout = LAYOUT_PEFT
+        written = write_network(out / LORA_FILE, network, facts, dtype or "fp32", layout=layout)
+    atomic_write_json(out / LORA_CONFIG, {
+        "format": "dopsd-lora", **lora, **meta, "family": family,
+        "layout": layout, "alpha_folded": layout == LAYOUT_INTERCHANGE,
+    })
+    return written
 
 
 def apply_trained(network: torch.nn.Module, weights: Path, scale: float = 1.0) -> dict[str, Any]:
-    """Load a dopsd LoRA (with its lora_config.json beside it) or full weights into `network`."""
-    from dopsd.lora import add_lora, load_lora_state_dict
+    """Load trained weights into `network`: a LoRA file dopsd wrote (either layout), a Z-Image / FLUX.2 LoRA in
+    the interchange layout from another tool, or a full fine-tune's model.safetensors. Returns lora_config.json's
+    content (empty when there is none)."""
+    from dopsd.lora import add_lora, exact_targets, load_lora_state_dict
+    from dopsd.lora_files import network_family, read_lora
+    from dopsd.lora_layout import LoraFileError
 
     weights = Path(weights)
     cfg_path = weights.parent / LORA_CONFIG
     meta = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-    state = load_file(str(weights))
     if meta.get("format") == "dopsd-full" or weights.name == FULL_FILE:
-        missing, unexpected = network.load_state_dict(state, strict=False)
+        missing, unexpected = network.load_state_dict(load_file(str(weights)), strict=False)
         if unexpected or missing:
-            raise ValueError(f"{weights} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise LoraFileError(f"{weights} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
         return meta
-    if "rank" not in meta:
-        raise ValueError(f"{weights}: no {LORA_CONFIG} beside it (rank/alpha/targets); pass a dopsd run's LoRA")
-    state = {k.removeprefix("base_model.model.").removeprefix("transformer."): v for k, v in state.items()}
-    if scale != 1.0:
-        state = {k: v * scale if "lora_B" in k else v for k, v in state.items()}
-    add_lora(network, meta["targets"], meta["rank"], meta["alpha"])
-    load_lora_state_dict(network, state)
+    src = read_lora(weights)
+    model_family = network_family(network) or "mini"
+    if src.family != model_family:
+        raise LoraFileError(f"{weights} is a {src.family} LoRA; the model is {model_family}")
+    if src.modules is None:  # dopsd-peft layout: peft keys, rank/alpha/targets from lora_config.json
+        if "rank" not in meta:
+            raise LoraFileError(f"{weights}: no {LORA_CONFIG} beside it (rank/alpha/targets); pass a dopsd run's LoRA")
+        state = {k.removeprefix("base_model.model.").removeprefix("transformer."): v for k, v in load_file(str(weights)).items()}
+        if scale != 1.0:
+            state = {k: v * scale if "lora_B" in k else v for k, v in state.items()}
+        add_lora(network, meta["targets"], meta["rank"], meta["alpha"])
+        load_lora_state_dict(network, state)
+        return meta
+    # interchange layout: the scale is folded into lora_B, so every module runs at alpha = its rank
+    ranks = {m: a.shape[0] for m, (a, _) in src.modules.items()}
+    rank = max(set(ranks.values()), key=list(ranks.values()).count)
+    odd = {m: r for m, r in ranks.items() if r != rank}
+    try:
+        add_lora(network, exact_targets(list(src.modules)), rank, float(rank), rank_pattern=odd,
+                 alpha_pattern={m: float(r) for m, r in odd.items()})
+    except ValueError as err:
+        raise LoraFileError(f"{weights} does not fit this model: {err}") from err
+    state = {}
+    for m, (a, b) in src.modules.items():
+        state[f"{m}.lora_A.weight"], state[f"{m}.lora_B.weight"] = a.float(), b.float() * scale
+    try:
+        load_lora_state_dict(network, state)
+    except (ValueError, RuntimeError) as err:  # shapes or names of another model
+        raise LoraFileError(f"{weights} does not fit this model: {err}") from err
     return meta
 
 

@@ -1,0 +1,172 @@
+"""What a LoRA file says about itself: `LoraFacts` → the safetensors metadata keys UIs read.
+
+Written keys (all strings, in the safetensors `__metadata__` header):
+  * Stability AI model spec 1.0.0: `modelspec.sai_model_spec`, `.architecture` (`<base>/lora`, the ids kohya's
+    trainers use: `Z-Image`, `Flux.2-klein-4b`, `Flux.2-klein-9b`), `.implementation` (whose module names the keys
+    follow), `.title`, `.description`, `.date`, `.resolution`, `.trigger_phrase` / `.usage_hint`;
+  * kohya-style `ss_network_dim`, `ss_network_alpha` (the alpha that applies to the tensors as stored),
+    `ss_base_model_version`, `ss_sd_model_name`, `ss_steps`, `ss_output_name`;
+  * `dopsd`: the facts as JSON (read back by dopsd).
+The base model is recorded by folder name, never by its full local path.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import PurePath
+from typing import Any, Mapping
+
+from torch import nn
+
+# Published transformer sizes → (variant, modelspec architecture, ss_base_model_version).
+# FLUX.2: (double blocks, single blocks, width); Z-Image: (layers, width).
+FLUX2_VARIANTS = {
+    (5, 20, 3072): ("FLUX.2-klein 4B", "Flux.2-klein-4b", "flux2_klein_4b"),
+    (8, 24, 4096): ("FLUX.2-klein 9B", "Flux.2-klein-9b", "flux2_klein_9b"),
+}
+ZIMAGE_VARIANTS = {(30, 3840): ("Z-Image 6B", "Z-Image", "z_image")}
+IMPLEMENTATION = {"zimage": "diffusers", "flux2": "https://github.com/black-forest-labs/flux2", "mini": "dopsd"}
+LAYOUT_INTERCHANGE, LAYOUT_PEFT = "interchange", "dopsd-peft"
+
+
+@dataclass
+class LoraFacts:
+    family: str  # "zimage" | "flux2" | "mini"
+    rank: int
+    alpha: float  # as trained (scale alpha / rank); interchange files carry it folded into lora_B
+    variant: str | None = None  # e.g. "FLUX.2-klein 4B" (from the transformer's size)
+    architecture: str | None = None  # modelspec id of the base, e.g. "Flux.2-klein-4b"
+    base_version: str | None = None  # ss_base_model_version, e.g. "flux2_klein_4b"
+    base_model: str | None = None  # the base model's folder name (or hub id)
+    method: str | None = None  # "dopsd" | "sft" | "hybrid"
+    steps: int | None = None
+    trigger_word: str | None = None
+    title: str | None = None
+    resolution: tuple[int, int] | None = None  # (width, height) trained at
+
+    def replace(self, **changes: Any) -> "LoraFacts":
+        known = {f.name for f in fields(self)}
+        return LoraFacts(**{**asdict(self), **{k: v for k, v in changes.items() if k in known and v is not None}})
+
+
+def describe_size(family: str, size: tuple[int, ...]) -> tuple[str, str, str]:
+    """(variant, architecture, ss_base_model_version) for a transformer size signature (see the tables)."""
+    if family == "flux2":
+        known = FLUX2_VARIANTS.get(size)
+        return known or (f"FLUX.2 ({size[0]} double / {size[1]} single blocks, width {size[2]}; not a published size)",
+                         "Flux.2", "flux2")
+    if family == "zimage":
+        known = ZIMAGE_VARIANTS.get(size)
+        return known or (f"Z-Image ({size[0]} layers, width {size[1]}; not a published size)", "Z-Image", "z_image")
+    return "dopsd miniature", "dopsd-miniature", "dopsd_miniature"
+
+
+def transformer_size(family: str, network: nn.Module) -> tuple[int, ...] | None:
+    """Size signature from a diffusers transformer's config."""
+    cfg = getattr(network, "config", None)
+    try:
+        if family == "flux2":
+            return (int(cfg.num_layers), int(cfg.num_single_layers), int(cfg.num_attention_heads * cfg.attention_head_dim))
+        if family == "zimage":
+            return (int(cfg.n_layers), int(cfg.dim))
+    except AttributeError:
+        return None
+    return None
+
+
+def size_from_modules(family: str, modules: Mapping[str, Any]) -> tuple[int, ...] | None:
+    """Size signature read off LoRA shapes (block counts as the highest trained block + 1)."""
+    def blocks(prefix: str) -> int:
+        ids = [int(m.split(".")[1]) for m in modules if m.startswith(prefix) and m.split(".")[1].isdigit()]
+        return max(ids) + 1 if ids else 0
+
+    width = next((a.shape[1] for m, (a, _) in modules.items()
+                  if m.endswith(("attn.to_q", "attention.to_q", "attn.to_qkv_mlp_proj"))), None)
+    if width is None:
+        return None
+    if family == "flux2":
+        return (blocks("transformer_blocks."), blocks("single_transformer_blocks."), int(width))
+    if family == "zimage":
+        return (blocks("layers."), int(width))
+    return None
+
+
+def run_facts(family: str, network: nn.Module | None, lora: Mapping[str, Any], meta: Mapping[str, Any],
+              title: str | None = None) -> LoraFacts:
+    """Facts of a training run: `lora` = {rank, alpha, ...}, `meta` = what dopsd.api records (family, model
+    config dict with pretrained/height/width, method, steps, and optionally trigger_word and title)."""
+    size = transformer_size(family, network) if network is not None else None
+    variant, arch, version = describe_size(family, size) if (size or family == "mini") else (None, None, None)
+    model = meta.get("model") or {}
+    pretrained = model.get("pretrained")
+    resolution = (int(model["width"]), int(model["height"])) if model.get("width") and model.get("height") else None
+    return LoraFacts(
+        family=family, rank=int(lora["rank"]), alpha=float(lora["alpha"]), variant=variant, architecture=arch,
+        base_version=version, base_model=PurePath(str(pretrained)).name if pretrained else None,
+        method=meta.get("method"), steps=meta.get("steps"), trigger_word=meta.get("trigger_word"),
+        title=meta.get("title") or title, resolution=resolution,
+    )
+
+
+def file_metadata(facts: LoraFacts, layout: str, dtype: str) -> dict[str, str]:
+    """The safetensors metadata of a LoRA file with these facts, in `layout` (interchange or dopsd-peft)."""
+    folded = layout == LAYOUT_INTERCHANGE
+    base = facts.variant or facts.family
+    what = f"{facts.method or 'dopsd'} LoRA for {base}"
+    if facts.family == "mini":
+        how = ("dopsd miniature LoRA (peft keys): loads only in dopsd (`dopsd sample`, `dopsd eval`); "
+               "no other tool has this model.")
+    elif not folded:
+        how = "dopsd's own layout (peft keys): loads only in dopsd (`dopsd sample`, `dopsd eval`)."
+    else:
+        how = (f"Loads in diffusers (`pipe.load_lora_weights`) and ComfyUI at strength 1.0: alpha {facts.alpha:g} / "
+               f"rank {facts.rank} is folded into the weights.")
+    description = " ".join(filter(None, [
+        f"{what}, rank {facts.rank}" + (f", {facts.steps} steps" if facts.steps is not None else "")
+        + (f", base model {facts.base_model}" if facts.base_model else "") + ".",
+        f"Trigger word: {facts.trigger_word}." if facts.trigger_word else None, how, "Trained with dopsd.",
+    ]))
+    md = {
+        "format": "pt",
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{facts.architecture or facts.family}/lora",
+        "modelspec.implementation": IMPLEMENTATION.get(facts.family, "dopsd") if folded else "dopsd",
+        "modelspec.title": facts.title or what,
+        "modelspec.description": description,
+        "modelspec.date": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
+        "ss_network_dim": str(facts.rank),
+        # the alpha that applies to the stored tensors: folded files are at scale 1 (alpha = rank)
+        "ss_network_alpha": str(facts.rank if folded else facts.alpha),
+        "ss_output_name": facts.title or what,
+        "dopsd": json.dumps({**asdict(facts), "layout": layout, "alpha_folded": folded, "dtype": dtype}),
+    }
+    optional = {
+        "modelspec.resolution": f"{facts.resolution[0]}x{facts.resolution[1]}" if facts.resolution else None,
+        "modelspec.trigger_phrase": facts.trigger_word,
+        "modelspec.usage_hint": f"Trigger word: {facts.trigger_word}" if facts.trigger_word else None,
+        "ss_base_model_version": facts.base_version,
+        "ss_sd_model_name": facts.base_model,
+        "ss_steps": str(facts.steps) if facts.steps is not None else None,
+    }
+    md.update({k: v for k, v in optional.items() if v is not None})
+    return md
+
+
+def facts_from_metadata(md: Mapping[str, str] | None) -> tuple[LoraFacts, str, bool] | None:
+    """(facts, layout, alpha_folded) from a file dopsd wrote, or None for other files."""
+    raw = (md or {}).get("dopsd")
+    if not raw:
+        return None
+    try:
+        data = json.loads(raw)
+        layout, folded = data.pop("layout"), bool(data.pop("alpha_folded"))
+        data.pop("dtype", None)
+        known = {f.name for f in fields(LoraFacts)}
+        facts = LoraFacts(**{k: v for k, v in data.items() if k in known})
+    except (ValueError, KeyError, TypeError):
+        return None
+    if facts.resolution is not None:
+        facts.resolution = tuple(facts.resolution)  # type: ignore[assignment]
+    return facts, layout, folded
