@@ -350,7 +350,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if number is None:
             raise bad
         if not math.isfinite(number):
-            raise NonFiniteError(f"config key {key!r}: {value!r} is not a finite number; give a real value")
+            raise NonFiniteError(f"config key {key!r}: {value!r} is not a finite number")
         return number
     if tp is str:
         if isinstance(value, str):
@@ -408,7 +408,13 @@ def set_value(config: Config, key: str, value: Any) -> None:
     hints = _hints(type(obj))
     if name not in hints:
         raise _unknown(key, all_keys())
-    setattr(obj, name, _coerce(value, hints[name], key))
+    try:
+        setattr(obj, name, _coerce(value, hints[name], key))
+    except NonFiniteError as err:  # say what a valid value is
+        from dopsd.config_validate import range_text
+
+        bounds = next(f for f in dataclasses.fields(obj) if f.name == name).metadata.get("bounds")
+        raise NonFiniteError(f"{err}; it must be {range_text(bounds)}" if bounds else str(err)) from None
 
 
 def _flatten(data: dict[str, Any], origin: str) -> dict[str, Any]:

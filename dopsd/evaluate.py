@@ -116,11 +116,12 @@ def evaluate(
     few_sched = adapter.inference_schedule(m.height, m.width, m.inference_steps)
     few_steps = len(few_sched) - 1  # model.inference_steps may be null (= the model's own)
     many_sched = adapter.inference_schedule(m.height, m.width, control_steps) if control_steps else None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_save_image(out_dir / "targets.png", grid_image(_to_tensor(targets, m.height, m.width), 1, len(targets)))
+    # Grids are written with eval.json at the end: a LoRA that does not fit, or an interrupted run, leaves no
+    # half report behind.
+    grids = {"targets.png": grid_image(_to_tensor(targets, m.height, m.width), 1, len(targets))}
     first_sources = [srcs[0] for srcs in sources] if sources else None
     if first_sources:
-        atomic_save_image(out_dir / "sources.png", grid_image(_to_tensor(first_sources, m.height, m.width), 1, len(targets)))
+        grids["sources.png"] = grid_image(_to_tensor(first_sources, m.height, m.width), 1, len(targets))
 
     report: dict[str, Any] = {
         "weights": str(weights) if weights else None, "family": m.family, "steps": few_steps,
@@ -147,11 +148,13 @@ def evaluate(
             apply_trained(adapter.network, Path(weights))
         few = sample(few_sched)
         many = sample(many_sched) if many_sched is not None else None
-        atomic_save_image(out_dir / f"{variant}_{few_steps}steps.png", grid_image(few, len(prompts), len(seeds)))
+        grids[f"{variant}_{few_steps}steps.png"] = grid_image(few, len(prompts), len(seeds))
         if many is not None:
-            atomic_save_image(out_dir / f"{variant}_{control_steps}steps.png", grid_image(many, len(prompts), len(seeds)))
+            grids[f"{variant}_{control_steps}steps.png"] = grid_image(many, len(prompts), len(seeds))
         report[variant] = measure(few, many, prompts, len(seeds), len(train_prompts), targets, features, scorer,
                                   first_sources)
+    for name, grid in grids.items():
+        atomic_save_image(out_dir / name, grid)
     atomic_write_json(out_dir / "eval.json", report)
     return report
 
