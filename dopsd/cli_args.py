@@ -13,9 +13,9 @@ import os
 import re
 from pathlib import Path
 
+from dopsd.config import SEED_LIMIT  # the same seed range as the config's
 from dopsd.errors import RunFolderError, UsageError
 
-SEED_LIMIT = 2**32  # the same range as the config's seeds (numpy's legacy seeding takes seeds below 2^32)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
