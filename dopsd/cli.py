@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -18,6 +19,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("dopsd.bench", "Benchmark D-OPSD against SFT baselines on the miniature world."),
     "mini": ("dopsd.mini.cli", "Miniature world: rebuild the shipped weights (recipe) or measure them (report)."),
 }
+
+
+# Errors of the machine, not of dopsd or the input: a full disk, a read-only or forbidden folder.
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def build_parser(name: str) -> argparse.ArgumentParser:
@@ -48,7 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     from dopsd.errors import DopsdError
 
     try:
-        args = build_parser(name).parse_args(argv[1:])
+        parser = build_parser(name)
+        try:  # config overrides may follow flags: `dopsd sample mini --steps 8 model.pretrained=base`
+            args = parser.parse_intermixed_args(argv[1:])
+        except TypeError:  # subcommands (`dopsd mini recipe`): argparse cannot intermix those, and needs not to
+            args = parser.parse_args(argv[1:])
         return int(importlib.import_module(COMMANDS[name][0]).main(args) or 0)
     except DopsdError as err:  # bad input or a refused action: the message says what to do
         if debug:
@@ -58,9 +67,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"dopsd {name}: interrupted", file=sys.stderr)
         return 130
-    except Exception as err:  # noqa: BLE001 - anything else is a bug in dopsd, reported as one
+    except Exception as err:  # noqa: BLE001 - the machine's limits are named; anything else is a bug in dopsd
         if debug:
             raise
+        if isinstance(err, OSError) and err.errno in ENVIRONMENT_ERRNOS:
+            where = f" ({err.filename})" if err.filename else ""
+            print(f"dopsd {name}: {err.strerror}{where}; free space or fix permissions there and run again",
+                  file=sys.stderr)
+            return 1
+        if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":  # torch's is a RuntimeError
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            print(f"dopsd {name}: out of memory ({first[:200]}); lower train.batch_size or model.height/width, turn "
+                  "on train.gradient_checkpointing or a lower model.dtype, or use a device with more memory",
+                  file=sys.stderr)
+            return 1
         print(f"dopsd {name}: internal error: {type(err).__name__}: {err}\n"
               "This is a bug in dopsd, not a problem with your input; please report it with the output of the "
               "same command run with --debug (or DOPSD_DEBUG=1), which shows the traceback.", file=sys.stderr)

@@ -19,26 +19,33 @@ import copy
 import dataclasses
 import difflib
 import sys
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 
-from dopsd.errors import DopsdError
+from dopsd.config_types import ConfigError, NonFiniteError, load_yaml
+from dopsd.config_types import coerce as _coerce
+from dopsd.config_types import type_name as _type_name
 
 
-def opt(default: Any, help: str, **kw: Any) -> Any:
-    """A documented field (lists/dicts get a factory so instances never share them)."""
+SEED_LIMIT = 2**32  # numpy's legacy seeding (accelerate.set_seed) takes seeds below 2^32
+
+
+def opt(default: Any, help: str, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+        lt: float | None = None, **kw: Any) -> Any:
+    """A documented field (lists/dicts get a factory so instances never share them).
+
+    ge/gt/le/lt bound a number (each element of a list; a null value is not checked): `validate` enforces them
+    and the reference docs list them, so a range is declared once, here.
+    """
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    meta = {"help": help, **({"bounds": bounds} if bounds else {})}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: copy.deepcopy(d), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
-
-
-class ConfigError(DopsdError, ValueError):
-    """A config file or override that does not fit the schema; the message says which key and how to fix it."""
+        return field(default_factory=lambda d=default: copy.deepcopy(d), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
 
 
 @dataclass
@@ -56,16 +63,20 @@ class ModelConfig:
     teacher_instruction: str | None = opt(
         None, "Text appended to the teacher caption (reference teacher), e.g. asking for consistency with the reference."
     )
-    height: int = opt(24, "Training/sampling height in pixels (the bucket area for aspect-ratio buckets).")
-    width: int = opt(24, "Training/sampling width in pixels.")
+    height: int = opt(24, "Training/sampling height in pixels (the bucket area for aspect-ratio buckets).", ge=1)
+    width: int = opt(24, "Training/sampling width in pixels.", ge=1)
     inference_steps: int | None = opt(
-        None, "Few-step sampling steps the LoRA must keep working at (roll-out, grids); null = the model's own."
+        None, "Few-step sampling steps the LoRA must keep working at (roll-out, grids); null = the model's own.",
+        ge=1,
     )
     shift: float | None = opt(
-        None, "Static σ shift of the inference schedule (Z-Image-Turbo: 3); null = the model's own. FLUX.2: dynamic."
+        None, "Static σ shift of the inference schedule (Z-Image-Turbo: 3); null = the model's own. FLUX.2: dynamic.",
+        gt=0,
     )
-    rollout_every: int = opt(1, "Training roll-out = every n-th σ of the inference schedule (Z-Image-Turbo: 2 → 4 steps).")
-    max_caption_tokens: int = opt(512, "Maximum caption tokens for the student text encoder.")
+    rollout_every: int = opt(
+        1, "Training roll-out = every n-th σ of the inference schedule (Z-Image-Turbo: 2 → 4 steps).", ge=1
+    )
+    max_caption_tokens: int = opt(512, "Maximum caption tokens for the student text encoder.", ge=1)
     editing: bool = opt(False, "Editing LoRA: the student sees source image(s) + instruction (needs data.source_dir).")
     dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "Weight dtype of the frozen model.")
 
@@ -75,10 +86,13 @@ class DataConfig:
     path: str = opt("", "Dataset folder: images with same-name .txt captions, or a metadata.jsonl {file_name, text}.")
     trigger_word: str | None = opt(None, "Word that names the concept; replaces `placeholder`, else is prepended.")
     placeholder: str = opt("[V]", "Placeholder in captions replaced by trigger_word.")
-    caption_dropout: float = opt(0.0, "Probability of an empty caption for a sample (student and teacher; the teacher still sees the image).")
-    min_size: int | None = opt(None, "Smallest accepted image side in pixels; null = half the training resolution.")
+    caption_dropout: float = opt(
+        0.0, "Probability of an empty caption for a sample (student and teacher; the teacher still sees the image).",
+        ge=0, lt=1,
+    )
+    min_size: int | None = opt(None, "Smallest accepted image side in pixels; null = half the training resolution.", ge=1)
     buckets: bool = opt(False, "Aspect-ratio buckets around height×width (real models); off = centre-crop to height×width.")
-    bucket_multiple: int = opt(16, "Bucket sides are multiples of this many pixels.")
+    bucket_multiple: int = opt(16, "Bucket sides are multiples of this many pixels.", ge=1)
     source_dir: str | None = opt(
         None, "Editing: folder of source images named like the targets (NAME.ext or NAME_0.ext, NAME_1.ext …)."
     )
@@ -90,63 +104,69 @@ class MethodConfig:
     teacher: Literal["ema", "base", "live"] = opt(
         "ema", "Teacher weights: EMA of the student, the frozen initial model, or the current student (ablation)."
     )
-    ema_decay: float = opt(0.9999, "EMA decay of the teacher, updated after every optimizer step.")
+    ema_decay: float = opt(0.9999, "EMA decay of the teacher, updated after every optimizer step.", ge=0, le=1)
     loss_space: Literal["x0", "velocity"] = opt("x0", "D-OPSD loss in x0 space (σ²-weighted velocity) or velocity space.")
     step_weighting: Literal["uniform", "sigma"] = opt("uniform", "Per-roll-out-step loss weights.")
     per_step_backward: bool = opt(True, "Backward after each roll-out step (same gradient, 1/K activation memory).")
-    sft_weight: float = opt(1.0, "λ of the SFT term in the hybrid objective.")
+    sft_weight: float = opt(1.0, "λ of the SFT term in the hybrid objective.", ge=0)
     sft_timesteps: Literal["uniform", "logit_normal", "shifted"] = opt("logit_normal", "SFT σ sampling.")
-    sft_shift: float = opt(3.0, "Shift for sft_timesteps=shifted.")
+    sft_shift: float = opt(3.0, "Shift for sft_timesteps=shifted.", gt=0)
     prior_prompts: list[str] = opt([], "On-policy prior preservation: unrelated prompts (empty = off).")
-    prior_weight: float = opt(0.0, "Weight of the prior-preservation term (0 = off).")
-    prior_batch_size: int = opt(1, "Prior prompts per micro-batch.")
+    prior_weight: float = opt(0.0, "Weight of the prior-preservation term (0 = off).", ge=0)
+    prior_batch_size: int = opt(1, "Prior prompts per micro-batch.", ge=1)
 
 
 @dataclass
 class LoraConfig:
     enabled: bool = opt(True, "Train a LoRA; false = full fine-tune (the teacher then copies all trainable weights).")
-    rank: int = opt(16, "LoRA rank.")
-    alpha: float = opt(16.0, "LoRA alpha (scale = alpha / rank).")
-    dropout: float = opt(0.0, "LoRA dropout.")
+    rank: int = opt(16, "LoRA rank.", ge=1)
+    alpha: float = opt(16.0, "LoRA alpha (scale = alpha / rank).", gt=0)
+    dropout: float = opt(0.0, "LoRA dropout.", ge=0, lt=1)
     targets: list[str] | str | None = opt(None, "peft target_modules (names or a regex); null = the model's defaults.")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = opt(1e-4, "Peak learning rate (AdamW).")
-    weight_decay: float = opt(0.0, "AdamW weight decay.")
-    betas: list[float] = opt([0.9, 0.999], "AdamW betas.")
-    eps: float = opt(1e-8, "AdamW epsilon.")
+    lr: float = opt(1e-4, "Peak learning rate (AdamW).", gt=0)
+    weight_decay: float = opt(0.0, "AdamW weight decay.", ge=0)
+    betas: list[float] = opt([0.9, 0.999], "AdamW betas.", ge=0, lt=1)
+    eps: float = opt(1e-8, "AdamW epsilon.", gt=0)
     eight_bit: bool = opt(False, "8-bit AdamW from bitsandbytes (must be installed).")
-    grad_clip: float = opt(1.0, "Clip the gradient norm to this value (0 = off).")
+    grad_clip: float = opt(1.0, "Clip the gradient norm to this value (0 = off).", ge=0)
     schedule: Literal["constant", "cosine"] = opt("constant", "Learning-rate schedule after warm-up.")
-    warmup_steps: int = opt(0, "Linear warm-up steps.")
-    min_lr_ratio: float = opt(0.0, "Cosine: final lr as a fraction of lr.")
+    warmup_steps: int = opt(0, "Linear warm-up steps.", ge=0)
+    min_lr_ratio: float = opt(0.0, "Cosine: final lr as a fraction of lr.", ge=0, le=1)
 
 
 @dataclass
 class TrainConfig:
     output_dir: str = opt("runs/dopsd", "Run folder (never overwritten unless --overwrite / overwrite=True).")
-    max_steps: int = opt(500, "Optimizer steps.")
-    batch_size: int = opt(1, "Samples per process per micro-batch.")
-    gradient_accumulation: int = opt(1, "Micro-batches per optimizer step (global batch = batch_size·processes·this).")
-    seed: int = opt(0, "Seed of everything: LoRA init, data order, captions, noise.")
+    max_steps: int = opt(500, "Optimizer steps.", ge=1)
+    batch_size: int = opt(1, "Samples per process per micro-batch.", ge=1)
+    gradient_accumulation: int = opt(
+        1, "Micro-batches per optimizer step (global batch = batch_size·processes·this).", ge=1
+    )
+    seed: int = opt(0, "Seed of everything: LoRA init, data order, captions, noise.", ge=0, lt=SEED_LIMIT)
     mixed_precision: Literal["no", "bf16", "fp16"] = opt("no", "accelerate mixed precision.")
     gradient_checkpointing: bool = opt(False, "Enable the network's gradient checkpointing if it has one.")
-    checkpoint_every: int = opt(250, "Write a resumable checkpoint every n steps (0 = only at the end).")
-    keep_checkpoints: int = opt(2, "Keep the last n checkpoints.")
-    max_nonfinite: int = opt(5, "Abort after this many non-finite losses/gradients in a row (each one is skipped).")
+    checkpoint_every: int = opt(250, "Write a resumable checkpoint every n steps (0 = only at the end).", ge=0)
+    keep_checkpoints: int = opt(2, "Keep the last n checkpoints.", ge=1)
+    max_nonfinite: int = opt(
+        5, "Abort after this many non-finite losses/gradients in a row (each one is skipped).", ge=1
+    )
     fsdp: dict[str, Any] = opt({}, "accelerate FullyShardedDataParallelPlugin kwargs; empty = off (untested on CPU).")
     device: str | None = opt(None, "'cpu' forces the CPU; null = accelerate's choice (choose GPUs with CUDA_VISIBLE_DEVICES).")
 
 
 @dataclass
 class SampleConfig:
-    every: int = opt(0, "Sample grids every n steps (0 = only before training and at the end).")
+    every: int = opt(0, "Sample grids every n steps (0 = only before training and at the end).", ge=0)
     prompts: list[str] = opt([], "Fixed prompts; empty = the first distinct training captions.")
-    num_prompts: int = opt(4, "How many training captions to use when prompts is empty.")
-    seeds: list[int] = opt([0, 1, 2, 3], "Fixed seeds (grid columns).")
-    control_steps: int = opt(32, "Also sample at this many steps as a control (0 = off), to make few-step blur visible.")
+    num_prompts: int = opt(4, "How many training captions to use when prompts is empty.", ge=1)
+    seeds: list[int] = opt([0, 1, 2, 3], "Fixed seeds (grid columns).", ge=0, lt=SEED_LIMIT)
+    control_steps: int = opt(
+        32, "Also sample at this many steps as a control (0 = off), to make few-step blur visible.", ge=0
+    )
     health: bool = opt(True, "Track few-step health (dopsd.health) at each sampling interval.")
     health_prompts: list[str] = opt(
         [], "Prompts the health signal samples (empty = method.prior_prompts, else the sample prompts). Prompts "
@@ -230,80 +250,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
 PRESETS["flux2-klein-9b"] = ("FLUX.2-klein 9B LoRA (same recipe as 4B).", copy.deepcopy(PRESETS["flux2-klein-4b"][1]))
 
 
-# --- type checking / coercion ---------------------------------------------------------------------
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is not None:
-        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
-    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp` (accepting numeric strings for numbers); raise ConfigError."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    bad = ConfigError(f"config key {key!r}: expected {_type_name(tp)}, got {value!r}")
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        for arg in sorted(args, key=lambda a: a is str):  # try str last so 'null'/numbers keep their types
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                continue
-        raise bad
-    if tp is type(None):
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
-            return None
-        raise bad
-    if origin is Literal:
-        if value in args:
-            return value
-        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"config key {key!r}: {value!r} is not one of {', '.join(map(repr, args))}{hint}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
-            return value.lower() in ("true", "yes", "on", "1")
-        raise bad
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise bad
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise bad
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise bad
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise bad
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise bad
-        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
-    raise TypeError(f"unsupported config type {tp!r} for {key}")
-
-
+# --- loading ------------------------------------------------------------------------------------
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls, globalns=vars(sys.modules[__name__]))
 
@@ -327,7 +274,13 @@ def set_value(config: Config, key: str, value: Any) -> None:
     hints = _hints(type(obj))
     if name not in hints:
         raise _unknown(key, all_keys())
-    setattr(obj, name, _coerce(value, hints[name], key))
+    try:
+        setattr(obj, name, _coerce(value, hints[name], key))
+    except NonFiniteError as err:  # say what a valid value is
+        from dopsd.config_validate import range_text
+
+        bounds = next(f for f in dataclasses.fields(obj) if f.name == name).metadata.get("bounds")
+        raise NonFiniteError(f"{err}; it must be {range_text(bounds)}" if bounds else str(err)) from None
 
 
 def _flatten(data: dict[str, Any], origin: str) -> dict[str, Any]:
@@ -371,7 +324,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override {text!r} must look like section.key=value (e.g. optim.lr=2e-4)")
     key, _, raw = text.partition("=")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -390,7 +343,7 @@ def load_config(source: str | Path | dict[str, Any] | Config, overrides: list[st
         if not path.is_file():
             raise ConfigError(f"config {str(source)!r} is neither a file nor a preset ({', '.join(PRESETS)})")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = load_yaml(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from err
         config = from_dict(data, str(path))
@@ -408,31 +361,7 @@ def load_config(source: str | Path | dict[str, Any] | Config, overrides: list[st
 
 
 def validate(config: Config) -> None:
-    """Cross-field checks (types are already checked)."""
-    c = config
-    positives = {"model.height": c.model.height, "model.width": c.model.width, "model.inference_steps":
-                 c.model.inference_steps or 1, "model.rollout_every": c.model.rollout_every, "train.max_steps":
-                 c.train.max_steps, "train.batch_size": c.train.batch_size, "train.gradient_accumulation":
-                 c.train.gradient_accumulation, "lora.rank": c.lora.rank, "train.keep_checkpoints":
-                 c.train.keep_checkpoints, "train.max_nonfinite": c.train.max_nonfinite, "data.bucket_multiple":
-                 c.data.bucket_multiple, "method.prior_batch_size": c.method.prior_batch_size}
-    for key, value in positives.items():
-        if value < 1:
-            raise ConfigError(f"config key {key!r} must be >= 1, got {value}")
-    if not 0.0 <= c.data.caption_dropout < 1.0:
-        raise ConfigError(f"config key 'data.caption_dropout' must lie in [0, 1), got {c.data.caption_dropout}")
-    if not 0.0 <= c.method.ema_decay <= 1.0:
-        raise ConfigError(f"config key 'method.ema_decay' must lie in [0, 1], got {c.method.ema_decay}")
-    if len(c.optim.betas) != 2:
-        raise ConfigError(f"config key 'optim.betas' needs two numbers, got {c.optim.betas}")
-    if c.optim.lr <= 0:
-        raise ConfigError(f"config key 'optim.lr' must be > 0, got {c.optim.lr}")
-    if c.model.editing and not c.data.source_dir:
-        raise ConfigError("model.editing is true but data.source_dir is not set: point it at the source images")
-    if c.model.editing and c.method.prior_prompts and c.method.prior_weight > 0:
-        raise ConfigError("prior preservation (method.prior_prompts) is not supported for editing models (model.editing)")
-    if c.train.device not in (None, "cpu"):
-        raise ConfigError(f"config key 'train.device' must be 'cpu' or null, got {c.train.device!r} "
-                          "(choose GPUs with CUDA_VISIBLE_DEVICES or accelerate launch)")
-    if not c.sample.seeds:
-        raise ConfigError("config key 'sample.seeds' must list at least one seed")
+    """Every option in its declared range and the relations between options (see dopsd.config_validate)."""
+    from dopsd.config_validate import validate as check
+
+    check(config)

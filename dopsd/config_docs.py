@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from dopsd.config import PRESETS, SECTIONS, Config, _flatten, _hints, _type_name
+from dopsd.config_validate import range_text
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 
@@ -29,7 +30,9 @@ def render_docs() -> str:
         "",
         "A config is a preset plus overrides. In YAML, give `preset:` and any sections; on the command line,",
         "override any key as `section.key=value`, e.g. `dopsd train my.yaml optim.lr=2e-4 train.max_steps=1000`.",
-        "Unknown keys are rejected with the closest valid name. Example files: `dopsd/configs/*.yaml`.",
+        "Unknown keys are rejected with the closest valid name, and a value outside its valid range with the range.",
+        "Words such as `no`/`off` stay text for text and choice keys (`train.mixed_precision=no`) and mean false",
+        "for true/false keys. Example files: `dopsd/configs/*.yaml`.",
         "A relative `data.path` in a YAML file is relative to that file; other paths to the working directory.",
         "Several GPUs (DDP): `torchrun --nproc_per_node N -m dopsd.cli train CONFIG` or",
         "`accelerate launch --multi_gpu --num_processes N -m dopsd.cli train CONFIG`; `train.batch_size` is per process.",
@@ -43,7 +46,10 @@ def render_docs() -> str:
         types_ = _hints(cls)
         for f in dataclasses.fields(cls):
             kind = _type_name(types_[f.name]).replace("|", "\\|")
-            out.append(f"| `{section}.{f.name}` | {kind} | {_default_text(f).replace('|', chr(92) + '|')} | {f.metadata['help']} |")
+            meaning = f.metadata["help"]
+            if "bounds" in f.metadata:
+                meaning += f" Valid: {range_text(f.metadata['bounds'])}."
+            out.append(f"| `{section}.{f.name}` | {kind} | {_default_text(f).replace('|', chr(92) + '|')} | {meaning} |")
         out.append("")
     out += ["## Presets", "", "Each preset sets these keys; everything else keeps the defaults above.", ""]
     for name, (about, values) in PRESETS.items():

@@ -22,6 +22,14 @@ class CheckpointError(DopsdError):
     """A checkpoint that cannot be read or does not fit the run."""
 
 
+class WeightsFileError(DopsdError):
+    """A weights file (model part, LoRA, full weights) that is truncated, not safetensors, or does not fit."""
+
+
+class UsageError(DopsdError):
+    """A command-line flag whose value cannot work here (the message names the flag)."""
+
+
 class TrainingFailed(DopsdError):
     """Training ran but did not succeed (aborted or unhealthy); the run folder says what is kept."""
 

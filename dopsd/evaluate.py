@@ -19,8 +19,6 @@ Writes eval.json and PNG grids (rows = prompts, columns = seeds) into the output
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +27,10 @@ import torch
 from PIL import Image
 
 from dopsd.features import TextImageScorer, cosine_distance, load_image_features
+from dopsd.files import atomic_save_image, atomic_write_json
 from dopsd.models.local import to_pil
 
+REPORT_FILES = r"eval\.json|targets\.png|sources\.png|(base|lora)_\d+steps\.png"  # what evaluate() writes
 DEFAULT_UNSEEN = ["a photo of {} on a beach", "{} in a snowy forest", "a watercolor painting of {}",
                   "{} on a city street at night"]
 
@@ -116,11 +116,12 @@ def evaluate(
     few_sched = adapter.inference_schedule(m.height, m.width, m.inference_steps)
     few_steps = len(few_sched) - 1  # model.inference_steps may be null (= the model's own)
     many_sched = adapter.inference_schedule(m.height, m.width, control_steps) if control_steps else None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    grid_image(_to_tensor(targets, m.height, m.width), 1, len(targets)).save(out_dir / "targets.png")
+    # Grids are written with eval.json at the end: a LoRA that does not fit, or an interrupted run, leaves no
+    # half report behind.
+    grids = {"targets.png": grid_image(_to_tensor(targets, m.height, m.width), 1, len(targets))}
     first_sources = [srcs[0] for srcs in sources] if sources else None
     if first_sources:
-        grid_image(_to_tensor(first_sources, m.height, m.width), 1, len(targets)).save(out_dir / "sources.png")
+        grids["sources.png"] = grid_image(_to_tensor(first_sources, m.height, m.width), 1, len(targets))
 
     report: dict[str, Any] = {
         "weights": str(weights) if weights else None, "family": m.family, "steps": few_steps,
@@ -147,58 +148,64 @@ def evaluate(
             apply_trained(adapter.network, Path(weights))
         few = sample(few_sched)
         many = sample(many_sched) if many_sched is not None else None
-        grid_image(few, len(prompts), len(seeds)).save(out_dir / f"{variant}_{few_steps}steps.png")
+        grids[f"{variant}_{few_steps}steps.png"] = grid_image(few, len(prompts), len(seeds))
         if many is not None:
-            grid_image(many, len(prompts), len(seeds)).save(out_dir / f"{variant}_{control_steps}steps.png")
+            grids[f"{variant}_{control_steps}steps.png"] = grid_image(many, len(prompts), len(seeds))
         report[variant] = measure(few, many, prompts, len(seeds), len(train_prompts), targets, features, scorer,
                                   first_sources)
-    (out_dir / "eval.json").write_text(json.dumps(report, indent=2))
+    for name, grid in grids.items():
+        atomic_save_image(out_dir / name, grid)
+    atomic_write_json(out_dir / "eval.json", report)
     return report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from dopsd.cli_args import count, seed
+
     parser.add_argument("source", help="a dopsd run folder (its config.yaml and LoRA), a YAML config or a preset")
     parser.add_argument("overrides", nargs="*", help="config overrides section.key=value")
     parser.add_argument("--lora", type=Path, help="LoRA file (default: the run folder's)")
     parser.add_argument("--unseen", action="append", help="an unseen prompt (repeatable); default: templates with "
                         "data.trigger_word, none without one")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds per prompt (default 0 1)")
+    parser.add_argument("--seeds", type=seed, nargs="+", default=[0, 1], help="seeds per prompt (default 0 1)")
     parser.add_argument("--feature-model", help="local DINOv2/DINOv3/CLIP/SigLIP folder for DINO-D (default: pixels)")
     parser.add_argument("--clip-model", help="local CLIP/SigLIP folder for CLIP-S (default: skipped)")
-    parser.add_argument("--control-steps", type=int, default=28, help="many-step control (0 = off; default 28)")
-    parser.add_argument("--max-prompts", type=int, default=8, help="training pairs to evaluate (default 8)")
+    parser.add_argument("--control-steps", type=count(0), default=28, help="many-step control (0 = off; default 28)")
+    parser.add_argument("--max-prompts", type=count(1), default=8, help="training pairs to evaluate (default 8)")
     parser.add_argument("--no-base", action="store_true", help="skip the model without the LoRA")
-    parser.add_argument("--out", type=Path, help="output folder (default: RUN/eval or ./eval)")
+    parser.add_argument("--out", type=Path, help="output folder (default: RUN/eval or ./eval); an earlier report "
+                        "there is replaced, a folder holding anything else is refused")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
 
 def main(args: argparse.Namespace) -> int:
-    from dopsd.config import ConfigError, load_config
-    from dopsd.data import DatasetError
-    from dopsd.models.local import ModelFolderError
-    from dopsd.sample import FULL_FILE, LORA_FILE
+    from dopsd import cli_args
+    from dopsd.config import load_config
+    from dopsd.errors import RunFolderError, UsageError
+    from dopsd.features import check_feature_folder
+    from dopsd.sample import FULL_FILE, LORA_FILE, trained_meta
 
-    source = Path(args.source)
-    run_dir = source if source.is_dir() else None
-    try:
-        config = load_config(run_dir / "config.yaml" if run_dir else args.source, args.overrides)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"dopsd eval: {err}", file=sys.stderr)
-        return 2
+    # Every flag is checked here, before the dataset's images or any model load.
+    run_dir, config_source = cli_args.run_source(args.source)
+    config = load_config(config_source, args.overrides)
     weights = args.lora
     if weights is None and run_dir is not None:
         weights = next((run_dir / f for f in (LORA_FILE, FULL_FILE) if (run_dir / f).is_file()), None)
+        if weights is None:
+            raise RunFolderError(f"{run_dir} has no {LORA_FILE} or {FULL_FILE} (did the run finish?); to evaluate "
+                                 f"the model without a LoRA give the config instead: dopsd eval {run_dir / 'config.yaml'}")
     if weights is None and args.no_base:
-        print("dopsd eval: nothing to evaluate (no LoRA found and --no-base)", file=sys.stderr)
-        return 2
-    out = args.out or ((run_dir or Path(".")) / "eval")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        report = evaluate(config, weights, out, args.unseen, args.seeds, args.feature_model, args.clip_model,
-                          args.control_steps, args.max_prompts, not args.no_base, device)
-    except (ModelFolderError, DatasetError, ValueError) as err:
-        print(f"dopsd eval: {err}", file=sys.stderr)
-        return 2
+        raise UsageError("nothing to evaluate: no LoRA (give a run folder or --lora) and --no-base")
+    if weights is not None:
+        trained_meta(Path(weights), config.model.family, "--lora" if args.lora is not None else "the run's weights")
+    if args.feature_model is not None:
+        check_feature_folder(args.feature_model, "--feature-model")
+    if args.clip_model is not None:
+        check_feature_folder(args.clip_model, "--clip-model", text=True)
+    out = cli_args.output_folder("--out", args.out or ((run_dir or Path(".")) / "eval"), REPORT_FILES)
+    device = cli_args.device("--device", args.device)
+    report = evaluate(config, weights, out, args.unseen, args.seeds, args.feature_model, args.clip_model,
+                      args.control_steps, args.max_prompts, not args.no_base, device)
     for variant in ("base", "lora"):
         if variant in report:
             print(variant, " ".join(f"{k}={v:.4f}" for k, v in report[variant].items()))

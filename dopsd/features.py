@@ -96,17 +96,30 @@ def _pooled(out: Any) -> torch.Tensor:
     return out.last_hidden_state[:, 0]  # CLS token
 
 
+def check_feature_folder(folder: str | Path | None, field: str, text: bool = False) -> tuple[Path, str]:
+    """(folder, model_type) of a local image-feature model (with a text tower if `text`), checked without
+    loading it, so a wrong folder is refused before anything else loads."""
+    what = "CLIP/SigLIP model" if text else "image-feature model (DINOv2/DINOv3/CLIP/SigLIP)"
+    path = check_model_folder(folder, field, what)
+    try:
+        kind = read_json(path / "config.json").get("model_type")
+    except ValueError as err:
+        raise ModelFolderError(f"{field}: {path / 'config.json'} is not valid JSON ({err})") from None
+    if kind not in IMAGE_MODELS:
+        raise ModelFolderError(f"{field}: {path} holds a {kind!r} model; use one of {sorted(IMAGE_MODELS)}")
+    if text and kind not in TEXT_MODELS:
+        raise ModelFolderError(f"{field}: {path} ({kind}) has no text tower; use CLIP or SigLIP")
+    return path, kind
+
+
 class HFImageFeatures:
     """Image embedding of a local DINOv2/DINOv3/CLIP/SigLIP checkpoint."""
 
-    def __init__(self, folder: str | Path, device: str | torch.device = "cpu", field: str = "eval.feature_model"):
+    def __init__(self, folder: str | Path, device: str | torch.device = "cpu", field: str = "--feature-model"):
         from transformers import AutoModel
 
-        self.folder = check_model_folder(folder, field, "image-feature model (DINOv2/DINOv3/CLIP/SigLIP)")
+        self.folder, self.kind = check_feature_folder(folder, field)
         config = read_json(self.folder / "config.json")
-        self.kind = config.get("model_type")
-        if self.kind not in IMAGE_MODELS:
-            raise ModelFolderError(f"{field}: {self.folder} holds a {self.kind!r} model; use one of {sorted(IMAGE_MODELS)}")
         self.name = f"{self.kind}:{self.folder.name}"
         self.device = torch.device(device)
         self.model = load_part(AutoModel, self.folder, None).to(self.device).eval()
@@ -124,12 +137,11 @@ class HFImageFeatures:
 class TextImageScorer:
     """CLIP-S: cosine similarity of caption and image embeddings of a local CLIP or SigLIP checkpoint."""
 
-    def __init__(self, folder: str | Path, device: str | torch.device = "cpu", field: str = "eval.clip_model"):
+    def __init__(self, folder: str | Path, device: str | torch.device = "cpu", field: str = "--clip-model"):
         from transformers import AutoTokenizer
 
+        check_feature_folder(folder, field, text=True)
         self.images = HFImageFeatures(folder, device, field)
-        if self.images.kind not in TEXT_MODELS:
-            raise ModelFolderError(f"{field}: {self.images.folder} ({self.images.kind}) has no text tower; use CLIP or SigLIP")
         self.tokenizer = load_part(AutoTokenizer, self.images.folder, None)
         config = read_json(self.images.folder / "config.json")
         self.max_length = int(config.get("text_config", {}).get("max_position_embeddings", 77))

@@ -24,7 +24,10 @@ def add_lora(network: nn.Module, targets: list[str] | str, rank: int, alpha: flo
     try:
         inject_adapter_in_model(config, network, adapter_name=ADAPTER)
     except ValueError as err:
-        raise ValueError(f"LoRA targets {targets!r} match no layer of {type(network).__name__}: {err}") from err
+        from dopsd.config import ConfigError
+
+        raise ConfigError(f"LoRA targets (lora.targets) {targets!r} match no layer of {type(network).__name__}: "
+                          f"{err}") from err
     for name, p in network.named_parameters():
         p.requires_grad_("lora_" in name)
     return config
@@ -60,10 +63,17 @@ def lora_state_dict(network: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_lora_state_dict(network: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    result = set_peft_model_state_dict(network, state, adapter_name=ADAPTER)
+    """Load peft-format LoRA weights; weights of another model or rank raise WeightsFileError."""
+    from dopsd.errors import WeightsFileError
+
+    try:
+        result = set_peft_model_state_dict(network, state, adapter_name=ADAPTER)
+    except RuntimeError as err:  # shape mismatches: another rank or another model's layer sizes
+        lines = [ln.strip() for ln in str(err).splitlines() if "size mismatch" in ln]
+        raise WeightsFileError(f"LoRA weights do not fit this model: {lines[0] if lines else err}") from None
     unexpected = getattr(result, "unexpected_keys", None) or []
     if unexpected:
-        raise ValueError(f"LoRA weights do not fit this model; unexpected keys such as {unexpected[:3]}")
+        raise WeightsFileError(f"LoRA weights do not fit this model; unexpected keys such as {unexpected[:3]}")
 
 
 def has_lora(network: nn.Module) -> bool:

@@ -21,7 +21,7 @@ from functools import lru_cache
 
 import torch
 
-from dopsd.errors import DopsdError
+from dopsd.errors import WeightsFileError
 
 PREFIX = "diffusion_model."
 QKV = 3  # parts of a fused q/k/v projection
@@ -71,7 +71,7 @@ _KEY = re.compile(r"(?P<prefix>transformer\.|diffusion_model\.|base_model\.model
                   r"\.(?:(?:lora_(?P<ab>[AB])(?:\.default)?\.weight)|(?:lora_(?P<du>down|up)\.weight)|(?P<alpha>alpha))")
 
 
-class LoraFileError(DopsdError, ValueError):
+class LoraFileError(WeightsFileError, ValueError):
     """A LoRA file that cannot be read, converted or written as asked; the message names the file and the fix."""
 
 

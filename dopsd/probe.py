@@ -20,7 +20,6 @@ image-feature model from a local folder (cosine distance), or a downsampled pixe
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any, Sequence
 import torch
 from PIL import Image, ImageDraw
 
+from dopsd.files import atomic_save_image
 from dopsd.health import move_to
 from dopsd.models.base import ModelAdapter
 from dopsd.probe_scorers import PixelScorer, Scorer, to_pil
@@ -254,8 +254,7 @@ def save_grid(rows: list[tuple[Image.Image, ...]], labels: list[str], path: str 
         for c, img in enumerate(row):
             scale = Image.NEAREST if max(img.size) < cell else Image.BICUBIC
             grid.paste(img.convert("RGB").resize((cell, cell), scale), (label_w + c * (cell + 2), y))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    atomic_save_image(path, grid)
     return path
 
 
@@ -295,6 +294,8 @@ def _recommendations(report: ProbeReport) -> list[str]:
     return out
 
 
+PROBE_FILES = r"probe\.json|probe_grid\.png"  # what `dopsd probe` writes into its folder
+
 # --- config, dataset and CLI ---------------------------------------------------------------------------
 
 
@@ -331,43 +332,50 @@ def load_setup(source: Any, overrides: list[str] | None = None, with_data: bool 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from dopsd.cli_args import count, fraction
+
     parser.add_argument("config", help="the training config (YAML or preset name) that `dopsd train` would use")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, as for `dopsd train`")
-    parser.add_argument("--out", default=None, help="output folder (default: <train.output_dir>_probe)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: <train.output_dir>_probe); "
+                        "an earlier probe there is replaced, a folder holding anything else is refused")
     parser.add_argument("--strict", action="store_true", help="exit 1 when more than --max-fail of the pairs fail")
-    parser.add_argument("--max-fail", type=float, default=Thresholds.max_fail, help="fraction of failing pairs allowed")
-    parser.add_argument("--carry", type=float, default=Thresholds.carry, help="relative gain for 'carries'")
-    parser.add_argument("--weak", type=float, default=Thresholds.weak, help="relative gain below which a pair fails")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per pair")
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's few-step setting)")
+    parser.add_argument("--max-fail", type=fraction, default=Thresholds.max_fail, help="fraction of failing pairs allowed")
+    parser.add_argument("--carry", type=fraction, default=Thresholds.carry, help="relative gain for 'carries'")
+    parser.add_argument("--weak", type=fraction, default=Thresholds.weak, help="relative gain below which a pair fails")
+    parser.add_argument("--seeds", type=count(1), default=3, help="seeds per pair")
+    parser.add_argument("--steps", type=count(1), default=None, help="sampling steps (default: the model's few-step setting)")
     parser.add_argument("--features", default=None, help="local folder of an image-feature model (DINOv2/CLIP/SigLIP)")
-    parser.add_argument("--limit", type=int, default=None, help="probe only the first N pairs")
+    parser.add_argument("--limit", type=count(1), default=None, help="probe only the first N pairs")
 
 
 def main(args: argparse.Namespace) -> int:
     """Exit 0 when the probe ran (and, with --strict, passed); 1 when --strict fails; 2 on bad input."""
-    from dopsd.config import ConfigError
-    from dopsd.data import DatasetError
+    from dopsd.cli_args import output_folder
+    from dopsd.config import load_config
+    from dopsd.errors import UsageError
+    from dopsd.features import check_feature_folder
+    from dopsd.files import atomic_write_json
     from dopsd.probe_scorers import scorer_for
 
-    try:
-        thresholds = Thresholds(args.carry, args.weak, max_fail=args.max_fail)
-        setup = load_setup(args.config, args.overrides, limit=args.limit)
-        scorer = scorer_for(setup.adapter, args.features, device=getattr(setup.adapter, "device", "cpu"))
-    except (ConfigError, DatasetError, ValueError, FileNotFoundError) as err:
-        print(f"dopsd probe: {err}", file=sys.stderr)
-        return 2
-    cfg = setup.config
+    # Flags first, then the dataset (load_setup checks it in full), then the models.
+    if args.weak > args.carry:
+        raise UsageError(f"--weak {args.weak:g} is above --carry {args.carry:g}; a pair fails below --weak and carries "
+                         "from --carry up, so --weak must be <= --carry")
+    thresholds = Thresholds(args.carry, args.weak, max_fail=args.max_fail)
+    if args.features is not None:
+        check_feature_folder(args.features, "--features")
+    cfg = load_config(args.config, args.overrides)
+    out = output_folder("--out", args.out or Path(f"{cfg.train.output_dir.rstrip('/')}_probe"), PROBE_FILES)
+    setup = load_setup(cfg, limit=args.limit)
+    scorer = scorer_for(setup.adapter, args.features, device=getattr(setup.adapter, "device", "cpu"))
     steps = args.steps or cfg.model.inference_steps
     report = probe(
         setup.adapter, setup.pairs, seeds=range(args.seeds), steps=steps, scorer=scorer,
         thresholds=thresholds, names=setup.names, sources=setup.sources,
     )
-    out = Path(args.out or f"{cfg.train.output_dir.rstrip('/')}_probe")
-    out.mkdir(parents=True, exist_ok=True)
     data = report.to_dict()
     data["config"] = str(args.config)
-    (out / "probe.json").write_text(json.dumps(data, indent=2))
+    atomic_write_json(out / "probe.json", data)
     report.save_grid(out / "probe_grid.png")
     c = report.counts()
     print(f"teacher probe: {len(report.pairs)} pairs × {len(report.seeds)} seeds at {report.steps} steps, "

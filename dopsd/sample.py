@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,7 +16,6 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 from dopsd.schedules import sample_euler
 
@@ -117,34 +115,78 @@ def save_trained(out: Path, network: torch.nn.Module, lora: dict[str, Any] | Non
     return written
 
 
-def apply_trained(network: torch.nn.Module, weights: Path, scale: float = 1.0) -> dict[str, Any]:
-    """Load trained weights into `network`: a LoRA file dopsd wrote (either layout), a Z-Image / FLUX.2 LoRA in
-    the interchange layout from another tool, or a full fine-tune's model.safetensors. Returns lora_config.json's
-    content (empty when there is none)."""
-    from dopsd.lora import add_lora, exact_targets, load_lora_state_dict
-    from dopsd.lora_files import network_family, read_lora
-    from dopsd.lora_layout import LoraFileError
+def trained_meta(weights: Path, family: str | None = None, field: str = "weights") -> dict[str, Any]:
+    """Check a weights file before any model loads: a readable safetensors file, its lora_config.json (required
+    for dopsd's own peft layout: rank/alpha/targets; the interchange layout carries its shapes and scale itself) and,
+    given `family`, trained for that model family. `field` names where the path came from in messages (e.g. --lora).
+    Returns lora_config.json's content (empty when there is none)."""
+    from dopsd.errors import WeightsFileError
+    from dopsd.models.local import check_safetensors
 
     weights = Path(weights)
+    if weights.is_dir():
+        raise WeightsFileError(f"{field} {weights} is a folder; give its {LORA_FILE} (or {FULL_FILE}), or the run "
+                               "folder as the source")
+    check_safetensors(weights, field, "use the file a dopsd run wrote")
     cfg_path = weights.parent / LORA_CONFIG
-    meta = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    try:
+        meta = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    except (ValueError, OSError) as err:
+        raise WeightsFileError(f"{cfg_path} is not readable JSON ({err}); it describes {weights.name}") from None
+    full = meta.get("format") == "dopsd-full" or weights.name == FULL_FILE
+    if not full and not {"rank", "alpha", "targets"} <= set(meta):
+        from dopsd.lora_files import read_lora
+
+        if read_lora(weights).modules is None:  # peft keys: the shapes and scale live in lora_config.json
+            raise WeightsFileError(f"{weights}: no {LORA_CONFIG} with rank/alpha/targets beside it; pass the LoRA of "
+                                   "a dopsd run (for other LoRA files use the tool they were made for)")
+    trained_for = meta.get("family")
+    if family is not None and trained_for is not None and trained_for != family:
+        raise WeightsFileError(f"{weights} was trained for model family {trained_for!r}, but this config's "
+                               f"model.family is {family!r}; use the run's own config or a matching LoRA")
+    return meta
+
+
+def apply_trained(network: torch.nn.Module, weights: Path, scale: float = 1.0) -> dict[str, Any]:
+    """Load trained weights into `network`: a LoRA file dopsd wrote (either layout), a Z-Image / FLUX.2 LoRA in
+    the interchange layout from another tool, or a full fine-tune's model.safetensors. Weights that do not fit the
+    network (another model, size or rank) raise WeightsFileError naming the file. Returns lora_config.json's
+    content (empty when there is none)."""
+    from dopsd.config import ConfigError
+    from dopsd.errors import WeightsFileError
+    from dopsd.lora import add_lora, exact_targets, load_lora_state_dict
+    from dopsd.lora_files import network_family, read_lora
+    from dopsd.models.local import read_safetensors
+
+    weights = Path(weights)
+    meta = trained_meta(weights)
     if meta.get("format") == "dopsd-full" or weights.name == FULL_FILE:
-        missing, unexpected = network.load_state_dict(load_file(str(weights)), strict=False)
+        state = read_safetensors(weights, "weights", "use the file a dopsd run wrote")
+        try:
+            missing, unexpected = network.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # shape mismatches
+            raise WeightsFileError(f"{weights} does not fit this model: {str(err).splitlines()[-1].strip()}") from None
         if unexpected or missing:
-            raise LoraFileError(f"{weights} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise WeightsFileError(f"{weights} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
         return meta
     src = read_lora(weights)
     model_family = network_family(network) or "mini"
     if src.family != model_family:
-        raise LoraFileError(f"{weights} is a {src.family} LoRA; the model is {model_family}")
+        raise WeightsFileError(f"{weights} is a {src.family} LoRA; the model is {model_family}")
     if src.modules is None:  # dopsd-peft layout: peft keys, rank/alpha/targets from lora_config.json
-        if "rank" not in meta:
-            raise LoraFileError(f"{weights}: no {LORA_CONFIG} beside it (rank/alpha/targets); pass a dopsd run's LoRA")
-        state = {k.removeprefix("base_model.model.").removeprefix("transformer."): v for k, v in load_file(str(weights)).items()}
+        state = read_safetensors(weights, "weights", "use the file a dopsd run wrote")
+        state = {k.removeprefix("base_model.model.").removeprefix("transformer."): v for k, v in state.items()}
         if scale != 1.0:
             state = {k: v * scale if "lora_B" in k else v for k, v in state.items()}
-        add_lora(network, meta["targets"], meta["rank"], meta["alpha"])
-        load_lora_state_dict(network, state)
+        try:
+            add_lora(network, meta["targets"], meta["rank"], meta["alpha"])
+        except ConfigError:
+            raise WeightsFileError(f"{weights} does not fit this model: its LoRA targets {meta['targets']!r} match no "
+                                   f"layer of {type(network).__name__}") from None
+        try:
+            load_lora_state_dict(network, state)
+        except WeightsFileError as err:
+            raise WeightsFileError(f"{weights}: {err}") from None
         return meta
     # interchange layout: the scale is folded into lora_B, so every module runs at alpha = its rank
     ranks = {m: a.shape[0] for m, (a, _) in src.modules.items()}
@@ -153,61 +195,70 @@ def apply_trained(network: torch.nn.Module, weights: Path, scale: float = 1.0) -
     try:
         add_lora(network, exact_targets(list(src.modules)), rank, float(rank), rank_pattern=odd,
                  alpha_pattern={m: float(r) for m, r in odd.items()})
-    except ValueError as err:
-        raise LoraFileError(f"{weights} does not fit this model: {err}") from err
+    except (ValueError, ConfigError) as err:
+        raise WeightsFileError(f"{weights} does not fit this model: {err}") from None
     state = {}
     for m, (a, b) in src.modules.items():
         state[f"{m}.lora_A.weight"], state[f"{m}.lora_B.weight"] = a.float(), b.float() * scale
     try:
         load_lora_state_dict(network, state)
     except (ValueError, RuntimeError) as err:  # shapes or names of another model
-        raise LoraFileError(f"{weights} does not fit this model: {err}") from err
+        raise WeightsFileError(f"{weights} does not fit this model: {err}") from None
     return meta
 
 
 # --- the command ---------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from dopsd.cli_args import count, finite, seed
+
     parser.add_argument("source", nargs="?", default="mini",
                         help="a dopsd run folder (uses its config and LoRA), a YAML config or a preset (default mini)")
     parser.add_argument("overrides", nargs="*", help="config overrides section.key=value (e.g. model.pretrained=base)")
     parser.add_argument("--lora", type=Path, help="LoRA/weights file (default: the run folder's, if any)")
     parser.add_argument("--no-lora", action="store_true", help="sample the model without the run's LoRA")
-    parser.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1)")
-    parser.add_argument("--steps", type=int, help="sampling steps (default: the model's few-step setting)")
+    parser.add_argument("--lora-scale", type=finite, default=1.0, help="LoRA strength (default 1)")
+    parser.add_argument("--steps", type=count(1), help="sampling steps (default: the model's few-step setting)")
     parser.add_argument("--prompt", action="append", dest="prompts", help="a prompt (repeat for rows); "
                         "default: the run's sample prompts")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="seeds (grid columns)")
-    parser.add_argument("--out", type=Path, default=Path("samples.png"), help="output PNG (default samples.png)")
+    parser.add_argument("--seeds", type=seed, nargs="+", default=[0, 1, 2, 3], help="seeds (grid columns)")
+    parser.add_argument("--out", type=Path, default=Path("samples.png"), help="output image (default samples.png)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
 
 def main(args: argparse.Namespace) -> int:
-    from dopsd.config import ConfigError, load_config
+    from dopsd import cli_args
+    from dopsd.config import load_config
+    from dopsd.errors import RunFolderError, UsageError
+    from dopsd.files import atomic_save_image
     from dopsd.models.registry import load_adapter, torch_dtype
 
-    source = Path(args.source)
-    run_dir = source if source.is_dir() else None
-    try:
-        config = load_config(run_dir / "config.yaml" if run_dir else args.source, args.overrides)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"dopsd sample: {err}", file=sys.stderr)
-        return 2
+    # Every flag is checked here, before the model loads.
+    run_dir, config_source = cli_args.run_source(args.source)
+    config = load_config(config_source, args.overrides)
+    if args.lora is not None and args.no_lora:
+        raise UsageError("--lora and --no-lora contradict each other; give one of them")
     weights = args.lora
     if weights is None and run_dir is not None and not args.no_lora:
         weights = next((run_dir / f for f in (LORA_FILE, FULL_FILE) if (run_dir / f).is_file()), None)
         if weights is None:
-            print(f"dopsd sample: {run_dir} has no {LORA_FILE} or {FULL_FILE} (did the run finish?)", file=sys.stderr)
-            return 2
-    prompts = args.prompts
-    folders = ([Path(weights).parent] if weights is not None else []) + ([run_dir] if run_dir is not None else [])
-    for folder in folders:
-        if not prompts and (folder / LORA_CONFIG).is_file():  # the run's own sample prompts
-            prompts = json.loads((folder / LORA_CONFIG).read_text()).get("prompts")
+            raise RunFolderError(f"{run_dir} has no {LORA_FILE} or {FULL_FILE} (did the run finish?); pass --no-lora "
+                                 "to sample the model without it")
+    field = "--lora" if args.lora is not None else "the run's weights"
+    meta = trained_meta(Path(weights), config.model.family, field) if weights is not None else {}
+    if args.lora_scale != 1.0 and (weights is None or meta.get("format") == "dopsd-full" or Path(weights).name == FULL_FILE):
+        raise UsageError(f"--lora-scale {args.lora_scale:g} scales a LoRA, but "
+                         + (f"{weights} holds full weights" if weights is not None else "no LoRA is loaded"))
+    prompts = args.prompts or meta.get("prompts")  # default: the run's own sample prompts
+    if not prompts and run_dir is not None:  # --no-lora on a run: still its prompts
+        run_weights = next((run_dir / f for f in (LORA_FILE, FULL_FILE) if (run_dir / f).is_file()), None)
+        prompts = trained_meta(run_weights).get("prompts") if run_weights is not None else None
     prompts = prompts or config.sample.prompts
     if not prompts:
-        print("dopsd sample: no prompts; pass --prompt TEXT (repeatable)", file=sys.stderr)
-        return 2
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        raise UsageError("no prompts: pass --prompt TEXT (repeatable)")
+    out = cli_args.output_file("--out", args.out, args.overwrite)
+    device = cli_args.device("--device", args.device)
+
     adapter = load_adapter(config.model, device, torch_dtype(config.model.dtype))
     if weights is not None:
         apply_trained(adapter.network, Path(weights), args.lora_scale)
@@ -218,8 +269,7 @@ def main(args: argparse.Namespace) -> int:
     rows = [c for c in contexts for _ in args.seeds]
     noise = seed_noise(adapter.latent_shape(m.height, m.width), list(args.seeds) * len(prompts))
     images = generate(adapter, adapter.network, rows, noise, schedule, dtype=torch.float32)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    grid_image(images, len(prompts), len(args.seeds)).save(args.out)
+    atomic_save_image(out, grid_image(images, len(prompts), len(args.seeds)))
     what = f"LoRA {weights}" if weights else "no LoRA"
-    print(f"wrote {args.out}: {len(prompts)} prompts × {len(args.seeds)} seeds, {steps} steps, {m.family} ({what})")
+    print(f"wrote {out}: {len(prompts)} prompts × {len(args.seeds)} seeds, {steps} steps, {m.family} ({what})")
     return 0

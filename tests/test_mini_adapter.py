@@ -89,7 +89,9 @@ def test_lora_targets_cover_every_block_linear():
 
 
 def test_load_validation(tmp_path):
-    with pytest.raises(FileNotFoundError, match="dopsd mini recipe"):
+    from dopsd.models.local import ModelFolderError
+
+    with pytest.raises(ModelFolderError, match="model.pretrained: no miniature weights.*dopsd mini recipe"):
         load(SimpleNamespace(pretrained=str(tmp_path)))
     with pytest.raises(ValueError, match="24×24"):
         load(SimpleNamespace(pretrained="turbo", height=512, width=512))

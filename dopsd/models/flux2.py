@@ -19,10 +19,11 @@ import torch
 from PIL import Image
 from torch import nn
 
+from dopsd.config import ConfigError
 from dopsd.models.base import CaptionProblem, Context
 from dopsd.models.local import (
-    cfg_get, chat_token_counts, chat_tokens, check_pipeline_folder, check_size, folder_fingerprint, free_memory,
-    load_part, resolve_dtype, stack_or_list, still_loaded, to_pixels, token_limit_problems,
+    ModelFolderError, cfg_get, chat_token_counts, chat_tokens, check_pipeline_folder, check_size, folder_fingerprint,
+    free_memory, load_part, resolve_dtype, stack_or_list, still_loaded, to_pixels, token_limit_problems,
 )
 from dopsd.schedules import flux2_schedule
 
@@ -53,10 +54,10 @@ class Flux2Adapter:
         self.folder = check_pipeline_folder(cfg_get(cfg, "pretrained", None), "flux2")
         self.teacher_mode = cfg_get(cfg, "teacher_context", "reference")
         if self.teacher_mode not in ("reference", "vlm", "text"):
-            raise ValueError(f"model.teacher_context must be 'reference', 'vlm' or 'text' for FLUX.2, got {self.teacher_mode!r}")
+            raise ConfigError(f"model.teacher_context must be 'reference', 'vlm' or 'text' for FLUX.2, got {self.teacher_mode!r}")
         self.editing = bool(cfg_get(cfg, "editing", False))
         if self.editing and self.teacher_mode != "reference":
-            raise ValueError("model.editing trains through the reference path: set model.teacher_context: reference")
+            raise ConfigError("model.editing trains through the reference path: set model.teacher_context: reference")
         self.instruction = teacher_instruction(cfg)
         self.network: nn.Module = load_part(Flux2Transformer2DModel, self.folder, "transformer", self.dtype).to(self.device)
         self.vae = load_part(AutoencoderKLFlux2, self.folder, "vae", self.dtype).to(self.device).eval().requires_grad_(False)
@@ -66,7 +67,8 @@ class Flux2Adapter:
         self.layers = tuple(int(k) for k in cfg_get(cfg, "text_encoder_out_layers", (9, 18, 27)))
         depth = self.text_encoder.config.num_hidden_layers
         if max(self.layers) > depth:
-            raise ValueError(f"text_encoder_out_layers {self.layers} exceed the text encoder's {depth} layers")
+            raise ModelFolderError(f"model.pretrained: text_encoder_out_layers {self.layers} exceed the {depth} layers of "
+                                   f"{self.folder}/text_encoder; is this the FLUX.2-klein text encoder?")
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.steps = int(cfg_get(cfg, "inference_steps", 4))
         self.max_tokens = int(cfg_get(cfg, "max_caption_tokens", 512))

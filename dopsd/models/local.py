@@ -9,13 +9,14 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import struct
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
-from dopsd.errors import DopsdError
+from dopsd.errors import DopsdError, WeightsFileError
 
 # What each family's folder must hold: pipeline class names accepted in model_index.json and subfolders.
 LAYOUTS: dict[str, dict[str, Any]] = {
@@ -39,6 +40,52 @@ class ModelFolderError(DopsdError, ValueError):
 
 def _has_weights(folder: Path) -> bool:
     return any(p.name.endswith(WEIGHT_SUFFIXES) for p in folder.iterdir() if p.is_file())
+
+
+def check_safetensors(path: str | Path, field: str, fix: str = "copy or download it again") -> Path:
+    """The file if its safetensors header is readable and the file holds every byte the header lists.
+
+    Reads only the header (bytes, not tensors), so whole model folders are checked before anything loads; a
+    copy or download that stopped early is named here instead of failing deep inside a library.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsFileError(f"{field}: {path} {'is a folder, not a file' if path.is_dir() else 'does not exist'}")
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise ValueError("the file is shorter than a safetensors header")
+            (length,) = struct.unpack("<Q", head)
+            if length > min(size - 8, 100_000_000):
+                raise ValueError("the header length does not fit the file")
+            header = json.loads(fh.read(length))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, OSError) as err:
+        raise WeightsFileError(f"{field}: {path} is not a readable safetensors file ({err}); {fix}") from None
+    if size < 8 + length + end:
+        raise WeightsFileError(
+            f"{field}: {path} is truncated ({size:,} bytes, its header lists {8 + length + end:,}); {fix}"
+        )
+    return path
+
+
+def read_safetensors(path: str | Path, field: str, fix: str = "copy or download it again") -> dict[str, torch.Tensor]:
+    """`safetensors.torch.load_file` after `check_safetensors`, with any remaining read error naming the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    check_safetensors(path, field, fix)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise WeightsFileError(f"{field}: cannot read {path} ({err})") from None
+
+
+def _check_weight_files(folder: Path, field: str) -> None:
+    for file in sorted(folder.glob("*.safetensors")):
+        check_safetensors(file, field)
 
 
 def check_pipeline_folder(path: str | Path | None, family: str, field: str = "model.pretrained") -> Path:
@@ -81,6 +128,8 @@ def check_pipeline_folder(path: str | Path | None, family: str, field: str = "mo
                 missing.append(f"{part}/ weights (*.safetensors)")
     if missing:
         raise ModelFolderError(f"{field}: {folder} is incomplete; missing: {', '.join(missing)}; {hint}")
+    for part in layout["parts"]:
+        _check_weight_files(folder / part, field)
     return folder
 
 
@@ -95,6 +144,7 @@ def check_model_folder(path: str | Path | None, field: str, what: str) -> Path:
         raise ModelFolderError(f"{field}: {folder} has no config.json, so it is not a {what} folder")
     if not _has_weights(folder):
         raise ModelFolderError(f"{field}: {folder} has a config.json but no weights (*.safetensors)")
+    _check_weight_files(folder, field)
     return folder
 
 
@@ -128,9 +178,11 @@ def load_part(
     level = hf_logging.get_verbosity()
     if quiet:
         hf_logging.set_verbosity_error()
+    from safetensors import SafetensorError
+
     try:
         return cls.from_pretrained(str(folder), **extra)
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, SafetensorError) as err:
         where = folder / subfolder if subfolder else folder
         raise ModelFolderError(f"cannot load {cls.__name__} from {where}: {err}") from err
     finally:
@@ -183,8 +235,10 @@ def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
 
 
 def check_size(height: int, width: int, multiple: int, family: str) -> None:
+    from dopsd.config import ConfigError
+
     if height % multiple or width % multiple or height <= 0 or width <= 0:
-        raise ValueError(
+        raise ConfigError(
             f"{family}: image size {height}x{width} must be positive multiples of {multiple} "
             f"(VAE downsampling x 2x2 patches); set model.height/model.width accordingly"
         )

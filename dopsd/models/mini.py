@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 from torch import nn
 
 from dopsd.errors import PromptError
@@ -25,6 +24,7 @@ from dopsd.mini import world
 from dopsd.mini.nets import LORA_TARGETS, MiniConfig, MiniDiT, MiniEncoder, tiny_config
 from dopsd.mini.recipe import RECIPE_VERSION
 from dopsd.models.base import CaptionProblem, Context
+from dopsd.models.local import ModelFolderError, read_safetensors
 from dopsd.schedules import shifted_schedule
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "mini" / "weights"
@@ -45,7 +45,10 @@ class MiniAdapter:
         dtype: torch.dtype = torch.float32,
     ):
         if teacher_context not in TEACHER_CONTEXTS:
-            raise ValueError(f"mini teacher_context must be one of {TEACHER_CONTEXTS}, got {teacher_context!r}")
+            from dopsd.config import ConfigError
+
+            raise ConfigError(f"model.teacher_context must be one of {TEACHER_CONTEXTS} for the miniature, "
+                              f"got {teacher_context!r}")
         self.cfg = cfg
         self.kind = kind  # "turbo" (few steps), "base" (many steps) or "random"
         self.teacher_context = teacher_context
@@ -154,7 +157,10 @@ class MiniAdapter:
     def _check_size(self, height: int | None, width: int | None) -> None:
         res = self.cfg.res
         if (height is not None and height != res) or (width is not None and width != res):
-            raise ValueError(f"the miniature model renders {res}×{res} only; got {height}×{width} (set height/width to {res})")
+            from dopsd.config import ConfigError
+
+            raise ConfigError(f"the miniature model renders {res}×{res} only; got model.height×model.width = "
+                              f"{height}×{width} (set both to {res})")
 
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
         self._check_size(height, width)
@@ -221,10 +227,18 @@ def read_weights(path: Path) -> tuple[MiniConfig, dict[str, torch.Tensor], dict,
             if file.parent == WEIGHTS_DIR
             else "point pretrained at a folder written by `dopsd mini recipe --out DIR`, or use 'turbo'/'base'"
         )
-        raise FileNotFoundError(f"no miniature weights at {file} (with manifest.json beside it); {hint}")
-    manifest = json.loads(manifest_path.read_text())
+        if (file.parent / "model_index.json").is_file():  # a diffusers folder: another family's weights
+            hint = "it is a diffusers pipeline folder; set model.family (or the preset) to its family"
+        raise ModelFolderError(f"model.pretrained: no miniature weights at {file} (with manifest.json beside it); {hint}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        cfg = MiniConfig.from_dict(manifest["config"])
+    except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
+        raise ModelFolderError(f"model.pretrained: {manifest_path} is not a miniature manifest ({type(err).__name__}: "
+                               f"{err}); rebuild the folder with `dopsd mini recipe --out DIR`") from None
     kind = "base" if file.stem == "base" else "turbo"
-    return MiniConfig.from_dict(manifest["config"]), load_file(str(file)), manifest, kind
+    state = read_safetensors(file, "model.pretrained", "rebuild it with `dopsd mini recipe --out DIR`")
+    return cfg, state, manifest, kind
 
 
 def build(cfg: MiniConfig, state: dict[str, torch.Tensor] | None = None) -> tuple[MiniDiT, MiniEncoder]:
@@ -240,14 +254,14 @@ def build_from(path: Path) -> tuple[MiniConfig, MiniDiT, MiniEncoder, str]:
     cfg, state, manifest, kind = read_weights(path)
     version = manifest.get("recipe_version")
     if version is not None and version != RECIPE_VERSION:  # they may fit and still compute something else
-        raise ValueError(
+        raise ModelFolderError(
             f"{weights_file(path)} was built by recipe {version}, this dopsd's miniature is {RECIPE_VERSION}. Rebuild "
             f"them with `dopsd mini recipe --out {weights_file(path).parent}` or use the shipped 'turbo'/'base'."
         )
     try:
         dit, enc = build(cfg, state)
     except RuntimeError as err:  # weights from another recipe version than this network
-        raise ValueError(
+        raise ModelFolderError(
             f"{weights_file(path)} does not fit this version's miniature network (weights: "
             f"{manifest.get('recipe_version', 'unknown recipe')}, this dopsd: {RECIPE_VERSION}). Rebuild them with "
             f"`dopsd mini recipe --out {weights_file(path).parent}` or use the shipped 'turbo'/'base'. Detail: {str(err)[:300]}"

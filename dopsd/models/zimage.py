@@ -17,10 +17,11 @@ import torch
 from PIL import Image
 from torch import nn
 
+from dopsd.config import ConfigError
 from dopsd.models.base import CaptionProblem, Context
 from dopsd.models.local import (
-    cfg_get, chat_token_counts, chat_tokens, check_pipeline_folder, check_size, folder_fingerprint, free_memory,
-    load_part, read_json, resolve_dtype, stack_or_list, still_loaded, to_pixels, token_limit_problems,
+    ModelFolderError, cfg_get, chat_token_counts, chat_tokens, check_pipeline_folder, check_size, folder_fingerprint,
+    free_memory, load_part, read_json, resolve_dtype, stack_or_list, still_loaded, to_pixels, token_limit_problems,
 )
 from dopsd.schedules import exponential_shift, shifted_schedule
 
@@ -40,17 +41,18 @@ class ZImageAdapter:
         self.folder = check_pipeline_folder(cfg_get(cfg, "pretrained", None), "zimage")
         self.teacher_mode = cfg_get(cfg, "teacher_context", "vlm")
         if self.teacher_mode not in ("vlm", "text"):
-            raise ValueError(
+            raise ConfigError(
                 f"model.teacher_context={self.teacher_mode!r} is not available for Z-Image-Turbo: it has no "
                 "reference-image input; use 'vlm' (or 'text' for a caption-only teacher)"
             )
         if cfg_get(cfg, "editing", False):
-            raise ValueError("model.editing is a FLUX.2-klein mode; Z-Image-Turbo has no editing path")
+            raise ConfigError("model.editing is a FLUX.2-klein mode; Z-Image-Turbo has no editing path: set it to false")
         self.network: nn.Module = load_part(ZImageTransformer2DModel, self.folder, "transformer", self.dtype).to(self.device)
         for name in ("x_pad_token", "cap_pad_token"):
             token = getattr(self.network, name, None)
             if token is not None and not torch.isfinite(token).all():
-                raise ValueError(f"{self.folder}/transformer: {name} is not finite; the checkpoint is incomplete")
+                raise ModelFolderError(f"model.pretrained: {self.folder}/transformer: {name} is not finite; the "
+                                       "checkpoint is incomplete: download it again")
         self.vae = load_part(AutoencoderKL, self.folder, "vae", self.dtype).to(self.device).eval().requires_grad_(False)
         self.text_encoder = load_part(Qwen3Model, self.folder, "text_encoder", self.dtype).to(self.device).eval()
         self.text_encoder.requires_grad_(False)

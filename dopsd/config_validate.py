@@ -1,0 +1,109 @@
+"""Config checks after typing: every bounded option inside its range, the relations the trainer relies on,
+and the `train.fsdp` keys against accelerate's FSDP plugin.
+
+Ranges are declared on the fields themselves (`opt(..., ge=1)` in dopsd.config); this module enforces them
+for every option, so a new bounded option needs no code here. Each message names the key, the value given and
+the valid range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any
+
+from dopsd.config import SECTIONS, Config, ConfigError
+
+
+def _number_text(x: float) -> str:
+    if isinstance(x, int) and x >= 2**16 and (x & (x - 1)) == 0:
+        return f"2^{x.bit_length() - 1}"  # seed limits read better as powers of two
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def range_text(bounds: dict[str, float]) -> str:
+    """'> 0', '>= 1', 'in [0, 1)' … for bounds {ge|gt: lo, le|lt: hi}."""
+    lo = ("[", bounds["ge"]) if "ge" in bounds else ("(", bounds["gt"]) if "gt" in bounds else None
+    hi = ("]", bounds["le"]) if "le" in bounds else (")", bounds["lt"]) if "lt" in bounds else None
+    if lo and hi:
+        return f"in {lo[0]}{_number_text(lo[1])}, {_number_text(hi[1])}{hi[0]}"
+    if lo:
+        return f"{'>=' if lo[0] == '[' else '>'} {_number_text(lo[1])}"
+    assert hi is not None
+    return f"{'<=' if hi[0] == ']' else '<'} {_number_text(hi[1])}"
+
+
+def _inside(x: float, bounds: dict[str, float]) -> bool:
+    return not (("ge" in bounds and x < bounds["ge"]) or ("gt" in bounds and x <= bounds["gt"])
+                or ("le" in bounds and x > bounds["le"]) or ("lt" in bounds and x >= bounds["lt"]))
+
+
+def check_bounds(config: Config) -> None:
+    """Every option with declared bounds (each list element; null values are not checked)."""
+    for section in SECTIONS:
+        obj = getattr(config, section)
+        for f in dataclasses.fields(obj):
+            bounds = f.metadata.get("bounds")
+            value = getattr(obj, f.name)
+            if not bounds or value is None:
+                continue
+            for i, x in enumerate(value if isinstance(value, list) else [value]):
+                if not _inside(x, bounds):
+                    where = f"{section}.{f.name}" + (f"[{i}]" if isinstance(value, list) else "")
+                    raise ConfigError(f"config key {where!r} must be {range_text(bounds)}, got {x!r}")
+
+
+def check_relations(c: Config) -> None:
+    """What the options mean together (each one alone is already in range)."""
+    if not c.train.output_dir.strip():
+        raise ConfigError("config key 'train.output_dir' is empty; name the run folder to write")
+    if len(c.optim.betas) != 2:
+        raise ConfigError(f"config key 'optim.betas' needs two numbers (beta1, beta2), got {c.optim.betas}")
+    if not c.sample.seeds:
+        raise ConfigError("config key 'sample.seeds' must list at least one seed")
+    if c.model.inference_steps is not None and c.model.rollout_every > c.model.inference_steps:
+        raise ConfigError(
+            f"config key 'model.rollout_every' is {c.model.rollout_every} but model.inference_steps is "
+            f"{c.model.inference_steps}: the roll-out takes every n-th of those steps, so n must be <= "
+            f"{c.model.inference_steps}"
+        )
+    if c.method.prior_weight > 0 and not c.method.prior_prompts:
+        raise ConfigError(
+            f"config key 'method.prior_weight' is {c.method.prior_weight} but method.prior_prompts is empty; list "
+            "prompts unrelated to the concept, or set method.prior_weight=0 to turn prior preservation off"
+        )
+    if c.model.editing and not c.data.source_dir:
+        raise ConfigError("model.editing is true but data.source_dir is not set: point it at the source images")
+    if c.model.editing and c.method.prior_prompts and c.method.prior_weight > 0:
+        raise ConfigError("prior preservation (method.prior_prompts) is not supported for editing models (model.editing)")
+    if c.train.device not in (None, "cpu"):
+        raise ConfigError(f"config key 'train.device' must be 'cpu' or null, got {c.train.device!r} "
+                          "(choose GPUs with CUDA_VISIBLE_DEVICES or accelerate launch)")
+    check_fsdp(c.train.fsdp)
+
+
+# --- train.fsdp ---------------------------------------------------------------------------------------------
+def _fsdp_fields() -> dict[str, Any]:
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    return {f.name: f.type for f in dataclasses.fields(FullyShardedDataParallelPlugin) if f.init}
+
+
+def check_fsdp(fsdp: dict[str, Any]) -> None:
+    """`train.fsdp` keys against accelerate's FullyShardedDataParallelPlugin (introspected, so the accepted keys
+    follow the installed accelerate). Values are accelerate's to parse: it accepts several spellings per option."""
+    if not fsdp:
+        return
+    fields = _fsdp_fields()
+    for key in fsdp:
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(fields)}"
+            raise ConfigError(f"config key 'train.fsdp.{key}' is not an option of accelerate's "
+                              f"FullyShardedDataParallelPlugin; {hint}")
+
+
+def validate(config: Config) -> None:
+    """Ranges, then relations; raises ConfigError naming the key, the value and what is valid."""
+    check_bounds(config)
+    check_relations(config)
