@@ -238,5 +238,5 @@ def measured_note(spec: Any, exact: bool | None) -> str:
     if exact or not spec.depth or full_depth_params(spec) < 100_000_000:
         return "every phase measured on the whole network"
     knobs = ", ".join(f"{k}={v}" for k, v in spec.depth.items())
-    return (f"phases measured with 1 and 2 blocks of each repeated kind and extrapolated linearly to {knobs} "
+    return (f"phases measured with 2 and 3 blocks of each repeated kind and extrapolated linearly to {knobs} "
             "(identical blocks save and compute the same); resident bytes counted on the full network")
