@@ -169,3 +169,6 @@ def test_cli_refuses_bad_input_with_one_message(capsys):
     assert main(["plan", "mini", "--caption-tokens", "0"]) != 0
     err = capsys.readouterr().err
     assert "--caption-tokens" in err and "internal error" not in err
+    assert main(["plan", "mini", "lora.enabled=false", "--quantize", "nf4"]) != 0
+    err = capsys.readouterr().err
+    assert "needs LoRA" in err and "internal error" not in err

@@ -28,9 +28,11 @@ UNSEEN = [
     "allocator fragmentation (PyTorch's caching allocator typically reserves 5-15% above the live bytes)",
     "attention: modelled as a fused GPU kernel (flash / memory-efficient SDPA keeps q, k, v, the output and a "
     "per-row logsumexp, never the L x L scores); the CPU math path would materialise L x L",
+    "mixed precision: CUDA autocast is emulated with CPU autocast (their op lists differ in a few ops)",
     "kernel workspaces (cuBLAS, cuDNN), NCCL buffers under several GPUs, and anything outside the trainer "
     "(other processes on the card)",
     "sample grids and few-step health checks between steps (no-grad sampling and VAE decoding)",
+    "several processes: the plan is for one GPU (DDP adds gradient-sized buckets; FSDP would shard weights)",
     "quantization (model.quantize) is not implemented yet: its bytes follow the schemes in "
     "dopsd.planner.resident, plus one dequantized weight at a time during forwards",
 ]
@@ -134,6 +136,11 @@ def choice_from_config(cfg: Any, quantize: str | None = None) -> Choice:
         from dopsd.config import ConfigError
 
         raise ConfigError(f"model.quantize / --quantize must be one of {', '.join(QUANTIZE)}, got {q!r}")
+    if q != "none" and not cfg.lora.enabled:
+        from dopsd.config import ConfigError
+
+        raise ConfigError(f"a quantized frozen base ({q}) needs LoRA (lora.enabled=true): a full fine-tune trains, "
+                          "and so keeps unquantized, every weight")
     return Choice(cfg.model.height, cfg.model.width, cfg.train.batch_size, cfg.train.gradient_checkpointing,
                   cfg.lora.rank if cfg.lora.enabled else None, cfg.optim.eight_bit, q)
 
