@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("dopsd.export", "Convert a trained LoRA to diffusers or ComfyUI format."),
     "eval": ("dopsd.evaluate", "Evaluate a trained LoRA (few-step samples, DINO/CLIP metrics, grids)."),
     "probe": ("dopsd.probe", "Check before training that the teacher context carries each training pair."),
+    "plan": ("dopsd.planner.cli", "Predict peak GPU memory and compute of a run before downloading anything."),
     "bench": ("dopsd.bench", "Benchmark D-OPSD against SFT baselines on the miniature world."),
     "mini": ("dopsd.mini.cli", "Miniature world: rebuild the shipped weights (recipe) or measure them (report)."),
 }

@@ -16,8 +16,8 @@ module-level functions, reached through the registry (see `FamilyModule`):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
 from PIL import Image
@@ -97,3 +97,64 @@ class ModelAdapter(Protocol):
     def release_encoders(self) -> None:
         """Free the frozen encoders once contexts are cached (they are not needed while training)."""
         ...
+
+
+# --- planning: what `dopsd plan` needs to know about a family, before anything is downloaded ---------------
+# Each family module exposes `plan_spec(model_cfg, hint=None) -> PlanSpec` (through
+# `dopsd.models.registry.plan_spec`). The planner builds the parts on the meta device from the spec, runs them on
+# fake tensors and never looks at the family; everything family-specific (configs, inputs at a resolution,
+# token counts, the encoders the feature cache runs and what is loaded meanwhile) lives behind this interface.
+
+
+@dataclass
+class PlanCall:
+    """One kind of denoiser call at a resolution (the student's or the teacher's).
+
+    context(batch) builds what `PlanSpec.velocity` takes for `batch` samples (called inside the planner's fake
+    mode, so its tensors cost nothing); tokens names the sequence parts the transformer attends over.
+    """
+
+    context: Callable[[int], Any]
+    tokens: dict[str, int]
+
+
+@dataclass
+class PlanStage:
+    """One phase of feature caching: the encoder call it runs and what is loaded on the device meanwhile."""
+
+    name: str
+    uses: tuple[str, ...]  # parts the call itself needs
+    resident: tuple[str, ...]  # parts loaded on the device while it runs (as the adapter loads them today)
+    run: Callable[[dict[str, nn.Module], int, int], Any]  # one no-grad encoder call: (built parts, height, width)
+    needed_by: str = "student"  # which features it computes: "student" (always), "teacher" or "latents" (SFT)
+
+
+@dataclass
+class PlanCheck:
+    """A sequence/position limit at the planned resolution (e.g. RoPE table coverage)."""
+
+    what: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class PlanSpec:
+    """A family's full-size networks and calls, as the trainer would run them for one config."""
+
+    label: str  # e.g. "Z-Image-Turbo"
+    dtype: torch.dtype  # weight dtype (model.dtype)
+    parts: dict[str, Callable[[dict[str, int]], nn.Module]]  # name -> build(depth overrides) (called on meta)
+    depth: dict[str, int]  # denoiser config keys of identical repeated blocks -> their full counts
+    lora_targets: list[str] | str  # the adapter's default LoRA targets
+    latent_shape: Callable[[int, int], tuple[int, ...]]  # (height, width) -> one sample's latents
+    student: Callable[[int, int], PlanCall]
+    teacher: Callable[[int, int], PlanCall]
+    velocity: Callable[[nn.Module, torch.Tensor, torch.Tensor, Any], torch.Tensor]  # the adapter's own
+    rollout_steps: int  # K: roll-out states per D-OPSD loss
+    caching: list[PlanStage] = field(default_factory=list)
+    kept_while_training: tuple[str, ...] = ()  # parts besides the denoiser that stay loaded (e.g. the VAE)
+    checks: Callable[[int, int], list[PlanCheck]] = lambda h, w: []
+    denoiser: str = "transformer"
+    sources: dict[str, str] = field(default_factory=dict)  # part -> where its configuration came from
+    notes: list[str] = field(default_factory=list)

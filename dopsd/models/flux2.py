@@ -290,3 +290,106 @@ def caption_problems(cfg: Any, captions: list[str]) -> list[CaptionProblem]:
 
 def load(cfg: Any, device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None) -> Flux2Adapter:
     return Flux2Adapter(cfg, device, dtype)
+
+
+# --- planning (`dopsd plan`): the full-size networks and calls of this family, no weights --------------------
+
+def plan_variant(cfg: Any, hint: str | None) -> str:
+    """Bundled config to plan when model.pretrained is not a local folder: klein 9B if the hint or the folder
+    name says 9B, else klein 4B."""
+    text = f"{hint or ''} {cfg_get(cfg, 'pretrained', '') or ''}".lower()
+    return "flux2-klein-9b" if "9b" in text else "flux2-klein-4b"
+
+
+def plan_spec(cfg: Any, hint: str | None = None):
+    """FLUX.2-klein as `dopsd plan` sees it (dopsd.models.base.PlanSpec)."""
+    from types import SimpleNamespace
+
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from dopsd.models.base import PlanCall, PlanCheck, PlanSpec, PlanStage
+    from dopsd.models.registry import fullsize_config, pipeline_configs, torch_dtype
+    from dopsd.models.zimage import qwen_text_plan_run, qwen_vl_plan, vae_plan_run
+    from dopsd.schedules import flux2_schedule, training_schedule
+
+    variant = plan_variant(cfg, hint)
+    conf, source = pipeline_configs(cfg_get(cfg, "pretrained", None), ("transformer", "text_encoder", "vae"), variant)
+    tc, te, vc = conf["transformer"], conf["text_encoder"], conf["vae"]
+    label = fullsize_config(variant)["label"] if source.startswith("bundled") else f"FLUX.2 ({source})"
+    dtype = torch_dtype(cfg_get(cfg, "dtype", "bfloat16"))
+    height, width = int(cfg_get(cfg, "height", 1024)), int(cfg_get(cfg, "width", 1024))
+    teacher_mode = cfg_get(cfg, "teacher_context", "reference")
+    editing = bool(cfg_get(cfg, "editing", False))
+    s_tokens = int(cfg_get(cfg, "max_caption_tokens", 512))
+    t_text = int(cfg_get(cfg, "teacher_max_tokens", 1024)) if teacher_mode == "vlm" else s_tokens
+    scale = 2 ** (len(vc["block_out_channels"]) - 1)
+    channels, joint = int(tc["in_channels"]), int(tc["joint_attention_dim"])
+
+    def latent_shape(h: int, w: int) -> tuple[int, ...]:
+        check_size(h, w, scale * 2, "FLUX.2")
+        return (channels, h // scale // 2, w // scale // 2)
+
+    def call(text: int, refs: int):
+        def make(h: int, w: int) -> PlanCall:
+            n = (h // scale // 2) * (w // scale // 2)  # references at the training size, like the target
+
+            def context(batch: int) -> dict[str, torch.Tensor]:
+                zero = torch.zeros(1, dtype=torch.long)
+                ctx = {"prompt_embeds": torch.zeros(batch, text, joint, dtype=dtype),
+                       "txt_ids": torch.cartesian_prod(zero, zero, zero, torch.arange(text))}
+                if refs:
+                    ctx["ref_tokens"] = torch.zeros(batch, refs * n, channels, dtype=dtype)
+                    ctx["ref_ids"] = torch.cat([_ids(10 * (i + 1), h // scale // 2, w // scale // 2) for i in range(refs)])
+                return ctx
+
+            tokens = {"image": n, "text": text}
+            if refs:
+                tokens["reference"] = refs * n
+            return PlanCall(context, tokens)
+
+        return make
+
+    s_refs = 1 if editing else 0  # editing: one source image of the training size assumed
+    t_refs = s_refs + (1 if teacher_mode == "reference" else 0)
+
+    def checks(h: int, w: int) -> list[PlanCheck]:
+        n = (h // scale // 2) * (w // scale // 2)
+        return [
+            PlanCheck("RoPE", True, f"computed from position ids on every call (no table): teacher sequence "
+                      f"{n} noisy + {t_refs * n} reference + {t_text} text tokens"),
+            PlanCheck("text encoder positions", s_tokens <= int(te.get("max_position_embeddings", 40960)),
+                      f"{s_tokens} tokens vs max_position_embeddings {te.get('max_position_embeddings')}"),
+        ]
+
+    steps = int(cfg_get(cfg, "inference_steps", 4))
+    n1024 = (height // scale // 2) * (width // scale // 2)
+    k = len(training_schedule(flux2_schedule(steps, n1024), int(cfg_get(cfg, "rollout_every", 1)))) - 1
+    parts = {
+        "transformer": lambda o: Flux2Transformer2DModel.from_config({**tc, **o}),
+        "text_encoder": lambda o: Qwen3ForCausalLM(Qwen3Config(**te)),
+        "vae": lambda o: AutoencoderKLFlux2.from_config(vc),
+    }
+    loaded = ("transformer", "vae", "text_encoder")  # the adapter loads all three at once
+    text_run = qwen_text_plan_run(s_tokens, use_cache=False)
+    stages = [PlanStage("text features (Qwen3, 8 captions)", ("text_encoder",), loaded, text_run)]
+    sources = {p: source for p in parts}
+    notes = [f"text padded to {s_tokens} tokens and attended in full (as the pipeline)"]
+    if editing:
+        notes.append("editing: one source image of the training size per sample assumed")
+    if teacher_mode == "reference":
+        stages.append(PlanStage("teacher reference latents (VAE encode, 1 image)", ("vae",), loaded,
+                                vae_plan_run(dtype), "teacher"))
+    elif teacher_mode == "vlm":
+        build, run, vsource, _ = qwen_vl_plan(cfg_get(cfg, "teacher_encoder", None), dtype, t_text)
+        parts["vlm"], sources["vlm"] = build, vsource
+        stages.append(PlanStage("teacher features (Qwen3-VL, 1 image)", ("vlm",), loaded + ("vlm",), run, "teacher"))
+    stages.append(PlanStage("SFT latents (VAE encode, 1 image)", ("vae",), loaded, vae_plan_run(dtype), "latents"))
+    return PlanSpec(
+        label=label, dtype=dtype, parts=parts,
+        depth={"num_layers": int(tc["num_layers"]), "num_single_layers": int(tc["num_single_layers"])},
+        lora_targets=LORA_TARGETS, latent_shape=latent_shape, student=call(s_tokens, s_refs),
+        teacher=call(t_text, t_refs),
+        velocity=lambda net, x, s, c: Flux2Adapter.velocity(SimpleNamespace(dtype=dtype), net, x, s, c),
+        rollout_steps=k, caching=stages, kept_while_training=("vae",), checks=checks, sources=sources, notes=notes,
+    )

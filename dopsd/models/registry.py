@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import importlib
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,3 +45,48 @@ def load_adapter(model_cfg: Any, device: torch.device | str = "cpu", dtype: torc
     elif isinstance(dtype, str):
         dtype = torch_dtype(dtype)
     return module.load(model_cfg, torch.device(device), dtype)
+
+
+FULLSIZE_DIR = Path(__file__).resolve().parent / "fullsize"
+
+
+def fullsize_config(name: str) -> dict[str, Any]:
+    """A bundled public configuration of a supported model (dopsd/models/fullsize/NAME.json; sources in its README)."""
+    path = FULLSIZE_DIR / f"{name}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in FULLSIZE_DIR.glob("*.json"))
+        raise ValueError(f"no bundled configuration {name!r}; known: {', '.join(known)}")
+    return json.loads(path.read_text())
+
+
+def plan_spec(model_cfg: Any, hint: str | None = None) -> Any:
+    """The family's `PlanSpec` (dopsd.models.base) for `model_cfg`: its full-size networks and calls, no weights.
+
+    hint: free text that may name a variant when no local folder says which (e.g. the preset name
+    'flux2-klein-9b'); each family decides what it reads from it.
+    """
+    family = model_cfg.family
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}")
+    module = importlib.import_module(FAMILIES[family])
+    if not hasattr(module, "plan_spec"):
+        raise ValueError(f"model family {family!r} cannot be planned (its module has no plan_spec)")
+    return module.plan_spec(model_cfg, hint)
+
+
+def pipeline_configs(folder: Any, parts: tuple[str, ...], bundled: str) -> tuple[dict[str, Any], str]:
+    """Configs of a pipeline's parts: from a local diffusers folder when it has them (the user's actual model),
+    else the bundled public ones. Returns ({part: config}, where they came from)."""
+    root = Path(str(folder)).expanduser() if folder else None
+    if root is not None and all((root / p / "config.json").is_file() for p in parts):
+        return {p: json.loads((root / p / "config.json").read_text()) for p in parts}, str(root)
+    data = fullsize_config(bundled)
+    return {p: data[p] for p in parts}, f"bundled {bundled}.json"
+
+
+def model_config(folder: Any, bundled: str, key: str = "model") -> tuple[dict[str, Any], str]:
+    """A single transformers model's config.json from a local folder, else the bundled one."""
+    root = Path(str(folder)).expanduser() if folder else None
+    if root is not None and (root / "config.json").is_file():
+        return json.loads((root / "config.json").read_text()), str(root)
+    return fullsize_config(bundled)[key], f"bundled {bundled}.json"

@@ -212,3 +212,130 @@ def caption_problems(cfg: Any, captions: list[str]) -> list[CaptionProblem]:
 
 def load(cfg: Any, device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None) -> ZImageAdapter:
     return ZImageAdapter(cfg, device, dtype)
+
+
+# --- planning (`dopsd plan`): the full-size networks and calls of this family, no weights --------------------
+
+def qwen_text_plan_run(max_tokens: int, batch: int = 8, **kwargs: Any):
+    """The feature cache's text-encoder call: a batch of captions padded to max_tokens, every hidden state kept."""
+
+    def run(parts: dict[str, nn.Module], height: int, width: int) -> Any:
+        ids = torch.zeros(batch, max_tokens, dtype=torch.long)
+        mask = torch.ones(batch, max_tokens, dtype=torch.bool)
+        return parts["text_encoder"](input_ids=ids, attention_mask=mask, output_hidden_states=True, **kwargs)
+
+    return run
+
+
+def qwen_vl_plan(teacher_folder: Any, dtype: torch.dtype, tokens: int):
+    """(builder, stage run, source) of the Qwen3-VL teacher encoder for planning.
+
+    The run covers its language model over `tokens` positions (image + caption) with every hidden state kept;
+    the vision tower's own activations (one image, no grad) are not run: its index bookkeeping needs real
+    values, which fake tensors do not have. Its weights are counted."""
+    from transformers import Qwen3VLConfig, Qwen3VLModel
+
+    from dopsd.models.registry import model_config
+
+    conf, source = model_config(teacher_folder, "qwen3-vl-4b-instruct")
+
+    def build(_: dict[str, int]) -> nn.Module:
+        return Qwen3VLModel(Qwen3VLConfig(**conf))
+
+    hidden = int(conf["text_config"]["hidden_size"])
+
+    def run(parts: dict[str, nn.Module], height: int, width: int) -> Any:
+        emb = torch.zeros(1, tokens, hidden, dtype=dtype)
+        pos = torch.zeros(3, 1, tokens, dtype=torch.long)  # M-RoPE ids (their values do not change memory)
+        return parts["vlm"].language_model(inputs_embeds=emb, position_ids=pos, output_hidden_states=True)
+
+    return build, run, source, conf
+
+
+def vae_plan_run(dtype: torch.dtype):
+    """The feature cache's VAE call: one image at the training size (encode_images runs them one by one)."""
+
+    def run(parts: dict[str, nn.Module], height: int, width: int) -> Any:
+        return parts["vae"].encode(torch.zeros(1, 3, height, width, dtype=dtype)).latent_dist.mode()
+
+    return run
+
+
+def plan_spec(cfg: Any, hint: str | None = None):
+    """Z-Image-Turbo as `dopsd plan` sees it (dopsd.models.base.PlanSpec): bundled public configs unless
+    model.pretrained is a local folder with its own."""
+    from types import SimpleNamespace
+
+    from diffusers import AutoencoderKL, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    from dopsd.models.base import PlanCall, PlanCheck, PlanSpec, PlanStage
+    from dopsd.models.registry import pipeline_configs, torch_dtype
+    from dopsd.schedules import shifted_schedule, training_schedule
+
+    conf, source = pipeline_configs(cfg_get(cfg, "pretrained", None), ("transformer", "text_encoder", "vae"),
+                                    "zimage-turbo")
+    tc, te, vc = conf["transformer"], conf["text_encoder"], conf["vae"]
+    dtype = torch_dtype(cfg_get(cfg, "dtype", "bfloat16"))
+    teacher_mode = cfg_get(cfg, "teacher_context", "vlm")
+    axis0 = int(tc["axes_lens"][0])
+    caption_limit = (axis0 - 2) // 32 * 32  # as the adapter: the image's frame index sits after the caption
+    s_tokens = min(int(cfg_get(cfg, "max_caption_tokens", 512)), caption_limit)
+    t_tokens = min(int(cfg_get(cfg, "teacher_max_tokens", 1024)), caption_limit) if teacher_mode == "vlm" else s_tokens
+    scale = 2 ** (len(vc["block_out_channels"]) - 1)
+    channels, cap_dim = int(tc["in_channels"]), int(tc["cap_feat_dim"])
+    pad32 = lambda n: n + (-n) % 32
+
+    def latent_shape(h: int, w: int) -> tuple[int, ...]:
+        check_size(h, w, scale * 2, "Z-Image")
+        return (channels, h // scale, w // scale)
+
+    def call(length: int):
+        def make(h: int, w: int) -> PlanCall:
+            def context(batch: int) -> dict[str, list[torch.Tensor]]:
+                return {"cap_feats": [torch.zeros(length, cap_dim, dtype=dtype) for _ in range(batch)]}
+
+            return PlanCall(context, {"image": (h // scale // 2) * (w // scale // 2), "caption": pad32(length)})
+
+        return make
+
+    def checks(h: int, w: int) -> list[PlanCheck]:
+        out = []
+        for who, n in (("student caption", s_tokens), ("teacher context", t_tokens)):
+            frame = pad32(n) + 1
+            out.append(PlanCheck(f"RoPE frame axis, {who}", frame < axis0,
+                                 f"{n} tokens (padded {pad32(n)}) put the image at frame index {frame}; table "
+                                 f"axes_lens[0]={axis0} (longest caption {caption_limit} tokens)"))
+        gh, gw = h // scale // 2, w // scale // 2
+        lens = tc["axes_lens"]
+        out.append(PlanCheck("RoPE height/width axes", gh <= lens[1] and gw <= lens[2],
+                             f"{gh}x{gw} image tokens vs tables {lens[1]}x{lens[2]}"))
+        out.append(PlanCheck("text encoder positions", s_tokens <= int(te.get("max_position_embeddings", 40960)),
+                             f"{s_tokens} tokens vs max_position_embeddings {te.get('max_position_embeddings')}"))
+        return out
+
+    steps = int(cfg_get(cfg, "inference_steps", 8))
+    shift = float(cfg_get(cfg, "shift", 3.0))
+    k = len(training_schedule(shifted_schedule(steps, shift), int(cfg_get(cfg, "rollout_every", 1)))) - 1
+    parts = {
+        "transformer": lambda o: ZImageTransformer2DModel.from_config({**tc, **o}),
+        "text_encoder": lambda o: Qwen3Model(Qwen3Config(**te)),
+        "vae": lambda o: AutoencoderKL.from_config(vc),
+    }
+    loaded = ("transformer", "vae", "text_encoder")  # the adapter loads all three at once
+    stages = [PlanStage("text features (Qwen3, 8 captions)", ("text_encoder",), loaded, qwen_text_plan_run(s_tokens))]
+    sources = {p: source for p in parts}
+    notes = [f"student caption features: {s_tokens} tokens assumed (real captions are shorter; padding is removed)"]
+    if teacher_mode == "vlm":
+        build, run, vsource, _ = qwen_vl_plan(cfg_get(cfg, "teacher_encoder", None), dtype, t_tokens)
+        parts["vlm"], sources["vlm"] = build, vsource
+        stages.append(PlanStage("teacher features (Qwen3-VL, 1 image)", ("vlm",), loaded + ("vlm",), run, "teacher"))
+        notes.append(f"teacher context: image + caption up to {t_tokens} tokens (model.teacher_max_tokens); "
+                     "the VLM's vision tower activations are not run (weights counted)")
+    stages.append(PlanStage("SFT latents (VAE encode, 1 image)", ("vae",), loaded, vae_plan_run(dtype), "latents"))
+    return PlanSpec(
+        label="Z-Image-Turbo", dtype=dtype, parts=parts, depth={"n_layers": int(tc["n_layers"])},
+        lora_targets=list(LORA_TARGETS), latent_shape=latent_shape, student=call(s_tokens), teacher=call(t_tokens),
+        velocity=lambda net, x, s, c: ZImageAdapter.velocity(SimpleNamespace(dtype=dtype), net, x, s, c),
+        rollout_steps=k, caching=stages, kept_while_training=("vae",), checks=checks, sources=sources, notes=notes,
+    )

@@ -1,0 +1,249 @@
+"""`plan(config)`: peak device memory and compute of a training run, predicted before anything is downloaded.
+
+Peak of a method = resident bytes (dopsd.planner.resident) + its largest step phase (dopsd.planner.measure):
+  sft          frozen + trainable + optimizer + kept + max(sft phase + dequant scratch, grads + optim phase)
+  dopsd        … + EMA shadow + max(grads + roll-out phase + dequant scratch, grads + optim phase)
+  dopsd_prior  … + prior shadow (when separate) + max(…, grads + prior phase + dequant scratch)
+Feature caching runs before training with its own peak (dopsd.planner.caching); a run fits a card when both
+peaks plus the CUDA context fit. Compute per optimizer step follows the algorithm (K roll-out states):
+  SFT = S_fb;  D-OPSD = K·(S_fb + T_f);  D-OPSD+prior = K·(S_fb + T_f) + K·(S'_fb + S'_f)
+(× gradient accumulation), with S_fb a student forward+backward (it includes the recomputed forward under
+gradient checkpointing), T_f a teacher forward and S'_f a forward with the caption-only context.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from dopsd.planner.measure import PHASES, Phase, Setting, build_denoiser, full_depth_params, measure
+from dopsd.planner.resident import GiB, QUANTIZE, Resident, count, module_bytes
+
+METHODS = ("sft", "dopsd", "dopsd_prior")
+CARDS = (16, 24, 48, 80)  # GiB
+CUDA_CONTEXT = 1.0 * GiB  # not predicted: the CUDA context and allocator reserve, assumed when checking cards
+UNSEEN = [
+    "the CUDA context and the allocator's reserve (about 0.5-1 GiB; 1 GiB assumed when checking cards)",
+    "allocator fragmentation (PyTorch's caching allocator typically reserves 5-15% above the live bytes)",
+    "attention: modelled as a fused GPU kernel (flash / memory-efficient SDPA keeps q, k, v, the output and a "
+    "per-row logsumexp, never the L x L scores); the CPU math path would materialise L x L",
+    "mixed precision: CUDA autocast is emulated with CPU autocast (their op lists differ in a few ops)",
+    "kernel workspaces (cuBLAS, cuDNN), NCCL buffers under several GPUs, and anything outside the trainer "
+    "(other processes on the card)",
+    "sample grids and few-step health checks between steps (no-grad sampling and VAE decoding)",
+    "several processes: the plan is for one GPU (DDP adds gradient-sized buckets; FSDP would shard weights)",
+    "quantization (model.quantize) is not implemented yet: its bytes follow the schemes in "
+    "dopsd.planner.resident, plus one dequantized weight at a time during forwards",
+]
+
+
+@dataclass
+class Choice:
+    """The settings a plan is for (from the config, or changed by the fit search)."""
+
+    height: int
+    width: int
+    batch: int
+    gradient_checkpointing: bool
+    lora_rank: int | None
+    eight_bit: bool
+    quantize: str
+
+    def label(self) -> str:
+        lora = f"LoRA r{self.lora_rank}" if self.lora_rank else "full fine-tune"
+        return (f"{self.height}x{self.width}, batch {self.batch}, {lora}, "
+                f"{'GC' if self.gradient_checkpointing else 'no GC'}, "
+                f"{'8-bit AdamW' if self.eight_bit else 'AdamW'}, base {self.quantize}")
+
+
+@dataclass
+class Planner:
+    """Measurements are cached per setting, so the fit search re-measures only what changes activations."""
+
+    cfg: Any
+    spec: Any
+    target: str = "gpu"
+    exact: bool | None = None
+    phases: dict[Any, dict[str, Phase]] = field(default_factory=dict)
+    residents: dict[Any, Resident] = field(default_factory=dict)
+    kept_bytes: int | None = None
+    only: tuple[str, ...] | None = None  # measure only these phases (validation of one method)
+
+    def supports_gc(self) -> bool:
+        if not hasattr(self, "_gc"):
+            from dopsd.planner.fake import build_meta
+
+            net = build_meta(lambda: self.spec.parts[self.spec.denoiser]({k: 1 for k in self.spec.depth}), self.spec.dtype)
+            self._gc = bool(getattr(net, "_supports_gradient_checkpointing", False))
+        return self._gc
+
+    def setting(self, c: Choice) -> Setting:
+        cfg, lora = self.cfg, self.cfg.lora
+        targets = lora.targets or self.spec.lora_targets
+        return Setting(
+            height=c.height, width=c.width, batch=c.batch, prior_batch=cfg.method.prior_batch_size,
+            gradient_checkpointing=c.gradient_checkpointing, lora_rank=c.lora_rank, lora_alpha=lora.alpha,
+            lora_targets=tuple(targets) if isinstance(targets, list) else targets, target=self.target,
+            mixed_precision=cfg.train.mixed_precision, teacher=cfg.method.teacher,
+        )
+
+    def measured(self, c: Choice) -> dict[str, Phase]:
+        # Activations are measured at the configured rank: a lower rank only shrinks the LoRA's own
+        # intermediates, so reusing them for the search's lower ranks errs on the safe side.
+        rank = c.lora_rank if c.lora_rank is None or self.cfg.lora.rank <= c.lora_rank else self.cfg.lora.rank
+        key = (c.height, c.width, c.batch, c.gradient_checkpointing, rank, c.eight_bit)
+        if key not in self.phases:
+            s = self.setting(Choice(c.height, c.width, c.batch, c.gradient_checkpointing, rank, c.eight_bit, "none"))
+            self.phases[key] = measure(self.spec, s, c.eight_bit, self.exact, self.only or PHASES)
+        return self.phases[key]
+
+    def resident(self, c: Choice) -> Resident:
+        key = (c.lora_rank, c.eight_bit, c.quantize)
+        if key not in self.residents:
+            if self.kept_bytes is None:
+                from dopsd.planner.fake import build_meta
+
+                self.kept_bytes = sum(module_bytes(build_meta(lambda p=p: self.spec.parts[p]({}), self.spec.dtype))
+                                      for p in self.spec.kept_while_training)
+            net = build_denoiser(self.spec, self.setting(c), {})
+            m = self.cfg.method
+            prior_separate = m.teacher != "base"
+            self.residents[key] = count(net, self.spec.dtype, c.quantize, c.eight_bit, m.teacher, prior_separate,
+                                        self.kept_bytes)
+        return self.residents[key]
+
+    def peaks(self, c: Choice) -> dict[str, dict[str, float]]:
+        """Peak bytes and their parts, per method."""
+        r, ph = self.resident(c), self.measured(c)
+        base = r.frozen + r.trainable + r.optimizer + r.kept
+        g, scratch = r.grads, r.quant_scratch
+        optim = g + ph["optim"].peak
+        get = lambda name: ph[name].peak if name in ph else float("nan")  # noqa: E731 - unmeasured: NaN
+        terms = {
+            "sft": (base, max(get("sft") + scratch, optim), get("sft")),
+            "dopsd": (base + r.ema, max(g + get("rollout") + scratch, optim), get("rollout")),
+            "dopsd_prior": (base + r.ema + r.prior, max(g + get("rollout") + scratch, g + get("prior") + scratch, optim),
+                            max(get("rollout"), get("prior"))),
+        }
+        return {name: {"peak": res + step, "resident": res, "step": step, "activations": act}
+                for name, (res, step, act) in terms.items()}
+
+
+def choice_from_config(cfg: Any, quantize: str | None = None) -> Choice:
+    q = quantize if quantize is not None else getattr(cfg.model, "quantize", None) or "none"
+    if q not in QUANTIZE:
+        from dopsd.config import ConfigError
+
+        raise ConfigError(f"model.quantize / --quantize must be one of {', '.join(QUANTIZE)}, got {q!r}")
+    if q != "none" and not cfg.lora.enabled:
+        from dopsd.config import ConfigError
+
+        raise ConfigError(f"a quantized frozen base ({q}) needs LoRA (lora.enabled=true): a full fine-tune trains, "
+                          "and so keeps unquantized, every weight")
+    return Choice(cfg.model.height, cfg.model.width, cfg.train.batch_size, cfg.train.gradient_checkpointing,
+                  cfg.lora.rank if cfg.lora.enabled else None, cfg.optim.eight_bit, q)
+
+
+def compute(planner: Planner, c: Choice) -> dict[str, Any]:
+    """FLOPs per optimizer step per method, and the formula they follow."""
+    ph, k = planner.measured(c), planner.spec.rollout_steps
+    accum = planner.cfg.train.gradient_accumulation
+    r, p = ph["rollout"], ph["prior"]
+    s_fb, t_f = r.flops - r.teacher_flops, r.teacher_flops
+    prior = p.flops
+    per = {"sft": ph["sft"].flops * accum, "dopsd": k * (s_fb + t_f) * accum,
+           "dopsd_prior": k * (s_fb + t_f + prior) * accum}
+    t = lambda x: x / 1e12  # noqa: E731
+    unit, div = next((u, d) for u, d in (("TFLOPs", 1e12), ("GFLOPs", 1e9), ("MFLOPs", 1e6)) if s_fb >= d or d == 1e6)
+    f = lambda x: f"{x / div:.1f}"  # noqa: E731
+    formula = (f"D-OPSD/SFT = K*(S_fb + T_f)/S_fb = {k}*({f(s_fb)} + {f(t_f)})/{f(s_fb)} = "
+               f"{per['dopsd'] / per['sft']:.2f}   ({unit}; S_fb: student forward+backward"
+               f"{' incl. the recomputed forward' if c.gradient_checkpointing else ''}, T_f: teacher forward, "
+               f"K={k} roll-out states; with prior preservation K*(S'_fb + S'_f) = {k}*{f(prior)} more"
+               f"{f', x{accum} micro-batches' if accum > 1 else ''})")
+    return {"K": k, "student_fwd_bwd_tflops": t(s_fb), "student_fwd_tflops": t(r.student_fwd_flops),
+            "teacher_fwd_tflops": t(t_f), "prior_state_tflops": t(prior), "per_step_tflops": {m: t(v) for m, v in per.items()},
+            "ratio_dopsd_sft": per["dopsd"] / per["sft"], "ratio_dopsd_prior_sft": per["dopsd_prior"] / per["sft"],
+            "formula": formula, "gradient_accumulation": accum}
+
+
+def fits(peak: float, card: int) -> bool:
+    return peak + CUDA_CONTEXT <= card * GiB
+
+
+def plan(cfg: Any, quantize: str | None = None, target: str = "gpu", search: bool = True, exact: bool | None = None,
+         hint: str | None = None) -> dict[str, Any]:
+    """The full prediction for one config (see the module docstring); a dict ready for JSON."""
+    from dopsd.models.registry import plan_spec
+    from dopsd.planner.caching import caching_peaks
+    from dopsd.planner.search import suggestions
+
+    from dopsd.config import ConfigError
+
+    started = time.time()
+    try:
+        spec = plan_spec(cfg.model, hint if hint is not None else f"{cfg.preset} {cfg.model.pretrained or ''}")
+        c = choice_from_config(cfg, quantize)
+        spec.latent_shape(c.height, c.width)
+    except (ValueError, FileNotFoundError) as err:  # sizes the model cannot take, missing weights manifest, …
+        raise ConfigError(str(err)) from err
+    planner = Planner(cfg, spec, target, exact)
+    peaks = planner.peaks(c)
+    other = Choice(c.height, c.width, c.batch, not c.gradient_checkpointing, c.lora_rank, c.eight_bit, c.quantize)
+    other_peaks = planner.peaks(other) if planner.supports_gc() else None
+    r = planner.resident(c)
+    caching = caching_peaks(spec, c, target)
+    flops = compute(planner, c)
+    methods: dict[str, Any] = {}
+    for name in METHODS:
+        p = peaks[name]
+        needed = "latents" if name == "sft" else "teacher"
+        cache_peak = max(s["peak"] for s in caching["stages"] if s["needed_by"] in ("student", needed))
+        run_peak = max(p["peak"], cache_peak)
+        ph = planner.measured(c)["rollout" if name != "sft" else "sft"]
+        entry = {
+            "peak_gb": p["peak"] / GiB, "run_peak_gb": run_peak / GiB, "caching_peak_gb": cache_peak / GiB,
+            "tflops_per_step": flops["per_step_tflops"][name],
+            "fits": {str(card): fits(run_peak, card) for card in CARDS},
+            "breakdown_gb": {
+                "frozen_weights": r.frozen / GiB, "trainable_weights": r.trainable / GiB, "gradients": r.grads / GiB,
+                "optimizer_state": r.optimizer / GiB, "ema_teacher": (r.ema if name != "sft" else 0) / GiB,
+                "prior_shadow": (r.prior if name == "dopsd_prior" else 0) / GiB, "kept_parts": r.kept / GiB,
+                "step_peak_above_resident": p["step"] / GiB, "activations": p["activations"] / GiB,
+                "dequant_scratch": r.quant_scratch / GiB,
+            },
+            "student_fwd_bwd_gb": ph.student_peak / GiB,
+        }
+        if name != "sft":
+            entry["teacher_fwd_gb"] = ph.teacher_peak / GiB
+        if other_peaks is not None:
+            key = "activations_without_gc_gb" if c.gradient_checkpointing else "activations_with_gc_gb"
+            entry[key] = other_peaks[name]["activations"] / GiB
+            entry["peak_" + key.replace("activations_", "")] = other_peaks[name]["peak"] / GiB
+        methods[name] = entry
+    result = {
+        "model": spec.label, "family": cfg.model.family, "resolution": [c.height, c.width], "batch": c.batch,
+        "settings": {"lora_rank": c.lora_rank, "gradient_checkpointing": c.gradient_checkpointing,
+                     "optimizer": "adamw8bit" if c.eight_bit else "adamw", "quantize": c.quantize,
+                     "dtype": cfg.model.dtype, "mixed_precision": cfg.train.mixed_precision,
+                     "teacher": cfg.method.teacher, "prior_batch": cfg.method.prior_batch_size, "target": target},
+        "params": {"denoiser": r.total_params, "trainable": r.trainable_params},
+        "sequence": {"student": spec.student(c.height, c.width).tokens, "teacher": spec.teacher(c.height, c.width).tokens},
+        "methods": methods, "compute": flops, "caching": caching,
+        "checks": [vars(x) for x in spec.checks(c.height, c.width)],
+        "measured": measured_note(spec, planner.exact),
+        "sources": spec.sources, "notes": spec.notes, "unseen": UNSEEN if target == "gpu" else [],
+    }
+    if search:
+        result["suggestions"] = suggestions(planner, c, caching)
+    result["seconds"] = round(time.time() - started, 1)
+    return result
+
+
+def measured_note(spec: Any, exact: bool | None) -> str:
+    if exact or not spec.depth or full_depth_params(spec) < 100_000_000:
+        return "every phase measured on the whole network"
+    knobs = ", ".join(f"{k}={v}" for k, v in spec.depth.items())
+    return (f"phases measured with 2 and 3 blocks of each repeated kind and extrapolated linearly to {knobs} "
+            "(identical blocks save and compute the same); resident bytes counted on the full network")
