@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "probe": ("dopsd.probe", "Check before training that the teacher context carries each training pair."),
     "bench": ("dopsd.bench", "Benchmark D-OPSD against SFT baselines on the miniature world."),
     "mini": ("dopsd.mini.cli", "Miniature world: rebuild the shipped weights (recipe) or measure them (report)."),
+    "ui": ("dopsd.ui", "A local web app: datasets, probe, runs with live health, compare, export, reports."),
 }
 
 
