@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -113,6 +112,16 @@ def test_dataset_create_upload_caption_remove(world, tmp_path):
     assert c.put("/api/datasets/cats/settings", json={"preset": "mini", "trigger_word": "sks"}).status_code == 200
     listed = {d["name"]: d for d in c.get("/api/datasets").json()["datasets"]}
     assert listed["cats"]["trigger_word"] == "sks" and listed["cats"]["images"] == 2
+
+    # a caption uploaded on its own joins its image, unless that image has one already
+    c.post("/api/datasets/cats/files", files=[("files", ("lonely.png", png_bytes((32, 32)), "image/png"))])
+    alone = c.post("/api/datasets/cats/files", files=[("files", ("lonely.txt", b"[V] alone", "text/plain")),
+                                                       ("files", ("photo_one.txt", b"replaced?", "text/plain")),
+                                                       ("files", ("nobody.txt", b"x", "text/plain"))]).json()
+    assert [s["saved"] for s in alone["saved"]] == ["lonely.txt"]
+    assert (home / "datasets/cats/lonely.txt").read_text() == "[V] alone"
+    assert (home / "datasets/cats/photo_one.txt").read_text() == "a photo of [V]\n"  # not overwritten
+    assert {r["file"] for r in alone["refused"]} == {"photo_one.txt", "nobody.txt"}
 
     moved = c.post("/api/datasets/cats/remove", json={"image": "photo_one-2.png"}).json()
     assert sorted(moved["moved"]) == ["photo_one-2.png", "photo_one-2.txt"]

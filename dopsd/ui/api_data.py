@@ -189,13 +189,21 @@ def _save_uploads(ctx: Context, name: str, items: list[tuple[str, bytes]], prese
                 captions[stem] = text
             except datasets.UploadRefused as err:
                 refused.append({"file": raw, "problems": err.problems})
+    used: set[str] = set()
     for raw, data in items:
         if raw.lower().endswith(".txt"):
             continue
         try:
             saved.append(datasets.save_upload(ctx.home, name, raw, data, preset, ctx.max_upload, captions))
+            used.add(datasets.upload_stem(raw))
         except datasets.UploadRefused as err:
             refused.append({"file": raw, "problems": err.problems})
+    for stem, text in captions.items():  # captions for images already in the dataset
+        if stem not in used:
+            try:
+                saved.append(datasets.save_caption_for(ctx.home, name, stem, text))
+            except datasets.UploadRefused as err:
+                refused.append({"file": f"{stem}.txt", "problems": err.problems})
     return {"saved": saved, "refused": refused}
 
 

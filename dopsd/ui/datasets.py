@@ -162,19 +162,37 @@ def save_upload(home: Home, name: str, raw_name: str, data: bytes, preset: str, 
     stem = _free_stem(path, Path(filename).stem)
     target = path / f"{stem}{Path(filename).suffix}"
     adapter.atomic_write_bytes(target, data)
-    caption = (captions or {}).get(Path(raw_name).stem) or (captions or {}).get(Path(filename).stem)
+    caption = (captions or {}).get(upload_stem(raw_name))
     if caption is not None:
         adapter.atomic_write_text(target.with_suffix(".txt"), caption)
     return {"saved": target.name, "renamed": target.name != filename, "caption": caption is not None}
+
+
+def upload_stem(raw_name: str) -> str:
+    """The name an uploaded file's caption is matched by: its stem as the browser sent it."""
+    return Path(re.split(r"[\\/]", raw_name)[-1]).stem
 
 
 def read_caption_upload(raw_name: str, data: bytes) -> tuple[str, str]:
     if len(data) > MAX_CAPTION_BYTES:
         raise UploadRefused(raw_name, [f"caption file over {MAX_CAPTION_BYTES} bytes"])
     try:
-        return Path(re.split(r"[\\/]", raw_name)[-1]).stem, data.decode("utf-8")
+        return upload_stem(raw_name), data.decode("utf-8")
     except UnicodeDecodeError:
         raise UploadRefused(raw_name, ["caption is not UTF-8 text"]) from None
+
+
+def save_caption_for(home: Home, name: str, stem: str, text: str) -> dict[str, Any]:
+    """A caption uploaded alone: kept for the dataset's image of that name if it has no caption yet."""
+    path = folder(home, name)
+    images = [p for p in path.iterdir() if p.is_file() and is_image(p.name) and p.stem == stem]
+    if not images:
+        raise UploadRefused(f"{stem}.txt", [f"no image named {stem}.* in the dataset (upload it with its caption)"])
+    target = images[0].with_suffix(".txt")
+    if target.exists():
+        raise UploadRefused(f"{stem}.txt", [f"{target.name} exists already; edit the caption in the app"])
+    adapter.atomic_write_text(target, text)
+    return {"saved": target.name, "renamed": False, "caption": True}
 
 
 def _existing_image(path: Path, image: str, dataset: str) -> str:

@@ -11,10 +11,11 @@ function svg(tag, attrs, text) {
 }
 
 // Round tick values between lo and hi, and a formatter with as many decimals as their spacing needs.
-function ticks(lo, hi, n = 4) {
+function ticks(lo, hi, n = 4, integer = false) {
   if (!(hi > lo)) return { values: [lo], fmt: (v) => String(+v.toPrecision(4)) };
   const raw = (hi - lo) / n, mag = 10 ** Math.floor(Math.log10(raw));
-  const step = [1, 2, 5, 10].map((m) => m * mag).find((s) => s >= raw) || raw;
+  let step = [1, 2, 5, 10].map((m) => m * mag).find((s) => s >= raw) || raw;
+  if (integer) step = Math.max(1, Math.round(step));
   const values = [];
   for (let v = Math.ceil(lo / step) * step; v <= hi + step * 1e-9; v += step) values.push(+v.toPrecision(12));
   const decimals = Math.max(0, -Math.floor(Math.log10(step) + 1e-9));
@@ -41,7 +42,7 @@ export function lineChart(series, opts = {}) {
   const pad = (y1 - y0) * 0.06; y0 -= pad; y1 += pad;
   const sx = (x) => L + ((x - x0) / (x1 - x0)) * (W - L - R);
   const sy = (y) => T + (1 - (y - y0) / (y1 - y0)) * (H - T - B);
-  const yt = ticks(y0, y1), xt = ticks(x0, x1, 5);
+  const yt = ticks(y0, y1), xt = ticks(x0, x1, 5, opts.xInteger);
   for (const v of yt.values) {
     root.append(svg("line", { x1: L, x2: W - R, y1: sy(v), y2: sy(v), class: "grid" }));
     root.append(svg("text", { x: L - 6, y: sy(v) + 4, "text-anchor": "end", class: "tick" }, yt.fmt(v)));

@@ -12,7 +12,7 @@ export async function datasetsPage(main, _params, app) {
       h("div", {},
         h("h1", {}, "Try it on the built-in miniature"),
         h("p", {}, "No GPU needed: a 4-step miniature turbo learns a new colour bound to the word ",
-          h("code", {}, "sks"), " with D-OPSD on the CPU (about a minute). Watch its loss, few-step health and sample grids live.")),
+          h("code", {}, "sks"), " with D-OPSD on the CPU (100 steps: about a minute or two). Watch its loss, few-step health and sample grids live.")),
       h("div", { class: "row" }, field("steps", steps),
         h("button", { class: "primary", id: "tryit", onclick: (e) => act(e.target, async () => {
           const r = await api("/api/tryit", { method: "POST", body: { steps: Number(steps.value) } });
@@ -112,7 +112,7 @@ export async function datasetPage(main, params, app) {
   }
 
   function fileCard(f) {
-    const text = h("textarea", { rows: 2, "data-file": f.name, disabled: data.layout !== "folder",
+    const text = h("textarea", { rows: Math.max(2, (f.caption || "").trim().split("\n").length + 1), "data-file": f.name, disabled: data.layout !== "folder",
       placeholder: "caption (one per line; [V] = the trigger word)" }, f.caption || "");
     text.value = f.caption || "";
     const save = h("button", { class: "small", onclick: (e) => act(e.target, async () => {

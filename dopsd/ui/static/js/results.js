@@ -23,7 +23,7 @@ export async function probesPage(main, _params, app) {
 }
 
 export async function probePage(main, params, app) {
-  const parts = new Parts(main);
+  const parts = new Parts(main, ["head", "advice", "pairs", "log"]);
   async function load() {
     const r = await api(`/api/probes/${encodeURIComponent(params.name)}`);
     const p = r.probe;
@@ -140,7 +140,7 @@ export async function reportsPage(main, _params, app) {
 }
 
 export async function reportPage(main, params, app) {
-  const parts = new Parts(main);
+  const parts = new Parts(main, ["head", "bench", "demo", "log"]);
   async function load() {
     const r = await api(`/api/reports/${encodeURIComponent(params.name)}`);
     parts.set("head", [r.kind, r.job && r.job.status], () => h("div", { class: "page-head" },

@@ -35,7 +35,7 @@ export async function runsPage(main, _params, app) {
 
 export async function runPage(main, params, app) {
   const name = params.name;
-  const parts = new Parts(main);
+  const parts = new Parts(main, ["head", "alarm", "progress", "charts", "samples", "exports", "summary", "log", "config"]);
   async function load() {
     const r = await api(`/api/runs/${encodeURIComponent(name)}`);
     parts.set("head", [r.status, r.resumable, r.files, r.job && r.job.status, r.config && r.config.method], () => head(r));
@@ -93,14 +93,15 @@ function lossChart(losses) {
   }
   const series = [{ name: "loss", points: losses.filter((r) => !r.skipped).map((r) => [r.step, r.loss]) }];
   if (terms.size > 1) for (const t of terms) series.push({ name: t, points: losses.map((r) => [r.step, r[t]]), width: 1 });
-  return lineChart(series, { title: "loss per optimizer step" });
+  return lineChart(series, { title: "loss per optimizer step", xInteger: true });
 }
 
 function healthChart(health) {
   const recs = health.records || [];
   const keys = ["health", "sharpness", "gap", "quality"].filter((k) => recs.some((r) => typeof r[k] === "number"));
   const chart = lineChart(keys.map((k) => ({ name: k, points: recs.map((r) => [r.step, r[k]]), width: k === "health" ? 2.4 : 1 })),
-    { title: "few-step health (1 = as the starting model)", threshold: health.threshold, empty: "measured at each sampling interval" });
+    { title: "few-step health (1 = as the starting model)", threshold: health.threshold, xInteger: true,
+      empty: "measured at each sampling interval" });
   return [chart, health.note ? h("p", { class: "muted small" }, health.note) : null];
 }
 

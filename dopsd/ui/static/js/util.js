@@ -116,7 +116,12 @@ export function progressBar(step, max) {
 
 // Parts of a page that keep their DOM (images, open <details>, caret) while polling returns the same data.
 export class Parts {
-  constructor(root) { this.root = root; this.parts = new Map(); }
+  // order: keys whose places on the page are fixed up front (a part that appears later still lands in its place)
+  constructor(root, order = []) {
+    this.root = root;
+    this.parts = new Map();
+    for (const key of order) this.parts.set(key, { json: undefined, el: root.appendChild(h("div", { class: "part", "data-part": key })) });
+  }
   set(key, data, render) {
     const json = JSON.stringify(data);
     let part = this.parts.get(key);
