@@ -126,7 +126,8 @@ export async function datasetPage(main, params, app) {
         await load();
       }) }, "Remove");
     return h("div", { class: `file ${f.problems.length ? "has-problem" : ""}`, "data-name": f.name },
-      h("img", { src: f.url, alt: f.name, class: "thumb", loading: "lazy" }),
+      h("img", { src: f.url, alt: "", class: "thumb", loading: "lazy", title: f.name,
+        onerror: (e) => e.target.classList.add("unreadable") }),
       h("div", { class: "file-body" },
         h("div", { class: "file-name" }, f.name, f.size ? h("span", { class: "muted" }, ` ${f.size[0]}×${f.size[1]}`) : null),
         text,
