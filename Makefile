@@ -1,10 +1,10 @@
-# `make demo` and `make test` set up a local virtual environment (.venv) on first use, then run.
+# `make demo`, `make test` and `make ui` set up a local virtual environment (.venv) on first use, then run.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test clean
+.PHONY: demo test ui clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The web app on http://127.0.0.1:8765/ (browser tests: apt-get install chromium chromium-driver)
+ui: $(STAMP)
+	$(BIN)/dopsd ui
 
 clean:
 	rm -rf $(VENV)

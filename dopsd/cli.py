@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("dopsd.planner.cli", "Predict peak GPU memory and compute of a run before downloading anything."),
     "bench": ("dopsd.bench", "Benchmark D-OPSD against SFT baselines on the miniature world."),
     "mini": ("dopsd.mini.cli", "Miniature world: rebuild the shipped weights (recipe) or measure them (report)."),
+    "ui": ("dopsd.ui", "A local web app: datasets, probe, runs with live health, compare, export, reports."),
 }
 
 

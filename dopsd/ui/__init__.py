@@ -1,0 +1,120 @@
+"""`dopsd ui`: a local web app for the whole workflow — datasets, the teacher probe, runs with live progress and
+few-step health, side-by-side comparisons, exports, the benchmark report and the demo.
+
+It runs the real commands (`python -m dopsd.cli train|probe|sample|export|plan|bench|demo`) as separate
+processes and reads their results from the folders they write; see dopsd/ui/adapter.py for the few things it
+imports in-process. Kept light: the server imports neither torch nor the trainer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PORT = 8765
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1: this machine only; any other address needs "
+                        "the access token)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 = any free)")
+    parser.add_argument("--home", type=Path, default=None,
+                        help="the app's folder: datasets, runs, probes, exports, reports (default $DOPSD_HOME or "
+                        "~/dopsd-ui)")
+    parser.add_argument("--token", default=None,
+                        help="access token (default $DOPSD_UI_TOKEN; generated and printed for a non-local --host)")
+    parser.add_argument("--max-jobs", type=int, default=None,
+                        help="jobs that run at the same time (default 1, or what the app's settings say)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads per job (OMP_NUM_THREADS; default: torch's choice; 1 is fastest for the "
+                        "miniature on a small CPU)")
+    parser.add_argument("--max-upload-mb", type=float, default=32.0, help="largest image upload in MB (default 32)")
+    parser.add_argument("--grace", type=float, default=10.0,
+                        help="seconds between SIGTERM and SIGKILL when a job is stopped (default 10)")
+
+
+def is_local(host: str) -> bool:
+    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+
+
+def build(home: Path, *, max_jobs: int | None = None, threads: int | None = None, max_upload_mb: float = 32.0,
+          grace: float = 10.0) -> Any:
+    """The app's Context: the home folder, the job manager (its watcher thread started), limits."""
+    import json
+
+    from dopsd.ui.home import Home
+    from dopsd.ui.jobs import JobManager
+    from dopsd.ui.server import Context
+
+    h = Home(home)
+    if max_jobs is None:
+        try:
+            max_jobs = int(json.loads((h.state / "settings.json").read_text())["max_running"])
+        except (OSError, ValueError, KeyError, TypeError):
+            max_jobs = 1
+    env = {}
+    if threads:
+        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "DOPSD_THREADS": str(threads)}
+    jobs = JobManager(h, max_running=max_jobs, grace=grace, env=env)
+    jobs.start()
+    return Context(h, jobs, max_upload=int(max_upload_mb * 1024 * 1024))
+
+
+def listen(host: str, port: int) -> socket.socket:
+    from dopsd.errors import DopsdError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise DopsdError(f"cannot listen on {host}:{port} ({err.strerror}); choose another --port or --host") from None
+    sock.listen(128)
+    sock.set_inheritable(False)
+    return sock
+
+
+def make_server(ctx: Any, sock: socket.socket, host: str, token: str | None) -> Any:
+    """A uvicorn server for the app on an already bound socket (tests run it in a thread)."""
+    import uvicorn
+
+    from dopsd.ui.server import LOCAL_HOSTS, create_app
+
+    hosts = set(LOCAL_HOSTS) if is_local(host) else None
+    app = create_app(ctx, token=token, hosts=hosts)
+    return uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+
+
+def main(args: argparse.Namespace) -> int:
+    home = args.home or Path(os.environ.get("DOPSD_HOME") or Path.home() / "dopsd-ui")
+    token = args.token or os.environ.get("DOPSD_UI_TOKEN") or None
+    if not is_local(args.host) and not token:
+        token = secrets.token_urlsafe(24)
+    sock = listen(args.host, args.port)
+    ctx = build(home, max_jobs=args.max_jobs, threads=args.threads, max_upload_mb=args.max_upload_mb, grace=args.grace)
+    port = sock.getsockname()[1]
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    url = f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
+    print(f"dopsd ui: {ctx.home.root} at {url}  (Ctrl+C stops the app; running jobs go on and are found again)",
+          flush=True)
+    try:
+        make_server(ctx, sock, args.host, token).run(sockets=[sock])
+    finally:
+        ctx.jobs.shutdown()
+        sock.close()
+    return 0
+
+
+__all__ = ["add_arguments", "main", "build", "listen", "make_server", "is_local"]
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main(argparse.ArgumentParser().parse_args()))

@@ -1,0 +1,168 @@
+"""The UI's only in-process view of the rest of dopsd: config presets and keys (for the forms), the dataset
+check (the one `dopsd train` runs), the trigger-word rule, atomic file writes and the command list.
+
+Everything else (training, probe, sampling, export, plan, bench, demo) runs as `python -m dopsd.cli …`
+subprocesses. When dopsd's modules move, this file is the one to update.
+
+`python -m dopsd.ui.adapter mini-dataset FOLDER` writes the miniature's concept dataset in a child process,
+so the server itself never imports torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import sys
+import tempfile
+import typing
+import warnings
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dopsd import config as _config
+from dopsd.cli import COMMANDS
+from dopsd.data import IMAGE_EXTENSIONS, METADATA, DatasetError, apply_trigger, load_dataset
+from dopsd.errors import DopsdError
+from dopsd.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+ConfigError = _config.ConfigError
+Config = _config.Config
+
+__all__ = [
+    "IMAGE_EXTENSIONS", "METADATA", "ConfigError", "DopsdError", "Config", "atomic_write_bytes", "atomic_write_json",
+    "atomic_write_text", "presets", "methods", "key_help", "resolve", "config_from_yaml", "to_yaml", "get",
+    "check_dataset", "check_upload", "trigger", "has_command",
+]
+
+# The settings the New-run form offers (everything else: the YAML view).
+FORM_KEYS = ("model.pretrained", "method.name", "train.max_steps", "optim.lr", "lora.rank", "lora.alpha",
+             "data.trigger_word", "method.prior_prompts", "method.prior_weight", "sample.every",
+             "sample.control_steps", "train.checkpoint_every")
+
+
+def presets() -> list[dict[str, Any]]:
+    """Each preset: name, description, its resolved config (dict) and the form keys' values."""
+    out = []
+    for name, (description, _) in _config.PRESETS.items():
+        cfg = _config.preset(name)
+        out.append({"name": name, "description": description, "config": cfg.to_dict(),
+                    "form": {k: get(cfg, k) for k in FORM_KEYS}})
+    return out
+
+
+def methods() -> list[str]:
+    return [str(a) for a in typing.get_args(typing.get_type_hints(_config.MethodConfig)["name"])]
+
+
+def key_help() -> dict[str, str]:
+    """`section.key` -> its documentation, for every config key."""
+    out: dict[str, str] = {}
+    for section in dataclasses.fields(Config):
+        if section.name == "preset":
+            continue
+        for f in dataclasses.fields(typing.get_type_hints(Config)[section.name]):
+            out[f"{section.name}.{f.name}"] = f.metadata.get("help", "")
+    return out
+
+
+def resolve(preset: str, values: dict[str, Any]) -> Config:
+    """The preset with typed `section.key` values set one by one (no value is ever parsed as YAML text)."""
+    cfg = _config.preset(preset)
+    for key, value in values.items():
+        _config.set_value(cfg, key, value)
+    _config.validate(cfg)
+    return cfg
+
+
+def config_from_yaml(text: str) -> Config:
+    """A config from YAML text (as a config file would be read); ConfigError on anything wrong."""
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"the YAML is not valid: {err}") from err
+    cfg = _config.from_dict(data, "the YAML")
+    _config.validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    return cfg.to_yaml()
+
+
+def get(cfg: Config, key: str) -> Any:
+    section, _, name = key.partition(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def set_key(cfg: Config, key: str, value: Any) -> None:
+    _config.set_value(cfg, key, value)
+
+
+def trigger(caption: str, trigger_word: str | None) -> str:
+    """The caption as training sees it (placeholder replaced by, or prefixed with, the trigger word)."""
+    data = _config.DataConfig(trigger_word=trigger_word or None)
+    return apply_trigger(caption, data)
+
+
+def check_dataset(folder: Path, preset: str = "mini", trigger_word: str | None = None) -> dict[str, Any]:
+    """Run the dataset check `dopsd train` runs, for `preset`'s model. Returns {ok, problems, notices, examples}.
+
+    notices: warnings the loader emits (e.g. about resizing); examples: name -> captions as trained."""
+    cfg = _config.preset(preset)
+    cfg.data.path = str(folder)
+    cfg.data.trigger_word = trigger_word or None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            examples = load_dataset(cfg.data, cfg.model)
+        except DatasetError as err:
+            return {"ok": False, "problems": list(err.problems), "notices": _notices(caught), "examples": {}}
+    notices = _notices(caught) + [str(n) for e in examples for n in getattr(e, "notices", []) or []]
+    return {"ok": True, "problems": [], "notices": notices,
+            "examples": {e.name: list(e.captions) for e in examples}}
+
+
+def _notices(caught: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in caught]
+
+
+def check_upload(data: bytes, name: str, preset: str = "mini") -> list[str]:
+    """The dataset check's verdict on one uploaded image (with a stand-in caption), before it is kept."""
+    with tempfile.TemporaryDirectory(prefix="dopsd-ui-upload-") as tmp:
+        folder = Path(tmp)
+        (folder / name).write_bytes(data)
+        (folder / name).with_suffix(".txt").write_text("caption\n", encoding="utf-8")
+        return check_dataset(folder, preset)["problems"]
+
+
+def has_command(name: str) -> bool:
+    """Whether `dopsd NAME` exists in this dopsd (e.g. `plan`, added by a later version)."""
+    return name in COMMANDS
+
+
+def write_mini_dataset(folder: Path) -> list[str]:
+    """The miniature's held-out concept dataset (captions use `sks`); written beside, then moved into place."""
+    from dopsd.mini.world import write_concept_dataset
+
+    folder = Path(folder)
+    if folder.exists():
+        raise FileExistsError(f"{folder} already exists")
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    captions = write_concept_dataset(tmp)
+    tmp.rename(folder)
+    return captions
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "mini-dataset":
+        import torch
+
+        torch.set_num_threads(1)
+        print("\n".join(write_mini_dataset(Path(sys.argv[2]))))
+        sys.exit(0)
+    print("usage: python -m dopsd.ui.adapter mini-dataset FOLDER", file=sys.stderr)
+    sys.exit(2)

@@ -1,0 +1,151 @@
+// Runs: the list, and one run live — progress and ETA, the loss curve, few-step health with its alarm, the latest
+// sample grids at few and many steps, stop / resume, exports, summary, the command's output.
+
+import { lineChart } from "./charts.js";
+import { act, api, badge, card, details, fmtBytes, fmtDate, fmtNum, fmtTime, h, logBox, Parts, progressBar } from "./util.js";
+
+const LIVE = ["running", "starting", "queued", "stopping"];
+
+export async function runsPage(main, _params, app) {
+  const parts = new Parts(main);
+  const selected = new Set();
+  const compare = h("button", { id: "compare-selected", disabled: true, onclick: () => {
+    location.hash = `#/compare?runs=${[...selected].map(encodeURIComponent).join(",")}`;
+  } }, "Compare selected");
+  main.prepend(h("div", { class: "page-head" }, h("h1", {}, "Runs"),
+    h("div", { class: "row" }, compare, h("a", { class: "button primary", href: "#/new" }, "New run"))));
+  async function load() {
+    const data = await api("/api/runs");
+    parts.set("list", data.runs, (list) => list.length ? h("table", { class: "table", id: "runs-table" },
+      h("thead", {}, h("tr", {}, ["", "run", "status", "method", "model", "progress", "loss", "changed"].map((t) => h("th", {}, t)))),
+      h("tbody", {}, list.map((r) => h("tr", { "data-run": r.name },
+        h("td", {}, r.has_lora ? h("input", { type: "checkbox", checked: selected.has(r.name), onchange: (e) => {
+          if (e.target.checked) selected.add(r.name); else selected.delete(r.name);
+          compare.disabled = !selected.size;
+        } }) : null),
+        h("td", {}, h("a", { href: `#/runs/${encodeURIComponent(r.name)}` }, r.name)), h("td", {}, badge(r.status)),
+        h("td", {}, r.method || "–"), h("td", {}, r.family || "–"),
+        h("td", { class: "progress-cell" }, progressBar(r.step, r.max_steps), h("span", { class: "muted" }, ` ${r.step ?? 0}/${r.max_steps ?? "?"}`)),
+        h("td", {}, fmtNum(r.loss)), h("td", {}, fmtDate(r.modified))))))
+      : h("p", {}, "No runs yet. ", h("a", { href: "#/datasets" }, "Try the miniature"), " or start a ", h("a", { href: "#/new" }, "new run"), "."));
+  }
+  await load();
+  app.every(2000, load);
+}
+
+export async function runPage(main, params, app) {
+  const name = params.name;
+  const parts = new Parts(main, ["head", "alarm", "progress", "charts", "samples", "exports", "summary", "log", "config"]);
+  async function load() {
+    const r = await api(`/api/runs/${encodeURIComponent(name)}`);
+    parts.set("head", [r.status, r.resumable, r.files, r.job && r.job.status, r.config && r.config.method], () => head(r));
+    if (r.progress) parts.set("progress", [r.status, r.progress], () => progressCard(r));
+    if (r.health) parts.set("alarm", r.health.warning, (w) => w ? h("div", { class: "alarm", id: "health-alarm", role: "alert" },
+      h("strong", {}, `Few-step health alarm at step ${w.step}: `), w.message) : null);
+    if (r.losses) {
+      parts.set("charts", [r.losses, r.health], () => h("div", { class: "grid2" },
+        card("Loss", lossChart(r.losses)), card("Few-step health", healthChart(r.health))));
+    }
+    if (r.samples) parts.set("samples", r.samples, (s) => samplesCard(name, s));
+    parts.set("exports", [r.exports, r.files && r.files["lora.safetensors"], r.status], () => exportsCard(name, r));
+    if (r.summary) parts.set("summary", r.summary, (s) => card("summary.json", summaryTable(s)));
+    parts.set("log", r.job && [r.job.id, r.job.status, r.job.log], () => r.job ? card(null, details("log", `Output of ${r.job.title} (${r.job.status})`,
+      h("p", { class: "muted" }, h("code", {}, r.job.command)), logBox(r.job.log))) : null);
+    if (r.config_yaml) parts.set("config", r.config_yaml, (y) => card(null, details("config", "config.yaml", h("pre", { class: "code" }, y))));
+    return r;
+  }
+  const first = await load();
+  app.every(LIVE.includes(first.status) ? 1500 : 5000, load);
+
+  function head(r) {
+    const stop = h("button", { class: "danger", id: "stop-run", onclick: (e) => act(e.target, async () => {
+      await api(`/api/runs/${encodeURIComponent(name)}/stop`, { method: "POST", body: {} });
+      await load();
+    }) }, "Stop");
+    const resume = h("button", { id: "resume-run", onclick: (e) => act(e.target, async () => {
+      await api(`/api/runs/${encodeURIComponent(name)}/resume`, { method: "POST", body: {} });
+      await load();
+    }) }, "Resume");
+    const cfg = r.config || {};
+    return h("div", { class: "page-head" },
+      h("div", {}, h("h1", {}, name, " ", badge(r.status)),
+        h("p", { class: "muted" }, [cfg.method && cfg.method.name, cfg.model && cfg.model.family,
+          cfg.model && cfg.model.pretrained, cfg.data && cfg.data.path].filter(Boolean).join(" · "))),
+      h("div", { class: "row" },
+        ["running", "starting", "queued"].includes(r.status) ? stop : null,
+        r.resumable && !LIVE.includes(r.status) ? resume : null));
+  }
+}
+
+function progressCard(r) {
+  const p = r.progress;
+  const pct = p.max_steps ? Math.round(100 * (p.step || 0) / p.max_steps) : 0;
+  return card(null, h("div", { class: "progress-line" },
+    h("strong", { id: "run-step" }, `step ${p.step ?? 0} / ${p.max_steps ?? "?"}`), h("span", {}, ` ${pct}%`),
+    LIVE.includes(r.status) ? h("span", { class: "muted" }, ` · ETA ${fmtTime(p.eta_seconds)}`) : null),
+  progressBar(p.step, p.max_steps));
+}
+
+function lossChart(losses) {
+  const terms = new Set();
+  for (const r of losses) for (const k of Object.keys(r)) {
+    if (!["step", "loss", "lr", "grad_norm", "skipped"].includes(k) && typeof r[k] === "number") terms.add(k);
+  }
+  const series = [{ name: "loss", points: losses.filter((r) => !r.skipped).map((r) => [r.step, r.loss]) }];
+  if (terms.size > 1) for (const t of terms) series.push({ name: t, points: losses.map((r) => [r.step, r[t]]), width: 1 });
+  return lineChart(series, { title: "loss per optimizer step", xInteger: true });
+}
+
+function healthChart(health) {
+  const recs = health.records || [];
+  const keys = ["health", "sharpness", "gap", "quality"].filter((k) => recs.some((r) => typeof r[k] === "number"));
+  const chart = lineChart(keys.map((k) => ({ name: k, points: recs.map((r) => [r.step, r[k]]), width: k === "health" ? 2.4 : 1 })),
+    { title: "few-step health (1 = as the starting model)", threshold: health.threshold, xInteger: true,
+      empty: "measured at each sampling interval" });
+  return [chart, health.note ? h("p", { class: "muted small" }, health.note) : null];
+}
+
+function samplesCard(name, s) {
+  const url = (g) => `/files/runs/${encodeURIComponent(name)}/samples/${encodeURIComponent(g.file)}`;
+  const label = (g) => g.step === null ? "final" : `step ${g.step}`;
+  const figure = (g, title) => g ? h("figure", {}, h("img", { src: url(g), alt: `${title} ${label(g)}`, class: "grid-img" }),
+    h("figcaption", {}, `${title} · ${label(g)}`)) : null;
+  if (!s.grids.length) return card("Samples", h("p", { class: "muted" }, "The first grids appear before the first step."));
+  const history = s.grids.filter((g) => g.steps === s.few_steps);
+  return card("Samples",
+    h("div", { class: "grid2", id: "latest-samples" },
+      figure(s.latest.few, `${s.few_steps} steps (few-step)`),
+      figure(s.latest.many, s.many_steps ? `${s.many_steps} steps (many-step control)` : "")),
+    history.length > 1 ? details("history", `All ${s.few_steps}-step grids (${history.length})`,
+      h("div", { class: "history" }, history.map((g) => figure(g, `${g.steps} steps`)))) : null);
+}
+
+function exportsCard(name, r) {
+  const exp = (fmt) => h("button", { id: `export-${fmt}`, onclick: (e) => act(e.target, async () => {
+    await api(`/api/runs/${encodeURIComponent(name)}/export`, { method: "POST", body: { format: fmt } });
+  }) }, `Export ${fmt}`);
+  const lora = r.files && (r.files["lora.safetensors"] || r.files["model.safetensors"]);
+  return card("Weights and exports",
+    lora ? h("div", { class: "row" }, exp("diffusers"), exp("comfyui"),
+      h("a", { class: "button ghost", href: `${lora}?download=1`, id: "download-lora" }, "Download the run's LoRA"),
+      r.files["pytorch_lora_weights.safetensors"] ? h("a", { class: "button ghost", href: `${r.files["pytorch_lora_weights.safetensors"]}?download=1` },
+        "Download pytorch_lora_weights.safetensors") : null)
+      : h("p", { class: "muted" }, "The weights are written when the run ends."),
+    r.exports.length ? h("ul", { class: "exports" }, r.exports.map((e) => h("li", {},
+      badge(e.job.status), ` ${e.format} `,
+      e.file ? h("a", { href: `${e.file}?download=1`, class: "export-file" }, `${e.file.split("/").pop()}`) : null,
+      e.size ? h("span", { class: "muted" }, ` ${fmtBytes(e.size)}`) : null,
+      e.message ? h("pre", { class: "log small export-error" }, e.message) : null))) : null);
+}
+
+export function summaryTable(s) {
+  const rows = [];
+  const walk = (obj, prefix) => {
+    for (const [k, v] of Object.entries(obj || {})) {
+      if (v && typeof v === "object" && !Array.isArray(v)) walk(v, `${prefix}${k}.`);
+      else rows.push([`${prefix}${k}`, Array.isArray(v) ? JSON.stringify(v) : fmtNum(v, 5)]);
+    }
+  };
+  walk(s, "");
+  return h("table", { class: "table kv" }, h("tbody", {}, rows.map(([k, v]) => h("tr", {}, h("th", {}, k), h("td", {}, v)))));
+}
