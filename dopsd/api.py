@@ -249,8 +249,10 @@ def run_loop(trainer: Any, callback: Callable[[Any, dict[str, Any]], None] | Non
                 samples = timing["samples"] = trainer.sample_grids(f"step-{trainer.step:07d}", writer)
             if (ck and trainer.step % ck == 0) or done:
                 trainer.save_checkpoint()
-                if main:
+                if main:  # what was logged up to a checkpoint survives a kill, like the checkpoint itself
                     rundir.sync_losses(out)
+                    if writer is not None:
+                        writer.flush()
         trainer.acc.wait_for_everyone()
         timing.update(steps_this_run=trainer.step - first, loop_seconds=time.time() - t0)
         if main:

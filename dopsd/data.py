@@ -30,6 +30,7 @@ from dopsd.dataset_checks import (
     check_captions, contains_phrase, format_counts, image_notes, names, normalized_trigger,
 )
 from dopsd.dataset_scan import METADATA, find_sources, scan_folder, scan_metadata
+from dopsd.models.local import ModelFolderError
 from dopsd.errors import DopsdError
 from dopsd.image_files import EXTENSIONS, ImageFacts, ImageRefused, inspect_image
 from dopsd.image_files import load_image as _load_image
@@ -159,6 +160,21 @@ def _inspect(path: Path, label: str, problems: list[str]) -> ImageFacts | None:
         return None
 
 
+def _min_size(data: DataConfig, model: ModelConfig) -> int:
+    return data.min_size if data.min_size is not None else max(1, min(model.height, model.width) // 2)
+
+
+def check_image(path: Path, data: DataConfig, model: ModelConfig) -> list[str]:
+    """The dataset check's problems with one image file alone (readable, supported, large enough): what an
+    upload can be checked for before its caption exists."""
+    problems: list[str] = []
+    facts = _inspect(path, path.name, problems)
+    if facts is not None and min(facts.size) < _min_size(data, model):
+        problems.append(f"{path.name}: {facts.size[0]}×{facts.size[1]} is smaller than the minimum side "
+                        f"{_min_size(data, model)} (data.min_size)")
+    return problems
+
+
 def check_dataset(data: DataConfig, model: ModelConfig) -> DatasetReport:
     """Scan and validate the whole dataset: one DatasetError listing every problem, or the report."""
     root = _check_root(data)
@@ -169,7 +185,7 @@ def check_dataset(data: DataConfig, model: ModelConfig) -> DatasetReport:
     rows = scan(root, problems, scan_notes)
     if not rows and not problems:
         problems.append(f"no images found (looked for {', '.join(IMAGE_EXTENSIONS)} files or {METADATA})")
-    min_size = data.min_size if data.min_size is not None else max(1, min(model.height, model.width) // 2)
+    min_size = _min_size(data, model)
     source_dir = Path(data.source_dir).expanduser() if data.source_dir else None
     if source_dir is not None and not source_dir.is_dir():
         problems.append(f"data.source_dir {source_dir} is not a folder")
@@ -202,7 +218,13 @@ def check_dataset(data: DataConfig, model: ModelConfig) -> DatasetReport:
         seen.append((row.name, facts, bucket))
     captions = [c for row in rows if row.captions for c in row.captions]
     applied = [apply_trigger(c.text, data) for c in captions]
-    hints = check_captions(captions, applied, data, model, problems, caption_notes)
+    try:
+        hints = check_captions(captions, applied, data, model, problems, caption_notes)
+    except ModelFolderError as err:  # the tokenizer's folder is bad too: list it with the files' problems
+        if not problems:
+            raise
+        problems.append(f"captions not checked yet: {err}")
+        hints = []
     if problems:
         raise DatasetError(root, problems, hints)
     notes = image_notes(seen, model.height, model.width)

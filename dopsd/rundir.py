@@ -36,7 +36,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable
 
-from dopsd.errors import RunFolderError
+from dopsd.checkpoint import list_checkpoints
+from dopsd.errors import CheckpointError, RunFolderError
 from dopsd.files import atomic_write_json, atomic_write_text, fsync_dir
 
 MARKER = "dopsd-run.json"
@@ -141,6 +142,9 @@ def plan(cfg: Any, *, resume: bool, overwrite: bool) -> Plan:
         if not out.is_dir() or not (out / CONFIG).is_file():
             raise RunFolderError(f"--resume: {out} is not a dopsd run folder (no {CONFIG}); check train.output_dir")
         check_not_in_use(out)
+        if not list_checkpoints(out / CHECKPOINTS):  # said before the dataset and the model are read
+            raise CheckpointError(f"--resume: {out / CHECKPOINTS} holds no complete checkpoint; start a new run "
+                                  "(without --resume)")
         return Plan(out, "resume")
     if not out.exists() or not [n for n in out.iterdir() if n.name not in (OWNER_LOCK, WORKERS_LOCK)]:
         return Plan(out, "new")

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from dopsd.config import load_config
-from dopsd.lora import add_lora, lora_state_dict
+from dopsd.lora import add_lora
 from dopsd.models.registry import fullsize_config, plan_spec
 from dopsd.planner.fake import build_meta
 
@@ -98,18 +98,26 @@ def test_klein_lora_targets_are_the_attention_of_every_block(name):
         assert mods[f"single_transformer_blocks.{i}.attn.to_out"] == (inner, inner + mlp)
 
 
-@pytest.mark.parametrize("name", ["zimage-turbo", "flux2-klein-4b", "flux2-klein-9b"])
-def test_comfyui_export_maps_every_module_onto_the_original_architecture(name):
-    """Every exported module, read back by diffusers' own converter of original (BFL / ComfyUI) checkpoints,
-    lands on a distinct LoRA-targeted Linear of the model with the right shape, and all of them are covered."""
-    from diffusers.loaders import single_file_utils as sfu
+def _interchange(name: str, rank: int = 1) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, int]]]:
+    """The LoRA file dopsd writes for every default target of the full-size model (zeros of the right shapes)."""
+    from dopsd.lora_layout import to_interchange
 
-    from dopsd.export import to_comfyui
+    _, mods = lora_modules(name)
+    family = "zimage" if name.startswith("zimage") else "flux2"
+    pairs = {m: (torch.zeros(rank, shape[1]), torch.zeros(shape[0], rank)) for m, shape in mods.items()}
+    return to_interchange(pairs, family), mods
+
+
+@pytest.mark.parametrize("name", ["zimage-turbo", "flux2-klein-4b", "flux2-klein-9b"])
+def test_comfyui_names_map_every_module_onto_the_original_architecture(name):
+    """Every module of the interchange file, read back by diffusers' own converter of original (BFL / ComfyUI)
+    checkpoints, lands on a distinct LoRA-targeted Linear of the model with the right shape, and all of them are
+    covered (fused q/k/v included)."""
+    from diffusers.loaders import single_file_utils as sfu
 
     convert = (sfu.convert_z_image_transformer_checkpoint_to_diffusers if name.startswith("zimage")
                else sfu.convert_flux2_transformer_checkpoint_to_diffusers)
-    net, mods = lora_modules(name)
-    out = to_comfyui(lora_state_dict(net), {"r": 4, "lora_alpha": 4})
+    out, mods = _interchange(name)
     original: dict[str, dict[str, torch.Size]] = {}
     for key, value in out.items():
         m = re.fullmatch(r"diffusion_model\.(.+)\.lora_([AB])\.weight", key)
@@ -123,23 +131,18 @@ def test_comfyui_export_maps_every_module_onto_the_original_architecture(name):
 
 
 @pytest.mark.parametrize("name", ["zimage-turbo", "flux2-klein-4b"])
-def test_diffusers_export_loads_back_into_every_targeted_module(name, tmp_path):
-    """The diffusers-format file (written as dopsd.export writes it, rank 1 so that it is small) is read by the
-    pipeline's LoRA loader into a fresh full-size transformer: every module gets its LoRA, no key is left over."""
-    from peft import get_peft_model_state_dict
+def test_diffusers_loads_the_lora_file_into_every_targeted_module(name, tmp_path):
+    """The file as dopsd writes it (rank 1 so that it is small) is read by the pipeline's LoRA loader into a fresh
+    full-size transformer: every targeted module gets its LoRA, no key is left over."""
+    from diffusers import Flux2KleinPipeline, ZImagePipeline
+    from safetensors.torch import save_file
 
-    from dopsd.export import pipeline_class
-
-    family = "zimage" if name.startswith("zimage") else "flux2"
-    spec = spec_of(name)
-    net = build_meta(lambda: spec.parts["transformer"]({}), torch.bfloat16)
-    config = add_lora(net, spec.lora_targets, 1, 1)
-    state = {k: torch.zeros(v.shape) for k, v in get_peft_model_state_dict(net).items()}
-    pipe = pipeline_class(family)
-    pipe.save_lora_weights(str(tmp_path), transformer_lora_layers=state, transformer_lora_adapter_metadata=config.to_dict())
+    out, mods = _interchange(name)
+    save_file({k: v.contiguous() for k, v in out.items()}, str(tmp_path / "pytorch_lora_weights.safetensors"))
+    pipe = ZImagePipeline if name.startswith("zimage") else Flux2KleinPipeline
     loaded = pipe.lora_state_dict(str(tmp_path))
     loaded = loaded[0] if isinstance(loaded, tuple) else loaded
-    assert len(loaded) == len(state)
+    spec = spec_of(name)
     fresh = build_meta(lambda: spec.parts["transformer"]({}), torch.bfloat16)
     log = io.StringIO()
     handler = logging.StreamHandler(log)
@@ -152,7 +155,7 @@ def test_diffusers_export_loads_back_into_every_targeted_module(name, tmp_path):
         logging.getLogger("diffusers").removeHandler(handler)
     assert "unexpected" not in log.getvalue().lower(), log.getvalue()
     injected = {n.rsplit(".lora_A", 1)[0] for n, _ in fresh.named_parameters() if ".lora_A.check" in n}
-    assert injected == set(lora_modules(name)[1])
+    assert injected == set(mods)
 
 
 def test_qwen3_to_qwen3_vl_transplant_matches_every_tensor():

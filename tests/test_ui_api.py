@@ -80,7 +80,7 @@ def test_dataset_create_upload_caption_remove(world, tmp_path):
     assert c.post("/api/datasets", json={"name": "cats"}).status_code == 409
     assert c.post("/api/datasets", json={"name": "../cats"}).status_code == 400
     files = [("files", ("photo one.png", png_bytes((32, 32)), "image/png")),
-             ("files", ("photo one.txt", b"a photo of [V]\n", "text/plain")),
+             ("files", ("photo one.txt", b"a [V] circle\n", "text/plain")),
              ("files", ("broken.png", b"\x89PNG\r\n\x1a\nnot really", "image/png")),
              ("files", ("tiny.png", png_bytes((4, 4)), "image/png")),
              ("files", ("notes.exe", b"MZ", "application/octet-stream"))]
@@ -102,12 +102,12 @@ def test_dataset_create_upload_caption_remove(world, tmp_path):
 
     view = c.get("/api/datasets/cats", params={"trigger_word": "sks"}).json()
     by_name = {f["name"]: f for f in view["files"]}
-    assert by_name["photo_one.png"]["trained_as"] == ["a photo of sks"]
+    assert by_name["photo_one.png"]["trained_as"] == ["a sks circle"]
     assert not view["ok"] and any("photo_one-2.txt" in p for p in by_name["photo_one-2.png"]["problems"])
     assert view["problems"] == []  # every problem is shown with its file
-    assert c.put("/api/datasets/cats/captions", json={"image": "photo_one-2.png", "text": "[V] again"}).status_code == 200
-    assert (home / "datasets/cats/photo_one-2.txt").read_text() == "[V] again\n"
-    assert c.get("/api/datasets/cats").json()["ok"]
+    assert c.put("/api/datasets/cats/captions", json={"image": "photo_one-2.png", "text": "a [V] square"}).status_code == 200
+    assert (home / "datasets/cats/photo_one-2.txt").read_text() == "a [V] square\n"
+    assert c.get("/api/datasets/cats", params={"trigger_word": "sks"}).json()["ok"]
     assert c.put("/api/datasets/cats/captions", json={"image": "../../x.png", "text": "t"}).status_code == 404
     assert c.put("/api/datasets/cats/settings", json={"preset": "mini", "trigger_word": "sks"}).status_code == 200
     listed = {d["name"]: d for d in c.get("/api/datasets").json()["datasets"]}
@@ -120,7 +120,7 @@ def test_dataset_create_upload_caption_remove(world, tmp_path):
                                                        ("files", ("nobody.txt", b"x", "text/plain"))]).json()
     assert [s["saved"] for s in alone["saved"]] == ["lonely.txt"]
     assert (home / "datasets/cats/lonely.txt").read_text() == "[V] alone"
-    assert (home / "datasets/cats/photo_one.txt").read_text() == "a photo of [V]\n"  # not overwritten
+    assert (home / "datasets/cats/photo_one.txt").read_text() == "a [V] circle\n"  # not overwritten
     assert {r["file"] for r in alone["refused"]} == {"photo_one.txt", "nobody.txt"}
 
     moved = c.post("/api/datasets/cats/remove", json={"image": "photo_one-2.png"}).json()

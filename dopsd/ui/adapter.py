@@ -23,7 +23,8 @@ import yaml
 
 from dopsd import config as _config
 from dopsd.cli import COMMANDS
-from dopsd.data import IMAGE_EXTENSIONS, METADATA, DatasetError, apply_trigger, load_dataset
+from dopsd import data as _data
+from dopsd.data import IMAGE_EXTENSIONS, METADATA, DatasetError, apply_trigger
 from dopsd.errors import DopsdError
 from dopsd.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 
@@ -109,32 +110,26 @@ def trigger(caption: str, trigger_word: str | None) -> str:
 def check_dataset(folder: Path, preset: str = "mini", trigger_word: str | None = None) -> dict[str, Any]:
     """Run the dataset check `dopsd train` runs, for `preset`'s model. Returns {ok, problems, notices, examples}.
 
-    notices: warnings the loader emits (e.g. about resizing); examples: name -> captions as trained."""
+    notices: what training will do to the data (resizing, cropping, caption changes), as the check reports it."""
     cfg = _config.preset(preset)
     cfg.data.path = str(folder)
     cfg.data.trigger_word = trigger_word or None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            examples = load_dataset(cfg.data, cfg.model)
-        except DatasetError as err:
-            return {"ok": False, "problems": list(err.problems), "notices": _notices(caught), "examples": {}}
-    notices = _notices(caught) + [str(n) for e in examples for n in getattr(e, "notices", []) or []]
-    return {"ok": True, "problems": [], "notices": notices,
-            "examples": {e.name: list(e.captions) for e in examples}}
-
-
-def _notices(caught: list[warnings.WarningMessage]) -> list[str]:
-    return [str(w.message) for w in caught]
+    try:
+        report = _data.check_dataset(cfg.data, cfg.model)
+    except DatasetError as err:
+        return {"ok": False, "problems": list(err.problems), "notices": [], "examples": {}}
+    return {"ok": True, "problems": [], "notices": list(report.notes),
+            "examples": {e.name: list(e.captions) for e in report.examples}}
 
 
 def check_upload(data: bytes, name: str, preset: str = "mini") -> list[str]:
-    """The dataset check's verdict on one uploaded image (with a stand-in caption), before it is kept."""
+    """The dataset check's verdict on one uploaded image file (readable, supported, large enough), before it is
+    kept; its caption is checked with the whole dataset."""
+    cfg = _config.preset(preset)
     with tempfile.TemporaryDirectory(prefix="dopsd-ui-upload-") as tmp:
-        folder = Path(tmp)
-        (folder / name).write_bytes(data)
-        (folder / name).with_suffix(".txt").write_text("caption\n", encoding="utf-8")
-        return check_dataset(folder, preset)["problems"]
+        path = Path(tmp) / name
+        path.write_bytes(data)
+        return [p.removeprefix(f"{name}: ") for p in _data.check_image(path, cfg.data, cfg.model)]
 
 
 def has_command(name: str) -> bool:

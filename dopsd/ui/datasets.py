@@ -122,9 +122,12 @@ def view(home: Home, name: str, preset: str | None = None, trigger_word: str | N
 
 
 def _about(problem: str, filename: str) -> bool:
-    return problem.startswith(f"{filename}:") or problem.startswith(f"{filename} ") or (
-        problem.startswith("duplicate name:") and re.search(rf"(?<![\w.-]){re.escape(filename)}(?![\w.-])", problem)
-        is not None)
+    """Whether a dataset-check problem is about `filename`: it starts with the name, or names it as a whole word
+    in a listing (duplicate names, or captions grouped by text: `"text" (file.txt line 1, …)`)."""
+    if problem.startswith(f"{filename}:") or problem.startswith(f"{filename} "):
+        return True
+    listed = problem.startswith("duplicate name:") or problem.startswith('"')
+    return listed and re.search(rf"(?<![\w.-]){re.escape(filename)}(?![\w.-])", problem) is not None
 
 
 def _size(path: Path) -> list[int] | None:
