@@ -98,7 +98,7 @@ def test_real_families_count_tokens_like_the_encoder_and_report_cut_captions_as_
     report = check_dataset(c.data, c.model)  # a cut caption is said, not refused
     note = next(n for n in report.notes if "will not be read whole" in n)
     assert f"(img1.txt line 1): {counts[1]} tokens with the chat template" in note and "first 40" in note
-    bad = cfg(tmp_path / "data", "model.pretrained=/nowhere", preset=preset)
+    bad = cfg(tmp_path / "data", "model.pretrained=/nowhere", "model.height=32", "model.width=32", preset=preset)
     with pytest.raises(ModelFolderError, match="/nowhere"):
         check_dataset(bad.data, bad.model)
 
