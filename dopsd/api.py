@@ -32,7 +32,7 @@ import torch
 from dopsd import checkpoint as ckpt
 from dopsd import rundir
 from dopsd.config import Config, ConfigError, load_config
-from dopsd.data import check_dataset
+from dopsd.data.dataset import check_dataset
 from dopsd.errors import RunFolderError
 from dopsd.rundir import OutputExistsError  # noqa: F401 - part of the API (raised for an existing folder)
 
@@ -266,7 +266,7 @@ def run_loop(trainer: Any, callback: Callable[[Any, dict[str, Any]], None] | Non
 
 
 def _save_final(trainer: Any) -> Path:
-    from dopsd.sample import save_trained
+    from dopsd.lora.trained import save_trained
 
     cfg, out = trainer.cfg, trainer.out
     meta = {"family": cfg.model.family, "model": cfg.to_dict()["model"], "prompts": trainer.prompts,

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dopsd.config import Config
-from dopsd.data import Example, load_example_images
+from dopsd.data.dataset import Example, load_example_images
 
 Context = dict[str, torch.Tensor]
 DROPPED = -1  # caption index of the empty (dropped-out) caption

@@ -1,24 +1,22 @@
 """`dopsd export`: a trained LoRA as a file that diffusers and ComfyUI load with the same result.
 
-Both formats hold the same keys (the interchange layout, dopsd.lora_layout: `diffusion_model.*`, alpha/rank folded
+Both formats hold the same keys (the interchange layout, dopsd.lora.layout: `diffusion_model.*`, alpha/rank folded
 into lora_B, FLUX.2 in the original BFL module names), so either file loads in either tool at strength 1:
   * comfyui: one `.safetensors` file to put in ComfyUI's `models/loras`;
   * diffusers: a folder with `pytorch_lora_weights.safetensors`, for `pipe.load_lora_weights(folder)`.
 Tensors are bf16 by default (`--dtype fp16|fp32` otherwise); the metadata names the base model, its variant, the
-method, steps, rank, alpha and trigger word (dopsd.lora_meta). The miniature has no such format and is refused.
+method, steps, rank, alpha and trigger word (dopsd.lora.meta). The miniature has no such format and is refused.
 """
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from torch import nn
 
-from dopsd.lora_files import (DEFAULT_DTYPE, DIFFUSERS_NAME, DTYPES, RUN_CONFIG, RUN_LORA, network_family, read_lora,
-                              write_interchange)
-from dopsd.lora_layout import LAYOUTS, LoraFileError
-from dopsd.lora_meta import LoraFacts, run_facts
+from dopsd.lora.files import DEFAULT_DTYPE, DIFFUSERS_NAME, DTYPES, RUN_LORA, network_family, read_lora, write_interchange
+from dopsd.lora.layout import LAYOUTS, LoraFileError
+from dopsd.lora.meta import LoraFacts, run_facts
 
 WEIGHTS_NAME = DIFFUSERS_NAME
 FAMILIES = tuple(LAYOUTS)  # the families other tools have a model for (never the miniature)
@@ -34,7 +32,7 @@ def save_diffusers(network: nn.Module, out_dir: str | Path, adapter: str = "defa
     """The network's trained LoRA as `out_dir/pytorch_lora_weights.safetensors` (interchange layout, which
     `pipe.load_lora_weights(out_dir)` and ComfyUI both load); returns the file. `facts` default to what the
     network itself tells (family, size, rank, alpha)."""
-    from dopsd.lora import ADAPTER, lora_modules
+    from dopsd.lora.inject import ADAPTER, lora_modules
 
     if adapter != ADAPTER:
         raise ExportError(f"dopsd trains one LoRA adapter named {ADAPTER!r}, not {adapter!r}")
@@ -83,28 +81,3 @@ def export(path: str | Path, out: str | Path, fmt: str = "comfyui", family: str 
         raise ExportError(f"{target} is the file being exported; choose another --out")
     facts = src.facts.replace(title=title, trigger_word=trigger_word)
     return write_interchange(target, src.modules or {}, facts, dtype)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("lora", help=f"a dopsd run folder ({RUN_LORA} + {RUN_CONFIG}), a folder with {WEIGHTS_NAME}, "
-                        "or a LoRA .safetensors file")
-    parser.add_argument("--out", required=True, help="output .safetensors file, or a folder to write into")
-    parser.add_argument("--format", choices=FORMATS, default="comfyui",
-                        help="comfyui: one file named after the run; diffusers: FOLDER/pytorch_lora_weights.safetensors "
-                             "(same keys: both load in diffusers and ComfyUI)")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default=DEFAULT_DTYPE,
-                        help=f"tensor dtype of the file (default {DEFAULT_DTYPE}; fp32 is twice the size)")
-    parser.add_argument("--model", choices=FAMILIES, default=None,
-                        help="model family; checked against the file's module names (default: from them)")
-    parser.add_argument("--alpha", type=float, default=None,
-                        help="LoRA alpha, only for bare peft files that record none")
-    parser.add_argument("--title", default=None, help="title shown by UIs (default: the run folder's name)")
-    parser.add_argument("--trigger-word", default=None, help="trigger word to record (default: the run's, if any)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-
-
-def main(args: argparse.Namespace) -> int:
-    written = export(args.lora, args.out, args.format, args.model, args.alpha, args.dtype, title=args.title,
-                     trigger_word=args.trigger_word, overwrite=args.overwrite)
-    print(f"wrote {written} ({args.dtype}; loads in diffusers and ComfyUI at strength 1)")
-    return 0

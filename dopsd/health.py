@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dopsd.models.base import ModelAdapter
-from dopsd.schedules import sample_euler
+from dopsd.sampler import sample_euler
 
 QualityFn = Callable[[torch.Tensor, list[str]], float]
 
@@ -170,7 +170,7 @@ class FewStepHealth:
     def _sample(self, network: nn.Module) -> dict[str, torch.Tensor]:
         device = self.device or _network_device(network)
         context = move_to(self.context, device)
-        # Latents in float32 unless told otherwise, as dopsd.sample.generate (adapters cast inside).
+        # Latents in float32 unless told otherwise, as dopsd.commands.sample.generate (adapters cast inside).
         noise = self.noise.to(device=device, dtype=self.dtype or torch.float32)
 
         def velocity(x: torch.Tensor, sigma: torch.Tensor, ctx: Any) -> torch.Tensor:

@@ -9,33 +9,17 @@ from __future__ import annotations
 
 from typing import Protocol, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from dopsd.images import to_pil, to_tensor
 
 
 class Scorer(Protocol):
     name: str
 
     def distance(self, samples: torch.Tensor, targets: Sequence[Image.Image]) -> torch.Tensor: ...
-
-
-def to_tensor(images: Sequence[Image.Image], size: tuple[int, int] | None = None) -> torch.Tensor:
-    """PIL images → (B, 3, H, W) in [-1, 1]; resized to size=(h, w) when given."""
-    out = []
-    for img in images:
-        img = img.convert("RGB")
-        if size is not None and img.size != (size[1], size[0]):
-            img = img.resize((size[1], size[0]), Image.BICUBIC)
-        out.append(torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0)
-    return torch.stack(out)
-
-
-def to_pil(image: torch.Tensor) -> Image.Image:
-    """(3, H, W) in [-1, 1] → PIL RGB."""
-    arr = ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(arr)
 
 
 class PixelScorer:
@@ -102,7 +86,7 @@ class FeatureScorer:
         self.name = f"features:{self.features.name}"
 
     def distance(self, samples: torch.Tensor, targets: Sequence[Image.Image]) -> torch.Tensor:
-        a = self.features([to_pil(s) for s in samples])
+        a = self.features(to_pil(samples))
         b = self.features(list(targets))
         return 1 - F.cosine_similarity(a.float(), b.float(), dim=-1)
 
@@ -114,4 +98,4 @@ def scorer_for(adapter: object, features: str | None = None, device: str | torch
     if getattr(adapter, "name", None) == "mini":
         return MiniScorer()
     return PixelScorer()
-__all__ = ["Scorer", "PixelScorer", "MiniScorer", "FeatureScorer", "scorer_for", "to_tensor", "to_pil"]
+__all__ = ["Scorer", "PixelScorer", "MiniScorer", "FeatureScorer", "scorer_for"]

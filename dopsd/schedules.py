@@ -74,11 +74,3 @@ def check_schedule(sigmas: torch.Tensor) -> None:
         raise ValueError(f"σ must lie in [0, 1], got {float(sigmas[0])}")
 
 
-def sample_euler(velocity, noise: torch.Tensor, sigmas: torch.Tensor, context=None) -> torch.Tensor:
-    """Plain Euler sampler of the flow ODE dx/dσ = v(x, σ); the inference sampler of every target model."""
-    check_schedule(sigmas)
-    x = noise
-    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        s = torch.full((x.shape[0],), float(sigma), device=x.device, dtype=x.dtype)
-        x = x + (float(sigma_next) - float(sigma)) * velocity(x, s, context)
-    return x

@@ -23,12 +23,13 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from dopsd import checkpoint as ckpt
 from dopsd.cache import DROPPED, FeatureCache, Features, build_features, default_cache_dir, model_fingerprint
 from dopsd.config import Config, ConfigError
-from dopsd.data import BatchOrder, Example, distinct_captions
+from dopsd.data.dataset import BatchOrder, Example, distinct_captions
 from dopsd.errors import CheckpointError, TrainingFailed
 from dopsd.files import atomic_save_image
-from dopsd.lora import add_lora
+from dopsd.lora.inject import add_lora
 from dopsd.objective import dopsd_loss, sample_training_sigmas, sft_loss, step_weights_for
-from dopsd.sample import generate, grid_image, seed_noise
+from dopsd.sampler import generate, seed_noise
+from dopsd.images import grid_image
 from dopsd.schedules import training_schedule
 from dopsd.weights import ParamShadow, trainable_parameters
 

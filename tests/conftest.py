@@ -60,7 +60,7 @@ def save_tiny_mini(folder: Path, seed: int = 0) -> Path:
 
     from safetensors.torch import save_file
 
-    from dopsd.models.mini import tiny_random_adapter
+    from dopsd.mini.adapter import tiny_random_adapter
 
     adapter = tiny_random_adapter(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -83,6 +83,6 @@ def concept_data(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def tiny_adapter():
-    from dopsd.models.mini import tiny_random_adapter
+    from dopsd.mini.adapter import tiny_random_adapter
 
     return tiny_random_adapter(0)

@@ -129,7 +129,7 @@ def test_memory_measurement() -> None:
 
 def test_dedistill_deltas_merge_and_remove_exactly() -> None:
     from dopsd.bench.suite import add_deltas, lora_deltas, without_deltas
-    from dopsd.lora import add_lora, lora_state_dict
+    from dopsd.lora.inject import add_lora, lora_state_dict
 
     net = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6))
     add_lora(net, ["0", "1"], rank=2, alpha=4)

@@ -14,7 +14,7 @@ import dopsd
 from conftest import tiny_config
 from dopsd import checkpoint as ckpt
 from dopsd.errors import CheckpointError
-from dopsd.models.mini import tiny_random_adapter
+from dopsd.mini.adapter import tiny_random_adapter
 
 
 def adapter():

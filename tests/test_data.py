@@ -10,7 +10,7 @@ from PIL import Image
 import dopsd
 from dopsd import cli
 from dopsd.config import load_config
-from dopsd.data import BatchOrder, DatasetError, apply_trigger, bucket_sizes, choose_bucket, load_dataset
+from dopsd.data.dataset import BatchOrder, DatasetError, apply_trigger, bucket_sizes, choose_bucket, load_dataset
 
 
 def png(path, size=(32, 32), colour=(200, 30, 30)):

@@ -12,11 +12,11 @@ from PIL import Image
 from conftest import save_tiny_mini
 from dopsd import cli
 from dopsd.config import load_config
-from dopsd.data import DatasetError, apply_trigger, check_dataset, load_dataset
+from dopsd.data.dataset import DatasetError, apply_trigger, check_dataset, load_dataset
 from dopsd.errors import PromptError
-from dopsd.image_files import detail_lost
+from dopsd.data.image_files import detail_lost
 from dopsd.models.local import ModelFolderError, chat_token_counts, chat_tokens
-from dopsd.models.mini import tiny_random_adapter
+from dopsd.mini.adapter import tiny_random_adapter
 from dopsd.models.registry import FAMILIES, caption_problems, family_module
 
 

@@ -24,7 +24,7 @@ CAPTIONS = ["a [V] teapot on a wooden table", "a [V] teapot in the park"]
 def world(tmp_path_factory):
     """A tiny Z-Image folder, a two-pair dataset, a run folder with a trained LoRA, tiny DINOv2 and CLIP."""
     from dopsd.config import load_config
-    from dopsd.sample import save_trained
+    from dopsd.lora.trained import save_trained
 
     root = tmp_path_factory.mktemp("eval")
     model, vlm = build_zimage(root / "zi"), build_qwen3_vl(root / "vl")

@@ -15,8 +15,8 @@ from comfy_view import comfy_apply, original_weights, to_diffusers
 from dopsd import export
 from dopsd.cli import main as cli
 from dopsd.models import flux2, zimage
-from dopsd.sample import apply_trained, save_trained
-from dopsd.schedules import sample_euler
+from dopsd.lora.trained import apply_trained, save_trained
+from dopsd.sampler import sample_euler
 from tiny_real import build_flux2, build_qwen3_vl, build_zimage, dopsd_lora_steps, images
 
 torch.set_num_threads(1)
@@ -154,7 +154,7 @@ def test_file_metadata_names_the_model_and_the_training(trained):
 def test_published_sizes_are_recognised():
     from diffusers import Flux2Transformer2DModel, ZImageTransformer2DModel
 
-    from dopsd.lora_meta import describe_size, transformer_size
+    from dopsd.lora.meta import describe_size, transformer_size
 
     with torch.device("meta"):
         klein4 = Flux2Transformer2DModel(num_layers=5, num_single_layers=20, attention_head_dim=128,
@@ -186,7 +186,7 @@ def test_export_cli_both_formats_load_everywhere(trained, tmp_path, capsys):
 def test_older_run_files_still_export_exactly(trained, tmp_path):
     """Runs written before this layout: bare peft keys + lora_config.json, and diffusers' transformer.* file."""
     t = trained
-    from dopsd.lora import lora_state_dict
+    from dopsd.lora.inject import lora_state_dict
 
     old = tmp_path / "old"
     old.mkdir()
@@ -239,8 +239,8 @@ def test_unexportable_targets_keep_the_weights_in_dopsds_layout(trained, tmp_pat
     t = trained
     if t.family != "flux2":
         pytest.skip("every Z-Image Linear has an interchange name")
-    from dopsd.lora import add_lora, lora_modules
-    from dopsd.lora_layout import LoraFileError, check_exportable
+    from dopsd.lora.inject import add_lora, lora_modules
+    from dopsd.lora.layout import LoraFileError, check_exportable
 
     adapter = t.module.load(t.cfg)
     targets = flux2.LORA_TARGETS + r"|norm_out\.linear"

@@ -9,7 +9,7 @@ import torch
 
 from dopsd.models import flux2
 from dopsd.models.local import ModelFolderError
-from dopsd.schedules import sample_euler
+from dopsd.sampler import sample_euler
 from tiny_real import build_flux2, build_qwen3_vl, build_zimage, dopsd_lora_steps, images
 
 torch.set_num_threads(1)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from dopsd.config import load_config
-from dopsd.lora import add_lora
+from dopsd.lora.inject import add_lora
 from dopsd.models.registry import fullsize_config, plan_spec
 from dopsd.planner.fake import build_meta
 
@@ -100,7 +100,7 @@ def test_klein_lora_targets_are_the_attention_of_every_block(name):
 
 def _interchange(name: str, rank: int = 1) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, int]]]:
     """The LoRA file dopsd writes for every default target of the full-size model (zeros of the right shapes)."""
-    from dopsd.lora_layout import to_interchange
+    from dopsd.lora.layout import to_interchange
 
     _, mods = lora_modules(name)
     family = "zimage" if name.startswith("zimage") else "flux2"

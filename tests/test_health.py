@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from dopsd.health import FewStepHealth, relative_gap, sharpness
 from dopsd.mini import world
-from dopsd.models.mini import load
+from dopsd.mini.adapter import load
 
 torch.set_num_threads(1)
 PROMPTS = [

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image, ImageCms
 
 from dopsd.config import load_config
-from dopsd.data import DatasetError, check_dataset, load_dataset, load_image
-from dopsd.image_files import ImageRefused, detail_lost, read_rgb, to_rgb
+from dopsd.data.dataset import DatasetError, check_dataset, load_dataset, load_image
+from dopsd.data.image_files import ImageRefused, detail_lost, read_rgb, to_rgb
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8)  # the content every colour file carries

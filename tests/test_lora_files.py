@@ -10,13 +10,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from dopsd.cli import main as cli
-from dopsd.lora_layout import LoraFileError, from_interchange, split_keys, to_interchange
+from dopsd.lora.layout import LoraFileError, from_interchange, split_keys, to_interchange
 
 torch.set_num_threads(1)
 
 
 def _trained_mini(tiny_adapter, seed: int = 0):
-    from dopsd.lora import add_lora
+    from dopsd.lora.inject import add_lora
 
     add_lora(tiny_adapter.network, tiny_adapter.default_lora_targets(), 4, 8.0)
     g = torch.Generator().manual_seed(seed)
@@ -28,9 +28,9 @@ def _trained_mini(tiny_adapter, seed: int = 0):
 
 
 def test_miniature_lora_is_dopsd_only_and_labelled(tiny_adapter, tmp_path, capsys):
-    from dopsd.lora import lora_state_dict
-    from dopsd.models.mini import tiny_random_adapter
-    from dopsd.sample import apply_trained, save_trained
+    from dopsd.lora.inject import lora_state_dict
+    from dopsd.mini.adapter import tiny_random_adapter
+    from dopsd.lora.trained import apply_trained, save_trained
 
     adapter = _trained_mini(tiny_adapter)
     run = tmp_path / "run"

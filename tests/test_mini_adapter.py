@@ -8,12 +8,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from dopsd.lora import add_lora, lora_state_dict
+from dopsd.lora.inject import add_lora, lora_state_dict
 from dopsd.mini import metrics as M
 from dopsd.mini import world
 from dopsd.mini.recipe import sha256
 from dopsd.models.base import ModelAdapter
-from dopsd.models.mini import WEIGHTS_DIR, default_lora_targets, load, tiny_random_adapter
+from dopsd.mini.adapter import WEIGHTS_DIR, default_lora_targets, load, tiny_random_adapter
 
 torch.set_num_threads(1)
 

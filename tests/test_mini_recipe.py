@@ -10,7 +10,7 @@ import torch
 from dopsd.cli import main
 from dopsd.mini import world
 from dopsd.mini.recipe import sha256
-from dopsd.models.mini import load
+from dopsd.mini.adapter import load
 
 torch.set_num_threads(1)
 

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from dopsd.objective import dopsd_loss, sample_training_sigmas, sft_loss, step_weights_for, to_x0
-from dopsd.schedules import sample_euler, shifted_schedule, training_schedule
+from dopsd.sampler import sample_euler
+from dopsd.schedules import shifted_schedule, training_schedule
 from dopsd.weights import ParamShadow, trainable_parameters
 
 torch.set_num_threads(1)

@@ -86,7 +86,7 @@ def test_compute_follows_the_counted_flops_of_a_real_step(tmp_path, method):
     """The plan's FLOPs per step (its formula over the measured calls) against torch's FLOP counter around the
     trainer's real train_step (miniature, CPU)."""
     from dopsd.bench.cost import count_flops
-    from dopsd.data import load_dataset
+    from dopsd.data.dataset import load_dataset
     from dopsd.models.registry import plan_spec
     from dopsd.planner.plan import Planner, choice_from_config, compute
     from dopsd.trainer import Trainer

@@ -12,7 +12,7 @@ from PIL import Image
 
 from dopsd.cli import main as cli_main
 from dopsd.mini import world
-from dopsd.models.mini import load, tiny_random_adapter
+from dopsd.mini.adapter import load, tiny_random_adapter
 from dopsd.probe import Thresholds, _verdict, probe
 from dopsd.probe_scorers import MiniScorer, PixelScorer
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import dopsd
 from conftest import tiny_config
-from dopsd.models.mini import tiny_random_adapter
+from dopsd.mini.adapter import tiny_random_adapter
 
 # Everything that has state or randomness: EMA teacher, cosine LR with warm-up, LoRA dropout (global RNG),
 # caption dropout and several captions per image, the hybrid objective and prior preservation.

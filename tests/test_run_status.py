@@ -10,7 +10,7 @@ from conftest import tiny_config
 from dopsd import cli
 from dopsd.config import ConfigError
 from dopsd.mini import world
-from dopsd.models.mini import tiny_random_adapter
+from dopsd.mini.adapter import tiny_random_adapter
 from dopsd.trainer import TrainingAborted
 
 

@@ -13,9 +13,9 @@ import pytest
 import dopsd
 from conftest import tiny_config, write_concept_folder
 from dopsd import cli, rundir
-from dopsd.data import DatasetError
+from dopsd.data.dataset import DatasetError
 from dopsd.errors import RunFolderError
-from dopsd.models.mini import tiny_random_adapter
+from dopsd.mini.adapter import tiny_random_adapter
 
 
 def adapter():

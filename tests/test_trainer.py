@@ -13,7 +13,7 @@ import dopsd
 from conftest import tiny_config
 from dopsd import cli
 from dopsd.api import OutputExistsError
-from dopsd.models.mini import tiny_random_adapter
+from dopsd.mini.adapter import tiny_random_adapter
 from dopsd.trainer import TrainingAborted
 
 

@@ -11,7 +11,8 @@ import torch
 
 from dopsd.models import zimage
 from dopsd.models.local import ModelFolderError
-from dopsd.schedules import sample_euler, shifted_schedule, training_schedule
+from dopsd.sampler import sample_euler
+from dopsd.schedules import shifted_schedule, training_schedule
 from tiny_real import build_flux2, build_qwen3_vl, build_zimage, dopsd_lora_steps, images
 
 torch.set_num_threads(1)
@@ -221,7 +222,7 @@ def test_full_dopsd_train_run_with_the_vlm_teacher(folders, tmp_path):
     """`dopsd.train` end to end on the tiny Z-Image (preset zimage-turbo: VLM teacher, 4-step roll-out,
     gradient checkpointing); the diffusers LoRA it writes reproduces its own LoRA's samples in the pipeline."""
     import dopsd
-    from dopsd.sample import apply_trained
+    from dopsd.lora.trained import apply_trained
     from tiny_real import train_config, write_pairs
 
     data = write_pairs(tmp_path / "data", CAPTIONS, SIZE, seed=7)

@@ -227,7 +227,7 @@ def dopsd_lora_steps(adapter, captions: list[str], images: list[Image.Image], st
     """A few real D-OPSD steps (LoRA, EMA teacher, per-step backward) on a tiny adapter.
 
     Returns the first step's gradients by parameter name, the losses, the shadow and the student contexts."""
-    from dopsd.lora import add_lora
+    from dopsd.lora.inject import add_lora
     from dopsd.objective import dopsd_loss
     from dopsd.schedules import training_schedule
     from dopsd.weights import ParamShadow, trainable_parameters

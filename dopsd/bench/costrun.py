@@ -17,7 +17,7 @@ from dopsd.bench.jobs import Job, build_trainer, make_adapter
 
 def _per_call_flops(adapter: Any, trainer_cfg: Any, data_dir: str) -> tuple[Any, Any, Any]:
     """Student and teacher contexts for one training batch (built before the trainer releases the encoder)."""
-    from dopsd.data import load_dataset, load_example_images
+    from dopsd.data.dataset import load_dataset, load_example_images
 
     examples = load_dataset(trainer_cfg.data, trainer_cfg.model)
     b = trainer_cfg.train.batch_size

@@ -57,7 +57,7 @@ class Job:
 
 def make_adapter(model: str, kind: str = "turbo") -> Any:
     """A fresh miniature adapter (each job mutates its network). kind='base' loads the undistilled base."""
-    from dopsd.models import mini
+    from dopsd.mini import adapter as mini
 
     if model == "tiny-random":
         adapter = mini.tiny_random_adapter(seed=0, teacher_context="reference")  # "vlm" barely sees the image
@@ -83,7 +83,7 @@ def trainer_config(job: Job, method_overrides: list[str]) -> Any:
 
 
 def build_trainer(job: Job, adapter: Any, method: str) -> Any:
-    from dopsd.data import load_dataset
+    from dopsd.data.dataset import load_dataset
     from dopsd.trainer import Trainer
 
     cfg = trainer_config(job, METHODS[method])
@@ -94,7 +94,7 @@ def build_trainer(job: Job, adapter: Any, method: str) -> Any:
 
 def _suite(job: Job, adapter: Any) -> Any:
     from dopsd.bench.suite import build_suite
-    from dopsd.data import load_dataset
+    from dopsd.data.dataset import load_dataset
     from dopsd.config import load_config
 
     cfg = load_config("mini", [f"data.path={job.data_dir}"])
@@ -178,7 +178,7 @@ def train_dedistill(job: Job, out_file: str) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     from dopsd.bench.suite import lora_deltas
-    from dopsd.lora import lora_state_dict
+    from dopsd.lora.inject import lora_state_dict
 
     torch.set_num_threads(job.threads)
     started, cpu_started = time.perf_counter(), time.process_time()

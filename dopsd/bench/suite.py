@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from dopsd.mini import metrics, world
-from dopsd.schedules import sample_euler
+from dopsd.sampler import sample_euler
 
 
 def _tinted(rgb: tuple[float, float, float]) -> tuple[float, float, float]:

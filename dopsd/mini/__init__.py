@@ -4,5 +4,5 @@ world   – procedural renderer with ground truth, vocabulary, held-out concepts
 nets    – small multimodal encoder + single-stream DiT (x-prediction)
 recipe  – pretrain the base with in-context examples, then distil the 4-step turbo
 metrics – attribute decoding, concept fidelity, few-step quality, drift, sharpness
-The adapter for the rest of the project is `dopsd.models.mini`.
+The adapter for the rest of the project is `dopsd.mini.adapter`.
 """

@@ -26,7 +26,7 @@ import torch
 
 from dopsd.mini import metrics as M
 from dopsd.mini import world
-from dopsd.models.mini import MiniAdapter, load
+from dopsd.mini.adapter import MiniAdapter, load
 
 
 def _quality(images: torch.Tensor, captions: list[str], reference: torch.Tensor | None) -> dict[str, float]:
@@ -104,7 +104,7 @@ def premise(pretrained: str, seed: int, steps: int | None = None) -> dict[str, d
     """Item 3: `dopsd demo` (SFT and D-OPSD LoRAs on the held-out concept) with this seed, in a scratch folder."""
     import tempfile
 
-    from dopsd.demo import STEPS, evaluate, run_demo, train_method
+    from dopsd.mini.demo import STEPS, evaluate, run_demo, train_method
 
     with tempfile.TemporaryDirectory() as tmp:
         summary = run_demo(Path(tmp) / "demo", steps=steps, seed=seed, pretrained=pretrained)
@@ -140,7 +140,7 @@ KNOWN_COLOUR = "red"  # a named colour: the turbo already renders it
 
 def known_colour_scenes(seed: int) -> list[world.Scene]:
     """The demo's training scenes in a colour the turbo knows, captioned with its name instead of `sks`."""
-    from dopsd.demo import CONCEPT
+    from dopsd.mini.demo import CONCEPT
 
     return [replace(s, fg=world.COLOURS[KNOWN_COLOUR], colour=KNOWN_COLOUR)
             for s in world.concept_scenes(CONCEPT, seed=seed)]
@@ -196,7 +196,7 @@ def run_report(seeds: int = 2, n: int = 256, pretrained: str | None = None, out:
               "fewstep_quality = sharpness relative to the clean render of each sample's decoded scene in its caption's "
               "colours, with the world's grain (≤ 1, higher = better); render_psnr = PSNR against the best-fitting clean "
               "render. Premise: `dopsd demo --seed S` per seed (concept_fidelity on `sks` prompts; fewstep_quality "
-              "and drift on unrelated prompts; see dopsd/demo.py). 'no new concept': D-OPSD on the same scenes in "
+              "and drift on unrelated prompts; see dopsd/mini/demo.py). 'no new concept': D-OPSD on the same scenes in "
               f"{KNOWN_COLOUR}, captioned `{KNOWN_COLOUR}` (a colour the turbo knows: nothing new to learn); "
               "'+ prior preservation': with the on-policy prior term of dopsd/configs/mini.yaml (named-colour prompts).")
     text = to_markdown(per_seed, header)

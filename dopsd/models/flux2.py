@@ -21,10 +21,7 @@ from torch import nn
 
 from dopsd.config import ConfigError
 from dopsd.models.base import CaptionProblem, Context
-from dopsd.models.local import (
-    ModelFolderError, cfg_get, chat_token_counts, chat_tokens, check_pipeline_folder, check_size, folder_fingerprint,
-    free_memory, load_part, resolve_dtype, stack_or_list, still_loaded, to_pixels, token_limit_problems,
-)
+from dopsd.models.local import ModelFolderError, cfg_get, chat_token_counts, chat_tokens, check_pipeline_folder, check_size, folder_fingerprint, free_memory, load_part, resolve_dtype, stack_or_list, still_loaded, to_pixels, token_limit_problems
 from dopsd.schedules import flux2_schedule
 
 # `attn.to_out` is a ModuleList in double blocks (peft rejects it), a Linear in single blocks: hence a regex.

@@ -228,12 +228,6 @@ def stack_or_list(latents: list[torch.Tensor]) -> torch.Tensor | list[torch.Tens
     return [x[0] for x in latents]
 
 
-def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
-    """(B, 3, H, W) in [-1, 1] → PIL images."""
-    arr = ((pixels.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in arr]
-
-
 def check_size(height: int, width: int, multiple: int, family: str) -> None:
     from dopsd.config import ConfigError
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-FAMILIES = {"mini": "dopsd.models.mini", "zimage": "dopsd.models.zimage", "flux2": "dopsd.models.flux2"}
+FAMILIES = {"mini": "dopsd.mini.adapter", "zimage": "dopsd.models.zimage", "flux2": "dopsd.models.flux2"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -19,10 +19,7 @@ from torch import nn
 
 from dopsd.config import ConfigError
 from dopsd.models.base import CaptionProblem, Context
-from dopsd.models.local import (
-    ModelFolderError, cfg_get, chat_token_counts, chat_tokens, check_pipeline_folder, check_size, folder_fingerprint,
-    free_memory, load_part, read_json, resolve_dtype, stack_or_list, still_loaded, to_pixels, token_limit_problems,
-)
+from dopsd.models.local import ModelFolderError, cfg_get, chat_token_counts, chat_tokens, check_pipeline_folder, check_size, folder_fingerprint, free_memory, load_part, read_json, resolve_dtype, stack_or_list, still_loaded, to_pixels, token_limit_problems
 from dopsd.schedules import exponential_shift, shifted_schedule
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3"]

@@ -82,7 +82,7 @@ class Window(LiveBytes):
 
 def prepare(network: nn.Module, setting: Setting) -> dict[str, nn.Parameter]:
     """The trainer's set-up (dopsd.trainer.Trainer.prepare): LoRA or full, float32 LoRA, checkpointing, train()."""
-    from dopsd.lora import add_lora
+    from dopsd.lora.inject import add_lora
     from dopsd.weights import trainable_parameters
 
     if setting.lora_rank is not None:

@@ -23,7 +23,7 @@ def measured_peak(cfg: Any, out: Path, warmup: int = 1) -> tuple[int, dict[str, 
     """Bytes: the real trainer's resident tensors + the peak allocated during one train_step (CPU); and, per
     kind of cached context and tensor name, the longest first dimension the run had (its token counts)."""
     from dopsd.bench.cost import resident_bytes, state_tensors, transient_peak_bytes
-    from dopsd.data import load_dataset
+    from dopsd.data.dataset import load_dataset
     from dopsd.trainer import Trainer
 
     torch.manual_seed(0)

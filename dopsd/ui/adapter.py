@@ -15,7 +15,6 @@ import shutil
 import sys
 import tempfile
 import typing
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +22,8 @@ import yaml
 
 from dopsd import config as _config
 from dopsd.cli import COMMANDS
-from dopsd import data as _data
-from dopsd.data import IMAGE_EXTENSIONS, METADATA, DatasetError, apply_trigger
+from dopsd.data import dataset as _data
+from dopsd.data.dataset import IMAGE_EXTENSIONS, METADATA, DatasetError, apply_trigger
 from dopsd.errors import DopsdError
 from dopsd.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 

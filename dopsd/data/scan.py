@@ -14,8 +14,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from dopsd.dataset_checks import Caption, names
-from dopsd.image_files import EXTENSIONS
+from dopsd.data.checks import Caption, names
+from dopsd.data.image_files import EXTENSIONS
 
 METADATA = "metadata.jsonl"
 TEXT_FIELDS = ("caption", "captions", "prompt", "prompts", "description")  # what other tools call "text"

@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from dopsd.image_files import ImageFacts, detail_lost, fit_plan
+from dopsd.data.image_files import ImageFacts, detail_lost, fit_plan
 
 TINY_SIDE = 64  # at or below this training side, the finest detail is per pixel (the miniature: 24)
 CROP_SHOWN = 0.01  # crops under 1% of the picture are rounding, not worth a word

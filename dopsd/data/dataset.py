@@ -7,7 +7,7 @@ A caption file with several non-empty lines, or a `text` that is a list, gives s
 picked at random per sample. Editing datasets add source images in `data.source_dir` named like the target
 (`NAME.ext`, or `NAME_0.ext`, `NAME_1.ext`, … for several sources, in that order).
 
-`check_dataset` reads every image exactly as training will (dopsd.image_files) and every caption through the
+`check_dataset` reads every image exactly as training will (dopsd.data.image_files) and every caption through the
 model family's caption check, raises one DatasetError listing every problem, and otherwise returns a
 DatasetReport: the examples plus notes on what training will do to them (downscaling, cropping, transparency,
 cut captions, ignored files …) that `dopsd train` and `dopsd probe` print once. `load_dataset` is the same
@@ -26,14 +26,12 @@ from pathlib import Path
 from PIL import Image
 
 from dopsd.config import DataConfig, ModelConfig
-from dopsd.dataset_checks import (
-    check_captions, contains_phrase, format_counts, image_notes, names, normalized_trigger,
-)
-from dopsd.dataset_scan import METADATA, find_sources, scan_folder, scan_metadata
+from dopsd.data.checks import check_captions, contains_phrase, format_counts, image_notes, names, normalized_trigger
+from dopsd.data.scan import METADATA, find_sources, scan_folder, scan_metadata
 from dopsd.models.local import ModelFolderError
 from dopsd.errors import DopsdError
-from dopsd.image_files import EXTENSIONS, ImageFacts, ImageRefused, inspect_image
-from dopsd.image_files import load_image as _load_image
+from dopsd.data.image_files import EXTENSIONS, ImageFacts, ImageRefused, inspect_image
+from dopsd.data.image_files import load_image as _load_image
 
 IMAGE_EXTENSIONS = EXTENSIONS
 
@@ -114,7 +112,7 @@ def choose_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tupl
 
 
 def load_image(path: Path, size: tuple[int, int]) -> Image.Image:
-    """The training image: upright 8-bit sRGB (dopsd.image_files), scaled to cover (h, w), centre-cropped."""
+    """The training image: upright 8-bit sRGB (dopsd.data.image_files), scaled to cover (h, w), centre-cropped."""
     try:
         return _load_image(path, size)
     except ImageRefused as err:  # it passed the check, so it changed since: say so rather than crash

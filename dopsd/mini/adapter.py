@@ -27,7 +27,7 @@ from dopsd.models.base import CaptionProblem, Context
 from dopsd.models.local import ModelFolderError, read_safetensors
 from dopsd.schedules import shifted_schedule
 
-WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "mini" / "weights"
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 TEACHER_CONTEXTS = ("vlm", "reference", "text")
 
 
@@ -187,7 +187,7 @@ class MiniAdapter:
         contexts: list[Context] | None = None,
     ) -> torch.Tensor:
         """Euler samples (B, 3, R, R) from `noise` with caption-only contexts (or the given ones)."""
-        from dopsd.schedules import sample_euler
+        from dopsd.sampler import sample_euler
 
         net = network if network is not None else self.network
         ctx = self.collate(contexts if contexts is not None else self.student_contexts(captions))

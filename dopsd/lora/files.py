@@ -1,8 +1,8 @@
 """Reading and writing LoRA files: a trained network or a LoRA file → `LoraSource` → a file other tools load.
 
 Layouts dopsd writes:
-  * interchange (Z-Image, FLUX.2; see dopsd.lora_layout): loads in diffusers and ComfyUI with the same result;
-    bf16 by default (`DTYPES`), metadata per dopsd.lora_meta;
+  * interchange (Z-Image, FLUX.2; see dopsd.lora.layout): loads in diffusers and ComfyUI with the same result;
+    bf16 by default (`DTYPES`), metadata per dopsd.lora.meta;
   * dopsd-peft (the miniature, which no other tool has): bare peft keys `<module>.lora_A.weight`, float32,
     labelled as such in the metadata, with `lora_config.json` (rank, alpha, targets) beside it.
 Layouts dopsd reads: both of those, diffusers' `transformer.*` files with peft metadata (older dopsd runs), bare
@@ -22,9 +22,8 @@ import torch
 from torch import nn
 
 from dopsd.files import atomic_save_safetensors
-from dopsd.lora_layout import LAYOUTS, PREFIX, LoraFileError, Pair, family_of_names, from_interchange, split_keys, to_interchange
-from dopsd.lora_meta import (LAYOUT_INTERCHANGE, LAYOUT_PEFT, LoraFacts, describe_size, facts_from_metadata,
-                             file_metadata, run_facts, size_from_modules)
+from dopsd.lora.layout import LAYOUTS, PREFIX, LoraFileError, Pair, family_of_names, from_interchange, split_keys, to_interchange
+from dopsd.lora.meta import LAYOUT_INTERCHANGE, LAYOUT_PEFT, LoraFacts, describe_size, facts_from_metadata, file_metadata, run_facts, size_from_modules
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_DTYPE = "bf16"  # for files other tools load; the miniature's own file stays float32
@@ -75,7 +74,7 @@ def write_network(path: str | Path, network: nn.Module, facts: LoraFacts, dtype:
                   layout: str | None = None) -> Path:
     """The trained LoRA of `network` to `path`: interchange layout for Z-Image / FLUX.2, dopsd-peft otherwise
     (or when `layout` says so)."""
-    from dopsd.lora import lora_modules, lora_state_dict
+    from dopsd.lora.inject import lora_modules, lora_state_dict
 
     layout = layout or (LAYOUT_INTERCHANGE if facts.family in LAYOUTS else LAYOUT_PEFT)
     if layout == LAYOUT_INTERCHANGE:

@@ -58,8 +58,8 @@ def fresh_folder(out: Path) -> Path:
 
 def _turbo(pretrained: str, weights: Path | None = None):
     from dopsd.config import load_config
-    from dopsd.models.mini import load
-    from dopsd.sample import apply_trained
+    from dopsd.mini.adapter import load
+    from dopsd.lora.trained import apply_trained
 
     adapter = load(load_config("mini", [f"model.pretrained={pretrained}"]).model)
     if weights is not None:
@@ -70,7 +70,7 @@ def _turbo(pretrained: str, weights: Path | None = None):
 
 def evaluate(pretrained: str, weights: dict[str, Path | None], samples: int, seed: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     from dopsd.mini import metrics, world
-    from dopsd.sample import generate, seed_noise
+    from dopsd.sampler import generate, seed_noise
 
     concept_prompts = world.concept_prompts(samples)
     unrelated = world.unrelated_prompts(samples, seed=seed + 1)
@@ -95,7 +95,7 @@ def evaluate(pretrained: str, weights: dict[str, Path | None], samples: int, see
 
 
 def comparison_grid(images: dict[str, torch.Tensor]) -> Image.Image:
-    from dopsd.sample import grid_image
+    from dopsd.images import grid_image
 
     names = list(images)
     stacked = torch.stack([images[n] for n in names], dim=1).flatten(0, 1)  # rows = prompts, cols = methods

@@ -1,0 +1,58 @@
+"""The one sampler: Euler over the flow ODE dx/dσ = v(x, σ) in the project's σ convention (σ=1 noise, σ=0 clean).
+
+`sample_euler(velocity, noise, sigmas, context)` is the inference sampler of every target model (the few-step
+turbos and their many-step controls alike); `generate` batches per-sample contexts, samples with an adapter's
+velocity and decodes; `seed_noise` gives one fixed noise per seed, independent of batch composition and device,
+so that the same seed gives the same image in a grid, a health check, a probe or a comparison.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from dopsd.schedules import check_schedule
+
+
+def sample_euler(velocity, noise: torch.Tensor, sigmas: torch.Tensor, context=None) -> torch.Tensor:
+    """Plain Euler sampler of the flow ODE dx/dσ = v(x, σ); the inference sampler of every target model."""
+    check_schedule(sigmas)
+    x = noise
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        s = torch.full((x.shape[0],), float(sigma), device=x.device, dtype=x.dtype)
+        x = x + (float(sigma_next) - float(sigma)) * velocity(x, s, context)
+    return x
+
+
+def seed_noise(shape: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
+    """One fixed noise per seed (float32, CPU), independent of batch composition and device."""
+    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+@torch.no_grad()
+def generate(
+    adapter: Any,
+    network: torch.nn.Module,
+    contexts: list[dict[str, torch.Tensor]],
+    noise: torch.Tensor,
+    schedule: torch.Tensor,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Euler samples for per-sample `contexts` from `noise`; decoded images (B, 3, H, W) in [-1, 1] on CPU.
+    Latents are float32 unless `dtype` says otherwise (adapters cast to their weights' dtype inside)."""
+    device, dtype = device or next(network.parameters()).device, dtype or torch.float32
+    was_training = network.training
+    network.eval()
+    out = []
+    try:
+        for start in range(0, len(contexts), batch_size):
+            ctx = adapter.collate([{k: v.to(device) for k, v in c.items()} for c in contexts[start : start + batch_size]])
+            x = noise[start : start + batch_size].to(device, dtype)
+            x = sample_euler(lambda z, s, c: adapter.velocity(network, z, s, c), x, schedule.to(device), ctx)
+            out.append(adapter.decode(x).float().cpu())
+    finally:
+        network.train(was_training)
+    return torch.cat(out)
