@@ -12,7 +12,7 @@ import pytest
 
 import dopsd
 from conftest import tiny_config, write_concept_folder
-from dopsd import cli, rundir
+from dopsd import cli, rundir, runlock
 from dopsd.data.dataset import DatasetError
 from dopsd.errors import RunFolderError
 from dopsd.mini.adapter import tiny_random_adapter
@@ -37,7 +37,7 @@ def test_a_new_run_folder_has_the_marker_and_a_status(tmp_path, concept_data):
     marker = json.loads((out / rundir.MARKER).read_text())
     assert marker["format"] == "dopsd-run" and marker["version"] == 1 and marker["dopsd"]
     assert json.loads((out / rundir.SUMMARY).read_text())["status"] == "ok"
-    assert rundir.is_run_folder(out) and not rundir.is_running(out)
+    assert rundir.is_run_folder(out) and not runlock.is_running(out)
 
 
 def test_overwrite_refuses_the_folder_holding_the_dataset_and_the_working_directory(tmp_path, monkeypatch):
@@ -168,7 +168,7 @@ def test_a_running_run_locks_its_folder_and_a_killed_one_does_not(tmp_path, conc
     proc = _popen(["-m", "dopsd.cli", "train", str(config_file)])
     try:
         _wait_for(lambda: (out / "checkpoints" / "step-0000001" / "state.json").is_file(), proc, "checkpoint")
-        assert rundir.is_running(out)
+        assert runlock.is_running(out)
         code = cli.main(["train", str(config_file), "--resume", "train.max_steps=2"])  # a second start, same run
         assert code == 2 and "in use by another dopsd process (pid" in capsys.readouterr().err
         assert proc.poll() is None  # the first run goes on untouched
@@ -176,7 +176,7 @@ def test_a_running_run_locks_its_folder_and_a_killed_one_does_not(tmp_path, conc
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         proc.stderr.close()
-    assert not rundir.is_running(out)  # the kernel dropped the dead process's lock
+    assert not runlock.is_running(out)  # the kernel dropped the dead process's lock
     done = max(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*"))
     result = dopsd.train(config_file, [f"train.max_steps={done + 1}"], resume=True)
     assert result.steps == done + 1
