@@ -16,8 +16,9 @@ Layout (what a web UI or script may read):
                          many-step control (sample.control_steps)
   eval/                  `dopsd eval` results
   lora.safetensors + lora_config.json   the LoRA and what `dopsd sample` needs to load it (dopsd.lora.trained);
+                         for Z-Image / FLUX.2 in the layout diffusers (`pipe.load_lora_weights(run_folder)`) and
+                         ComfyUI load; its metadata names the method, steps, trigger word and the run (title)
   model.safetensors      instead of the LoRA for a full fine-tune
-  pytorch_lora_weights.safetensors      the LoRA in diffusers' file name (real models, via dopsd.export)
 
 A folder is running when its owner lock is held (`dopsd.runlock.is_running`). No summary.json and not running:
 the run was stopped (killed, crashed) and `--resume` continues it.
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable
@@ -167,25 +167,20 @@ def sync_losses(out: Path) -> None:
 
 # --- the end of a session: final weights and summary.json -------------------------------------------------
 def save_final(trainer: Any) -> Path:
-    """The trained weights (lora.safetensors + lora_config.json, or model.safetensors); returns their path."""
+    """The trained weights (lora.safetensors + lora_config.json, or model.safetensors); returns their path. For
+    Z-Image and FLUX.2, lora.safetensors is itself in the layout diffusers and ComfyUI load (dopsd.lora.trained),
+    so no second copy is written. The file's metadata names the trigger word and the run (its title)."""
     from dopsd.lora.trained import save_trained
 
     cfg, out = trainer.cfg, trainer.out
     meta = {"family": cfg.model.family, "model": cfg.to_dict()["model"], "prompts": trainer.prompts,
-            "steps": trainer.step, "method": cfg.method.name}
+            "steps": trainer.step, "method": cfg.method.name, "trigger_word": cfg.data.trigger_word,
+            "title": Path(out).resolve().name}
     lora = None
     if cfg.lora.enabled:
         targets = cfg.lora.targets or trainer.adapter.default_lora_targets()
         lora = {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "targets": targets}
-    weights = save_trained(out, trainer.network, lora, meta)
-    if cfg.lora.enabled and cfg.model.family in ("zimage", "flux2"):
-        try:  # the formats other tools load (dopsd.export, real models only)
-            from dopsd.export import save_diffusers
-
-            save_diffusers(trainer.network, out)
-        except Exception as err:  # noqa: BLE001 - the dopsd LoRA is saved; an export failure must not lose it
-            warnings.warn(f"diffusers export failed ({err}); {weights} is saved, retry with `dopsd export`")
-    return weights
+    return save_trained(out, trainer.network, lora, meta)
 
 
 def build_summary(trainer: Any, *, status: str, problem: str | None, weights: Path | None, latest: dict[str, Any],
