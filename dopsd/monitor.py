@@ -1,11 +1,14 @@
 """What a training run shows of itself while it trains (main process only): the progress bar, TensorBoard, the
-loss trace, and at each sampling interval the sample grids at the few-step setting and the many-step control
-with the few-step health (dopsd.health). File names and formats are dopsd.rundir's.
+loss trace, progress.json, and at each sampling interval the sample grids at the few-step setting and the
+many-step control with the few-step health (dopsd.health, also in health.jsonl). File names and formats are
+dopsd.rundir's.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import time
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +40,9 @@ def make_health(trainer: Trainer) -> Any:
                          steps=m.inference_steps, control_steps=s.control_steps, device=trainer.acc.device)
 
 
+PROGRESS_EVERY_S = 1.0  # progress.json is rewritten at most this often (and at every checkpoint and interval)
+
+
 class Monitor:
     """Opened when the loop starts, closed when it ends. `latest`: the last `sample` result (grid paths and, when
     measured, the few-step health), which the run's verdict and summary read."""
@@ -45,14 +51,18 @@ class Monitor:
         self.trainer = trainer
         self.latest: dict[str, Any] = {}
         cfg, out, main = trainer.cfg, trainer.out, trainer.main
+        self.started, self.first_step, self.written = time.time(), trainer.step, 0.0
+        self.started_iso = rundir.iso_time(trainer.started)
         self.writer = None
         if main and cfg.log.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             # A resumed run drops what a killed run logged after its checkpoint (those steps are trained again).
             self.writer = SummaryWriter(str(out / rundir.LOGS), purge_step=trainer.step + 1 if trainer.step else None)
-        if main:  # the trace restarts from the checkpoint's history (a killed run may have logged further)
+        if main:  # the traces restart from the checkpoint (a killed run may have logged further)
             rundir.restart_losses(out, trainer.history)
+            rundir.restart_health(out, trainer.step)
+            self.progress(rundir.STATUS_RUNNING)
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=cfg.train.max_steps, initial=trainer.step, disable=not (main and cfg.log.progress),
@@ -72,6 +82,8 @@ class Monitor:
         self.bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.2g}",
                              **({"health": f"{health:.3f}"} if isinstance(health, float) else {}))
         self.bar.update(1)
+        if time.time() - self.written >= PROGRESS_EVERY_S:
+            self.progress(rundir.STATUS_RUNNING)
 
     def checkpointed(self) -> None:
         """What was logged up to a checkpoint survives a kill, like the checkpoint itself."""
@@ -79,6 +91,19 @@ class Monitor:
             rundir.sync_losses(self.trainer.out)
             if self.writer is not None:
                 self.writer.flush()
+            self.progress(rundir.STATUS_RUNNING)
+
+    def progress(self, status: str) -> None:
+        """progress.json now; the ETA from this session's own pace (sampling and checkpoints included)."""
+        t = self.trainer
+        if not t.main:
+            return
+        now, done, total = time.time(), t.step - self.first_step, t.cfg.train.max_steps
+        eta = max(0.0, (total - t.step) * (now - self.started) / done) if done > 0 else None
+        rundir.write_progress(t.out, {"step": t.step, "max_steps": total, "status": status,
+                                      "started": self.started_iso, "updated": rundir.iso_time(now),
+                                      "eta_seconds": None if eta is None else round(eta, 1), "pid": os.getpid()})
+        self.written = now
 
     def sample(self, tag: str) -> None:
         """Sample grids (and health) of the network now, as `samples/{tag}_{K}steps.png` (main process only)."""
@@ -87,6 +112,9 @@ class Monitor:
         # Sampling leaves the training RNG untouched, so a resumed run (which skips these samples) stays exact.
         with torch.random.fork_rng(devices=None if torch.cuda.is_available() else []):
             self.latest = self._sample(tag)
+        if self.trainer.step == self.first_step:  # the pace (for the ETA) counts from the first step on
+            self.started = time.time()
+        self.progress(rundir.STATUS_RUNNING)
 
     def _sample(self, tag: str) -> dict[str, Any]:
         t = self.trainer
@@ -113,6 +141,7 @@ class Monitor:
             result["health"] = measured
             t.last_health = {"step": t.step, "health": measured["health"], "broken": measured["broken"],
                              "problem": measured["problem"]}
+            rundir.append_health(t.out, t.step, measured, t.health.threshold)
             if self.writer is not None:
                 for k, v in t.health.scalars(measured).items():
                     self.writer.add_scalar(k, v, t.step)

@@ -9,6 +9,15 @@ Layout (what a web UI or script may read):
   config.yaml            the resolved config of the run (of its latest session)
   losses.jsonl           one JSON record per optimizer step (appended; a killed run may leave a partial last line):
                          step, loss, each term's loss, lr, grad_norm, skipped, rollout/stepK_{loss,gap,sigma}
+  progress.json          while a session runs (rewritten atomically at most about once a second, and at every
+                         checkpoint and sampling interval): {"step", "max_steps", "status": "running" | "ok" |
+                         "unhealthy" | "aborted", "started", "updated" (ISO times), "eta_seconds" (null until a step
+                         of this session is done), "pid" (the main process)}; "running" with a pid that is no longer
+                         alive means the run was killed
+  health.jsonl           one JSON record per few-step health measurement (dopsd.health; at each sampling interval
+                         and at the end): step, health, its component scores (sharpness, structure, and gap /
+                         quality where measured), sharpness_ratio, broken, problem, warning (text or null) and
+                         threshold (the warning level)
   summary.json           written when a session ends: what was trained, with `status` "ok" | "unhealthy" | "aborted"
   checkpoints/step-NNNNNNN/   resumable state (dopsd.checkpoint), the last train.keep_checkpoints kept
   logs/                  TensorBoard
@@ -39,12 +48,13 @@ MARKER = "dopsd-run.json"
 MARKER_FORMAT, MARKER_VERSION = "dopsd-run", 1
 OWNER_LOCK, WORKERS_LOCK = ".dopsd-owner.lock", ".dopsd-workers.lock"
 CONFIG, LOSSES, SUMMARY = "config.yaml", "losses.jsonl", "summary.json"
+PROGRESS, HEALTH = "progress.json", "health.jsonl"
 CHECKPOINTS, LOGS, SAMPLES = "checkpoints", "logs", "samples"
-STATUS_OK, STATUS_UNHEALTHY, STATUS_ABORTED = "ok", "unhealthy", "aborted"
+STATUS_OK, STATUS_UNHEALTHY, STATUS_ABORTED, STATUS_RUNNING = "ok", "unhealthy", "aborted", "running"
 REPLACED = ".replaced-"
 # Everything earlier dopsd versions wrote at the top of a run folder: a folder without the marker is taken for
 # an old run only if it holds nothing else (see `legacy_run`).
-KNOWN = {CONFIG, LOSSES, SUMMARY, CHECKPOINTS, LOGS, SAMPLES, "eval", "lora.safetensors", "lora_config.json",
+KNOWN = {CONFIG, LOSSES, SUMMARY, PROGRESS, HEALTH, CHECKPOINTS, LOGS, SAMPLES, "eval", "lora.safetensors", "lora_config.json",
          "model.safetensors", "pytorch_lora_weights.safetensors", MARKER, OWNER_LOCK, WORKERS_LOCK}
 # Keys that may change when resuming (extend a run, sample more often, …); anything else must match. The batch
 # keys may change as long as the global batch stays the same (checked against the checkpoint).
@@ -122,20 +132,32 @@ def sample_grid(out: Path, tag: str, steps: int) -> Path:
     return out / SAMPLES / f"{tag}_{steps}steps.png"
 
 
-def read_losses(out: Path) -> dict[int, dict[str, Any]]:
-    """The step records in losses.jsonl by step (a partial or broken line, e.g. from a kill, is skipped)."""
-    records: dict[int, dict[str, Any]] = {}
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file that have a step (a partial or broken line, e.g. from a kill, is skipped)."""
     try:
-        lines = (out / LOSSES).read_text().splitlines()
+        lines = path.read_text().splitlines()
     except OSError:
-        return records
+        return []
+    records = []
     for line in lines:
         try:
             record = json.loads(line)
-            records[int(record["step"])] = record
+            int(record["step"])
         except (ValueError, KeyError, TypeError):
             continue
+        records.append(record)
     return records
+
+
+def _append_line(path: Path, record: dict[str, Any]) -> None:
+    """One line, written with a single call: a kill leaves at worst a partial last line, which readers skip."""
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def read_losses(out: Path) -> dict[int, dict[str, Any]]:
+    """The step records in losses.jsonl by step."""
+    return {int(r["step"]): r for r in _read_jsonl(out / LOSSES)}
 
 
 def restart_losses(out: Path, history: Iterable[dict[str, Any]]) -> None:
@@ -151,18 +173,39 @@ def restart_losses(out: Path, history: Iterable[dict[str, Any]]) -> None:
 
 
 def append_loss(out: Path, record: dict[str, Any]) -> None:
-    """One line, written with a single call: a kill leaves at worst a partial last line, which readers skip."""
-    with open(out / LOSSES, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
+    _append_line(out / LOSSES, record)
 
 
 def sync_losses(out: Path) -> None:
-    """Make the trace durable up to now (at every checkpoint)."""
-    try:
-        with open(out / LOSSES, "rb") as fh:
-            os.fsync(fh.fileno())
-    except OSError:
-        pass
+    """Make the traces durable up to now (at every checkpoint)."""
+    for name in (LOSSES, HEALTH):
+        try:
+            with open(out / name, "rb") as fh:
+                os.fsync(fh.fileno())
+        except OSError:
+            pass
+
+
+def restart_health(out: Path, step: int) -> None:
+    """A resumed run keeps the measurements up to its checkpoint's step (a killed run may have measured further)."""
+    if (out / HEALTH).is_file():
+        kept = [r for r in _read_jsonl(out / HEALTH) if int(r["step"]) <= step]
+        atomic_write_text(out / HEALTH, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def append_health(out: Path, step: int, measured: dict[str, Any], threshold: float) -> None:
+    """One few-step health measurement (dopsd.health's result, without its raw and starting values)."""
+    record = {"step": step, **{k: v for k, v in measured.items() if not k.startswith(("raw/", "start/"))},
+              "threshold": threshold}
+    _append_line(out / HEALTH, record)
+
+
+def iso_time(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp).astimezone().isoformat(timespec="seconds")
+
+
+def write_progress(out: Path, progress: dict[str, Any]) -> None:
+    atomic_write_json(out / PROGRESS, progress)
 
 
 # --- the end of a session: final weights and summary.json -------------------------------------------------

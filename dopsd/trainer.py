@@ -394,4 +394,5 @@ class Trainer:
                                        wall=time.time() - self.started, steps_this_run=self.step - self.first_step,
                                        loop_seconds=self.loop_seconds)
         rundir.write_summary(self.out, summary)
+        monitor.progress(status)
         return summary

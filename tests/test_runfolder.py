@@ -40,6 +40,29 @@ def test_a_new_run_folder_has_the_marker_and_a_status(tmp_path, concept_data):
     assert rundir.is_run_folder(out) and not runlock.is_running(out)
 
 
+def test_progress_and_health_files_follow_the_run(tmp_path, concept_data):
+    """progress.json while a run trains and at its end; health.jsonl one record per few-step health measurement."""
+    seen = []
+
+    def watch(trainer, record):
+        seen.append(json.loads((trainer.out / rundir.PROGRESS).read_text()))
+
+    cfg = tiny_config(tmp_path, concept_data, **{"train.max_steps": 4, "sample.every": 2})
+    result = dopsd.train(cfg, adapter=adapter(), callback=watch)
+    first = seen[0]  # written before the first step, not yet after it (at most once a second)
+    assert first["status"] == "running" and first["step"] == 0 and first["max_steps"] == 4
+    assert first["pid"] == os.getpid() and first["eta_seconds"] is None and first["started"] <= first["updated"]
+    assert seen[2]["step"] == 2  # the interval at step 2 rewrote it
+    final = json.loads((result.output_dir / rundir.PROGRESS).read_text())
+    assert final["status"] == "ok" and final["step"] == 4 and final["eta_seconds"] == 0.0
+    assert final["started"] == first["started"]
+    records = [json.loads(line) for line in (result.output_dir / rundir.HEALTH).read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 2, 4]  # before training, the interval, the end
+    assert all(0.5 < r["health"] < 1.5 and r["threshold"] == 0.85 and r["broken"] is False for r in records)
+    assert {"sharpness", "structure", "warning"} <= set(records[-1]) and not any("/" in k for k in records[-1])
+    assert records[-1]["health"] == result.summary["health"]["health"]
+
+
 def test_overwrite_refuses_the_folder_holding_the_dataset_and_the_working_directory(tmp_path, monkeypatch):
     holder = tmp_path / "project"
     data = write_concept_folder(holder / "images")
