@@ -10,7 +10,7 @@ A checkpoint is a folder `checkpoints/step-NNNNNNN/` with
   state.json               step, data order, loss history, non-finite counter, processes, global batch, the
                            dataset's identity, and whether the checkpoint is good (`good`, `weights`, `health`)
 It is first written as `.tmp-step-NNNNNNN` and renamed when complete (then the folder is fsynced), so a process
-killed while writing leaves the previous checkpoint intact and no half-written one that `latest()` could pick up.
+killed while writing leaves the previous checkpoint intact and no half-written one that `list_checkpoints` lists.
 Checkpoints of dopsd versions that stored the optimizer and RNG states with pickle (`*.pt`) are refused: loading
 a pickle can run arbitrary code.
 """
@@ -114,11 +114,6 @@ def list_checkpoints(root: Path) -> list[Path]:
     done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()
             and (p / "state.json").is_file()]
     return sorted(done, key=lambda p: int(p.name[len(PREFIX):]))
-
-
-def latest(root: Path) -> Path | None:
-    found = list_checkpoints(root)
-    return found[-1] if found else None
 
 
 def read_state(path: Path) -> dict[str, Any] | None:

@@ -1,5 +1,5 @@
-"""The run folder (`train.output_dir`): its file names, the marker that says dopsd made it, the locks a running
-run holds, and the only ways dopsd changes an existing folder.
+"""The run folder (`train.output_dir`): what is in it, its file names and formats, and the files a run writes.
+Who may start or run in a folder (the checks, the first writes, the locks): dopsd.runlock.
 
 Layout (what a web UI or script may read):
   dopsd-run.json         marker, written when dopsd creates (or adopts) the folder:
@@ -7,51 +7,60 @@ Layout (what a web UI or script may read):
   .dopsd-owner.lock      held exclusively (flock) by the run's main process while it runs; holds its pid/host
   .dopsd-workers.lock    held shared (flock) by every process of the run (all torchrun workers) while it runs
   config.yaml            the resolved config of the run (of its latest session)
-  losses.jsonl           one JSON record per optimizer step (appended; a killed run may leave a partial last line)
+  losses.jsonl           one JSON record per optimizer step (appended; a killed run may leave a partial last line):
+                         step, loss, each term's loss, lr, grad_norm, skipped, rollout/stepK_{loss,gap,sigma}
+  progress.json          while a session runs (rewritten atomically at most about once a second, and at every
+                         checkpoint and sampling interval): {"step", "max_steps", "status": "running" | "ok" |
+                         "unhealthy" | "aborted", "started", "updated" (ISO times), "eta_seconds" (null until a step
+                         of this session is done), "pid" (the main process)}; "running" with a pid that is no longer
+                         alive means the run was killed
+  health.jsonl           one JSON record per few-step health measurement (dopsd.health; at each sampling interval
+                         and at the end): step, health, its component scores (sharpness, structure, and gap /
+                         quality where measured), sharpness_ratio, broken, problem, warning (text or null) and
+                         threshold (the warning level)
   summary.json           written when a session ends: what was trained, with `status` "ok" | "unhealthy" | "aborted"
-  checkpoints/step-NNNNNNN/   resumable state (dopsd.checkpoint)
-  logs/ samples/ eval/   TensorBoard, sample grids, `dopsd eval` results
-  lora.safetensors + lora_config.json (or model.safetensors), pytorch_lora_weights.safetensors   final weights
+  checkpoints/step-NNNNNNN/   resumable state (dopsd.checkpoint), the last train.keep_checkpoints kept
+  logs/                  TensorBoard
+  samples/               grids {tag}_{K}steps.png, tag step-NNNNNNN or final, K the few-step setting and the
+                         many-step control (sample.control_steps)
+  eval/                  `dopsd eval` results
+  lora.safetensors + lora_config.json   the LoRA and what `dopsd sample` needs to load it (dopsd.lora.trained);
+                         for Z-Image / FLUX.2 in the layout diffusers (`pipe.load_lora_weights(run_folder)`) and
+                         ComfyUI load; its metadata names the method, steps, trigger word and the run (title)
+  model.safetensors      instead of the LoRA for a full fine-tune
 
-A folder is running when its owner lock is held (`is_running`). No summary.json and not running: the run was
-stopped (killed, crashed) and `--resume` continues it. Locks are flock(2) locks: the kernel drops them when the
-holding process dies, so a killed run never blocks its folder, while any of its processes still alive does.
-
-Changing an existing folder: `--overwrite` only ever moves a dopsd run folder aside (to a sibling
-`NAME.replaced-YYYYmmdd-HHMMSS`), never deletes, and never a folder that holds the dataset, the feature cache,
-the model folders or the working directory. Nothing is written before the trainer's setup has succeeded
-(`plan` only looks; `claim` acts).
+A folder is running when its owner lock is held (`dopsd.runlock.is_running`). No summary.json and not running:
+the run was stopped (killed, crashed) and `--resume` continues it.
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import os
-import socket
-import time
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable
 
-from dopsd.checkpoint import list_checkpoints
-from dopsd.errors import CheckpointError, RunFolderError
-from dopsd.files import atomic_write_json, atomic_write_text, fsync_dir
+from dopsd.errors import RunFolderError
+from dopsd.files import atomic_write_json, atomic_write_text
 
 MARKER = "dopsd-run.json"
 MARKER_FORMAT, MARKER_VERSION = "dopsd-run", 1
 OWNER_LOCK, WORKERS_LOCK = ".dopsd-owner.lock", ".dopsd-workers.lock"
 CONFIG, LOSSES, SUMMARY = "config.yaml", "losses.jsonl", "summary.json"
+PROGRESS, HEALTH = "progress.json", "health.jsonl"
 CHECKPOINTS, LOGS, SAMPLES = "checkpoints", "logs", "samples"
-STATUS_OK, STATUS_UNHEALTHY, STATUS_ABORTED = "ok", "unhealthy", "aborted"
+STATUS_OK, STATUS_UNHEALTHY, STATUS_ABORTED, STATUS_RUNNING = "ok", "unhealthy", "aborted", "running"
 REPLACED = ".replaced-"
 # Everything earlier dopsd versions wrote at the top of a run folder: a folder without the marker is taken for
 # an old run only if it holds nothing else (see `legacy_run`).
-KNOWN = {CONFIG, LOSSES, SUMMARY, CHECKPOINTS, LOGS, SAMPLES, "eval", "lora.safetensors", "lora_config.json",
+KNOWN = {CONFIG, LOSSES, SUMMARY, PROGRESS, HEALTH, CHECKPOINTS, LOGS, SAMPLES, "eval", "lora.safetensors", "lora_config.json",
          "model.safetensors", "pytorch_lora_weights.safetensors", MARKER, OWNER_LOCK, WORKERS_LOCK}
-LOCK_WAIT_S = 3.0  # a momentary probe (`is_running`, another start's check) must not make a start fail
+# Keys that may change when resuming (extend a run, sample more often, …); anything else must match. The batch
+# keys may change as long as the global batch stays the same (checked against the checkpoint).
+RESUMABLE_CHANGES = ("train.max_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.max_nonfinite",
+                     "train.output_dir", "train.device", "train.batch_size", "train.gradient_accumulation",
+                     "sample.", "log.", "cache.")
 
 
 class OutputExistsError(RunFolderError, FileExistsError):
@@ -86,209 +95,6 @@ def is_run_folder(folder: Path) -> bool:
     return folder.is_dir() and (read_marker(folder) is not None or legacy_run(folder))
 
 
-def is_running(folder: Path) -> bool:
-    """True while a dopsd process runs in `folder` (probes the owner lock without keeping it)."""
-    path = Path(folder) / OWNER_LOCK
-    if not path.is_file():
-        return False
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
-
-
-# --- plan: every check, nothing written -------------------------------------------------------------
-@dataclass
-class Plan:
-    out: Path
-    mode: str  # "new" (create or use an empty folder), "resume", "replace" (move the old run aside first)
-
-
-def protected_paths(cfg: Any) -> list[tuple[str, Path]]:
-    """Folders a run folder must never be (or contain): the data, the feature cache, the model, the cwd."""
-    from dopsd.cache import default_cache_dir
-
-    found = [("data.path", cfg.data.path), ("data.source_dir", cfg.data.source_dir),
-             ("model.pretrained", cfg.model.pretrained), ("model.teacher_encoder", cfg.model.teacher_encoder)]
-    if cfg.cache.enabled:
-        found.append(("the feature cache (cache.dir)", cfg.cache.dir or default_cache_dir()))
-    found.append(("the current directory", Path.cwd()))
-    out = []
-    for name, value in found:
-        if value and Path(value).expanduser().exists():  # model names like 'turbo' are not paths
-            out.append((name, Path(value).expanduser().resolve()))
-    return out
-
-
-def _covers(folder: Path, path: Path) -> bool:
-    return path == folder or folder in path.parents
-
-
-def plan(cfg: Any, *, resume: bool, overwrite: bool) -> Plan:
-    """Decide what starting this run does to `train.output_dir`; raise RunFolderError if it may not."""
-    out = Path(cfg.train.output_dir).expanduser()
-    if resume and overwrite:
-        raise RunFolderError("--resume continues the run in train.output_dir and --overwrite replaces it; pass one")
-    if out.exists() and not out.is_dir():
-        raise RunFolderError(f"train.output_dir {out} is a file, not a folder; choose another train.output_dir")
-    parent = next((p for p in out.absolute().parents if p.exists()), None)
-    if not out.exists() and (parent is None or not parent.is_dir() or not os.access(parent, os.W_OK)):
-        raise RunFolderError(f"train.output_dir {out} cannot be created ({parent} is not a writable folder)")
-    if resume:
-        if not out.is_dir() or not (out / CONFIG).is_file():
-            raise RunFolderError(f"--resume: {out} is not a dopsd run folder (no {CONFIG}); check train.output_dir")
-        check_not_in_use(out)
-        if not list_checkpoints(out / CHECKPOINTS):  # said before the dataset and the model are read
-            raise CheckpointError(f"--resume: {out / CHECKPOINTS} holds no complete checkpoint; start a new run "
-                                  "(without --resume)")
-        return Plan(out, "resume")
-    if not out.exists() or not [n for n in out.iterdir() if n.name not in (OWNER_LOCK, WORKERS_LOCK)]:
-        return Plan(out, "new")
-    if not overwrite:
-        raise OutputExistsError(f"output folder {out} already exists and is not empty; choose another train.output_dir, "
-                             "pass --overwrite (overwrite=True) to move the earlier run aside and start anew, or "
-                             "--resume to continue it")
-    if not is_run_folder(out):
-        strange = sorted(p.name for p in out.iterdir() if p.name not in KNOWN)[:5]
-        raise RunFolderError(
-            f"--overwrite: {out} is not a dopsd run folder (no {MARKER}"
-            + (f"; it holds {', '.join(strange)}" if strange else "") + "), so dopsd leaves it alone; "
-            "move it away yourself or choose another train.output_dir")
-    real = out.resolve()
-    for name, path in protected_paths(cfg):
-        if _covers(real, path):
-            raise RunFolderError(f"--overwrite: {out} is or contains {name} ({path}); dopsd never moves it. "
-                                 "Choose another train.output_dir")
-    check_not_in_use(out)
-    return Plan(out, "replace")
-
-
-# --- locks ----------------------------------------------------------------------------------------------
-def _try_lock(fd: int, mode: int, wait: float = LOCK_WAIT_S) -> bool:
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            fcntl.flock(fd, mode | fcntl.LOCK_NB)
-            return True
-        except OSError as err:
-            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise RunFolderError(f"cannot lock a file in the run folder ({err}); put train.output_dir on a local "
-                                     "file system that supports flock") from None
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.05)
-
-
-def _holder(folder: Path) -> str:
-    try:
-        info = json.loads((folder / OWNER_LOCK).read_text())
-        return f" (pid {info['pid']} on {info['host']}, since {info['started']})"
-    except (OSError, ValueError, KeyError, TypeError):
-        return ""
-
-
-def _in_use(folder: Path) -> RunFolderError:
-    return RunFolderError(f"{folder} is in use by another dopsd process{_holder(folder)}; wait for it to finish or "
-                          "stop it, then start again")
-
-
-def _orphans(folder: Path) -> RunFolderError:
-    return RunFolderError(
-        f"processes of an earlier run are still working in {folder} (e.g. torchrun workers left running after the "
-        f"launcher was killed); list them with `fuser -v {folder / WORKERS_LOCK}` (or `lsof` on that file), stop "
-        "them, then start again")
-
-
-def check_not_in_use(folder: Path) -> None:
-    """Refuse early (holding nothing) if a run or workers of an earlier run are alive in `folder`."""
-    for name, mode, error in ((OWNER_LOCK, fcntl.LOCK_SH, _in_use), (WORKERS_LOCK, fcntl.LOCK_EX, _orphans)):
-        path = folder / name
-        if not path.is_file():
-            continue
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            if not _try_lock(fd, mode, wait=0.2):
-                raise error(folder)
-        finally:
-            os.close(fd)
-
-
-@dataclass
-class RunLock:
-    """The locks one process of a running run holds (released by `release` or when the process ends)."""
-
-    folder: Path
-    fds: list[int] = field(default_factory=list)
-
-    def release(self) -> None:
-        for fd in self.fds:
-            os.close(fd)  # closing the last descriptor drops the flock
-        self.fds.clear()
-
-
-def _open(path: Path) -> int:
-    return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-
-
-def lock_as_owner(folder: Path, record: bool = True) -> RunLock:
-    """The main process: the owner lock (exclusive), then proof that no worker of an earlier run is alive
-    (the workers lock exclusively), kept as a shared hold like every other process of this run. `record`: write
-    this process's pid/host into the owner lock (for the message another start shows)."""
-    lock = RunLock(folder)
-    owner = _open(folder / OWNER_LOCK)
-    if not _try_lock(owner, fcntl.LOCK_EX):
-        os.close(owner)
-        raise _in_use(folder)
-    lock.fds.append(owner)
-    if record:
-        info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": datetime.now().isoformat()})
-        os.ftruncate(owner, 0)
-        os.pwrite(owner, info.encode(), 0)
-    workers = _open(folder / WORKERS_LOCK)
-    lock.fds.append(workers)
-    # Only one starter can hold the owner lock, so no other start can slip in between these two calls.
-    if not _try_lock(workers, fcntl.LOCK_EX):
-        lock.release()
-        raise _orphans(folder)
-    fcntl.flock(workers, fcntl.LOCK_SH)
-    return lock
-
-
-def join(folder: Path) -> RunLock:
-    """Every other process of the run (DDP ranks > 0): a shared hold on the workers lock."""
-    fd = _open(folder / WORKERS_LOCK)
-    if not _try_lock(fd, fcntl.LOCK_SH, wait=30.0):
-        os.close(fd)
-        raise _orphans(folder)
-    return RunLock(folder, [fd])
-
-
-# --- claim: the first writes, after every check passed -------------------------------------------------
-def _aside_name(out: Path) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    candidate, n = out.with_name(f"{out.name}{REPLACED}{stamp}"), 1
-    while candidate.exists():
-        n += 1
-        candidate = out.with_name(f"{out.name}{REPLACED}{stamp}-{n}")
-    return candidate
-
-
-def move_aside(out: Path) -> Path:
-    """Rename the run folder `out` to a new sibling (while holding its locks, so nothing runs in it)."""
-    old = lock_as_owner(out, record=False)
-    try:
-        aside = _aside_name(out)
-        os.rename(out, aside)
-        fsync_dir(out.absolute().parent)
-    finally:
-        old.release()
-    return aside
-
-
 def write_marker(out: Path) -> None:
     from dopsd import __version__
 
@@ -296,53 +102,62 @@ def write_marker(out: Path) -> None:
                                      "created": datetime.now().isoformat(timespec="seconds"), "dopsd": __version__})
 
 
-def claim(p: Plan) -> tuple[RunLock, Path | None]:
-    """The main process takes the folder for this run: returns its lock and where an earlier run was moved."""
-    aside = move_aside(p.out) if p.mode == "replace" else None
-    try:
-        p.out.mkdir(parents=True, exist_ok=True)
-        lock = lock_as_owner(p.out)
-    except RunFolderError as err:
-        if aside is None:
-            raise
-        raise RunFolderError(f"{err} (the earlier run there was moved aside to {aside})") from None
-    try:
-        if p.mode != "resume":
-            others = [n.name for n in p.out.iterdir() if n.name not in (OWNER_LOCK, WORKERS_LOCK)]
-            if others:  # another start took the folder between our check and now
-                raise RunFolderError(f"output folder {p.out} was filled by another process while this run started "
-                                     f"({', '.join(sorted(others)[:3])}); choose another train.output_dir")
-        if read_marker(p.out) is None:
-            write_marker(p.out)  # a new folder, or an old dopsd run adopted on resume
-    except BaseException:
-        lock.release()
-        raise
-    return lock, aside
-
-
 # --- the run's files ------------------------------------------------------------------------------------
 def write_config(out: Path, config_yaml: str) -> None:
     atomic_write_text(out / CONFIG, config_yaml)
 
 
-def write_summary(out: Path, summary: dict[str, Any]) -> None:
-    atomic_write_json(out / SUMMARY, summary)
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k not in ("fsdp",):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
-def read_losses(out: Path) -> dict[int, dict[str, Any]]:
-    """The step records in losses.jsonl by step (a partial or broken line, e.g. from a kill, is skipped)."""
-    records: dict[int, dict[str, Any]] = {}
+def check_resume_config(config: Any, out: Path) -> None:
+    """--resume: refuse a config that differs from the run's config.yaml beyond RESUMABLE_CHANGES."""
+    from dopsd.config import ConfigError, load_config
+
+    old, new = _flat(load_config(out / CONFIG).to_dict()), _flat(config.to_dict())
+    changed = [k for k in new if old.get(k) != new[k] and not k.startswith(RESUMABLE_CHANGES) and k != "data.path"]
+    if changed:
+        raise ConfigError(f"--resume: the config differs from the run's config.yaml in {', '.join(changed)}; "
+                          "resume with the same settings (only train.max_steps, sampling and logging may change)")
+
+
+def sample_grid(out: Path, tag: str, steps: int) -> Path:
+    return out / SAMPLES / f"{tag}_{steps}steps.png"
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file that have a step (a partial or broken line, e.g. from a kill, is skipped)."""
     try:
-        lines = (out / LOSSES).read_text().splitlines()
+        lines = path.read_text().splitlines()
     except OSError:
-        return records
+        return []
+    records = []
     for line in lines:
         try:
             record = json.loads(line)
-            records[int(record["step"])] = record
+            int(record["step"])
         except (ValueError, KeyError, TypeError):
             continue
+        records.append(record)
     return records
+
+
+def _append_line(path: Path, record: dict[str, Any]) -> None:
+    """One line, written with a single call: a kill leaves at worst a partial last line, which readers skip."""
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def read_losses(out: Path) -> dict[int, dict[str, Any]]:
+    """The step records in losses.jsonl by step."""
+    return {int(r["step"]): r for r in _read_jsonl(out / LOSSES)}
 
 
 def restart_losses(out: Path, history: Iterable[dict[str, Any]]) -> None:
@@ -358,15 +173,120 @@ def restart_losses(out: Path, history: Iterable[dict[str, Any]]) -> None:
 
 
 def append_loss(out: Path, record: dict[str, Any]) -> None:
-    """One line, written with a single call: a kill leaves at worst a partial last line, which readers skip."""
-    with open(out / LOSSES, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
+    _append_line(out / LOSSES, record)
 
 
 def sync_losses(out: Path) -> None:
-    """Make the trace durable up to now (at every checkpoint)."""
-    try:
-        with open(out / LOSSES, "rb") as fh:
-            os.fsync(fh.fileno())
-    except OSError:
-        pass
+    """Make the traces durable up to now (at every checkpoint)."""
+    for name in (LOSSES, HEALTH):
+        try:
+            with open(out / name, "rb") as fh:
+                os.fsync(fh.fileno())
+        except OSError:
+            pass
+
+
+def restart_health(out: Path, step: int) -> None:
+    """A resumed run keeps the measurements up to its checkpoint's step (a killed run may have measured further)."""
+    if (out / HEALTH).is_file():
+        kept = [r for r in _read_jsonl(out / HEALTH) if int(r["step"]) <= step]
+        atomic_write_text(out / HEALTH, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def append_health(out: Path, step: int, measured: dict[str, Any], threshold: float) -> None:
+    """One few-step health measurement (dopsd.health's result, without its raw and starting values)."""
+    record = {"step": step, **{k: v for k, v in measured.items() if not k.startswith(("raw/", "start/"))},
+              "threshold": threshold}
+    _append_line(out / HEALTH, record)
+
+
+def iso_time(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp).astimezone().isoformat(timespec="seconds")
+
+
+def write_progress(out: Path, progress: dict[str, Any]) -> None:
+    atomic_write_json(out / PROGRESS, progress)
+
+
+# --- the end of a session: final weights and summary.json -------------------------------------------------
+def save_final(trainer: Any) -> Path:
+    """The trained weights (lora.safetensors + lora_config.json, or model.safetensors); returns their path. For
+    Z-Image and FLUX.2, lora.safetensors is itself in the layout diffusers and ComfyUI load (dopsd.lora.trained),
+    so no second copy is written. The file's metadata names the trigger word and the run (its title)."""
+    from dopsd.lora.trained import save_trained
+
+    cfg, out = trainer.cfg, trainer.out
+    meta = {"family": cfg.model.family, "model": cfg.to_dict()["model"], "prompts": trainer.prompts,
+            "steps": trainer.step, "method": cfg.method.name, "trigger_word": cfg.data.trigger_word,
+            "title": Path(out).resolve().name}
+    lora = None
+    if cfg.lora.enabled:
+        targets = cfg.lora.targets or trainer.adapter.default_lora_targets()
+        lora = {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "targets": targets}
+    return save_trained(out, trainer.network, lora, meta)
+
+
+def build_summary(trainer: Any, *, status: str, problem: str | None, weights: Path | None, latest: dict[str, Any],
+                  wall: float, steps_this_run: int, loop_seconds: float) -> dict[str, Any]:
+    """summary.json: what was trained, on what, for how long, with which result. `latest`: the last sampling's
+    result (grid paths and the few-step health)."""
+    import platform
+
+    import torch
+
+    from dopsd.checkpoint import last_good
+
+    cfg = trainer.cfg
+    n_params = sum(p.numel() for p in trainer.trainable.values())
+    losses = [r["loss"] for r in trainer.history if not r.get("skipped")]
+    teacher = cfg.method.name != "sft"
+    good = last_good(trainer.out / CHECKPOINTS)
+    model = getattr(trainer.adapter, "kind", None) or cfg.model.pretrained
+    return {
+        "status": status, "problem": problem,
+        "what": f"{cfg.method.name} on {cfg.model.family} ({model}), "
+                + (f"LoRA rank {cfg.lora.rank}" if cfg.lora.enabled else "full fine-tune")
+                + (f", teacher {cfg.method.teacher}" if teacher else ""),
+        "method": cfg.method.name, "teacher": cfg.method.teacher if teacher else None,
+        "family": cfg.model.family, "pretrained": cfg.model.pretrained,
+        "trainable_parameters": n_params,
+        "data": {"path": cfg.data.path, "images": len(trainer.examples),
+                 "captions": sum(len(e.captions) for e in trainer.examples)},
+        "steps": trainer.step, "steps_this_run": steps_this_run,
+        "global_batch": trainer.global_batch, "processes": trainer.world, "device": str(trainer.acc.device),
+        "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "seconds_total": round(wall, 2), "seconds_loop": round(loop_seconds, 2),
+        "steps_per_second": round(steps_this_run / loop_seconds, 3) if loop_seconds > 0 else None,
+        "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+        "skipped_steps": sum(1 for r in trainer.history if r.get("skipped")),
+        "cache": {"hits": trainer.cache.hits, "misses": trainer.cache.misses},
+        "resumed_from": trainer.resumed_from,
+        "weights": str(weights) if weights else None,
+        "samples": {k: v for k, v in latest.items() if k.startswith("grid_")},
+        "health": {k: v for k, v in (latest.get("health") or {}).items()
+                   if isinstance(v, (float, bool, str)) or v is None},
+        "health_step": (trainer.last_health or {}).get("step"),  # when `health` was measured
+        "last_good_checkpoint": str(good) if good else None,
+        "replaced": trainer.replaced,  # where --overwrite moved an earlier run
+    }
+
+
+def write_summary(out: Path, summary: dict[str, Any]) -> None:
+    atomic_write_json(out / SUMMARY, summary)
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """What `dopsd train` prints at the end."""
+    lines = [
+        f"status: {s['status']}" + (f" ({s['problem']})" if s.get("problem") else ""),
+        f"trained: {s['what']}",
+        f"data: {s['data']['images']} images from {s['data']['path']}",
+        f"steps: {s['steps']} (this run {s['steps_this_run']}, global batch {s['global_batch']}, "
+        f"{s['processes']} process(es) on {s['device']}) in {s['seconds_total']:.1f} s",
+        f"loss: {s['first_loss']:.4g} -> {s['final_loss']:.4g}" if s["final_loss"] is not None else "loss: -",
+        f"weights: {s['weights']}",
+    ]
+    if s["skipped_steps"]:
+        lines.append(f"skipped steps (non-finite): {s['skipped_steps']}")
+    lines += [f"samples: {v}" for v in s["samples"].values()]
+    return "\n".join(lines)

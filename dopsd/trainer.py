@@ -1,4 +1,8 @@
-"""The training loop on accelerate: D-OPSD / SFT / hybrid, LoRA or full, one process, DDP or FSDP.
+"""The trainer: set-up, one optimizer step, checkpoints, and `Trainer.fit`, the training loop every caller uses
+(`dopsd train`, `dopsd.train`, the bench), on accelerate: LoRA or full, one process, DDP or FSDP.
+
+What a method computes on a micro-batch is dopsd.methods; what the run shows while it trains (progress bar,
+TensorBoard, sample grids, few-step health) is dopsd.monitor; the run folder's files are dopsd.rundir.
 
 Determinism: every random choice of a sample (caption variant, caption dropout, noise, SFT σ, prior prompt)
 comes from a generator seeded by (seed, step, slot in the global batch). The data order is a seeded
@@ -12,8 +16,9 @@ import contextlib
 import math
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -21,17 +26,17 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
 from dopsd import checkpoint as ckpt
-from dopsd.cache import DROPPED, FeatureCache, Features, build_features, default_cache_dir, model_fingerprint
+from dopsd import methods, optim, rundir
+from dopsd.cache import FeatureCache, Features, build_features, default_cache_dir, model_fingerprint
 from dopsd.config import Config, ConfigError
 from dopsd.data.dataset import BatchOrder, Example, distinct_captions
 from dopsd.errors import CheckpointError, TrainingFailed
-from dopsd.files import atomic_save_image
 from dopsd.lora.inject import add_lora
-from dopsd.objective import dopsd_loss, sample_training_sigmas, sft_loss, step_weights_for
-from dopsd.sampler import generate, seed_noise
-from dopsd.images import grid_image
+from dopsd.monitor import Monitor, make_health
 from dopsd.schedules import training_schedule
 from dopsd.weights import ParamShadow, trainable_parameters
+
+StepCallback = Callable[["Trainer", dict[str, Any]], None]
 
 
 class TrainingAborted(TrainingFailed, RuntimeError):
@@ -47,26 +52,22 @@ class TrainingUnhealthy(TrainingFailed, RuntimeError):
     exit_code = 4
 
 
-def lr_factor(step: int, cfg: Config) -> float:
-    """Warm-up then constant or cosine, as a factor of optim.lr for the 0-based optimizer step."""
-    o, total = cfg.optim, cfg.train.max_steps
-    warm = min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps > 0 else 1.0
-    if o.schedule == "constant":
-        return warm
-    p = min(1.0, max(0.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps)))
-    return warm * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
-
-
-def _rng(*parts: int) -> np.random.Generator:
-    return np.random.default_rng([int(p) for p in parts])
-
-
-def _torch_gen(rng: np.random.Generator) -> torch.Generator:
-    return torch.Generator().manual_seed(int(rng.integers(2**62)))
+@dataclass
+class Result:
+    output_dir: Path
+    steps: int  # optimizer steps reached (counting skipped ones)
+    losses: list[float]  # loss per step, the whole trace (resumed runs included)
+    weights: Path | None  # lora.safetensors or model.safetensors
+    summary: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)  # full per-step records
 
 
 class Trainer:
+    """`Trainer(config, out, examples, adapter=None, resume=False)`, then `prepare()` (every check that needs the
+    model), then `fit()`; `train_step()` alone is one optimizer step (the cost probes time it)."""
+
     def __init__(self, config: Config, out: Path, examples: list[Example], adapter: Any = None, resume: bool = False):
+        self.started = time.time()
         self.cfg, self.out, self.examples, self.resume = config, out, examples, resume
         t = config.train
         kwargs: dict[str, Any] = {"mixed_precision": t.mixed_precision, "cpu": t.device == "cpu"}
@@ -89,15 +90,15 @@ class Trainer:
         self.adapter = adapter if adapter is not None else load_adapter(config.model, self.acc.device, self.dtype)
         self.m = config.model
         self.method = config.method
-        self.uses_teacher = self.method.name in ("dopsd", "hybrid")
-        self.uses_sft = self.method.name in ("sft", "hybrid")
-        self.prior_on = self.method.prior_weight > 0 and bool(self.method.prior_prompts)
+        self.terms = methods.terms_for(config.method)
         self.history: list[dict[str, Any]] = []
         self.step = 0
         self.nonfinite = 0
-        self.started = time.time()
         self.last_health: dict[str, Any] | None = None  # the latest few-step health measurement, summarised
         self.resume_notes: list[str] = []
+        self.resumed_from: str | None = None  # the checkpoint a resumed run started from
+        self.checkpoints_seen: list[str] | None = None  # the checkpoints there were when resuming read one
+        self.replaced: str | None = None  # where --overwrite moved an earlier run
 
     # --- setup ------------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -109,7 +110,7 @@ class Trainer:
         with self.acc.main_process_first():  # the main process computes and stores; the others find the files
             self.feats: Features = build_features(
                 adapter, self.examples, cfg, self.cache, ([] if editing else self.prompts) + list(self.method.prior_prompts),
-                need_latents=self.uses_sft, need_teacher=self.uses_teacher,
+                need_latents=any(t.latents for t in self.terms), need_teacher=any(t.teacher for t in self.terms),
             )
         if editing:
             shown = range(min(len(self.examples), cfg.sample.num_prompts))
@@ -117,7 +118,7 @@ class Trainer:
             self.sample_keys = [self.feats.student[(i, 0)] for i in shown]
         else:
             self.sample_keys = [self.feats.prompts[p] for p in self.prompts]
-        self.health = self._make_health()
+        self.health = make_health(self)
         adapter.release_encoders()
         network = adapter.network
         torch.manual_seed(cfg.train.seed)  # deterministic LoRA init (resume and every process agree)
@@ -142,43 +143,20 @@ class Trainer:
         self.dataset = ckpt.dataset_identity(self.examples)  # what a checkpoint must be resumed on
         if self.health is not None:
             self.health.reference(network)  # the starting model (LoRA at zero), before any step or resume
-        self.teacher = ParamShadow(self.trainable, self.method.teacher, self.method.ema_decay) if self.uses_teacher else None
+        self.teacher = None
+        if any(t.teacher for t in self.terms):
+            self.teacher = ParamShadow(self.trainable, self.method.teacher, self.method.ema_decay)
         self.prior = None
-        if self.prior_on:
+        if any(t.prior for t in self.terms):
             same = self.teacher is not None and self.teacher.mode == "base"
             self.prior = self.teacher if same else ParamShadow(self.trainable, "base")
-        optimizer = self._optimizer(list(self.trainable.values()))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+        optimizer, self.scheduler = optim.build(list(self.trainable.values()), cfg)
         self.student, self.optimizer = self.acc.prepare(network, optimizer)
         self.network = network  # unwrapped: teacher forwards, sampling, saving
         self.order = BatchOrder(self.examples, cfg.train.seed)
         self.schedules: dict[tuple[int, int], torch.Tensor] = {}
         if self.resume:
             self._load_checkpoint()
-
-    def _optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        o = self.cfg.optim
-        kw = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-        if not o.eight_bit:
-            return torch.optim.AdamW(params, **kw)
-        try:
-            import bitsandbytes as bnb  # type: ignore[import-not-found]
-        except ImportError as err:
-            raise ConfigError("optim.eight_bit needs bitsandbytes (pip install bitsandbytes; CUDA only), "
-                              "or set optim.eight_bit=false") from err
-        return bnb.optim.AdamW8bit(params, **kw)
-
-    def _make_health(self) -> Any:
-        if not (self.cfg.sample.health and self.main) or self.m.editing:
-            return None
-        try:
-            from dopsd.health import FewStepHealth
-        except ImportError:
-            return None
-        s, m = self.cfg.sample, self.m
-        prompts = s.health_prompts or self.cfg.method.prior_prompts[:4] or self.prompts[:4]
-        return FewStepHealth(self.adapter, prompts, height=m.height, width=m.width, seeds=tuple(s.seeds[:2]),
-                             steps=m.inference_steps, control_steps=s.control_steps, device=self.acc.device)
 
     def schedule(self, bucket: tuple[int, int]) -> torch.Tensor:
         if bucket not in self.schedules:
@@ -187,24 +165,22 @@ class Trainer:
         return self.schedules[bucket]
 
     # --- checkpoints ------------------------------------------------------------------------------
-    @staticmethod
-    def _shadow(s: ParamShadow | None) -> dict[str, Any] | None:
-        return None if s is None else {"mode": s.mode, "decay": s.decay, "shadow": s.shadow}
-
     def weights_verdict(self) -> dict[str, Any]:
         return ckpt.weights_verdict(self.trainable, self.start_max_abs)
 
     def save_checkpoint(self) -> None:
-        root = self.out / "checkpoints"
+        root = self.out / rundir.CHECKPOINTS
         ckpt.write_rank_rng(root, self.step, self.rank)
         self.acc.wait_for_everyone()
         if self.main:
+            # A prior that is the teacher is stored once; full fine-tuning reloads the original weights instead.
             prior = self.prior if (self.prior is not self.teacher and self.cfg.lora.enabled) else None
             weights = self.weights_verdict()
             # Good = finite, sane weights and no broken few-step health at the latest measurement (if any).
             good = weights["ok"] and not (self.last_health or {}).get("broken")
             ckpt.write_main(
-                root, self.step, trainable=self.trainable, teacher=self._shadow(self.teacher), prior=self._shadow(prior),
+                root, self.step, trainable=self.trainable, prior=None if prior is None else prior.state_dict(),
+                teacher=None if self.teacher is None else self.teacher.state_dict(),
                 optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
                 state={"step": self.step, "order": self.order.state_dict(), "history": self.history,
                        "nonfinite": self.nonfinite, "processes": self.world, "global_batch": self.global_batch,
@@ -216,12 +192,12 @@ class Trainer:
 
     def amend_checkpoint_health(self) -> None:
         """Health measured after the checkpoint of the same step was written (the final one): record it there."""
-        path = ckpt.checkpoint_dir(self.out / "checkpoints", self.step)
+        path = ckpt.checkpoint_dir(self.out / rundir.CHECKPOINTS, self.step)
         if self.main and self.last_health and self.last_health["step"] == self.step and path.is_dir():
             ckpt.amend(path, health=self.last_health, broken=bool(self.last_health.get("broken")))
 
     def _load_checkpoint(self) -> None:
-        root = self.out / "checkpoints"
+        root = self.out / rundir.CHECKPOINTS
         path, data, notes = ckpt.load_for_resume(root, self.rank, self.acc.device)
         notes += ckpt.check_fits(path, data["state"], dataset=self.dataset,
                                  processes=self.world, global_batch=self.global_batch)
@@ -250,80 +226,17 @@ class Trainer:
         self.resumed_from = str(path)
 
     # --- one optimizer step -----------------------------------------------------------------------
-    def _sync(self, final: bool) -> contextlib.AbstractContextManager:
+    def sync(self, final: bool) -> contextlib.AbstractContextManager:
         """DDP: gradients are all-reduced only on the last backward of an optimizer step."""
         return contextlib.nullcontext() if final or self.world == 1 else self.acc.no_sync(self.student)
 
-    def _contexts(self, keys: list[str]) -> Any:
+    def contexts(self, keys: list[str]) -> Any:
+        """Cached contexts by key, on the device and collated into one batch."""
         dev = self.acc.device
         return self.adapter.collate([{k: v.to(dev) for k, v in self.feats.load(key).items()} for key in keys])
 
-    def _velocity(self, network: torch.nn.Module):
+    def velocity(self, network: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]:
         return lambda x, s, c: self.adapter.velocity(network, x, s, c)
-
-    def _rollout_term(self, s_ctx: Any, t_ctx: Any, teacher: ParamShadow, noise: torch.Tensor, sched: torch.Tensor,
-                      weight: float, final: bool) -> Any:
-        """One D-OPSD-form loss (per-step backward by default); DDP syncs only on the step's very last backward."""
-        dev, per_step = self.acc.device, self.method.per_step_backward
-        teacher_fn = teacher.wrap(self._velocity(self.network))
-        out = dopsd_loss(
-            self._velocity(self.student), teacher_fn, noise.to(dev, self.latent_dtype), sched.to(dev), s_ctx, t_ctx,
-            space=self.method.loss_space, step_weights=step_weights_for(self.method.step_weighting, sched),
-            backward=(lambda loss: self.acc.backward(loss * weight)) if per_step else None,
-            step_context=lambda last: self._sync(final and last),
-        )
-        if not per_step:
-            self.acc.backward(out.loss * weight)  # DDP sync was decided by the last forward's context
-        return out
-
-    def micro_step(self, step: int, micro: int, indices: list[int], slots: list[int], final_micro: bool,
-                   scale: float) -> dict[str, Any]:
-        """Forward + backward of every loss term for this process's part of one micro-batch."""
-        cfg, dev, f32 = self.cfg, self.acc.device, self.latent_dtype
-        bucket = self.examples[indices[0]].bucket
-        shape = self.adapter.latent_shape(*bucket)
-        rngs = [_rng(cfg.train.seed, step, slot) for slot in slots]  # per-sample randomness, by global slot
-        variants = []
-        for i, r in zip(indices, rngs):
-            c = int(r.integers(len(self.examples[i].captions)))
-            variants.append(DROPPED if r.random() < cfg.data.caption_dropout else c)
-        student_keys = [self.feats.student[(i, v)] for i, v in zip(indices, variants)]
-        terms = [t for t, on in (("dopsd", self.uses_teacher), ("sft", self.uses_sft), ("prior", self.prior_on)) if on]
-        logs: dict[str, Any] = {}
-        for term in terms:
-            final = final_micro and term == terms[-1]
-            if term == "dopsd":  # the student's roll-out, matched to the teacher that also sees the target image
-                noise = seed_noise(shape, [int(r.integers(2**62)) for r in rngs])
-                t_ctx = self._contexts([self.feats.teacher[(i, v)] for i, v in zip(indices, variants)])
-                out = self._rollout_term(self._contexts(student_keys), t_ctx, self.teacher, noise,
-                                         self.schedule(bucket), scale, final)
-                logs["dopsd"], logs["steps"] = float(out.loss.detach()), out.steps
-            elif term == "prior":  # unrelated prompts: the original model, caption-only on both sides
-                n = self.method.prior_batch_size
-                base = (micro * self.world + self.rank) * n
-                prng = [_rng(cfg.train.seed, step, slot, 1) for slot in range(base, base + n)]
-                prompts = [self.method.prior_prompts[int(r.integers(len(self.method.prior_prompts)))] for r in prng]
-                noise = seed_noise(self.adapter.latent_shape(self.m.height, self.m.width),
-                                   [int(r.integers(2**62)) for r in prng])
-                ctx = self._contexts([self.feats.prompts[p] for p in prompts])
-                weight = self.method.prior_weight
-                out = self._rollout_term(ctx, ctx, self.prior, noise, self.schedule((self.m.height, self.m.width)),
-                                         weight * scale, final)
-                logs["prior"] = float(out.loss.detach()) * weight
-            else:  # SFT: flow matching on the target latents with the caption-only context
-                gens = [_torch_gen(r) for r in rngs]
-                sigma = torch.cat([sample_training_sigmas(1, self.method.sft_timesteps, shift=self.method.sft_shift,
-                                                          generator=g) for g in gens])
-                noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
-                x0 = torch.stack([self.feats.load(self.feats.latents[i])["latents"] for i in indices])
-                weight = 1.0 if self.method.name == "sft" else self.method.sft_weight
-                with self._sync(final):
-                    loss = sft_loss(self._velocity(self.student), x0.to(dev, f32), self._contexts(student_keys),
-                                    sigma.to(dev, f32), noise.to(dev, f32))
-                    self.acc.backward(loss * weight * scale)
-                logs["sft"] = float(loss.detach()) * weight
-        logs["loss"] = sum(v for k, v in logs.items() if k in ("dopsd", "sft", "prior"))
-        return logs
 
     def train_step(self) -> dict[str, Any]:
         cfg, step = self.cfg, self.step
@@ -336,7 +249,8 @@ class Trainer:
             for m in range(accum):
                 base = (m * self.world + self.rank) * bs
                 slots = list(range(base, base + bs))
-                logs = self.micro_step(step, m, [batch[s] for s in slots], slots, m == accum - 1, 1.0 / accum)
+                b = methods.micro_batch(self, step, m, [batch[s] for s in slots], slots)
+                logs = methods.micro_step(self, self.terms, b, m == accum - 1, 1.0 / accum)
                 for k, v in logs.items():
                     if k == "steps":
                         diag.append(v)
@@ -370,42 +284,115 @@ class Trainer:
         self.step += 1
         return record
 
-    # --- samples ----------------------------------------------------------------------------------
-    def sample_grids(self, tag: str, writer: Any = None) -> dict[str, Any]:
-        """Grids at the few-step setting and the many-step control (main process only)."""
-        if not self.main:
-            return {}
-        # Sampling leaves the training RNG untouched, so a resumed run (which skips these samples) stays exact.
-        with torch.random.fork_rng(devices=None if torch.cuda.is_available() else []):
-            return self._sample_grids(tag, writer)
+    # --- the training loop ------------------------------------------------------------------------
+    def broadcast(self, value: Any) -> Any:
+        """The main process's `value` on every process (a decision only the main process can make)."""
+        if self.world == 1:
+            return value
+        from accelerate.utils import broadcast_object_list
 
-    def _sample_grids(self, tag: str, writer: Any) -> dict[str, Any]:
-        s, m = self.cfg.sample, self.m
-        seeds = list(s.seeds)
-        contexts = [self.feats.load(key) for key in self.sample_keys for _ in seeds]
-        noise = seed_noise(self.adapter.latent_shape(m.height, m.width), seeds * len(self.prompts))
-        (self.out / "samples").mkdir(exist_ok=True)
-        result: dict[str, Any] = {}
-        for steps in [m.inference_steps] + ([s.control_steps] if s.control_steps > 0 else []):
-            sched = self.adapter.inference_schedule(m.height, m.width, steps)
-            steps = len(sched) - 1  # None = the model's own count
-            with self.acc.autocast():
-                images = generate(self.adapter, self.network, contexts, noise, sched, device=self.acc.device,
-                                  dtype=self.latent_dtype)
-            grid = grid_image(images, len(self.prompts), len(seeds))
-            path = self.out / "samples" / f"{tag}_{steps}steps.png"
-            atomic_save_image(path, grid)
-            result[f"grid_{steps}"] = str(path)
-            if writer is not None:
-                writer.add_image(f"samples/{steps}steps", np.asarray(grid), self.step, dataformats="HWC")
-        if self.health is not None:
-            measured = self.health.measure(self.network)
-            result["health"] = measured
-            self.last_health = {"step": self.step, "health": measured["health"], "broken": measured["broken"],
-                                "problem": measured["problem"]}
-            if writer is not None:
-                for k, v in self.health.scalars(measured).items():
-                    writer.add_scalar(k, v, self.step)
-            if measured.get("warning"):
-                warnings.warn(f"step {self.step}: {measured['warning']}")
-        return result
+        box = [value]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
+
+    def fit(self, callback: StepCallback | None = None) -> Result:
+        """Train to train.max_steps in the claimed run folder (dopsd.runlock), then write the final weights and
+        summary.json. `callback(trainer, record)` runs on every process after each optimizer step; `record` is
+        the step's record (as in losses.jsonl) plus `seconds`, the step's own wall time. Raises TrainingAborted
+        (too many non-finite steps in a row) or TrainingUnhealthy (a broken model) after writing the summary."""
+        cfg, out, main = self.cfg, self.out, self.main
+        # --- the run folder: this session's config, and what the resumed checkpoint said about itself
+        if main:
+            rundir.write_config(out, cfg.to_yaml())
+            for note in self.resume_notes:
+                warnings.warn(f"--resume: {note}")
+        self.acc.wait_for_everyone()
+        monitor = Monitor(self)
+        self.first_step, self.loop_seconds = self.step, 0.0
+        try:
+            try:
+                # --- samples (and health) of the starting model
+                if self.step == 0:
+                    monitor.sample("step-0000000")
+                every, ck = cfg.sample.every, cfg.train.checkpoint_every
+                t0 = time.time()
+                while self.step < cfg.train.max_steps:
+                    # --- one optimizer step, logged
+                    started = time.perf_counter()
+                    record = self.train_step()
+                    seconds = time.perf_counter() - started
+                    self.history.append({k: v for k, v in record.items() if not k.startswith("rollout/")})
+                    self.loop_seconds = time.time() - t0
+                    if callback is not None:
+                        callback(self, {**record, "seconds": seconds})
+                    monitor.step(record)
+                    # --- a non-finite step was skipped: abort after too many in a row, never checkpoint in a streak
+                    if record["skipped"]:
+                        self._nonfinite(record)
+                        continue
+                    # --- interval samples first, so that the checkpoint of the same step records their health
+                    done = self.step == cfg.train.max_steps
+                    if every and self.step % every == 0 and not done:
+                        monitor.sample(f"step-{self.step:07d}")
+                    if (ck and self.step % ck == 0) or done:
+                        self.save_checkpoint()
+                        monitor.checkpointed()
+                self.acc.wait_for_everyone()
+                self.loop_seconds = time.time() - t0
+                # --- final samples and health; the final checkpoint learns the final health
+                monitor.sample("final")
+                self.amend_checkpoint_health()
+            finally:
+                monitor.close()
+        except TrainingAborted as err:
+            if main:
+                self._summary(monitor, rundir.STATUS_ABORTED, str(err), None)
+            raise
+        # --- the verdict, final weights and summary (the main process: only it measured the final health)
+        weights, failure, summary = None, None, {}
+        if main:
+            status, problem = self._verdict(monitor.latest)
+            weights = rundir.save_final(self) if self.weights_verdict()["ok"] else None
+            summary = self._summary(monitor, status, problem, weights)
+            print(rundir.format_summary(summary))
+            if status != rundir.STATUS_OK:
+                kept = f"the final weights are in {weights}" if weights else "no final weights were written"
+                good = summary["last_good_checkpoint"] or "none"
+                failure = (f"training finished but the model is broken: {problem}. {out / rundir.SUMMARY} records "
+                           f"status '{status}'; {kept}; last good checkpoint: {good}. "
+                           f"Lower optim.lr (now {cfg.optim.lr:g}) and start again (--overwrite moves this run aside)")
+        failure = self.broadcast(failure)
+        self.acc.wait_for_everyone()
+        if failure is not None:
+            raise TrainingUnhealthy(failure)
+        return Result(out, self.step, [r["loss"] for r in self.history], weights, summary, self.history)
+
+    def _nonfinite(self, record: dict[str, Any]) -> None:
+        msg = (f"step {self.step}: non-finite loss or gradient (loss {record['loss']}, grad norm "
+               f"{record['grad_norm']}); step skipped ({self.nonfinite} in a row)")
+        if self.main:
+            warnings.warn(msg)
+        if self.nonfinite >= self.cfg.train.max_nonfinite:
+            good = ckpt.last_good(self.out / rundir.CHECKPOINTS)
+            raise TrainingAborted(
+                f"{self.nonfinite} non-finite steps in a row (train.max_nonfinite); training stopped at step "
+                f"{self.step}. Last good checkpoint: {good or 'none'}. Lower optim.lr or check the data.")
+
+    def _verdict(self, latest: dict[str, Any]) -> tuple[str, str | None]:
+        """ok, or unhealthy with the reason: non-finite/exploded weights, or broken few-step samples at the end."""
+        problems = []
+        weights = self.weights_verdict()
+        if not weights["ok"]:
+            problems.append(weights["problem"])
+        health = latest.get("health") or {}
+        if health.get("broken"):
+            problems.append(health["problem"])
+        return (rundir.STATUS_UNHEALTHY, "; ".join(problems)) if problems else (rundir.STATUS_OK, None)
+
+    def _summary(self, monitor: Monitor, status: str, problem: str | None, weights: Path | None) -> dict[str, Any]:
+        summary = rundir.build_summary(self, status=status, problem=problem, weights=weights, latest=monitor.latest,
+                                       wall=time.time() - self.started, steps_this_run=self.step - self.first_step,
+                                       loop_seconds=self.loop_seconds)
+        rundir.write_summary(self.out, summary)
+        monitor.progress(status)
+        return summary

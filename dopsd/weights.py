@@ -69,7 +69,8 @@ class ParamShadow:
         return teacher_velocity
 
     def state_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "decay": self.decay, "shadow": {k: v.clone() for k, v in self.shadow.items()}}
+        """The shadow's state (its tensors themselves, not copies: a checkpoint writer copies them to the CPU)."""
+        return {"mode": self.mode, "decay": self.decay, "shadow": self.shadow}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["mode"] != self.mode:

@@ -104,12 +104,12 @@ _HELD: list = []  # the lock of the case that holds one (released when the next 
 
 def hold_run_lock(w: Path, a: Path) -> None:
     """Hold the lock of run/ as a training process would (without recording a pid: the message stays the same)."""
-    from dopsd import rundir
+    from dopsd import rundir, runlock
 
     while _HELD:
         _HELD.pop().release()
     (w / "run" / rundir.OWNER_LOCK).write_text("")  # no holder details: the message stays the same on every run
-    _HELD.append(rundir.lock_as_owner(w / "run", record=False))
+    _HELD.append(runlock.lock_as_owner(w / "run", record=False))
 
 
 def int32_image(rel: str) -> Setup:

@@ -183,7 +183,7 @@ def test_full_dopsd_train_run(folders, tmp_path, mode):
         extra += ["model.editing=true", f"data.source_dir={tmp_path / 'sources'}"]
     result = dopsd.train(train_config("flux2-klein-4b", tmp_path, data, SIZE, *extra))
     assert result.steps == 2 and all(l == l and l > 0 for l in result.losses)
-    assert (result.output_dir / "pytorch_lora_weights.safetensors").is_file()
+    assert [p.name for p in result.output_dir.glob("*.safetensors")] == ["lora.safetensors"]  # no second copy
     assert (result.output_dir / "lora_config.json").is_file()
 
 

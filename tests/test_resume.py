@@ -49,6 +49,10 @@ def test_resume_from_a_middle_checkpoint_reproduces_the_run(tmp_path, concept_da
     # ... with every step's per-roll-out-step diagnostics, those before the checkpoint included
     assert [line for line in lines] == (full.output_dir / "losses.jsonl").read_text().splitlines()
     assert all("rollout/step0_loss" in json.loads(line) for line in lines)
+    # health.jsonl: the copied file ran to step 6 already; the resumed run measures step 6 again, once.
+    health = [json.loads(line)["step"] for line in (cut / "health.jsonl").read_text().splitlines()]
+    assert health == [0, 3, 6]
+    assert json.loads((cut / "progress.json").read_text())["status"] == "ok"
     # TensorBoard: the copied logs ran to step 6 already; the resumed steps 4-6 replace those, not duplicate them.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -28,6 +28,9 @@ def test_a_diverged_run_that_samples_noise_is_unhealthy_and_exits_non_zero(tmp_p
     assert summary["status"] == "unhealthy" and "structure" in summary["problem"]
     assert summary["health"]["broken"] is True and summary["skipped_steps"] == 0  # no non-finite step to blame
     assert "model is broken" in err and "last good checkpoint: none" in err
+    assert json.loads((out / "progress.json").read_text())["status"] == "unhealthy"
+    health = [json.loads(line) for line in (out / "health.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in health] == [0, 20, 40] and health[-1]["broken"] and health[-1]["warning"]
     for step in (20, 40):  # measured broken at both: neither checkpoint is good
         state = json.loads((out / f"checkpoints/step-{step:07d}/state.json").read_text())
         assert state["good"] is False and state["health"]["step"] == step and state["weights"]["ok"]
@@ -48,6 +51,8 @@ def test_an_aborted_run_writes_its_status_and_never_calls_exploded_weights_good(
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "aborted" and "non-finite" in summary["problem"]
     assert summary["last_good_checkpoint"] is None and summary["weights"] is None
+    progress = json.loads((out / "progress.json").read_text())
+    assert progress["status"] == "aborted" and progress["step"] == summary["steps"] < 20
     assert not (out / "lora.safetensors").exists()
 
 

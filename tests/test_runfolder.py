@@ -12,7 +12,7 @@ import pytest
 
 import dopsd
 from conftest import tiny_config, write_concept_folder
-from dopsd import cli, rundir
+from dopsd import cli, rundir, runlock
 from dopsd.data.dataset import DatasetError
 from dopsd.errors import RunFolderError
 from dopsd.mini.adapter import tiny_random_adapter
@@ -37,7 +37,30 @@ def test_a_new_run_folder_has_the_marker_and_a_status(tmp_path, concept_data):
     marker = json.loads((out / rundir.MARKER).read_text())
     assert marker["format"] == "dopsd-run" and marker["version"] == 1 and marker["dopsd"]
     assert json.loads((out / rundir.SUMMARY).read_text())["status"] == "ok"
-    assert rundir.is_run_folder(out) and not rundir.is_running(out)
+    assert rundir.is_run_folder(out) and not runlock.is_running(out)
+
+
+def test_progress_and_health_files_follow_the_run(tmp_path, concept_data):
+    """progress.json while a run trains and at its end; health.jsonl one record per few-step health measurement."""
+    seen = []
+
+    def watch(trainer, record):
+        seen.append(json.loads((trainer.out / rundir.PROGRESS).read_text()))
+
+    cfg = tiny_config(tmp_path, concept_data, **{"train.max_steps": 4, "sample.every": 2})
+    result = dopsd.train(cfg, adapter=adapter(), callback=watch)
+    first = seen[0]  # written before the first step, not yet after it (at most once a second)
+    assert first["status"] == "running" and first["step"] == 0 and first["max_steps"] == 4
+    assert first["pid"] == os.getpid() and first["eta_seconds"] is None and first["started"] <= first["updated"]
+    assert seen[2]["step"] == 2  # the interval at step 2 rewrote it
+    final = json.loads((result.output_dir / rundir.PROGRESS).read_text())
+    assert final["status"] == "ok" and final["step"] == 4 and final["eta_seconds"] == 0.0
+    assert final["started"] == first["started"]
+    records = [json.loads(line) for line in (result.output_dir / rundir.HEALTH).read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 2, 4]  # before training, the interval, the end
+    assert all(0.5 < r["health"] < 1.5 and r["threshold"] == 0.85 and r["broken"] is False for r in records)
+    assert {"sharpness", "structure", "warning"} <= set(records[-1]) and not any("/" in k for k in records[-1])
+    assert records[-1]["health"] == result.summary["health"]["health"]
 
 
 def test_overwrite_refuses_the_folder_holding_the_dataset_and_the_working_directory(tmp_path, monkeypatch):
@@ -168,7 +191,7 @@ def test_a_running_run_locks_its_folder_and_a_killed_one_does_not(tmp_path, conc
     proc = _popen(["-m", "dopsd.cli", "train", str(config_file)])
     try:
         _wait_for(lambda: (out / "checkpoints" / "step-0000001" / "state.json").is_file(), proc, "checkpoint")
-        assert rundir.is_running(out)
+        assert runlock.is_running(out)
         code = cli.main(["train", str(config_file), "--resume", "train.max_steps=2"])  # a second start, same run
         assert code == 2 and "in use by another dopsd process (pid" in capsys.readouterr().err
         assert proc.poll() is None  # the first run goes on untouched
@@ -176,7 +199,7 @@ def test_a_running_run_locks_its_folder_and_a_killed_one_does_not(tmp_path, conc
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         proc.stderr.close()
-    assert not rundir.is_running(out)  # the kernel dropped the dead process's lock
+    assert not runlock.is_running(out)  # the kernel dropped the dead process's lock
     done = max(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*"))
     result = dopsd.train(config_file, [f"train.max_steps={done + 1}"], resume=True)
     assert result.steps == done + 1

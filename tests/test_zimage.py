@@ -220,18 +220,26 @@ def test_caption_lengths_stay_within_the_rope_table(folders):
 
 def test_full_dopsd_train_run_with_the_vlm_teacher(folders, tmp_path):
     """`dopsd.train` end to end on the tiny Z-Image (preset zimage-turbo: VLM teacher, 4-step roll-out,
-    gradient checkpointing); the diffusers LoRA it writes reproduces its own LoRA's samples in the pipeline."""
+    gradient checkpointing); diffusers loads the run folder's lora.safetensors (the only LoRA file written) and
+    reproduces the LoRA's samples in the pipeline; its metadata names the trigger word and the run."""
     import dopsd
     from dopsd.lora.trained import apply_trained
     from tiny_real import train_config, write_pairs
 
     data = write_pairs(tmp_path / "data", CAPTIONS, SIZE, seed=7)
     cfg = train_config("zimage-turbo", tmp_path, data, SIZE, f"model.pretrained={folders.model}",
-                       f"model.teacher_encoder={folders.vlm}")
+                       f"model.teacher_encoder={folders.vlm}", "data.trigger_word=sks")
     assert cfg.train.gradient_checkpointing and cfg.model.rollout_every == 2
     result = dopsd.train(cfg)
     assert result.steps == 2 and all(l == l and l > 0 for l in result.losses)
-    assert (result.output_dir / "pytorch_lora_weights.safetensors").is_file()
+    assert result.weights == result.output_dir / "lora.safetensors"
+    assert not (result.output_dir / "pytorch_lora_weights.safetensors").exists()  # no second copy
+    assert [p.name for p in result.output_dir.glob("*.safetensors")] == ["lora.safetensors"]
+    from safetensors import safe_open
+
+    with safe_open(str(result.weights), "pt") as fh:
+        meta = fh.metadata()
+    assert meta["modelspec.trigger_phrase"] == "sks" and meta["modelspec.title"] == result.output_dir.resolve().name
     fresh = zimage.load(config(folders))
     apply_trained(fresh.network, result.weights)
     noise = torch.randn(1, *fresh.latent_shape(SIZE, SIZE), generator=torch.Generator().manual_seed(4))

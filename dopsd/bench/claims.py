@@ -8,7 +8,10 @@ effect (MIN_EFFECT, in the metric's units). Verdicts: "reproduced", "not reprodu
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from dopsd.bench.jobs import REFERENCE_ROW
 
 MIN_EFFECT = 0.02  # fractions and quality scores live in [0, 1]
 
@@ -41,94 +44,139 @@ def curve_area(curves: dict[str, Any], metric: str, method: str) -> tuple[float,
     return mean, std
 
 
+@dataclass(frozen=True)
+class Claim:
+    """One claim of the paper, checked in every setting where its methods ran.
+
+    `methods` are compared on `metrics` (final values, or with `curve` the mean over the training curve) by the
+    named `criterion` (CRITERIA). `source` may differ per setting (None: any other setting); `if_missing`: the
+    source shown with an "inconclusive" verdict when a method was not run (None: the claim is left out)."""
+
+    statement: str
+    source: str | dict[str | None, str]
+    methods: tuple[str, ...]
+    metrics: tuple[str, ...]
+    criterion: str
+    curve: bool = False
+    if_missing: str | None = None
+    labels: tuple[str, ...] = ()  # short names of the methods in the evidence (default: the method names)
+
+
+CLAIMS = (
+    Claim("SFT lowers few-step quality of the turbo", "paper Tab. (quality 3.51 → 2.42), ablation curves",
+          ("sft", "base"), ("fewstep_quality",), "lower", if_missing="paper"),
+    Claim("SFT's damage is few-step specific (many-step samples stay fine)", "paper's motivation",
+          ("sft", "base"), ("fewstep_quality", "manystep_quality"), "few_step_specific"),
+    Claim("D-OPSD keeps the few-step quality of the untouched turbo", "paper Tab. (quality 3.80 vs base 3.51)",
+          ("dopsd", "base"), ("fewstep_quality",), "not_lower"),
+    Claim("D-OPSD learns the target ({fidelity} comparable to SFT's)", "paper Tab. (DINO/LPIPS/VLM judge)",
+          ("dopsd", "sft", "base"), ("concept_fidelity",), "learned"),
+    Claim("D-OPSD generalises to unseen prompts at least as well as SFT", "paper (CLIP-S 0.366 vs 0.310)",
+          ("dopsd", "sft"), ("unseen_prompt_fidelity",), "not_lower"),
+    Claim("D-OPSD preserves unrelated outputs better than SFT",
+          {"domain_full": "paper (GenEval after anime full fine-tune: SFT 0.159, D-OPSD 0.717)",
+           None: "paper (quality/aesthetics kept; off-target change)"},
+          ("dopsd", "sft"), ("preservation",), "higher"),
+    Claim("A live teacher (= the current student) collapses / is worse than the EMA teacher", "paper ablation",
+          ("dopsd_live_teacher", "dopsd"), ("fewstep_quality", "concept_fidelity", "attribute_accuracy"),
+          "any_lower", labels=("live", "ema")),
+    Claim("EMA teacher learns faster than the frozen initial model", "paper ablation (frozen: stable but slow)",
+          ("dopsd", "dopsd_base_teacher"), ("concept_fidelity",), "higher", curve=True),
+    Claim("x0-space loss converges faster than velocity-space loss", "authors' code default / paper",
+          ("dopsd", "dopsd_velocity"), ("concept_fidelity",), "higher", curve=True),
+)
+
+LABELS = {"fewstep_quality": "few-step quality", "unseen_prompt_fidelity": "unseen-prompt fidelity",
+          "preservation": "preservation", "attribute_accuracy": "attribute acc."}
+Value = tuple[float, float]
+Values = dict[tuple[str, str], Value]  # (method, metric) -> mean, std
+
+
+def _pair(c: Claim, v: Values, labels: dict[str, str]) -> tuple[str, float, bool]:
+    """Evidence for `methods[0]` against `methods[1]` on the first metric, and the comparison."""
+    (a, b), key = c.methods[:2], c.metrics[0]
+    x, y = v[a, key], v[b, key]
+    d, sig = compare(x, y)
+    return f"{labels[key]}: {a} {_fmt(x)} vs {b} {_fmt(y)} (Δ {d:+.3f})", d, sig
+
+
+def _lower(c: Claim, v: Values, labels: dict[str, str], rows: dict[str, Any]) -> tuple[str, str]:
+    evidence, d, sig = _pair(c, v, labels)
+    ref = _v(rows.get(REFERENCE_ROW), c.metrics[0])
+    level = f"; the undistilled base at 4 steps: {ref[0]:.3f}" if ref else ""
+    return evidence + level, "reproduced" if sig and d < 0 else "not reproduced"
+
+
+def _not_lower(c: Claim, v: Values, labels: dict[str, str], rows: dict[str, Any]) -> tuple[str, str]:
+    evidence, d, sig = _pair(c, v, labels)
+    return evidence, "not reproduced" if sig and d < 0 else "reproduced"
+
+
+def _higher(c: Claim, v: Values, labels: dict[str, str], rows: dict[str, Any]) -> tuple[str, str]:
+    evidence, d, sig = _pair(c, v, labels)
+    return evidence, ("reproduced" if sig and d > 0 else "not reproduced" if sig else "inconclusive (within noise)")
+
+
+def _few_step_specific(c: Claim, v: Values, labels: dict[str, str], rows: dict[str, Any]) -> tuple[str, str]:
+    """The few-step drop of `methods[0]` against `methods[1]`, and its many-step drop less than half of it."""
+    (a, b), (few, many) = c.methods, c.metrics
+    d, sig = compare(v[a, few], v[b, few])
+    few_drop, many_drop = v[b, few][0] - v[a, few][0], v[b, many][0] - v[a, many][0]
+    verdict = ("inconclusive (no few-step drop to explain)" if not (sig and d < 0)
+               else "reproduced" if many_drop < 0.5 * few_drop else "not reproduced")
+    return f"drop at few steps {few_drop:+.3f}, at many steps {many_drop:+.3f} (criterion: many < ½ few)", verdict
+
+
+def _learned(c: Claim, v: Values, labels: dict[str, str], rows: dict[str, Any]) -> tuple[str, str]:
+    """Well above the untouched model (`methods[2]`), and no more than 0.1 below the baseline (`methods[1]`)."""
+    (a, ref, base), key = c.methods, c.metrics[0]
+    x, r, b = v[a, key], v[ref, key], v[base, key]
+    learned = x[0] - b[0] > max(0.1, 2 * x[1])
+    close = x[0] >= r[0] - 0.1
+    evidence = (f"{labels[key]}: {a} {_fmt(x)}, {ref} {_fmt(r)}, {base} {_fmt(b)} "
+                f"(criterion: > {base} + 0.1 and ≥ {ref} − 0.1)")
+    return evidence, "reproduced" if learned and close else "not reproduced"
+
+
+def _any_lower(c: Claim, v: Values, labels: dict[str, str], rows: dict[str, Any]) -> tuple[str, str]:
+    """`methods[0]` significantly below `methods[1]` on at least one metric."""
+    (a, b), (na, nb) = c.methods, c.labels
+    worse, shown = [], []
+    for key in c.metrics:
+        name = labels[key]
+        d, sig = compare(v[a, key], v[b, key])
+        if sig and d < 0:
+            worse.append(name)
+        shown.append(f"{name} {_fmt(v[a, key])} vs {_fmt(v[b, key])}")
+    evidence = f"{na} vs {nb}: " + "; ".join(shown) + (f" (worse: {', '.join(worse)})" if worse else "")
+    return evidence, "reproduced" if worse else "not reproduced"
+
+
+CRITERIA: dict[str, Callable[[Claim, Values, dict[str, str], dict[str, Any]], tuple[str, str]]] = {
+    "lower": _lower, "not_lower": _not_lower, "higher": _higher, "few_step_specific": _few_step_specific,
+    "learned": _learned, "any_lower": _any_lower,
+}
+
+
 def check_setting(name: str, rows: dict[str, dict[str, Any]], curves: dict[str, Any]) -> list[dict[str, str]]:
-    """Claims for one setting: [{claim, source, evidence, verdict}]."""
-    out: list[dict[str, str]] = []
-    fid = "domain fidelity" if name == "domain_full" else "concept fidelity"
-
-    def add(claim: str, source: str, evidence: str, verdict: str) -> None:
-        out.append({"setting": name, "claim": claim, "source": source, "evidence": evidence, "verdict": verdict})
-
-    base, sft, dopsd = rows.get("base"), rows.get("sft"), rows.get("dopsd")
-    missing = "inconclusive (method not run)"
-
-    # 1–2. SFT blurs the few-step model; its many-step samples are fine.
-    bq, sq = _v(base, "fewstep_quality"), _v(sft, "fewstep_quality")
-    claim1 = "SFT lowers few-step quality of the turbo"
-    if bq and sq:
-        d, sig = compare(sq, bq)
-        ref = _v(rows.get("ref_undistilled_4step"), "fewstep_quality")
-        level = f"; the undistilled base at 4 steps: {ref[0]:.3f}" if ref else ""
-        add(claim1, "paper Tab. (quality 3.51 → 2.42), ablation curves",
-            f"few-step quality: sft {_fmt(sq)} vs base {_fmt(bq)} (Δ {d:+.3f}){level}",
-            "reproduced" if sig and d < 0 else "not reproduced")
-        bm, sm = _v(base, "manystep_quality"), _v(sft, "manystep_quality")
-        if bm and sm:
-            few_drop, many_drop = bq[0] - sq[0], bm[0] - sm[0]
-            verdict = ("inconclusive (no few-step drop to explain)" if not (sig and d < 0)
-                       else "reproduced" if many_drop < 0.5 * few_drop else "not reproduced")
-            add("SFT's damage is few-step specific (many-step samples stay fine)", "paper's motivation",
-                f"drop at few steps {few_drop:+.3f}, at many steps {many_drop:+.3f} (criterion: many < ½ few)",
-                verdict)
-    else:
-        add(claim1, "paper", "", missing)
-
-    # 3. D-OPSD keeps few-step quality.
-    dq = _v(dopsd, "fewstep_quality")
-    if bq and dq:
-        d, sig = compare(dq, bq)
-        add("D-OPSD keeps the few-step quality of the untouched turbo", "paper Tab. (quality 3.80 vs base 3.51)",
-            f"few-step quality: dopsd {_fmt(dq)} vs base {_fmt(bq)} (Δ {d:+.3f})",
-            "not reproduced" if sig and d < 0 else "reproduced")
-    # 4. D-OPSD learns the target about as well as SFT, well above the untouched model.
-    bf, sf, df = _v(base, "concept_fidelity"), _v(sft, "concept_fidelity"), _v(dopsd, "concept_fidelity")
-    if bf and sf and df:
-        learned = df[0] - bf[0] > max(0.1, 2 * df[1])
-        close = df[0] >= sf[0] - 0.1
-        add(f"D-OPSD learns the target ({fid} comparable to SFT's)", "paper Tab. (DINO/LPIPS/VLM judge)",
-            f"{fid}: dopsd {_fmt(df)}, sft {_fmt(sf)}, base {_fmt(bf)} (criterion: > base + 0.1 and ≥ sft − 0.1)",
-            "reproduced" if learned and close else "not reproduced")
-    # 5. Generalisation to unseen prompts.
-    su, du = _v(sft, "unseen_prompt_fidelity"), _v(dopsd, "unseen_prompt_fidelity")
-    if su and du:
-        d, sig = compare(du, su)
-        add("D-OPSD generalises to unseen prompts at least as well as SFT", "paper (CLIP-S 0.366 vs 0.310)",
-            f"unseen-prompt fidelity: dopsd {_fmt(du)} vs sft {_fmt(su)} (Δ {d:+.3f})",
-            "not reproduced" if sig and d < 0 else "reproduced")
-    # 6. Preservation / retention.
-    sp, dp = _v(sft, "preservation"), _v(dopsd, "preservation")
-    if sp and dp:
-        d, sig = compare(dp, sp)
-        src = ("paper (GenEval after anime full fine-tune: SFT 0.159, D-OPSD 0.717)" if name == "domain_full"
-               else "paper (quality/aesthetics kept; off-target change)")
-        add("D-OPSD preserves unrelated outputs better than SFT", src,
-            f"preservation: dopsd {_fmt(dp)} vs sft {_fmt(sp)} (Δ {d:+.3f})",
-            "reproduced" if sig and d > 0 else "not reproduced" if sig else "inconclusive (within noise)")
-    # 7. Live teacher collapses: worse few-step quality, worse fidelity, or the captioned content lost.
-    live, ema = rows.get("dopsd_live_teacher"), dopsd
-    keys = (("fewstep_quality", "few-step quality"), ("concept_fidelity", fid), ("attribute_accuracy", "attribute acc."))
-    pairs = [(label, _v(live, k), _v(ema, k)) for k, label in keys]
-    if all(a and b for _, a, b in pairs):
-        worse, shown = [], []
-        for label, a, b in pairs:
-            assert a and b
-            d, sig = compare(a, b)
-            if sig and d < 0:
-                worse.append(label)
-            shown.append(f"{label} {_fmt(a)} vs {_fmt(b)}")
-        add("A live teacher (= the current student) collapses / is worse than the EMA teacher", "paper ablation",
-            "live vs ema: " + "; ".join(shown) + (f" (worse: {', '.join(worse)})" if worse else ""),
-            "reproduced" if worse else "not reproduced")
-    # 8–9. Speed of learning: EMA vs frozen base teacher; x0 vs velocity loss.
-    for other, claim, src in (("dopsd_base_teacher", "EMA teacher learns faster than the frozen initial model",
-                               "paper ablation (frozen: stable but slow)"),
-                              ("dopsd_velocity", "x0-space loss converges faster than velocity-space loss",
-                               "authors' code default / paper")):
-        a, b = curve_area(curves, "concept_fidelity", "dopsd"), curve_area(curves, "concept_fidelity", other)
-        if a and b:
-            d, sig = compare(a, b)
-            add(claim, src, f"mean {fid} over the curve: dopsd {_fmt(a)} vs {other} {_fmt(b)} (Δ {d:+.3f})",
-                "reproduced" if sig and d > 0 else "not reproduced" if sig else "inconclusive (within noise)")
+    """Every claim of CLAIMS in one setting: [{setting, claim, source, evidence, verdict}]."""
+    fidelity = "domain fidelity" if name == "domain_full" else "concept fidelity"
+    out = []
+    for c in CLAIMS:
+        statement = c.statement.format(fidelity=fidelity)
+        source = c.source if isinstance(c.source, str) else c.source.get(name, c.source[None])
+        values = {(m, k): curve_area(curves, k, m) if c.curve else _v(rows.get(m), k)
+                  for m in c.methods for k in c.metrics}
+        if any(x is None for x in values.values()):
+            if c.if_missing is not None:
+                out.append({"setting": name, "claim": statement, "source": c.if_missing, "evidence": "",
+                            "verdict": "inconclusive (method not run)"})
+            continue
+        labels = {k: fidelity if k == "concept_fidelity" else LABELS.get(k, k) for k in c.metrics}
+        if c.curve:
+            labels = {k: f"mean {v} over the curve" for k, v in labels.items()}
+        evidence, verdict = CRITERIA[c.criterion](c, values, labels, rows)
+        out.append({"setting": name, "claim": statement, "source": source, "evidence": evidence, "verdict": verdict})
     return out
 
 

@@ -51,7 +51,7 @@ def trainer_probe(job: Job, method: str, dedistill: str | None) -> tuple[CostPro
     net.zero_grad(set_to_none=True)
     with torch.no_grad():
         teacher_fwd = count_flops(lambda: adapter.velocity(net, noise, sigma, t_ctx))
-    if trainer.uses_teacher:
+    if any(term.teacher for term in trainer.terms):
         k = len(trainer.schedule((trainer.m.height, trainer.m.width))) - 1
         implied = implied_flops("dopsd", fwd_bwd, teacher_fwd, roll_out_steps=k)
     else:

@@ -172,13 +172,10 @@ def _setting_blocks(out: Path, cfg: Any, s: Any, info: dict[str, Any], methods: 
 
 def build_report(out: Path, cfg: Any, rows: dict[str, Any], curves: dict[str, Any], images: dict[str, Any],
                  costs: dict[str, Any], meta: dict[str, Any]) -> None:
-    from dopsd.bench.run import DESCRIPTIONS
-
     results: dict[str, Any] = {}
     claims: list[dict[str, str]] = []
     setting_blocks: list[Block] = []
     for s in cfg.settings:
-        s.description = s.description or DESCRIPTIONS.get(s.name, "")
         methods, cost = rows[s.name], costs.get(s.name, {})
         _merge_costs(methods, cost)
         info = _setting_info(cfg, s, meta)

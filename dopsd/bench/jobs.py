@@ -1,13 +1,16 @@
-"""One bench job = one (setting, target, method, seed) run, driven through the project's trainer.
+"""One bench job = one (setting, target, method, seed) run, trained by `dopsd.api.train` (the loop `dopsd train`
+runs) in its own run folder.
 
 A job builds the evaluation suite with a fresh miniature adapter (before the trainer releases its encoder),
-creates `dopsd.trainer.Trainer` on the shared dataset folder, steps it with `Trainer.train_step()` (the same
-step `dopsd train` runs), evaluates curve points every `curve_every` steps and the final network, and
-returns plain data (metrics, curves, a few images) so that jobs can run in worker processes.
+trains that adapter on the shared dataset folder, evaluates a curve point every `curve_every` steps from the
+training loop's per-step callback and the final network after, and returns plain data (metrics, curves, a few
+images) so that jobs can run in worker processes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,13 +79,17 @@ def make_adapter(model: str, kind: str = "turbo") -> Any:
 def trainer_config(job: Job, method_overrides: list[str]) -> Any:
     from dopsd.config import load_config
 
+    # A diverged run is a result too (the report shows its numbers): never abort one on non-finite steps.
+    # One sample grid image before and after training: the bench evaluates with its own suite.
     common = [f"data.path={job.data_dir}", f"train.output_dir={job.work_dir}", f"train.seed={job.seed}",
-              f"train.max_steps={job.steps}", "train.checkpoint_every=0", "cache.enabled=false",
-              "sample.health=false", "log.progress=false", "log.tensorboard=false", "train.device=cpu"]
+              f"train.max_steps={job.steps}", "train.checkpoint_every=0", f"train.max_nonfinite={job.steps + 1}",
+              "cache.enabled=false", "sample.health=false", "sample.num_prompts=1", "sample.seeds=[0]",
+              "sample.control_steps=0", "log.progress=false", "log.tensorboard=false", "train.device=cpu"]
     return load_config("mini", common + job.overrides + method_overrides)
 
 
 def build_trainer(job: Job, adapter: Any, method: str) -> Any:
+    """A prepared trainer that is not run (the cost probe times its steps)."""
     from dopsd.data.dataset import load_dataset
     from dopsd.trainer import Trainer
 
@@ -102,6 +109,28 @@ def _suite(job: Job, adapter: Any) -> Any:
     s = job.suite
     return build_suite(adapter, job.target, captions, s["n_train"], s["n_unseen"], s["n_unrelated"], s["many_steps"],
                        s["n_many"])
+
+
+def train(job: Job, adapter: Any, method: str, on_step: Any = None) -> list[dict[str, Any]]:
+    """Train `adapter` as `method` in the job's run folder (moving an earlier attempt's folder aside); returns
+    the step records. `on_step(trainer, record)`: the training loop's per-step callback."""
+    import dopsd.api
+    from dopsd.trainer import TrainingUnhealthy
+
+    records: list[dict[str, Any]] = []
+
+    def step(trainer: Any, record: dict[str, Any]) -> None:
+        records.append(record)
+        if on_step is not None:
+            on_step(trainer, record)
+
+    # What `dopsd train` prints per run stays out of the bench's log; the run folder's summary.json has it.
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            dopsd.api.train(trainer_config(job, METHODS[method]), adapter=adapter, callback=step, overwrite=True)
+        except TrainingUnhealthy:
+            pass  # a diverged run is a result too: the report shows its numbers
+    return records
 
 
 def _keep(imgs: dict[str, torch.Tensor], n: int = 8) -> dict[str, torch.Tensor]:
@@ -137,8 +166,7 @@ def run_job(job: Job) -> dict[str, Any]:
                 raise ValueError("bench: sft_adapter needs the de-distillation adapter (job.dedistill)")
             deltas = load_file(job.dedistill)
             add_deltas(adapter.network, deltas, +1.0)  # merged while training (ai-toolkit's recipe)
-        trainer = build_trainer(job, adapter, job.method)
-        net = trainer.network
+        net = adapter.network  # the trainer adds its LoRA to this network in place
         curve: dict[str, list[float]] = {"steps": []}
 
         def record(step: int) -> None:
@@ -148,21 +176,16 @@ def run_job(job: Job) -> dict[str, Any]:
             for k, v in point.items():
                 curve.setdefault(k, []).append(v)
 
-        record(0)
-        train_seconds, train_cpu, losses = 0.0, 0.0, []
-        while trainer.step < job.steps:
-            t0, c0 = time.perf_counter(), time.process_time()
-            rec = trainer.train_step()
-            train_seconds += time.perf_counter() - t0
-            train_cpu += time.process_time() - c0
-            losses.append(rec["loss"])
+        def on_step(trainer: Any, rec: dict[str, Any]) -> None:
             if trainer.step % job.curve_every == 0 or trainer.step == job.steps:
                 record(trainer.step)
+
+        record(0)
+        records = train(job, adapter, job.method, on_step)
         with without_deltas(net, deltas):
             final, imgs = suite.evaluate(net)
-        result.update(final=final, curve=curve, train_seconds=train_seconds, train_cpu_seconds=train_cpu,
-                      steps=trainer.step,
-                      losses=losses, skipped=sum(1 for r in trainer.history if r.get("skipped")))
+        result.update(final=final, curve=curve, train_seconds=sum(r["seconds"] for r in records), steps=len(records),
+                      losses=[r["loss"] for r in records], skipped=sum(1 for r in records if r["skipped"]))
     result["images"] = _keep(imgs) if job.keep_images else None
     result["captions"] = {k: ps.captions[:8] for k, ps in suite.sets.items()} if job.keep_images else None
     result["seconds"] = time.perf_counter() - started
@@ -183,13 +206,10 @@ def train_dedistill(job: Job, out_file: str) -> dict[str, Any]:
     torch.set_num_threads(job.threads)
     started, cpu_started = time.perf_counter(), time.process_time()
     adapter = make_adapter(job.model)
-    trainer = build_trainer(job, adapter, "sft")
-    while trainer.step < job.steps:
-        trainer.train_step()
-    cfg = trainer.cfg
-    deltas = lora_deltas(lora_state_dict(trainer.network), cfg.lora.alpha / cfg.lora.rank)
+    records = train(job, adapter, "sft")
+    cfg = trainer_config(job, METHODS["sft"])
+    deltas = lora_deltas(lora_state_dict(adapter.network), cfg.lora.alpha / cfg.lora.rank)
     Path(out_file).parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in deltas.items()}, out_file)
     return {"seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started,
-            "steps": trainer.step, "file": out_file,
-            "final_loss": trainer.history[-1]["loss"] if trainer.history else None}
+            "steps": len(records), "file": out_file, "final_loss": records[-1]["loss"] if records else None}

@@ -1,4 +1,4 @@
-"""The bench report: results.json (the issue's schema), curves (PNG), image grids, Markdown and HTML.
+"""The bench report: results.json (its schema: FIELD_DOCS), curves (PNG), image grids, Markdown and HTML.
 
 The report is built as a list of blocks (heading, paragraph, table, image) rendered twice: to Markdown with
 relative image links and to one self-contained HTML file with the PNGs inlined as base64.
@@ -15,7 +15,7 @@ from typing import Any, Iterable
 
 import torch
 
-# The methods the issue requires in every setting, and the per-method fields results.json must carry.
+# The methods every setting must report (the paper's comparison), and the per-method fields results.json must carry.
 REQUIRED_METHODS = ("base", "sft", "sft_adapter", "dopsd", "dopsd_base_teacher", "dopsd_live_teacher")
 REQUIRED_FIELDS = (
     "concept_fidelity",

@@ -35,7 +35,7 @@ class Setting:
     overrides: list[str]  # trainer overrides shared by every method (LoRA/full, lr, batch)
     steps: int
     curve_every: int
-    description: str = ""
+    description: str = ""  # what the setting trains and evaluates (the report's text)
     dopsd_overrides: list[str] = field(default_factory=list)  # extra trainer overrides of the D-OPSD methods only
 
     def runs(self, method: str) -> bool:
@@ -91,12 +91,24 @@ class BenchConfig:
         return cfg
 
 
+DESCRIPTIONS = {
+    "concept_lora": "Concept LoRA: a few pairs of a held-out colour (never named in any caption) bound to the "
+                    "placeholder word `sks`, on 2 shapes × 2 backgrounds; evaluated on the training prompts and on the "
+                    "12 unseen shape × background combinations; preservation on unrelated named-colour prompts.",
+    "domain_full": "Domain full fine-tune: many pairs of ordinary scenes under the held-out sepia tint, plain "
+                   "captions; evaluated on the training captions, on unseen captions (incl. captions without a "
+                   "background), and retention of the original content on unrelated prompts.",
+}
+
+
 def preset(name: str) -> BenchConfig:
     """The bench configurations. Learning rates and steps are the mini preset's; see the report for numbers."""
     if name == "tiny":
         settings = [
-            Setting("concept_lora", ["orange"], 4, ["lora.rank=2", "lora.alpha=2", "train.batch_size=2"], 4, 2),
-            Setting("domain_full", ["domain"], 8, ["lora.enabled=false", "optim.lr=1e-4", "train.batch_size=2"], 4, 2),
+            Setting("concept_lora", ["orange"], 4, ["lora.rank=2", "lora.alpha=2", "train.batch_size=2"], 4, 2,
+                    DESCRIPTIONS["concept_lora"]),
+            Setting("domain_full", ["domain"], 8, ["lora.enabled=false", "optim.lr=1e-4", "train.batch_size=2"], 4, 2,
+                    DESCRIPTIONS["domain_full"]),
         ]
         return BenchConfig("tiny", settings, ALL_METHODS, seeds=3, curve_n=4, n_train=4, n_unseen=4, n_unrelated=4,
                            many_steps=6, n_many=4, cost_repeats=2, cost_warmup=1, dedistill_pairs=8, dedistill_steps=2,
@@ -107,32 +119,22 @@ def preset(name: str) -> BenchConfig:
     dedistill = ["lora.rank=16", "lora.alpha=16", "optim.lr=5e-4", "train.batch_size=8"]
     if name == "quick":
         settings = [
-            Setting("concept_lora", ["orange"], 6, concept, 80, 20),
-            Setting("domain_full", ["domain"], 128, domain, 80, 20),
+            Setting("concept_lora", ["orange"], 6, concept, 80, 20, DESCRIPTIONS["concept_lora"]),
+            Setting("domain_full", ["domain"], 128, domain, 80, 20, DESCRIPTIONS["domain_full"]),
         ]
         return BenchConfig("quick", settings, ALL_METHODS, seeds=3, curve_n=32, n_train=32, n_unseen=48,
                            n_unrelated=48, many_steps=32, n_many=24, cost_repeats=5, cost_warmup=1, dedistill_pairs=256,
                            dedistill_steps=100, dedistill_overrides=dedistill, workers=2, ablation_seeds=1)
     if name == "full":
         settings = [
-            Setting("concept_lora", ["orange", "teal", "pink"], 6, concept, 200, 25),
-            Setting("domain_full", ["domain"], 256, domain, 200, 25),
+            Setting("concept_lora", ["orange", "teal", "pink"], 6, concept, 200, 25, DESCRIPTIONS["concept_lora"]),
+            Setting("domain_full", ["domain"], 256, domain, 200, 25, DESCRIPTIONS["domain_full"]),
         ]
         return BenchConfig("full", settings, ALL_METHODS, seeds=3, curve_n=32, n_train=64, n_unseen=96,
                            n_unrelated=128, many_steps=32, n_many=64, cost_repeats=9, cost_warmup=2,
                            dedistill_pairs=512,
                            dedistill_steps=300, dedistill_overrides=dedistill, workers=2)
     raise ValueError(f"bench: unknown preset {name!r}; choose tiny, quick or full")
-
-
-DESCRIPTIONS = {
-    "concept_lora": "Concept LoRA: a few pairs of a held-out colour (never named in any caption) bound to the "
-                    "placeholder word `sks`, on 2 shapes × 2 backgrounds; evaluated on the training prompts and on the "
-                    "12 unseen shape × background combinations; preservation on unrelated named-colour prompts.",
-    "domain_full": "Domain full fine-tune: many pairs of ordinary scenes under the held-out sepia tint, plain "
-                   "captions; evaluated on the training captions, on unseen captions (incl. captions without a "
-                   "background), and retention of the original content on unrelated prompts.",
-}
 
 
 def _data_folders(cfg: BenchConfig, out: Path) -> dict[str, str]:
@@ -370,7 +372,7 @@ def run_bench(cfg: BenchConfig, out: Path, log: Any = print, resume: bool = Fals
         log(f"cost measurement {s.name}: {time.perf_counter() - t0:.1f} s")
     meta = {"preset": cfg.name, "command": "dopsd bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else
             f"dopsd bench ({cfg.name})", "seconds_training_and_eval": train_seconds, "machine": machine_note(),
-            "workers": cfg.workers, "dedistill": dedistill, "config": dataclasses.asdict(cfg)}
+            "workers": cfg.workers, "dedistill": dedistill}
     meta["seconds"] = time.perf_counter() - started
     # CPU seconds ≈ what an idle machine needs (each job and the cost run use 1 thread): an honest estimate of
     # the wall time without other load, next to the measured one.

@@ -1,0 +1,155 @@
+"""What a training run shows of itself while it trains (main process only): the progress bar, TensorBoard, the
+loss trace, progress.json, and at each sampling interval the sample grids at the few-step setting and the
+many-step control with the few-step health (dopsd.health, also in health.jsonl). File names and formats are
+dopsd.rundir's.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from dopsd import rundir
+from dopsd.files import atomic_save_image
+from dopsd.images import grid_image
+from dopsd.sampler import generate, seed_noise
+
+if TYPE_CHECKING:
+    from dopsd.trainer import Trainer
+
+
+def make_health(trainer: Trainer) -> Any:
+    """The few-step health tracker (main process, not for editing models), or None when it is off. Built
+    while the encoders are loaded: it encodes its prompts once."""
+    cfg, m = trainer.cfg, trainer.m
+    if not (cfg.sample.health and trainer.main) or m.editing:
+        return None
+    try:
+        from dopsd.health import FewStepHealth
+    except ImportError:
+        return None
+    s = cfg.sample
+    prompts = s.health_prompts or cfg.method.prior_prompts[:4] or trainer.prompts[:4]
+    return FewStepHealth(trainer.adapter, prompts, height=m.height, width=m.width, seeds=tuple(s.seeds[:2]),
+                         steps=m.inference_steps, control_steps=s.control_steps, device=trainer.acc.device)
+
+
+PROGRESS_EVERY_S = 1.0  # progress.json is rewritten at most this often (and at every checkpoint and interval)
+
+
+class Monitor:
+    """Opened when the loop starts, closed when it ends. `latest`: the last `sample` result (grid paths and, when
+    measured, the few-step health), which the run's verdict and summary read."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+        self.latest: dict[str, Any] = {}
+        cfg, out, main = trainer.cfg, trainer.out, trainer.main
+        self.started, self.first_step, self.written = time.time(), trainer.step, 0.0
+        self.started_iso = rundir.iso_time(trainer.started)
+        self.writer = None
+        if main and cfg.log.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # A resumed run drops what a killed run logged after its checkpoint (those steps are trained again).
+            self.writer = SummaryWriter(str(out / rundir.LOGS), purge_step=trainer.step + 1 if trainer.step else None)
+        if main:  # the traces restart from the checkpoint (a killed run may have logged further)
+            rundir.restart_losses(out, trainer.history)
+            rundir.restart_health(out, trainer.step)
+            self.progress(rundir.STATUS_RUNNING)
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=cfg.train.max_steps, initial=trainer.step, disable=not (main and cfg.log.progress),
+                        desc=f"{cfg.method.name} {cfg.model.family}", unit="step", dynamic_ncols=True)
+
+    def step(self, record: dict[str, Any]) -> None:
+        """After each optimizer step: the loss trace, TensorBoard and the progress bar."""
+        t = self.trainer
+        if not t.main:
+            return
+        rundir.append_loss(t.out, record)
+        if self.writer is not None:
+            for k, v in record.items():
+                if k not in ("step", "skipped") and isinstance(v, float) and math.isfinite(v):
+                    self.writer.add_scalar(k if "/" in k else f"train/{k}", v, t.step)
+        health = (self.latest.get("health") or {}).get("health")  # few-step health at the last interval
+        self.bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.2g}",
+                             **({"health": f"{health:.3f}"} if isinstance(health, float) else {}))
+        self.bar.update(1)
+        if time.time() - self.written >= PROGRESS_EVERY_S:
+            self.progress(rundir.STATUS_RUNNING)
+
+    def checkpointed(self) -> None:
+        """What was logged up to a checkpoint survives a kill, like the checkpoint itself."""
+        if self.trainer.main:
+            rundir.sync_losses(self.trainer.out)
+            if self.writer is not None:
+                self.writer.flush()
+            self.progress(rundir.STATUS_RUNNING)
+
+    def progress(self, status: str) -> None:
+        """progress.json now; the ETA from this session's own pace (sampling and checkpoints included)."""
+        t = self.trainer
+        if not t.main:
+            return
+        now, done, total = time.time(), t.step - self.first_step, t.cfg.train.max_steps
+        eta = max(0.0, (total - t.step) * (now - self.started) / done) if done > 0 else None
+        rundir.write_progress(t.out, {"step": t.step, "max_steps": total, "status": status,
+                                      "started": self.started_iso, "updated": rundir.iso_time(now),
+                                      "eta_seconds": None if eta is None else round(eta, 1), "pid": os.getpid()})
+        self.written = now
+
+    def sample(self, tag: str) -> None:
+        """Sample grids (and health) of the network now, as `samples/{tag}_{K}steps.png` (main process only)."""
+        if not self.trainer.main:
+            return
+        # Sampling leaves the training RNG untouched, so a resumed run (which skips these samples) stays exact.
+        with torch.random.fork_rng(devices=None if torch.cuda.is_available() else []):
+            self.latest = self._sample(tag)
+        if self.trainer.step == self.first_step:  # the pace (for the ETA) counts from the first step on
+            self.started = time.time()
+        self.progress(rundir.STATUS_RUNNING)
+
+    def _sample(self, tag: str) -> dict[str, Any]:
+        t = self.trainer
+        s, m, adapter = t.cfg.sample, t.m, t.adapter
+        seeds = list(s.seeds)
+        contexts = [t.feats.load(key) for key in t.sample_keys for _ in seeds]
+        noise = seed_noise(adapter.latent_shape(m.height, m.width), seeds * len(t.prompts))
+        (t.out / rundir.SAMPLES).mkdir(exist_ok=True)
+        result: dict[str, Any] = {}
+        for steps in [m.inference_steps] + ([s.control_steps] if s.control_steps > 0 else []):
+            sched = adapter.inference_schedule(m.height, m.width, steps)
+            steps = len(sched) - 1  # None = the model's own count
+            with t.acc.autocast():
+                images = generate(adapter, t.network, contexts, noise, sched, device=t.acc.device,
+                                  dtype=t.latent_dtype)
+            grid = grid_image(images, len(t.prompts), len(seeds))
+            path = rundir.sample_grid(t.out, tag, steps)
+            atomic_save_image(path, grid)
+            result[f"grid_{steps}"] = str(path)
+            if self.writer is not None:
+                self.writer.add_image(f"samples/{steps}steps", np.asarray(grid), t.step, dataformats="HWC")
+        if t.health is not None:
+            measured = t.health.measure(t.network)
+            result["health"] = measured
+            t.last_health = {"step": t.step, "health": measured["health"], "broken": measured["broken"],
+                             "problem": measured["problem"]}
+            rundir.append_health(t.out, t.step, measured, t.health.threshold)
+            if self.writer is not None:
+                for k, v in t.health.scalars(measured).items():
+                    self.writer.add_scalar(k, v, t.step)
+            if measured.get("warning"):
+                warnings.warn(f"step {t.step}: {measured['warning']}")
+        return result
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
