@@ -14,7 +14,8 @@ from dopsd.cli import main as cli_main
 from dopsd.mini import world
 from dopsd.mini.adapter import load, tiny_random_adapter
 from dopsd.probe import Thresholds, _verdict, probe
-from dopsd.probe_scorers import MiniScorer, PixelScorer
+from dopsd.mini.scoring import MiniScorer
+from dopsd.probe_scorers import PixelScorer
 
 torch.set_num_threads(1)
 

@@ -13,7 +13,7 @@ from dopsd.models import zimage
 from dopsd.models.local import ModelFolderError
 from dopsd.sampler import sample_euler
 from dopsd.schedules import shifted_schedule, training_schedule
-from tiny_real import build_flux2, build_qwen3_vl, build_zimage, dopsd_lora_steps, images
+from tiny_real import build_flux2, build_qwen3_vl, build_zimage, dopsd_lora_steps, images, model_config
 
 torch.set_num_threads(1)
 SIZE = 32
@@ -29,7 +29,7 @@ def folders(tmp_path_factory):
 def config(folders, **kw):
     base = dict(pretrained=str(folders.model), teacher_encoder=str(folders.vlm), height=SIZE, width=SIZE,
                 max_caption_tokens=64)
-    return SimpleNamespace(**{**base, **kw})
+    return model_config("zimage", **{**base, **kw})
 
 
 @pytest.fixture(scope="module")

@@ -57,6 +57,14 @@ def lora_modules(network: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tens
     return out
 
 
+def lora_module_names(network: nn.Module) -> list[str]:
+    """Names of the modules that carry the LoRA adapter (wrapper prefixes stripped, as in `lora_modules`)."""
+    from peft.tuners.lora import LoraLayer
+
+    return [name.replace("_orig_mod.", "").removeprefix("module.") for name, module in network.named_modules()
+            if isinstance(module, LoraLayer) and ADAPTER in module.lora_A]
+
+
 def lora_state_dict(network: nn.Module) -> dict[str, torch.Tensor]:
     """peft-format LoRA weights (`<module>.lora_A.weight`, …), adapter name stripped."""
     return {k: v.detach().clone() for k, v in get_peft_model_state_dict(network, adapter_name=ADAPTER).items()}
