@@ -134,3 +134,14 @@ def test_import_dopsd_is_light_and_exposes_train():
     code = "import sys, dopsd; print('torch' in sys.modules, callable(dopsd.train), 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "True", "True"]  # torch loads only when dopsd.train is first used
+
+
+def test_the_families_token_and_layer_settings_are_declared():
+    """The settings the adapters read (and their error messages name) are typed config keys, checked like all."""
+    m = load_config("zimage-turbo", ["model.teacher_max_tokens=300", "model.teacher_image_tokens=64",
+                                     "model.text_encoder_out_layers=[9, 18]"]).model
+    assert (m.teacher_max_tokens, m.teacher_image_tokens, m.text_encoder_out_layers) == (300, 64, [9, 18])
+    d = load_config("flux2-klein-4b").model
+    assert (d.teacher_max_tokens, d.teacher_image_tokens, d.text_encoder_out_layers) == (1024, 256, None)
+    with pytest.raises(ConfigError, match="teacher_image_tokens"):
+        load_config("zimage-turbo", ["model.teacher_image_tokens=0"])

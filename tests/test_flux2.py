@@ -222,3 +222,32 @@ def test_eval_samples_training_prompts_as_edits_of_their_sources(folders, tmp_pa
     other = evaluate(cfg("other"), None, tmp_path / "eval_other", unseen=["a red cat"], seeds=[0], control_steps=0)
     assert other["base"]["dino_d_train"] != pytest.approx(report["base"]["dino_d_train"], abs=1e-6)
     assert other["base"]["dino_d_unseen_nearest"] == pytest.approx(report["base"]["dino_d_unseen_nearest"])
+
+
+def test_protocol_members(adapter):
+    """What callers read of the adapter is declared by the protocol and answered by FLUX.2 itself."""
+    from diffusers import Flux2KleinPipeline
+
+    from dopsd.models.base import ModelAdapter
+
+    assert isinstance(adapter, ModelAdapter) and adapter.name == "flux2" and adapter.kind is None
+    assert adapter.teacher_context_kinds == ("reference", "vlm") and adapter.teacher_context == "reference"
+    assert adapter.lora_layout is flux2.lora_layout() and adapter.pipeline_class is Flux2KleinPipeline
+    assert adapter.health_quality(CAPTIONS) is None and adapter.probe_scorer() is None
+    assert flux2.owns_network(adapter.network) and not flux2.owns_network(torch.nn.Linear(2, 2))
+    facts = flux2.base_facts(adapter.network)  # a tiny transformer: no published size
+    assert facts.architecture == "Flux.2" and "not a published size" in facts.variant
+
+
+def test_text_encoder_layers_are_a_declared_setting(folders):
+    """model.text_encoder_out_layers (typed in ModelConfig) picks the concatenated hidden layers."""
+    from dopsd.config import load_config
+
+    cfg = load_config("flux2-klein-4b", [f"model.pretrained={folders.model}", "model.text_encoder_out_layers=[1, 2]",
+                                         f"model.height={SIZE}", f"model.width={SIZE}", f"model.max_caption_tokens={TOKENS}"])
+    two = flux2.load(cfg.model)
+    three = flux2.load(config(folders))
+    width = lambda a: a.student_contexts(CAPTIONS[:1])[0]["prompt_embeds"].shape[-1]  # noqa: E731
+    assert two.layers == (1, 2) and width(two) * 3 == width(three) * 2
+    with pytest.raises(ModelFolderError, match="text_encoder_out_layers"):
+        flux2.load(config(folders, text_encoder_out_layers=[9, 99]))
