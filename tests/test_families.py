@@ -5,6 +5,7 @@ import of dopsd.mini, no family-name comparison, no getattr/hasattr on adapters)
 from __future__ import annotations
 
 import ast
+import importlib
 import re
 from pathlib import Path
 
@@ -26,11 +27,13 @@ LOOP_FILES = ("trainer.py", "api.py", "rundir.py", "checkpoint.py", "weights.py"
 
 def test_every_family_module_offers_the_protocol_functions():
     wanted = [n for n in vars(FamilyModule) if not n.startswith("_")]
-    assert {"load", "caption_problems", "plan_spec", "lora_layout", "owns_network", "base_facts"} <= set(wanted)
+    assert {"load", "caption_problems", "lora_layout", "owns_network", "base_facts"} <= set(wanted)
+    assert set(registry.PLAN_MODULES) == set(registry.FAMILIES)
     for family in registry.FAMILIES:
         module = registry.family_module(family)
         missing = [n for n in wanted if not callable(getattr(module, n, None))]
         assert not missing, (family, missing)
+        assert callable(importlib.import_module(registry.PLAN_MODULES[family]).plan_spec), family
     assert registry.interchange_families() == ("zimage", "flux2")  # the miniature's LoRAs stay dopsd's own
 
 

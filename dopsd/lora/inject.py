@@ -82,7 +82,3 @@ def load_lora_state_dict(network: nn.Module, state: dict[str, torch.Tensor]) -> 
     unexpected = getattr(result, "unexpected_keys", None) or []
     if unexpected:
         raise WeightsFileError(f"LoRA weights do not fit this model; unexpected keys such as {unexpected[:3]}")
-
-
-def has_lora(network: nn.Module) -> bool:
-    return any("lora_" in n for n, _ in network.named_parameters())

@@ -309,12 +309,6 @@ def tiny_random_adapter(seed: int = 0, teacher_context: str = "vlm") -> MiniAdap
 
 # --- the family's other module-level functions (dopsd.models.base.FamilyModule) --------------------------------
 
-def plan_spec(model_cfg: Any, hint: str | None = None):
-    from dopsd.mini.plan import plan_spec as spec
-
-    return spec(model_cfg, hint)
-
-
 def lora_layout() -> LoraLayout | None:
     return None
 

@@ -8,8 +8,9 @@ An adapter translates between the project's conventions and its model's own:
     and batched by `collate`; the objective never looks inside them.
 
 Each family module (dopsd.models.<family>, listed by name in `dopsd.models.registry.FAMILIES`) defines the
-module-level functions of `FamilyModule`, reached through the registry; they need no weights (the dataset check,
-`dopsd plan` and `dopsd export` call them before or without loading a model).
+module-level functions of `FamilyModule`, reached through the registry; they need no weights (the dataset check
+and `dopsd export` call them before or without loading a model). Its plan module (`registry.PLAN_MODULES`)
+defines `plan_spec` (`FamilyPlanModule`, below).
 """
 
 from __future__ import annotations
@@ -77,10 +78,6 @@ class FamilyModule(Protocol):
     def caption_problems(self, model_cfg: Any, captions: list[str]) -> list[CaptionProblem]:
         """What the family's text side cannot read or will change, found without loading weights (the dataset
         check calls it on every caption at once)."""
-        ...
-
-    def plan_spec(self, model_cfg: Any, hint: str | None = None) -> "PlanSpec":
-        """The family's full-size networks and calls for `dopsd plan`, no weights (see PlanSpec below)."""
         ...
 
     def lora_layout(self) -> LoraLayout | None:
@@ -179,7 +176,7 @@ class ModelAdapter(Protocol):
 
 
 # --- planning: what `dopsd plan` needs to know about a family, before anything is downloaded ---------------
-# Each family module exposes `plan_spec(model_cfg, hint=None) -> PlanSpec` (through
+# Each family's plan module exposes `plan_spec(model_cfg, hint=None) -> PlanSpec` (FamilyPlanModule; through
 # `dopsd.models.registry.plan_spec`). The planner builds the parts on the meta device from the spec, runs them on
 # fake tensors and never looks at the family; everything family-specific (configs, inputs at a resolution,
 # token counts, the encoders the feature cache runs and what is loaded meanwhile) lives behind this interface.
@@ -237,3 +234,12 @@ class PlanSpec:
     denoiser: str = "transformer"
     sources: dict[str, str] = field(default_factory=dict)  # part -> where its configuration came from
     notes: list[str] = field(default_factory=list)
+
+
+class FamilyPlanModule(Protocol):
+    """What each family's plan module (dopsd.models.registry.PLAN_MODULES) defines."""
+
+    def plan_spec(self, model_cfg: Any, hint: str | None = None) -> PlanSpec:
+        """The family's full-size networks and calls as the trainer would run them for `model_cfg`, no weights.
+        hint: free text that may name a variant when no local folder says which (e.g. a preset name)."""
+        ...

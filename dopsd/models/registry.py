@@ -2,7 +2,7 @@
 dopsd/models and dopsd/mini imports a family, and the miniature's package is only imported when used).
 
 `load_adapter` imports `dopsd.models.<family>` and calls its `load`; the other functions here reach the family
-module functions that need no weights (dopsd.models.base.FamilyModule).
+module functions that need no weights (dopsd.models.base.FamilyModule) and its plan module's `plan_spec`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,9 @@ import torch
 from torch import nn
 
 FAMILIES = {"mini": "dopsd.mini.adapter", "zimage": "dopsd.models.zimage", "flux2": "dopsd.models.flux2"}
+# Each family's `dopsd plan` module (dopsd.models.base.FamilyPlanModule): apart from the family module, which it
+# builds on, so that neither imports the other back.
+PLAN_MODULES = {"mini": "dopsd.mini.plan", "zimage": "dopsd.models.zimage_plan", "flux2": "dopsd.models.flux2_plan"}
 # The built-in model: what a LoRA file or network belongs to when nothing in it names a family (dopsd's own peft
 # files from runs that did not record one).
 DEFAULT_FAMILY = "mini"
@@ -61,7 +64,8 @@ def plan_spec(model_cfg: Any, hint: str | None = None) -> Any:
     hint: free text that may name a variant when no local folder says which (e.g. the preset name
     'flux2-klein-9b'); each family decides what it reads from it.
     """
-    return family_module(model_cfg.family).plan_spec(model_cfg, hint)
+    family_module(model_cfg.family)  # an unknown or unavailable family is named here
+    return importlib.import_module(PLAN_MODULES[model_cfg.family]).plan_spec(model_cfg, hint)
 
 
 # --- LoRA files: what dopsd.lora and dopsd.export need to know of a family, no weights ---------------------------

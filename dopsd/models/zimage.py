@@ -231,12 +231,6 @@ def caption_problems(cfg: Any, captions: list[str]) -> list[CaptionProblem]:
     return found + [CaptionProblem(None, hint, notice=True)] if found else []
 
 
-def plan_spec(cfg: Any, hint: str | None = None):
-    from dopsd.models.zimage_plan import plan_spec as spec
-
-    return spec(cfg, hint)
-
-
 def lora_layout() -> LoraLayout:
     return LORA_LAYOUT
 
