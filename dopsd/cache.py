@@ -38,35 +38,13 @@ def model_fingerprint(config: Config, adapter: Any) -> str:
     if pretrained and Path(pretrained).expanduser().exists():
         pretrained = str(Path(pretrained).expanduser().resolve())
     parts = {
-        "adapter": getattr(adapter, "name", type(adapter).__name__),
+        "adapter": adapter.name,
         "family": m.family, "pretrained": pretrained, "teacher_context": m.teacher_context,
         "teacher_encoder": m.teacher_encoder, "teacher_instruction": m.teacher_instruction,
         "max_caption_tokens": m.max_caption_tokens, "editing": m.editing, "dtype": m.dtype,
-        "extra": adapter_identity(adapter),
+        "extra": str(adapter.cache_fingerprint()),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-
-
-HASH_LIMIT = 50_000_000  # elements: small models are identified by their weights, large ones by config + adapter
-
-
-def adapter_identity(adapter: Any) -> str | None:
-    """What the config does not say about the adapter: its own `cache_fingerprint()` if it has one, else a
-    hash of its settings and (for small models, e.g. the miniature or a random test model) its weights."""
-    if hasattr(adapter, "cache_fingerprint"):
-        return str(adapter.cache_fingerprint())
-    h, count = hashlib.sha256(), 0
-    for name, value in sorted(vars(adapter).items()):
-        if isinstance(value, (str, int, float, bool)) or value is None:
-            h.update(f"{name}={value!r};".encode())
-        elif isinstance(value, torch.nn.Module):
-            for key, t in value.state_dict().items():
-                count += t.numel()
-                if count > HASH_LIMIT:
-                    return None
-                h.update(key.encode())
-                h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 class FeatureCache:

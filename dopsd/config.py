@@ -28,7 +28,6 @@ import yaml
 
 from dopsd.config_types import ConfigError, NonFiniteError, load_yaml
 from dopsd.config_types import coerce as _coerce
-from dopsd.config_types import type_name as _type_name
 
 
 SEED_LIMIT = 2**32  # numpy's legacy seeding (accelerate.set_seed) takes seeds below 2^32
@@ -61,7 +60,17 @@ class ModelConfig:
     )
     teacher_encoder: str | None = opt(None, "Local folder of the teacher's multimodal encoder (Z-Image: a Qwen3-VL model).")
     teacher_instruction: str | None = opt(
-        None, "Text appended to the teacher caption (reference teacher), e.g. asking for consistency with the reference."
+        None, "Text appended to the teacher caption (reference teacher), e.g. asking for consistency with the "
+        "reference; null = the model's own (FLUX.2: consistency with the reference image; editing: that the last "
+        "reference is the expected output)."
+    )
+    teacher_max_tokens: int = opt(
+        1024, "VLM teacher (teacher_context=vlm): most tokens of its context, image tokens + caption (Z-Image: at "
+        "most the caption limit of its RoPE table).", ge=1,
+    )
+    teacher_image_tokens: int = opt(
+        256, "VLM teacher: most tokens the target image may take in its context (the image is downscaled to fit).",
+        ge=1,
     )
     height: int = opt(24, "Training/sampling height in pixels (the bucket area for aspect-ratio buckets).", ge=1)
     width: int = opt(24, "Training/sampling width in pixels.", ge=1)
@@ -77,6 +86,10 @@ class ModelConfig:
         1, "Training roll-out = every n-th σ of the inference schedule (Z-Image-Turbo: 2 → 4 steps).", ge=1
     )
     max_caption_tokens: int = opt(512, "Maximum caption tokens for the student text encoder.", ge=1)
+    text_encoder_out_layers: list[int] | None = opt(
+        None, "FLUX.2: the text encoder's hidden layers concatenated as caption features; null = the model's own "
+        "(9, 18, 27).", ge=0,
+    )
     editing: bool = opt(False, "Editing LoRA: the student sees source image(s) + instruction (needs data.source_dir).")
     dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "Weight dtype of the frozen model.")
 
@@ -209,7 +222,6 @@ class Config:
 SECTIONS = [f.name for f in dataclasses.fields(Config) if f.name != "preset"]
 
 # --- presets: only what differs from the defaults above -------------------------------------------
-KLEIN_INSTRUCTION = "Make the main subject, background and overall composition consistent with the reference image."
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "mini": (
         "Built-in miniature turbo (24×24, 4 steps, CPU).",
@@ -237,8 +249,8 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "flux2-klein-4b": (
         "FLUX.2-klein 4B LoRA: reference-image teacher, klein's 4-step dynamic-shift schedule.",
         {
-            "model": {"family": "flux2", "teacher_context": "reference", "teacher_instruction": KLEIN_INSTRUCTION,
-                      "height": 1024, "width": 1024, "inference_steps": 4, "dtype": "bfloat16"},
+            "model": {"family": "flux2", "teacher_context": "reference", "height": 1024, "width": 1024,
+                      "inference_steps": 4, "dtype": "bfloat16"},
             "data": {"buckets": True, "bucket_multiple": 64},
             "lora": {"rank": 64, "alpha": 128.0},
             "optim": {"lr": 2e-5},

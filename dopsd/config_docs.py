@@ -10,7 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from dopsd.config import PRESETS, SECTIONS, Config, _flatten, _hints, _type_name
+from dopsd.config import PRESETS, SECTIONS, Config, _flatten, _hints
+from dopsd.config_types import type_name as _type_name
 from dopsd.config_validate import range_text
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"

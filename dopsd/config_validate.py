@@ -12,7 +12,9 @@ import dataclasses
 import difflib
 from typing import Any
 
-from dopsd.config import SECTIONS, Config, ConfigError
+from dopsd.config_types import ConfigError
+
+Config = Any  # a dopsd.config.Config (not imported: dopsd.config calls this module)
 
 
 def _number_text(x: float) -> str:
@@ -40,7 +42,8 @@ def _inside(x: float, bounds: dict[str, float]) -> bool:
 
 def check_bounds(config: Config) -> None:
     """Every option with declared bounds (each list element; null values are not checked)."""
-    for section in SECTIONS:
+    sections = [f.name for f in dataclasses.fields(config) if dataclasses.is_dataclass(getattr(config, f.name))]
+    for section in sections:
         obj = getattr(config, section)
         for f in dataclasses.fields(obj):
             bounds = f.metadata.get("bounds")

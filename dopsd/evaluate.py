@@ -21,26 +21,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
 from dopsd.features import TextImageScorer, cosine_distance, load_image_features
 from dopsd.files import atomic_save_image, atomic_write_json
-from dopsd.images import to_pil
+from dopsd.images import grid_image, to_pil, to_tensor
 
 REPORT_FILES = r"eval\.json|targets\.png|sources\.png|(base|lora)_\d+steps\.png"  # what evaluate() writes
-DEFAULT_UNSEEN = ["a photo of {} on a beach", "{} in a snowy forest", "a watercolor painting of {}",
-                  "{} on a city street at night"]
 
 
 def _mean(x: torch.Tensor) -> float:
     return float(x.float().mean()) if x.numel() else float("nan")
-
-
-def _to_tensor(images: list[Image.Image], height: int, width: int) -> torch.Tensor:
-    arrs = [np.array(im.convert("RGB").resize((width, height), Image.Resampling.BICUBIC)) for im in images]
-    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def measure(
@@ -87,9 +79,8 @@ def evaluate(
     device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
     from dopsd.data.dataset import load_dataset, load_example_images
-    from dopsd.models.registry import load_adapter, torch_dtype
     from dopsd.lora.trained import apply_trained
-    from dopsd.images import grid_image
+    from dopsd.models.registry import load_adapter, torch_dtype
     from dopsd.sampler import generate, seed_noise
 
     m = config.model
@@ -100,14 +91,14 @@ def evaluate(
     targets = [target for target, _ in loaded]
     sources = [srcs for _, srcs in loaded] if m.editing else None  # edits are sampled from their own sources
     train_prompts = [ex.captions[0] for ex in examples]
-    if unseen is None:
-        word = config.data.trigger_word
-        unseen = [u.format(word) for u in DEFAULT_UNSEEN] if word else []
-    prompts = train_prompts + list(unseen)
     features = load_image_features(feature_model, device)
     scorer = TextImageScorer(clip_model, device) if clip_model else None
 
     adapter = load_adapter(m, device, torch_dtype(m.dtype))
+    if unseen is None:  # the model's own: prompts it can read (the miniature has a fixed vocabulary)
+        word = config.data.trigger_word
+        unseen = adapter.unseen_prompts(word) if word else []
+    prompts = train_prompts + list(unseen)
     contexts = adapter.student_contexts(train_prompts, sources) + (adapter.student_contexts(list(unseen), None)
                                                                      if unseen else [])
     adapter.release_encoders()
@@ -119,10 +110,10 @@ def evaluate(
     many_sched = adapter.inference_schedule(m.height, m.width, control_steps) if control_steps else None
     # Grids are written with eval.json at the end: a LoRA that does not fit, or an interrupted run, leaves no
     # half report behind.
-    grids = {"targets.png": grid_image(_to_tensor(targets, m.height, m.width), 1, len(targets))}
+    grids = {"targets.png": grid_image(to_tensor(targets, (m.height, m.width)), 1, len(targets))}
     first_sources = [srcs[0] for srcs in sources] if sources else None
     if first_sources:
-        grids["sources.png"] = grid_image(_to_tensor(first_sources, m.height, m.width), 1, len(targets))
+        grids["sources.png"] = grid_image(to_tensor(first_sources, (m.height, m.width)), 1, len(targets))
 
     report: dict[str, Any] = {
         "weights": str(weights) if weights else None, "family": m.family, "steps": few_steps,

@@ -5,7 +5,8 @@ into lora_B, FLUX.2 in the original BFL module names), so either file loads in e
   * comfyui: one `.safetensors` file to put in ComfyUI's `models/loras`;
   * diffusers: a folder with `pytorch_lora_weights.safetensors`, for `pipe.load_lora_weights(folder)`.
 Tensors are bf16 by default (`--dtype fp16|fp32` otherwise); the metadata names the base model, its variant, the
-method, steps, rank, alpha and trigger word (dopsd.lora.meta). The miniature has no such format and is refused.
+method, steps, rank, alpha and trigger word (dopsd.lora.meta). Families without an interchange layout (the
+miniature, which no other tool has) are refused.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from pathlib import Path
 
 from torch import nn
 
-from dopsd.lora.files import DEFAULT_DTYPE, DIFFUSERS_NAME, DTYPES, RUN_LORA, network_family, read_lora, write_interchange
-from dopsd.lora.layout import LAYOUTS, LoraFileError
+from dopsd.lora.files import DEFAULT_DTYPE, DIFFUSERS_NAME, DTYPES, RUN_LORA, read_lora, write_interchange
+from dopsd.lora.layout import LoraFileError, has_interchange
 from dopsd.lora.meta import LoraFacts, run_facts
+from dopsd.models import registry
 
 WEIGHTS_NAME = DIFFUSERS_NAME
-FAMILIES = tuple(LAYOUTS)  # the families other tools have a model for (never the miniature)
+FAMILIES = registry.interchange_families()  # the families other tools have a model for
 FORMATS = ("comfyui", "diffusers")
 
 
@@ -36,9 +38,10 @@ def save_diffusers(network: nn.Module, out_dir: str | Path, adapter: str = "defa
 
     if adapter != ADAPTER:
         raise ExportError(f"dopsd trains one LoRA adapter named {ADAPTER!r}, not {adapter!r}")
-    family = network_family(network)
-    if family is None:
-        raise ExportError(f"{type(network).__name__} is not a Z-Image or FLUX.2 transformer: no diffusers format")
+    family = registry.family_of_network(network)
+    if family is None or not has_interchange(family):
+        raise ExportError(f"{type(network).__name__} is not the denoiser of a model other tools load "
+                          f"({', '.join(FAMILIES)}): no diffusers format")
     config = getattr(network, "peft_config", {}).get(adapter)
     if config is None:
         raise ExportError("the network has no LoRA adapter to export (was it trained with LoRA?)")
@@ -67,10 +70,11 @@ def export(path: str | Path, out: str | Path, fmt: str = "comfyui", family: str 
     if dtype not in DTYPES:
         raise ExportError(f"unknown --dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     src = read_lora(path, alpha=alpha)
-    if src.family not in LAYOUTS:
-        raise ExportError(f"{src.path} is a dopsd miniature LoRA: it loads only in dopsd (`dopsd sample`, "
-                          "`dopsd eval`); diffusers and ComfyUI have no miniature model, so there is nothing to "
-                          "export. Export runs of zimage or flux2 models.")
+    if not has_interchange(src.family):
+        base = src.facts.variant or src.family
+        raise ExportError(f"{src.path} is a {base} LoRA: it loads only in dopsd (`dopsd sample`, `dopsd eval`); "
+                          f"diffusers and ComfyUI have no such model, so there is nothing to export. Export runs of "
+                          f"{' or '.join(FAMILIES)} models.")
     if family is not None and family != src.family:
         raise ExportError(f"{src.path} is a {src.family} LoRA (its module names say so); --model {family} does not "
                           f"fit it. Leave out --model or pass --model {src.family}.")

@@ -21,7 +21,8 @@ few fixed prompts and noises, for any model family, against the starting model:
     scores 0.9. Using the current network's own control (not the starting model's) keeps intended concept
     changes on the fixed prompts out of the signal.
   * quality (optional) – a decoder-based quality, now / at start: `quality_fn(images, prompts)`; by default
-    ("auto") the miniature model's `dopsd.mini.metrics.fewstep_quality` when every prompt can be decoded.
+    ("auto") the model family's own (`adapter.health_quality(prompts)`: the miniature decodes its renders, the
+    real families have none).
 
 `health` is the minimum of sharpness, gap and quality; `warning` is set when it falls below `threshold` (the
 model is losing few-step quality). `broken` is set when the samples are not finite or any score (structure
@@ -41,10 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dopsd.models.base import ModelAdapter
-from dopsd.sampler import sample_euler
-
-QualityFn = Callable[[torch.Tensor, list[str]], float]
+from dopsd.models.base import ModelAdapter, QualityFn
+from dopsd.sampler import generate
 
 # What a low score of each kind means (for warnings); sharpness depends on the direction it moved.
 MEANING: dict[str, Callable[[float], str]] = {
@@ -85,37 +84,6 @@ def relative_gap(few: torch.Tensor, many: torch.Tensor) -> torch.Tensor:
     return diff / many.float().flatten(1).norm(dim=1).clamp_min(1e-6)
 
 
-def move_to(value: Any, device: torch.device) -> Any:
-    """Tensors in a (nested) collated context onto `device`; dtypes are the adapter's business."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {k: move_to(v, device) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(move_to(v, device) for v in value)
-    return value
-
-
-def _auto_quality(adapter: ModelAdapter, prompts: Sequence[str]) -> QualityFn | None:
-    """The miniature model's decoder-based few-step quality when every prompt can be decoded, else None."""
-    if getattr(adapter, "name", None) != "mini":
-        return None
-    from dopsd.mini import metrics
-
-    try:
-        for p in prompts:
-            metrics.parse_caption(p)
-    except ValueError:  # e.g. a caption without a shape word: no reference render to compare with
-        return None
-    return metrics.fewstep_quality
-
-
-def _network_device(network: nn.Module) -> torch.device:
-    for p in network.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 class FewStepHealth:
     """Few-step quality of the network being trained, relative to the starting model (see module doc)."""
 
@@ -148,13 +116,13 @@ class FewStepHealth:
             raise ValueError(f"broken_below must lie in (0, threshold], got {broken_below}")
         self.threshold = float(threshold)
         self.broken_below = float(broken_below)
-        self.quality_fn = _auto_quality(adapter, prompts) if quality_fn == "auto" else quality_fn
+        self.quality_fn = adapter.health_quality(list(prompts)) if quality_fn == "auto" else quality_fn
         self.device = None if device is None else torch.device(device)
         self.dtype = dtype
         # One sample per (prompt, seed); prompts repeat seed-major so a grid row is one seed.
         self.prompts = [p for _ in seeds for p in prompts]
         # Encoded now, once: the trainer may free the encoders later.
-        self.context = adapter.collate(adapter.student_contexts(list(self.prompts)))
+        self.contexts = adapter.student_contexts(list(self.prompts))
         shape = tuple(adapter.latent_shape(height, width))
         self.noise = torch.cat(
             [torch.randn((len(prompts), *shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds]
@@ -168,26 +136,14 @@ class FewStepHealth:
 
     # --- sampling -----------------------------------------------------------------------------------
     def _sample(self, network: nn.Module) -> dict[str, torch.Tensor]:
-        device = self.device or _network_device(network)
-        context = move_to(self.context, device)
-        # Latents in float32 unless told otherwise, as dopsd.commands.sample.generate (adapters cast inside).
-        noise = self.noise.to(device=device, dtype=self.dtype or torch.float32)
-
-        def velocity(x: torch.Tensor, sigma: torch.Tensor, ctx: Any) -> torch.Tensor:
-            return self.adapter.velocity(network, x, sigma, ctx)
-
-        was_training = network.training
-        network.eval()
-        try:
-            with torch.no_grad():
-                out = {"few": self.adapter.decode(sample_euler(velocity, noise, self.schedule.to(device), context))}
-                if self.control is not None:
-                    many = sample_euler(velocity, noise, self.control.to(device), context)
-                    out["many"] = self.adapter.decode(many)
-        finally:
-            network.train(was_training)
+        # One batch, latents float32 unless told otherwise (as the trainer's grids; adapters cast inside).
+        sample = lambda schedule: generate(self.adapter, network, self.contexts, self.noise, schedule,  # noqa: E731
+                                           batch_size=len(self.contexts), device=self.device, dtype=self.dtype)
+        out = {"few": sample(self.schedule)}
+        if self.control is not None:
+            out["many"] = sample(self.control)
         self.finite = all(bool(torch.isfinite(v).all()) for v in out.values())
-        return {k: torch.nan_to_num(v.float().cpu(), nan=0.0).clamp(-1, 1) for k, v in out.items()}
+        return {k: torch.nan_to_num(v, nan=0.0).clamp(-1, 1) for k, v in out.items()}
 
     def _raw(self, network: nn.Module) -> dict[str, float]:
         images = self._sample(network)
@@ -253,4 +209,4 @@ class FewStepHealth:
         return {f"{prefix}{k}": float(v) for k, v in result.items() if isinstance(v, (int, float)) and v is not None}
 
 
-__all__ = ["FewStepHealth", "sharpness", "structure", "relative_gap", "move_to"]
+__all__ = ["FewStepHealth", "sharpness", "structure", "relative_gap"]

@@ -6,24 +6,9 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
-
-def grid_image(images: torch.Tensor, rows: int, cols: int, pad: int = 2) -> Image.Image:
-    """A rows×cols grid of images (B, 3, H, W) in [-1, 1], row-major."""
-    if len(images) != rows * cols:
-        raise ValueError(f"grid of {rows}×{cols} needs {rows * cols} images, got {len(images)}")
-    arr = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-    h, w = arr.shape[1:3]
-    canvas = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, dtype=np.uint8)
-    for i, img in enumerate(arr):
-        r, c = divmod(i, cols)
-        canvas[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = img
-    grid = Image.fromarray(canvas)
-    if max(h, w) < 128:  # tiny models: upscale so the grid is viewable
-        scale = max(1, 128 // max(h, w))
-        grid = grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
-    return grid
+VIEWABLE = 128  # pixels: grids of smaller images are magnified to at least this cell size
 
 
 def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
@@ -33,7 +18,7 @@ def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
 
 
 def to_tensor(images: Sequence[Image.Image], size: tuple[int, int] | None = None) -> torch.Tensor:
-    """PIL images → (B, 3, H, W) in [-1, 1]; resized to size=(h, w) when given."""
+    """PIL images → (B, 3, H, W) in [-1, 1]; resized (bicubic) to size=(h, w) when given."""
     out = []
     for img in images:
         img = img.convert("RGB")
@@ -41,3 +26,47 @@ def to_tensor(images: Sequence[Image.Image], size: tuple[int, int] | None = None
             img = img.resize((size[1], size[0]), Image.BICUBIC)
         out.append(torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0)
     return torch.stack(out)
+
+
+def magnify(image: Image.Image, side: int = VIEWABLE, cell: int | None = None) -> Image.Image:
+    """Pixel-exact (nearest) integer enlargement of a small image or grid so it can be seen: by side // `cell`
+    (the size of one image in it; default its own longer side); unchanged when that is already ≥ `side`."""
+    cell = cell or max(image.size)
+    if cell >= side:
+        return image
+    scale = max(1, side // cell)
+    return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+
+
+def grid_image(images: torch.Tensor, rows: int, cols: int, pad: int = 2) -> Image.Image:
+    """A rows×cols grid of images (B, 3, H, W) in [-1, 1], row-major, magnified when the images are tiny."""
+    if len(images) != rows * cols:
+        raise ValueError(f"grid of {rows}×{cols} needs {rows * cols} images, got {len(images)}")
+    arr = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    h, w = arr.shape[1:3]
+    canvas = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    for i, img in enumerate(arr):
+        r, c = divmod(i, cols)
+        canvas[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = img
+    return magnify(Image.fromarray(canvas), cell=max(h, w))
+
+
+def labelled_grid(rows: Sequence[Sequence[Image.Image]], columns: Sequence[str] = (), labels: Sequence[str] = (),
+                  cell: int = 96, pad: int = 2, label_width: int = 90) -> Image.Image:
+    """A grid of PIL images (one list per row, each image scaled to cell×cell: nearest when enlarged), with
+    column titles above and row labels on the left (either may be empty)."""
+    head = 14 if columns else 0
+    left = label_width if labels else 0
+    ncol = max((len(r) for r in rows), default=len(columns))
+    grid = Image.new("RGB", (left + ncol * (cell + pad), head + len(rows) * (cell + pad)), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, title in enumerate(columns):
+        draw.text((left + c * (cell + pad) + 2, 1), title, fill="black")
+    for r, row in enumerate(rows):
+        y = head + r * (cell + pad)
+        if r < len(labels):
+            draw.text((2, y + cell // 2 - 5), labels[r], fill="black")
+        for c, img in enumerate(row):
+            scale = Image.NEAREST if max(img.size) < cell else Image.BICUBIC
+            grid.paste(img.convert("RGB").resize((cell, cell), scale), (left + c * (cell + pad), y))
+    return grid

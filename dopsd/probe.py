@@ -13,7 +13,7 @@ Verdicts (thresholds configurable, defaults in `Thresholds`):
     carries – relative gain ≥ 0.25 and win rate ≥ 0.5: the teacher renders what the image shows;
     fails   – relative gain < 0.10: the context adds (almost) nothing; D-OPSD would learn nothing or noise;
     weak    – in between.
-The distance comes from a `Scorer` (see `dopsd.probe_scorers`): the miniature model's attribute decoders, an
+The distance comes from a `Scorer` (see `dopsd.probe_scorers`): the model family's own (the miniature's attribute decoders), an
 image-feature model from a local folder (cosine distance), or a downsampled pixel distance as the fallback.
 """
 
@@ -24,14 +24,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from dopsd.files import atomic_save_image
-from dopsd.health import move_to
+from dopsd.images import labelled_grid, to_pil
 from dopsd.models.base import ModelAdapter
-from dopsd.images import to_pil
 from dopsd.probe_scorers import PixelScorer, Scorer
-from dopsd.sampler import sample_euler
+from dopsd.sampler import generate, seed_noise
 
 Pair = tuple[Image.Image, str]
 
@@ -73,8 +72,9 @@ class ProbeReport:
     thresholds: Thresholds
     pairs: list[PairResult]
     images: list[tuple[Image.Image, Image.Image, Image.Image]] = field(default_factory=list, repr=False)
-    family: str | None = None  # adapter.name, for family-aware recommendations
+    family: str | None = None  # adapter.name
     teacher_context: str | None = None
+    teacher_context_kinds: tuple[str, ...] = ("vlm", "reference")  # what the model offers, for recommendations
 
     def counts(self) -> dict[str, int]:
         return {v: sum(p.verdict == v for p in self.pairs) for v in ("carries", "weak", "fails")}
@@ -129,18 +129,6 @@ def _verdict(rel_gain: float, win_rate: float, t: Thresholds) -> str:
     if rel_gain < t.weak:
         return "fails"
     return "weak"
-
-
-def _sample(adapter: ModelAdapter, contexts: list, noise: torch.Tensor, schedule: torch.Tensor) -> torch.Tensor:
-    p = next(iter(adapter.network.parameters()), None)
-    device = p.device if p is not None else torch.device("cpu")
-    context = move_to(adapter.collate(contexts), device)
-
-    def velocity(x: torch.Tensor, sigma: torch.Tensor, ctx: Any) -> torch.Tensor:
-        return adapter.velocity(adapter.network, x, sigma, ctx)
-
-    x = sample_euler(velocity, noise.to(device=device, dtype=torch.float32), schedule.to(device), context)  # as generate()
-    return adapter.decode(x).float().cpu().clamp(-1, 1)
 
 
 def probe(
@@ -198,15 +186,15 @@ def probe(
                     schedule = adapter.inference_schedule(h, w, steps)
                     n_steps = len(schedule) - 1
                     shape = tuple(adapter.latent_shape(h, w))
-                    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for _, s in group])
+                    noise = seed_noise(shape, [s for _, s in group])
                     caps = [pairs[i][1] for i, _ in group]
                     imgs = [pairs[i][0].convert("RGB") for i, _ in group]
                     src = [list(sources[i]) for i, _ in group] if sources is not None else None
                     targets = [img.resize((w, h), Image.BICUBIC) if img.size != (w, h) else img for img in imgs]
-                    out = {
-                        "student": _sample(adapter, adapter.student_contexts(caps, src), noise, schedule),
-                        "teacher": _sample(adapter, adapter.teacher_contexts(caps, imgs, src), noise, schedule),
-                    }
+                    contexts = {"student": adapter.student_contexts(caps, src),
+                                "teacher": adapter.teacher_contexts(caps, imgs, src)}
+                    out = {role: generate(adapter, adapter.network, ctx, noise, schedule, batch_size=len(group))
+                           for role, ctx in contexts.items()}
                     for role, samples in out.items():
                         d = scorer.distance(samples, targets)
                         hit = scorer.hits(samples, targets) if hasattr(scorer, "hits") else None
@@ -232,33 +220,18 @@ def probe(
             res.teacher_hit = float(hits["teacher"][i].mean())
         results.append(res)
     images = [(pairs[i][0].convert("RGB"), first[("student", i)], first[("teacher", i)]) for i in range(len(pairs))]
-    family = getattr(adapter, "name", None)
-    teacher_context = getattr(adapter, "teacher_context", None) or getattr(adapter, "teacher_mode", None)
     metric = getattr(scorer, "name", type(scorer).__name__)
-    return ProbeReport(metric, n_steps, seeds, thresholds, results, images, family, teacher_context)
+    return ProbeReport(metric, n_steps, seeds, thresholds, results, images, adapter.name, adapter.teacher_context,
+                       tuple(adapter.teacher_context_kinds))
 
 
 def save_grid(rows: list[tuple[Image.Image, ...]], labels: list[str], path: str | Path, cell: int = 96) -> Path:
     """A PNG with one row per pair: target | student sample | teacher sample (seed 0), with a header."""
-    path = Path(path)
-    head, label_w = 14, 90
     ncol = max((len(r) for r in rows), default=3)
-    grid = Image.new("RGB", (label_w + ncol * (cell + 2), head + len(rows) * (cell + 2)), "white")
-    draw = ImageDraw.Draw(grid)
-    for c, title in enumerate(["target", "student (caption)", "teacher (+image)"][:ncol]):
-        draw.text((label_w + c * (cell + 2) + 2, 1), title, fill="black")
-    for r, (row, label) in enumerate(zip(rows, labels)):
-        y = head + r * (cell + 2)
-        draw.text((2, y + cell // 2 - 5), label, fill="black")
-        for c, img in enumerate(row):
-            scale = Image.NEAREST if max(img.size) < cell else Image.BICUBIC
-            grid.paste(img.convert("RGB").resize((cell, cell), scale), (label_w + c * (cell + 2), y))
-    atomic_save_image(path, grid)
+    columns = ["target", "student (caption)", "teacher (+image)"][:ncol]
+    path = Path(path)
+    atomic_save_image(path, labelled_grid(rows, columns, labels, cell))
     return path
-
-
-# Teacher contexts each family offers through model.teacher_context, the default first.
-TEACHER_CONTEXTS = {"mini": ("vlm", "reference"), "flux2": ("reference", "vlm"), "zimage": ("vlm",)}
 
 
 def _recommendations(report: ProbeReport) -> list[str]:
@@ -267,7 +240,7 @@ def _recommendations(report: ProbeReport) -> list[str]:
         return ["every pair carries: the teacher renders what the images show; D-OPSD can learn them."]
     ids = lambda ps: ", ".join(f"#{p.index} {p.name}" for p in ps)  # noqa: E731
     current = report.teacher_context
-    others = [c for c in TEACHER_CONTEXTS.get(report.family or "", ("vlm", "reference")) if c != current]
+    others = [c for c in report.teacher_context_kinds if c != current]
     if others:
         ctx = f"try model.teacher_context={others[0]} instead of {current or 'the current one'}"
         ctx += " (the target as reference-image tokens: keeps identity better)" if others[0] == "reference" else ""

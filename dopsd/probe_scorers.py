@@ -1,4 +1,5 @@
-"""How `dopsd probe` measures "closer to the target": pluggable scorers, lower distance = closer.
+"""How `dopsd probe` measures "closer to the target": pluggable scorers, lower distance = closer (a model family
+may bring its own through `ModelAdapter.probe_scorer`, e.g. dopsd.mini.scoring.MiniScorer).
 
 A scorer has `name` and `distance(samples, targets) -> (B,)`, where samples are decoded images (B, 3, H, W) in
 [-1, 1] and targets the matching PIL target images. It may also have `hits(samples, targets) -> (B,)` in {0, 1}
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dopsd.images import to_pil, to_tensor
+from dopsd.models.base import ModelAdapter
 
 
 class Scorer(Protocol):
@@ -48,34 +50,6 @@ class PixelScorer:
         return (self._down(samples) - self._down(t)).pow(2).flatten(1).mean(1).sqrt()
 
 
-class MiniScorer:
-    """Miniature world: distance between the decoded attributes of sample and target (renderer ground truth).
-
-    d = |fg colour − target fg| + |bg colour − target bg| + shape_weight·[shape differs]  (RGB in [0, 1]);
-    position and size are ignored (captions never fix them). A hit = fg within 0.25 of the target's and the
-    same shape: the sample shows the target's concept.
-    """
-
-    name = "mini-attributes"
-
-    def __init__(self, shape_weight: float = 1.0, hit_colour: float = 0.25) -> None:
-        self.shape_weight, self.hit_colour = shape_weight, hit_colour
-
-    def _decode(self, samples: torch.Tensor, targets: Sequence[Image.Image]):
-        from dopsd.mini import metrics
-
-        return metrics.decode(samples), metrics.decode(to_tensor(targets, tuple(samples.shape[-2:])))
-
-    def distance(self, samples: torch.Tensor, targets: Sequence[Image.Image]) -> torch.Tensor:
-        s, t = self._decode(samples, targets)
-        shape = (s.shape != t.shape).float()
-        return (s.fg - t.fg).norm(dim=-1) + (s.bg - t.bg).norm(dim=-1) + self.shape_weight * shape
-
-    def hits(self, samples: torch.Tensor, targets: Sequence[Image.Image]) -> torch.Tensor:
-        s, t = self._decode(samples, targets)
-        return (((s.fg - t.fg).norm(dim=-1) < self.hit_colour) & (s.shape == t.shape)).float()
-
-
 class FeatureScorer:
     """Cosine distance between image-feature embeddings (a local DINOv2/CLIP/SigLIP folder, `dopsd.features`)."""
 
@@ -91,11 +65,12 @@ class FeatureScorer:
         return 1 - F.cosine_similarity(a.float(), b.float(), dim=-1)
 
 
-def scorer_for(adapter: object, features: str | None = None, device: str | torch.device = "cpu") -> Scorer:
-    """The best available scorer: a local image-feature model if given, the mini's decoders, else pixels."""
+def scorer_for(adapter: ModelAdapter, features: str | None = None, device: str | torch.device = "cpu") -> Scorer:
+    """The best available scorer: a local image-feature model if given, the model family's own (the miniature's
+    attribute decoders), else pixels."""
     if features:
         return FeatureScorer(features, device=device)
-    if getattr(adapter, "name", None) == "mini":
-        return MiniScorer()
-    return PixelScorer()
-__all__ = ["Scorer", "PixelScorer", "MiniScorer", "FeatureScorer", "scorer_for"]
+    return adapter.probe_scorer() or PixelScorer()
+
+
+__all__ = ["Scorer", "PixelScorer", "FeatureScorer", "scorer_for"]

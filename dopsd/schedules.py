@@ -1,7 +1,8 @@
 """σ schedules in the project's single convention: σ=1 is pure noise, σ=0 is the clean image.
 
 A schedule is a 1-D float tensor σ_0 = 1 > σ_1 > … > σ_N = 0 (N steps, N+1 entries, the last one 0).
-Model adapters translate σ into their own timestep convention; nothing here knows about a model.
+Model adapters translate σ into their own timestep convention and choose their shift; nothing here knows about a
+model.
 """
 
 from __future__ import annotations
@@ -37,21 +38,9 @@ def shifted_schedule(steps: int, shift: float = 1.0) -> torch.Tensor:
     return _close(static_shift(_base_grid(steps), shift))
 
 
-def flux2_empirical_mu(image_seq_len: int, steps: int) -> float:
-    """FLUX.2's resolution- and step-dependent shift μ (same constants as diffusers' Flux2KleinPipeline)."""
-    a1, b1 = 8.73809524e-05, 1.89833333
-    a2, b2 = 0.00016927, 0.45666666
-    if image_seq_len > 4300:
-        return float(a2 * image_seq_len + b2)
-    m_200 = a2 * image_seq_len + b2
-    m_10 = a1 * image_seq_len + b1
-    slope = (m_200 - m_10) / 190.0
-    return float(slope * steps + (m_200 - 200.0 * slope))
-
-
-def flux2_schedule(steps: int, image_seq_len: int) -> torch.Tensor:
-    """FLUX.2-klein inference schedule: dynamic shift from the packed image token count."""
-    return _close(exponential_shift(_base_grid(steps), flux2_empirical_mu(image_seq_len, steps)))
+def dynamic_schedule(steps: int, mu: float) -> torch.Tensor:
+    """Few-step inference schedule with a dynamic shift μ (`exponential_shift`); each model computes its own μ."""
+    return _close(exponential_shift(_base_grid(steps), mu))
 
 
 def training_schedule(inference: torch.Tensor, every: int = 1) -> torch.Tensor:

@@ -17,12 +17,10 @@ def write_concept_folder(folder: Path, n: int = 4, concept: str = "orange", seed
     folder.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
     scenes = [world.concept_scene(concept, g) for _ in range(n)]
-    images = world.render(scenes)
-    arr = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-    from PIL import Image
+    from dopsd.images import to_pil
 
-    for i, (scene, a) in enumerate(zip(scenes, arr)):
-        Image.fromarray(a).save(folder / f"img{i:02d}.png")
+    for i, (scene, image) in enumerate(zip(scenes, to_pil(world.render(scenes)))):
+        image.save(folder / f"img{i:02d}.png")
         (folder / f"img{i:02d}.txt").write_text(scene.caption() + "\n" + scene.caption(with_background=False) + "\n")
     return folder
 

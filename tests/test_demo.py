@@ -27,4 +27,6 @@ def test_demo_writes_summary_grid_and_loras_and_keeps_earlier_outputs(tmp_path):
 
     assert main(["demo", "--steps", "1", "--samples", "8", "--out", str(out)]) == 0
     assert (out / "summary.json").read_bytes() == first  # the earlier run is untouched
-    assert json.loads((tmp_path / "demo-1" / "summary.json").read_text())["sft"]["drift"] > 0.0
+    second = json.loads((tmp_path / "demo-1" / "summary.json").read_text())
+    assert second["sft"]["drift"] > 0.0
+    assert second["before"] == summary["before"]  # the untouched turbo, same seed and noise: the same numbers

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from dopsd.cli import main as cli
-from dopsd.evaluate import _to_tensor, measure
+from dopsd.evaluate import measure
+from dopsd.images import to_tensor
 from dopsd.features import PixelFeatures, TextImageScorer, load_image_features
 from dopsd.models import zimage
 from dopsd.models.local import ModelFolderError
@@ -86,7 +87,7 @@ def test_metric_definitions(world):
     """DINO-D is 0 for a sample equal to its target and grows when the sample is another image."""
     feats = load_image_features(world.dino)
     targets = world.targets
-    as_tensor = lambda ims: _to_tensor(ims, SIZE, SIZE)
+    as_tensor = lambda ims: to_tensor(ims, (SIZE, SIZE))
     same = measure(as_tensor(targets), None, CAPTIONS, 1, 2, targets, feats, None)
     assert same["dino_d_train"] == pytest.approx(0, abs=1e-5)
     swapped = measure(as_tensor(targets[::-1]), as_tensor(targets), CAPTIONS, 1, 2, targets, feats, None)
@@ -108,3 +109,21 @@ def test_feature_models_load_and_score(world):
         TextImageScorer(world.dino)
     with pytest.raises(ModelFolderError, match="has no config.json"):
         load_image_features(world.root / "data")
+
+
+def test_eval_on_the_miniature_samples_unseen_prompts_it_can_read(tmp_path):
+    """Without --unseen, the unseen prompts are the model's own: for the miniature, its vocabulary (the photo
+    templates of the real models would be refused as unreadable prompts)."""
+    import math
+
+    from conftest import write_concept_folder
+    from dopsd.config import load_config
+    from dopsd.evaluate import evaluate
+    from dopsd.mini import world
+
+    data = write_concept_folder(tmp_path / "data", n=2)
+    config = load_config("mini", [f"data.path={data}", "data.trigger_word=sks"])
+    report = evaluate(config, None, tmp_path / "eval", seeds=[0], control_steps=0, max_prompts=2)
+    assert len(report["unseen_prompts"]) == 4 and all("sks" in p for p in report["unseen_prompts"])
+    assert all(world.caption_issue(p) is None for p in report["unseen_prompts"])
+    assert math.isfinite(report["base"]["dino_d_unseen_nearest"])

@@ -17,7 +17,7 @@ from dopsd.cli import main as cli
 from dopsd.models import flux2, zimage
 from dopsd.lora.trained import apply_trained, save_trained
 from dopsd.sampler import sample_euler
-from tiny_real import build_flux2, build_qwen3_vl, build_zimage, dopsd_lora_steps, images
+from tiny_real import build_flux2, build_qwen3_vl, build_zimage, dopsd_lora_steps, images, model_config
 
 torch.set_num_threads(1)
 CAPTIONS = ["a red cat", "a [V] teapot on a wooden table"]
@@ -29,11 +29,11 @@ def _trained(family: str, root):
     """A tiny model of the family with a LoRA trained for a few D-OPSD steps (alpha/r = 2), its own samples
     and a run folder written by save_trained (float32 and the bf16 default)."""
     if family == "zimage":
-        cfg = SimpleNamespace(pretrained=str(build_zimage(root / "zi")), teacher_encoder=str(build_qwen3_vl(root / "vl")),
-                              height=32, width=32, max_caption_tokens=32)
+        cfg = model_config("zimage", pretrained=str(build_zimage(root / "zi")),
+                           teacher_encoder=str(build_qwen3_vl(root / "vl")), height=32, width=32, max_caption_tokens=32)
         adapter, size, kw = zimage.load(cfg), 32, {"guidance_scale": 0.0}
     else:
-        cfg = SimpleNamespace(pretrained=str(build_flux2(root / "fl")), height=64, width=64, max_caption_tokens=32)
+        cfg = model_config("flux2", pretrained=str(build_flux2(root / "fl")), height=64, width=64, max_caption_tokens=32)
         adapter, size, kw = flux2.load(cfg), 64, {"guidance_scale": 1.0}
     out = dopsd_lora_steps(adapter, CAPTIONS, images(2, size), steps=3, lr=2e-2, rank=RANK, alpha=ALPHA)
     noise = torch.randn(2, *adapter.latent_shape(size, size), generator=torch.Generator().manual_seed(11))
@@ -154,7 +154,7 @@ def test_file_metadata_names_the_model_and_the_training(trained):
 def test_published_sizes_are_recognised():
     from diffusers import Flux2Transformer2DModel, ZImageTransformer2DModel
 
-    from dopsd.lora.meta import describe_size, transformer_size
+    from dopsd.models.registry import base_facts
 
     with torch.device("meta"):
         klein4 = Flux2Transformer2DModel(num_layers=5, num_single_layers=20, attention_head_dim=128,
@@ -163,9 +163,11 @@ def test_published_sizes_are_recognised():
                                          num_attention_heads=32, joint_attention_dim=12288)
         zi = ZImageTransformer2DModel(dim=3840, n_layers=30, n_refiner_layers=2, n_heads=30, n_kv_heads=30,
                                       cap_feat_dim=2560, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512])
-    assert describe_size("flux2", transformer_size("flux2", klein4))[:2] == ("FLUX.2-klein 4B", "Flux.2-klein-4b")
-    assert describe_size("flux2", transformer_size("flux2", klein9))[:2] == ("FLUX.2-klein 9B", "Flux.2-klein-9b")
-    assert describe_size("zimage", transformer_size("zimage", zi))[:2] == ("Z-Image 6B", "Z-Image")
+    ids = lambda f: (f.variant, f.architecture)  # noqa: E731
+    assert ids(base_facts("flux2", klein4)) == ("FLUX.2-klein 4B", "Flux.2-klein-4b")
+    assert ids(base_facts("flux2", klein9)) == ("FLUX.2-klein 9B", "Flux.2-klein-9b")
+    assert ids(base_facts("zimage", zi)) == ("Z-Image 6B", "Z-Image")
+    assert base_facts("flux2", zi) is None and base_facts("zimage", klein4) is None  # another family's config
 
 
 def test_export_cli_both_formats_load_everywhere(trained, tmp_path, capsys):
@@ -234,19 +236,23 @@ def test_bad_lora_files_are_refused(tmp_path):
 
 
 def test_unexportable_targets_keep_the_weights_in_dopsds_layout(trained, tmp_path, capsys):
-    """A run whose LoRA has a module no other tool maps (FLUX.2's norm_out.linear) still keeps its weights, in
-    dopsd's own layout, says so, and `dopsd export` names the module."""
+    """A run whose LoRA has a module no other tool maps (FLUX.2's norm_out.linear) is refused by the adapter's
+    target check (the trainer's call right after injecting the LoRA); weights written anyway are kept in dopsd's own
+    layout, with a warning, and `dopsd export` names the module."""
     t = trained
     if t.family != "flux2":
         pytest.skip("every Z-Image Linear has an interchange name")
-    from dopsd.lora.inject import add_lora, lora_modules
-    from dopsd.lora.layout import LoraFileError, check_exportable
+    from dopsd.config import ConfigError
+    from dopsd.lora.inject import add_lora, lora_module_names
 
+    default = t.module.load(t.cfg)
+    add_lora(default.network, default.default_lora_targets(), RANK, ALPHA)
+    default.check_lora_targets(lora_module_names(default.network))  # the default targets all export
     adapter = t.module.load(t.cfg)
     targets = flux2.LORA_TARGETS + r"|norm_out\.linear"
     add_lora(adapter.network, targets, RANK, ALPHA)
-    with pytest.raises(LoraFileError, match="norm_out.linear"):
-        check_exportable("flux2", list(lora_modules(adapter.network)))
+    with pytest.raises(ConfigError, match=r"lora.targets: 1 LoRA module\(s\) of FLUX.2-klein .*: norm_out.linear; drop"):
+        adapter.check_lora_targets(lora_module_names(adapter.network))
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     with pytest.warns(UserWarning, match="dopsd's own layout"):

@@ -193,14 +193,14 @@ def test_zimage_rope_tables_cover_the_student_and_teacher_sequences():
 def test_klein_rope_handles_reference_tokens_at_1024(name):
     """klein's RoPE has no table: it is computed from the 4-D position ids on every call, so the teacher's
     target-as-reference tokens (T = 10) appended after the 4096 noisy tokens need nothing more."""
-    from dopsd.models.flux2 import _ids
+    from dopsd.models.flux2 import position_ids
 
     spec = spec_of(name)
     teacher = spec.teacher(1024, 1024)
     assert teacher.tokens == {"image": 4096, "text": 512, "reference": 4096}
     net = part(name, "transformer")
     assert not list(net.pos_embed.buffers()) and not list(net.pos_embed.parameters())
-    ids = torch.cat([_ids(0, 64, 64), _ids(10, 64, 64)])
+    ids = torch.cat([position_ids(0, 64, 64), position_ids(10, 64, 64)])
     cos, sin = net.pos_embed(ids)
     c = fullsize_config(name)["transformer"]
     assert tuple(cos.shape) == (8192, sum(c["axes_dims_rope"])) and torch.isfinite(cos).all()

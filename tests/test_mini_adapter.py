@@ -8,10 +8,12 @@ import torch
 from PIL import Image
 from torch import nn
 
+from dopsd.images import to_pil
 from dopsd.lora.inject import add_lora, lora_state_dict
 from dopsd.mini import metrics as M
 from dopsd.mini import world
 from dopsd.mini.recipe import sha256
+from dopsd.mini.report import draw_noise, sample_many
 from dopsd.models.base import ModelAdapter
 from dopsd.mini.adapter import WEIGHTS_DIR, default_lora_targets, load, tiny_random_adapter
 
@@ -36,7 +38,7 @@ def test_protocol_contexts_and_images():
     a = tiny_random_adapter()
     assert isinstance(a, ModelAdapter) and a.name == "mini"
     sc = scenes(3)
-    caps, imgs = [s.caption() for s in sc], world.to_pil(world.render(sc))
+    caps, imgs = [s.caption() for s in sc], to_pil(world.render(sc))
     student = a.student_contexts(caps)
     assert student[0]["feats"].shape == (world.MAX_TOKENS, a.cfg.enc_dim)
     assert student[0]["feats_mask"].sum() == len(caps[0].split())
@@ -55,7 +57,7 @@ def test_protocol_contexts_and_images():
         a.student_contexts(["a orange circle"])
     # images: any size is resized to 24×24; round trip through PIL is exact at 24×24
     x = world.render(sc)
-    assert torch.allclose(a.encode_images(world.to_pil(x)), x, atol=1 / 127.5)
+    assert torch.allclose(a.encode_images(to_pil(x)), x, atol=1 / 127.5)
     big = imgs[0].resize((48, 48), Image.Resampling.NEAREST)
     assert torch.allclose(a.encode_images([big]), a.encode_images([imgs[0]]), atol=1 / 127.5)
     assert a.decode(torch.full((1, 3, 24, 24), 3.0)).max() == 1.0
@@ -113,7 +115,7 @@ def test_shipped_weights_manifest():
 def test_shipped_turbo_renders_captions_and_copies_context():
     turbo = load(SimpleNamespace(pretrained="turbo"))
     caps = world.unrelated_prompts(48, seed=7)
-    x = turbo.sample(caps, turbo.noise(48, seed=7))
+    x = sample_many(turbo, caps, draw_noise(turbo, 48, seed=7))
     acc = M.attribute_accuracy(x, caps)
     assert min(acc.values()) >= 0.85, acc
     assert M.fewstep_quality(x, caps) > 0.8
@@ -121,7 +123,7 @@ def test_shipped_turbo_renders_captions_and_copies_context():
     g = torch.Generator().manual_seed(3)
     sc = [world.concept_scene("orange", g) for _ in range(32)]
     caps = [s.caption() for s in sc]
-    noise = turbo.noise(32, seed=3)
-    with_image = turbo.sample(caps, noise, contexts=turbo.teacher_contexts(caps, world.to_pil(world.render(sc))))
+    noise = draw_noise(turbo, 32, seed=3)
+    with_image = sample_many(turbo, caps, noise, contexts=turbo.teacher_contexts(caps, to_pil(world.render(sc))))
     assert M.concept_fidelity(with_image, "orange") >= 0.8
-    assert M.concept_fidelity(turbo.sample(caps, noise), "orange") <= 0.3
+    assert M.concept_fidelity(sample_many(turbo, caps, noise), "orange") <= 0.3

@@ -9,6 +9,7 @@ import torch
 
 from dopsd.cli import main
 from dopsd.mini import world
+from dopsd.mini.report import draw_noise, sample_many
 from dopsd.mini.recipe import sha256
 from dopsd.mini.adapter import load
 
@@ -33,7 +34,7 @@ def test_tiny_recipe_cli_reproducible_and_loadable(tmp_path, capsys):
     turbo = load(SimpleNamespace(pretrained=str(out1)))
     base = load(SimpleNamespace(pretrained=str(out1 / "base.safetensors")))
     assert (turbo.kind, turbo.default_steps, base.kind, base.default_steps) == ("turbo", 4, "base", 8)
-    x = turbo.sample(world.unrelated_prompts(2), turbo.noise(2, 0))
+    x = sample_many(turbo, world.unrelated_prompts(2), draw_noise(turbo, 2, 0))
     assert x.shape == (2, 3, 24, 24) and torch.isfinite(x).all()
 
     report = tmp_path / "report.md"
@@ -80,7 +81,7 @@ def test_luma_highpass_gate_recipe_and_what_it_passes(tmp_path):
     assert manifest["config"]["gate_input"] == "luma_highpass" and "--gate-input luma_highpass" in manifest["command"]
     turbo = load(SimpleNamespace(pretrained=str(out)))
     assert turbo.network.cfg.gate_input == "luma_highpass"
-    x = turbo.sample(world.unrelated_prompts(2), turbo.noise(2, 0))
+    x = sample_many(turbo, world.unrelated_prompts(2), draw_noise(turbo, 2, 0))
     assert torch.isfinite(x).all()
 
     img = world.render([world.random_scene(torch.Generator().manual_seed(i)) for i in range(4)])

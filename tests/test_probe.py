@@ -11,10 +11,12 @@ import torch
 from PIL import Image
 
 from dopsd.cli import main as cli_main
+from dopsd.images import to_pil
 from dopsd.mini import world
 from dopsd.mini.adapter import load, tiny_random_adapter
 from dopsd.probe import Thresholds, _verdict, probe
-from dopsd.probe_scorers import MiniScorer, PixelScorer
+from dopsd.mini.scoring import MiniScorer
+from dopsd.probe_scorers import PixelScorer
 
 torch.set_num_threads(1)
 
@@ -24,16 +26,11 @@ def turbo():
     return load(SimpleNamespace(pretrained="turbo", teacher_context="vlm"))
 
 
-def _pil(images: torch.Tensor) -> list[Image.Image]:
-    arr = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(a) for a in arr]
-
-
 def carried_pairs(n: int = 3, seed: int = 0) -> list[tuple[Image.Image, str]]:
     """A held-out colour concept (orange, never named): the in-context teacher copies colours."""
     g = torch.Generator().manual_seed(seed)
     scenes = [world.concept_scene("orange", g) for _ in range(n)]
-    return list(zip(_pil(world.render(scenes)), [s.caption() for s in scenes]))
+    return list(zip(to_pil(world.render(scenes)), [s.caption() for s in scenes]))
 
 
 def uncarried_pairs(n: int = 3, seed: int = 1) -> list[tuple[Image.Image, str]]:
@@ -45,7 +42,7 @@ def uncarried_pairs(n: int = 3, seed: int = 1) -> list[tuple[Image.Image, str]]:
     for k in range(n):
         scene = world.random_scene(g, shape=3)  # a plus …
         shown = world.SHAPES[(k % 3)]  # … captioned as a circle / square / triangle
-        pairs.append((_pil(world.render([scene]))[0], f"a {scene.colour} {shown} on a {scene.bg} background"))
+        pairs.append((to_pil(world.render([scene]))[0], f"a {scene.colour} {shown} on a {scene.bg} background"))
     return pairs
 
 
@@ -107,7 +104,7 @@ def test_verdict_thresholds_and_pixel_fallback():
     with pytest.raises(ValueError, match="weak <= carry"):
         Thresholds(carry=0.1, weak=0.2)
     # The pixel fallback is a distance: zero for the target itself, larger for a different image.
-    img = _pil(world.render([world.random_scene(torch.Generator().manual_seed(3))]))[0]
+    img = to_pil(world.render([world.random_scene(torch.Generator().manual_seed(3))]))[0]
     x = torch.from_numpy(__import__("numpy").asarray(img, dtype="float32")).permute(2, 0, 1)[None] / 127.5 - 1
     d = PixelScorer().distance(torch.cat([x, -x]), [img, img])
     assert d[0] < 1e-3 < d[1]

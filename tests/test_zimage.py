@@ -13,7 +13,7 @@ from dopsd.models import zimage
 from dopsd.models.local import ModelFolderError
 from dopsd.sampler import sample_euler
 from dopsd.schedules import shifted_schedule, training_schedule
-from tiny_real import build_flux2, build_qwen3_vl, build_zimage, dopsd_lora_steps, images
+from tiny_real import build_flux2, build_qwen3_vl, build_zimage, dopsd_lora_steps, images, model_config
 
 torch.set_num_threads(1)
 SIZE = 32
@@ -29,7 +29,7 @@ def folders(tmp_path_factory):
 def config(folders, **kw):
     base = dict(pretrained=str(folders.model), teacher_encoder=str(folders.vlm), height=SIZE, width=SIZE,
                 max_caption_tokens=64)
-    return SimpleNamespace(**{**base, **kw})
+    return model_config("zimage", **{**base, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -251,3 +251,20 @@ def test_full_dopsd_train_run_with_the_vlm_teacher(folders, tmp_path):
     ref = pipe(list(CAPTIONS[:1]), height=SIZE, width=SIZE, num_inference_steps=8, guidance_scale=0.0,
                max_sequence_length=32, latents=noise.clone(), output_type="latent").images
     assert torch.allclose(ours, ref, atol=1e-5)
+
+
+def test_protocol_members(adapter):
+    """What callers read of the adapter is declared by the protocol and answered by Z-Image itself."""
+    from diffusers import ZImagePipeline
+
+    from dopsd.models.base import ModelAdapter
+
+    assert isinstance(adapter, ModelAdapter) and adapter.name == "zimage" and adapter.kind is None
+    assert adapter.teacher_context_kinds == ("vlm",) and adapter.teacher_context == "vlm"
+    assert adapter.lora_layout is zimage.lora_layout() and adapter.pipeline_class is ZImagePipeline
+    assert adapter.health_quality(CAPTIONS) is None and adapter.probe_scorer() is None
+    assert adapter.unseen_prompts("ohwx")[0] == "a photo of ohwx on a beach"
+    assert zimage.owns_network(adapter.network) and not zimage.owns_network(torch.nn.Linear(2, 2))
+    facts = zimage.base_facts(adapter.network)  # a tiny transformer: no published size
+    assert facts.architecture == "Z-Image" and "not a published size" in facts.variant
+    assert adapter.cache_fingerprint()["teacher_max_tokens"] == adapter.teacher_max_tokens

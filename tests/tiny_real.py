@@ -279,3 +279,12 @@ def train_config(preset: str, root: Path, data: Path, size: int, *extra: str):
         f"cache.dir={root / 'cache'}", "lora.rank=4", "lora.alpha=8", "optim.lr=1e-3",
         f"train.output_dir={root / 'run'}", *extra,
     ])
+
+
+def model_config(family: str, **fields):
+    """The typed model section (dopsd.config.ModelConfig) of a family, with the family's own teacher context
+    unless given (FLUX.2: the reference path; the others: the VLM)."""
+    from dopsd.config import ModelConfig
+
+    teacher = "reference" if family == "flux2" else "vlm"
+    return ModelConfig(**{"family": family, "teacher_context": teacher, **fields})

@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="a dopsd run folder (its config.yaml and LoRA), a YAML config or a preset")
     parser.add_argument("overrides", nargs="*", help="config overrides section.key=value")
     parser.add_argument("--lora", type=Path, help="LoRA file (default: the run folder's)")
-    parser.add_argument("--unseen", action="append", help="an unseen prompt (repeatable); default: templates with "
+    parser.add_argument("--unseen", action="append", help="an unseen prompt (repeatable); default: the model's own with "
                         "data.trigger_word, none without one")
     parser.add_argument("--seeds", type=seed, nargs="+", default=[0, 1], help="seeds per prompt (default 0 1)")
     parser.add_argument("--feature-model", help="local DINOv2/DINOv3/CLIP/SigLIP folder for DINO-D (default: pixels)")

@@ -37,7 +37,7 @@ def main(args: argparse.Namespace) -> int:
     if args.caption_tokens is not None:
         cfg.model.max_caption_tokens = args.caption_tokens
     if args.teacher_tokens is not None:
-        setattr(cfg.model, "teacher_max_tokens", args.teacher_tokens)  # read by the families via cfg_get
+        cfg.model.teacher_max_tokens = args.teacher_tokens
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
     result = plan(cfg, quantize=args.quantize, search=not args.no_search, exact=True if args.exact else None)
     print(json.dumps(result, indent=2) if args.json else text(result))

@@ -45,7 +45,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     out = output_folder("--out", args.out or Path(f"{cfg.train.output_dir.rstrip('/')}_probe"), PROBE_FILES)
     setup = load_setup(cfg, limit=args.limit)
-    scorer = scorer_for(setup.adapter, args.features, device=getattr(setup.adapter, "device", "cpu"))
+    scorer = scorer_for(setup.adapter, args.features, device=setup.adapter.device)
     steps = args.steps or cfg.model.inference_steps
     report = probe(
         setup.adapter, setup.pairs, seeds=range(args.seeds), steps=steps, scorer=scorer,

@@ -1,9 +1,9 @@
 """Reading and writing LoRA files: a trained network or a LoRA file → `LoraSource` → a file other tools load.
 
 Layouts dopsd writes:
-  * interchange (Z-Image, FLUX.2; see dopsd.lora.layout): loads in diffusers and ComfyUI with the same result;
-    bf16 by default (`DTYPES`), metadata per dopsd.lora.meta;
-  * dopsd-peft (the miniature, which no other tool has): bare peft keys `<module>.lora_A.weight`, float32,
+  * interchange (the families with a LoRA layout, Z-Image and FLUX.2; see dopsd.lora.layout): loads in diffusers
+    and ComfyUI with the same result; bf16 by default (`DTYPES`), metadata per dopsd.lora.meta;
+  * dopsd-peft (families no other tool has, i.e. the miniature): bare peft keys `<module>.lora_A.weight`, float32,
     labelled as such in the metadata, with `lora_config.json` (rank, alpha, targets) beside it.
 Layouts dopsd reads: both of those, diffusers' `transformer.*` files with peft metadata (older dopsd runs), bare
 peft keys with a `lora_config.json` (older dopsd runs), and `.alpha` keys anywhere.
@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from dopsd.files import atomic_save_safetensors
-from dopsd.lora.layout import LAYOUTS, PREFIX, LoraFileError, Pair, family_of_names, from_interchange, split_keys, to_interchange
-from dopsd.lora.meta import LAYOUT_INTERCHANGE, LAYOUT_PEFT, LoraFacts, describe_size, facts_from_metadata, file_metadata, run_facts, size_from_modules
+from dopsd.lora.layout import PREFIX, LoraFileError, Pair, family_of_names, from_interchange, has_interchange, split_keys, to_interchange
+from dopsd.lora.meta import LAYOUT_INTERCHANGE, LAYOUT_PEFT, LoraFacts, facts_from_metadata, file_metadata, run_facts
+from dopsd.models import registry
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_DTYPE = "bf16"  # for files other tools load; the miniature's own file stays float32
@@ -40,16 +41,6 @@ class LoraSource:
     facts: LoraFacts
     layout: str
     modules: dict[str, Pair] | None
-
-
-def network_family(network: nn.Module) -> str | None:
-    """'zimage' or 'flux2' for a diffusers transformer of those families, None for anything else."""
-    names = {type(m).__name__ for m in network.modules()}
-    if any(n.startswith("ZImageTransformer") for n in names):
-        return "zimage"
-    if any(n.startswith("Flux2Transformer") for n in names):
-        return "flux2"
-    return None
 
 
 def check_dtype(dtype: str) -> torch.dtype:
@@ -72,11 +63,11 @@ def write_interchange(path: str | Path, modules: dict[str, Pair], facts: LoraFac
 
 def write_network(path: str | Path, network: nn.Module, facts: LoraFacts, dtype: str | None = None, *,
                   layout: str | None = None) -> Path:
-    """The trained LoRA of `network` to `path`: interchange layout for Z-Image / FLUX.2, dopsd-peft otherwise
-    (or when `layout` says so)."""
+    """The trained LoRA of `network` to `path`: interchange layout for families that have one, dopsd-peft
+    otherwise (or when `layout` says so)."""
     from dopsd.lora.inject import lora_modules, lora_state_dict
 
-    layout = layout or (LAYOUT_INTERCHANGE if facts.family in LAYOUTS else LAYOUT_PEFT)
+    layout = layout or (LAYOUT_INTERCHANGE if has_interchange(facts.family) else LAYOUT_PEFT)
     if layout == LAYOUT_INTERCHANGE:
         return write_interchange(path, lora_modules(network), facts, dtype or DEFAULT_DTYPE)
     torch_dtype = check_dtype(dtype or "fp32")
@@ -125,7 +116,8 @@ def read_lora(path: str | Path, alpha: float | None = None) -> LoraSource:
         config = json.loads(sidecar.read_text()) if sidecar.is_file() and file.name == RUN_LORA else {}
     except ValueError as err:
         raise LoraFileError(f"{sidecar} is not valid JSON ({err}); restore it from the run or delete it") from err
-    family = family_of_names(list(parts)) or (own[0].family if own else None) or config.get("family") or "mini"
+    family = (family_of_names(list(parts)) or (own[0].family if own else None) or config.get("family")
+              or registry.DEFAULT_FAMILY)
     for claimed in ((own[0].family if own else None), config.get("family")):
         if claimed and claimed != family:
             raise LoraFileError(f"{file}: the keys are {family} module names but the file says family {claimed!r}")
@@ -139,7 +131,7 @@ def read_lora(path: str | Path, alpha: float | None = None) -> LoraSource:
                                                        "alpha": stored_alpha or alpha or rank}, config)
     if base.title is None and file.name in (RUN_LORA, DIFFUSERS_NAME):
         base.title = file.parent.resolve().name
-    if family not in LAYOUTS:
+    if not has_interchange(family):
         return LoraSource(file, family, base, LAYOUT_PEFT, None)
     if prefix == PREFIX:
         modules = from_interchange(parts, family)
@@ -164,7 +156,7 @@ def read_lora(path: str | Path, alpha: float | None = None) -> LoraSource:
                 scale = float(stored_alpha if stored_alpha is not None else alpha) / base.rank
             modules[name] = (p["A"].float(), p["B"].float() * scale)
     if base.variant is None:
-        size = size_from_modules(family, modules)
-        if size is not None:
-            base.variant, base.architecture, base.base_version = describe_size(family, size)
+        told = registry.base_facts(family, lora=modules)
+        if told is not None:
+            base.variant, base.architecture, base.base_version = told.variant, told.architecture, told.base_version
     return LoraSource(file, family, base, LAYOUT_INTERCHANGE, modules)

@@ -57,6 +57,14 @@ def lora_modules(network: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tens
     return out
 
 
+def lora_module_names(network: nn.Module) -> list[str]:
+    """Names of the modules that carry the LoRA adapter (wrapper prefixes stripped, as in `lora_modules`)."""
+    from peft.tuners.lora import LoraLayer
+
+    return [name.replace("_orig_mod.", "").removeprefix("module.") for name, module in network.named_modules()
+            if isinstance(module, LoraLayer) and ADAPTER in module.lora_A]
+
+
 def lora_state_dict(network: nn.Module) -> dict[str, torch.Tensor]:
     """peft-format LoRA weights (`<module>.lora_A.weight`, …), adapter name stripped."""
     return {k: v.detach().clone() for k, v in get_peft_model_state_dict(network, adapter_name=ADAPTER).items()}
@@ -74,7 +82,3 @@ def load_lora_state_dict(network: nn.Module, state: dict[str, torch.Tensor]) -> 
     unexpected = getattr(result, "unexpected_keys", None) or []
     if unexpected:
         raise WeightsFileError(f"LoRA weights do not fit this model; unexpected keys such as {unexpected[:3]}")
-
-
-def has_lora(network: nn.Module) -> bool:
-    return any("lora_" in n for n, _ in network.named_parameters())

@@ -5,13 +5,12 @@ the same result:
   * keys `diffusion_model.<module>.lora_A.weight` / `.lora_B.weight`, no `.alpha` keys: the LoRA scale α/r is
     folded into lora_B, so every loader applies the file at strength 1 as trained (ComfyUI uses scale 1 without an
     `.alpha` key; diffusers' FLUX.2 converter rejects `.alpha` keys in this layout);
-  * Z-Image: diffusers module names (ComfyUI's Z-Image key map accepts them and slices to_q/to_k/to_v into its
-    fused qkv; diffusers strips the prefix);
-  * FLUX.2: the original (BFL) module names, which ComfyUI matches directly and diffusers converts: q/k/v of a
-    double block are fused exactly into `{img,txt}_attn.qkv` (A stacked, B block-diagonal).
+  * module names as each family's layout rows say (dopsd.models.base.LoraLayout, defined in the family's module):
+    one row per module kind, with the slot of a q/k/v projection that the interchange layout fuses (A stacked, B
+    block-diagonal, so it splits back exactly).
 
-The family-specific part is data (`LAYOUTS`: one row per module kind); `to_interchange` / `from_interchange` are
-the one generic routine each way.
+This module knows no family: `to_interchange` / `from_interchange` are the one generic routine each way, and the
+rows come from the family through dopsd.models.registry.
 """
 
 from __future__ import annotations
@@ -22,51 +21,11 @@ from functools import lru_cache
 import torch
 
 from dopsd.errors import WeightsFileError
+from dopsd.models.base import Pair
 
 PREFIX = "diffusion_model."
 QKV = 3  # parts of a fused q/k/v projection
 
-# (diffusers module, module in the interchange layout, slot in a fused q/k/v or None). `{i}` is a block index,
-# `{blk}` a Z-Image block list. Only modules both ComfyUI and diffusers map are listed; rows are tried in order.
-FLUX2_LAYOUT: tuple[tuple[str, str, int | None], ...] = (
-    ("transformer_blocks.{i}.attn.to_q", "double_blocks.{i}.img_attn.qkv", 0),
-    ("transformer_blocks.{i}.attn.to_k", "double_blocks.{i}.img_attn.qkv", 1),
-    ("transformer_blocks.{i}.attn.to_v", "double_blocks.{i}.img_attn.qkv", 2),
-    ("transformer_blocks.{i}.attn.add_q_proj", "double_blocks.{i}.txt_attn.qkv", 0),
-    ("transformer_blocks.{i}.attn.add_k_proj", "double_blocks.{i}.txt_attn.qkv", 1),
-    ("transformer_blocks.{i}.attn.add_v_proj", "double_blocks.{i}.txt_attn.qkv", 2),
-    ("transformer_blocks.{i}.attn.to_out.0", "double_blocks.{i}.img_attn.proj", None),
-    ("transformer_blocks.{i}.attn.to_add_out", "double_blocks.{i}.txt_attn.proj", None),
-    ("transformer_blocks.{i}.ff.linear_in", "double_blocks.{i}.img_mlp.0", None),
-    ("transformer_blocks.{i}.ff.linear_out", "double_blocks.{i}.img_mlp.2", None),
-    ("transformer_blocks.{i}.ff_context.linear_in", "double_blocks.{i}.txt_mlp.0", None),
-    ("transformer_blocks.{i}.ff_context.linear_out", "double_blocks.{i}.txt_mlp.2", None),
-    ("single_transformer_blocks.{i}.attn.to_qkv_mlp_proj", "single_blocks.{i}.linear1", None),
-    ("single_transformer_blocks.{i}.attn.to_out", "single_blocks.{i}.linear2", None),
-    ("x_embedder", "img_in", None),
-    ("context_embedder", "txt_in", None),
-    ("proj_out", "final_layer.linear", None),
-    ("time_guidance_embed.timestep_embedder.linear_1", "time_in.in_layer", None),
-    ("time_guidance_embed.timestep_embedder.linear_2", "time_in.out_layer", None),
-    ("time_guidance_embed.guidance_embedder.linear_1", "guidance_in.in_layer", None),
-    ("time_guidance_embed.guidance_embedder.linear_2", "guidance_in.out_layer", None),
-    ("double_stream_modulation_img.linear", "double_stream_modulation_img.lin", None),
-    ("double_stream_modulation_txt.linear", "double_stream_modulation_txt.lin", None),
-    ("single_stream_modulation.linear", "single_stream_modulation.lin", None),
-)
-ZIMAGE_LAYOUT: tuple[tuple[str, str, int | None], ...] = tuple((name, name, None) for name in (
-    "{blk}.{i}.attention.to_q", "{blk}.{i}.attention.to_k", "{blk}.{i}.attention.to_v", "{blk}.{i}.attention.to_out.0",
-    "{blk}.{i}.feed_forward.w1", "{blk}.{i}.feed_forward.w2", "{blk}.{i}.feed_forward.w3",
-    "{blk}.{i}.adaLN_modulation.0", "all_x_embedder.2-1", "all_final_layer.2-1.linear",
-    "all_final_layer.2-1.adaLN_modulation.1", "cap_embedder.1", "t_embedder.mlp.0", "t_embedder.mlp.2",
-))
-LAYOUTS = {"zimage": ZIMAGE_LAYOUT, "flux2": FLUX2_LAYOUT}
-
-# Module names that tell the family of a set of LoRA keys (any layout).
-_FAMILY_SIGNS = (
-    ("flux2", re.compile(r"(^|\.)(single_)?transformer_blocks\.\d+\.|(^|\.)(double|single)_blocks\.\d+\.")),
-    ("zimage", re.compile(r"(^|\.)(layers|noise_refiner|context_refiner)\.\d+\.")),
-)
 _KEY = re.compile(r"(?P<prefix>transformer\.|diffusion_model\.|base_model\.model\.)?(?P<module>.+?)"
                   r"\.(?:(?:lora_(?P<ab>[AB])(?:\.default)?\.weight)|(?:lora_(?P<du>down|up)\.weight)|(?P<alpha>alpha))")
 
@@ -75,25 +34,36 @@ class LoraFileError(WeightsFileError, ValueError):
     """A LoRA file that cannot be read, converted or written as asked; the message names the file and the fix."""
 
 
-Pair = tuple[torch.Tensor, torch.Tensor]  # (lora_A: r × in, lora_B: out × r)
-
-
-_PLACEHOLDERS = {"i": r"\d+", "blk": "layers|noise_refiner|context_refiner"}
-
-
-def _regex(template: str) -> re.Pattern[str]:
+def _regex(template: str, placeholders: tuple[tuple[str, str], ...]) -> re.Pattern[str]:
     pattern = re.escape(template)
-    for name, value in _PLACEHOLDERS.items():
+    for name, value in placeholders:
         pattern = pattern.replace(re.escape("{" + name + "}"), f"(?P<{name}>{value})")
     return re.compile(pattern)
 
 
 @lru_cache(maxsize=None)
 def _rules(family: str) -> tuple[tuple[re.Pattern[str], str, re.Pattern[str], str, int | None], ...]:
-    if family not in LAYOUTS:
+    from dopsd.models.registry import interchange_families, lora_layout
+
+    try:
+        layout = lora_layout(family)
+    except ValueError:  # not a family at all
+        layout = None
+    if layout is None:
         raise LoraFileError(f"no LoRA layout for model family {family!r}; other tools load only "
-                            f"{', '.join(LAYOUTS)} LoRAs")
-    return tuple((_regex(d), d, _regex(n), n, slot) for d, n, slot in LAYOUTS[family])
+                            f"{', '.join(interchange_families())} LoRAs")
+    ph = layout.placeholders
+    return tuple((_regex(d, ph), d, _regex(n, ph), n, slot) for d, n, slot in layout.rows)
+
+
+def has_interchange(family: str) -> bool:
+    """Whether other tools load this family's LoRAs (it has an interchange layout); False for unknown families."""
+    from dopsd.models.registry import lora_layout
+
+    try:
+        return lora_layout(family) is not None
+    except ValueError:
+        return False
 
 
 def native_name(family: str, module: str) -> tuple[str, int | None]:
@@ -106,11 +76,10 @@ def native_name(family: str, module: str) -> tuple[str, int | None]:
                         "drop it from lora.targets")
 
 
-def check_exportable(family: str, modules: list[str]) -> None:
-    """Raise LoraFileError (naming the module) unless every module has an interchange name: call it once the
-    LoRA is injected, before training, so a run never ends with weights other tools cannot load."""
-    for module in modules:
-        native_name(family, module)
+def unexportable(family: str, modules: list[str]) -> list[str]:
+    """The modules (of a family with an interchange layout) that have no interchange name."""
+    rules = _rules(family)
+    return [m for m in modules if not any(d_re.fullmatch(m) for d_re, *_ in rules)]
 
 
 def diffusers_names(family: str, native: str) -> dict[int | None, str]:
@@ -126,10 +95,10 @@ def diffusers_names(family: str, native: str) -> dict[int | None, str]:
 
 
 def family_of_names(names: list[str]) -> str | None:
-    for family, sign in _FAMILY_SIGNS:
-        if any(sign.search(n) for n in names):
-            return family
-    return None
+    """The family whose LoRA module names these are (dopsd.models.registry.family_of_lora)."""
+    from dopsd.models.registry import family_of_lora
+
+    return family_of_lora(names)
 
 
 def split_keys(state: dict[str, torch.Tensor], where: str = "the LoRA file") -> tuple[str, dict[str, dict[str, torch.Tensor]]]:

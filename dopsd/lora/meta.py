@@ -20,20 +20,14 @@ from typing import Any, Mapping
 
 from torch import nn
 
-# Published transformer sizes → (variant, modelspec architecture, ss_base_model_version).
-# FLUX.2: (double blocks, single blocks, width); Z-Image: (layers, width).
-FLUX2_VARIANTS = {
-    (5, 20, 3072): ("FLUX.2-klein 4B", "Flux.2-klein-4b", "flux2_klein_4b"),
-    (8, 24, 4096): ("FLUX.2-klein 9B", "Flux.2-klein-9b", "flux2_klein_9b"),
-}
-ZIMAGE_VARIANTS = {(30, 3840): ("Z-Image 6B", "Z-Image", "z_image")}
-IMPLEMENTATION = {"zimage": "diffusers", "flux2": "https://github.com/black-forest-labs/flux2", "mini": "dopsd"}
+from dopsd.models import registry
+
 LAYOUT_INTERCHANGE, LAYOUT_PEFT = "interchange", "dopsd-peft"
 
 
 @dataclass
 class LoraFacts:
-    family: str  # "zimage" | "flux2" | "mini"
+    family: str  # a key of dopsd.models.registry.FAMILIES
     rank: int
     alpha: float  # as trained (scale alpha / rank); interchange files carry it folded into lora_B
     variant: str | None = None  # e.g. "FLUX.2-klein 4B" (from the transformer's size)
@@ -51,54 +45,15 @@ class LoraFacts:
         return LoraFacts(**{**asdict(self), **{k: v for k, v in changes.items() if k in known and v is not None}})
 
 
-def describe_size(family: str, size: tuple[int, ...]) -> tuple[str, str, str]:
-    """(variant, architecture, ss_base_model_version) for a transformer size signature (see the tables)."""
-    if family == "flux2":
-        known = FLUX2_VARIANTS.get(size)
-        return known or (f"FLUX.2 ({size[0]} double / {size[1]} single blocks, width {size[2]}; not a published size)",
-                         "Flux.2", "flux2")
-    if family == "zimage":
-        known = ZIMAGE_VARIANTS.get(size)
-        return known or (f"Z-Image ({size[0]} layers, width {size[1]}; not a published size)", "Z-Image", "z_image")
-    return "dopsd miniature", "dopsd-miniature", "dopsd_miniature"
-
-
-def transformer_size(family: str, network: nn.Module) -> tuple[int, ...] | None:
-    """Size signature from a diffusers transformer's config."""
-    cfg = getattr(network, "config", None)
-    try:
-        if family == "flux2":
-            return (int(cfg.num_layers), int(cfg.num_single_layers), int(cfg.num_attention_heads * cfg.attention_head_dim))
-        if family == "zimage":
-            return (int(cfg.n_layers), int(cfg.dim))
-    except AttributeError:
-        return None
-    return None
-
-
-def size_from_modules(family: str, modules: Mapping[str, Any]) -> tuple[int, ...] | None:
-    """Size signature read off LoRA shapes (block counts as the highest trained block + 1)."""
-    def blocks(prefix: str) -> int:
-        ids = [int(m.split(".")[1]) for m in modules if m.startswith(prefix) and m.split(".")[1].isdigit()]
-        return max(ids) + 1 if ids else 0
-
-    width = next((a.shape[1] for m, (a, _) in modules.items()
-                  if m.endswith(("attn.to_q", "attention.to_q", "attn.to_qkv_mlp_proj"))), None)
-    if width is None:
-        return None
-    if family == "flux2":
-        return (blocks("transformer_blocks."), blocks("single_transformer_blocks."), int(width))
-    if family == "zimage":
-        return (blocks("layers."), int(width))
-    return None
-
-
 def run_facts(family: str, network: nn.Module | None, lora: Mapping[str, Any], meta: Mapping[str, Any],
               title: str | None = None) -> LoraFacts:
     """Facts of a training run: `lora` = {rank, alpha, ...}, `meta` = what dopsd.api records (family, model
     config dict with pretrained/height/width, method, steps, and optionally trigger_word and title)."""
-    size = transformer_size(family, network) if network is not None else None
-    variant, arch, version = describe_size(family, size) if (size or family == "mini") else (None, None, None)
+    try:
+        base = registry.base_facts(family, network)
+    except ValueError:  # a family this dopsd does not have
+        base = None
+    variant, arch, version = (base.variant, base.architecture, base.base_version) if base else (None, None, None)
     model = meta.get("model") or {}
     pretrained = model.get("pretrained")
     resolution = (int(model["width"]), int(model["height"])) if model.get("width") and model.get("height") else None
@@ -110,13 +65,22 @@ def run_facts(family: str, network: nn.Module | None, lora: Mapping[str, Any], m
     )
 
 
+def _interchange(family: str) -> Any:
+    """The family's interchange layout (dopsd.models.base.LoraLayout), None without one or for unknown families."""
+    try:
+        return registry.lora_layout(family)
+    except ValueError:
+        return None
+
+
 def file_metadata(facts: LoraFacts, layout: str, dtype: str) -> dict[str, str]:
     """The safetensors metadata of a LoRA file with these facts, in `layout` (interchange or dopsd-peft)."""
     folded = layout == LAYOUT_INTERCHANGE
     base = facts.variant or facts.family
     what = f"{facts.method or 'dopsd'} LoRA for {base}"
-    if facts.family == "mini":
-        how = ("dopsd miniature LoRA (peft keys): loads only in dopsd (`dopsd sample`, `dopsd eval`); "
+    interchange = _interchange(facts.family)
+    if interchange is None:
+        how = (f"{base} LoRA (peft keys): loads only in dopsd (`dopsd sample`, `dopsd eval`); "
                "no other tool has this model.")
     elif not folded:
         how = "dopsd's own layout (peft keys): loads only in dopsd (`dopsd sample`, `dopsd eval`)."
@@ -132,7 +96,7 @@ def file_metadata(facts: LoraFacts, layout: str, dtype: str) -> dict[str, str]:
         "format": "pt",
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": f"{facts.architecture or facts.family}/lora",
-        "modelspec.implementation": IMPLEMENTATION.get(facts.family, "dopsd") if folded else "dopsd",
+        "modelspec.implementation": interchange.implementation if folded and interchange else "dopsd",
         "modelspec.title": facts.title or what,
         "modelspec.description": description,
         "modelspec.date": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),

@@ -17,16 +17,17 @@ def save_trained(out: Path, network: torch.nn.Module, lora: dict[str, Any] | Non
                  dtype: str | None = None) -> Path:
     """The trained weights of a run (atomically) + lora_config.json; returns the weights file.
 
-    LoRA: `lora.safetensors`. Z-Image / FLUX.2: the interchange layout (dopsd.lora.layout) that diffusers and
-    ComfyUI load as trained, bf16 unless `dtype` ("bf16" | "fp16" | "fp32") says otherwise; the miniature: bare peft
-    keys, float32, labelled dopsd-only. `lora` = {rank, alpha, targets}; `meta` = run facts (family, model config
+    LoRA: `lora.safetensors`. Families with an interchange layout (Z-Image, FLUX.2): that layout
+    (dopsd.lora.layout), which diffusers and ComfyUI load as trained, bf16 unless `dtype` ("bf16" | "fp16" | "fp32")
+    says otherwise; the others (the miniature): bare peft keys, float32, labelled dopsd-only. `lora` = {rank, alpha, targets}; `meta` = run facts (family, model config
     dict, method, steps, prompts, and optionally trigger_word and title) kept in lora_config.json and in the file's
     metadata (dopsd.lora.meta). Full fine-tune (`lora` None): `model.safetensors`, the network's state dict.
     """
     from dopsd.files import atomic_save_safetensors, atomic_write_json
-    from dopsd.lora.files import DEFAULT_DTYPE, network_family, write_network
-    from dopsd.lora.layout import LAYOUTS, LoraFileError
+    from dopsd.lora.files import DEFAULT_DTYPE, write_network
+    from dopsd.lora.layout import LoraFileError, has_interchange
     from dopsd.lora.meta import LAYOUT_INTERCHANGE, LAYOUT_PEFT, run_facts
+    from dopsd.models import registry
 
     out = Path(out)
     if lora is None:
@@ -34,12 +35,12 @@ def save_trained(out: Path, network: torch.nn.Module, lora: dict[str, Any] | Non
         atomic_save_safetensors(out / FULL_FILE, state, {"format": "pt", "dopsd": json.dumps({"layout": "dopsd-full"})})
         atomic_write_json(out / LORA_CONFIG, {"format": "dopsd-full", **meta})
         return out / FULL_FILE
-    family = meta.get("family") or network_family(network) or "mini"
+    family = meta.get("family") or registry.family_of_network(network) or registry.DEFAULT_FAMILY
     facts = run_facts(family, network, lora, meta, title=out.resolve().name)
-    layout = LAYOUT_INTERCHANGE if family in LAYOUTS else LAYOUT_PEFT
+    layout = LAYOUT_INTERCHANGE if has_interchange(family) else LAYOUT_PEFT
     try:
-        written = write_network(out / LORA_FILE, network, facts, dtype or (DEFAULT_DTYPE if family in LAYOUTS else "fp32"),
-                                layout=layout)
+        written = write_network(out / LORA_FILE, network, facts,
+                                dtype or (DEFAULT_DTYPE if layout == LAYOUT_INTERCHANGE else "fp32"), layout=layout)
     except LoraFileError as err:
         if layout == LAYOUT_PEFT:
             raise
@@ -95,7 +96,8 @@ def apply_trained(network: torch.nn.Module, weights: Path, scale: float = 1.0) -
     from dopsd.config import ConfigError
     from dopsd.errors import WeightsFileError
     from dopsd.lora.inject import add_lora, exact_targets, load_lora_state_dict
-    from dopsd.lora.files import network_family, read_lora
+    from dopsd.lora.files import read_lora
+    from dopsd.models import registry
     from dopsd.models.local import read_safetensors
 
     weights = Path(weights)
@@ -110,7 +112,7 @@ def apply_trained(network: torch.nn.Module, weights: Path, scale: float = 1.0) -
             raise WeightsFileError(f"{weights} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
         return meta
     src = read_lora(weights)
-    model_family = network_family(network) or "mini"
+    model_family = registry.family_of_network(network) or registry.DEFAULT_FAMILY
     if src.family != model_family:
         raise WeightsFileError(f"{weights} is a {src.family} LoRA; the model is {model_family}")
     if src.modules is None:  # dopsd-peft layout: peft keys, rank/alpha/targets from lora_config.json

@@ -1,4 +1,5 @@
-"""Adapter for the built-in miniature world (`dopsd.mini`): a CPU-sized turbo with an in-context encoder.
+"""Adapter for the built-in miniature world (`dopsd.mini`): a CPU-sized turbo with an in-context encoder, and
+the miniature's family functions (dopsd.models.base.FamilyModule; the registry names this module by string).
 
 Latents are the pixels themselves, (B, 3, R, R) in [-1, 1] at the model's fixed resolution R (24). The
 denoiser predicts x̂0; `velocity` returns v = (x − x̂0) / max(σ, σ_min), the project's convention.
@@ -11,6 +12,7 @@ Contexts are per-sample dicts: {"feats": (T, E), "feats_mask": (T,)} and, for th
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -20,19 +22,24 @@ from PIL import Image
 from torch import nn
 
 from dopsd.errors import PromptError
+from dopsd.images import to_tensor
 from dopsd.mini import world
 from dopsd.mini.nets import LORA_TARGETS, MiniConfig, MiniDiT, MiniEncoder, tiny_config
 from dopsd.mini.recipe import RECIPE_VERSION
-from dopsd.models.base import CaptionProblem, Context
+from dopsd.models.base import BaseFacts, CaptionProblem, Context, LoraLayout, Pair, QualityFn
 from dopsd.models.local import ModelFolderError, read_safetensors
 from dopsd.schedules import shifted_schedule
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 TEACHER_CONTEXTS = ("vlm", "reference", "text")
+FACTS = BaseFacts("dopsd miniature", "dopsd-miniature", "dopsd_miniature")  # what its LoRA files say of the base
 
 
 class MiniAdapter:
     name = "mini"
+    teacher_context_kinds = TEACHER_CONTEXTS[:2]  # "text" is the caption-only control
+    lora_layout = None  # no other tool has this model: its LoRAs stay in dopsd's own peft layout
+    pipeline_class = None
 
     def __init__(
         self,
@@ -136,23 +143,20 @@ class MiniAdapter:
     # --- images ----------------------------------------------------------------------------------
     def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
         res = self.cfg.res
-        out = []
         for i, img in enumerate(images):
             if not isinstance(img, Image.Image):
                 raise TypeError(f"encode_images expects PIL images; item {i} is {type(img).__name__}")
+
+        def fit(img: Image.Image) -> Image.Image:  # the miniature has one fixed resolution
             img = img.convert("RGB")
-            if img.size != (res, res):  # the miniature has one fixed resolution
-                img = img.resize((res, res), Image.Resampling.BOX if min(img.size) > res else Image.Resampling.BILINEAR)
-            t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(res, res, 3)
-            out.append(t.permute(2, 0, 1).float() / 127.5 - 1)
-        return torch.stack(out).to(self.device, self.dtype)
+            if img.size == (res, res):
+                return img
+            return img.resize((res, res), Image.Resampling.BOX if min(img.size) > res else Image.Resampling.BILINEAR)
+
+        return to_tensor([fit(img) for img in images]).to(self.device, self.dtype)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return latents.clamp(-1, 1)
-
-    def to_pil(self, images: torch.Tensor) -> list[Image.Image]:
-        arr = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-        return [Image.fromarray(a) for a in arr]
 
     def _check_size(self, height: int | None, width: int | None) -> None:
         res = self.cfg.res
@@ -173,30 +177,38 @@ class MiniAdapter:
     def default_lora_targets(self) -> list[str]:
         return default_lora_targets()
 
+    def check_lora_targets(self, modules: list[str]) -> None:
+        """Nothing to check: the miniature's LoRA files are dopsd's own (any targets load back)."""
+
     def release_encoders(self) -> None:
         self.encoder = None
 
-    # --- convenience for metrics, demo and tests --------------------------------------------------
-    @torch.no_grad()
-    def sample(
-        self,
-        captions: list[str],
-        noise: torch.Tensor,
-        steps: int | None = None,
-        network: nn.Module | None = None,
-        contexts: list[Context] | None = None,
-    ) -> torch.Tensor:
-        """Euler samples (B, 3, R, R) from `noise` with caption-only contexts (or the given ones)."""
-        from dopsd.sampler import sample_euler
+    def cache_fingerprint(self) -> dict[str, Any]:
+        """The weights themselves (small enough to hash): recipe folders can be rebuilt in place, and tests and the
+        bench change networks without changing the config."""
+        h = hashlib.sha256()
+        for part in (self.encoder, self.network):
+            for key, t in (part.state_dict().items() if part is not None else ()):
+                h.update(key.encode())
+                h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return {"kind": self.kind, "weights": h.hexdigest()}
 
-        net = network if network is not None else self.network
-        ctx = self.collate(contexts if contexts is not None else self.student_contexts(captions))
-        sched = self.inference_schedule(self.cfg.res, self.cfg.res, steps)
-        return self.decode(sample_euler(lambda x, s, c: self.velocity(net, x, s, c), noise.to(self.device, self.dtype), sched, ctx))
+    # --- hooks of the probe, health and eval ---------------------------------------------------------
+    def health_quality(self, prompts: list[str]) -> QualityFn | None:
+        from dopsd.mini.scoring import health_quality
 
-    def noise(self, n: int, seed: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(seed)
-        return torch.randn(n, 3, self.cfg.res, self.cfg.res, generator=g).to(self.device, self.dtype)
+        return health_quality(prompts)
+
+    def probe_scorer(self) -> Any:
+        from dopsd.mini.scoring import MiniScorer
+
+        return MiniScorer()
+
+    def unseen_prompts(self, trigger_word: str) -> list[str]:
+        """The concept on shapes and backgrounds that the built-in concept datasets leave out."""
+        shapes = [s for i, s in enumerate(world.SHAPES) if i not in world.CONCEPT_TRAIN_SHAPES]
+        backgrounds = [b for b in world.BACKGROUNDS if b not in world.CONCEPT_TRAIN_BACKGROUNDS]
+        return [f"a {trigger_word} {s} on a {b} background" for s in shapes for b in backgrounds]
 
 
 def caption_problems(cfg: Any, captions: list[str]) -> list[CaptionProblem]:
@@ -295,66 +307,15 @@ def tiny_random_adapter(seed: int = 0, teacher_context: str = "vlm") -> MiniAdap
     return MiniAdapter(cfg, dit, enc, kind="random", teacher_context=teacher_context)
 
 
-# --- planning (`dopsd plan`): the miniature's networks and calls, no weights ----------------------------------
+# --- the family's other module-level functions (dopsd.models.base.FamilyModule) --------------------------------
 
-def plan_spec(model_cfg: Any, hint: str | None = None):
-    """The miniature as `dopsd plan` sees it (dopsd.models.base.PlanSpec); its config comes from the weights'
-    manifest (the shipped turbo unless model.pretrained names other recipe weights)."""
-    import dataclasses
-    from types import SimpleNamespace
+def lora_layout() -> LoraLayout | None:
+    return None
 
-    from dopsd.models.base import PlanCall, PlanCheck, PlanSpec, PlanStage
-    from dopsd.models.registry import torch_dtype
-    from dopsd.schedules import training_schedule
 
-    pretrained = getattr(model_cfg, "pretrained", None) or "turbo"
-    path = WEIGHTS_DIR / f"{pretrained}.safetensors" if pretrained in ("turbo", "base") else Path(str(pretrained)).expanduser()
-    manifest = weights_file(path).parent / "manifest.json"
-    if not manifest.is_file():
-        raise FileNotFoundError(f"no miniature manifest at {manifest}; point model.pretrained at recipe weights")
-    cfg = MiniConfig.from_dict(json.loads(manifest.read_text())["config"])
-    kind = "base" if weights_file(path).stem == "base" else "turbo"
-    dtype = torch_dtype(getattr(model_cfg, "dtype", None) or "float32")
-    teacher_context = getattr(model_cfg, "teacher_context", None) or "vlm"
-    res, t = cfg.res, cfg.max_tokens
+def owns_network(network: nn.Module) -> bool:
+    return any(isinstance(m, MiniDiT) for m in network.modules())
 
-    def latent_shape(h: int, w: int) -> tuple[int, ...]:
-        if (h, w) != (res, res):
-            raise ValueError(f"the miniature model renders {res}×{res} only; got {h}×{w}")
-        return (3, res, res)
 
-    def call(reference: bool):
-        def make(h: int, w: int) -> PlanCall:
-            def context(batch: int) -> dict[str, torch.Tensor]:
-                ctx = {"feats": torch.zeros(batch, t, cfg.enc_dim, dtype=dtype),
-                       "feats_mask": torch.ones(batch, t, dtype=torch.bool)}
-                if reference:
-                    ctx["ref"] = torch.zeros(batch, 3, res, res, dtype=dtype)
-                    ctx["ref_on"] = torch.ones(batch, dtype=torch.bool)
-                return ctx
-
-            tokens = {"caption": t, "image": cfg.num_patches}
-            if reference:
-                tokens["reference"] = cfg.num_patches
-            return PlanCall(context, tokens)
-
-        return make
-
-    def run(parts: dict[str, Any], height: int, width: int) -> Any:
-        tokens = torch.zeros(8, t, dtype=torch.long)
-        return parts["encoder"](tokens, torch.zeros(8, 3, res, res, dtype=dtype))
-
-    steps = getattr(model_cfg, "inference_steps", None) or (cfg.base_steps if kind == "base" else cfg.turbo_steps)
-    k = len(training_schedule(shifted_schedule(steps, cfg.shift), getattr(model_cfg, "rollout_every", 1) or 1)) - 1
-    return PlanSpec(
-        label=f"miniature ({pretrained})", dtype=dtype,
-        parts={"transformer": lambda o: MiniDiT(dataclasses.replace(cfg, **o)), "encoder": lambda o: MiniEncoder(cfg)},
-        depth={"layers": cfg.layers}, lora_targets=default_lora_targets(), latent_shape=latent_shape,
-        student=call(False), teacher=call(teacher_context == "reference"),
-        velocity=lambda net, x, s, c: MiniAdapter.velocity(SimpleNamespace(cfg=cfg), net, x, s, c),
-        rollout_steps=k, caching=[PlanStage("caption features (mini encoder, 8 captions)", ("encoder",),
-                                            ("transformer", "encoder"), run)],
-        checks=lambda h, w: [PlanCheck("positions", True, f"learned positions for {cfg.num_patches} patches")],
-        sources={"transformer": str(manifest), "encoder": str(manifest)},
-        notes=["the miniature has no gradient checkpointing"],
-    )
+def base_facts(network: nn.Module | None = None, lora: dict[str, Pair] | None = None) -> BaseFacts:
+    return FACTS

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 CONCEPT = "orange"
 METHODS = ("sft", "dopsd")  # grid columns: before | SFT | D-OPSD
@@ -95,17 +95,13 @@ def evaluate(pretrained: str, weights: dict[str, Path | None], samples: int, see
 
 
 def comparison_grid(images: dict[str, torch.Tensor]) -> Image.Image:
-    from dopsd.images import grid_image
+    """Rows = prompts, columns = models (titled), each sample magnified to a viewable cell."""
+    from dopsd.images import VIEWABLE, labelled_grid, to_pil
 
     names = list(images)
-    stacked = torch.stack([images[n] for n in names], dim=1).flatten(0, 1)  # rows = prompts, cols = methods
-    grid = grid_image(stacked, rows=len(next(iter(images.values()))), cols=len(names))
-    canvas = Image.new("RGB", (grid.width, grid.height + 16), "white")
-    canvas.paste(grid, (0, 16))
-    draw = ImageDraw.Draw(canvas)
-    for i, name in enumerate(names):
-        draw.text((4 + i * grid.width // len(names), 2), name, fill="black")
-    return canvas
+    rows = [list(row) for row in zip(*(to_pil(images[n]) for n in names))]
+    side = images[names[0]].shape[-1]
+    return labelled_grid(rows, names, cell=side * max(1, VIEWABLE // side))
 
 
 def train_method(method: str, data: Path, out: Path, seed: int, pretrained: str, steps: int | None = None,
@@ -124,6 +120,7 @@ def train_method(method: str, data: Path, out: Path, seed: int, pretrained: str,
 
 def run_demo(out: Path, steps: int | None = None, seed: int = 0, samples: int = 64,
              pretrained: str = "turbo") -> dict[str, Any]:
+    from dopsd.files import atomic_save_image, atomic_write_text
     from dopsd.mini import world
 
     start = time.perf_counter()
@@ -138,9 +135,9 @@ def run_demo(out: Path, steps: int | None = None, seed: int = 0, samples: int = 
         trained[method] = train_method(method, data, out / method, seed, pretrained, steps)
     print("\n== evaluating at the turbo's 4 steps (same noise for every model) ==")
     results, images = evaluate(pretrained, trained, samples, seed)
-    comparison_grid(images).save(out / "demo.png")
+    atomic_save_image(out / "demo.png", comparison_grid(images))
     summary = {**results, "seconds": round(time.perf_counter() - start, 1)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     print(f"\n{'':8} {'concept_fidelity':>17} {'fewstep_quality':>16} {'drift':>8}")
     for name, r in results.items():
         print(f"{name:8} {r['concept_fidelity']:17.3f} {r['fewstep_quality']:16.3f} {r['drift']:8.4f}")

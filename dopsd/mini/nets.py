@@ -256,7 +256,3 @@ class MiniDiT(nn.Module):
 
 
 LORA_TARGETS = ["attn.qkv", "attn.out", "mlp.fc1", "mlp.fc2"]
-
-
-def count_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

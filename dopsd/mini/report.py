@@ -1,4 +1,5 @@
-"""`dopsd mini report`: measure the shipped (or given) base and turbo against the issue's must-show items.
+"""`dopsd mini report`: measure the shipped (or given) base and turbo on what the miniature must show to stand in
+for a real turbo:
 
 0. attribute decoding of the untouched turbo at its step count (and the base at its many steps);
 1. few-step quality: MSE to the base's many-step output for the same noise and prompt, sharpness;
@@ -27,6 +28,7 @@ import torch
 from dopsd.mini import metrics as M
 from dopsd.mini import world
 from dopsd.mini.adapter import MiniAdapter, load
+from dopsd.sampler import generate
 
 
 def _quality(images: torch.Tensor, captions: list[str], reference: torch.Tensor | None) -> dict[str, float]:
@@ -43,13 +45,22 @@ def _chunks(n: int, size: int = 128):
     return [(i, min(n, i + size)) for i in range(0, n, size)]
 
 
+def draw_noise(adapter: MiniAdapter, n: int, seed: int) -> torch.Tensor:
+    """n noises from one generator (the report's tables were measured with this draw)."""
+    res = adapter.resolution
+    return torch.randn(n, 3, res, res, generator=torch.Generator().manual_seed(seed))
+
+
 @torch.no_grad()
 def sample_many(adapter: MiniAdapter, captions: list[str], noise: torch.Tensor, steps: int | None = None,
                 contexts=None) -> torch.Tensor:
+    """Samples at `steps` (default: the model's own) with caption-only contexts (or the given ones), in chunks
+    of 128 whose contexts are encoded chunk by chunk."""
+    schedule = adapter.inference_schedule(adapter.resolution, adapter.resolution, steps)
     parts = []
     for a, b in _chunks(len(captions)):
-        ctx = None if contexts is None else contexts[a:b]
-        parts.append(adapter.sample(captions[a:b], noise[a:b], steps=steps, contexts=ctx).cpu())
+        ctx = adapter.student_contexts(captions[a:b]) if contexts is None else contexts[a:b]
+        parts.append(generate(adapter, adapter.network, ctx, noise[a:b], schedule, batch_size=b - a))
     return torch.cat(parts)
 
 
@@ -58,40 +69,40 @@ def teacher_check(turbo: MiniAdapter, seed: int, n: int) -> dict[str, float]:
     """Concept fidelity with caption + target image vs caption only, for every held-out concept and path."""
     g = torch.Generator().manual_seed(40_000 + seed)
     out: dict[str, float] = {}
-    noise = turbo.noise(n, 50_000 + seed)
+    draws = draw_noise(turbo, n, 50_000 + seed)
     for concept in world.CONCEPTS:
         scenes = [world.concept_scene(concept, g) for _ in range(n)]
         captions = [s.caption() for s in scenes]
         targets = world.render(scenes)
-        alone = sample_many(turbo, captions, noise)
+        alone = sample_many(turbo, captions, draws)
         out[f"{concept}:caption_only"] = M.concept_fidelity(alone, concept)
         for path in ("vlm", "reference"):
             turbo.teacher_context = path
             ctx = turbo.teacher_contexts_from_tensors(captions, targets)
-            out[f"{concept}:caption+image({path})"] = M.concept_fidelity(sample_many(turbo, captions, noise, contexts=ctx), concept)
+            out[f"{concept}:caption+image({path})"] = M.concept_fidelity(sample_many(turbo, captions, draws, contexts=ctx), concept)
         turbo.teacher_context = "vlm"
     scenes = world.domain_scenes(n, seed=100 + seed)
     captions = [s.caption() for s in scenes]
-    out["domain:caption_only"] = M.domain_fidelity(sample_many(turbo, captions, noise))
+    out["domain:caption_only"] = M.domain_fidelity(sample_many(turbo, captions, draws))
     ctx = turbo.teacher_contexts_from_tensors(captions, world.render(scenes))
-    out["domain:caption+image(vlm)"] = M.domain_fidelity(sample_many(turbo, captions, noise, contexts=ctx))
+    out["domain:caption+image(vlm)"] = M.domain_fidelity(sample_many(turbo, captions, draws, contexts=ctx))
     return out
 
 
 @torch.no_grad()
 def evaluate(turbo: MiniAdapter, base: MiniAdapter, seed: int, n: int = 256) -> dict[str, dict[str, float]]:
     captions = world.unrelated_prompts(n, seed)
-    noise = turbo.noise(n, seed)
+    draws = draw_noise(turbo, n, seed)
     ts, bs = turbo.default_steps, base.default_steps
-    many = sample_many(base, captions, noise, bs)
+    many = sample_many(base, captions, draws, bs)
     rows = {
         f"base@{bs}": _quality(many, captions, None),
-        f"turbo@{ts}": _quality(sample_many(turbo, captions, noise, ts), captions, many),
-        f"base@{ts}": _quality(sample_many(base, captions, noise, ts), captions, many),
+        f"turbo@{ts}": _quality(sample_many(turbo, captions, draws, ts), captions, many),
+        f"base@{ts}": _quality(sample_many(base, captions, draws, ts), captions, many),
     }
     for steps in (2, 1):
-        rows[f"turbo@{steps}"] = _quality(sample_many(turbo, captions, noise, steps), captions, many)
-        rows[f"base@{steps}"] = _quality(sample_many(base, captions, noise, steps), captions, many)
+        rows[f"turbo@{steps}"] = _quality(sample_many(turbo, captions, draws, steps), captions, many)
+        rows[f"base@{steps}"] = _quality(sample_many(base, captions, draws, steps), captions, many)
     g = torch.Generator().manual_seed(seed)
     clean_scenes = [world.random_scene(g) for _ in range(n)]
     clean = world.render(clean_scenes)
@@ -101,7 +112,8 @@ def evaluate(turbo: MiniAdapter, base: MiniAdapter, seed: int, n: int = 256) -> 
 
 
 def premise(pretrained: str, seed: int, steps: int | None = None) -> dict[str, dict[str, float]]:
-    """Item 3: `dopsd demo` (SFT and D-OPSD LoRAs on the held-out concept) with this seed, in a scratch folder."""
+    """The premise: `dopsd demo` (SFT and D-OPSD LoRAs on the held-out concept) with this seed, in a scratch folder,
+    plus the longer SFT run, the known-colour control and both methods with prior preservation."""
     import tempfile
 
     from dopsd.mini.demo import STEPS, evaluate, run_demo, train_method

@@ -269,16 +269,11 @@ def domain_scenes(n: int = 256, seed: int = 0) -> list[Scene]:
     return [with_domain(random_scene(g)) for _ in range(n)]
 
 
-def to_pil(images: torch.Tensor) -> list:
-    from PIL import Image
-
-    arr = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in arr]
-
-
 def write_pairs(folder, scenes: list[Scene], with_background: bool = True) -> list[str]:
     """Write scenes as `NNNN.png` + `NNNN.txt` (caption) pairs; returns the captions."""
     from pathlib import Path
+
+    from dopsd.images import to_pil
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

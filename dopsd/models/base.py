@@ -1,4 +1,4 @@
-"""The protocol every model family implements; the trainer, sampler, probe and bench only talk to this.
+"""The protocol every model family implements; the trainer, sampler, probe, export and bench only talk to this.
 
 An adapter translates between the project's conventions and its model's own:
   * latents are one batch tensor (B, …) in the project's σ convention (σ=1 noise, σ=0 clean);
@@ -7,23 +7,24 @@ An adapter translates between the project's conventions and its model's own:
   * contexts are built per sample as dicts of tensors (so they can be cached on disk by content hash)
     and batched by `collate`; the objective never looks inside them.
 
-Each family module (dopsd.models.<family>, listed in `dopsd.models.registry.FAMILIES`) defines two
-module-level functions, reached through the registry (see `FamilyModule`):
-  * `load(model_cfg, device, dtype) -> ModelAdapter`;
-  * `caption_problems(model_cfg, captions) -> list[CaptionProblem]`: what the family's text side cannot read
-    or will change, found without loading weights (the dataset check calls it on every caption at once).
+Each family module (dopsd.models.<family>, listed by name in `dopsd.models.registry.FAMILIES`) defines the
+module-level functions of `FamilyModule`, reached through the registry; they need no weights (the dataset check
+and `dopsd export` call them before or without loading a model). Its plan module (`registry.PLAN_MODULES`)
+defines `plan_spec` (`FamilyPlanModule`, below).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 
 import torch
 from PIL import Image
 from torch import nn
 
 Context = dict[str, torch.Tensor]
+Pair = tuple[torch.Tensor, torch.Tensor]  # one LoRA module: (lora_A: r × in, lora_B: out × r)
+QualityFn = Callable[[torch.Tensor, list[str]], float]  # (decoded images in [-1, 1], their prompts) -> quality
 
 
 @dataclass(frozen=True)
@@ -41,18 +42,71 @@ class CaptionProblem:
     notice: bool = False
 
 
+@dataclass(frozen=True)
+class LoraLayout:
+    """A family's LoRA interchange layout: the one set of keys that diffusers and ComfyUI both load.
+
+    The rows are data; the one generic routine each way (dopsd.lora.layout) converts with them and knows no family.
+    rows: (module as dopsd trains it (diffusers names), module in the interchange layout, slot in a fused q/k/v
+    projection or None); `{name}` fields are placeholders, tried in order. placeholders: (name, regex it matches).
+    sign: a regex that module names of this family's LoRAs match in any layout (how a file's family is told from
+    its keys). implementation: whose module names the interchange keys follow (`modelspec.implementation`).
+    """
+
+    rows: tuple[tuple[str, str, int | None], ...]
+    placeholders: tuple[tuple[str, str], ...]
+    sign: str
+    implementation: str
+
+
+@dataclass(frozen=True)
+class BaseFacts:
+    """What a LoRA file's metadata says about its base model (dopsd.lora.meta)."""
+
+    variant: str  # e.g. "FLUX.2-klein 4B"
+    architecture: str  # modelspec id of the base, e.g. "Flux.2-klein-4b"
+    base_version: str  # ss_base_model_version, e.g. "flux2_klein_4b"
+
+
 class FamilyModule(Protocol):
-    """The module-level functions every dopsd.models.<family> module defines."""
+    """The module-level functions every dopsd.models.<family> module (and dopsd.mini.adapter) defines."""
 
-    def load(self, model_cfg: Any, device: Any, dtype: Any) -> "ModelAdapter": ...
+    def load(self, model_cfg: Any, device: Any, dtype: Any) -> "ModelAdapter":
+        """The adapter with its weights on `device` (model_cfg: dopsd.config.ModelConfig)."""
+        ...
 
-    def caption_problems(self, model_cfg: Any, captions: list[str]) -> list[CaptionProblem]: ...
+    def caption_problems(self, model_cfg: Any, captions: list[str]) -> list[CaptionProblem]:
+        """What the family's text side cannot read or will change, found without loading weights (the dataset
+        check calls it on every caption at once)."""
+        ...
+
+    def lora_layout(self) -> LoraLayout | None:
+        """The interchange layout of the family's LoRA files; None when only dopsd loads them."""
+        ...
+
+    def owns_network(self, network: nn.Module) -> bool:
+        """Whether `network` is this family's denoiser (how a bare network's LoRA file learns its family)."""
+        ...
+
+    def base_facts(self, network: nn.Module | None = None, lora: Mapping[str, Pair] | None = None) -> BaseFacts | None:
+        """Variant and architecture ids for LoRA file metadata: from the denoiser's config, else from a LoRA's
+        shapes ({module: (A, B)}); None when neither tells."""
+        ...
 
 
 @runtime_checkable
 class ModelAdapter(Protocol):
-    name: str
+    name: str  # the family (a key of dopsd.models.registry.FAMILIES)
+    kind: str | None  # which of the family's named weights are loaded (mini: turbo/base/random); None: model.pretrained says it
     network: nn.Module  # the denoiser whose weights are fine-tuned (LoRA or full)
+    device: torch.device  # where the adapter's parts run
+    dtype: torch.dtype  # the frozen weights' dtype
+    # Teacher contexts that carry the target image, the family's default first (model.teacher_context); every
+    # family also accepts "text", a caption-only control.
+    teacher_context_kinds: tuple[str, ...]
+    teacher_context: str  # the one in use
+    lora_layout: LoraLayout | None  # as the family module's lora_layout()
+    pipeline_class: type | None  # the diffusers pipeline the trained LoRA loads into; None when there is none
 
     def velocity(self, network: nn.Module, x: torch.Tensor, sigma: torch.Tensor, context: Any) -> torch.Tensor:
         """v(x, σ, context) with `network` (the student may be DDP-wrapped; the teacher is not)."""
@@ -94,13 +148,35 @@ class ModelAdapter(Protocol):
         """peft target_modules for this family (names or a regex)."""
         ...
 
+    def check_lora_targets(self, modules: list[str]) -> None:
+        """Raise ConfigError naming every injected LoRA module that the family's LoRA files cannot carry (no
+        interchange name), so a run is refused before training instead of ending with weights other tools
+        cannot load. Called right after the LoRA is injected."""
+        ...
+
     def release_encoders(self) -> None:
         """Free the frozen encoders once contexts are cached (they are not needed while training)."""
         ...
 
+    def cache_fingerprint(self) -> dict[str, Any]:
+        """What cached contexts depend on besides the config's model section (dopsd.cache)."""
+        ...
+
+    def health_quality(self, prompts: list[str]) -> QualityFn | None:
+        """A decoder-based few-step quality for few-step health on these prompts, or None when the family has none."""
+        ...
+
+    def probe_scorer(self) -> Any:
+        """The family's own `dopsd probe` scorer (a dopsd.probe_scorers.Scorer), or None for the generic ones."""
+        ...
+
+    def unseen_prompts(self, trigger_word: str) -> list[str]:
+        """Prompts with the concept's word in settings no training caption shows (`dopsd eval`'s default)."""
+        ...
+
 
 # --- planning: what `dopsd plan` needs to know about a family, before anything is downloaded ---------------
-# Each family module exposes `plan_spec(model_cfg, hint=None) -> PlanSpec` (through
+# Each family's plan module exposes `plan_spec(model_cfg, hint=None) -> PlanSpec` (FamilyPlanModule; through
 # `dopsd.models.registry.plan_spec`). The planner builds the parts on the meta device from the spec, runs them on
 # fake tensors and never looks at the family; everything family-specific (configs, inputs at a resolution,
 # token counts, the encoders the feature cache runs and what is loaded meanwhile) lives behind this interface.
@@ -158,3 +234,12 @@ class PlanSpec:
     denoiser: str = "transformer"
     sources: dict[str, str] = field(default_factory=dict)  # part -> where its configuration came from
     notes: list[str] = field(default_factory=list)
+
+
+class FamilyPlanModule(Protocol):
+    """What each family's plan module (dopsd.models.registry.PLAN_MODULES) defines."""
+
+    def plan_spec(self, model_cfg: Any, hint: str | None = None) -> PlanSpec:
+        """The family's full-size networks and calls as the trainer would run them for `model_cfg`, no weights.
+        hint: free text that may name a variant when no local folder says which (e.g. a preset name)."""
+        ...

@@ -1,4 +1,5 @@
-"""FLUX.2-klein (diffusers `Flux2KleinPipeline`) behind the `ModelAdapter` protocol.
+"""FLUX.2-klein (diffusers `Flux2KleinPipeline`) behind the `ModelAdapter` protocol, and every FLUX.2 fact the rest
+of dopsd needs (its schedule, LoRA interchange layout, published sizes, teacher instructions).
 
 Conventions translated here (pinned by tests against the pipeline itself):
   * latents are the VAE's, 2×2-patchified and normalised with the VAE's batch-norm statistics, kept as
@@ -13,33 +14,100 @@ Conventions translated here (pinned by tests against the pipeline itself):
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from PIL import Image
 from torch import nn
 
 from dopsd.config import ConfigError
-from dopsd.models.base import CaptionProblem, Context
-from dopsd.models.local import ModelFolderError, cfg_get, chat_token_counts, chat_tokens, check_pipeline_folder, check_size, folder_fingerprint, free_memory, load_part, resolve_dtype, stack_or_list, still_loaded, to_pixels, token_limit_problems
-from dopsd.schedules import flux2_schedule
+from dopsd.models.base import BaseFacts, CaptionProblem, Context, LoraLayout, Pair
+from dopsd.models.local import DiffusersHooks, ModelFolderError, chat_token_counts, chat_tokens, check_pipeline_folder, check_size, folder_fingerprint, free_memory, load_part, resolve_dtype, stack_or_list, still_loaded, to_pixels, token_limit_problems
+from dopsd.schedules import dynamic_schedule
 
+LABEL = "FLUX.2-klein"
+STEPS = 4  # klein's own few-step setting
+TEXT_LAYERS = (9, 18, 27)  # Qwen3 hidden states concatenated per token, as the pipeline
+TEACHER_CONTEXTS = ("reference", "vlm")  # "text" is accepted as well: a caption-only control
 # `attn.to_out` is a ModuleList in double blocks (peft rejects it), a Linear in single blocks: hence a regex.
 LORA_TARGETS = (
     r".*transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
     r"|.*single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out)"
 )
+# What the reference-path teacher reads after the caption when model.teacher_instruction is null.
 REFERENCE_INSTRUCTION = "Make the main subject, background and overall composition consistent with the reference image."
 EDIT_INSTRUCTION = "The last reference image is the expected output of this edit."
 
+# The interchange layout is the original (BFL) module names, which ComfyUI matches directly and diffusers converts:
+# q/k/v of a double block are fused exactly into `{img,txt}_attn.qkv`. Rows: (diffusers module, BFL module, q/k/v
+# slot or None); `{i}` is a block index. Only modules both ComfyUI and diffusers map are listed.
+LORA_LAYOUT = LoraLayout(
+    rows=(
+    ("transformer_blocks.{i}.attn.to_q", "double_blocks.{i}.img_attn.qkv", 0),
+    ("transformer_blocks.{i}.attn.to_k", "double_blocks.{i}.img_attn.qkv", 1),
+    ("transformer_blocks.{i}.attn.to_v", "double_blocks.{i}.img_attn.qkv", 2),
+    ("transformer_blocks.{i}.attn.add_q_proj", "double_blocks.{i}.txt_attn.qkv", 0),
+    ("transformer_blocks.{i}.attn.add_k_proj", "double_blocks.{i}.txt_attn.qkv", 1),
+    ("transformer_blocks.{i}.attn.add_v_proj", "double_blocks.{i}.txt_attn.qkv", 2),
+    ("transformer_blocks.{i}.attn.to_out.0", "double_blocks.{i}.img_attn.proj", None),
+    ("transformer_blocks.{i}.attn.to_add_out", "double_blocks.{i}.txt_attn.proj", None),
+    ("transformer_blocks.{i}.ff.linear_in", "double_blocks.{i}.img_mlp.0", None),
+    ("transformer_blocks.{i}.ff.linear_out", "double_blocks.{i}.img_mlp.2", None),
+    ("transformer_blocks.{i}.ff_context.linear_in", "double_blocks.{i}.txt_mlp.0", None),
+    ("transformer_blocks.{i}.ff_context.linear_out", "double_blocks.{i}.txt_mlp.2", None),
+    ("single_transformer_blocks.{i}.attn.to_qkv_mlp_proj", "single_blocks.{i}.linear1", None),
+    ("single_transformer_blocks.{i}.attn.to_out", "single_blocks.{i}.linear2", None),
+    ("x_embedder", "img_in", None),
+    ("context_embedder", "txt_in", None),
+    ("proj_out", "final_layer.linear", None),
+    ("time_guidance_embed.timestep_embedder.linear_1", "time_in.in_layer", None),
+    ("time_guidance_embed.timestep_embedder.linear_2", "time_in.out_layer", None),
+    ("time_guidance_embed.guidance_embedder.linear_1", "guidance_in.in_layer", None),
+    ("time_guidance_embed.guidance_embedder.linear_2", "guidance_in.out_layer", None),
+    ("double_stream_modulation_img.linear", "double_stream_modulation_img.lin", None),
+    ("double_stream_modulation_txt.linear", "double_stream_modulation_txt.lin", None),
+    ("single_stream_modulation.linear", "single_stream_modulation.lin", None),
+    ),
+    placeholders=(("i", r"\d+"),),
+    sign=r"(^|\.)(single_)?transformer_blocks\.\d+\.|(^|\.)(double|single)_blocks\.\d+\.",
+    implementation="https://github.com/black-forest-labs/flux2",
+)
+# Published transformer sizes (double blocks, single blocks, width) → (variant, modelspec architecture,
+# ss_base_model_version).
+VARIANTS = {
+    (5, 20, 3072): ("FLUX.2-klein 4B", "Flux.2-klein-4b", "flux2_klein_4b"),
+    (8, 24, 4096): ("FLUX.2-klein 9B", "Flux.2-klein-9b", "flux2_klein_9b"),
+}
 
-def _ids(t: int, h: int, w: int) -> torch.Tensor:
+
+def position_ids(t: int, h: int, w: int) -> torch.Tensor:
     """(h·w, 4) position ids (T, H, W, L) of one packed image, row-major like the pipeline's."""
     return torch.cartesian_prod(torch.tensor([t]), torch.arange(h), torch.arange(w), torch.arange(1))
 
 
-class Flux2Adapter:
+def flux2_empirical_mu(image_seq_len: int, steps: int) -> float:
+    """FLUX.2's resolution- and step-dependent shift μ (same constants as diffusers' Flux2KleinPipeline)."""
+    a1, b1 = 8.73809524e-05, 1.89833333
+    a2, b2 = 0.00016927, 0.45666666
+    if image_seq_len > 4300:
+        return float(a2 * image_seq_len + b2)
+    m_200 = a2 * image_seq_len + b2
+    m_10 = a1 * image_seq_len + b1
+    slope = (m_200 - m_10) / 190.0
+    return float(slope * steps + (m_200 - 200.0 * slope))
+
+
+def flux2_schedule(steps: int, image_seq_len: int) -> torch.Tensor:
+    """FLUX.2-klein inference schedule: dynamic shift from the packed image token count."""
+    return dynamic_schedule(steps, flux2_empirical_mu(image_seq_len, steps))
+
+
+class Flux2Adapter(DiffusersHooks):
+    label = LABEL
     name = "flux2"
+    kind = None
+    teacher_context_kinds = TEACHER_CONTEXTS
+    lora_layout = LORA_LAYOUT
 
     def __init__(self, cfg: Any, device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None):
         from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
@@ -48,12 +116,12 @@ class Flux2Adapter:
         self.cfg = cfg
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype)
-        self.folder = check_pipeline_folder(cfg_get(cfg, "pretrained", None), "flux2")
-        self.teacher_mode = cfg_get(cfg, "teacher_context", "reference")
-        if self.teacher_mode not in ("reference", "vlm", "text"):
-            raise ConfigError(f"model.teacher_context must be 'reference', 'vlm' or 'text' for FLUX.2, got {self.teacher_mode!r}")
-        self.editing = bool(cfg_get(cfg, "editing", False))
-        if self.editing and self.teacher_mode != "reference":
+        self.folder = check_pipeline_folder(cfg.pretrained, "flux2")
+        self.teacher_context = cfg.teacher_context
+        if self.teacher_context not in (*TEACHER_CONTEXTS, "text"):
+            raise ConfigError(f"model.teacher_context must be 'reference', 'vlm' or 'text' for FLUX.2, got {self.teacher_context!r}")
+        self.editing = bool(cfg.editing)
+        if self.editing and self.teacher_context != "reference":
             raise ConfigError("model.editing trains through the reference path: set model.teacher_context: reference")
         self.instruction = teacher_instruction(cfg)
         self.network: nn.Module = load_part(Flux2Transformer2DModel, self.folder, "transformer", self.dtype).to(self.device)
@@ -61,15 +129,15 @@ class Flux2Adapter:
         self.text_encoder = load_part(Qwen3ForCausalLM, self.folder, "text_encoder", self.dtype).to(self.device).eval()
         self.text_encoder.requires_grad_(False)
         self.tokenizer = load_part(AutoTokenizer, self.folder, "tokenizer")
-        self.layers = tuple(int(k) for k in cfg_get(cfg, "text_encoder_out_layers", (9, 18, 27)))
+        self.layers = tuple(cfg.text_encoder_out_layers or TEXT_LAYERS)
         depth = self.text_encoder.config.num_hidden_layers
         if max(self.layers) > depth:
             raise ModelFolderError(f"model.pretrained: text_encoder_out_layers {self.layers} exceed the {depth} layers of "
                                    f"{self.folder}/text_encoder; is this the FLUX.2-klein text encoder?")
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.steps = int(cfg_get(cfg, "inference_steps", 4))
-        self.max_tokens = int(cfg_get(cfg, "max_caption_tokens", 512))
-        self.teacher_max_tokens = int(cfg_get(cfg, "teacher_max_tokens", 1024))
+        self.steps = cfg.inference_steps if cfg.inference_steps is not None else STEPS
+        self.max_tokens = cfg.max_caption_tokens
+        self.teacher_max_tokens = cfg.teacher_max_tokens
         bn = self.vae.bn
         self.bn_mean = bn.running_mean.detach().float().view(1, -1, 1, 1).to(self.device)
         self.bn_std = torch.sqrt(bn.running_var.detach().float() + self.vae.config.batch_norm_eps).view(1, -1, 1, 1).to(self.device)
@@ -80,7 +148,7 @@ class Flux2Adapter:
     def velocity(self, network: nn.Module, x: torch.Tensor, sigma: torch.Tensor, context: Any) -> torch.Tensor:
         b, c, h, w = x.shape
         tokens = x.reshape(b, c, h * w).permute(0, 2, 1)
-        img_ids = _ids(0, h, w).to(x.device)
+        img_ids = position_ids(0, h, w).to(x.device)
         refs = context.get("ref_tokens")
         if refs is not None:
             tokens = torch.cat([tokens, refs.to(tokens.dtype)], dim=1)
@@ -117,7 +185,7 @@ class Flux2Adapter:
         for i, lat in enumerate(latents):  # references may differ in size: ids carry each one's grid
             c, h, w = lat.shape
             tokens.append(lat.reshape(c, h * w).t())
-            ids.append(_ids(10 * (i + 1), h, w))
+            ids.append(position_ids(10 * (i + 1), h, w))
         return torch.cat(tokens).cpu(), torch.cat(ids)
 
     def _contexts(self, captions: list[str], refs: list[list[Image.Image]] | None) -> list[Context]:
@@ -141,9 +209,9 @@ class Flux2Adapter:
     ) -> list[Context]:
         if len(captions) != len(images):
             raise ValueError(f"{len(captions)} captions for {len(images)} images")
-        if self.teacher_mode == "text":
+        if self.teacher_context == "text":
             return self.student_contexts(captions, sources)
-        if self.teacher_mode == "vlm":
+        if self.teacher_context == "vlm":
             return self._vlm_contexts(captions, images)
         joined = with_instruction(captions, self.instruction)
         if self.editing:
@@ -157,10 +225,8 @@ class Flux2Adapter:
         if self._vlm is None:
             from dopsd.models.qwen_vl import QwenVLEncoder
 
-            self._vlm = QwenVLEncoder(
-                cfg_get(self.cfg, "teacher_encoder", None), still_loaded(self.text_encoder, "text encoder"),
-                self.device, self.dtype, image_tokens=int(cfg_get(self.cfg, "teacher_image_tokens", 256)),
-            )
+            self._vlm = QwenVLEncoder(self.cfg.teacher_encoder, still_loaded(self.text_encoder, "text encoder"),
+                                      self.device, self.dtype, image_tokens=self.cfg.teacher_image_tokens)
             print(f"[dopsd] VLM teacher: {self._vlm.report}")
         return [{"prompt_embeds": self._vlm.encode(im, c, self.layers, pad_to=self.teacher_max_tokens).cpu()}
                 for c, im in zip(captions, images)]
@@ -223,9 +289,8 @@ class Flux2Adapter:
     def cache_fingerprint(self) -> dict[str, Any]:
         """Settings that change cached contexts but are not in the config's model section."""
         return {"adapter_version": 1, "teacher_max_tokens": self.teacher_max_tokens,
-                "teacher_image_tokens": int(cfg_get(self.cfg, "teacher_image_tokens", 256)),
-                "layers": list(getattr(self, "layers", (-2,))), "weights": folder_fingerprint(self.folder),
-                "teacher_weights": folder_fingerprint(cfg_get(self.cfg, "teacher_encoder", None))}
+                "teacher_image_tokens": self.cfg.teacher_image_tokens, "layers": list(self.layers),
+                "weights": folder_fingerprint(self.folder), "teacher_weights": folder_fingerprint(self.cfg.teacher_encoder)}
 
     def default_lora_targets(self) -> str:
         return LORA_TARGETS
@@ -237,7 +302,7 @@ class Flux2Adapter:
         self._vlm = None
         free_memory()
 
-    # --- helpers for export / eval ----------------------------------------------------------------
+    # --- the diffusers pipeline (export checks, tests) ------------------------------------------------
 
     def pipeline(self, transformer: nn.Module | None = None):
         """A `Flux2KleinPipeline` around this adapter's parts (text encoder must still be loaded)."""
@@ -255,27 +320,35 @@ class Flux2Adapter:
 
 
 def teacher_instruction(cfg: Any) -> str:
-    """What the reference-path teacher reads after the caption."""
-    default = EDIT_INSTRUCTION if cfg_get(cfg, "editing", False) else REFERENCE_INSTRUCTION
-    return str(cfg_get(cfg, "teacher_instruction", default))
+    """What the reference-path teacher reads after the caption: model.teacher_instruction, else the family's own
+    (the edit instruction for editing LoRAs)."""
+    if cfg.teacher_instruction is not None:
+        return str(cfg.teacher_instruction)
+    return EDIT_INSTRUCTION if cfg.editing else REFERENCE_INSTRUCTION
 
 
 def with_instruction(captions: list[str], instruction: str) -> list[str]:
     return [f"{c.rstrip()} {instruction}".strip() for c in captions]
 
 
+# --- the family's module-level functions (dopsd.models.base.FamilyModule) -------------------------------------
+
+def load(cfg: Any, device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None) -> Flux2Adapter:
+    return Flux2Adapter(cfg, device, dtype)
+
+
 def caption_problems(cfg: Any, captions: list[str]) -> list[CaptionProblem]:
-    """The family hook (dopsd.models.base): captions the text encoder will cut at model.max_caption_tokens —
-    for the student, and for the reference-path teacher, which reads the caption plus its instruction in the
-    same budget (a long caption cuts the instruction off). Counted with the folder's own tokenizer."""
+    """Captions the text encoder will cut at model.max_caption_tokens — for the student, and for the
+    reference-path teacher, which reads the caption plus its instruction in the same budget (a long caption cuts
+    the instruction off). Counted with the folder's own tokenizer."""
     from transformers import AutoTokenizer
 
-    folder = check_pipeline_folder(cfg_get(cfg, "pretrained", None), "flux2")
+    folder = check_pipeline_folder(cfg.pretrained, "flux2")
     tokenizer = load_part(AutoTokenizer, folder, "tokenizer")
-    limit = int(cfg_get(cfg, "max_caption_tokens", 512))
+    limit = cfg.max_caption_tokens
     field = "model.max_caption_tokens"
     found = token_limit_problems(chat_token_counts(tokenizer, captions, thinking=False), limit, field)
-    if cfg_get(cfg, "teacher_context", "reference") == "reference":
+    if cfg.teacher_context == "reference":
         joined = chat_token_counts(tokenizer, with_instruction(captions, teacher_instruction(cfg)), thinking=False)
         cut = {p.index for p in found}
         teacher = ("{n} tokens with the teacher's instruction appended; the text encoder reads the first {limit} "
@@ -285,108 +358,32 @@ def caption_problems(cfg: Any, captions: list[str]) -> list[CaptionProblem]:
     return found + [CaptionProblem(None, hint, notice=True)] if found else []
 
 
-def load(cfg: Any, device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None) -> Flux2Adapter:
-    return Flux2Adapter(cfg, device, dtype)
+def lora_layout() -> LoraLayout:
+    return LORA_LAYOUT
 
 
-# --- planning (`dopsd plan`): the full-size networks and calls of this family, no weights --------------------
-
-def plan_variant(cfg: Any, hint: str | None) -> str:
-    """Bundled config to plan when model.pretrained is not a local folder: klein 9B if the hint or the folder
-    name says 9B, else klein 4B."""
-    text = f"{hint or ''} {cfg_get(cfg, 'pretrained', '') or ''}".lower()
-    return "flux2-klein-9b" if "9b" in text else "flux2-klein-4b"
+def owns_network(network: nn.Module) -> bool:
+    return any(type(m).__name__.startswith("Flux2Transformer") for m in network.modules())
 
 
-def plan_spec(cfg: Any, hint: str | None = None):
-    """FLUX.2-klein as `dopsd plan` sees it (dopsd.models.base.PlanSpec)."""
-    from types import SimpleNamespace
+def base_facts(network: nn.Module | None = None, lora: Mapping[str, Pair] | None = None) -> BaseFacts | None:
+    """From the transformer's config (double blocks, single blocks, width), else from a LoRA's shapes."""
+    size = None
+    if network is not None:
+        try:
+            c = network.config
+            size = (int(c.num_layers), int(c.num_single_layers), int(c.num_attention_heads * c.attention_head_dim))
+        except AttributeError:
+            size = None
+    elif lora:
+        def blocks(prefix: str) -> int:
+            ids = [int(m.split(".")[1]) for m in lora if m.startswith(prefix) and m.split(".")[1].isdigit()]
+            return max(ids) + 1 if ids else 0
 
-    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    from dopsd.models.base import PlanCall, PlanCheck, PlanSpec, PlanStage
-    from dopsd.models.registry import fullsize_config, pipeline_configs, torch_dtype
-    from dopsd.models.zimage import qwen_text_plan_run, qwen_vl_plan, vae_plan_run
-    from dopsd.schedules import flux2_schedule, training_schedule
-
-    variant = plan_variant(cfg, hint)
-    conf, source = pipeline_configs(cfg_get(cfg, "pretrained", None), ("transformer", "text_encoder", "vae"), variant)
-    tc, te, vc = conf["transformer"], conf["text_encoder"], conf["vae"]
-    label = fullsize_config(variant)["label"] if source.startswith("bundled") else f"FLUX.2 ({source})"
-    dtype = torch_dtype(cfg_get(cfg, "dtype", "bfloat16"))
-    height, width = int(cfg_get(cfg, "height", 1024)), int(cfg_get(cfg, "width", 1024))
-    teacher_mode = cfg_get(cfg, "teacher_context", "reference")
-    editing = bool(cfg_get(cfg, "editing", False))
-    s_tokens = int(cfg_get(cfg, "max_caption_tokens", 512))
-    t_text = int(cfg_get(cfg, "teacher_max_tokens", 1024)) if teacher_mode == "vlm" else s_tokens
-    scale = 2 ** (len(vc["block_out_channels"]) - 1)
-    channels, joint = int(tc["in_channels"]), int(tc["joint_attention_dim"])
-
-    def latent_shape(h: int, w: int) -> tuple[int, ...]:
-        check_size(h, w, scale * 2, "FLUX.2")
-        return (channels, h // scale // 2, w // scale // 2)
-
-    def call(text: int, refs: int):
-        def make(h: int, w: int) -> PlanCall:
-            n = (h // scale // 2) * (w // scale // 2)  # references at the training size, like the target
-
-            def context(batch: int) -> dict[str, torch.Tensor]:
-                zero = torch.zeros(1, dtype=torch.long)
-                ctx = {"prompt_embeds": torch.zeros(batch, text, joint, dtype=dtype),
-                       "txt_ids": torch.cartesian_prod(zero, zero, zero, torch.arange(text))}
-                if refs:
-                    ctx["ref_tokens"] = torch.zeros(batch, refs * n, channels, dtype=dtype)
-                    ctx["ref_ids"] = torch.cat([_ids(10 * (i + 1), h // scale // 2, w // scale // 2) for i in range(refs)])
-                return ctx
-
-            tokens = {"image": n, "text": text}
-            if refs:
-                tokens["reference"] = refs * n
-            return PlanCall(context, tokens)
-
-        return make
-
-    s_refs = 1 if editing else 0  # editing: one source image of the training size assumed
-    t_refs = s_refs + (1 if teacher_mode == "reference" else 0)
-
-    def checks(h: int, w: int) -> list[PlanCheck]:
-        n = (h // scale // 2) * (w // scale // 2)
-        return [
-            PlanCheck("RoPE", True, f"computed from position ids on every call (no table): teacher sequence "
-                      f"{n} noisy + {t_refs * n} reference + {t_text} text tokens"),
-            PlanCheck("text encoder positions", s_tokens <= int(te.get("max_position_embeddings", 40960)),
-                      f"{s_tokens} tokens vs max_position_embeddings {te.get('max_position_embeddings')}"),
-        ]
-
-    steps = int(cfg_get(cfg, "inference_steps", 4))
-    n1024 = (height // scale // 2) * (width // scale // 2)
-    k = len(training_schedule(flux2_schedule(steps, n1024), int(cfg_get(cfg, "rollout_every", 1)))) - 1
-    parts = {
-        "transformer": lambda o: Flux2Transformer2DModel.from_config({**tc, **o}),
-        "text_encoder": lambda o: Qwen3ForCausalLM(Qwen3Config(**te)),
-        "vae": lambda o: AutoencoderKLFlux2.from_config(vc),
-    }
-    loaded = ("transformer", "vae", "text_encoder")  # the adapter loads all three at once
-    text_run = qwen_text_plan_run(s_tokens, use_cache=False)
-    stages = [PlanStage("text features (Qwen3, 8 captions)", ("text_encoder",), loaded, text_run)]
-    sources = {p: source for p in parts}
-    notes = [f"text padded to {s_tokens} tokens and attended in full (as the pipeline)"]
-    if editing:
-        notes.append("editing: one source image of the training size per sample assumed")
-    if teacher_mode == "reference":
-        stages.append(PlanStage("teacher reference latents (VAE encode, 1 image)", ("vae",), loaded,
-                                vae_plan_run(dtype), "teacher"))
-    elif teacher_mode == "vlm":
-        build, run, vsource, _ = qwen_vl_plan(cfg_get(cfg, "teacher_encoder", None), dtype, t_text)
-        parts["vlm"], sources["vlm"] = build, vsource
-        stages.append(PlanStage("teacher features (Qwen3-VL, 1 image)", ("vlm",), loaded + ("vlm",), run, "teacher"))
-    stages.append(PlanStage("SFT latents (VAE encode, 1 image)", ("vae",), loaded, vae_plan_run(dtype), "latents"))
-    return PlanSpec(
-        label=label, dtype=dtype, parts=parts,
-        depth={"num_layers": int(tc["num_layers"]), "num_single_layers": int(tc["num_single_layers"])},
-        lora_targets=LORA_TARGETS, latent_shape=latent_shape, student=call(s_tokens, s_refs),
-        teacher=call(t_text, t_refs),
-        velocity=lambda net, x, s, c: Flux2Adapter.velocity(SimpleNamespace(dtype=dtype), net, x, s, c),
-        rollout_steps=k, caching=stages, kept_while_training=("vae",), checks=checks, sources=sources, notes=notes,
-    )
+        width = next((a.shape[1] for m, (a, _) in lora.items() if m.endswith(("attn.to_q", "attn.to_qkv_mlp_proj"))), None)
+        size = (blocks("transformer_blocks."), blocks("single_transformer_blocks."), int(width)) if width is not None else None
+    if size is None:
+        return None
+    known = VARIANTS.get(size)
+    return BaseFacts(*(known or (f"FLUX.2 ({size[0]} double / {size[1]} single blocks, width {size[2]}; not a "
+                                 "published size)", "Flux.2", "flux2")))

@@ -238,12 +238,6 @@ def check_size(height: int, width: int, multiple: int, family: str) -> None:
         )
 
 
-def cfg_get(cfg: Any, name: str, default: Any) -> Any:
-    """Duck-typed config access: attribute or mapping key, None counts as unset."""
-    value = cfg.get(name, None) if isinstance(cfg, dict) else getattr(cfg, name, None)
-    return default if value is None else value
-
-
 def still_loaded(part: Any, name: str) -> Any:
     """`part`, or a clear error if `release_encoders()` already freed it."""
     if part is None:
@@ -283,3 +277,40 @@ def token_limit_problems(counts: list[int], limit: int, field: str, message: str
 
     return [CaptionProblem(i, message.format(n=n, limit=limit, field=field), notice=True)
             for i, n in enumerate(counts) if n > limit]
+
+
+# Default unseen prompts of `dopsd eval` for models that read free text: the concept in settings a subject's
+# training photos rarely show.
+PHOTO_UNSEEN_PROMPTS = ("a photo of {} on a beach", "{} in a snowy forest", "a watercolor painting of {}",
+                        "{} on a city street at night")
+
+
+class DiffusersHooks:
+    """The protocol hooks the diffusers families (Z-Image, FLUX.2) share: real images have no decoder-based quality
+    or attribute scorer of their own (health and the probe use their generic measures), eval's unseen prompts are
+    photo settings, and LoRA targets must have interchange names."""
+
+    name: str
+    label: str  # the model's name in messages
+
+    def check_lora_targets(self, modules: list[str]) -> None:
+        """ConfigError naming every module without an interchange name (dopsd.lora.layout), so a run is refused
+        before training rather than ending with a LoRA that diffusers and ComfyUI cannot load."""
+        from dopsd.config import ConfigError
+        from dopsd.lora.layout import unexportable
+
+        bad = unexportable(self.name, modules)
+        if bad:
+            shown = ", ".join(bad[:6]) + (f" and {len(bad) - 6} more" if len(bad) > 6 else "")
+            raise ConfigError(f"lora.targets: {len(bad)} LoRA module(s) of {self.label} have no name that ComfyUI "
+                              f"and diffusers both load, so the trained LoRA could not be used outside dopsd: {shown}; "
+                              "drop them from lora.targets (null = the model's defaults, all of which export)")
+
+    def health_quality(self, prompts: list[str]) -> None:
+        return None
+
+    def probe_scorer(self) -> None:
+        return None
+
+    def unseen_prompts(self, trigger_word: str) -> list[str]:
+        return [p.format(trigger_word) for p in PHOTO_UNSEEN_PROMPTS]

@@ -136,7 +136,7 @@ class QwenVLEncoder:
         if room < 1:
             raise ValueError(
                 f"the teacher image takes {n_image} tokens, leaving no room for the caption within {limit}; "
-                "lower model.teacher_image_tokens or raise the teacher token budget"
+                "lower model.teacher_image_tokens or raise model.teacher_max_tokens"
             )
         ids = prefix + self._ids(caption)[:room] + suffix
         length = len(ids)

@@ -1,16 +1,27 @@
-"""Model families by name: `load_adapter` imports `dopsd.models.<family>` and calls its `load`;
-`caption_problems` calls its caption check (the hooks are described in dopsd.models.base)."""
+"""Model families by name: the one place that maps a family name to its module (as a string, so nothing outside
+dopsd/models and dopsd/mini imports a family, and the miniature's package is only imported when used).
+
+`load_adapter` imports `dopsd.models.<family>` and calls its `load`; the other functions here reach the family
+module functions that need no weights (dopsd.models.base.FamilyModule) and its plan module's `plan_spec`.
+"""
 
 from __future__ import annotations
 
 import importlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
+from torch import nn
 
 FAMILIES = {"mini": "dopsd.mini.adapter", "zimage": "dopsd.models.zimage", "flux2": "dopsd.models.flux2"}
+# Each family's `dopsd plan` module (dopsd.models.base.FamilyPlanModule): apart from the family module, which it
+# builds on, so that neither imports the other back.
+PLAN_MODULES = {"mini": "dopsd.mini.plan", "zimage": "dopsd.models.zimage_plan", "flux2": "dopsd.models.flux2_plan"}
+# The built-in model: what a LoRA file or network belongs to when nothing in it names a family (dopsd's own peft
+# files from runs that did not record one).
+DEFAULT_FAMILY = "mini"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -47,6 +58,52 @@ def load_adapter(model_cfg: Any, device: torch.device | str = "cpu", dtype: torc
     return module.load(model_cfg, torch.device(device), dtype)
 
 
+def plan_spec(model_cfg: Any, hint: str | None = None) -> Any:
+    """The family's `PlanSpec` (dopsd.models.base) for `model_cfg`: its full-size networks and calls, no weights.
+
+    hint: free text that may name a variant when no local folder says which (e.g. the preset name
+    'flux2-klein-9b'); each family decides what it reads from it.
+    """
+    family_module(model_cfg.family)  # an unknown or unavailable family is named here
+    return importlib.import_module(PLAN_MODULES[model_cfg.family]).plan_spec(model_cfg, hint)
+
+
+# --- LoRA files: what dopsd.lora and dopsd.export need to know of a family, no weights ---------------------------
+
+def lora_layout(family: str) -> Any:
+    """The family's interchange layout (dopsd.models.base.LoraLayout), or None when only dopsd loads its LoRAs."""
+    return family_module(family).lora_layout()
+
+
+def interchange_families() -> tuple[str, ...]:
+    """The families whose LoRAs other tools load (those with an interchange layout)."""
+    return tuple(f for f in FAMILIES if lora_layout(f) is not None)
+
+
+def family_of_lora(modules: list[str]) -> str | None:
+    """The family whose LoRA module names these are (any layout), told by each layout's sign; None if none says."""
+    import re
+
+    for family in interchange_families():
+        sign = re.compile(lora_layout(family).sign)
+        if any(sign.search(m) for m in modules):
+            return family
+    return None
+
+
+def family_of_network(network: nn.Module) -> str | None:
+    """The family whose denoiser `network` is; None for a network no family owns."""
+    return next((f for f in FAMILIES if family_module(f).owns_network(network)), None)
+
+
+def base_facts(family: str, network: nn.Module | None = None, lora: Mapping[str, Any] | None = None) -> Any:
+    """Variant and architecture ids of a family's base model for LoRA metadata (dopsd.models.base.BaseFacts), from
+    a denoiser's config or a LoRA's shapes; None when neither tells."""
+    return family_module(family).base_facts(network, lora)
+
+
+# --- bundled public configurations (planning) -------------------------------------------------------------------
+
 FULLSIZE_DIR = Path(__file__).resolve().parent / "fullsize"
 
 
@@ -57,21 +114,6 @@ def fullsize_config(name: str) -> dict[str, Any]:
         known = sorted(p.stem for p in FULLSIZE_DIR.glob("*.json"))
         raise ValueError(f"no bundled configuration {name!r}; known: {', '.join(known)}")
     return json.loads(path.read_text())
-
-
-def plan_spec(model_cfg: Any, hint: str | None = None) -> Any:
-    """The family's `PlanSpec` (dopsd.models.base) for `model_cfg`: its full-size networks and calls, no weights.
-
-    hint: free text that may name a variant when no local folder says which (e.g. the preset name
-    'flux2-klein-9b'); each family decides what it reads from it.
-    """
-    family = model_cfg.family
-    if family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}")
-    module = importlib.import_module(FAMILIES[family])
-    if not hasattr(module, "plan_spec"):
-        raise ValueError(f"model family {family!r} cannot be planned (its module has no plan_spec)")
-    return module.plan_spec(model_cfg, hint)
 
 
 def pipeline_configs(folder: Any, parts: tuple[str, ...], bundled: str) -> tuple[dict[str, Any], str]:

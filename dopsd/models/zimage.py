@@ -1,4 +1,5 @@
-"""Z-Image-Turbo (diffusers `ZImagePipeline`) behind the `ModelAdapter` protocol.
+"""Z-Image-Turbo (diffusers `ZImagePipeline`) behind the `ModelAdapter` protocol, and every Z-Image fact the rest
+of dopsd needs (LoRA interchange layout, published sizes, caption limits).
 
 Conventions translated here (pinned by tests against the pipeline itself):
   * the transformer takes *lists*: latents (C, 1, H, W) per sample and caption features (L_i, D) with
@@ -11,22 +12,45 @@ Conventions translated here (pinned by tests against the pipeline itself):
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from PIL import Image
 from torch import nn
 
 from dopsd.config import ConfigError
-from dopsd.models.base import CaptionProblem, Context
-from dopsd.models.local import ModelFolderError, cfg_get, chat_token_counts, chat_tokens, check_pipeline_folder, check_size, folder_fingerprint, free_memory, load_part, read_json, resolve_dtype, stack_or_list, still_loaded, to_pixels, token_limit_problems
-from dopsd.schedules import exponential_shift, shifted_schedule
+from dopsd.models.base import BaseFacts, CaptionProblem, Context, LoraLayout, Pair
+from dopsd.models.local import DiffusersHooks, ModelFolderError, chat_token_counts, chat_tokens, check_pipeline_folder, check_size, folder_fingerprint, free_memory, load_part, read_json, resolve_dtype, stack_or_list, still_loaded, to_pixels, token_limit_problems
+from dopsd.schedules import dynamic_schedule, shifted_schedule
 
+LABEL = "Z-Image-Turbo"
+STEPS = 8  # Turbo's own few-step setting
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3"]
+TEACHER_CONTEXTS = ("vlm",)  # "text" is accepted as well: a caption-only control
+
+# The interchange layout is diffusers' own module names: ComfyUI's Z-Image key map accepts them (slicing to_q/to_k/
+# to_v into its fused qkv) and diffusers strips the prefix. Only modules both tools map are listed.
+LORA_LAYOUT = LoraLayout(
+    rows=tuple((name, name, None) for name in (
+        "{blk}.{i}.attention.to_q", "{blk}.{i}.attention.to_k", "{blk}.{i}.attention.to_v",
+        "{blk}.{i}.attention.to_out.0", "{blk}.{i}.feed_forward.w1", "{blk}.{i}.feed_forward.w2",
+        "{blk}.{i}.feed_forward.w3", "{blk}.{i}.adaLN_modulation.0", "all_x_embedder.2-1", "all_final_layer.2-1.linear",
+        "all_final_layer.2-1.adaLN_modulation.1", "cap_embedder.1", "t_embedder.mlp.0", "t_embedder.mlp.2",
+    )),
+    placeholders=(("i", r"\d+"), ("blk", "layers|noise_refiner|context_refiner")),
+    sign=r"(^|\.)(layers|noise_refiner|context_refiner)\.\d+\.",
+    implementation="diffusers",
+)
+# Published transformer sizes (layers, width) → (variant, modelspec architecture, ss_base_model_version).
+VARIANTS = {(30, 3840): ("Z-Image 6B", "Z-Image", "z_image")}
 
 
-class ZImageAdapter:
+class ZImageAdapter(DiffusersHooks):
+    label = LABEL
     name = "zimage"
+    kind = None
+    teacher_context_kinds = TEACHER_CONTEXTS
+    lora_layout = LORA_LAYOUT
 
     def __init__(self, cfg: Any, device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None):
         from diffusers import AutoencoderKL, ZImageTransformer2DModel
@@ -35,14 +59,14 @@ class ZImageAdapter:
         self.cfg = cfg
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype)
-        self.folder = check_pipeline_folder(cfg_get(cfg, "pretrained", None), "zimage")
-        self.teacher_mode = cfg_get(cfg, "teacher_context", "vlm")
-        if self.teacher_mode not in ("vlm", "text"):
+        self.folder = check_pipeline_folder(cfg.pretrained, "zimage")
+        self.teacher_context = cfg.teacher_context
+        if self.teacher_context not in (*TEACHER_CONTEXTS, "text"):
             raise ConfigError(
-                f"model.teacher_context={self.teacher_mode!r} is not available for Z-Image-Turbo: it has no "
+                f"model.teacher_context={self.teacher_context!r} is not available for Z-Image-Turbo: it has no "
                 "reference-image input; use 'vlm' (or 'text' for a caption-only teacher)"
             )
-        if cfg_get(cfg, "editing", False):
+        if cfg.editing:
             raise ConfigError("model.editing is a FLUX.2-klein mode; Z-Image-Turbo has no editing path: set it to false")
         self.network: nn.Module = load_part(ZImageTransformer2DModel, self.folder, "transformer", self.dtype).to(self.device)
         for name in ("x_pad_token", "cap_pad_token"):
@@ -56,10 +80,10 @@ class ZImageAdapter:
         self.tokenizer = load_part(AutoTokenizer, self.folder, "tokenizer")
         self.scheduler_config = read_json(self.folder / "scheduler" / "scheduler_config.json")
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.steps = int(cfg_get(cfg, "inference_steps", 8))
+        self.steps = cfg.inference_steps if cfg.inference_steps is not None else STEPS
         self.caption_limit = caption_limit(self.network.config.axes_lens)
-        self.max_tokens = min(int(cfg_get(cfg, "max_caption_tokens", 512)), self.caption_limit)
-        self.teacher_max_tokens = min(int(cfg_get(cfg, "teacher_max_tokens", 1024)), self.caption_limit)
+        self.max_tokens = min(cfg.max_caption_tokens, self.caption_limit)
+        self.teacher_max_tokens = min(cfg.teacher_max_tokens, self.caption_limit)
         self._vlm = None
 
     # --- the denoiser -----------------------------------------------------------------------------
@@ -92,10 +116,8 @@ class ZImageAdapter:
         if self._vlm is None:
             from dopsd.models.qwen_vl import QwenVLEncoder
 
-            self._vlm = QwenVLEncoder(
-                cfg_get(self.cfg, "teacher_encoder", None), still_loaded(self.text_encoder, "text encoder"),
-                self.device, self.dtype, image_tokens=int(cfg_get(self.cfg, "teacher_image_tokens", 256)),
-            )
+            self._vlm = QwenVLEncoder(self.cfg.teacher_encoder, still_loaded(self.text_encoder, "text encoder"),
+                                      self.device, self.dtype, image_tokens=self.cfg.teacher_image_tokens)
             print(f"[dopsd] VLM teacher: {self._vlm.report}")
         return self._vlm
 
@@ -107,7 +129,7 @@ class ZImageAdapter:
             raise ValueError("Z-Image-Turbo has no source-image input (editing is FLUX.2-klein only)")
         if len(captions) != len(images):
             raise ValueError(f"{len(captions)} captions for {len(images)} images")
-        if self.teacher_mode == "text":
+        if self.teacher_context == "text":
             return self.student_contexts(captions)
         vlm = self.vlm()
         return [{"cap_feats": vlm.encode(im, c, layers=(-2,), max_tokens=self.teacher_max_tokens).cpu()}
@@ -141,24 +163,20 @@ class ZImageAdapter:
 
     def inference_schedule(self, height: int, width: int, steps: int | None = None) -> torch.Tensor:
         steps = steps or self.steps
-        sc = self.scheduler_config
-        shift = cfg_get(self.cfg, "shift", None)
+        sc, shift = self.scheduler_config, self.cfg.shift
         if shift is not None or not sc.get("use_dynamic_shifting", False):
             return shifted_schedule(steps, float(shift if shift is not None else sc.get("shift", 3.0)))
         # Dynamic shifting (not Turbo's setting): the pipeline's linear μ in the image token count.
         seq = (height // self.vae_scale // 2) * (width // self.vae_scale // 2)
         base, top = sc.get("base_image_seq_len", 256), sc.get("max_image_seq_len", 4096)
         lo, hi = sc.get("base_shift", 0.5), sc.get("max_shift", 1.15)
-        mu = lo + (hi - lo) * (seq - base) / (top - base)
-        grid = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
-        return torch.cat([exponential_shift(grid, mu), grid.new_zeros(1)]).float()
+        return dynamic_schedule(steps, lo + (hi - lo) * (seq - base) / (top - base))
 
     def cache_fingerprint(self) -> dict[str, Any]:
         """Settings that change cached contexts but are not in the config's model section."""
         return {"adapter_version": 1, "teacher_max_tokens": self.teacher_max_tokens,
-                "teacher_image_tokens": int(cfg_get(self.cfg, "teacher_image_tokens", 256)),
-                "layers": list(getattr(self, "layers", (-2,))), "weights": folder_fingerprint(self.folder),
-                "teacher_weights": folder_fingerprint(cfg_get(self.cfg, "teacher_encoder", None))}
+                "teacher_image_tokens": self.cfg.teacher_image_tokens, "layers": [-2],
+                "weights": folder_fingerprint(self.folder), "teacher_weights": folder_fingerprint(self.cfg.teacher_encoder)}
 
     def default_lora_targets(self) -> list[str]:
         return list(LORA_TARGETS)
@@ -170,7 +188,7 @@ class ZImageAdapter:
         self._vlm = None
         free_memory()
 
-    # --- helpers for export / eval ----------------------------------------------------------------
+    # --- the diffusers pipeline (export checks, tests) ------------------------------------------------
 
     def pipeline(self, transformer: nn.Module | None = None):
         """A `ZImagePipeline` around this adapter's parts (text encoder must still be loaded)."""
@@ -193,146 +211,48 @@ def caption_limit(axes_lens: list[int]) -> int:
     return (int(axes_lens[0]) - 2) // 32 * 32
 
 
+# --- the family's module-level functions (dopsd.models.base.FamilyModule) -------------------------------------
+
+def load(cfg: Any, device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None) -> ZImageAdapter:
+    return ZImageAdapter(cfg, device, dtype)
+
+
 def caption_problems(cfg: Any, captions: list[str]) -> list[CaptionProblem]:
-    """The family hook (dopsd.models.base): captions the text encoder will cut, counted with the folder's own
-    tokenizer and chat template (only the tokenizer and the transformer's config are read)."""
+    """Captions the text encoder will cut, counted with the folder's own tokenizer and chat template (only the
+    tokenizer and the transformer's config are read)."""
     from transformers import AutoTokenizer
 
-    folder = check_pipeline_folder(cfg_get(cfg, "pretrained", None), "zimage")
+    folder = check_pipeline_folder(cfg.pretrained, "zimage")
     most = caption_limit(read_json(folder / "transformer" / "config.json").get("axes_lens", [1024]))
-    limit = min(int(cfg_get(cfg, "max_caption_tokens", 512)), most)
+    limit = min(cfg.max_caption_tokens, most)
     counts = chat_token_counts(load_part(AutoTokenizer, folder, "tokenizer"), captions, thinking=True)
     found = token_limit_problems(counts, limit, "model.max_caption_tokens")
     hint = f"shorten them, or raise model.max_caption_tokens (this Z-Image reads at most {most} caption tokens)"
     return found + [CaptionProblem(None, hint, notice=True)] if found else []
 
 
-def load(cfg: Any, device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None) -> ZImageAdapter:
-    return ZImageAdapter(cfg, device, dtype)
+def lora_layout() -> LoraLayout:
+    return LORA_LAYOUT
 
 
-# --- planning (`dopsd plan`): the full-size networks and calls of this family, no weights --------------------
-
-def qwen_text_plan_run(max_tokens: int, batch: int = 8, **kwargs: Any):
-    """The feature cache's text-encoder call: a batch of captions padded to max_tokens, every hidden state kept."""
-
-    def run(parts: dict[str, nn.Module], height: int, width: int) -> Any:
-        ids = torch.zeros(batch, max_tokens, dtype=torch.long)
-        mask = torch.ones(batch, max_tokens, dtype=torch.bool)
-        return parts["text_encoder"](input_ids=ids, attention_mask=mask, output_hidden_states=True, **kwargs)
-
-    return run
+def owns_network(network: nn.Module) -> bool:
+    return any(type(m).__name__.startswith("ZImageTransformer") for m in network.modules())
 
 
-def qwen_vl_plan(teacher_folder: Any, dtype: torch.dtype, tokens: int):
-    """(builder, stage run, source) of the Qwen3-VL teacher encoder for planning.
-
-    The run covers its language model over `tokens` positions (image + caption) with every hidden state kept;
-    the vision tower's own activations (one image, no grad) are not run: its index bookkeeping needs real
-    values, which fake tensors do not have. Its weights are counted."""
-    from transformers import Qwen3VLConfig, Qwen3VLModel
-
-    from dopsd.models.registry import model_config
-
-    conf, source = model_config(teacher_folder, "qwen3-vl-4b-instruct")
-
-    def build(_: dict[str, int]) -> nn.Module:
-        return Qwen3VLModel(Qwen3VLConfig(**conf))
-
-    hidden = int(conf["text_config"]["hidden_size"])
-
-    def run(parts: dict[str, nn.Module], height: int, width: int) -> Any:
-        emb = torch.zeros(1, tokens, hidden, dtype=dtype)
-        pos = torch.zeros(3, 1, tokens, dtype=torch.long)  # M-RoPE ids (their values do not change memory)
-        return parts["vlm"].language_model(inputs_embeds=emb, position_ids=pos, output_hidden_states=True)
-
-    return build, run, source, conf
-
-
-def vae_plan_run(dtype: torch.dtype):
-    """The feature cache's VAE call: one image at the training size (encode_images runs them one by one)."""
-
-    def run(parts: dict[str, nn.Module], height: int, width: int) -> Any:
-        return parts["vae"].encode(torch.zeros(1, 3, height, width, dtype=dtype)).latent_dist.mode()
-
-    return run
-
-
-def plan_spec(cfg: Any, hint: str | None = None):
-    """Z-Image-Turbo as `dopsd plan` sees it (dopsd.models.base.PlanSpec): bundled public configs unless
-    model.pretrained is a local folder with its own."""
-    from types import SimpleNamespace
-
-    from diffusers import AutoencoderKL, ZImageTransformer2DModel
-    from transformers import Qwen3Config, Qwen3Model
-
-    from dopsd.models.base import PlanCall, PlanCheck, PlanSpec, PlanStage
-    from dopsd.models.registry import pipeline_configs, torch_dtype
-    from dopsd.schedules import shifted_schedule, training_schedule
-
-    conf, source = pipeline_configs(cfg_get(cfg, "pretrained", None), ("transformer", "text_encoder", "vae"),
-                                    "zimage-turbo")
-    tc, te, vc = conf["transformer"], conf["text_encoder"], conf["vae"]
-    dtype = torch_dtype(cfg_get(cfg, "dtype", "bfloat16"))
-    teacher_mode = cfg_get(cfg, "teacher_context", "vlm")
-    axis0 = int(tc["axes_lens"][0])
-    caption_limit = (axis0 - 2) // 32 * 32  # as the adapter: the image's frame index sits after the caption
-    s_tokens = min(int(cfg_get(cfg, "max_caption_tokens", 512)), caption_limit)
-    t_tokens = min(int(cfg_get(cfg, "teacher_max_tokens", 1024)), caption_limit) if teacher_mode == "vlm" else s_tokens
-    scale = 2 ** (len(vc["block_out_channels"]) - 1)
-    channels, cap_dim = int(tc["in_channels"]), int(tc["cap_feat_dim"])
-    pad32 = lambda n: n + (-n) % 32
-
-    def latent_shape(h: int, w: int) -> tuple[int, ...]:
-        check_size(h, w, scale * 2, "Z-Image")
-        return (channels, h // scale, w // scale)
-
-    def call(length: int):
-        def make(h: int, w: int) -> PlanCall:
-            def context(batch: int) -> dict[str, list[torch.Tensor]]:
-                return {"cap_feats": [torch.zeros(length, cap_dim, dtype=dtype) for _ in range(batch)]}
-
-            return PlanCall(context, {"image": (h // scale // 2) * (w // scale // 2), "caption": pad32(length)})
-
-        return make
-
-    def checks(h: int, w: int) -> list[PlanCheck]:
-        out = []
-        for who, n in (("student caption", s_tokens), ("teacher context", t_tokens)):
-            frame = pad32(n) + 1
-            out.append(PlanCheck(f"RoPE frame axis, {who}", frame < axis0,
-                                 f"{n} tokens (padded {pad32(n)}) put the image at frame index {frame}; table "
-                                 f"axes_lens[0]={axis0} (longest caption {caption_limit} tokens)"))
-        gh, gw = h // scale // 2, w // scale // 2
-        lens = tc["axes_lens"]
-        out.append(PlanCheck("RoPE height/width axes", gh <= lens[1] and gw <= lens[2],
-                             f"{gh}x{gw} image tokens vs tables {lens[1]}x{lens[2]}"))
-        out.append(PlanCheck("text encoder positions", s_tokens <= int(te.get("max_position_embeddings", 40960)),
-                             f"{s_tokens} tokens vs max_position_embeddings {te.get('max_position_embeddings')}"))
-        return out
-
-    steps = int(cfg_get(cfg, "inference_steps", 8))
-    shift = float(cfg_get(cfg, "shift", 3.0))
-    k = len(training_schedule(shifted_schedule(steps, shift), int(cfg_get(cfg, "rollout_every", 1)))) - 1
-    parts = {
-        "transformer": lambda o: ZImageTransformer2DModel.from_config({**tc, **o}),
-        "text_encoder": lambda o: Qwen3Model(Qwen3Config(**te)),
-        "vae": lambda o: AutoencoderKL.from_config(vc),
-    }
-    loaded = ("transformer", "vae", "text_encoder")  # the adapter loads all three at once
-    stages = [PlanStage("text features (Qwen3, 8 captions)", ("text_encoder",), loaded, qwen_text_plan_run(s_tokens))]
-    sources = {p: source for p in parts}
-    notes = [f"student caption features: {s_tokens} tokens assumed (real captions are shorter; padding is removed)"]
-    if teacher_mode == "vlm":
-        build, run, vsource, _ = qwen_vl_plan(cfg_get(cfg, "teacher_encoder", None), dtype, t_tokens)
-        parts["vlm"], sources["vlm"] = build, vsource
-        stages.append(PlanStage("teacher features (Qwen3-VL, 1 image)", ("vlm",), loaded + ("vlm",), run, "teacher"))
-        notes.append(f"teacher context: image + caption up to {t_tokens} tokens (model.teacher_max_tokens); "
-                     "the VLM's vision tower activations are not run (weights counted)")
-    stages.append(PlanStage("SFT latents (VAE encode, 1 image)", ("vae",), loaded, vae_plan_run(dtype), "latents"))
-    return PlanSpec(
-        label="Z-Image-Turbo", dtype=dtype, parts=parts, depth={"n_layers": int(tc["n_layers"])},
-        lora_targets=list(LORA_TARGETS), latent_shape=latent_shape, student=call(s_tokens), teacher=call(t_tokens),
-        velocity=lambda net, x, s, c: ZImageAdapter.velocity(SimpleNamespace(dtype=dtype), net, x, s, c),
-        rollout_steps=k, caching=stages, kept_while_training=("vae",), checks=checks, sources=sources, notes=notes,
-    )
+def base_facts(network: nn.Module | None = None, lora: Mapping[str, Pair] | None = None) -> BaseFacts | None:
+    """From the transformer's config (layers, width), else from a LoRA's shapes (blocks trained, q width)."""
+    size = None
+    if network is not None:
+        try:
+            size = (int(network.config.n_layers), int(network.config.dim))
+        except AttributeError:
+            size = None
+    elif lora:
+        width = next((a.shape[1] for m, (a, _) in lora.items() if m.endswith("attention.to_q")), None)
+        ids = [int(m.split(".")[1]) for m in lora if m.startswith("layers.") and m.split(".")[1].isdigit()]
+        size = (max(ids) + 1 if ids else 0, int(width)) if width is not None else None
+    if size is None:
+        return None
+    known = VARIANTS.get(size)
+    return BaseFacts(*(known or (f"Z-Image ({size[0]} layers, width {size[1]}; not a published size)", "Z-Image",
+                                 "z_image")))

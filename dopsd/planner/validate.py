@@ -57,13 +57,12 @@ def predicted_peak(cfg: Any, model_overrides: dict[str, Any] | None = None) -> i
 
     model_overrides: model settings for the plan only, e.g. the caption lengths a run actually had
     (max_caption_tokens / teacher_max_tokens; variable-length contexts are planned at their longest)."""
-    from dataclasses import asdict
-    from types import SimpleNamespace
+    from dataclasses import replace
 
     from dopsd.models.registry import plan_spec
     from dopsd.planner.plan import Planner, choice_from_config
 
-    model = SimpleNamespace(**{**asdict(cfg.model), **(model_overrides or {})})
+    model = replace(cfg.model, **(model_overrides or {}))
     spec = plan_spec(model, cfg.preset)
     method = cfg.method.name
     if method == "dopsd" and cfg.method.prior_weight > 0 and cfg.method.prior_prompts:
