@@ -94,3 +94,40 @@ def test_domain_and_datasets(tmp_path):
     prompts = world.unrelated_prompts(30, seed=1)
     assert prompts == world.unrelated_prompts(30, seed=1) and prompts != world.unrelated_prompts(30, seed=2)
     assert all(world.PLACEHOLDER not in p for p in prompts)
+
+
+def test_tint_fit_says_amount_and_hue():
+    """The per-sample tint test recovers a tint's amount and hue from clean renders (any caption colours, with or
+    without a background in the caption) and tells apart tints the hue-blind `domain_fidelity` confuses."""
+    from dopsd.mini import domains
+
+    sc = scenes(120, seed=3)
+    caps = [s.caption() for s in sc]
+    tints = domains.TEST_TINTS
+    for name, tint in tints.items():
+        x = world.render([replace(s, tint=tint) for s in sc])
+        dec = M.decode(x)
+        fit = M.fit_tint(x, dec, caps)
+        assert (fit.amount - tint[1]).abs().max() < 0.07 and M.hue_error(fit.colour, tint[0]).max() < 8, name
+        assert M.tint_fidelity(x, caps, tint, dec) == 1.0
+        assert M.tint_fidelity(x, [s.caption(False) for s in sc], tint, dec) >= 0.9  # background inferred
+        for other, t in tints.items():  # another test hue (≥ 24° away) never passes for this one
+            if other != name:
+                assert M.tint_fidelity(x, caps, t, dec) == 0.0, (name, other)
+    plain = world.render(sc)
+    assert all(M.tint_fidelity(plain, caps, t) == 0.0 for t in tints.values())
+    lemon = world.render([replace(s, tint=tints["lemon 60°"]) for s in sc])
+    assert M.domain_fidelity(lemon) > 0.5  # the old test cannot see the hue ...
+    assert M.tint_fidelity(lemon, caps) == 0.0  # ... the tint fit can (default: the held-out domain)
+    half = world.render([replace(s, tint=(tints["sepia (domain)"][0], 0.2)) for s in sc])
+    assert M.tint_fidelity(half, caps) == 0.0  # right hue, half the amount
+    grey = world.render([replace(s, tint=((0.78, 0.78, 0.78), 0.4)) for s in sc])
+    assert M.tint_fidelity(grey, caps) == 0.0  # right amount, no colour cast
+    with pytest.raises(ValueError, match="named colour"):
+        M.fit_tint(plain[:1], M.decode(plain[:1]), ["a sks circle on a gray background"])
+
+
+def test_hue():
+    rgb = torch.tensor([[1.0, 0, 0], [1, 1, 0], [0, 1, 0], [0, 1, 1], [0, 0, 1], [1, 0, 1], [1, 0.5, 0]])
+    assert M.hue(rgb).tolist() == [0.0, 60.0, 120.0, 180.0, 240.0, 300.0, 30.0]
+    assert M.hue_error(torch.tensor([[1.0, 0, 0.1]]), (1.0, 0.1, 0)).item() == pytest.approx(12.0)  # across 0°

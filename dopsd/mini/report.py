@@ -4,7 +4,7 @@ for a real turbo:
 0. attribute decoding of the untouched turbo at its step count (and the base at its many steps);
 1. few-step quality: MSE to the base's many-step output for the same noise and prompt, sharpness;
 2. teacher check on held-out concepts: caption + target image vs caption only (both teacher paths);
-   and the held-out domain (tint) carried by the image context;
+   and on held-out domains: tints of several hues carried from a reference image (`dopsd.mini.domains`);
 3. the premise: the demo's SFT and D-OPSD runs (same pairs, budget and seed), plus SFT at 3× the steps (where
    its concept fidelity reaches D-OPSD's), and the few-step quality of their samples on unrelated prompts,
    beside the untouched turbo's and the base's at the same step count; and a control: D-OPSD on the same
@@ -25,6 +25,7 @@ from types import SimpleNamespace
 
 import torch
 
+from dopsd.mini import domains
 from dopsd.mini import metrics as M
 from dopsd.mini import world
 from dopsd.mini.adapter import MiniAdapter, load
@@ -81,11 +82,6 @@ def teacher_check(turbo: MiniAdapter, seed: int, n: int) -> dict[str, float]:
             ctx = turbo.teacher_contexts_from_tensors(captions, targets)
             out[f"{concept}:caption+image({path})"] = M.concept_fidelity(sample_many(turbo, captions, draws, contexts=ctx), concept)
         turbo.teacher_context = "vlm"
-    scenes = world.domain_scenes(n, seed=100 + seed)
-    captions = [s.caption() for s in scenes]
-    out["domain:caption_only"] = M.domain_fidelity(sample_many(turbo, captions, draws))
-    ctx = turbo.teacher_contexts_from_tensors(captions, world.render(scenes))
-    out["domain:caption+image(vlm)"] = M.domain_fidelity(sample_many(turbo, captions, draws, contexts=ctx))
     return out
 
 
@@ -108,6 +104,7 @@ def evaluate(turbo: MiniAdapter, base: MiniAdapter, seed: int, n: int = 256) -> 
     clean = world.render(clean_scenes)
     rows["clean renders"] = _quality(clean, [s.caption() for s in clean_scenes], None)
     rows["teacher check"] = teacher_check(turbo, seed, n // 2)
+    rows["tint check"] = domains.teacher_check(turbo, seed, n // 2)  # held-out domains: tints of several hues
     return rows
 
 
@@ -168,7 +165,7 @@ def to_markdown(per_seed: list[dict[str, dict[str, float]]], header: str) -> str
     cols = ["acc_shape", "acc_colour", "acc_background", "mse_to_base_many", "sharpness", "fewstep_quality", "render_psnr"]
     lines = [header, "", "| model @ steps | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for row in per_seed[0]:
-        if row in ("teacher check", "premise"):
+        if row in ("teacher check", "tint check", "premise"):
             continue
         cells = []
         for c in cols:
@@ -178,6 +175,8 @@ def to_markdown(per_seed: list[dict[str, dict[str, float]]], header: str) -> str
     lines += ["", "| teacher check (turbo, its own steps) | concept fidelity |", "|---|---|"]
     for key in per_seed[0]["teacher check"]:
         lines.append(f"| {key} | {_summ([s['teacher check'][key] for s in per_seed])} |")
+    if "tint check" in per_seed[0]:
+        lines += domains.to_markdown([s["tint check"] for s in per_seed]).splitlines()
     if "premise" in per_seed[0]:
         cols = ["concept_fidelity", "fewstep_quality", "drift"]
         lines += ["", "| premise (`dopsd demo`, 4 steps) | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
