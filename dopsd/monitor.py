@@ -53,15 +53,15 @@ class Monitor:
         cfg, out, main = trainer.cfg, trainer.out, trainer.main
         self.started, self.first_step, self.written = time.time(), trainer.step, 0.0
         self.started_iso = rundir.iso_time(trainer.started)
-        self.writer = None
+        self.writer = self.losses = self.health_trace = None
         if main and cfg.log.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             # A resumed run drops what a killed run logged after its checkpoint (those steps are trained again).
             self.writer = SummaryWriter(str(out / rundir.LOGS), purge_step=trainer.step + 1 if trainer.step else None)
         if main:  # the traces restart from the checkpoint (a killed run may have logged further)
-            rundir.restart_losses(out, trainer.history)
-            rundir.restart_health(out, trainer.step)
+            self.losses = rundir.open_losses(out, trainer.history)
+            self.health_trace = rundir.open_health(out, trainer.step)
             self.progress(rundir.STATUS_RUNNING)
         from tqdm.auto import tqdm
 
@@ -73,7 +73,7 @@ class Monitor:
         t = self.trainer
         if not t.main:
             return
-        rundir.append_loss(t.out, record)
+        self.losses.append(record)
         if self.writer is not None:
             for k, v in record.items():
                 if k not in ("step", "skipped") and isinstance(v, float) and math.isfinite(v):
@@ -88,7 +88,8 @@ class Monitor:
     def checkpointed(self) -> None:
         """What was logged up to a checkpoint survives a kill, like the checkpoint itself."""
         if self.trainer.main:
-            rundir.sync_losses(self.trainer.out)
+            self.losses.sync()
+            self.health_trace.sync()
             if self.writer is not None:
                 self.writer.flush()
             self.progress(rundir.STATUS_RUNNING)
@@ -141,7 +142,7 @@ class Monitor:
             result["health"] = measured
             t.last_health = {"step": t.step, "health": measured["health"], "broken": measured["broken"],
                              "problem": measured["problem"]}
-            rundir.append_health(t.out, t.step, measured, t.health.threshold)
+            self.health_trace.append(rundir.health_record(t.step, measured, t.health.threshold))
             if self.writer is not None:
                 for k, v in t.health.scalars(measured).items():
                     self.writer.add_scalar(k, v, t.step)
@@ -151,5 +152,8 @@ class Monitor:
 
     def close(self) -> None:
         self.bar.close()
+        for trace in (self.losses, self.health_trace):
+            if trace is not None:
+                trace.close()
         if self.writer is not None:
             self.writer.close()

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from dopsd.errors import RunFolderError
-from dopsd.files import atomic_write_json, atomic_write_text
+from dopsd.files import atomic_write_json, atomic_write_text, fsync_dir
 
 MARKER = "dopsd-run.json"
 MARKER_FORMAT, MARKER_VERSION = "dopsd-run", 1
@@ -149,10 +149,37 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _append_line(path: Path, record: dict[str, Any]) -> None:
-    """One line, written with a single call: a kill leaves at worst a partial last line, which readers skip."""
-    with open(path, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
+class Trace:
+    """A JSON-lines trace (losses.jsonl, health.jsonl) held open by its one writer, the main process, for a whole
+    session. It starts as a fresh file holding exactly `records` (written beside the old one, synced, renamed over
+    it), and every later line goes through the same open file in order, flushed as one write: a kill leaves at
+    worst a partial last line, which readers skip. One handle for the restart and the appends (rather than a
+    rename followed by re-opening by name in append mode) keeps the file in step order on every file system."""
+
+    def __init__(self, path: Path, records: Iterable[dict[str, Any]]):
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        self.fh = open(tmp, "w", encoding="utf-8")
+        try:
+            self.fh.write("".join(json.dumps(r) + "\n" for r in records))
+            self.sync()
+            os.replace(tmp, path)
+        except BaseException:
+            self.fh.close()
+            tmp.unlink(missing_ok=True)
+            raise
+        fsync_dir(path.parent)
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.fh.write(json.dumps(record) + "\n")
+        self.fh.flush()
+
+    def sync(self) -> None:
+        """Make the trace durable up to now (at every checkpoint)."""
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+
+    def close(self) -> None:
+        self.fh.close()
 
 
 def read_losses(out: Path) -> dict[int, dict[str, Any]]:
@@ -160,44 +187,28 @@ def read_losses(out: Path) -> dict[int, dict[str, Any]]:
     return {int(r["step"]): r for r in _read_jsonl(out / LOSSES)}
 
 
-def restart_losses(out: Path, history: Iterable[dict[str, Any]]) -> None:
-    """Rewrite losses.jsonl to exactly the steps in `history` (a resumed run's checkpoint): the earlier file's full
-    records (with their per-step diagnostics) where they agree with the checkpoint, else the checkpoint's."""
+def open_losses(out: Path, history: Iterable[dict[str, Any]]) -> Trace:
+    """losses.jsonl restarted at exactly the steps in `history` (a resumed run's checkpoint; a killed run may have
+    logged further): the earlier file's full records (with their per-step diagnostics) where they agree with the
+    checkpoint, else the checkpoint's."""
     old = read_losses(out)
-    lines = []
+    records = []
     for record in history:
         kept = old.get(int(record["step"]))
         same = kept is not None and all(json.dumps(kept.get(k)) == json.dumps(v) for k, v in record.items())
-        lines.append(json.dumps(kept if same else record) + "\n")
-    atomic_write_text(out / LOSSES, "".join(lines))
+        records.append(kept if same else record)
+    return Trace(out / LOSSES, records)
 
 
-def append_loss(out: Path, record: dict[str, Any]) -> None:
-    _append_line(out / LOSSES, record)
+def open_health(out: Path, step: int) -> Trace:
+    """health.jsonl keeping the measurements up to the checkpoint's `step` (a killed run may have measured further)."""
+    return Trace(out / HEALTH, [r for r in _read_jsonl(out / HEALTH) if int(r["step"]) <= step])
 
 
-def sync_losses(out: Path) -> None:
-    """Make the traces durable up to now (at every checkpoint)."""
-    for name in (LOSSES, HEALTH):
-        try:
-            with open(out / name, "rb") as fh:
-                os.fsync(fh.fileno())
-        except OSError:
-            pass
-
-
-def restart_health(out: Path, step: int) -> None:
-    """A resumed run keeps the measurements up to its checkpoint's step (a killed run may have measured further)."""
-    if (out / HEALTH).is_file():
-        kept = [r for r in _read_jsonl(out / HEALTH) if int(r["step"]) <= step]
-        atomic_write_text(out / HEALTH, "".join(json.dumps(r) + "\n" for r in kept))
-
-
-def append_health(out: Path, step: int, measured: dict[str, Any], threshold: float) -> None:
+def health_record(step: int, measured: dict[str, Any], threshold: float) -> dict[str, Any]:
     """One few-step health measurement (dopsd.health's result, without its raw and starting values)."""
-    record = {"step": step, **{k: v for k, v in measured.items() if not k.startswith(("raw/", "start/"))},
-              "threshold": threshold}
-    _append_line(out / HEALTH, record)
+    return {"step": step, **{k: v for k, v in measured.items() if not k.startswith(("raw/", "start/"))},
+            "threshold": threshold}
 
 
 def iso_time(timestamp: float) -> str:
