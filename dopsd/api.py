@@ -13,6 +13,7 @@ from typing import Any
 
 from dopsd import runlock
 from dopsd.config import Config, load_config
+from dopsd.data.checks import check_prompts
 from dopsd.data.dataset import check_dataset
 from dopsd.rundir import OutputExistsError, check_resume_config
 from dopsd.trainer import Result, StepCallback, Trainer
@@ -44,6 +45,7 @@ def train(
     if resume:
         check_resume_config(cfg, plan.out)
     dataset = check_dataset(cfg.data, cfg.model)  # every problem reported before anything starts
+    check_prompts(cfg)
     if int(os.environ.get("RANK", "0")) == 0:  # what training will do to the data, said once (not per process)
         print(dataset.summary(), flush=True)
     trainer = Trainer(cfg, plan.out, dataset.examples, adapter=adapter, resume=resume)

@@ -160,3 +160,22 @@ def image_notes(items: list[tuple[str, ImageFacts, tuple[int, int]]], height: in
 def format_counts(facts: list[ImageFacts]) -> str:
     counts = Counter(f.format for f in facts)
     return ", ".join(f"{n} {fmt}" for fmt, n in counts.most_common())
+
+
+def check_prompts(cfg: Any) -> None:
+    """The prompts a run samples or preserves (sample.prompts, method.prior_prompts), read by the family's caption
+    check before any work: PromptError naming each key, index and prompt that the model cannot read."""
+    from dopsd.errors import PromptError
+    from dopsd.models.registry import caption_problems
+
+    lines, hints = [], []
+    for key, prompts in (("sample.prompts", cfg.sample.prompts), ("method.prior_prompts", cfg.method.prior_prompts)):
+        prompts = list(prompts or [])
+        for p in caption_problems(cfg.model, prompts):
+            if p.index is None:
+                if not p.notice and p.message not in hints:
+                    hints.append(p.message)
+            elif not p.notice:
+                lines.append(f'{key}[{p.index}] "{prompts[p.index]}": {p.message}')
+    if lines:
+        raise PromptError("prompts the model cannot read:\n  " + "\n  ".join(lines + hints))
