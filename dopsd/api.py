@@ -44,7 +44,7 @@ def train(
     plan = runlock.plan(cfg, resume=resume, overwrite=overwrite)
     if resume:
         check_resume_config(cfg, plan.out)
-    dataset = check_dataset(cfg.data, cfg.model)  # every problem reported before anything starts
+    dataset = check_dataset(cfg.data, cfg.model, cfg.train.batch_size)  # every problem reported before anything starts
     check_prompts(cfg)
     if int(os.environ.get("RANK", "0")) == 0:  # what training will do to the data, said once (not per process)
         print(dataset.summary(), flush=True)

@@ -211,6 +211,10 @@ CASES: list[Case] = [
     Case("dataset", "editing: source folder missing",
          "train flux2-klein-4b data.path=data model.editing=true data.source_dir=sources model.height=24 "
          "model.width=24 data.buckets=false", ("sources", "data.source_dir")),
+    Case("dataset", "editing: pairs of one batch with different numbers of sources",
+         "train flux2-klein-4b data.path=data model.editing=true data.source_dir=sources model.height=24 "
+         "model.width=24 data.buckets=false train.batch_size=2", ("img02.png", "2 source(s)", "train.batch_size=1"),
+         both(*(image(f"sources/{n}.png", caption=None) for n in ("img00", "img01", "img02_0", "img02_1", "img03")))),
     # --- model folders ----------------------------------------------------------------------------------
     Case("model folder", "not set", "sample zimage-turbo --prompt 'a cat'", ("model.pretrained", "not set")),
     Case("model folder", "missing", "sample zimage-turbo model.pretrained=nowhere --prompt 'a cat'",

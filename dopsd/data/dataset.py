@@ -173,8 +173,9 @@ def check_image(path: Path, data: DataConfig, model: ModelConfig) -> list[str]:
     return problems
 
 
-def check_dataset(data: DataConfig, model: ModelConfig) -> DatasetReport:
-    """Scan and validate the whole dataset: one DatasetError listing every problem, or the report."""
+def check_dataset(data: DataConfig, model: ModelConfig, batch_size: int = 1) -> DatasetReport:
+    """Scan and validate the whole dataset: one DatasetError listing every problem, or the report. `batch_size`
+    (samples per micro-batch) matters for editing pairs: one batch shares its reference-image positions."""
     root = _check_root(data)
     problems: list[str] = []
     scan_notes: list[str] = []  # said last: skipped files matter less than what happens to the used ones
@@ -214,6 +215,8 @@ def check_dataset(data: DataConfig, model: ModelConfig) -> DatasetReport:
         caps = [apply_trigger(c.text, data) for c in row.captions]
         examples.append(Example(row.name, path, caps, sources, facts.size, bucket, _digest([path, *sources])))
         seen.append((row.name, facts, bucket))
+    if model.editing and batch_size > 1:
+        problems += _mixed_source_counts(examples, batch_size)
     captions = [c for row in rows if row.captions for c in row.captions]
     applied = [apply_trigger(c.text, data) for c in captions]
     try:
@@ -234,6 +237,21 @@ def check_dataset(data: DataConfig, model: ModelConfig) -> DatasetReport:
         notes.append(f"{len(same)} image(s) appear more than once (identical files), so they weigh double: "
                      f"{names(same)}")
     return DatasetReport(root, examples, notes + caption_notes + scan_notes, format_counts([f for _, f, _ in seen]))
+
+
+def _mixed_source_counts(examples: list[Example], batch_size: int) -> list[str]:
+    """Pairs of one size bucket (they may share a micro-batch) with different numbers of source images."""
+    by_bucket: dict[tuple[int, int], dict[int, list[str]]] = {}
+    for ex in examples:
+        by_bucket.setdefault(ex.bucket, {}).setdefault(len(ex.sources), []).append(ex.name)
+    out = []
+    for bucket, counts in by_bucket.items():
+        if len(counts) > 1:
+            groups = "; ".join(f"{n} source(s): {names(group)}" for n, group in sorted(counts.items()))
+            out.append(f"pairs that can share a batch (size {bucket[1]}×{bucket[0]}) have different numbers of source "
+                       f"images ({groups}): with train.batch_size={batch_size} every pair of a batch needs the same "
+                       "number; give every pair the same number of sources, or set train.batch_size=1")
+    return out
 
 
 def load_dataset(data: DataConfig, model: ModelConfig) -> list[Example]:
