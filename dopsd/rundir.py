@@ -219,6 +219,21 @@ def write_progress(out: Path, progress: dict[str, Any]) -> None:
     atomic_write_json(out / PROGRESS, progress)
 
 
+def warn_if_unsuccessful(weights: Path) -> None:
+    """Say so when a weights file sits in a run folder whose summary.json records a run that did not succeed
+    (the weights are still used: the user may want to look at a broken run)."""
+    import warnings
+
+    try:
+        summary = json.loads((Path(weights).parent / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return
+    status = summary.get("status") if isinstance(summary, dict) else None
+    if status in (STATUS_UNHEALTHY, STATUS_ABORTED):
+        problem = summary.get("problem") or "see its summary.json"
+        warnings.warn(f"{weights} comes from a run that ended {status}: {problem}", stacklevel=2)
+
+
 # --- the end of a session: final weights and summary.json -------------------------------------------------
 def save_final(trainer: Any) -> Path:
     """The trained weights (lora.safetensors + lora_config.json, or model.safetensors); returns their path. For

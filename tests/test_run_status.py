@@ -34,6 +34,14 @@ def test_a_diverged_run_that_samples_noise_is_unhealthy_and_exits_non_zero(tmp_p
     for step in (20, 40):  # measured broken at both: neither checkpoint is good
         state = json.loads((out / f"checkpoints/step-{step:07d}/state.json").read_text())
         assert state["good"] is False and state["health"]["step"] == step and state["weights"]["ok"]
+    # its weights are still usable (to look at), but every reader says where they come from
+    from dopsd.lora.files import read_lora
+    from dopsd.lora.trained import trained_meta
+
+    with pytest.warns(UserWarning, match="ended unhealthy"):
+        read_lora(out)
+    with pytest.warns(UserWarning, match="ended unhealthy"):
+        trained_meta(out / "lora.safetensors")
 
 
 def test_an_aborted_run_writes_its_status_and_never_calls_exploded_weights_good(tmp_path, concept_data):

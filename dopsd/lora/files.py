@@ -25,6 +25,7 @@ from dopsd.files import atomic_save_safetensors
 from dopsd.lora.layout import PREFIX, LoraFileError, Pair, family_of_names, from_interchange, has_interchange, split_keys, to_interchange
 from dopsd.lora.meta import LAYOUT_INTERCHANGE, LAYOUT_PEFT, LoraFacts, facts_from_metadata, file_metadata, run_facts
 from dopsd.models import registry
+from dopsd.rundir import warn_if_unsuccessful
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_DTYPE = "bf16"  # for files other tools load; the miniature's own file stays float32
@@ -103,6 +104,7 @@ def read_lora(path: str | Path, alpha: float | None = None) -> LoraSource:
     from safetensors import safe_open
 
     file = resolve(path)
+    warn_if_unsuccessful(file)
     try:
         with safe_open(str(file), "pt") as fh:
             state = {k: fh.get_tensor(k) for k in fh.keys()}

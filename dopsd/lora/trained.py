@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from dopsd.rundir import warn_if_unsuccessful
+
 LORA_FILE, LORA_CONFIG, FULL_FILE = "lora.safetensors", "lora_config.json", "model.safetensors"
 
 
@@ -69,6 +71,7 @@ def trained_meta(weights: Path, family: str | None = None, field: str = "weights
         raise WeightsFileError(f"{field} {weights} is a folder; give its {LORA_FILE} (or {FULL_FILE}), or the run "
                                "folder as the source")
     check_safetensors(weights, field, "use the file a dopsd run wrote")
+    warn_if_unsuccessful(weights)
     cfg_path = weights.parent / LORA_CONFIG
     try:
         meta = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
