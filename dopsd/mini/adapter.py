@@ -185,13 +185,14 @@ class MiniAdapter:
 
     def cache_fingerprint(self) -> dict[str, Any]:
         """The weights themselves (small enough to hash): recipe folders can be rebuilt in place, and tests and the
-        bench change networks without changing the config."""
+        bench change networks without changing the config; and the teacher path, which the bench and tests set on
+        the adapter."""
         h = hashlib.sha256()
         for part in (self.encoder, self.network):
             for key, t in (part.state_dict().items() if part is not None else ()):
                 h.update(key.encode())
                 h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        return {"kind": self.kind, "weights": h.hexdigest()}
+        return {"kind": self.kind, "weights": h.hexdigest(), "teacher_context": self.teacher_context}
 
     # --- hooks of the probe, health and eval ---------------------------------------------------------
     def health_quality(self, prompts: list[str]) -> QualityFn | None:
