@@ -81,6 +81,14 @@ def check_available(mode: str, device: torch.device | str, lora: bool = True) ->
     _torchao()
 
 
+def planned_device(cfg: Any) -> torch.device:
+    """Where a run of this config will put the denoiser (before accelerate is set up): the CPU when asked for
+    (train.device=cpu) or when there is no GPU, else this process's GPU."""
+    if cfg.train.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def _torchao() -> Any:
     try:
         # torchao announces each optional compiled kernel it cannot load (none is used here) as a warning.

@@ -6,7 +6,7 @@ weights of the frozen denoiser's nn.Linear layers (LoRA base layers included); e
 dtype. Bytes per scheme, for a weight of `rows` output features, `n` elements and `d` bytes per element of its
 dtype (torchao's storage; a test compares these with the quantized tensors themselves):
 
-  int8   (weight-only, per output row)    n + rows·4  (int8 data, fp32 scale)
+  int8   (weight-only, per output row)    n + rows·5  (int8 data, fp32 scale, int8 zero point)
   float8 (e4m3, weight-only, per row)     n + rows·4  (fp8 data, fp32 scale)
   nf4    (NF4Tensor, block 64, double-quantized scales)
          n/2 + ceil(n/64) + d·ceil(ceil(n/64)/256) + d + 16·d  (4-bit codes, one int8 scale per block, one
@@ -34,7 +34,9 @@ def quantized_bytes(shape: torch.Size | tuple[int, ...], scheme: str, dtype: tor
     rows = shape[0]
     if scheme == "none":
         return n * torch.empty((), dtype=dtype).element_size()
-    if scheme in ("int8", "float8"):
+    if scheme == "int8":
+        return n + rows * 5
+    if scheme == "float8":
         return n + rows * 4
     if scheme == "nf4":
         d = torch.empty((), dtype=dtype).element_size()
