@@ -30,12 +30,14 @@ def folders(tmp_path_factory):
 
 
 def train(folders, family: str, quantize: str, tmp):
-    """Two D-OPSD steps (the preset's EMA teacher) of the family's preset on its tiny model. The Z-Image preset's
-    VLM teacher is replaced by the caption-only one (no Qwen3-VL needed: quantization is the subject here)."""
+    """Two hybrid steps (D-OPSD with the preset's EMA teacher + SFT) of the family's preset on its tiny model.
+    Z-Image's VLM teacher is replaced by the caption-only one (no Qwen3-VL needed: quantization is the subject
+    here); its D-OPSD term is then zero at first, and the SFT term makes the LoRA move."""
     import dopsd
 
     _, _, preset = FAMILIES[family]
-    extra = [f"model.pretrained={getattr(folders, family)}", f"model.quantize={quantize}", "optim.lr=1e-2"]
+    extra = [f"model.pretrained={getattr(folders, family)}", f"model.quantize={quantize}", "optim.lr=1e-2",
+             "method.name=hybrid"]
     if family == "zimage":
         extra.append("model.teacher_context=text")
     return dopsd.train(train_config(preset, tmp, folders.data, SIZE, *extra))
@@ -59,28 +61,35 @@ def samples(folders, family: str, lora) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("family", ["zimage", "flux2"])
-def test_int8_base_trains_a_lora_that_loads_into_the_unquantized_model(folders, tmp_path, family):
+def test_int8_base_trains_a_lora_that_loads_into_the_unquantized_model(folders, tmp_path, family, capsys):
     """int8 base: training runs, the loss is finite, only the LoRA is saved, the LoRA loads into the unquantized
     adapter and diffusers pipeline, and its samples are close to those of the same run on the unquantized base.
 
     Tolerance: the two LoRAs may differ only through the int8 rounding of the base during their two steps
     (|error| <= absmax/254 per row, about 0.4 %), so the samples they give the same unquantized model must differ
-    far less than the LoRAs moved the samples: at most a quarter of the change training made (and the run trained
-    hard enough, lr 1e-2, that this change is not zero)."""
+    far less than the LoRAs moved the samples: at most a tenth of the change training made (and the run trained
+    hard enough, lr 1e-2, that this change is not zero). Measured: about 1-2 % (Z-Image 0.0096 of 0.59, FLUX.2
+    0.00026 of 0.023), so 10 % leaves room for other CPUs' rounding and still fails if the base were wrong."""
     from safetensors.torch import load_file
 
     quant = train(folders, family, "int8", tmp_path / "int8")
+    assert "base quantized to int8" in capsys.readouterr().out
     plain = train(folders, family, "none", tmp_path / "none")
     assert quant.steps == 2 and all(torch.isfinite(torch.tensor(quant.losses)))
     assert [p.name for p in quant.output_dir.glob("*.safetensors")] == ["lora.safetensors"]
     q_keys, p_keys = load_file(str(quant.weights)), load_file(str(plain.weights))
     assert sorted(q_keys) == sorted(p_keys)  # same layout as on an unquantized base
     assert all(q_keys[k].shape == p_keys[k].shape and q_keys[k].dtype == p_keys[k].dtype for k in q_keys)
+    for part in ("trainable", "teacher"):  # checkpoints: the LoRA's values only (the teacher is a LoRA swap)
+        q_ckpt, p_ckpt = (load_file(str(r.output_dir / "checkpoints/step-0000002" / f"{part}.safetensors"))
+                          for r in (quant, plain))
+        assert sorted(q_ckpt) == sorted(p_ckpt) and all("lora_" in k for k in q_ckpt)
     base, with_plain, with_quant = (samples(folders, family, w) for w in (None, plain.weights, quant.weights))
     moved = (with_plain - base).abs().max()
     gap = (with_quant - with_plain).abs().max()
     assert moved > 1e-3, moved
-    assert gap < 0.25 * moved, (gap, moved)
+    print(f"{family}: LoRA moved the samples by {moved:.4g}, int8 vs unquantized base LoRAs differ by {gap:.4g}")
+    assert gap < 0.1 * moved, (gap, moved)
     module, _, _ = FAMILIES[family]
     adapter = module.load(model_config(family, pretrained=str(getattr(folders, family)), height=SIZE, width=SIZE,
                                        max_caption_tokens=32, teacher_context="text"))
@@ -164,3 +173,14 @@ def test_refusals_name_model_quantize(folders, tmp_path):
         dopsd.train(train_config("zimage-turbo", tmp_path, folders.data, SIZE, "model.pretrained=/nowhere",
                                  "model.quantize=float8"))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_quantized_run_resumes_from_its_checkpoint(folders, tmp_path):
+    """Resume on an int8 base: the checkpoint (LoRA values only) loads back and the run continues."""
+    import dopsd
+
+    first = train(folders, "flux2", "int8", tmp_path)
+    cfg = train_config("flux2-klein-4b", tmp_path, folders.data, SIZE, f"model.pretrained={folders.flux2}",
+                       "model.quantize=int8", "optim.lr=1e-2", "method.name=hybrid", "train.max_steps=3")
+    resumed = dopsd.train(cfg, resume=True)
+    assert resumed.steps == 3 and resumed.losses[:2] == first.losses and torch.isfinite(torch.tensor(resumed.losses)).all()
