@@ -1,8 +1,15 @@
 """dopsd: fine-tune step-distilled diffusion models with on-policy self-distillation (D-OPSD)."""
 
+import logging
 from typing import Any
 
 __version__ = "0.1.0"
+
+# torchao (model.quantize) is imported by diffusers whenever it is installed. Its import logs a warning for each
+# optional compiled kernel it cannot load, for each enum it registers with torch's pytree, and diffusers one for
+# torchao tensor types it looks for under old names; dopsd uses none of those, so they would only be noise.
+for _name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 
 def __getattr__(name: str) -> Any:

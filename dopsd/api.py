@@ -41,6 +41,9 @@ def train(
     deletes it).
     """
     cfg = load_config(config, overrides)
+    from dopsd.quantize import check_available, planned_device
+
+    check_available(cfg.model.quantize, planned_device(cfg), cfg.lora.enabled)  # model.quantize fits this machine
     plan = runlock.plan(cfg, resume=resume, overwrite=overwrite)
     if resume:
         check_resume_config(cfg, plan.out)

@@ -3,7 +3,8 @@
 Each per-sample context (a dict of tensors) is stored as one safetensors file named by a content hash of
 everything it depends on: the model identity (family, weights folder, encoders, dtype, …), the kind of
 feature, the caption text, the image bytes and the training size. A second run with the same data and model
-finds every file and never calls an encoder; the trainer then frees the encoders (`release_encoders`).
+finds every file and never calls an encoder; the trainer then frees the encoders (`release_encoders`) before
+the denoiser is loaded.
 """
 
 from __future__ import annotations
@@ -135,7 +136,12 @@ def build_features(
     need_latents: bool,
     need_teacher: bool,
 ) -> Features:
-    """Make sure every feature the run needs is in the cache (computing the missing ones) and index them."""
+    """Make sure every feature the run needs is in the cache (computing the missing ones) and index them.
+
+    One encoder at a time: every text-encoder feature first (training captions, then sample/prior prompts),
+    then the teacher's (the VLM, or the reference path), then the VAE latents. The adapters keep only the
+    running encoder on the device and load the denoiser after all of this (see dopsd.models.local.DiffusersHooks),
+    so caching never holds the transformer and the encoders together."""
     feats = Features(cache)
     variants = lambda ex: list(range(len(ex.captions))) + ([DROPPED] if config.data.caption_dropout > 0 else [])
     pairs = [(i, c) for i, ex in enumerate(examples) for c in variants(ex)]
@@ -163,6 +169,10 @@ def build_features(
                         size(examples[i])) for i, c in pairs]
     cache.ensure(s_keys, student_compute)
     feats.student = {p: k for p, k in zip(pairs, s_keys)}
+    unique = list(dict.fromkeys(prompts))
+    p_keys = [cache.key("student", p, "", "prompt") for p in unique]
+    cache.ensure(p_keys, lambda idx: adapter.student_contexts([unique[j] for j in idx], None))
+    feats.prompts = dict(zip(unique, p_keys))
     if need_teacher:
         t_keys = [cache.key("teacher", _caption(examples[i], c), examples[i].digest, size(examples[i])) for i, c in pairs]
         cache.ensure(t_keys, teacher_compute)
@@ -174,8 +184,4 @@ def build_features(
             lambda idx: [{"latents": x} for x in adapter.encode_images([load_example_images(examples[j])[0] for j in idx])],
         )
         feats.latents = dict(enumerate(l_keys))
-    unique = list(dict.fromkeys(prompts))
-    p_keys = [cache.key("student", p, "", "prompt") for p in unique]
-    cache.ensure(p_keys, lambda idx: adapter.student_contexts([unique[j] for j in idx], None))
-    feats.prompts = dict(zip(unique, p_keys))
     return feats

@@ -92,6 +92,11 @@ class ModelConfig:
     )
     editing: bool = opt(False, "Editing LoRA: the student sees source image(s) + instruction (needs data.source_dir).")
     dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "Weight dtype of the frozen model.")
+    quantize: Literal["none", "int8", "float8", "nf4"] = opt(
+        "none", "Store the frozen denoiser's Linear weights quantized (torchao) under a LoRA kept in higher "
+        "precision: int8 and nf4 run on CPU and CUDA, float8 needs a CUDA GPU with float8 support (compute "
+        "capability 8.9+). LoRA only; `dopsd plan` shows the memory each saves.",
+    )
 
 
 @dataclass

@@ -82,6 +82,10 @@ def check_relations(c: Config) -> None:
     if c.train.device not in (None, "cpu"):
         raise ConfigError(f"config key 'train.device' must be 'cpu' or null, got {c.train.device!r} "
                           "(choose GPUs with CUDA_VISIBLE_DEVICES or accelerate launch)")
+    if c.model.quantize != "none" and not c.lora.enabled:
+        raise ConfigError(f"config key 'model.quantize' is {c.model.quantize!r} but lora.enabled is false: a "
+                          "quantized base cannot be fine-tuned itself; train a LoRA (lora.enabled=true) or set "
+                          "model.quantize=none for a full fine-tune")
     check_fsdp(c.train.fsdp)
 
 

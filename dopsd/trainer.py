@@ -83,6 +83,9 @@ class Trainer:
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
         set_seed(t.seed)
         from dopsd.models.registry import load_adapter, torch_dtype
+        from dopsd.quantize import check_available
+
+        check_available(config.model.quantize, self.acc.device, config.lora.enabled)  # before anything loads
 
         self.dtype = torch_dtype(config.model.dtype)
         # Latents and roll-outs stay float32 whatever the weights' dtype (adapters cast inside `velocity`).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Any
 
 import torch
@@ -22,7 +23,11 @@ def add_lora(network: nn.Module, targets: list[str] | str, rank: int, alpha: flo
                         rank_pattern=_exact(rank_pattern), alpha_pattern=_exact(alpha_pattern))
     network.requires_grad_(False)
     try:
-        inject_adapter_in_model(config, network, adapter_name=ADAPTER)
+        with warnings.catch_warnings():
+            # peft warns that LoRA layers over torchao-quantized weights (model.quantize) cannot be merged into
+            # them; dopsd never merges, it exports the LoRA factors.
+            warnings.filterwarnings("ignore", message=".*without `get_apply_tensor_subclass`")
+            inject_adapter_in_model(config, network, adapter_name=ADAPTER)
     except ValueError as err:
         from dopsd.config import ConfigError
 

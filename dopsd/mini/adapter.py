@@ -293,6 +293,9 @@ def load(cfg: Any, device: torch.device | str = "cpu", dtype: torch.dtype = torc
     mcfg, dit, enc, kind = build_from(path)
     adapter = MiniAdapter(mcfg, dit, enc, kind=kind, teacher_context=teacher_context, device=device, dtype=dtype)
     adapter._check_size(getattr(cfg, "height", None), getattr(cfg, "width", None))
+    from dopsd.quantize import quantize_network
+
+    quantize_network(adapter.network, getattr(cfg, "quantize", "none"), device=device)
     return adapter
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from dopsd.config import ConfigError
 from dopsd.models.base import BaseFacts, CaptionProblem, Context, LoraLayout, Pair
-from dopsd.models.local import DiffusersHooks, ModelFolderError, chat_token_counts, chat_tokens, check_pipeline_folder, check_size, folder_fingerprint, free_memory, load_part, resolve_dtype, stack_or_list, still_loaded, to_pixels, token_limit_problems
+from dopsd.models.local import DiffusersHooks, ModelFolderError, chat_token_counts, chat_tokens, check_pipeline_folder, check_size, folder_fingerprint, free_memory, load_denoiser, load_part, part_config, resolve_dtype, stack_or_list, still_loaded, to_pixels, token_limit_problems
 from dopsd.schedules import dynamic_schedule
 
 LABEL = "FLUX.2-klein"
@@ -34,6 +34,9 @@ LORA_TARGETS = (
     r".*transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
     r"|.*single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out)"
 )
+# Left unquantized under model.quantize: the input/output projections, the final norm and the timestep embedder
+# (small next to the blocks, and what every token passes through first or last).
+QUANTIZE_SKIP = ("x_embedder", "context_embedder", "time_guidance_embed", "norm_out", "proj_out")
 # What the reference-path teacher reads after the caption when model.teacher_instruction is null.
 REFERENCE_INSTRUCTION = "Make the main subject, background and overall composition consistent with the reference image."
 EDIT_INSTRUCTION = "The last reference image is the expected output of this edit."
@@ -124,7 +127,7 @@ class Flux2Adapter(DiffusersHooks):
         if self.editing and self.teacher_context != "reference":
             raise ConfigError("model.editing trains through the reference path: set model.teacher_context: reference")
         self.instruction = teacher_instruction(cfg)
-        self.network: nn.Module = load_part(Flux2Transformer2DModel, self.folder, "transformer", self.dtype).to(self.device)
+        self.transformer_config = part_config(Flux2Transformer2DModel, self.folder, "transformer")
         self.vae = load_part(AutoencoderKLFlux2, self.folder, "vae", self.dtype).to(self.device).eval().requires_grad_(False)
         self.text_encoder = load_part(Qwen3ForCausalLM, self.folder, "text_encoder", self.dtype).to(self.device).eval()
         self.text_encoder.requires_grad_(False)
@@ -144,6 +147,20 @@ class Flux2Adapter(DiffusersHooks):
         self._vlm = None
 
     # --- the denoiser -----------------------------------------------------------------------------
+
+    @property
+    def network(self) -> nn.Module:
+        """The transformer, loaded (and quantized, model.quantize) on first use: after the feature cache."""
+        if self._network is None:
+            from diffusers import Flux2Transformer2DModel
+
+            self._network = load_denoiser(Flux2Transformer2DModel, self.folder, self.dtype, self.device,
+                                          self.cfg.quantize, QUANTIZE_SKIP)
+        return self._network
+
+    @network.setter
+    def network(self, value: nn.Module) -> None:
+        self._network = value
 
     def velocity(self, network: nn.Module, x: torch.Tensor, sigma: torch.Tensor, context: Any) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -170,7 +187,7 @@ class Flux2Adapter(DiffusersHooks):
     @torch.no_grad()
     def _text_features(self, captions: list[str]) -> list[torch.Tensor]:
         tokenizer = still_loaded(self.tokenizer, "tokenizer")
-        encoder = still_loaded(self.text_encoder, "text encoder")
+        encoder = self._only_on_device(still_loaded(self.text_encoder, "text encoder"))
         ids, mask = chat_tokens(tokenizer, captions, self.max_tokens, thinking=False, device=self.device)
         out = encoder(input_ids=ids, attention_mask=mask,
                       output_hidden_states=True, use_cache=False)
@@ -225,9 +242,12 @@ class Flux2Adapter(DiffusersHooks):
         if self._vlm is None:
             from dopsd.models.qwen_vl import QwenVLEncoder
 
-            self._vlm = QwenVLEncoder(self.cfg.teacher_encoder, still_loaded(self.text_encoder, "text encoder"),
-                                      self.device, self.dtype, image_tokens=self.cfg.teacher_image_tokens)
+            text_encoder = still_loaded(self.text_encoder, "text encoder")
+            self._only_on_device(None)  # the text encoder waits on the CPU while the VLM loads and runs
+            self._vlm = QwenVLEncoder(self.cfg.teacher_encoder, text_encoder, self.device, self.dtype,
+                                      image_tokens=self.cfg.teacher_image_tokens)
             print(f"[dopsd] VLM teacher: {self._vlm.report}")
+        self._only_on_device(self._vlm.model)
         return [{"prompt_embeds": self._vlm.encode(im, c, self.layers, pad_to=self.teacher_max_tokens).cpu()}
                 for c, im in zip(captions, images)]
 
@@ -280,7 +300,7 @@ class Flux2Adapter(DiffusersHooks):
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
         multiple = self.vae_scale * 2
         check_size(height, width, multiple, "FLUX.2")
-        return (self.network.config.in_channels, height // multiple, width // multiple)
+        return (int(self.transformer_config["in_channels"]), height // multiple, width // multiple)
 
     def inference_schedule(self, height: int, width: int, steps: int | None = None) -> torch.Tensor:
         _, h, w = self.latent_shape(height, width)

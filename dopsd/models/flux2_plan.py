@@ -84,7 +84,9 @@ def plan_spec(cfg: Any, hint: str | None = None) -> PlanSpec:
         "text_encoder": lambda o: Qwen3ForCausalLM(Qwen3Config(**te)),
         "vae": lambda o: AutoencoderKLFlux2.from_config(vc),
     }
-    loaded = ("transformer", "vae", "text_encoder")  # the adapter loads all three at once
+    # As the adapter runs caching: the VAE from the start, one large encoder on the device at a time (the VLM
+    # takes over from the text encoder), the transformer only after all of them.
+    loaded = ("text_encoder", "vae")
     text_run = qwen_text_plan_run(s_tokens, use_cache=False)
     stages = [PlanStage("text features (Qwen3, 8 captions)", ("text_encoder",), loaded, text_run)]
     sources = {p: source for p in parts}
@@ -97,7 +99,8 @@ def plan_spec(cfg: Any, hint: str | None = None) -> PlanSpec:
     elif cfg.teacher_context == "vlm":
         build, run, vsource = qwen_vl_plan(cfg.teacher_encoder, dtype, t_text)
         parts["vlm"], sources["vlm"] = build, vsource
-        stages.append(PlanStage("teacher features (Qwen3-VL, 1 image)", ("vlm",), loaded + ("vlm",), run, "teacher"))
+        loaded = ("vlm", "vae")
+        stages.append(PlanStage("teacher features (Qwen3-VL, 1 image)", ("vlm",), loaded, run, "teacher"))
     stages.append(PlanStage("SFT latents (VAE encode, 1 image)", ("vae",), loaded, vae_plan_run(dtype), "latents"))
     return PlanSpec(
         label=label, dtype=dtype, parts=parts,

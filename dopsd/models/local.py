@@ -189,6 +189,31 @@ def load_part(
         hf_logging.set_verbosity(level)
 
 
+def part_config(cls: Any, folder: Path, part: str) -> dict[str, Any]:
+    """A model part's config.json over its class's defaults, read without building the part (the denoiser is only
+    loaded once the feature cache is built, but its sizes are needed before)."""
+    import inspect
+
+    defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    return {**defaults, **read_json(Path(folder) / part / "config.json")}
+
+
+def load_denoiser(cls: Any, folder: Path, dtype: torch.dtype, device: torch.device, quantize: str = "none",
+                  skip: tuple[str, ...] = ()) -> Any:
+    """The transformer on `device`; with model.quantize, loaded on the CPU and quantized layer by layer onto the
+    device (dopsd.quantize), so the device never holds it at full precision. `skip`: the family's modules to keep
+    unquantized."""
+    if quantize == "none":
+        return load_part(cls, folder, "transformer", dtype).to(device)
+    from dopsd.quantize import quantize_network
+
+    network = load_part(cls, folder, "transformer", dtype)
+    report = quantize_network(network, quantize, skip, device)
+    print(f"[dopsd] {report}")
+    return network
+
+
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     if dtype is None:
         return torch.float32
@@ -288,10 +313,36 @@ PHOTO_UNSEEN_PROMPTS = ("a photo of {} on a beach", "{} in a snowy forest", "a w
 class DiffusersHooks:
     """The protocol hooks the diffusers families (Z-Image, FLUX.2) share: real images have no decoder-based quality
     or attribute scorer of their own (health and the probe use their generic measures), eval's unseen prompts are
-    photo settings, and LoRA targets must have interchange names."""
+    photo settings, and LoRA targets must have interchange names.
+
+    Memory during feature caching: the transformer is loaded on first use of `network` (after the cache is
+    built, when the trainer asks for it), and of the two large encoders (text encoder, VLM teacher) only the one
+    running sits on the device; the other waits on the CPU (`_only_on_device`). The VAE (small, and needed
+    for samples while training) stays."""
 
     name: str
     label: str  # the model's name in messages
+    device: torch.device
+    text_encoder: Any
+    _vlm: Any
+    _network: Any = None
+
+    def _only_on_device(self, part: Any) -> Any:
+        """`part` (an encoder) on the device, the other large encoder moved to the CPU first; nothing moves when
+        the device is the CPU."""
+        if self.device.type == "cpu":
+            return part
+        vlm = self._vlm.model if self._vlm is not None else None
+        moved = False
+        for other in (self.text_encoder, vlm):
+            if other is not None and other is not part and next(other.parameters()).device != torch.device("cpu"):
+                other.to("cpu")
+                moved = True
+        if moved:
+            free_memory()
+        if part is not None and next(part.parameters()).device != self.device:
+            part.to(self.device)
+        return part
 
     def check_lora_targets(self, modules: list[str]) -> None:
         """ConfigError naming every module without an interchange name (dopsd.lora.layout), so a run is refused

@@ -20,13 +20,16 @@ from torch import nn
 
 from dopsd.config import ConfigError
 from dopsd.models.base import BaseFacts, CaptionProblem, Context, LoraLayout, Pair
-from dopsd.models.local import DiffusersHooks, ModelFolderError, chat_token_counts, chat_tokens, check_pipeline_folder, check_size, folder_fingerprint, free_memory, load_part, read_json, resolve_dtype, stack_or_list, still_loaded, to_pixels, token_limit_problems
+from dopsd.models.local import DiffusersHooks, ModelFolderError, chat_token_counts, chat_tokens, check_pipeline_folder, check_size, folder_fingerprint, free_memory, load_denoiser, load_part, part_config, read_json, resolve_dtype, stack_or_list, still_loaded, to_pixels, token_limit_problems
 from dopsd.schedules import dynamic_schedule, shifted_schedule
 
 LABEL = "Z-Image-Turbo"
 STEPS = 8  # Turbo's own few-step setting
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3"]
 TEACHER_CONTEXTS = ("vlm",)  # "text" is accepted as well: a caption-only control
+# Left unquantized under model.quantize: the input/output projections and the timestep and caption embedders
+# (small next to the blocks, and what every token passes through first or last).
+QUANTIZE_SKIP = ("t_embedder", "all_x_embedder", "cap_embedder", "all_final_layer")
 
 # The interchange layout is diffusers' own module names: ComfyUI's Z-Image key map accepts them (slicing to_q/to_k/
 # to_v into its fused qkv) and diffusers strips the prefix. Only modules both tools map are listed.
@@ -68,12 +71,7 @@ class ZImageAdapter(DiffusersHooks):
             )
         if cfg.editing:
             raise ConfigError("model.editing is a FLUX.2-klein mode; Z-Image-Turbo has no editing path: set it to false")
-        self.network: nn.Module = load_part(ZImageTransformer2DModel, self.folder, "transformer", self.dtype).to(self.device)
-        for name in ("x_pad_token", "cap_pad_token"):
-            token = getattr(self.network, name, None)
-            if token is not None and not torch.isfinite(token).all():
-                raise ModelFolderError(f"model.pretrained: {self.folder}/transformer: {name} is not finite; the "
-                                       "checkpoint is incomplete: download it again")
+        self.transformer_config = part_config(ZImageTransformer2DModel, self.folder, "transformer")
         self.vae = load_part(AutoencoderKL, self.folder, "vae", self.dtype).to(self.device).eval().requires_grad_(False)
         self.text_encoder = load_part(Qwen3Model, self.folder, "text_encoder", self.dtype).to(self.device).eval()
         self.text_encoder.requires_grad_(False)
@@ -81,12 +79,32 @@ class ZImageAdapter(DiffusersHooks):
         self.scheduler_config = read_json(self.folder / "scheduler" / "scheduler_config.json")
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.steps = cfg.inference_steps if cfg.inference_steps is not None else STEPS
-        self.caption_limit = caption_limit(self.network.config.axes_lens)
+        self.caption_limit = caption_limit(self.transformer_config["axes_lens"])
         self.max_tokens = min(cfg.max_caption_tokens, self.caption_limit)
         self.teacher_max_tokens = min(cfg.teacher_max_tokens, self.caption_limit)
         self._vlm = None
 
     # --- the denoiser -----------------------------------------------------------------------------
+
+    @property
+    def network(self) -> nn.Module:
+        """The transformer, loaded (and quantized, model.quantize) on first use: after the feature cache."""
+        if self._network is None:
+            from diffusers import ZImageTransformer2DModel
+
+            network = load_denoiser(ZImageTransformer2DModel, self.folder, self.dtype, self.device,
+                                    self.cfg.quantize, QUANTIZE_SKIP)
+            for name in ("x_pad_token", "cap_pad_token"):
+                token = getattr(network, name, None)
+                if token is not None and not torch.isfinite(token).all():
+                    raise ModelFolderError(f"model.pretrained: {self.folder}/transformer: {name} is not finite; the "
+                                           "checkpoint is incomplete: download it again")
+            self._network = network
+        return self._network
+
+    @network.setter
+    def network(self, value: nn.Module) -> None:
+        self._network = value
 
     def velocity(self, network: nn.Module, x: torch.Tensor, sigma: torch.Tensor, context: Any) -> torch.Tensor:
         """v = ε − x0 = −(model output), with the model's timestep 1 − σ (same arithmetic as the pipeline)."""
@@ -100,7 +118,7 @@ class ZImageAdapter(DiffusersHooks):
     @torch.no_grad()
     def _text_features(self, captions: list[str]) -> list[torch.Tensor]:
         tokenizer = still_loaded(self.tokenizer, "tokenizer")
-        encoder = still_loaded(self.text_encoder, "text encoder")
+        encoder = self._only_on_device(still_loaded(self.text_encoder, "text encoder"))
         ids, mask = chat_tokens(tokenizer, captions, self.max_tokens, thinking=True, device=self.device)
         mask = mask.bool()
         hidden = encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
@@ -116,9 +134,12 @@ class ZImageAdapter(DiffusersHooks):
         if self._vlm is None:
             from dopsd.models.qwen_vl import QwenVLEncoder
 
-            self._vlm = QwenVLEncoder(self.cfg.teacher_encoder, still_loaded(self.text_encoder, "text encoder"),
-                                      self.device, self.dtype, image_tokens=self.cfg.teacher_image_tokens)
+            text_encoder = still_loaded(self.text_encoder, "text encoder")
+            self._only_on_device(None)  # the text encoder waits on the CPU while the VLM loads and runs
+            self._vlm = QwenVLEncoder(self.cfg.teacher_encoder, text_encoder, self.device, self.dtype,
+                                      image_tokens=self.cfg.teacher_image_tokens)
             print(f"[dopsd] VLM teacher: {self._vlm.report}")
+        self._only_on_device(self._vlm.model)
         return self._vlm
 
     @torch.no_grad()
@@ -159,7 +180,7 @@ class ZImageAdapter(DiffusersHooks):
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
         multiple = self.vae_scale * 2
         check_size(height, width, multiple, "Z-Image")
-        return (self.network.config.in_channels, height // self.vae_scale, width // self.vae_scale)
+        return (int(self.transformer_config["in_channels"]), height // self.vae_scale, width // self.vae_scale)
 
     def inference_schedule(self, height: int, width: int, steps: int | None = None) -> torch.Tensor:
         steps = steps or self.steps

@@ -69,17 +69,20 @@ def plan_spec(cfg: Any, hint: str | None = None) -> PlanSpec:
         "text_encoder": lambda o: Qwen3Model(Qwen3Config(**te)),
         "vae": lambda o: AutoencoderKL.from_config(vc),
     }
-    loaded = ("transformer", "vae", "text_encoder")  # the adapter loads all three at once
-    stages = [PlanStage("text features (Qwen3, 8 captions)", ("text_encoder",), loaded, qwen_text_plan_run(s_tokens))]
+    # As the adapter runs caching: the VAE from the start, one large encoder on the device at a time (the VLM
+    # takes over from the text encoder), the transformer only after all of them.
+    stages = [PlanStage("text features (Qwen3, 8 captions)", ("text_encoder",), ("text_encoder", "vae"),
+                        qwen_text_plan_run(s_tokens))]
     sources = {p: source for p in parts}
     notes = [f"student caption features: {s_tokens} tokens assumed (real captions are shorter; padding is removed)"]
     if vlm_teacher:
         build, run, vsource = qwen_vl_plan(cfg.teacher_encoder, dtype, t_tokens)
         parts["vlm"], sources["vlm"] = build, vsource
-        stages.append(PlanStage("teacher features (Qwen3-VL, 1 image)", ("vlm",), loaded + ("vlm",), run, "teacher"))
+        stages.append(PlanStage("teacher features (Qwen3-VL, 1 image)", ("vlm",), ("vlm", "vae"), run, "teacher"))
         notes.append(f"teacher context: image + caption up to {t_tokens} tokens (model.teacher_max_tokens); "
                      "the VLM's vision tower activations are not run (weights counted)")
-    stages.append(PlanStage("SFT latents (VAE encode, 1 image)", ("vae",), loaded, vae_plan_run(dtype), "latents"))
+    last = "vlm" if vlm_teacher else "text_encoder"  # the encoder that ran last stays on the device meanwhile
+    stages.append(PlanStage("SFT latents (VAE encode, 1 image)", ("vae",), (last, "vae"), vae_plan_run(dtype), "latents"))
     return PlanSpec(
         label="Z-Image-Turbo", dtype=dtype, parts=parts, depth={"n_layers": int(tc["n_layers"])},
         lora_targets=list(LORA_TARGETS), latent_shape=latent_shape, student=call(s_tokens), teacher=call(t_tokens),

@@ -2,8 +2,9 @@
 
 Each stage (declared by the family: dopsd.models.base.PlanStage) runs its encoder call once, no grad, on
 fake/meta tensors at full size; its peak is the weights of every part loaded at that time plus the call's
-live-bytes peak. `sequential` is what the same stage would need with only its own encoder loaded (encoders
-loaded one after another, the denoiser after them) — not what the adapters do today.
+live-bytes peak. The adapters load the denoiser only after caching and keep one large encoder on the device at
+a time (plus the small VAE), so a stage's `loaded` parts are that encoder and the VAE; `sequential` is the stage
+with only the parts its own call uses.
 """
 
 from __future__ import annotations

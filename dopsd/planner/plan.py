@@ -33,8 +33,8 @@ UNSEEN = [
     "(other processes on the card)",
     "sample grids and few-step health checks between steps (no-grad sampling and VAE decoding)",
     "several processes: the plan is for one GPU (DDP adds gradient-sized buckets; FSDP would shard weights)",
-    "quantization (model.quantize) is not implemented yet: its bytes follow the schemes in "
-    "dopsd.planner.resident, plus one dequantized weight at a time during forwards",
+    "quantization (model.quantize): weights are counted at torchao's storage size (dopsd.planner.resident) "
+    "plus one dequantized weight at a time during forwards; other temporaries of its kernels are not modelled",
 ]
 
 

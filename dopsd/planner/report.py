@@ -52,8 +52,8 @@ def text(plan: dict[str, Any]) -> str:
     c = plan["compute"]
     lines += ["", "Compute per optimizer step (counted on the real architecture): "
               + ", ".join(f"{x} {c['per_step_tflops'][x] * 1e12:.3g} FLOPs" for x in METHODS), "  " + c["formula"]]
-    lines += ["", "Feature caching, before training (encoders as the adapter loads them now; 'alone' = only the "
-              "stage's own encoder loaded):"]
+    lines += ["", "Feature caching, before training (one encoder at a time beside the VAE, the denoiser loaded "
+              "after; 'alone' = only the stage's own parts):"]
     for st in plan["caching"]["stages"]:
         lines.append(f"  {st['name']}: {' + '.join(st['loaded'])} = {st['weights_gb'] * scale:.2f} + activations "
                      f"{st['activations_gb'] * scale:.2f} = {st['peak_gb'] * scale:.2f} {unit} "

@@ -1,15 +1,17 @@
 """Bytes that stay on the device for the whole run, counted tensor by tensor on the full-size meta network.
 
 Weights, trainable weights, gradients, optimizer state, the EMA teacher's and the prior's shadow copies, and
-a quantized frozen base. Quantization (`model.quantize`, planned: torchao / bitsandbytes) applies to the
+a quantized frozen base. Quantization (`model.quantize`, dopsd.quantize, through torchao) applies to the
 weights of the frozen denoiser's nn.Linear layers (LoRA base layers included); every other tensor keeps its
-dtype. Bytes per scheme, for a weight of `rows` output features and `n` elements:
+dtype. Bytes per scheme, for a weight of `rows` output features, `n` elements and `d` bytes per element of its
+dtype (torchao's storage; a test compares these with the quantized tensors themselves):
 
-  int8   (weight-only, per output row)    n + rows·(2 + 8)  (int8 data, scale in bf16, int64 zero point)
-  float8 (e4m3, weight-only, per row)     n + rows·4        (fp8 data, fp32 scale)
-  nf4    (bitsandbytes, block 64, double-quantised scales)
-         n/2 + ceil(n/64) + 4·ceil(ceil(n/64)/256) + 4 + 1088  (4-bit codes, one uint8 scale per block, one
-         fp32 per 256 blocks and an offset for the second level, the 16- and 256-entry code tables)
+  int8   (weight-only, per output row)    n + rows·5  (int8 data, fp32 scale, int8 zero point)
+  float8 (e4m3, weight-only, per row)     n + rows·4  (fp8 data, fp32 scale)
+  nf4    (NF4Tensor, block 64, double-quantized scales)
+         n/2 + ceil(n/64) + d·ceil(ceil(n/64)/256) + d + 16·d  (4-bit codes, one int8 scale per block, one
+         factor per 256 blocks and their mean in the weight's dtype, the 16-entry code table)
+  A few small layers a family leaves unquantized (its adapter's QUANTIZE_SKIP) are counted quantized here.
 
 8-bit AdamW (bitsandbytes, block-wise): two uint8 states + one fp32 absmax per 256 elements for each state;
 tensors under 4,096 elements keep 32-bit states; each tensor also holds two 256-entry fp32 quantisation maps.
@@ -33,12 +35,13 @@ def quantized_bytes(shape: torch.Size | tuple[int, ...], scheme: str, dtype: tor
     if scheme == "none":
         return n * torch.empty((), dtype=dtype).element_size()
     if scheme == "int8":
-        return n + rows * (2 + 8)
+        return n + rows * 5
     if scheme == "float8":
         return n + rows * 4
     if scheme == "nf4":
+        d = torch.empty((), dtype=dtype).element_size()
         blocks = math.ceil(n / 64)
-        return math.ceil(n / 2) + blocks + 4 * math.ceil(blocks / 256) + 4 + 4 * (16 + 256)
+        return math.ceil(n / 2) + blocks + d * math.ceil(blocks / 256) + d + 16 * d
     raise ValueError(f"unknown quantization {scheme!r}; use one of {', '.join(QUANTIZE)}")
 
 

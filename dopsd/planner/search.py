@@ -94,7 +94,7 @@ def suggestions(planner: Any, c: Any, caching: dict[str, Any]) -> dict[str, Any]
             best_cache = cache_peak(replace(c, quantize="nf4") if c.lora_rank else c, method)
             if not fits(best_cache, card):  # no setting here changes the encoders: nothing to search
                 per[str(card)] = {"changes": None, "reason": f"feature caching needs {best_cache / GiB:.1f} GiB "
-                                  "(encoders loaded beside the denoiser)", "caching_peak_gb": best_cache / GiB}
+                                  "(the largest encoder with the VAE)", "caching_peak_gb": best_cache / GiB}
                 continue
             for changes, cand in _candidates(planner, c):
                 train = planner.peaks(cand)[method]["peak"]
