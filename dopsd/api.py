@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from dopsd import runlock
+from dopsd import continual, runlock
 from dopsd.config import Config, load_config
 from dopsd.data.dataset import check_dataset
 from dopsd.rundir import OutputExistsError, check_resume_config
@@ -40,9 +40,12 @@ def train(
     deletes it).
     """
     cfg = load_config(config, overrides)
+    if cfg.train.init_from:  # one spelling in config.yaml, whatever the working directory of a later --resume
+        cfg.train.init_from = str(Path(cfg.train.init_from).expanduser().resolve())
     plan = runlock.plan(cfg, resume=resume, overwrite=overwrite)
     if resume:
         check_resume_config(cfg, plan.out)
+    continual.resolve(cfg)  # the run to start from: checked before the dataset and the model are read
     dataset = check_dataset(cfg.data, cfg.model)  # every problem reported before anything starts
     if int(os.environ.get("RANK", "0")) == 0:  # what training will do to the data, said once (not per process)
         print(dataset.summary(), flush=True)
