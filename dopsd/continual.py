@@ -169,6 +169,8 @@ def merge_lora(network: nn.Module) -> None:
             parent_name, _, child = name.rpartition(".")
             parent = network.get_submodule(parent_name) if parent_name else network
             setattr(parent, child, module.get_base_layer())
+    if hasattr(network, "peft_config"):  # no adapter left: a later LoRA starts a config of its own
+        del network.peft_config
 
 
 def _load_trainable(network: nn.Module, path: Path) -> None:

@@ -26,7 +26,8 @@ def adapter():
 
 
 def samples(network, a) -> torch.Tensor:
-    ctx = a.collate(a.student_contexts(PROMPTS))
+    fresh = adapter()  # the trainer released `a`'s encoder; every tiny adapter has the same one
+    ctx = fresh.collate(fresh.student_contexts(PROMPTS))
     with torch.no_grad():
         return sample_euler(lambda x, s, c: a.velocity(network, x, s, c), seed_noise((3, 24, 24), [5, 6]),
                             a.inference_schedule(24, 24), ctx)
