@@ -40,7 +40,8 @@ COST_TEXT = (
     "`train_step()` calls (zero-grad, loss, backward, clip, AdamW, teacher update — the step `dopsd train` runs) are "
     "timed interleaved round-robin in one process with 1 thread, median over the repeats after warm-up. FLOPs are "
     "counted with `torch.utils.flop_counter.FlopCounterMode` (CPU attention kernels added): per step, and per network "
-    "call; the implied count is D-OPSD = K·(student fwd+bwd) + K·(teacher fwd), SFT = 1 student fwd+bwd, and "
+    "call; the implied count is D-OPSD = K·(student fwd+bwd) + K·(teacher fwd), SFT = 1 student fwd+bwd (the "
+    "baselines: `dopsd.bench.cost.implied_flops`), and "
     "`overhead` = time ratio / implied-FLOP ratio (1 = exactly the algorithm's arithmetic). Peak memory (CPU) = bytes "
     "of the tensors resident at the step's start (weights, gradients, optimizer and teacher state; unique storages) + "
     "the peak of bytes allocated during one step above that, from the torch profiler's allocation events — process "
@@ -152,7 +153,7 @@ def _setting_blocks(out: Path, cfg: Any, s: Any, info: dict[str, Any], methods: 
         ("h2", f"Setting: {s.name}"), ("p", s.description),
         ("p", f"{s.steps} optimizer steps, batch {info['batch_size']}, lr {info['lr']}, {info['fine_tune']}; targets "
               f"{', '.join(s.targets)}; {cfg.seeds} seed(s) per target ({cfg.ablation_seeds or cfg.seeds} for the "
-              "teacher/loss ablations). Values are mean ± std over runs (targets × seeds)."),
+              "teacher/loss ablations and the baselines pso, dreambooth, offpolicy, sft_teacher). Values are mean ± std over runs (targets × seeds)."),
         ("table", results_table(methods)),
     ]
     by_target = {m: r["by_target"] for m, r in methods.items() if r.get("by_target")}
