@@ -4,7 +4,9 @@ A method (config `method.name`) is one entry of METHODS: a function of the metho
 terms. A term computes its loss on one micro-batch, runs its own backward (so the roll-out can free each
 step's activations) and returns what the step record logs. Prior preservation is a term any method can add
 (`method.prior_weight` > 0 with `method.prior_prompts`). A new method is one more entry here, not a branch in
-the trainer's loop.
+the trainer's loop. The paper's baselines (pso, dreambooth, sft_teacher) are terms in dopsd.baselines; a term
+may name prompts it needs contexts for (`Term.prompts`) and do one-time work with the starting model
+(`Term.prepare`, e.g. DreamBooth's class images).
 
 Determinism: every random draw of a sample comes from a generator keyed by (seed, step, slot in the global
 batch), and the terms draw from it in their fixed order, so a resumed run or a run split across processes

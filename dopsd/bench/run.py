@@ -332,7 +332,9 @@ def run_bench(cfg: BenchConfig, out: Path, log: Any = print, resume: bool = Fals
         done = saved_results(jobs + ([pre] if pre else []))
     out.mkdir(parents=True, exist_ok=True)
     folders = _write_data(cfg, out)
-    log(f"dopsd bench ({cfg.name}): {len(cfg.settings)} setting(s), methods {', '.join(cfg.methods)}, "
+    log(f"dopsd bench ({cfg.name}): {len(cfg.settings)} setting(s)"
+        + (f" + continual ({', '.join(cfg.continual.methods)})" if cfg.continual else "")
+        + f", methods {', '.join(cfg.methods)}, "
         f"{cfg.seeds} seed(s), {cfg.workers} worker process(es)")
     results, dedistill = _execute(cfg, out, log, done)
     train_seconds = time.perf_counter() - started
