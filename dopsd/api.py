@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from dopsd import runlock
+from dopsd import continual, runlock
 from dopsd.config import Config, load_config
 from dopsd.data.checks import check_prompts
 from dopsd.data.dataset import check_dataset
@@ -44,9 +44,12 @@ def train(
     from dopsd.quantize import check_available, planned_device
 
     check_available(cfg.model.quantize, planned_device(cfg), cfg.lora.enabled)  # model.quantize fits this machine
+    if cfg.train.init_from:  # one spelling in config.yaml, whatever the working directory of a later --resume
+        cfg.train.init_from = str(Path(cfg.train.init_from).expanduser().resolve())
     plan = runlock.plan(cfg, resume=resume, overwrite=overwrite)
     if resume:
         check_resume_config(cfg, plan.out)
+    continual.resolve(cfg)  # the run to start from: checked before the dataset and the model are read
     dataset = check_dataset(cfg.data, cfg.model, cfg.train.batch_size)  # every problem reported before anything starts
     check_prompts(cfg)
     if int(os.environ.get("RANK", "0")) == 0:  # what training will do to the data, said once (not per process)

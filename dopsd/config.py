@@ -118,7 +118,11 @@ class DataConfig:
 
 @dataclass
 class MethodConfig:
-    name: Literal["dopsd", "sft", "hybrid"] = opt("dopsd", "Objective: D-OPSD, the SFT baseline, or D-OPSD + sft_weight·SFT.")
+    name: Literal["dopsd", "sft", "hybrid", "pso", "dreambooth", "offpolicy", "sft_teacher"] = opt(
+        "dopsd", "Objective: D-OPSD, the SFT baseline, D-OPSD + sft_weight·SFT, or a baseline of the paper: pso "
+        "(online Pairwise Sample Optimization), dreambooth (SFT + class images of the starting model), offpolicy "
+        "(D-OPSD's loss at the teacher's own roll-out states), sft_teacher (SFT on the teacher's samples)."
+    )
     teacher: Literal["ema", "base", "live"] = opt(
         "ema", "Teacher weights: EMA of the student, the frozen initial model, or the current student (ablation)."
     )
@@ -132,6 +136,18 @@ class MethodConfig:
     prior_prompts: list[str] = opt([], "On-policy prior preservation: unrelated prompts (empty = off).")
     prior_weight: float = opt(0.0, "Weight of the prior-preservation term (0 = off).", ge=0)
     prior_batch_size: int = opt(1, "Prior prompts per micro-batch.", ge=1)
+    pso_form: Literal["dpo", "hinge"] = opt(
+        "dpo", "pso: the pairwise loss, DPO form against the frozen starting model, or the released code's hinge."
+    )
+    pso_beta: float = opt(5.0, "pso: β, the margin's scale.", gt=0)
+    pso_ref_weight: float = opt(0.1, "pso: γ, the weight of the reference image's error in the margin.", ge=0)
+    pso_prior_weight: float = opt(0.5, "pso: λ, the weight of the plain error on the reference images.", ge=0)
+    class_prompts: list[str] = opt(
+        [], "dreambooth: prompts of the class images; empty = each training caption without the trigger word "
+        "and the placeholder."
+    )
+    class_images: int = opt(100, "dreambooth: class images the starting model samples before training.", ge=1)
+    class_weight: float = opt(1.0, "dreambooth: λ of the class-prior term.", ge=0)
 
 
 @dataclass
@@ -174,6 +190,14 @@ class TrainConfig:
     )
     fsdp: dict[str, Any] = opt({}, "accelerate FullyShardedDataParallelPlugin kwargs; empty = off (untested on CPU).")
     device: str | None = opt(None, "'cpu' forces the CPU; null = accelerate's choice (choose GPUs with CUDA_VISIBLE_DEVICES).")
+    init_from: str | None = opt(
+        None, "Continual tuning: start from a finished dopsd run (its folder, or its lora.safetensors / "
+        "model.safetensors) of the same model; its own lineage is rebuilt. null = start from the model itself."
+    )
+    init_mode: Literal["merge", "continue"] = opt(
+        "merge", "With init_from: 'merge' folds its LoRA into the base and trains a fresh LoRA; 'continue' keeps "
+        "training its LoRA (same lora.rank/alpha/targets). A full fine-tune continues from its weights either way."
+    )
 
 
 @dataclass
@@ -367,7 +391,8 @@ def load_config(source: str | Path | dict[str, Any] | Config, overrides: list[st
         if config.data.path and not Path(config.data.path).is_absolute():  # relative to the YAML file
             config.data.path = str((path.parent / config.data.path).resolve())
         # other local paths too, where they exist beside the YAML file ('turbo'/'base' stay keywords)
-        for section, key in (("model", "pretrained"), ("model", "teacher_encoder"), ("data", "source_dir")):
+        for section, key in (("model", "pretrained"), ("model", "teacher_encoder"), ("data", "source_dir"),
+                             ("train", "init_from")):
             value = getattr(getattr(config, section), key)
             if value and not Path(value).is_absolute() and (path.parent / value).exists():
                 setattr(getattr(config, section), key, str((path.parent / value).resolve()))

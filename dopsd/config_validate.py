@@ -79,6 +79,12 @@ def check_relations(c: Config) -> None:
         raise ConfigError("model.editing is true but data.source_dir is not set: point it at the source images")
     if c.model.editing and c.method.prior_prompts and c.method.prior_weight > 0:
         raise ConfigError("prior preservation (method.prior_prompts) is not supported for editing models (model.editing)")
+    if c.method.class_prompts and c.method.name != "dreambooth":
+        raise ConfigError(f"config key 'method.class_prompts' is set but method.name is {c.method.name!r}; only "
+                          "dreambooth samples class images: set method.name=dreambooth or leave class_prompts empty")
+    if c.model.editing and c.method.name == "dreambooth":
+        raise ConfigError("method.name=dreambooth is not supported for editing models (model.editing): its class "
+                          "images have no source images; use dopsd, sft, pso, offpolicy or sft_teacher")
     if c.train.device not in (None, "cpu"):
         raise ConfigError(f"config key 'train.device' must be 'cpu' or null, got {c.train.device!r} "
                           "(choose GPUs with CUDA_VISIBLE_DEVICES or accelerate launch)")

@@ -4,7 +4,9 @@ A method (config `method.name`) is one entry of METHODS: a function of the metho
 terms. A term computes its loss on one micro-batch, runs its own backward (so the roll-out can free each
 step's activations) and returns what the step record logs. Prior preservation is a term any method can add
 (`method.prior_weight` > 0 with `method.prior_prompts`). A new method is one more entry here, not a branch in
-the trainer's loop.
+the trainer's loop. The paper's baselines (pso, dreambooth, sft_teacher) are terms in dopsd.baselines; a term
+may name prompts it needs contexts for (`Term.prompts`) and do one-time work with the starting model
+(`Term.prepare`, e.g. DreamBooth's class images).
 
 Determinism: every random draw of a sample comes from a generator keyed by (seed, step, slot in the global
 batch), and the terms draw from it in their fixed order, so a resumed run or a run split across processes
@@ -67,8 +69,9 @@ def _student_keys(trainer: Trainer, b: MicroBatch) -> list[str]:
 
 
 def rollout_loss(trainer: Trainer, s_ctx: Any, t_ctx: Any, shadow: ParamShadow, noise: torch.Tensor,
-                 sched: torch.Tensor, weight: float, final: bool) -> DistillOutput:
-    """One D-OPSD-form loss (per-step backward by default); DDP syncs only on the step's very last backward."""
+                 sched: torch.Tensor, weight: float, final: bool, rollout: str = "student") -> DistillOutput:
+    """One D-OPSD-form loss (per-step backward by default); DDP syncs only on the step's very last backward.
+    rollout="teacher": the teacher's steps advance the roll-out (off-policy distillation)."""
     dev, method = trainer.acc.device, trainer.method
     per_step = method.per_step_backward
     out = dopsd_loss(
@@ -76,7 +79,7 @@ def rollout_loss(trainer: Trainer, s_ctx: Any, t_ctx: Any, shadow: ParamShadow, 
         noise.to(dev, trainer.latent_dtype), sched.to(dev), s_ctx, t_ctx,
         space=method.loss_space, step_weights=step_weights_for(method.step_weighting, sched),
         backward=(lambda loss: trainer.acc.backward(loss * weight)) if per_step else None,
-        step_context=lambda last: trainer.sync(final and last),
+        step_context=lambda last: trainer.sync(final and last), rollout=rollout,  # type: ignore[arg-type]
     )
     if not per_step:
         trainer.acc.backward(out.loss * weight)  # DDP sync was decided by the last forward's context
@@ -90,22 +93,35 @@ class Term:
     name = ""
     teacher = latents = prior = False
 
+    def prompts(self, trainer: Trainer) -> list[str]:
+        """Prompts whose caption-only contexts the term needs (computed with the feature cache)."""
+        return []
+
+    def prepare(self, trainer: Trainer) -> None:
+        """One-time work with the starting model, after the features and before a resumed run's checkpoint."""
+
     def __call__(self, trainer: Trainer, b: MicroBatch, scale: float, final: bool) -> dict[str, Any]:
         raise NotImplementedError
 
 
 class OnPolicyDistillation(Term):
     """D-OPSD: the student's own roll-out from noise, matched at each state to the teacher that also sees the
-    target image."""
+    target image. rollout="teacher" is the off-policy distillation of the paper's ablation: the same loss at the
+    teacher's own (caption + image) roll-out states."""
 
     name, teacher = "dopsd", True
+
+    def __init__(self, rollout: str = "student"):
+        self.rollout = rollout
+        if rollout == "teacher":
+            self.name = "offpolicy"
 
     def __call__(self, trainer: Trainer, b: MicroBatch, scale: float, final: bool) -> dict[str, Any]:
         noise = seed_noise(b.shape, [int(r.integers(2**62)) for r in b.rngs])
         t_ctx = trainer.contexts([trainer.feats.teacher[(i, v)] for i, v in zip(b.indices, b.variants)])
         out = rollout_loss(trainer, trainer.contexts(_student_keys(trainer, b)), t_ctx, trainer.teacher, noise,
-                           trainer.schedule(b.bucket), scale, final)
-        return {"dopsd": float(out.loss.detach()), "steps": out.steps}
+                           trainer.schedule(b.bucket), scale, final, self.rollout)
+        return {self.name: float(out.loss.detach()), "steps": out.steps}
 
 
 class FlowMatching(Term):
@@ -157,7 +173,17 @@ METHODS: dict[str, Callable[[Any], list[Term]]] = {
     "dopsd": lambda m: [OnPolicyDistillation()],
     "sft": lambda m: [FlowMatching()],
     "hybrid": lambda m: [OnPolicyDistillation(), FlowMatching(m.sft_weight)],
+    "offpolicy": lambda m: [OnPolicyDistillation(rollout="teacher")],
+    "pso": lambda m: [_baselines().PairwiseSampleOptimization()],
+    "dreambooth": lambda m: [FlowMatching(), _baselines().ClassImagePrior(m.class_weight)],
+    "sft_teacher": lambda m: [_baselines().TeacherSampleFlowMatching()],
 }
+
+
+def _baselines() -> Any:
+    from dopsd import baselines  # it builds on this module's Term and MicroBatch
+
+    return baselines
 
 
 def terms_for(method: Any) -> list[Term]:

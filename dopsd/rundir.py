@@ -244,12 +244,18 @@ def save_final(trainer: Any) -> Path:
     cfg, out = trainer.cfg, trainer.out
     meta = {"family": cfg.model.family, "model": cfg.to_dict()["model"], "prompts": trainer.prompts,
             "steps": trainer.step, "method": cfg.method.name, "trigger_word": cfg.data.trigger_word,
-            "title": Path(out).resolve().name}
+            "title": Path(out).resolve().name, "lineage": lineage_of(trainer)}
     lora = None
     if cfg.lora.enabled:
         targets = cfg.lora.targets or trainer.adapter.default_lora_targets()
         lora = {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "targets": targets}
     return save_trained(out, trainer.network, lora, meta)
+
+
+def lineage_of(trainer: Any) -> list[dict[str, Any]]:
+    from dopsd.continual import lineage
+
+    return lineage(getattr(trainer, "init", None))
 
 
 def build_summary(trainer: Any, *, status: str, problem: str | None, weights: Path | None, latest: dict[str, Any],
@@ -265,7 +271,7 @@ def build_summary(trainer: Any, *, status: str, problem: str | None, weights: Pa
     cfg = trainer.cfg
     n_params = sum(p.numel() for p in trainer.trainable.values())
     losses = [r["loss"] for r in trainer.history if not r.get("skipped")]
-    teacher = cfg.method.name != "sft"
+    teacher = any(t.teacher for t in trainer.terms)
     good = last_good(trainer.out / CHECKPOINTS)
     model = getattr(trainer.adapter, "kind", None) or cfg.model.pretrained
     return {
@@ -287,6 +293,8 @@ def build_summary(trainer: Any, *, status: str, problem: str | None, weights: Pa
         "skipped_steps": sum(1 for r in trainer.history if r.get("skipped")),
         "cache": {"hits": trainer.cache.hits, "misses": trainer.cache.misses},
         "resumed_from": trainer.resumed_from,
+        # continual tuning: the runs this one builds on, oldest first ({from, mode, steps, method, weights})
+        "lineage": lineage_of(trainer),
         "weights": str(weights) if weights else None,
         "samples": {k: v for k, v in latest.items() if k.startswith("grid_")},
         "health": {k: v for k, v in (latest.get("health") or {}).items()

@@ -26,7 +26,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
 from dopsd import checkpoint as ckpt
-from dopsd import methods, optim, rundir
+from dopsd import continual, methods, optim, rundir
 from dopsd.cache import FeatureCache, Features, build_features, default_cache_dir, model_fingerprint
 from dopsd.config import Config, ConfigError
 from dopsd.data.dataset import BatchOrder, Example, distinct_captions
@@ -110,9 +110,10 @@ class Trainer:
         root = None if not cfg.cache.enabled else Path(cfg.cache.dir).expanduser() if cfg.cache.dir else default_cache_dir()
         self.cache = FeatureCache(root, model_fingerprint(cfg, adapter))
         editing = self.m.editing  # editing models need sources: sample the first training examples instead
+        extra = list(self.method.prior_prompts) + [p for t in self.terms for p in t.prompts(self)]
         with self.acc.main_process_first():  # the main process computes and stores; the others find the files
             self.feats: Features = build_features(
-                adapter, self.examples, cfg, self.cache, ([] if editing else self.prompts) + list(self.method.prior_prompts),
+                adapter, self.examples, cfg, self.cache, ([] if editing else self.prompts) + extra,
                 need_latents=any(t.latents for t in self.terms), need_teacher=any(t.teacher for t in self.terms),
             )
         if editing:
@@ -124,10 +125,12 @@ class Trainer:
         self.health = make_health(self)
         adapter.release_encoders()
         network = adapter.network
+        self.init = continual.resolve(cfg)  # continual tuning: the earlier run's model is the start
+        continued = self.init is not None and continual.apply(network, cfg, self.init, adapter.default_lora_targets())
         torch.manual_seed(cfg.train.seed)  # deterministic LoRA init (resume and every process agree)
-        if cfg.lora.enabled:
+        if cfg.lora.enabled and not continued:
             add_lora(network, cfg.lora.targets or adapter.default_lora_targets(), cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout)
-        else:
+        elif not cfg.lora.enabled:
             network.requires_grad_(True)
         if cfg.train.gradient_checkpointing:
             if hasattr(network, "enable_gradient_checkpointing"):
@@ -153,6 +156,8 @@ class Trainer:
         if any(t.prior for t in self.terms):
             same = self.teacher is not None and self.teacher.mode == "base"
             self.prior = self.teacher if same else ParamShadow(self.trainable, "base")
+        for term in self.terms:  # with the starting model, before a resumed run loads its checkpoint
+            term.prepare(self)
         optimizer, self.scheduler = optim.build(list(self.trainable.values()), cfg)
         self.student, self.optimizer = self.acc.prepare(network, optimizer)
         self.network = network  # unwrapped: teacher forwards, sampling, saving

@@ -28,9 +28,11 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_results_json_complete_and_consistent(bench: Path) -> None:
     results = json.loads((bench / "results.json").read_text())
-    assert set(results) == {"concept_lora", "domain_full"}
+    assert set(results) == {"concept_lora", "domain_full", "continual"}
     assert validate_results(results) == []
     for name, block in results.items():
+        if name == "continual":
+            continue
         methods, setting = block["methods"], block["setting"]
         assert set(REQUIRED_METHODS) | {"dopsd_velocity"} <= set(methods)
         assert ("dopsd_prior" in methods) == (name == "concept_lora")  # prior preservation: concepts only
@@ -54,6 +56,42 @@ def test_results_json_complete_and_consistent(bench: Path) -> None:
         # D-OPSD: K=4 roll-out steps of student fwd+bwd plus teacher forwards vs one SFT fwd+bwd
         assert methods["dopsd"]["flop_ratio_vs_sft"] > 4.0
         assert methods["sft_adapter"]["flop_ratio_vs_sft"] == pytest.approx(1.0)
+        # the baselines: PSO samples references (4 forwards) and runs the pair with gradient and the frozen model
+        # without; DreamBooth two SFT passes; off-policy D-OPSD's arithmetic; SFT on teacher samples in between
+        assert methods["dreambooth"]["flop_ratio_vs_sft"] == pytest.approx(2.0)
+        assert methods["offpolicy"]["flop_ratio_vs_sft"] == pytest.approx(methods["dopsd"]["flop_ratio_vs_sft"])
+        assert 2.0 < methods["pso"]["flop_ratio_vs_sft"] < methods["dopsd"]["flop_ratio_vs_sft"]
+        assert 1.0 < methods["sft_teacher"]["flop_ratio_vs_sft"] < methods["dopsd"]["flop_ratio_vs_sft"]
+        for method in ("pso", "dreambooth", "offpolicy", "sft_teacher"):  # baselines: the ablations' seed count
+            assert methods[method]["seeds"] == 3 and methods[method]["steps"] == 4
+
+
+def test_continual_setting_rounds(bench: Path) -> None:
+    """Every continual method ran both rounds from the same untouched start; the table and the claim say so."""
+    block = json.loads((bench / "results.json").read_text())["continual"]
+    assert block["setting"]["kind"] == "continual" and block["setting"]["sequences"] == [["orange", "teal"]]
+    assert set(block["methods"]) == {"sft", "sft_prior", "pso", "dopsd", "dopsd_prior"}
+    starts = set()
+    for method, sequences in block["methods"].items():
+        rounds = sequences["orange>teal"]["rounds"]
+        assert [r["round"] for r in rounds] == [0, 1, 2] and [r["target"] for r in rounds] == [None, "orange", "teal"]
+        assert rounds[0]["retention"] is None and rounds[1]["retention"] is None
+        assert set(rounds[2]["retention_by_target"]) == {"orange"}
+        assert rounds[2]["retention"] == pytest.approx(rounds[2]["retention_by_target"]["orange"])
+        for r in rounds:
+            for key in ("new_fidelity", "fewstep_quality", "preservation", "unrelated_accuracy"):
+                assert 0.0 <= r[key] <= 1.0, (method, r["round"], key)
+        assert rounds[1]["drift"] > 0 and rounds[2]["drift"] > 0  # each round trained something
+        starts.add(json.dumps({k: rounds[0][k] for k in ("fewstep_quality", "preservation", "new_fidelity")}))
+        # round 2 started from round 1's run (train.init_from) and recorded that lineage
+        work = bench / "work" / "continual" / f"orange-teal-{method}-0"
+        summary = json.loads((work / "round2-teal" / "summary.json").read_text())
+        assert summary["lineage"][0]["from"] == str((work / "round1-orange").resolve())
+    assert len(starts) == 1  # the untouched model, measured alike for every method
+    md = (bench / "report.md").read_text().split("## Setting: continual")[1]
+    assert "### Sequence orange>teal" in md and md.count("| `dopsd_prior` |") == 3
+    claims = [c for c in json.loads((bench / "claims.json").read_text()) if c["setting"] == "continual"]
+    assert len(claims) == 1 and "sft:" in claims[0]["evidence"] and "dopsd:" in claims[0]["evidence"]
 
 
 def test_report_markdown_html_and_figures(bench: Path) -> None:
@@ -62,12 +100,14 @@ def test_report_markdown_html_and_figures(bench: Path) -> None:
     results = json.loads((bench / "results.json").read_text())
     for name, block in results.items():
         assert f"## Setting: {name}" in md
+        if name == "continual":
+            continue
         section = md.split(f"## Setting: {name}")[1].split("## Setting:")[0]
         for method, row in block["methods"].items():
             line = next(l for l in section.splitlines() if l.startswith(f"| `{method}` |"))
             assert fmt(row["concept_fidelity"], row["concept_fidelity_std"]) in line  # table matches the JSON
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    grids = sum(len(block["methods"]) for block in results.values())  # one grid per method
+    grids = sum(len(block["methods"]) for name, block in results.items() if name != "continual")  # one per method
     assert len(images) == 2 * (1 + 1) + grids  # per setting: curves, methods side by side; then the grids
     for rel in images:
         assert (bench / rel).is_file() and (bench / rel).read_bytes()[:4] == b"\x89PNG"
@@ -78,7 +118,7 @@ def test_report_markdown_html_and_figures(bench: Path) -> None:
     claims = json.loads((bench / "claims.json").read_text())
     assert claims and all(c["verdict"].split()[0] in ("reproduced", "not", "inconclusive") for c in claims)
     curves = json.loads((bench / "curves.json").read_text())
-    for name in results:
+    for name in ("concept_lora", "domain_full"):
         runs = curves[name]["metrics"]["concept_fidelity"]["dopsd"]
         assert len(runs) >= 3 and all(len(r) == len(curves[name]["steps"]) for r in runs)
 
@@ -207,7 +247,7 @@ def test_resume_runs_only_the_unfinished_jobs(bench: Path, tmp_path: Path, capsy
     # the report holds every run again, and the re-run job reproduced the lost one (same seeds, same numbers)
     new, old = (json.loads((d / "results.json").read_text()) for d in (out, bench))
     assert validate_results(new) == []
-    for setting in old:
+    for setting in ("concept_lora", "domain_full"):
         for key in ("concept_fidelity", "fewstep_quality", "drift"):
             assert new[setting]["methods"]["sft"][key] == pytest.approx(old[setting]["methods"]["sft"][key])
 

@@ -13,8 +13,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="the < 10 min CPU configuration the README quotes")
     size.add_argument("--tiny", action="store_true", help="seconds-long smoke configuration (tests)")
-    parser.add_argument("--settings", nargs="+", choices=["concept_lora", "domain_full"], default=None,
-                        help="only these settings (default: both)")
+    parser.add_argument("--settings", nargs="+", choices=["concept_lora", "domain_full", "continual"],
+                        default=None, help="only these settings (default: all three)")
     parser.add_argument("--methods", nargs="+", default=None,
                         help="only these methods (default: all; the report then lists what is missing)")
     parser.add_argument("--seeds", type=int, default=None, help="number of training seeds (default: the preset's)")

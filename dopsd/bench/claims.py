@@ -84,6 +84,17 @@ CLAIMS = (
           ("dopsd", "dopsd_base_teacher"), ("concept_fidelity",), "higher", curve=True),
     Claim("x0-space loss converges faster than velocity-space loss", "authors' code default / paper",
           ("dopsd", "dopsd_velocity"), ("concept_fidelity",), "higher", curve=True),
+    # the baselines (fewer seeds than sft/dopsd, like the ablations)
+    Claim("PSO keeps few-step quality better than SFT", "paper Tab. (quality PSO 3.34, SFT 2.42)",
+          ("pso", "sft"), ("fewstep_quality",), "higher"),
+    Claim("DreamBooth lowers few-step quality of the turbo", "paper Tab. (quality 3.51 → 2.56)",
+          ("dreambooth", "base"), ("fewstep_quality",), "lower"),
+    Claim("D-OPSD generalises to unseen prompts better than PSO", "paper Tab. (CLIP-S D-OPSD 0.366, PSO 0.289)",
+          ("dopsd", "pso"), ("unseen_prompt_fidelity",), "higher"),
+    Claim("On-policy distillation learns faster than off-policy distillation", "paper ablation (Fig. 6a)",
+          ("dopsd", "offpolicy"), ("concept_fidelity",), "higher", curve=True),
+    Claim("On-policy distillation learns faster than SFT on teacher samples", "paper ablation (Fig. 6a)",
+          ("dopsd", "sft_teacher"), ("concept_fidelity",), "higher", curve=True),
 )
 
 LABELS = {"fewstep_quality": "few-step quality", "unseen_prompt_fidelity": "unseen-prompt fidelity",

@@ -179,17 +179,28 @@ class CostProbe:
     implied_flops: float
 
 
-def implied_flops(kind: str, student_fwd_bwd: float, teacher_fwd: float = 0.0, roll_out_steps: int = 1) -> float:
-    """FLOPs the algorithm implies per optimizer step.
+def implied_flops(kind: str, student_fwd_bwd: float, teacher_fwd: float = 0.0, roll_out_steps: int = 1,
+                  student_fwd: float = 0.0, sample_steps: int = 0) -> float:
+    """FLOPs the algorithm implies per optimizer step (K roll-out steps, S few-step sampling steps).
 
-    sft: 1 student forward+backward on the batch. dopsd: K student forward+backward + K teacher forwards
-    (the roll-out advances with the student's own velocity, so no extra forward).
+    sft: 1 student forward+backward on the batch. dopsd / offpolicy: K student forward+backward + K teacher
+    forwards (one of the two velocities advances the roll-out, so no extra forward). dreambooth: 2 student
+    forward+backward (targets, class images). sft_teacher: S teacher forwards (its sample) + 1 forward+backward.
+    pso: S student forwards (the reference sample) + 2 forward+backward (the pair) + 2 forwards (the frozen model
+    on the pair, DPO form).
     """
     if kind == "sft":
         return float(student_fwd_bwd)
-    if kind == "dopsd":
+    if kind in ("dopsd", "offpolicy"):
         return float(roll_out_steps * (student_fwd_bwd + teacher_fwd))
-    raise ValueError(f"implied FLOPs are defined for 'sft' and 'dopsd', got {kind!r}")
+    if kind == "dreambooth":
+        return float(2 * student_fwd_bwd)
+    if kind == "sft_teacher":
+        return float(sample_steps * teacher_fwd + student_fwd_bwd)
+    if kind == "pso":
+        return float(sample_steps * student_fwd + 2 * student_fwd_bwd + 2 * student_fwd)
+    raise ValueError(f"implied FLOPs are defined for sft, dopsd, offpolicy, dreambooth, sft_teacher and pso, "
+                     f"got {kind!r}")
 
 
 def _quantile(values: list[float], q: float) -> float:

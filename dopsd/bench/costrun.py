@@ -51,11 +51,12 @@ def trainer_probe(job: Job, method: str, dedistill: str | None) -> tuple[CostPro
     net.zero_grad(set_to_none=True)
     with torch.no_grad():
         teacher_fwd = count_flops(lambda: adapter.velocity(net, noise, sigma, t_ctx))
-    if any(term.teacher for term in trainer.terms):
-        k = len(trainer.schedule((trainer.m.height, trainer.m.width))) - 1
-        implied = implied_flops("dopsd", fwd_bwd, teacher_fwd, roll_out_steps=k)
-    else:
-        implied = implied_flops("sft", fwd_bwd)
+        student_fwd = count_flops(lambda: adapter.velocity(net, noise, sigma, s_ctx))
+    size = (trainer.m.height, trainer.m.width)
+    k = len(trainer.schedule(size)) - 1
+    steps = len(adapter.inference_schedule(*size, trainer.m.inference_steps)) - 1
+    kind = {"hybrid": "dopsd"}.get(trainer.method.name, trainer.method.name)
+    implied = implied_flops(kind, fwd_bwd, teacher_fwd, roll_out_steps=k, student_fwd=student_fwd, sample_steps=steps)
 
     def resident() -> list[torch.Tensor]:
         tensors = list(net.parameters()) + [p.grad for p in net.parameters() if p.grad is not None]

@@ -40,7 +40,8 @@ COST_TEXT = (
     "`train_step()` calls (zero-grad, loss, backward, clip, AdamW, teacher update — the step `dopsd train` runs) are "
     "timed interleaved round-robin in one process with 1 thread, median over the repeats after warm-up. FLOPs are "
     "counted with `torch.utils.flop_counter.FlopCounterMode` (CPU attention kernels added): per step, and per network "
-    "call; the implied count is D-OPSD = K·(student fwd+bwd) + K·(teacher fwd), SFT = 1 student fwd+bwd, and "
+    "call; the implied count is D-OPSD = K·(student fwd+bwd) + K·(teacher fwd), SFT = 1 student fwd+bwd (the "
+    "baselines: `dopsd.bench.cost.implied_flops`), and "
     "`overhead` = time ratio / implied-FLOP ratio (1 = exactly the algorithm's arithmetic). Peak memory (CPU) = bytes "
     "of the tensors resident at the step's start (weights, gradients, optimizer and teacher state; unique storages) + "
     "the peak of bytes allocated during one step above that, from the torch profiler's allocation events — process "
@@ -121,7 +122,12 @@ def _intro(cfg: Any, meta: dict[str, Any]) -> list[Block]:
                         "teacher; `dopsd_velocity` velocity-space loss; `dopsd_prior` (concept setting only; not in "
                         "the paper) D-OPSD plus dopsd's on-policy prior preservation on unrelated prompts; "
                         "`ref_undistilled_4step` the multi-step base sampled at 4 steps (a reference level, not a "
-                        "method)."))
+                        "method). The paper's baselines (`dopsd.baselines`; fewer seeds, like the ablations): `pso` "
+                        "online Pairwise Sample Optimization (references: the current model's own few-step samples "
+                        "of the target's caption; DPO-form margin against the frozen starting model); `dreambooth` SFT "
+                        "plus class images of the starting model for the captions without `sks`; `offpolicy` "
+                        "D-OPSD's loss at the teacher's own roll-out states; `sft_teacher` SFT on the teacher's "
+                        "few-step samples (caption + target image)."))
     return blocks
 
 
@@ -147,7 +153,7 @@ def _setting_blocks(out: Path, cfg: Any, s: Any, info: dict[str, Any], methods: 
         ("h2", f"Setting: {s.name}"), ("p", s.description),
         ("p", f"{s.steps} optimizer steps, batch {info['batch_size']}, lr {info['lr']}, {info['fine_tune']}; targets "
               f"{', '.join(s.targets)}; {cfg.seeds} seed(s) per target ({cfg.ablation_seeds or cfg.seeds} for the "
-              "teacher/loss ablations). Values are mean ± std over runs (targets × seeds)."),
+              "teacher/loss ablations and the baselines pso, dreambooth, offpolicy, sft_teacher). Values are mean ± std over runs (targets × seeds)."),
         ("table", results_table(methods)),
     ]
     by_target = {m: r["by_target"] for m, r in methods.items() if r.get("by_target")}
@@ -170,8 +176,33 @@ def _setting_blocks(out: Path, cfg: Any, s: Any, info: dict[str, Any], methods: 
     return blocks
 
 
+def _continual_blocks(cs: Any, rows: dict[str, Any]) -> list[Block]:
+    """One table per sequence: a row per (method, round) with the new target's fidelity, each earlier target's
+    retention, few-step quality, preservation and unrelated-prompt accuracy (mean ± std over seeds)."""
+    blocks: list[Block] = [("h2", "Setting: continual"), ("p", cs.description),
+                           ("p", f"{cs.steps} optimizer steps per round; concept rounds: {' '.join(cs.concept_overrides)}"
+                                 f"; domain rounds: {' '.join(cs.domain_overrides)}; {cs.seeds} seed(s). Round 0 is "
+                                 "the untouched turbo (its 'new target fidelity' is the first target's).")]
+    head = ["method", "round", "target", "new target fidelity ↑", "retention of earlier ↑", "few-step quality ↑",
+            "preservation ↑", "unrelated acc. ↑", "drift ↓"]
+    from dopsd.bench.continual import sequence_name
+
+    for seq in cs.sequences:
+        name, table = sequence_name(seq), [head]
+        for method, sequences in rows.items():
+            for r in (sequences.get(name) or {}).get("rounds", []):
+                kept = ", ".join(f"{t} {v:.3f}" for t, v in r["retention_by_target"].items()) or "–"
+                table.append([f"`{method}`", str(r["round"]), r["target"] or "(untouched)",
+                              fmt(r["new_fidelity"], r["new_fidelity_std"]), kept,
+                              fmt(r["fewstep_quality"], r["fewstep_quality_std"]),
+                              fmt(r["preservation"], r["preservation_std"]),
+                              fmt(r["unrelated_accuracy"], r["unrelated_accuracy_std"]), fmt(r["drift"], r["drift_std"])])
+        blocks += [("h3", f"Sequence {name}"), ("table", table)]
+    return blocks
+
+
 def build_report(out: Path, cfg: Any, rows: dict[str, Any], curves: dict[str, Any], images: dict[str, Any],
-                 costs: dict[str, Any], meta: dict[str, Any]) -> None:
+                 costs: dict[str, Any], meta: dict[str, Any], continual: dict[str, Any] | None = None) -> None:
     results: dict[str, Any] = {}
     claims: list[dict[str, str]] = []
     setting_blocks: list[Block] = []
@@ -182,6 +213,17 @@ def build_report(out: Path, cfg: Any, rows: dict[str, Any], curves: dict[str, An
         results[s.name] = {"setting": info, "methods": methods}
         claims += check_setting(s.name, methods, curves[s.name]) + check_cost(s.name, cost)
         setting_blocks += _setting_blocks(out, cfg, s, info, methods, curves[s.name], images[s.name], cost)
+    if continual is not None:
+        from dopsd.bench.continual import check_claim
+
+        cs = cfg.continual
+        results["continual"] = {"setting": {"kind": "continual", "sequences": cs.sequences, "steps": cs.steps,
+                                            "methods": cs.methods, "seeds": cs.seeds, "pairs": cs.pairs,
+                                            "concept_overrides": cs.concept_overrides,
+                                            "domain_overrides": cs.domain_overrides, "description": cs.description},
+                                "methods": continual}
+        claims += check_claim(continual, cs, MIN_EFFECT)
+        setting_blocks += _continual_blocks(cs, continual)
     run_methods = [m for m in REQUIRED_METHODS if m in cfg.methods]
     write_results(out / "results.json", results, run_methods)
     (out / "claims.json").write_text(json.dumps(claims, indent=2) + "\n")

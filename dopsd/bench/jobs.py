@@ -29,6 +29,13 @@ METHODS: dict[str, list[str]] = {
     "dopsd_velocity": ["method.name=dopsd", "method.teacher=ema", "method.loss_space=velocity"],
     # not in the paper: D-OPSD plus dopsd's on-policy prior preservation (unrelated prompts kept at the original
     # turbo's predictions). Concept setting only: in the domain setting the "unrelated" prompts are the domain's.
+    # the paper's baselines (dopsd.baselines): online PSO against the frozen starting model; DreamBooth with
+    # class images of the starting model (class prompts: the captions without `sks`); the training-strategy
+    # ablation's off-policy distillation and SFT on the teacher's samples (same teacher as dopsd)
+    "pso": ["method.name=pso"],
+    "dreambooth": ["method.name=dreambooth", "data.trigger_word=sks"],
+    "offpolicy": ["method.name=offpolicy", "method.teacher=ema", "method.loss_space=x0"],
+    "sft_teacher": ["method.name=sft_teacher", "method.teacher=ema"],
     "dopsd_prior": ["method.name=dopsd", "method.teacher=ema", "method.loss_space=x0", "method.prior_weight=1.0",
                     "method.prior_prompts=[a red circle on a gray background, a blue square on a black background, "
                     "a green triangle on a navy background, a white plus on a brown background, a yellow circle, "
@@ -143,6 +150,10 @@ def run_job(job: Job) -> dict[str, Any]:
 
     from dopsd.bench.suite import add_deltas, without_deltas
 
+    if job.setting == "continual":  # a sequence of rounds, each its own run (dopsd.bench.continual)
+        from dopsd.bench.continual import run_continual
+
+        return run_continual(job)
     torch.set_num_threads(job.threads)
     started, cpu_started = time.perf_counter(), time.process_time()
     adapter = make_adapter(job.model)

@@ -16,7 +16,11 @@ from typing import Any, Iterable
 import torch
 
 # The methods every setting must report (the paper's comparison), and the per-method fields results.json must carry.
-REQUIRED_METHODS = ("base", "sft", "sft_adapter", "dopsd", "dopsd_base_teacher", "dopsd_live_teacher")
+REQUIRED_METHODS = ("base", "sft", "sft_adapter", "dopsd", "dopsd_base_teacher", "dopsd_live_teacher", "pso",
+                    "dreambooth", "offpolicy", "sft_teacher")
+# The continual setting's block: per method and sequence, one row per round (0 = the untouched model) with these.
+CONTINUAL_FIELDS = ("round", "target", "new_fidelity", "retention", "fewstep_quality", "preservation",
+                    "unrelated_accuracy", "drift", "seeds")
 REQUIRED_FIELDS = (
     "concept_fidelity",
     "fewstep_quality",
@@ -109,6 +113,9 @@ def validate_results(results: dict[str, Any], required: Iterable[str] = REQUIRED
             problems.append(f"{setting}: keys must be 'setting' and 'methods', got {sorted(block)}")
             continue
         methods = block["methods"]
+        if (block["setting"] or {}).get("kind") == "continual":
+            problems += _continual_problems(setting, methods)
+            continue
         for name in required:
             if name not in methods:
                 problems.append(f"{setting}: method {name!r} missing")
@@ -126,6 +133,17 @@ def validate_results(results: dict[str, Any], required: Iterable[str] = REQUIRED
                         problems.append(f"{setting}/{name}: seeds must be a positive int, got {value!r}")
                 elif not isinstance(value, (int, float)) or not math.isfinite(float(value)):
                     problems.append(f"{setting}/{name}: {field} must be a finite number, got {value!r}")
+    return problems
+
+
+def _continual_problems(setting: str, methods: dict[str, Any]) -> list[str]:
+    problems = [] if methods else [f"{setting}: no method"]
+    for name, sequences in methods.items():
+        for seq, block in sequences.items():
+            for row in block.get("rounds") or [None]:
+                missing = [f for f in CONTINUAL_FIELDS if row is None or f not in row]
+                if missing:
+                    problems.append(f"{setting}/{name}/{seq}: round fields {missing} missing")
     return problems
 
 

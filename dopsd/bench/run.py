@@ -8,10 +8,8 @@ every method of a setting.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import platform
-import statistics
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -21,10 +19,10 @@ from typing import Any
 
 import torch
 
-from dopsd.bench.jobs import CONCEPT_ONLY, METHODS, REFERENCE_ROW, Job, run_job, train_dedistill
-
-ALL_METHODS = list(METHODS)
-BY_TARGET = ("concept_fidelity", "unseen_prompt_fidelity", "fewstep_quality", "preservation")
+from dopsd.bench.aggregate import ALL_METHODS, _mean_std, aggregate  # noqa: F401 (re-exported)
+from dopsd.bench import continual
+from dopsd.bench.continual import ContinualSetting
+from dopsd.bench.jobs import CONCEPT_ONLY, REFERENCE_ROW, Job, run_job, train_dedistill
 
 
 @dataclass
@@ -65,22 +63,27 @@ class BenchConfig:
     workers: int
     model: str = "turbo"
     reference_row: bool = True  # evaluate the undistilled base at 4 steps as a reference line
-    ablation_seeds: int | None = None  # seeds for the teacher/loss ablations (None = `seeds`)
+    ablation_seeds: int | None = None  # seeds for the teacher/loss ablations and the baselines (None = `seeds`)
+    continual: ContinualSetting | None = None  # targets learned one after another (dopsd.bench.continual)
 
     def override(self, settings: list[str] | None = None, methods: list[str] | None = None, seeds: int | None = None,
                  steps: int | None = None) -> "BenchConfig":
         cfg = dataclasses.replace(self)
         if settings:
-            known = {s.name for s in self.settings}
+            known = {s.name for s in self.settings} | ({"continual"} if self.continual else set())
             unknown = sorted(set(settings) - known)
             if unknown:
                 raise ValueError(f"bench: unknown settings {unknown}; choose from {sorted(known)}")
             cfg.settings = [s for s in self.settings if s.name in settings]
+            cfg.continual = self.continual if "continual" in settings else None
         if methods:
             unknown = sorted(set(methods) - set(ALL_METHODS))
             if unknown:
                 raise ValueError(f"bench: unknown methods {unknown}; choose from {ALL_METHODS}")
             cfg.methods = [m for m in ALL_METHODS if m in methods]
+            if cfg.continual:  # its own method list; sft_prior runs with sft
+                keep = [m for m in cfg.continual.methods if m in methods or (m == "sft_prior" and "sft" in methods)]
+                cfg.continual = dataclasses.replace(cfg.continual, methods=keep) if keep else None
         if seeds is not None:
             if seeds < 1:
                 raise ValueError(f"bench: --seeds must be >= 1, got {seeds}")
@@ -88,6 +91,7 @@ class BenchConfig:
             cfg.ablation_seeds = None
         if steps is not None:
             cfg.settings = [dataclasses.replace(s, steps=steps, curve_every=max(1, steps // 5)) for s in cfg.settings]
+            cfg.continual = cfg.continual and dataclasses.replace(cfg.continual, steps=steps)
         return cfg
 
 
@@ -110,10 +114,13 @@ def preset(name: str) -> BenchConfig:
             Setting("domain_full", ["domain"], 8, ["lora.enabled=false", "optim.lr=1e-4", "train.batch_size=2"], 4, 2,
                     DESCRIPTIONS["domain_full"]),
         ]
+        tiny = ["lora.rank=2", "lora.alpha=2", "train.batch_size=2", "method.class_images=4"]
+        continual = ContinualSetting([["orange", "teal"]], 4, 8, tiny, ["lora.enabled=false", "optim.lr=1e-4",
+                                     "train.batch_size=2"], steps=2)
         return BenchConfig("tiny", settings, ALL_METHODS, seeds=3, curve_n=4, n_train=4, n_unseen=4, n_unrelated=4,
                            many_steps=6, n_many=4, cost_repeats=2, cost_warmup=1, dedistill_pairs=8, dedistill_steps=2,
                            dedistill_overrides=["lora.rank=2", "lora.alpha=2", "train.batch_size=2"], workers=1,
-                           model="tiny-random", reference_row=False)
+                           model="tiny-random", reference_row=False, continual=continual)
     concept = ["lora.rank=8", "lora.alpha=8", "optim.lr=5e-4", "train.batch_size=8"]
     domain = ["lora.enabled=false", "optim.lr=1e-4", "train.batch_size=8"]
     dedistill = ["lora.rank=16", "lora.alpha=16", "optim.lr=5e-4", "train.batch_size=8"]
@@ -122,18 +129,22 @@ def preset(name: str) -> BenchConfig:
             Setting("concept_lora", ["orange"], 6, concept, 80, 20, DESCRIPTIONS["concept_lora"]),
             Setting("domain_full", ["domain"], 128, domain, 80, 20, DESCRIPTIONS["domain_full"]),
         ]
+        continual = ContinualSetting([["orange", "teal"]], 6, 128, concept, domain, steps=80)
         return BenchConfig("quick", settings, ALL_METHODS, seeds=3, curve_n=32, n_train=32, n_unseen=48,
-                           n_unrelated=48, many_steps=32, n_many=24, cost_repeats=5, cost_warmup=1, dedistill_pairs=256,
-                           dedistill_steps=100, dedistill_overrides=dedistill, workers=2, ablation_seeds=1)
+                           n_unrelated=48, many_steps=32, n_many=24, cost_repeats=5, cost_warmup=1,
+                           dedistill_pairs=256, dedistill_steps=100, dedistill_overrides=dedistill, workers=2,
+                           ablation_seeds=1, continual=continual)
     if name == "full":
         settings = [
             Setting("concept_lora", ["orange", "teal", "pink"], 6, concept, 200, 25, DESCRIPTIONS["concept_lora"]),
             Setting("domain_full", ["domain"], 256, domain, 200, 25, DESCRIPTIONS["domain_full"]),
         ]
+        continual = ContinualSetting([["orange", "teal", "pink"], ["domain", "orange"]], 6, 256, concept, domain,
+                                     steps=200)
         return BenchConfig("full", settings, ALL_METHODS, seeds=3, curve_n=32, n_train=64, n_unseen=96,
                            n_unrelated=128, many_steps=32, n_many=64, cost_repeats=9, cost_warmup=2,
                            dedistill_pairs=512,
-                           dedistill_steps=300, dedistill_overrides=dedistill, workers=2)
+                           dedistill_steps=300, dedistill_overrides=dedistill, workers=2, continual=continual)
     raise ValueError(f"bench: unknown preset {name!r}; choose tiny, quick or full")
 
 
@@ -156,6 +167,8 @@ def _write_data(cfg: BenchConfig, out: Path) -> dict[str, str]:
                 world.write_domain_dataset(folder, n=s.pairs)
             else:
                 world.write_concept_dataset(folder, target, n=s.pairs)
+    if cfg.continual:
+        continual.write_data(cfg.continual, out)
     if "dedistill" in folders:
         g = torch.Generator().manual_seed(40_000)
         world.write_pairs(folders["dedistill"], [world.random_scene(g) for _ in range(cfg.dedistill_pairs)])
@@ -164,7 +177,8 @@ def _write_data(cfg: BenchConfig, out: Path) -> dict[str, str]:
 
 def _jobs(cfg: BenchConfig, folders: dict[str, str], out: Path, dedistill: str | None) -> list[Job]:
     jobs = []
-    ablations = {"dopsd_base_teacher", "dopsd_live_teacher", "dopsd_velocity", "dopsd_prior"}
+    ablations = {"dopsd_base_teacher", "dopsd_live_teacher", "dopsd_velocity", "dopsd_prior", "pso", "dreambooth",
+                 "offpolicy", "sft_teacher"}
     for s in cfg.settings:
         suite = {"n_train": cfg.n_train, "n_unseen": cfg.n_unseen, "n_unrelated": cfg.n_unrelated,
                  "many_steps": cfg.many_steps, "n_many": cfg.n_many}
@@ -193,7 +207,12 @@ def _all_jobs(cfg: BenchConfig, out: Path) -> tuple[list[Job], Job | None]:
                   work_dir=str(out / "work" / "dedistill"), overrides=cfg.dedistill_overrides,
                   steps=cfg.dedistill_steps, curve_every=cfg.dedistill_steps, curve_n=0, suite={}, model=cfg.model,
                   extra={"file": dedistill_file})
-    return _jobs(cfg, folders, out, dedistill_file), pre
+    found = _jobs(cfg, folders, out, dedistill_file)
+    if cfg.continual:
+        found += continual.jobs(cfg.continual, out, cfg.model, {"n_train": cfg.n_train, "n_unseen": 4,
+                                                                "n_unrelated": cfg.n_unrelated, "many_steps": 4,
+                                                                "n_many": 1})
+    return found, pre
 
 
 class ResumeMismatch(ValueError):
@@ -253,7 +272,7 @@ def _execute(
     import multiprocessing
 
     # Big jobs first so the two workers finish together; the adapter first of all (others wait on it).
-    ready.sort(key=lambda j: (0 if j.method.startswith("dopsd") else 1))
+    ready.sort(key=lambda j: (0 if j.setting == "continual" else 1 if j.method.startswith("dopsd") else 2))
     with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         pending: dict[Future, Job | None] = {}
         if pre is not None:
@@ -294,53 +313,6 @@ def _save_result(job: Job, result: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and std over the finite values (a diverged run must not take the whole report down with it)."""
-    vals = [v for v in (float(x) for x in values if x is not None) if math.isfinite(v)]
-    if not vals:
-        return math.nan, math.nan
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
-
-
-def aggregate(
-    results: list[dict[str, Any]], settings: list[Setting]
-) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """Per setting: method rows (mean and *_std over runs), curves {metric: {method: [run curves]}}, images."""
-    rows: dict[str, Any] = {}
-    curves: dict[str, Any] = {}
-    images: dict[str, Any] = {}
-    for s in settings:
-        mine = [r for r in results if r["job"]["setting"] == s.name]
-        order = ALL_METHODS + [REFERENCE_ROW]
-        methods = sorted(dict.fromkeys(r["job"]["method"] for r in mine), key=order.index)
-        rows[s.name], images[s.name] = {}, {}
-        curves[s.name] = {"steps": None, "metrics": {}}
-        for m in methods:
-            runs = [r for r in mine if r["job"]["method"] == m]
-            row: dict[str, Any] = {}
-            for key in runs[0]["final"]:
-                row[key], row[f"{key}_std"] = _mean_std([r["final"][key] for r in runs])
-            row["seeds"] = len({r["job"]["seed"] for r in runs})
-            row["runs"] = len(runs)
-            row["targets"] = sorted({r["job"]["target"] for r in runs})
-            if len(row["targets"]) > 1:  # several concepts: each one's mean too
-                row["by_target"] = {t: {k: statistics.fmean(r["final"][k] for r in runs if r["job"]["target"] == t)
-                                        for k in BY_TARGET} for t in row["targets"]}
-            trained = [r for r in runs if r["steps"]]
-            row["train_sec_per_step"] = (statistics.fmean(r["train_seconds"] / r["steps"] for r in trained)
-                                         if trained else None)
-            row["steps"] = runs[0]["steps"]
-            rows[s.name][m] = row
-            for r in runs:
-                if r["images"] is not None:
-                    images[s.name][m] = {"images": r["images"], "captions": r["captions"]}
-            if runs[0]["curve"] is not None:
-                curves[s.name]["steps"] = runs[0]["curve"]["steps"]
-                for metric in ("concept_fidelity", "fewstep_quality", "drift"):
-                    curves[s.name]["metrics"].setdefault(metric, {})[m] = [r["curve"][metric] for r in runs]
-    return rows, curves, images
-
-
 def machine_note() -> str:
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, Python "
@@ -360,11 +332,15 @@ def run_bench(cfg: BenchConfig, out: Path, log: Any = print, resume: bool = Fals
         done = saved_results(jobs + ([pre] if pre else []))
     out.mkdir(parents=True, exist_ok=True)
     folders = _write_data(cfg, out)
-    log(f"dopsd bench ({cfg.name}): {len(cfg.settings)} setting(s), methods {', '.join(cfg.methods)}, "
+    log(f"dopsd bench ({cfg.name}): {len(cfg.settings)} setting(s)"
+        + (f" + continual ({', '.join(cfg.continual.methods)})" if cfg.continual else "")
+        + f", methods {', '.join(cfg.methods)}, "
         f"{cfg.seeds} seed(s), {cfg.workers} worker process(es)")
     results, dedistill = _execute(cfg, out, log, done)
     train_seconds = time.perf_counter() - started
     rows, curves, images = aggregate(results, cfg.settings)
+    rounds = continual.aggregate([r for r in results if r["job"]["setting"] == "continual"], cfg.continual) \
+        if cfg.continual else None
     costs = {}
     for s in cfg.settings:
         t0 = time.perf_counter()
@@ -380,7 +356,7 @@ def run_bench(cfg: BenchConfig, out: Path, log: Any = print, resume: bool = Fals
     worker_cpu = sum(r.get("cpu_seconds", 0.0) for r in results) + (dedistill or {}).get("cpu_seconds", 0.0)
     meta["cpu_seconds"] = {"main": main_cpu, "workers": worker_cpu if cfg.workers > 1 else 0.0}
     meta["idle_estimate_seconds"] = main_cpu + (worker_cpu / cfg.workers if cfg.workers > 1 else 0.0)
-    build_report(out, cfg, rows, curves, images, costs, meta)
+    build_report(out, cfg, rows, curves, images, costs, meta, rounds)
     return {"seconds": time.perf_counter() - started, "rows": rows, "costs": costs}
 
 

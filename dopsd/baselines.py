@@ -1,0 +1,162 @@
+"""The paper's baselines as loss terms of dopsd.methods: PSO, DreamBooth's class prior, SFT on teacher samples.
+
+Each is built from dopsd.objective (`pso_loss`, `sft_loss`) and talks to the model only through the adapter
+protocol (`velocity`, `collate`, `latent_shape`, `inference_schedule`). Off-policy distillation needs no term
+of its own: it is `OnPolicyDistillation(rollout="teacher")` in dopsd.methods.
+
+Determinism, as for every term: a sample's draws come from its (seed, step, slot) generator in a fixed order,
+after the draws of the terms before it; DreamBooth's class images are a function of the config and the
+starting weights (sampled in `prepare`, before a resumed run loads its checkpoint), so a resumed run sees
+exactly the images the uninterrupted one saw.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from dopsd.methods import MicroBatch, Term, _student_keys, _torch_gen, slot_rng
+from dopsd.objective import pso_loss, sample_schedule_sigmas, sample_training_sigmas, sft_loss
+from dopsd.sampler import sample_euler, seed_noise
+
+if TYPE_CHECKING:
+    from dopsd.trainer import Trainer
+
+# The class-image pool's noise generators: keyed (seed, CLASS_KEY, i), a "step" no training step reaches, so
+# they never coincide with a sample's (seed, step, slot) generator.
+CLASS_KEY = 2**40 + 1
+
+
+def inference_schedule(trainer: Trainer, bucket: tuple[int, int]) -> torch.Tensor:
+    """The model's own few-step sampling schedule (model.inference_steps): what a user's sample runs."""
+    return trainer.adapter.inference_schedule(bucket[0], bucket[1], trainer.m.inference_steps)
+
+
+def _x0(trainer: Trainer, b: MicroBatch) -> torch.Tensor:
+    return torch.stack([trainer.feats.load(trainer.feats.latents[i])["latents"] for i in b.indices])
+
+
+def class_prompts(method: Any, data: Any, captions: list[str]) -> list[str]:
+    """method.class_prompts, else each distinct training caption without the trigger word and the placeholder
+    ("a sks dog on grass" → "a dog on grass"): what the model draws for the class without the concept."""
+    if method.class_prompts:
+        return list(method.class_prompts)
+    words = [w for w in (data.trigger_word, data.placeholder) if w]
+    out = []
+    for caption in captions:
+        for w in words:
+            caption = re.sub(rf"(?<!\w){re.escape(w)}(?!\w)", " ", caption)
+        caption = " ".join(caption.split()).replace(" ,", ",")
+        out.append(caption)
+    return list(dict.fromkeys(out))
+
+
+class PairwiseSampleOptimization(Term):
+    """Online PSO (Miao et al., ICLR 2025) for concept tuning: each target is paired with a reference image the
+    *current* model samples for the same caption with its own few steps (no gradient); both are noised with
+    the same ε at one of the model's own few-step σ's and compared by `pso_loss` — the DPO form against the
+    frozen starting model (the same weights with the trainable values at their start: under LoRA the adapter
+    at zero, i.e. the base, no second copy of it), or the released code's hinge form.
+    Draws per sample: reference noise, pair noise, σ (one torch generator from the sample's generator)."""
+
+    name, latents, prior = "pso", True, True
+
+    def __call__(self, trainer: Trainer, b: MicroBatch, scale: float, final: bool) -> dict[str, Any]:
+        dev, f32, m = trainer.acc.device, trainer.latent_dtype, trainer.method
+        gens = [_torch_gen(r) for r in b.rngs]
+        sched = inference_schedule(trainer, b.bucket)
+        ref_noise = torch.stack([torch.randn(b.shape, generator=g) for g in gens])
+        noise = torch.stack([torch.randn(b.shape, generator=g) for g in gens])
+        sigma = torch.cat([sample_schedule_sigmas(1, sched, generator=g) for g in gens])
+        ctx = trainer.contexts(_student_keys(trainer, b))
+        live = trainer.velocity(trainer.network)
+        with torch.no_grad():  # the current model's own few-step sample for the target's caption
+            reference = sample_euler(live, ref_noise.to(dev, f32), sched.to(dev), ctx)
+        frozen = trainer.prior.wrap(live) if m.pso_form == "dpo" else None
+        with trainer.sync(final):
+            out = pso_loss(trainer.velocity(trainer.student), _x0(trainer, b).to(dev, f32), reference.detach(), ctx,
+                           sigma.to(dev, f32), noise.to(dev, f32), beta=m.pso_beta, ref_weight=m.pso_ref_weight,
+                           prior_weight=m.pso_prior_weight, form=m.pso_form, reference_model=frozen)
+            trainer.acc.backward(out.loss * scale)
+        return {"pso": float(out.loss.detach()), "pso/margin": float(out.margin.mean()),
+                "pso/implicit_acc": out.implicit_accuracy, "pso/target_error": float(out.target_error.mean()),
+                "pso/reference_error": float(out.reference_error.mean())}
+
+
+class ClassImagePrior(Term):
+    """DreamBooth's class-prior preservation (Ruiz et al. 2023): flow matching on class images the *starting*
+    model drew for class prompts with its own few steps (sampled once, before step 0), weight
+    method.class_weight, its own σ (method.sft_timesteps) and noise. Unlike method.prior_* (on-policy: the
+    student's roll-outs on unrelated prompts matched to the original model's predictions, nothing stored), it
+    regresses onto stored images, at SFT's σ's. Draws per sample: the class image's index, then σ and noise."""
+
+    name = "class"
+
+    def __init__(self, weight: float):
+        self.weight = weight
+        self.prompts_: list[str] = []
+        self.pool: torch.Tensor | None = None  # the class images' latents (N, …), float32 on the CPU
+        self.keys: list[str] = []
+
+    def prompts(self, trainer: Trainer) -> list[str]:
+        self.prompts_ = class_prompts(trainer.method, trainer.cfg.data, [c for e in trainer.examples for c in e.captions])
+        return self.prompts_
+
+    @torch.no_grad()
+    def prepare(self, trainer: Trainer) -> None:
+        n, seed = trainer.method.class_images, trainer.cfg.train.seed
+        size = (trainer.m.height, trainer.m.width)
+        sched = inference_schedule(trainer, size).to(trainer.acc.device)
+        noise = seed_noise(trainer.adapter.latent_shape(*size), [int(slot_rng(seed, CLASS_KEY, i).integers(2**62))
+                                                                  for i in range(n)])
+        self.keys = [trainer.feats.prompts[self.prompts_[i % len(self.prompts_)]] for i in range(n)]
+        network, out = trainer.adapter.network, []  # the unwrapped network (set up before the optimizer)
+        was_training = network.training
+        network.eval()
+        try:
+            for start in range(0, n, 16):
+                ctx = trainer.contexts(self.keys[start : start + 16])
+                x = noise[start : start + 16].to(trainer.acc.device, trainer.latent_dtype)
+                out.append(sample_euler(trainer.velocity(network), x, sched, ctx).float().cpu())
+        finally:
+            network.train(was_training)
+        self.pool = torch.cat(out)
+
+    def __call__(self, trainer: Trainer, b: MicroBatch, scale: float, final: bool) -> dict[str, Any]:
+        assert self.pool is not None, "ClassImagePrior.prepare did not run"
+        dev, f32, m = trainer.acc.device, trainer.latent_dtype, trainer.method
+        picks = [int(r.integers(len(self.pool))) for r in b.rngs]
+        gens = [_torch_gen(r) for r in b.rngs]
+        sigma = torch.cat([sample_training_sigmas(1, m.sft_timesteps, shift=m.sft_shift, generator=g) for g in gens])
+        noise = torch.stack([torch.randn(self.pool.shape[1:], generator=g) for g in gens])
+        with trainer.sync(final):
+            loss = sft_loss(trainer.velocity(trainer.student), self.pool[picks].to(dev, f32),
+                            trainer.contexts([self.keys[j] for j in picks]), sigma.to(dev, f32), noise.to(dev, f32))
+            trainer.acc.backward(loss * self.weight * scale)
+        return {"class": float(loss.detach()) * self.weight}
+
+
+class TeacherSampleFlowMatching(Term):
+    """SFT on teacher samples (the D-OPSD paper's training-strategy ablation): the teacher (caption + target
+    image, method.teacher weights) samples from fresh noise with the model's own few steps, no gradient; the
+    caption-only student is trained with flow matching on that sample. Draws per sample: the teacher's noise,
+    then SFT's σ and noise."""
+
+    name, teacher = "sft_teacher", True
+
+    def __call__(self, trainer: Trainer, b: MicroBatch, scale: float, final: bool) -> dict[str, Any]:
+        dev, f32, m = trainer.acc.device, trainer.latent_dtype, trainer.method
+        gens = [_torch_gen(r) for r in b.rngs]
+        start = torch.stack([torch.randn(b.shape, generator=g) for g in gens])
+        sigma = torch.cat([sample_training_sigmas(1, m.sft_timesteps, shift=m.sft_shift, generator=g) for g in gens])
+        noise = torch.stack([torch.randn(b.shape, generator=g) for g in gens])
+        t_ctx = trainer.contexts([trainer.feats.teacher[(i, v)] for i, v in zip(b.indices, b.variants)])
+        teacher = trainer.teacher.wrap(trainer.velocity(trainer.network))
+        sample = sample_euler(teacher, start.to(dev, f32), inference_schedule(trainer, b.bucket).to(dev), t_ctx)
+        with trainer.sync(final):
+            loss = sft_loss(trainer.velocity(trainer.student), sample.detach(), trainer.contexts(_student_keys(trainer, b)),
+                            sigma.to(dev, f32), noise.to(dev, f32))
+            trainer.acc.backward(loss * scale)
+        return {"sft_teacher": float(loss.detach())}
