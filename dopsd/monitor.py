@@ -18,7 +18,7 @@ import torch
 from dopsd import rundir
 from dopsd.files import atomic_save_image
 from dopsd.images import grid_image
-from dopsd.sampler import generate, seed_noise
+from dopsd.sampler import generate, sample_seed, seed_noise
 
 if TYPE_CHECKING:
     from dopsd.trainer import Trainer
@@ -121,7 +121,10 @@ class Monitor:
         s, m, adapter = t.cfg.sample, t.m, t.adapter
         seeds = list(s.seeds)
         contexts = [t.feats.load(key) for key in t.sample_keys for _ in seeds]
-        noise = seed_noise(adapter.latent_shape(m.height, m.width), seeds * len(t.prompts))
+        # each (prompt, seed) its own noise, as `dopsd sample` draws it (dopsd.sampler.sample_seed): that command
+        # with the run's prompts and seeds reproduces these grids
+        noise = seed_noise(adapter.latent_shape(m.height, m.width),
+                           [sample_seed(seed, i) for i in range(len(t.prompts)) for seed in seeds])
         (t.out / rundir.SAMPLES).mkdir(exist_ok=True)
         result: dict[str, Any] = {}
         for steps in [m.inference_steps] + ([s.control_steps] if s.control_steps > 0 else []):

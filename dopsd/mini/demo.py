@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 CONCEPT = "orange"
+GRID_ROWS = 4  # concept prompts and unrelated prompts each in the picture
 METHODS = ("sft", "dopsd")  # grid columns: before | SFT | D-OPSD
 # Same data, optimizer and budget for both methods; only the objective differs.
 STEPS = 100
@@ -69,6 +70,7 @@ def _turbo(pretrained: str, weights: Path | None = None):
 
 
 def evaluate(pretrained: str, weights: dict[str, Path | None], samples: int, seed: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    from dopsd.bench.suite import unrelated_accuracy
     from dopsd.mini import metrics, world
     from dopsd.sampler import generate, seed_noise
 
@@ -89,19 +91,25 @@ def evaluate(pretrained: str, weights: dict[str, Path | None], samples: int, see
             "concept_fidelity": metrics.concept_fidelity(concept, CONCEPT),
             "fewstep_quality": metrics.fewstep_quality(plain, unrelated, decoded=decoded),
             "drift": metrics.drift(plain, reference),
+            "unrelated_accuracy": unrelated_accuracy(decoded, unrelated),
         }
-        images[name] = torch.cat([concept[:4], plain[:4]])
+        images[name] = torch.cat([concept[:GRID_ROWS], plain[:GRID_ROWS]])
     return results, images
 
 
-def comparison_grid(images: dict[str, torch.Tensor]) -> Image.Image:
-    """Rows = prompts, columns = models (titled), each sample magnified to a viewable cell."""
-    from dopsd.images import VIEWABLE, labelled_grid, to_pil
+def comparison_grid(images: dict[str, torch.Tensor], results: dict[str, dict[str, Any]], seed: int) -> Image.Image:
+    """The demo's picture (dopsd.mini.demo_figure): prompts as rows, models with their numbers as columns, each
+    sample beside its fine detail, and a magnified crop of the first unrelated prompt."""
+    from dopsd.mini.demo_figure import demo_figure
 
-    names = list(images)
-    rows = [list(row) for row in zip(*(to_pil(images[n]) for n in names))]
-    side = images[names[0]].shape[-1]
-    return labelled_grid(rows, names, cell=side * max(1, VIEWABLE // side))
+    return demo_figure(images, results, grid_prompts(seed), zoom_row=GRID_ROWS)
+
+
+def grid_prompts(seed: int) -> list[str]:
+    """The prompts of the picture's rows: the first GRID_ROWS concept and unrelated prompts `evaluate` samples."""
+    from dopsd.mini import world
+
+    return world.concept_prompts(GRID_ROWS) + world.unrelated_prompts(GRID_ROWS, seed=seed + 1)
 
 
 def train_method(method: str, data: Path, out: Path, seed: int, pretrained: str, steps: int | None = None,
@@ -135,7 +143,7 @@ def run_demo(out: Path, steps: int | None = None, seed: int = 0, samples: int = 
         trained[method] = train_method(method, data, out / method, seed, pretrained, steps)
     print("\n== evaluating at the turbo's 4 steps (same noise for every model) ==")
     results, images = evaluate(pretrained, trained, samples, seed)
-    atomic_save_image(out / "demo.png", comparison_grid(images))
+    atomic_save_image(out / "demo.png", comparison_grid(images, results, seed))
     summary = {**results, "seconds": round(time.perf_counter() - start, 1)}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     print(f"\n{'':8} {'concept_fidelity':>17} {'fewstep_quality':>16} {'drift':>8}")
