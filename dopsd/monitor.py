@@ -34,10 +34,16 @@ def make_health(trainer: Trainer) -> Any:
         from dopsd.health import FewStepHealth
     except ImportError:
         return None
+    from dopsd.health import HEALTH_THRESHOLD, TRAINING_PROMPTS_THRESHOLD
+
     s = cfg.sample
-    prompts = s.health_prompts or cfg.method.prior_prompts[:4] or trainer.prompts[:4]
-    return FewStepHealth(trainer.adapter, prompts, height=m.height, width=m.width, seeds=tuple(s.seeds[:2]),
-                         steps=m.inference_steps, control_steps=s.control_steps, device=trainer.acc.device)
+    unrelated = s.health_prompts or cfg.method.prior_prompts[:4]
+    # On the training prompts the intended change itself (a concept's colour) moves the sharpness score, so the
+    # alarm waits for a larger drop there (dopsd.health's module doc has the measurements).
+    threshold = HEALTH_THRESHOLD if unrelated else TRAINING_PROMPTS_THRESHOLD
+    return FewStepHealth(trainer.adapter, unrelated or trainer.prompts[:4], height=m.height, width=m.width,
+                         seeds=tuple(s.seeds[:2]), steps=m.inference_steps, control_steps=s.control_steps,
+                         threshold=threshold, device=trainer.acc.device)
 
 
 PROGRESS_EVERY_S = 1.0  # progress.json is rewritten at most this often (and at every checkpoint and interval)
