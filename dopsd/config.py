@@ -171,9 +171,10 @@ class TrainConfig:
     device: str | None = opt(None, "'cpu' forces the CPU; null = accelerate's choice (choose GPUs with CUDA_VISIBLE_DEVICES).")
     threads: int | None = opt(
         None, "torch CPU threads per process (torch.set_num_threads at the start of the run). null = automatic: 1 "
-        "when training on the CPU on a machine with at most 4 cores (measured on the miniature on 2 cores: 2 threads "
-        "were slower than 1, and many times slower when another job shares the cores), else torch's default "
-        "(OMP_NUM_THREADS when set). On a GPU it only affects data loading and CPU-side work.", ge=1,
+        "when training on the CPU on a machine with at most 4 cores, else torch's default (OMP_NUM_THREADS when "
+        "set). Why: the miniature's matrices are small; on a 2-core CPU shared with other jobs a 4-step batch of 8 "
+        "samples took 0.5 s with 1 thread and 4 s with 2 (threads wait for cores). On a GPU it only affects "
+        "CPU-side work.", ge=1,
     )
 
 

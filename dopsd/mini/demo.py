@@ -117,10 +117,10 @@ def evaluate(pretrained: str, weights: dict[str, Path | None], samples: int, see
 
 def comparison_grid(images: dict[str, torch.Tensor], results: dict[str, dict[str, Any]], seed: int) -> Image.Image:
     """The demo's picture (dopsd.mini.demo_figure): prompts as rows, models with their numbers as columns, each
-    sample beside its fine detail, and a magnified crop of the first unrelated prompt."""
+    sample beside its fine detail, and magnified crops of the first concept and the first unrelated prompt."""
     from dopsd.mini.demo_figure import demo_figure
 
-    return demo_figure(images, results, grid_prompts(seed), zoom_row=GRID_ROWS)
+    return demo_figure(images, results, grid_prompts(seed), zoom_rows=[0, GRID_ROWS])
 
 
 def grid_prompts(seed: int) -> list[str]:
