@@ -35,11 +35,14 @@ never fired on those SFT runs. Intended content changes of the health prompts th
 (a concept's colour on them, a domain's tint on every prompt), so unrelated prompts measure it best: on the
 training prompts of the same runs a sound D-OPSD run without prior preservation scores 0.90–0.95 (its concept
 colour changes their sharpness), so when a run has neither `sample.health_prompts` nor `method.prior_prompts` the
-trainer warns only below TRAINING_PROMPTS_THRESHOLD (0.85) there. `broken` is set when the samples are not finite or any score (structure
-included) falls below `broken_below` (0.5: half its starting value or worse, e.g. half the image-scale contrast
-left, or the high-frequency energy halved or doubled): training produced a broken model, not a degraded one
-(measured on the miniature's unrelated prompts: SFT's blur at the demo's budget scores 0.71, a sound D-OPSD run
-≥ 0.82 on every score, runs with a learning rate 100–600× too high that sample noise 0.25–0.39 on structure).
+trainer warns only below TRAINING_PROMPTS_THRESHOLD (0.85) there.
+
+`broken` is set when the samples are not finite or any score (structure included) falls below `broken_below`
+(0.5: half its starting value or worse, e.g. half the image-scale contrast left, or the high-frequency energy
+halved or doubled): training produced a broken model, not a degraded one (measured on the miniature's unrelated
+prompts: SFT's blur at 100 steps without prior preservation scores 0.71, sound D-OPSD runs ≥ 0.78 on every score
+(structure, which a new colour moves, 0.78–1.03), runs with a learning rate 100–600× too high that sample noise
+0.25–0.39 on structure).
 The trainer reports a run whose final measurement is broken as failed (summary.json status "unhealthy").
 The untouched model scores exactly 1.0 (fixed noise, deterministic forward).
 """

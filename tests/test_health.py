@@ -1,5 +1,6 @@
 """Few-step health on the shipped miniature turbo: flat for the untouched model, falls during an SFT run
-(which blurs the turbo's few-step samples in the miniature world) and for a denoiser blurred by construction."""
+(which blurs the turbo's few-step samples in the miniature world) and for a denoiser blurred by construction; the
+alarm fires for SFT with prior preservation and stays quiet for D-OPSD with it (real runs)."""
 
 from __future__ import annotations
 

@@ -86,6 +86,10 @@ def main(args: argparse.Namespace) -> int:
     if not prompts:
         raise UsageError("no prompts: pass --prompt TEXT (repeatable)")
     out = cli_args.output_file("--out", args.out, args.overwrite)
+    repeated = sorted({s for s in args.seeds if args.seeds.count(s) > 1})
+    if repeated:
+        raise UsageError(f"--seeds repeats {', '.join(map(str, repeated))}: a seed draws the same samples again; "
+                         "give each seed once")
     first = args.prompt_index
     files = {(i, s): sample_file(out, first + i, prompts[i], s) for i in range(len(prompts)) for s in args.seeds}
     _check_sample_files(out, files.values(), args.overwrite)
@@ -128,9 +132,6 @@ def _check_sample_files(out: Path, files: Any, overwrite: bool) -> None:
         raise UsageError(f"--out {out}: the samples go to the folder {folder}, but a file of that name exists; "
                          "choose another --out")
     paths = [p for f in files for p in (f, f.with_suffix(".json"))]
-    if len(set(paths)) < len(paths):
-        raise UsageError("two samples would share a file name: the same prompt and seed are given twice; drop the "
-                         "repeated --prompt or --seeds")
     taken = [p for p in paths if p.exists()]
     if taken and not overwrite:
         raise UsageError(f"{taken[0]} already exists ({len(taken)} sample file(s) in the way); choose another --out, "

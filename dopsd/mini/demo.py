@@ -138,8 +138,10 @@ def train_method(method: str, data: Path, out: Path, seed: int, pretrained: str,
     import dopsd
     from dopsd.config import load_config
 
-    overrides = TRAIN_OVERRIDES + prior_overrides() + [f"data.path={data}", f"train.output_dir={out}", f"method.name={method}",
-                                   f"train.seed={seed}", f"model.pretrained={pretrained}"]
+    # the threads the demo runs with (its --threads), not train.threads' automatic choice
+    overrides = TRAIN_OVERRIDES + prior_overrides() + [
+        f"train.threads={torch.get_num_threads()}", f"data.path={data}", f"train.output_dir={out}",
+        f"method.name={method}", f"train.seed={seed}", f"model.pretrained={pretrained}"]
     if steps is not None:
         overrides.append(f"train.max_steps={steps}")
     return dopsd.train(load_config("mini", overrides + list(extra or []))).weights
