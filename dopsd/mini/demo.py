@@ -172,7 +172,7 @@ def run_demo(out: Path, steps: int | None = None, seed: int = 0, samples: int = 
         print(f"{name:8} {r['concept_fidelity']:17.3f} {r['fewstep_quality']:16.3f} {r['unrelated_accuracy']:19.3f} "
               f"{r['drift']:8.4f}")
     print(f"\nwrote {out / 'demo.png'} (rows: {GRID_ROWS} concept prompts, {GRID_ROWS} unrelated prompts; columns: "
-          f"{', '.join(results)}, each sample beside its fine detail; below: a magnified crop)")
+          f"{', '.join(results)}, each sample beside its fine detail; below: magnified crops)")
     print(f"wrote {out / 'summary.json'}; {summary['seconds']} s")
     return summary
 
