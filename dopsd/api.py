@@ -41,6 +41,40 @@ def train(
     deletes it).
     """
     cfg = load_config(config, overrides)
+    previous = set_threads(cfg)
+    try:
+        return _train(cfg, resume, overwrite, adapter, callback)
+    finally:
+        import torch
+
+        torch.set_num_threads(previous)  # a Python caller's own setting comes back after the run
+
+
+def cpu_threads(cfg: Config) -> int | None:
+    """train.threads, or the automatic choice (None = keep torch's): 1 thread per process for CPU training on a
+    machine with at most 4 cores, unless OMP_NUM_THREADS says otherwise (see the option's help)."""
+    if cfg.train.threads is not None:
+        return cfg.train.threads
+    import torch
+
+    on_cpu = cfg.train.device == "cpu" or not torch.cuda.is_available()
+    if on_cpu and "OMP_NUM_THREADS" not in os.environ and (os.cpu_count() or 1) <= 4:
+        return 1
+    return None
+
+
+def set_threads(cfg: Config) -> int:
+    """Apply `cpu_threads(cfg)`; returns the previous torch thread count."""
+    import torch
+
+    previous = torch.get_num_threads()
+    threads = cpu_threads(cfg)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return previous
+
+
+def _train(cfg: Config, resume: bool, overwrite: bool, adapter: Any, callback: StepCallback | None) -> Result:
     from dopsd.quantize import check_available, planned_device
 
     check_available(cfg.model.quantize, planned_device(cfg), cfg.lora.enabled)  # model.quantize fits this machine

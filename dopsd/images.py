@@ -6,7 +6,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
 
 VIEWABLE = 128  # pixels: grids of smaller images are magnified to at least this cell size
 
@@ -51,21 +52,60 @@ def grid_image(images: torch.Tensor, rows: int, cols: int, pad: int = 2) -> Imag
     return magnify(Image.fromarray(canvas), cell=max(h, w))
 
 
+def font(size: int = 13) -> ImageFont.ImageFont:
+    """Pillow's bundled font at `size` pixels (no system fonts needed)."""
+    return ImageFont.load_default(size=size)
+
+
+def wrap(text: str, width: int, face: ImageFont.ImageFont) -> list[str]:
+    """`text` broken into lines (at spaces, and at explicit newlines) no wider than `width` pixels in `face`."""
+    lines: list[str] = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in paragraph.split(" "):
+            trial = f"{line} {word}".strip()
+            if line and face.getlength(trial) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = trial
+        lines.append(line)
+    return lines
+
+
+def high_pass(pixels: torch.Tensor, gain: float = 3.0) -> torch.Tensor:
+    """The fine detail of images (B, 3, H, W) in [-1, 1], as grey images: the luminance minus its 3×3 box-blurred
+    self, times `gain`, in [-1, 1] with 0 (mid-grey) = no detail. Film grain and edges show as light and dark
+    specks; flat or blurred areas are plain grey."""
+    luma = pixels.float().mean(1, keepdim=True)
+    blurred = F.avg_pool2d(F.pad(luma, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    return ((luma - blurred) * gain).clamp(-1, 1).expand(-1, 3, -1, -1)
+
+
 def labelled_grid(rows: Sequence[Sequence[Image.Image]], columns: Sequence[str] = (), labels: Sequence[str] = (),
-                  cell: int = 96, pad: int = 2, label_width: int = 90) -> Image.Image:
+                  cell: int = 96, pad: int = 2, label_width: int = 90, font_size: int = 11,
+                  span: int = 1) -> Image.Image:
     """A grid of PIL images (one list per row, each image scaled to cell×cell: nearest when enlarged), with
-    column titles above and row labels on the left (either may be empty)."""
-    head = 14 if columns else 0
+    column titles above (a title may hold several lines, and long ones wrap; each title spans `span` columns) and
+    row labels on the left, wrapped to `label_width` (either may be empty)."""
+    face = font(font_size)
+    line = font_size + 3
+    titles = [wrap(t, span * (cell + pad) - 6, face) for t in columns]
+    head = line * max((len(t) for t in titles), default=0) + (4 if columns else 0)
     left = label_width if labels else 0
-    ncol = max((len(r) for r in rows), default=len(columns))
+    ncol = max((len(r) for r in rows), default=len(columns) * span)
     grid = Image.new("RGB", (left + ncol * (cell + pad), head + len(rows) * (cell + pad)), "white")
     draw = ImageDraw.Draw(grid)
-    for c, title in enumerate(columns):
-        draw.text((left + c * (cell + pad) + 2, 1), title, fill="black")
+    for c, title in enumerate(titles):
+        for i, text in enumerate(title):
+            draw.text((left + c * span * (cell + pad) + 2, 2 + i * line), text, fill="black", font=face)
     for r, row in enumerate(rows):
         y = head + r * (cell + pad)
         if r < len(labels):
-            draw.text((2, y + cell // 2 - 5), labels[r], fill="black")
+            text = wrap(labels[r], label_width - 6, face)
+            top = y + max(0, (cell - line * len(text)) // 2)
+            for i, part in enumerate(text):
+                draw.text((2, top + i * line), part, fill="black", font=face)
         for c, img in enumerate(row):
             scale = Image.NEAREST if max(img.size) < cell else Image.BICUBIC
             grid.paste(img.convert("RGB").resize((cell, cell), scale), (left + c * (cell + pad), y))

@@ -18,7 +18,7 @@ import torch
 from dopsd import rundir
 from dopsd.files import atomic_save_image
 from dopsd.images import grid_image
-from dopsd.sampler import generate, seed_noise
+from dopsd.sampler import generate, sample_seed, seed_noise
 
 if TYPE_CHECKING:
     from dopsd.trainer import Trainer
@@ -34,10 +34,16 @@ def make_health(trainer: Trainer) -> Any:
         from dopsd.health import FewStepHealth
     except ImportError:
         return None
+    from dopsd.health import HEALTH_THRESHOLD, TRAINING_PROMPTS_THRESHOLD
+
     s = cfg.sample
-    prompts = s.health_prompts or cfg.method.prior_prompts[:4] or trainer.prompts[:4]
-    return FewStepHealth(trainer.adapter, prompts, height=m.height, width=m.width, seeds=tuple(s.seeds[:2]),
-                         steps=m.inference_steps, control_steps=s.control_steps, device=trainer.acc.device)
+    unrelated = s.health_prompts or cfg.method.prior_prompts[:4]
+    # On the training prompts the intended change itself (a concept's colour) moves the sharpness score, so the
+    # alarm waits for a larger drop there (dopsd.health's module doc has the measurements).
+    threshold = HEALTH_THRESHOLD if unrelated else TRAINING_PROMPTS_THRESHOLD
+    return FewStepHealth(trainer.adapter, unrelated or trainer.prompts[:4], height=m.height, width=m.width,
+                         seeds=tuple(s.seeds[:2]), steps=m.inference_steps, control_steps=s.control_steps,
+                         threshold=threshold, device=trainer.acc.device)
 
 
 PROGRESS_EVERY_S = 1.0  # progress.json is rewritten at most this often (and at every checkpoint and interval)
@@ -122,7 +128,10 @@ class Monitor:
         s, m, adapter = t.cfg.sample, t.m, t.adapter
         seeds = list(s.seeds)
         contexts = [t.feats.load(key) for key in t.sample_keys for _ in seeds]
-        noise = seed_noise(adapter.latent_shape(m.height, m.width), seeds * len(t.prompts))
+        # each (prompt, seed) its own noise, as `dopsd sample` draws it (dopsd.sampler.sample_seed): that command
+        # with the run's prompts and seeds reproduces these grids
+        noise = seed_noise(adapter.latent_shape(m.height, m.width),
+                           [sample_seed(seed, i) for i in range(len(t.prompts)) for seed in seeds])
         (t.out / rundir.SAMPLES).mkdir(exist_ok=True)
         result: dict[str, Any] = {}
         for steps in [m.inference_steps] + ([s.control_steps] if s.control_steps > 0 else []):

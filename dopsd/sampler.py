@@ -4,6 +4,8 @@
 turbos and their many-step controls alike); `generate` batches per-sample contexts, samples with an adapter's
 velocity and decodes; `seed_noise` gives one fixed noise per seed, independent of batch composition and device,
 so that the same seed gives the same image in a grid, a health check, a probe or a comparison.
+`sample_seed(seed, prompt_index)` is the noise seed of one (prompt, seed) sample of `dopsd sample`: every prompt
+of a grid gets its own noise, and one sample can be drawn again alone from its seed and prompt index.
 """
 
 from __future__ import annotations
@@ -28,6 +30,17 @@ def sample_euler(velocity, noise: torch.Tensor, sigmas: torch.Tensor, context=No
 def seed_noise(shape: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
     """One fixed noise per seed (float32, CPU), independent of batch composition and device."""
     return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+# An odd 64-bit constant (2^64 / golden ratio): consecutive prompt indices land far apart in seed space.
+PROMPT_STRIDE = 0x9E3779B97F4A7C15
+
+
+def sample_seed(seed: int, prompt_index: int) -> int:
+    """Noise seed of the sample (prompt number `prompt_index`, counting from 0, with `seed`):
+    (seed + prompt_index × 0x9E3779B97F4A7C15) mod 2^63. Prompt 0 uses the seed itself, so its noise is
+    `seed_noise(shape, [seed])`, the same as the training grids' for that seed."""
+    return (int(seed) + int(prompt_index) * PROMPT_STRIDE) % 2**63
 
 
 @torch.no_grad()

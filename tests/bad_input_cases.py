@@ -281,6 +281,12 @@ CASES: list[Case] = [
     Case("sample", "--lora with --no-lora", "sample run --no-lora --lora run/lora.safetensors", ("--lora", "--no-lora")),
     Case("sample", "unknown --device", f"{SAMPLE} --device gpu", ("--device", "gpu")),
     Case("sample", "no prompts", "sample mini", ("--prompt",)),
+    Case("sample", "negative --prompt-index", f"{SAMPLE} --prompt-index -1", ("--prompt-index", "-1")),
+    Case("sample", "a repeated seed", f"{SAMPLE} --seeds 3 3", ("--seeds", "3")),
+    Case("sample", "a sample file exists", f"{SAMPLE} --seeds 0 --out grid.png",
+         ("grid/p00-a-red-circle-s0.png", "--overwrite"), text("grid/p00-a-red-circle-s0.png", "mine")),
+    Case("sample", "the samples folder is a file", f"{SAMPLE} --out notes.png", ("notes", "folder"),
+         text("notes", "mine")),
     # --- probe --------------------------------------------------------------------------------------------
     Case("probe", "--seeds 0", f"{PROBE} --seeds 0", ("--seeds", ">= 1")),
     Case("probe", "--steps 0", f"{PROBE} --steps 0", ("--steps", ">= 1")),

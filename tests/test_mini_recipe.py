@@ -45,8 +45,8 @@ def test_tiny_recipe_cli_reproducible_and_loadable(tmp_path, capsys):
     numbers = json.loads(report.with_suffix(".json").read_text())
     assert len(numbers) == 2 and 0.0 <= numbers[0]["turbo@4"]["acc_shape"] <= 1.0
     assert "| premise (`dopsd demo`, 4 steps) |" in text and set(numbers[1]["premise"]) == {
-        "before", "sft", "dopsd", "sft, 9 steps", "dopsd, no new concept (red)", "sft + prior preservation",
-        "dopsd + prior preservation"}
+        "before", "sft", "dopsd", "sft, 6 steps", "dopsd, no new concept (red)", "sft without prior preservation",
+        "dopsd without prior preservation"}
     assert numbers[0]["premise"]["before"]["drift"] == 0.0 and numbers[0]["premise"]["sft"]["drift"] > 0.0
 
 

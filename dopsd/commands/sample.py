@@ -1,18 +1,34 @@
-"""`dopsd sample`: a model ± a trained LoRA at a chosen step count, fixed seeds, one PNG grid.
+"""`dopsd sample`: a model ± a trained LoRA at a chosen step count, fixed seeds: one PNG grid, plus one PNG and one
+JSON sidecar per (prompt, seed).
 
-Rows are prompts, columns are seeds; the noise of a column is the same for every row and every step count,
-so grids of a base model and of a LoRA (or of 4 and 32 steps) compare sample by sample.
+Seeding: the sample of prompt number i (counting from `--prompt-index`, default 0) with seed s starts from the
+noise of `dopsd.sampler.sample_seed(s, i)` = (s + i × 0x9E3779B97F4A7C15) mod 2^63, and is sampled on its own
+(batch 1, so neither its noise nor its pixels depend on the other prompts). So every prompt of a grid has its own
+noise, the same (prompt, seed, steps, model, LoRA) gives the same image in any grid — a base model's grid and a
+LoRA's (or 4 and 32 steps) compare sample by sample — and one sample is drawn again alone with
+`--prompt TEXT --prompt-index i --seeds s` (its sidecar holds the exact command line).
+
+Files: `--out DIR/NAME.png` is the grid (rows = prompts, columns = seeds); the samples go to `DIR/NAME/` as
+`pII-SLUG-sSEED.png` + `.json` (II the prompt index, SLUG the prompt's first words). Existing files are never
+replaced without --overwrite: the command stops before sampling and names the first file in the way.
 """
 
 from __future__ import annotations
 
 import argparse
-from dopsd.images import grid_image
-from dopsd.lora.trained import FULL_FILE, LORA_FILE, apply_trained, trained_meta
-from dopsd.sampler import generate, seed_noise
+import json
+import re
+import shlex
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from dopsd.images import grid_image, to_pil
+from dopsd.lora.trained import FULL_FILE, LORA_FILE, apply_trained, trained_meta
+from dopsd.sampler import generate, sample_seed, seed_noise
+
+SLUG_CHARS = 40  # the prompt's first characters in a sample's file name
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,8 +44,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", action="append", dest="prompts", help="a prompt (repeat for rows); "
                         "default: the run's sample prompts")
     parser.add_argument("--seeds", type=seed, nargs="+", default=[0, 1, 2, 3], help="seeds (grid columns)")
-    parser.add_argument("--out", type=Path, default=Path("samples.png"), help="output image (default samples.png)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--prompt-index", type=count(0), default=0,
+                        help="number of the first prompt (default 0); a sample's noise depends on its seed and prompt "
+                        "number, so `--prompt P --prompt-index 3 --seeds 7` redraws the 4th prompt's seed-7 sample alone")
+    parser.add_argument("--out", type=Path, default=Path("samples.png"),
+                        help="output grid (default samples.png); each sample also goes to a folder of the same name "
+                        "without the extension (samples/pII-SLUG-sSEED.png + .json)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out and the sample files of the same names if they exist")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
 
@@ -37,7 +59,7 @@ def main(args: argparse.Namespace) -> int:
     from dopsd.commands import args as cli_args
     from dopsd.config import load_config
     from dopsd.errors import RunFolderError, UsageError
-    from dopsd.files import atomic_save_image
+    from dopsd.files import atomic_save_image, atomic_write_json
     from dopsd.models.registry import load_adapter, torch_dtype
 
     # Every flag is checked here, before the model loads.
@@ -64,6 +86,13 @@ def main(args: argparse.Namespace) -> int:
     if not prompts:
         raise UsageError("no prompts: pass --prompt TEXT (repeatable)")
     out = cli_args.output_file("--out", args.out, args.overwrite)
+    repeated = sorted({s for s in args.seeds if args.seeds.count(s) > 1})
+    if repeated:
+        raise UsageError(f"--seeds repeats {', '.join(map(str, repeated))}: a seed draws the same samples again; "
+                         "give each seed once")
+    first = args.prompt_index
+    files = {(i, s): sample_file(out, first + i, prompts[i], s) for i in range(len(prompts)) for s in args.seeds}
+    _check_sample_files(out, files.values(), args.overwrite)
     device = cli_args.device("--device", args.device)
 
     adapter = load_adapter(config.model, device, torch_dtype(config.model.dtype))
@@ -73,10 +102,57 @@ def main(args: argparse.Namespace) -> int:
     schedule = adapter.inference_schedule(m.height, m.width, args.steps or m.inference_steps)
     steps = len(schedule) - 1
     contexts = adapter.student_contexts(list(prompts), None)
-    rows = [c for c in contexts for _ in args.seeds]
-    noise = seed_noise(adapter.latent_shape(m.height, m.width), list(args.seeds) * len(prompts))
-    images = generate(adapter, adapter.network, rows, noise, schedule, dtype=torch.float32)
-    atomic_save_image(out, grid_image(images, len(prompts), len(args.seeds)))
+    shape = adapter.latent_shape(m.height, m.width)
+    images = []
+    for (i, s), path in files.items():  # one at a time: a sample never depends on the rest of the grid
+        noise = seed_noise(shape, [sample_seed(s, first + i)])
+        image = generate(adapter, adapter.network, [contexts[i]], noise, schedule, batch_size=1, dtype=torch.float32)
+        atomic_save_image(path, to_pil(image)[0])
+        atomic_write_json(path.with_suffix(".json"), sidecar(args, config, prompts[i], first + i, s, steps, weights))
+        images.append(image)
+    atomic_save_image(out, grid_image(torch.cat(images), len(prompts), len(args.seeds)))
     what = f"LoRA {weights}" if weights else "no LoRA"
-    print(f"wrote {out}: {len(prompts)} prompts × {len(args.seeds)} seeds, {steps} steps, {m.family} ({what})")
+    print(f"wrote {out}: {len(prompts)} prompts × {len(args.seeds)} seeds, {steps} steps, {m.family} ({what}); "
+          f"each sample with its JSON in {out.with_suffix('')}/")
     return 0
+
+
+def sample_file(out: Path, prompt_index: int, prompt: str, seed: int) -> Path:
+    """Where the sample (prompt_index, seed) of the grid `out` goes: OUT_STEM/pII-SLUG-sSEED.png."""
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower())[:SLUG_CHARS].strip("-") or "prompt"
+    return out.with_suffix("") / f"p{prompt_index:02d}-{slug}-s{seed}.png"
+
+
+def _check_sample_files(out: Path, files: Any, overwrite: bool) -> None:
+    from dopsd.commands.args import _writable_folder
+    from dopsd.errors import UsageError
+
+    folder = out.with_suffix("")
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--out {out}: the samples go to the folder {folder}, but a file of that name exists; "
+                         "choose another --out")
+    paths = [p for f in files for p in (f, f.with_suffix(".json"))]
+    taken = [p for p in paths if p.exists()]
+    if taken and not overwrite:
+        raise UsageError(f"{taken[0]} already exists ({len(taken)} sample file(s) in the way); choose another --out, "
+                         "or pass --overwrite to replace them")
+    if folder.is_dir():
+        _writable_folder("--out", folder, folder)
+
+
+def sidecar(args: argparse.Namespace, config: Any, prompt: str, prompt_index: int, seed: int, steps: int,
+            weights: Path | None) -> dict[str, Any]:
+    """What one sample was made from, and the command that draws it again alone."""
+    command = ["dopsd", "sample", str(args.source), *args.overrides]
+    command += ["--lora", str(args.lora)] if args.lora is not None else []
+    command += ["--no-lora"] if args.no_lora else []
+    command += ["--lora-scale", f"{args.lora_scale:g}"] if args.lora_scale != 1.0 else []
+    command += ["--steps", str(steps), "--prompt", prompt, "--prompt-index", str(prompt_index), "--seeds", str(seed)]
+    return {
+        "prompt": prompt, "prompt_index": prompt_index, "seed": seed, "noise_seed": sample_seed(seed, prompt_index),
+        "steps": steps,
+        "model": {"family": config.model.family, "pretrained": config.model.pretrained,
+                  "height": config.model.height, "width": config.model.width},
+        "lora": None if weights is None else str(Path(weights).resolve()), "lora_scale": args.lora_scale,
+        "reproduce": shlex.join(command),
+    }

@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rep.add_argument("--samples", type=int, default=256, help="unrelated prompts per seed")
     rep.add_argument("--weights", default=None, help="a recipe output folder (default: the shipped weights)")
     rep.add_argument("--out", default=None, help="write the markdown table here (and the numbers as .json)")
-    rep.add_argument("--no-premise", action="store_true", help="skip the SFT vs D-OPSD runs (the premise; ~1 min per seed)")
+    rep.add_argument("--no-premise", action="store_true", help="skip the SFT vs D-OPSD runs (the premise; several minutes per seed)")
     rep.add_argument("--premise-steps", type=int, default=None, help="optimizer steps of those runs (default: the demo's)")
 
 

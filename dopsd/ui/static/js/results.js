@@ -111,7 +111,7 @@ export async function comparisonPage(main, params, app) {
 export async function reportsPage(main, _params, app) {
   const parts = new Parts(main);
   const size = h("select", { name: "bench-size" }, ["quick", "tiny", "full"].map((s) => h("option", { value: s }, s)));
-  const demoSteps = h("input", { name: "demo-steps", type: "number", min: 1, placeholder: "100" });
+  const demoSteps = h("input", { name: "demo-steps", type: "number", min: 1, placeholder: "200" });
   main.prepend(h("div", { class: "page-head" }, h("h1", {}, "Benchmark and demo")),
     card(null, h("div", { class: "grid2" },
       h("div", {}, h("h3", {}, "Benchmark (dopsd bench)"),
@@ -121,7 +121,7 @@ export async function reportsPage(main, _params, app) {
           location.hash = `#/reports/${encodeURIComponent(r.name)}`;
         }) }, "Start benchmark"))),
       h("div", {}, h("h3", {}, "Demo (dopsd demo)"),
-        h("p", { class: "muted" }, "before | SFT | D-OPSD on the miniature: concept fidelity, few-step quality, drift."),
+        h("p", { class: "muted" }, "before | SFT | D-OPSD on the miniature: concept fidelity, few-step quality, unrelated accuracy, drift."),
         h("div", { class: "row" }, field("steps", demoSteps), h("button", { id: "start-demo", onclick: (e) => act(e.target, async () => {
           const body = { kind: "demo" };
           if (demoSteps.value) body.steps = Number(demoSteps.value);
