@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -308,11 +307,11 @@ def main(argv: list[str] | None = None) -> int:
                 rows.extend(run_model(preset, q, args, device, Path(tmp)))
     result = {"device": name, "tiny": args.tiny, "note": NOTE, "torch": torch.__version__,
               "seconds": round(time.perf_counter() - started, 1), "runs": rows}
+    from dopsd.files import atomic_write_json
+
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp_out.write_text(json.dumps(result, indent=1))
-    os.replace(tmp_out, out)
+    atomic_write_json(out, result)
     print(f"wrote {out} ({result['seconds']} s)", flush=True)
     return 0
 

@@ -161,6 +161,11 @@ def is_quantized(weight: torch.Tensor) -> bool:
     return type(weight) not in (torch.Tensor, nn.Parameter) and hasattr(weight, "__tensor_flatten__")
 
 
+def plain(t: torch.Tensor) -> torch.Tensor:
+    """A quantized weight as an ordinary tensor (its dequantized values); any other tensor as it is."""
+    return t.dequantize() if is_quantized(t) else t
+
+
 def quantized_linear_count(network: nn.Module) -> int:
     return sum(1 for m in network.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)
                and isinstance(m, nn.Linear) and is_quantized(m.weight))

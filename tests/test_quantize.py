@@ -202,3 +202,20 @@ def test_a_quantized_run_resumes_from_its_checkpoint(folders, tmp_path):
                        "model.quantize=int8", "optim.lr=1e-2", "method.name=hybrid", "train.max_steps=3")
     resumed = dopsd.train(cfg, resume=True)
     assert resumed.steps == 3 and resumed.losses[:2] == first.losses and torch.isfinite(torch.tensor(resumed.losses)).all()
+
+
+def test_the_miniature_trains_on_a_quantized_base_too(tmp_path, capsys):
+    """Quantization knows no family: the shipped miniature trains on an int8 base as well."""
+    import dopsd
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, colour in enumerate(["red", "blue"]):
+        Image.new("RGB", (24, 24), (200 * (i == 0), 0, 200 * (i == 1))).save(data / f"img{i}.png")
+        (data / f"img{i}.txt").write_text(f"a {colour} circle")
+    result = dopsd.train("mini", [f"data.path={data}", "model.quantize=int8", "train.max_steps=2",
+                                  f"train.output_dir={tmp_path / 'run'}", "log.progress=false", "log.tensorboard=false",
+                                  "sample.every=0", f"cache.dir={tmp_path / 'cache'}"])
+    assert "base quantized to int8" in capsys.readouterr().out
+    assert result.steps == 2 and torch.isfinite(torch.tensor(result.losses)).all()

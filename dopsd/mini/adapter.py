@@ -187,11 +187,13 @@ class MiniAdapter:
         """The weights themselves (small enough to hash): recipe folders can be rebuilt in place, and tests and the
         bench change networks without changing the config; and the teacher path, which the bench and tests set on
         the adapter."""
+        from dopsd.quantize import plain
+
         h = hashlib.sha256()
         for part in (self.encoder, self.network):
             for key, t in (part.state_dict().items() if part is not None else ()):
-                h.update(key.encode())
-                h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+                h.update(key.encode())  # a quantized base (model.quantize) by its dequantized values
+                h.update(plain(t.detach()).cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         return {"kind": self.kind, "weights": h.hexdigest(), "teacher_context": self.teacher_context}
 
     # --- hooks of the probe, health and eval ---------------------------------------------------------
@@ -295,7 +297,9 @@ def load(cfg: Any, device: torch.device | str = "cpu", dtype: torch.dtype = torc
     adapter._check_size(getattr(cfg, "height", None), getattr(cfg, "width", None))
     from dopsd.quantize import quantize_network
 
-    quantize_network(adapter.network, getattr(cfg, "quantize", "none"), device=device)
+    report = quantize_network(adapter.network, getattr(cfg, "quantize", "none"), device=device)
+    if report.mode != "none":
+        print(f"[dopsd] {report}")
     return adapter
 
 

@@ -200,7 +200,7 @@ class PlanStage:
 
     name: str
     uses: tuple[str, ...]  # parts the call itself needs
-    resident: tuple[str, ...]  # parts loaded on the device while it runs (as the adapter loads them today)
+    resident: tuple[str, ...]  # parts on the device while it runs (as the adapter runs caching: one encoder at a time)
     run: Callable[[dict[str, nn.Module], int, int], Any]  # one no-grad encoder call: (built parts, height, width)
     needed_by: str = "student"  # which features it computes: "student" (always), "teacher" or "latents" (SFT)
 
