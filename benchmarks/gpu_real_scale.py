@@ -32,31 +32,89 @@ import torch
 
 GiB = 2**30
 MODELS = ("zimage-turbo", "flux2-klein-4b")
-NOTE = ("random weights (no download); text/VLM/reference features are random tensors of the right shapes; "
-        "no text encoder, VLM or VAE is loaded")
+NOTE = (
+    "random weights (no download); text/VLM/reference features are random tensors of the right shapes; "
+    "no text encoder, VLM or VAE is loaded"
+)
 
 # Tiny configs of the same architectures (as tests/tiny_real.py builds them), for --tiny on the CPU.
 TINY = {
     "zimage-turbo": {
-        "transformer": dict(all_patch_size=[2], all_f_patch_size=[1], in_channels=16, dim=32, n_layers=2,
-                            n_refiner_layers=1, n_heads=2, n_kv_heads=2, norm_eps=1e-5, qk_norm=True, cap_feat_dim=16,
-                            rope_theta=256.0, t_scale=1000.0, axes_dims=[8, 4, 4], axes_lens=[256, 32, 32]),
-        "text_encoder": dict(vocab_size=512, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                             num_attention_heads=2, num_key_value_heads=2, head_dim=8, max_position_embeddings=2048),
-        "vae": dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-                    up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[32, 64], layers_per_block=1,
-                    latent_channels=16, norm_num_groups=32, sample_size=32, scaling_factor=0.3611, shift_factor=0.1159),
+        "transformer": dict(
+            all_patch_size=[2],
+            all_f_patch_size=[1],
+            in_channels=16,
+            dim=32,
+            n_layers=2,
+            n_refiner_layers=1,
+            n_heads=2,
+            n_kv_heads=2,
+            norm_eps=1e-5,
+            qk_norm=True,
+            cap_feat_dim=16,
+            rope_theta=256.0,
+            t_scale=1000.0,
+            axes_dims=[8, 4, 4],
+            axes_lens=[256, 32, 32],
+        ),
+        "text_encoder": dict(
+            vocab_size=512,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=2048,
+        ),
+        "vae": dict(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=["DownEncoderBlock2D"] * 2,
+            up_block_types=["UpDecoderBlock2D"] * 2,
+            block_out_channels=[32, 64],
+            layers_per_block=1,
+            latent_channels=16,
+            norm_num_groups=32,
+            sample_size=32,
+            scaling_factor=0.3611,
+            shift_factor=0.1159,
+        ),
     },
     "flux2-klein-4b": {
-        "transformer": dict(in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
-                            num_attention_heads=2, joint_attention_dim=96, axes_dims_rope=[4, 4, 4, 4],
-                            guidance_embeds=False),
-        "text_encoder": dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=27,
-                             num_attention_heads=2, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048),
-        "vae": dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-                    up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[16, 16, 32, 32], layers_per_block=1,
-                    latent_channels=4, norm_num_groups=8, sample_size=64, use_quant_conv=False,
-                    use_post_quant_conv=False),
+        "transformer": dict(
+            in_channels=16,
+            num_layers=1,
+            num_single_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=96,
+            axes_dims_rope=[4, 4, 4, 4],
+            guidance_embeds=False,
+        ),
+        "text_encoder": dict(
+            vocab_size=512,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=27,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=2048,
+        ),
+        "vae": dict(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=["DownEncoderBlock2D"] * 4,
+            up_block_types=["UpDecoderBlock2D"] * 4,
+            block_out_channels=[16, 16, 32, 32],
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=64,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        ),
     },
 }
 
@@ -68,9 +126,17 @@ def config_for(preset: str, quantize: str, tiny: bool, folder: Path | None) -> A
     over = [f"model.quantize={quantize}", "train.batch_size=1", "train.gradient_checkpointing=true"]
     if tiny:
         assert folder is not None
-        over += [f"model.pretrained={folder}", "model.height=32", "model.width=32", "model.dtype=float32",
-                 "train.mixed_precision=no", "lora.rank=4", "lora.alpha=8", "model.max_caption_tokens=32",
-                 "model.teacher_max_tokens=64"]
+        over += [
+            f"model.pretrained={folder}",
+            "model.height=32",
+            "model.width=32",
+            "model.dtype=float32",
+            "train.mixed_precision=no",
+            "lora.rank=4",
+            "lora.alpha=8",
+            "model.max_caption_tokens=32",
+            "model.teacher_max_tokens=64",
+        ]
     return load_config(preset, over)
 
 
@@ -148,12 +214,19 @@ def predict(cfg: Any, spec: Any, quantize: str, preset: str) -> dict[str, float]
     return {"sft": peaks["sft"]["peak"] / GiB, "dopsd": peaks["dopsd"]["peak"] / GiB, "kept": r.kept / GiB}
 
 
-def run_method(method: str, net: torch.nn.Module, spec: Any, cfg: Any, trainable: dict[str, torch.nn.Parameter],
-               device: torch.device, steps: int) -> dict[str, Any]:
+def run_method(
+    method: str,
+    net: torch.nn.Module,
+    spec: Any,
+    cfg: Any,
+    trainable: dict[str, torch.nn.Parameter],
+    device: torch.device,
+    steps: int,
+) -> dict[str, Any]:
     from dopsd.objective import dopsd_loss, sample_training_sigmas, sft_loss
     from dopsd.weights import ParamShadow
 
-    m, h, w = cfg.model, cfg.model.height, cfg.model.width
+    h, w = cfg.model.height, cfg.model.width
     gen = torch.Generator().manual_seed(0)
     s_ctx = randomize(spec.student(h, w).context(1), device, gen)
     t_ctx = randomize(spec.teacher(h, w).context(1), device, gen)
@@ -163,8 +236,11 @@ def run_method(method: str, net: torch.nn.Module, spec: Any, cfg: Any, trainable
     schedule = rollout_schedule(cfg, spec)
     velocity = lambda x, s, c: spec.velocity(net, x, s, c)  # noqa: E731 - the adapter's own
     cuda = device.type == "cuda"
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda and cfg.train.mixed_precision == "bf16" \
+    autocast = (
+        (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+        if cuda and cfg.train.mixed_precision == "bf16"
         else (lambda: torch.autocast("cpu", enabled=False))
+    )
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.synchronize()
@@ -184,8 +260,15 @@ def run_method(method: str, net: torch.nn.Module, spec: Any, cfg: Any, trainable
                 loss = sft_loss(velocity, x0, s_ctx, sigma, noise)
                 loss.backward()
             else:
-                loss = dopsd_loss(velocity, shadow.wrap(velocity), noise, schedule.to(device), s_ctx, t_ctx,
-                                  backward=lambda l: l.backward()).loss
+                loss = dopsd_loss(
+                    velocity,
+                    shadow.wrap(velocity),
+                    noise,
+                    schedule.to(device),
+                    s_ctx,
+                    t_ctx,
+                    backward=lambda l: l.backward(),
+                ).loss
         optimizer.step()
         if shadow is not None:
             shadow.update()
@@ -194,12 +277,19 @@ def run_method(method: str, net: torch.nn.Module, spec: Any, cfg: Any, trainable
         if i > 0:
             times.append(time.perf_counter() - start)
         losses.append(float(loss.detach()))
-    out: dict[str, Any] = {"method": method, "steps": steps, "step_seconds": sum(times) / len(times),
-                           "rollout_steps": len(schedule) - 1 if method == "dopsd" else None,
-                           "losses_finite": all(x == x and abs(x) != float("inf") for x in losses)}
+    out: dict[str, Any] = {
+        "method": method,
+        "steps": steps,
+        "step_seconds": sum(times) / len(times),
+        "rollout_steps": len(schedule) - 1 if method == "dopsd" else None,
+        "losses_finite": all(x == x and abs(x) != float("inf") for x in losses),
+    }
     if cuda:
-        out.update(resident_before_gb=before / GiB, peak_allocated_gb=torch.cuda.max_memory_allocated() / GiB,
-                   peak_reserved_gb=torch.cuda.max_memory_reserved() / GiB)
+        out.update(
+            resident_before_gb=before / GiB,
+            peak_allocated_gb=torch.cuda.max_memory_allocated() / GiB,
+            peak_reserved_gb=torch.cuda.max_memory_reserved() / GiB,
+        )
     else:
         out.update(resident_before_gb=None, peak_allocated_gb=None, peak_reserved_gb=None)
     del optimizer, shadow
@@ -236,12 +326,23 @@ def run_model(preset: str, quantize: str, args: argparse.Namespace, device: torc
     for method in args.methods:
         r = run_method(method, net, spec, cfg, trainable, device, args.steps)
         pred = predicted[method] - predicted["kept"]
-        r.update(model=spec.label, preset=preset, base=quantize, resolution=[cfg.model.height, cfg.model.width],
-                 lora_rank=cfg.lora.rank, gradient_checkpointing=True, dtype=cfg.model.dtype,
-                 mixed_precision=cfg.train.mixed_precision, params=params, quantized_linears=report.quantized,
-                 predicted_peak_gb=pred, predicted_kept_gb=predicted["kept"], plan_seconds=round(plan_s, 1),
-                 build_seconds=round(build_s, 1),
-                 measured_over_predicted=(r["peak_allocated_gb"] / pred) if r["peak_allocated_gb"] else None)
+        r.update(
+            model=spec.label,
+            preset=preset,
+            base=quantize,
+            resolution=[cfg.model.height, cfg.model.width],
+            lora_rank=cfg.lora.rank,
+            gradient_checkpointing=True,
+            dtype=cfg.model.dtype,
+            mixed_precision=cfg.train.mixed_precision,
+            params=params,
+            quantized_linears=report.quantized,
+            predicted_peak_gb=pred,
+            predicted_kept_gb=predicted["kept"],
+            plan_seconds=round(plan_s, 1),
+            build_seconds=round(build_s, 1),
+            measured_over_predicted=(r["peak_allocated_gb"] / pred) if r["peak_allocated_gb"] else None,
+        )
         rows.append(r)
         print(row_text(r), flush=True)
     del net, trainable
@@ -250,8 +351,10 @@ def run_model(preset: str, quantize: str, args: argparse.Namespace, device: torc
     return rows
 
 
-HEADER = (f"{'model':<16} {'base':<6} {'method':<6} {'step s':>8} {'peak alloc':>11} {'peak reserved':>14} "
-          f"{'plan predicts':>14} {'alloc/plan':>11}")
+HEADER = (
+    f"{'model':<16} {'base':<6} {'method':<6} {'step s':>8} {'peak alloc':>11} {'peak reserved':>14} "
+    f"{'plan predicts':>14} {'alloc/plan':>11}"
+)
 
 
 def _gb(x: float | None) -> str:
@@ -262,9 +365,11 @@ def _gb(x: float | None) -> str:
 
 def row_text(r: dict[str, Any]) -> str:
     ratio = "-" if r["measured_over_predicted"] is None else f"{r['measured_over_predicted']:.2f}"
-    return (f"{r['preset']:<16} {r['base']:<6} {r['method']:<6} {r['step_seconds']:>8.2f} "
-            f"{_gb(r['peak_allocated_gb']):>11} {_gb(r['peak_reserved_gb']):>14} {_gb(r['predicted_peak_gb']):>14} "
-            f"{ratio:>11}")
+    return (
+        f"{r['preset']:<16} {r['base']:<6} {r['method']:<6} {r['step_seconds']:>8.2f} "
+        f"{_gb(r['peak_allocated_gb']):>11} {_gb(r['peak_reserved_gb']):>14} {_gb(r['predicted_peak_gb']):>14} "
+        f"{ratio:>11}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -296,8 +401,11 @@ def main(argv: list[str] | None = None) -> int:
         check_available(q, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (--tiny)"
     print(f"gpu_real_scale on {name}: {NOTE}", flush=True)
-    print(f"predictions: dopsd plan's training peak minus the VAE it counts as kept (not loaded here); "
-          f"step time: mean of {args.steps} step(s) after a warm-up", flush=True)
+    print(
+        f"predictions: dopsd plan's training peak minus the VAE it counts as kept (not loaded here); "
+        f"step time: mean of {args.steps} step(s) after a warm-up",
+        flush=True,
+    )
     print(HEADER, flush=True)
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
@@ -305,8 +413,14 @@ def main(argv: list[str] | None = None) -> int:
         for preset in args.models:
             for q in quantize:
                 rows.extend(run_model(preset, q, args, device, Path(tmp)))
-    result = {"device": name, "tiny": args.tiny, "note": NOTE, "torch": torch.__version__,
-              "seconds": round(time.perf_counter() - started, 1), "runs": rows}
+    result = {
+        "device": name,
+        "tiny": args.tiny,
+        "note": NOTE,
+        "torch": torch.__version__,
+        "seconds": round(time.perf_counter() - started, 1),
+        "runs": rows,
+    }
     from dopsd.files import atomic_write_json
 
     out = Path(args.out)

@@ -90,13 +90,19 @@ def _train(cfg: Config, resume: bool, overwrite: bool, adapter: Any, callback: S
         print(dataset.summary(), flush=True)
     trainer = Trainer(cfg, plan.out, dataset.examples, adapter=adapter, resume=resume)
     trainer.prepare()  # model, features, LoRA, optimizer, checkpoint: the last checks before the folder is touched
-    lock, aside = runlock.claim_all(plan, main=trainer.main, share=trainer.broadcast,
-                                    barrier=trainer.acc.wait_for_everyone, seen=trainer.checkpoints_seen)
+    lock, aside = runlock.claim_all(
+        plan,
+        main=trainer.main,
+        share=trainer.broadcast,
+        barrier=trainer.acc.wait_for_everyone,
+        seen=trainer.checkpoints_seen,
+    )
     try:
         if aside is not None:
             trainer.replaced = str(aside)
-            print(f"dopsd train: moved the earlier run in {plan.out} aside to {aside} (nothing was deleted)",
-                  flush=True)
+            print(
+                f"dopsd train: moved the earlier run in {plan.out} aside to {aside} (nothing was deleted)", flush=True
+            )
         return trainer.fit(callback)
     finally:
         lock.release()

@@ -76,13 +76,27 @@ class PairwiseSampleOptimization(Term):
             reference = sample_euler(live, ref_noise.to(dev, f32), sched.to(dev), ctx)
         frozen = trainer.prior.wrap(live) if m.pso_form == "dpo" else None
         with trainer.sync(final):
-            out = pso_loss(trainer.velocity(trainer.student), _x0(trainer, b).to(dev, f32), reference.detach(), ctx,
-                           sigma.to(dev, f32), noise.to(dev, f32), beta=m.pso_beta, ref_weight=m.pso_ref_weight,
-                           prior_weight=m.pso_prior_weight, form=m.pso_form, reference_model=frozen)
+            out = pso_loss(
+                trainer.velocity(trainer.student),
+                _x0(trainer, b).to(dev, f32),
+                reference.detach(),
+                ctx,
+                sigma.to(dev, f32),
+                noise.to(dev, f32),
+                beta=m.pso_beta,
+                ref_weight=m.pso_ref_weight,
+                prior_weight=m.pso_prior_weight,
+                form=m.pso_form,
+                reference_model=frozen,
+            )
             trainer.acc.backward(out.loss * scale)
-        return {"pso": float(out.loss.detach()), "pso/margin": float(out.margin.mean()),
-                "pso/implicit_acc": out.implicit_accuracy, "pso/target_error": float(out.target_error.mean()),
-                "pso/reference_error": float(out.reference_error.mean())}
+        return {
+            "pso": float(out.loss.detach()),
+            "pso/margin": float(out.margin.mean()),
+            "pso/implicit_acc": out.implicit_accuracy,
+            "pso/target_error": float(out.target_error.mean()),
+            "pso/reference_error": float(out.reference_error.mean()),
+        }
 
 
 class ClassImagePrior(Term):
@@ -101,7 +115,9 @@ class ClassImagePrior(Term):
         self.keys: list[str] = []
 
     def prompts(self, trainer: Trainer) -> list[str]:
-        self.prompts_ = class_prompts(trainer.method, trainer.cfg.data, [c for e in trainer.examples for c in e.captions])
+        self.prompts_ = class_prompts(
+            trainer.method, trainer.cfg.data, [c for e in trainer.examples for c in e.captions]
+        )
         return self.prompts_
 
     @torch.no_grad()
@@ -109,8 +125,9 @@ class ClassImagePrior(Term):
         n, seed = trainer.method.class_images, trainer.cfg.train.seed
         size = (trainer.m.height, trainer.m.width)
         sched = inference_schedule(trainer, size).to(trainer.acc.device)
-        noise = seed_noise(trainer.adapter.latent_shape(*size), [int(slot_rng(seed, CLASS_KEY, i).integers(2**62))
-                                                                  for i in range(n)])
+        noise = seed_noise(
+            trainer.adapter.latent_shape(*size), [int(slot_rng(seed, CLASS_KEY, i).integers(2**62)) for i in range(n)]
+        )
         self.keys = [trainer.feats.prompts[self.prompts_[i % len(self.prompts_)]] for i in range(n)]
         network, out = trainer.adapter.network, []  # the unwrapped network (set up before the optimizer)
         was_training = network.training
@@ -132,8 +149,13 @@ class ClassImagePrior(Term):
         sigma = torch.cat([sample_training_sigmas(1, m.sft_timesteps, shift=m.sft_shift, generator=g) for g in gens])
         noise = torch.stack([torch.randn(self.pool.shape[1:], generator=g) for g in gens])
         with trainer.sync(final):
-            loss = sft_loss(trainer.velocity(trainer.student), self.pool[picks].to(dev, f32),
-                            trainer.contexts([self.keys[j] for j in picks]), sigma.to(dev, f32), noise.to(dev, f32))
+            loss = sft_loss(
+                trainer.velocity(trainer.student),
+                self.pool[picks].to(dev, f32),
+                trainer.contexts([self.keys[j] for j in picks]),
+                sigma.to(dev, f32),
+                noise.to(dev, f32),
+            )
             trainer.acc.backward(loss * self.weight * scale)
         return {"class": float(loss.detach()) * self.weight}
 
@@ -156,7 +178,12 @@ class TeacherSampleFlowMatching(Term):
         teacher = trainer.teacher.wrap(trainer.velocity(trainer.network))
         sample = sample_euler(teacher, start.to(dev, f32), inference_schedule(trainer, b.bucket).to(dev), t_ctx)
         with trainer.sync(final):
-            loss = sft_loss(trainer.velocity(trainer.student), sample.detach(), trainer.contexts(_student_keys(trainer, b)),
-                            sigma.to(dev, f32), noise.to(dev, f32))
+            loss = sft_loss(
+                trainer.velocity(trainer.student),
+                sample.detach(),
+                trainer.contexts(_student_keys(trainer, b)),
+                sigma.to(dev, f32),
+                noise.to(dev, f32),
+            )
             trainer.acc.backward(loss * scale)
         return {"sft_teacher": float(loss.detach())}

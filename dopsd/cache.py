@@ -40,9 +40,14 @@ def model_fingerprint(config: Config, adapter: Any) -> str:
         pretrained = str(Path(pretrained).expanduser().resolve())
     parts = {
         "adapter": adapter.name,
-        "family": m.family, "pretrained": pretrained, "teacher_context": m.teacher_context,
-        "teacher_encoder": m.teacher_encoder, "teacher_instruction": m.teacher_instruction,
-        "max_caption_tokens": m.max_caption_tokens, "editing": m.editing, "dtype": m.dtype,
+        "family": m.family,
+        "pretrained": pretrained,
+        "teacher_context": m.teacher_context,
+        "teacher_encoder": m.teacher_encoder,
+        "teacher_instruction": m.teacher_instruction,
+        "max_caption_tokens": m.max_caption_tokens,
+        "editing": m.editing,
+        "dtype": m.dtype,
         "extra": str(adapter.cache_fingerprint()),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
@@ -165,8 +170,12 @@ def build_features(
         return adapter.teacher_contexts(caps, targets, sources_arg(srcs))
 
     # Student and teacher contexts depend on the example's sources (editing) and the caption.
-    s_keys = [cache.key("student", _caption(examples[i], c), examples[i].digest if config.model.editing else "",
-                        size(examples[i])) for i, c in pairs]
+    s_keys = [
+        cache.key(
+            "student", _caption(examples[i], c), examples[i].digest if config.model.editing else "", size(examples[i])
+        )
+        for i, c in pairs
+    ]
     cache.ensure(s_keys, student_compute)
     feats.student = {p: k for p, k in zip(pairs, s_keys)}
     unique = list(dict.fromkeys(prompts))
@@ -174,14 +183,18 @@ def build_features(
     cache.ensure(p_keys, lambda idx: adapter.student_contexts([unique[j] for j in idx], None))
     feats.prompts = dict(zip(unique, p_keys))
     if need_teacher:
-        t_keys = [cache.key("teacher", _caption(examples[i], c), examples[i].digest, size(examples[i])) for i, c in pairs]
+        t_keys = [
+            cache.key("teacher", _caption(examples[i], c), examples[i].digest, size(examples[i])) for i, c in pairs
+        ]
         cache.ensure(t_keys, teacher_compute)
         feats.teacher = {p: k for p, k in zip(pairs, t_keys)}
     if need_latents:
         l_keys = [cache.key("latents", ex.digest, size(ex)) for ex in examples]
         cache.ensure(
             l_keys,
-            lambda idx: [{"latents": x} for x in adapter.encode_images([load_example_images(examples[j])[0] for j in idx])],
+            lambda idx: [
+                {"latents": x} for x in adapter.encode_images([load_example_images(examples[j])[0] for j in idx])
+            ],
         )
         feats.latents = dict(enumerate(l_keys))
     return feats

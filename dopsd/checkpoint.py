@@ -61,8 +61,10 @@ def _encode(value: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
         if all(isinstance(k, str) and not k.startswith("__") for k in value):
             return {k: _encode(v, tensors, where) for k, v in value.items()}
         return {"__items__": [[_encode(k, tensors, where), _encode(v, tensors, where)] for k, v in value.items()]}
-    raise CheckpointError(f"{where}: a {type(value).__name__} in this state cannot be stored without pickle; "
-                          "this optimizer/scheduler cannot be checkpointed by dopsd (use the default AdamW)")
+    raise CheckpointError(
+        f"{where}: a {type(value).__name__} in this state cannot be stored without pickle; "
+        "this optimizer/scheduler cannot be checkpointed by dopsd (use the default AdamW)"
+    )
 
 
 def _decode(node: Any, tensors: dict[str, torch.Tensor], device: torch.device | None) -> Any:
@@ -111,9 +113,12 @@ def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints (renamed from their temporary name), oldest first."""
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()
-            and (p / "state.json").is_file()]
-    return sorted(done, key=lambda p: int(p.name[len(PREFIX):]))
+    done = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit() and (p / "state.json").is_file()
+    ]
+    return sorted(done, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
 def read_state(path: Path) -> dict[str, Any] | None:
@@ -151,8 +156,12 @@ def old_format(path: Path) -> bool:
 
 # --- writing ------------------------------------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -191,8 +200,11 @@ def write_main(
     save_file(_tensors(trainable), str(tmp / "trainable.safetensors"))
     for name, shadow in (("teacher", teacher), ("prior", prior)):
         if shadow is not None and shadow["shadow"]:
-            save_file(_tensors(shadow["shadow"]), str(tmp / f"{name}.safetensors"),
-                      metadata={"mode": shadow["mode"], "decay": str(shadow["decay"])})
+            save_file(
+                _tensors(shadow["shadow"]),
+                str(tmp / f"{name}.safetensors"),
+                metadata={"mode": shadow["mode"], "decay": str(shadow["decay"])},
+            )
     save_state(tmp / "optimizer.safetensors", optimizer)
     save_state(tmp / "scheduler.safetensors", scheduler)
     (tmp / "state.json").write_text(json.dumps(state))
@@ -244,7 +256,8 @@ def read(path: Path, rank: int, device: torch.device | None = None) -> dict[str,
             f"{path} was written by an earlier dopsd version that stored the optimizer and RNG state with pickle "
             f"({', '.join(n for n in PICKLED if (path / n).is_file())}); dopsd no longer loads pickle files, since "
             "loading one can run arbitrary code. Start a new run (the weights of that checkpoint are in its "
-            "trainable.safetensors)")
+            "trainable.safetensors)"
+        )
     rng_file = path / f"rng-rank{rank}.safetensors"
     if not rng_file.is_file():
         rng_file = path / "rng-rank0.safetensors"
@@ -291,20 +304,28 @@ def dataset_identity(examples: list[Any]) -> dict[str, Any]:
     return {"sha256": total, "images": len(examples), "examples": per}
 
 
-def check_fits(path: Path, state: dict[str, Any], *, dataset: dict[str, Any], processes: int,
-               global_batch: int) -> list[str]:
+def check_fits(
+    path: Path, state: dict[str, Any], *, dataset: dict[str, Any], processes: int, global_batch: int
+) -> list[str]:
     """Refuse a checkpoint made on other data or with another global batch; returns notes on harmless changes."""
     saved = state.get("dataset")
     if saved and saved.get("sha256") != dataset["sha256"]:
         old, new = saved.get("examples", {}), dataset["examples"]
         changed = [n for n in new if n in old and old[n] != new[n]]
-        parts = [f"{label}: {', '.join(sorted(names)[:5])}{' …' if len(names) > 5 else ''}"
-                 for label, names in (("changed", changed), ("added", [n for n in new if n not in old]),
-                                      ("removed", [n for n in old if n not in new])) if names]
+        parts = [
+            f"{label}: {', '.join(sorted(names)[:5])}{' …' if len(names) > 5 else ''}"
+            for label, names in (
+                ("changed", changed),
+                ("added", [n for n in new if n not in old]),
+                ("removed", [n for n in old if n not in new]),
+            )
+            if names
+        ]
         raise CheckpointError(
             f"--resume: data.path holds other data than the run in {path.parent.parent} trained on "
             f"({saved.get('images')} → {dataset['images']} images; {'; '.join(parts) or 'captions changed'}). "
-            "Resume with the same images and captions, or start a new run")
+            "Resume with the same images and captions, or start a new run"
+        )
     notes = []
     was_batch, was_world = state.get("global_batch"), state.get("processes", state.get("world"))
     if was_batch is not None and was_batch != global_batch:
@@ -312,17 +333,22 @@ def check_fits(path: Path, state: dict[str, Any], *, dataset: dict[str, Any], pr
             f"--resume: {path} was trained with a global batch of {was_batch} ({was_world} process(es)); this start "
             f"has {global_batch} ({processes} process(es) × train.batch_size × train.gradient_accumulation). "
             f"Resume with {was_world} process(es), or set train.batch_size / train.gradient_accumulation so the "
-            f"global batch is {was_batch} again")
+            f"global batch is {was_batch} again"
+        )
     if was_world is not None and was_world != processes:
         # The data order and every per-sample random draw are keyed by the slot in the global batch, so the
         # same global batch trains on the same samples; only float summation order and LoRA dropout (each
         # process's own generator) differ.
-        notes.append(f"resuming a {was_world}-process run with {processes} process(es) and the same global batch "
-                     f"({global_batch}): the same samples and noise, but not bit-identical to an uninterrupted run")
+        notes.append(
+            f"resuming a {was_world}-process run with {processes} process(es) and the same global batch "
+            f"({global_batch}): the same samples and noise, but not bit-identical to an uninterrupted run"
+        )
     return notes
 
 
-def load_for_resume(root: Path, rank: int, device: torch.device | None = None) -> tuple[Path, dict[str, Any], list[str]]:
+def load_for_resume(
+    root: Path, rank: int, device: torch.device | None = None
+) -> tuple[Path, dict[str, Any], list[str]]:
     """(checkpoint, its contents, notes): the latest checkpoint, or if it cannot be read, the newest good one
     that can (the notes say which file was broken and what was used instead)."""
     found = list_checkpoints(root)

@@ -74,18 +74,25 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if isinstance(err, OSError) and err.errno in ENVIRONMENT_ERRNOS:
             where = f" ({err.filename})" if err.filename else ""
-            print(f"dopsd {name}: {err.strerror}{where}; free space or fix permissions there and run again",
-                  file=sys.stderr)
+            print(
+                f"dopsd {name}: {err.strerror}{where}; free space or fix permissions there and run again",
+                file=sys.stderr,
+            )
             return 1
         if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":  # torch's is a RuntimeError
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            print(f"dopsd {name}: out of memory ({first[:200]}); lower train.batch_size or model.height/width, turn "
-                  "on train.gradient_checkpointing or a lower model.dtype, or use a device with more memory",
-                  file=sys.stderr)
+            print(
+                f"dopsd {name}: out of memory ({first[:200]}); lower train.batch_size or model.height/width, turn "
+                "on train.gradient_checkpointing or a lower model.dtype, or use a device with more memory",
+                file=sys.stderr,
+            )
             return 1
-        print(f"dopsd {name}: internal error: {type(err).__name__}: {err}\n"
-              "This is a bug in dopsd, not a problem with your input; please report it with the output of the "
-              "same command run with --debug (or DOPSD_DEBUG=1), which shows the traceback.", file=sys.stderr)
+        print(
+            f"dopsd {name}: internal error: {type(err).__name__}: {err}\n"
+            "This is a bug in dopsd, not a problem with your input; please report it with the output of the "
+            "same command run with --debug (or DOPSD_DEBUG=1), which shows the traceback.",
+            file=sys.stderr,
+        )
         return 1
 
 

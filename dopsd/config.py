@@ -29,12 +29,19 @@ import yaml
 from dopsd.config_types import ConfigError, NonFiniteError, load_yaml
 from dopsd.config_types import coerce as _coerce
 
-
 SEED_LIMIT = 2**32  # numpy's legacy seeding (accelerate.set_seed) takes seeds below 2^32
 
 
-def opt(default: Any, help: str, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
-        lt: float | None = None, **kw: Any) -> Any:
+def opt(
+    default: Any,
+    help: str,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    **kw: Any,
+) -> Any:
     """A documented field (lists/dicts get a factory so instances never share them).
 
     ge/gt/le/lt bound a number (each element of a list; a null value is not checked): `validate` enforces them
@@ -49,37 +56,45 @@ def opt(default: Any, help: str, *, ge: float | None = None, gt: float | None = 
 
 @dataclass
 class ModelConfig:
-    family: Literal["mini", "zimage", "flux2"] = opt("mini", "Model family: the built-in miniature, Z-Image or FLUX.2-klein.")
+    family: Literal["mini", "zimage", "flux2"] = opt(
+        "mini", "Model family: the built-in miniature, Z-Image or FLUX.2-klein."
+    )
     pretrained: str | None = opt(
-        None, "Local folder with the weights (diffusers layout; relative to the YAML file). mini: null/'turbo' "
-        "(shipped turbo), 'base', or a path."
+        None,
+        "Local folder with the weights (diffusers layout; relative to the YAML file). mini: null/'turbo' "
+        "(shipped turbo), 'base', or a path.",
     )
     teacher_context: Literal["vlm", "reference", "text"] = opt(
-        "vlm", "How the teacher sees the target image: VLM features of image+caption, the model's reference-image "
-        "path (FLUX.2, mini), or 'text' (caption only: no image, a control for probes/ablations)."
+        "vlm",
+        "How the teacher sees the target image: VLM features of image+caption, the model's reference-image "
+        "path (FLUX.2, mini), or 'text' (caption only: no image, a control for probes/ablations).",
     )
-    teacher_encoder: str | None = opt(None, "Local folder of the teacher's multimodal encoder (Z-Image: a Qwen3-VL model).")
+    teacher_encoder: str | None = opt(
+        None, "Local folder of the teacher's multimodal encoder (Z-Image: a Qwen3-VL model)."
+    )
     teacher_instruction: str | None = opt(
-        None, "Text appended to the teacher caption (reference teacher), e.g. asking for consistency with the "
+        None,
+        "Text appended to the teacher caption (reference teacher), e.g. asking for consistency with the "
         "reference; null = the model's own (FLUX.2: consistency with the reference image; editing: that the last "
-        "reference is the expected output)."
+        "reference is the expected output).",
     )
     teacher_max_tokens: int = opt(
-        1024, "VLM teacher (teacher_context=vlm): most tokens of its context, image tokens + caption (Z-Image: at "
-        "most the caption limit of its RoPE table).", ge=1,
+        1024,
+        "VLM teacher (teacher_context=vlm): most tokens of its context, image tokens + caption (Z-Image: at "
+        "most the caption limit of its RoPE table).",
+        ge=1,
     )
     teacher_image_tokens: int = opt(
-        256, "VLM teacher: most tokens the target image may take in its context (the image is downscaled to fit).",
-        ge=1,
+        256, "VLM teacher: most tokens the target image may take in its context (the image is downscaled to fit).", ge=1
     )
     height: int = opt(24, "Training/sampling height in pixels (the bucket area for aspect-ratio buckets).", ge=1)
     width: int = opt(24, "Training/sampling width in pixels.", ge=1)
     inference_steps: int | None = opt(
-        None, "Few-step sampling steps the LoRA must keep working at (roll-out, grids); null = the model's own.",
-        ge=1,
+        None, "Few-step sampling steps the LoRA must keep working at (roll-out, grids); null = the model's own.", ge=1
     )
     shift: float | None = opt(
-        None, "Static σ shift of the inference schedule (Z-Image-Turbo: 3); null = the model's own. FLUX.2: dynamic.",
+        None,
+        "Static σ shift of the inference schedule (Z-Image-Turbo: 3); null = the model's own. FLUX.2: dynamic.",
         gt=0,
     )
     rollout_every: int = opt(
@@ -87,13 +102,16 @@ class ModelConfig:
     )
     max_caption_tokens: int = opt(512, "Maximum caption tokens for the student text encoder.", ge=1)
     text_encoder_out_layers: list[int] | None = opt(
-        None, "FLUX.2: the text encoder's hidden layers concatenated as caption features; null = the model's own "
-        "(9, 18, 27).", ge=0,
+        None,
+        "FLUX.2: the text encoder's hidden layers concatenated as caption features; null = the model's own "
+        "(9, 18, 27).",
+        ge=0,
     )
     editing: bool = opt(False, "Editing LoRA: the student sees source image(s) + instruction (needs data.source_dir).")
     dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "Weight dtype of the frozen model.")
     quantize: Literal["none", "int8", "float8", "nf4"] = opt(
-        "none", "Store the frozen denoiser's Linear weights quantized (torchao) under a LoRA kept in higher "
+        "none",
+        "Store the frozen denoiser's Linear weights quantized (torchao) under a LoRA kept in higher "
         "precision: int8 and nf4 run on CPU and CUDA, float8 needs a CUDA GPU with float8 support (compute "
         "capability 8.9+). LoRA only; `dopsd plan` shows the memory each saves.",
     )
@@ -105,11 +123,17 @@ class DataConfig:
     trigger_word: str | None = opt(None, "Word that names the concept; replaces `placeholder`, else is prepended.")
     placeholder: str = opt("[V]", "Placeholder in captions replaced by trigger_word.")
     caption_dropout: float = opt(
-        0.0, "Probability of an empty caption for a sample (student and teacher; the teacher still sees the image).",
-        ge=0, lt=1,
+        0.0,
+        "Probability of an empty caption for a sample (student and teacher; the teacher still sees the image).",
+        ge=0,
+        lt=1,
     )
-    min_size: int | None = opt(None, "Smallest accepted image side in pixels; null = half the training resolution.", ge=1)
-    buckets: bool = opt(False, "Aspect-ratio buckets around height×width (real models); off = centre-crop to height×width.")
+    min_size: int | None = opt(
+        None, "Smallest accepted image side in pixels; null = half the training resolution.", ge=1
+    )
+    buckets: bool = opt(
+        False, "Aspect-ratio buckets around height×width (real models); off = centre-crop to height×width."
+    )
     bucket_multiple: int = opt(16, "Bucket sides are multiples of this many pixels.", ge=1)
     source_dir: str | None = opt(
         None, "Editing: folder of source images named like the targets (NAME.ext or NAME_0.ext, NAME_1.ext …)."
@@ -119,15 +143,18 @@ class DataConfig:
 @dataclass
 class MethodConfig:
     name: Literal["dopsd", "sft", "hybrid", "pso", "dreambooth", "offpolicy", "sft_teacher"] = opt(
-        "dopsd", "Objective: D-OPSD, the SFT baseline, D-OPSD + sft_weight·SFT, or a baseline of the paper: pso "
+        "dopsd",
+        "Objective: D-OPSD, the SFT baseline, D-OPSD + sft_weight·SFT, or a baseline of the paper: pso "
         "(online Pairwise Sample Optimization), dreambooth (SFT + class images of the starting model), offpolicy "
-        "(D-OPSD's loss at the teacher's own roll-out states), sft_teacher (SFT on the teacher's samples)."
+        "(D-OPSD's loss at the teacher's own roll-out states), sft_teacher (SFT on the teacher's samples).",
     )
     teacher: Literal["ema", "base", "live"] = opt(
         "ema", "Teacher weights: EMA of the student, the frozen initial model, or the current student (ablation)."
     )
     ema_decay: float = opt(0.9999, "EMA decay of the teacher, updated after every optimizer step.", ge=0, le=1)
-    loss_space: Literal["x0", "velocity"] = opt("x0", "D-OPSD loss in x0 space (σ²-weighted velocity) or velocity space.")
+    loss_space: Literal["x0", "velocity"] = opt(
+        "x0", "D-OPSD loss in x0 space (σ²-weighted velocity) or velocity space."
+    )
     step_weighting: Literal["uniform", "sigma"] = opt("uniform", "Per-roll-out-step loss weights.")
     per_step_backward: bool = opt(True, "Backward after each roll-out step (same gradient, 1/K activation memory).")
     sft_weight: float = opt(1.0, "λ of the SFT term in the hybrid objective.", ge=0)
@@ -143,8 +170,9 @@ class MethodConfig:
     pso_ref_weight: float = opt(0.1, "pso: γ, the weight of the reference image's error in the margin.", ge=0)
     pso_prior_weight: float = opt(0.5, "pso: λ, the weight of the plain error on the reference images.", ge=0)
     class_prompts: list[str] = opt(
-        [], "dreambooth: prompts of the class images; empty = each training caption without the trigger word "
-        "and the placeholder."
+        [],
+        "dreambooth: prompts of the class images; empty = each training caption without the trigger word "
+        "and the placeholder.",
     )
     class_images: int = opt(100, "dreambooth: class images the starting model samples before training.", ge=1)
     class_weight: float = opt(1.0, "dreambooth: λ of the class-prior term.", ge=0)
@@ -189,21 +217,27 @@ class TrainConfig:
         5, "Abort after this many non-finite losses/gradients in a row (each one is skipped).", ge=1
     )
     fsdp: dict[str, Any] = opt({}, "accelerate FullyShardedDataParallelPlugin kwargs; empty = off (untested on CPU).")
-    device: str | None = opt(None, "'cpu' forces the CPU; null = accelerate's choice (choose GPUs with CUDA_VISIBLE_DEVICES).")
+    device: str | None = opt(
+        None, "'cpu' forces the CPU; null = accelerate's choice (choose GPUs with CUDA_VISIBLE_DEVICES)."
+    )
     init_from: str | None = opt(
-        None, "Continual tuning: start from a finished dopsd run (its folder, or its lora.safetensors / "
-        "model.safetensors) of the same model; its own lineage is rebuilt. null = start from the model itself."
+        None,
+        "Continual tuning: start from a finished dopsd run (its folder, or its lora.safetensors / "
+        "model.safetensors) of the same model; its own lineage is rebuilt. null = start from the model itself.",
     )
     init_mode: Literal["merge", "continue"] = opt(
-        "merge", "With init_from: 'merge' folds its LoRA into the base and trains a fresh LoRA; 'continue' keeps "
-        "training its LoRA (same lora.rank/alpha/targets). A full fine-tune continues from its weights either way."
+        "merge",
+        "With init_from: 'merge' folds its LoRA into the base and trains a fresh LoRA; 'continue' keeps "
+        "training its LoRA (same lora.rank/alpha/targets). A full fine-tune continues from its weights either way.",
     )
     threads: int | None = opt(
-        None, "torch CPU threads per process (torch.set_num_threads at the start of the run). null = automatic: 1 "
+        None,
+        "torch CPU threads per process (torch.set_num_threads at the start of the run). null = automatic: 1 "
         "when training on the CPU on a machine with at most 4 cores, else torch's default (OMP_NUM_THREADS when "
         "set). Why: the miniature's matrices are small; on a 2-core CPU shared with other jobs a 4-step batch of 8 "
         "samples took 0.5 s with 1 thread and 4 s with 2 (threads wait for cores). On a GPU it only affects "
-        "CPU-side work.", ge=1,
+        "CPU-side work.",
+        ge=1,
     )
 
 
@@ -218,8 +252,9 @@ class SampleConfig:
     )
     health: bool = opt(True, "Track few-step health (dopsd.health) at each sampling interval.")
     health_prompts: list[str] = opt(
-        [], "Prompts the health signal samples (empty = method.prior_prompts, else the sample prompts). Prompts "
-        "unrelated to the concept keep the concept itself from moving the signal."
+        [],
+        "Prompts the health signal samples (empty = method.prior_prompts, else the sample prompts). Prompts "
+        "unrelated to the concept keep the concept itself from moving the signal.",
     )
 
 
@@ -273,8 +308,16 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "zimage-turbo": (
         "Z-Image-Turbo LoRA, the authors' recipe (8 steps shift 3, 4-step roll-out, rank 64).",
         {
-            "model": {"family": "zimage", "teacher_context": "vlm", "height": 1024, "width": 1024,
-                      "inference_steps": 8, "shift": 3.0, "rollout_every": 2, "dtype": "bfloat16"},
+            "model": {
+                "family": "zimage",
+                "teacher_context": "vlm",
+                "height": 1024,
+                "width": 1024,
+                "inference_steps": 8,
+                "shift": 3.0,
+                "rollout_every": 2,
+                "dtype": "bfloat16",
+            },
             "data": {"buckets": True, "bucket_multiple": 64},
             "lora": {"rank": 64, "alpha": 128.0},
             "optim": {"lr": 1e-4},
@@ -285,8 +328,14 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "flux2-klein-4b": (
         "FLUX.2-klein 4B LoRA: reference-image teacher, klein's 4-step dynamic-shift schedule.",
         {
-            "model": {"family": "flux2", "teacher_context": "reference", "height": 1024, "width": 1024,
-                      "inference_steps": 4, "dtype": "bfloat16"},
+            "model": {
+                "family": "flux2",
+                "teacher_context": "reference",
+                "height": 1024,
+                "width": 1024,
+                "inference_steps": 4,
+                "dtype": "bfloat16",
+            },
             "data": {"buckets": True, "bucket_multiple": 64},
             "lora": {"rank": 64, "alpha": 128.0},
             "optim": {"lr": 2e-5},
@@ -398,8 +447,12 @@ def load_config(source: str | Path | dict[str, Any] | Config, overrides: list[st
         if config.data.path and not Path(config.data.path).is_absolute():  # relative to the YAML file
             config.data.path = str((path.parent / config.data.path).resolve())
         # other local paths too, where they exist beside the YAML file ('turbo'/'base' stay keywords)
-        for section, key in (("model", "pretrained"), ("model", "teacher_encoder"), ("data", "source_dir"),
-                             ("train", "init_from")):
+        for section, key in (
+            ("model", "pretrained"),
+            ("model", "teacher_encoder"),
+            ("data", "source_dir"),
+            ("train", "init_from"),
+        ):
             value = getattr(getattr(config, section), key)
             if value and not Path(value).is_absolute() and (path.parent / value).exists():
                 setattr(getattr(config, section), key, str((path.parent / value).resolve()))

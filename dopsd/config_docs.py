@@ -50,13 +50,17 @@ def render_docs() -> str:
             meaning = f.metadata["help"]
             if "bounds" in f.metadata:
                 meaning += f" Valid: {range_text(f.metadata['bounds'])}."
-            out.append(f"| `{section}.{f.name}` | {kind} | {_default_text(f).replace('|', chr(92) + '|')} | {meaning} |")
+            out.append(
+                f"| `{section}.{f.name}` | {kind} | {_default_text(f).replace('|', chr(92) + '|')} | {meaning} |"
+            )
         out.append("")
     out += ["## Presets", "", "Each preset sets these keys; everything else keeps the defaults above.", ""]
     for name, (about, values) in PRESETS.items():
         out += [f"### `{name}`", "", about, ""]
         for key, value in _flatten(values, name).items():
-            out.append(f"- `{key}`: `{yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix('...').strip()}`")
+            out.append(
+                f"- `{key}`: `{yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix('...').strip()}`"
+            )
         out.append("")
     return "\n".join(out)
 

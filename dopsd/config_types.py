@@ -83,7 +83,9 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         # A yes/no word or boolean for a choice that has exactly one yes/no-spelled option means that option
         # (mixed_precision: false / off -> 'no').
-        truth = YAML11_BOOLS.get(value.lower()) if isinstance(value, str) else value if isinstance(value, bool) else None
+        truth = (
+            YAML11_BOOLS.get(value.lower()) if isinstance(value, str) else value if isinstance(value, bool) else None
+        )
         spelled = [a for a in args if isinstance(a, str) and YAML11_BOOLS.get(a.lower()) is truth]
         if truth is not None and len(spelled) == 1:
             return spelled[0]

@@ -36,8 +36,12 @@ def range_text(bounds: dict[str, float]) -> str:
 
 
 def _inside(x: float, bounds: dict[str, float]) -> bool:
-    return not (("ge" in bounds and x < bounds["ge"]) or ("gt" in bounds and x <= bounds["gt"])
-                or ("le" in bounds and x > bounds["le"]) or ("lt" in bounds and x >= bounds["lt"]))
+    return not (
+        ("ge" in bounds and x < bounds["ge"])
+        or ("gt" in bounds and x <= bounds["gt"])
+        or ("le" in bounds and x > bounds["le"])
+        or ("lt" in bounds and x >= bounds["lt"])
+    )
 
 
 def check_bounds(config: Config) -> None:
@@ -78,20 +82,30 @@ def check_relations(c: Config) -> None:
     if c.model.editing and not c.data.source_dir:
         raise ConfigError("model.editing is true but data.source_dir is not set: point it at the source images")
     if c.model.editing and c.method.prior_prompts and c.method.prior_weight > 0:
-        raise ConfigError("prior preservation (method.prior_prompts) is not supported for editing models (model.editing)")
+        raise ConfigError(
+            "prior preservation (method.prior_prompts) is not supported for editing models (model.editing)"
+        )
     if c.method.class_prompts and c.method.name != "dreambooth":
-        raise ConfigError(f"config key 'method.class_prompts' is set but method.name is {c.method.name!r}; only "
-                          "dreambooth samples class images: set method.name=dreambooth or leave class_prompts empty")
+        raise ConfigError(
+            f"config key 'method.class_prompts' is set but method.name is {c.method.name!r}; only "
+            "dreambooth samples class images: set method.name=dreambooth or leave class_prompts empty"
+        )
     if c.model.editing and c.method.name == "dreambooth":
-        raise ConfigError("method.name=dreambooth is not supported for editing models (model.editing): its class "
-                          "images have no source images; use dopsd, sft, pso, offpolicy or sft_teacher")
+        raise ConfigError(
+            "method.name=dreambooth is not supported for editing models (model.editing): its class "
+            "images have no source images; use dopsd, sft, pso, offpolicy or sft_teacher"
+        )
     if c.train.device not in (None, "cpu"):
-        raise ConfigError(f"config key 'train.device' must be 'cpu' or null, got {c.train.device!r} "
-                          "(choose GPUs with CUDA_VISIBLE_DEVICES or accelerate launch)")
+        raise ConfigError(
+            f"config key 'train.device' must be 'cpu' or null, got {c.train.device!r} "
+            "(choose GPUs with CUDA_VISIBLE_DEVICES or accelerate launch)"
+        )
     if c.model.quantize != "none" and not c.lora.enabled:
-        raise ConfigError(f"config key 'model.quantize' is {c.model.quantize!r} but lora.enabled is false: a "
-                          "quantized base cannot be fine-tuned itself; train a LoRA (lora.enabled=true) or set "
-                          "model.quantize=none for a full fine-tune")
+        raise ConfigError(
+            f"config key 'model.quantize' is {c.model.quantize!r} but lora.enabled is false: a "
+            "quantized base cannot be fine-tuned itself; train a LoRA (lora.enabled=true) or set "
+            "model.quantize=none for a full fine-tune"
+        )
     check_fsdp(c.train.fsdp)
 
 
@@ -112,8 +126,9 @@ def check_fsdp(fsdp: dict[str, Any]) -> None:
         if key not in fields:
             close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
             hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(fields)}"
-            raise ConfigError(f"config key 'train.fsdp.{key}' is not an option of accelerate's "
-                              f"FullyShardedDataParallelPlugin; {hint}")
+            raise ConfigError(
+                f"config key 'train.fsdp.{key}' is not an option of accelerate's FullyShardedDataParallelPlugin; {hint}"
+            )
 
 
 def validate(config: Config) -> None:

@@ -54,13 +54,17 @@ def _pretrained(value: Any, origin: Path | None = None) -> str | None:
 
 def _check_model(where: Path, family: Any, pretrained: Any, cfg: Any) -> None:
     if family != cfg.model.family:
-        raise RunFolderError(f"train.init_from {where} was trained on model.family {family!r}, but this config "
-                             f"trains {cfg.model.family!r}; start from a run of the same model")
+        raise RunFolderError(
+            f"train.init_from {where} was trained on model.family {family!r}, but this config "
+            f"trains {cfg.model.family!r}; start from a run of the same model"
+        )
     mine = _pretrained(cfg.model.pretrained)
     theirs = _pretrained(pretrained)
     if theirs != mine and not (theirs in (None, "turbo") and mine in (None, "turbo")):
-        raise RunFolderError(f"train.init_from {where} was trained on model.pretrained {pretrained!r}, but this "
-                             f"config trains {cfg.model.pretrained!r}; start from a run of the same model")
+        raise RunFolderError(
+            f"train.init_from {where} was trained on model.pretrained {pretrained!r}, but this "
+            f"config trains {cfg.model.pretrained!r}; start from a run of the same model"
+        )
 
 
 def _from_run(folder: Path, cfg: Any, mode: str, depth: int) -> Source:
@@ -69,8 +73,10 @@ def _from_run(folder: Path, cfg: Any, mode: str, depth: int) -> Source:
     from dopsd.config import load_config
 
     if not rundir.is_run_folder(folder):
-        raise RunFolderError(f"train.init_from {folder} is not a dopsd run folder (no {rundir.MARKER}); point it "
-                             "at a finished dopsd run folder or its lora.safetensors / model.safetensors")
+        raise RunFolderError(
+            f"train.init_from {folder} is not a dopsd run folder (no {rundir.MARKER}); point it "
+            "at a finished dopsd run folder or its lora.safetensors / model.safetensors"
+        )
     if runlock.is_running(folder):
         raise RunFolderError(f"train.init_from {folder} is a run still training; wait until it has finished")
     try:
@@ -78,10 +84,15 @@ def _from_run(folder: Path, cfg: Any, mode: str, depth: int) -> Source:
     except (OSError, ValueError):
         summary = None
     if not isinstance(summary, dict) or summary.get("status") != rundir.STATUS_OK:
-        status = "no summary.json: stopped before the end" if not isinstance(summary, dict) else \
-            f"status {summary.get('status')!r}"
-        raise RunFolderError(f"train.init_from {folder} is not a finished run ({status}); finish it with "
-                             "`dopsd train CONFIG --resume`, or start from a run whose summary.json says status 'ok'")
+        status = (
+            "no summary.json: stopped before the end"
+            if not isinstance(summary, dict)
+            else f"status {summary.get('status')!r}"
+        )
+        raise RunFolderError(
+            f"train.init_from {folder} is not a finished run ({status}); finish it with "
+            "`dopsd train CONFIG --resume`, or start from a run whose summary.json says status 'ok'"
+        )
     try:
         src = load_config(folder / rundir.CONFIG)
     except Exception as err:  # noqa: BLE001 - any unreadable config is the same problem for the user
@@ -90,8 +101,9 @@ def _from_run(folder: Path, cfg: Any, mode: str, depth: int) -> Source:
     full = not src.lora.enabled
     weights = folder / ("model.safetensors" if full else "lora.safetensors")
     if not weights.is_file():
-        raise RunFolderError(f"train.init_from {folder} has no {weights.name}; start from a run that wrote its "
-                             "final weights")
+        raise RunFolderError(
+            f"train.init_from {folder} has no {weights.name}; start from a run that wrote its final weights"
+        )
     final = ckpt.checkpoint_dir(folder / rundir.CHECKPOINTS, int(summary.get("steps") or 0)) / "trainable.safetensors"
     parent = None
     if src.train.init_from:
@@ -99,8 +111,17 @@ def _from_run(folder: Path, cfg: Any, mode: str, depth: int) -> Source:
             raise RunFolderError(f"train.init_from {folder}: its lineage is longer than {MAX_DEPTH} runs (a loop?)")
         parent = resolve_path(Path(src.train.init_from), src, src.train.init_mode, depth + 1)
     lora = None if full else {"rank": src.lora.rank, "alpha": src.lora.alpha, "targets": src.lora.targets}
-    return Source(folder, mode, full, weights, final if final.is_file() else None, lora, summary.get("steps"),
-                  src.method.name, parent)
+    return Source(
+        folder,
+        mode,
+        full,
+        weights,
+        final if final.is_file() else None,
+        lora,
+        summary.get("steps"),
+        src.method.name,
+        parent,
+    )
 
 
 def _from_file(path: Path, cfg: Any, mode: str) -> Source:
@@ -111,8 +132,10 @@ def _from_file(path: Path, cfg: Any, mode: str) -> Source:
     if model:
         _check_model(path, meta.get("family", cfg.model.family), model.get("pretrained"), cfg)
     if meta.get("lineage"):
-        raise RunFolderError(f"train.init_from {path} was trained on top of an earlier run; give its run folder "
-                             "instead, so that the whole lineage is rebuilt")
+        raise RunFolderError(
+            f"train.init_from {path} was trained on top of an earlier run; give its run folder "
+            "instead, so that the whole lineage is rebuilt"
+        )
     full = meta.get("format") == "dopsd-full" or path.name == FULL_FILE
     lora = None if full else {k: meta.get(k) for k in ("rank", "alpha", "targets")}
     return Source(path, mode, full, path, None, lora, meta.get("steps"), meta.get("method"), None)
@@ -121,8 +144,10 @@ def _from_file(path: Path, cfg: Any, mode: str) -> Source:
 def resolve_path(path: Path, cfg: Any, mode: str, depth: int = 0) -> Source:
     path = path.expanduser()
     if not path.exists():
-        raise RunFolderError(f"train.init_from {path} does not exist; point it at a finished dopsd run folder or "
-                             "its lora.safetensors / model.safetensors")
+        raise RunFolderError(
+            f"train.init_from {path} does not exist; point it at a finished dopsd run folder or "
+            "its lora.safetensors / model.safetensors"
+        )
     path = path.resolve()
     return _from_run(path, cfg, mode, depth) if path.is_dir() else _from_file(path, cfg, mode)
 
@@ -137,24 +162,31 @@ def resolve(cfg: Any) -> Source | None:
     out = Path(cfg.train.output_dir).expanduser().resolve()
     where = Path(cfg.train.init_from).expanduser().resolve()
     if where == out or out in where.parents:
-        raise RunFolderError(f"train.init_from {where} is this run's own folder (train.output_dir); start from "
-                             "an earlier run's folder")
+        raise RunFolderError(
+            f"train.init_from {where} is this run's own folder (train.output_dir); start from an earlier run's folder"
+        )
     src = resolve_path(Path(cfg.train.init_from), cfg, cfg.train.init_mode)
     if cfg.train.init_mode == "continue":
         if cfg.lora.enabled and src.full:
-            raise ConfigError(f"train.init_mode is 'continue' but train.init_from {src.path} is a full fine-tune (no "
-                              "LoRA to continue); use train.init_mode=merge to train a LoRA on its weights")
+            raise ConfigError(
+                f"train.init_mode is 'continue' but train.init_from {src.path} is a full fine-tune (no "
+                "LoRA to continue); use train.init_mode=merge to train a LoRA on its weights"
+            )
         if not cfg.lora.enabled and not src.full:
-            raise ConfigError(f"train.init_mode is 'continue' but this config is a full fine-tune and train.init_from "
-                              f"{src.path} is a LoRA; use train.init_mode=merge (its LoRA is folded into the weights)")
+            raise ConfigError(
+                f"train.init_mode is 'continue' but this config is a full fine-tune and train.init_from "
+                f"{src.path} is a LoRA; use train.init_mode=merge (its LoRA is folded into the weights)"
+            )
         if src.lora is not None:
             mine = {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "targets": cfg.lora.targets}
             diff = [k for k in mine if src.lora.get(k) != mine[k] and not (k == "alpha" and src.lora.get(k) is None)]
             if diff:
                 given = ", ".join(f"lora.{k}={src.lora.get(k)!r}" for k in diff)
-                raise ConfigError(f"train.init_mode is 'continue', which keeps training the LoRA of {src.path}, but "
-                                  f"its {', '.join('lora.' + k for k in diff)} differ from this config's; set {given}, "
-                                  "or use train.init_mode=merge to train a fresh LoRA on top of it")
+                raise ConfigError(
+                    f"train.init_mode is 'continue', which keeps training the LoRA of {src.path}, but "
+                    f"its {', '.join('lora.' + k for k in diff)} differ from this config's; set {given}, "
+                    "or use train.init_mode=merge to train a fresh LoRA on top of it"
+                )
     return src
 
 
@@ -249,5 +281,12 @@ def lineage(src: Source | None) -> list[dict[str, Any]]:
     """Oldest first: every run this one builds on, and how each used the one before."""
     if src is None:
         return []
-    return lineage(src.parent) + [{"from": str(src.path), "mode": src.mode, "steps": src.steps, "method": src.method,
-                                   "weights": "full" if src.full else "lora"}]
+    return lineage(src.parent) + [
+        {
+            "from": str(src.path),
+            "mode": src.mode,
+            "steps": src.steps,
+            "method": src.method,
+            "weights": "full" if src.full else "lora",
+        }
+    ]

@@ -36,8 +36,14 @@ def _mean(x: torch.Tensor) -> float:
 
 
 def measure(
-    few: torch.Tensor, many: torch.Tensor | None, prompts: list[str], seeds: int, n_train: int,
-    targets: list[Image.Image], features: Any, scorer: TextImageScorer | None,
+    few: torch.Tensor,
+    many: torch.Tensor | None,
+    prompts: list[str],
+    seeds: int,
+    n_train: int,
+    targets: list[Image.Image],
+    features: Any,
+    scorer: TextImageScorer | None,
     sources: list[Image.Image] | None = None,
 ) -> dict[str, float]:
     """Metrics of one model's samples; rows are prompt-major (prompt i, seed j at i·seeds + j).
@@ -99,8 +105,9 @@ def evaluate(
         word = config.data.trigger_word
         unseen = adapter.unseen_prompts(word) if word else []
     prompts = train_prompts + list(unseen)
-    contexts = adapter.student_contexts(train_prompts, sources) + (adapter.student_contexts(list(unseen), None)
-                                                                     if unseen else [])
+    contexts = adapter.student_contexts(train_prompts, sources) + (
+        adapter.student_contexts(list(unseen), None) if unseen else []
+    )
     adapter.release_encoders()
     seeds = list(seeds)
     rows = [c for c in contexts for _ in seeds]
@@ -116,14 +123,24 @@ def evaluate(
         grids["sources.png"] = grid_image(to_tensor(first_sources, (m.height, m.width)), 1, len(targets))
 
     report: dict[str, Any] = {
-        "weights": str(weights) if weights else None, "family": m.family, "steps": few_steps,
-        "control_steps": control_steps, "seeds": seeds, "train_prompts": train_prompts, "unseen_prompts": list(unseen),
-        "feature_model": features.name, "clip_model": scorer.name if scorer else None,
-        "note": "feature_model 'pixels' is a fallback, not comparable to the paper's DINO-D" if features.name == "pixels" else "",
+        "weights": str(weights) if weights else None,
+        "family": m.family,
+        "steps": few_steps,
+        "control_steps": control_steps,
+        "seeds": seeds,
+        "train_prompts": train_prompts,
+        "unseen_prompts": list(unseen),
+        "feature_model": features.name,
+        "clip_model": scorer.name if scorer else None,
+        "note": "feature_model 'pixels' is a fallback, not comparable to the paper's DINO-D"
+        if features.name == "pixels"
+        else "",
         "editing": bool(m.editing),
     }
     if first_sources:
-        report["dino_d_source_target"] = _mean(torch.diagonal(cosine_distance(features(targets), features(first_sources))))
+        report["dino_d_source_target"] = _mean(
+            torch.diagonal(cosine_distance(features(targets), features(first_sources)))
+        )
     n_edits = len(train_prompts) * len(seeds) if sources else 0
 
     def sample(schedule: torch.Tensor) -> torch.Tensor:
@@ -143,8 +160,9 @@ def evaluate(
         grids[f"{variant}_{few_steps}steps.png"] = grid_image(few, len(prompts), len(seeds))
         if many is not None:
             grids[f"{variant}_{control_steps}steps.png"] = grid_image(many, len(prompts), len(seeds))
-        report[variant] = measure(few, many, prompts, len(seeds), len(train_prompts), targets, features, scorer,
-                                  first_sources)
+        report[variant] = measure(
+            few, many, prompts, len(seeds), len(train_prompts), targets, features, scorer, first_sources
+        )
     for name, grid in grids.items():
         atomic_save_image(out_dir / name, grid)
     atomic_write_json(out_dir / "eval.json", report)

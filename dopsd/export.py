@@ -29,8 +29,14 @@ class ExportError(LoraFileError):
     """`dopsd export` refused: the LoRA has no format other tools load, or the options do not fit it."""
 
 
-def save_diffusers(network: nn.Module, out_dir: str | Path, adapter: str = "default", *, facts: LoraFacts | None = None,
-                   dtype: str = DEFAULT_DTYPE) -> Path:
+def save_diffusers(
+    network: nn.Module,
+    out_dir: str | Path,
+    adapter: str = "default",
+    *,
+    facts: LoraFacts | None = None,
+    dtype: str = DEFAULT_DTYPE,
+) -> Path:
     """The network's trained LoRA as `out_dir/pytorch_lora_weights.safetensors` (interchange layout, which
     `pipe.load_lora_weights(out_dir)` and ComfyUI both load); returns the file. `facts` default to what the
     network itself tells (family, size, rank, alpha)."""
@@ -40,8 +46,10 @@ def save_diffusers(network: nn.Module, out_dir: str | Path, adapter: str = "defa
         raise ExportError(f"dopsd trains one LoRA adapter named {ADAPTER!r}, not {adapter!r}")
     family = registry.family_of_network(network)
     if family is None or not has_interchange(family):
-        raise ExportError(f"{type(network).__name__} is not the denoiser of a model other tools load "
-                          f"({', '.join(FAMILIES)}): no diffusers format")
+        raise ExportError(
+            f"{type(network).__name__} is not the denoiser of a model other tools load "
+            f"({', '.join(FAMILIES)}): no diffusers format"
+        )
     config = getattr(network, "peft_config", {}).get(adapter)
     if config is None:
         raise ExportError("the network has no LoRA adapter to export (was it trained with LoRA?)")
@@ -61,9 +69,18 @@ def target_path(out: str | Path, fmt: str, source: Path) -> Path:
     return out / f"{stem or 'lora'}.safetensors"
 
 
-def export(path: str | Path, out: str | Path, fmt: str = "comfyui", family: str | None = None,
-           alpha: float | None = None, dtype: str = DEFAULT_DTYPE, *, title: str | None = None,
-           trigger_word: str | None = None, overwrite: bool = False) -> Path:
+def export(
+    path: str | Path,
+    out: str | Path,
+    fmt: str = "comfyui",
+    family: str | None = None,
+    alpha: float | None = None,
+    dtype: str = DEFAULT_DTYPE,
+    *,
+    title: str | None = None,
+    trigger_word: str | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Convert a LoRA dopsd trained (any layout it wrote) into a file other tools load; returns the file."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; use {' or '.join(FORMATS)}")
@@ -72,12 +89,16 @@ def export(path: str | Path, out: str | Path, fmt: str = "comfyui", family: str 
     src = read_lora(path, alpha=alpha)
     if not has_interchange(src.family):
         base = src.facts.variant or src.family
-        raise ExportError(f"{src.path} is a {base} LoRA: it loads only in dopsd (`dopsd sample`, `dopsd eval`); "
-                          f"diffusers and ComfyUI have no such model, so there is nothing to export. Export runs of "
-                          f"{' or '.join(FAMILIES)} models.")
+        raise ExportError(
+            f"{src.path} is a {base} LoRA: it loads only in dopsd (`dopsd sample`, `dopsd eval`); "
+            f"diffusers and ComfyUI have no such model, so there is nothing to export. Export runs of "
+            f"{' or '.join(FAMILIES)} models."
+        )
     if family is not None and family != src.family:
-        raise ExportError(f"{src.path} is a {src.family} LoRA (its module names say so); --model {family} does not "
-                          f"fit it. Leave out --model or pass --model {src.family}.")
+        raise ExportError(
+            f"{src.path} is a {src.family} LoRA (its module names say so); --model {family} does not "
+            f"fit it. Leave out --model or pass --model {src.family}."
+        )
     target = target_path(out, fmt, src.path)
     if target.exists() and not overwrite:
         raise ExportError(f"{target} already exists; choose another --out or pass --overwrite")

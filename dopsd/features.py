@@ -19,8 +19,16 @@ from PIL import Image
 
 from dopsd.models.local import ModelFolderError, check_model_folder, load_part, read_json
 
-IMAGE_MODELS = {"dinov2", "dinov2_with_registers", "dinov3_vit", "clip", "clip_vision_model", "siglip",
-                "siglip2", "siglip_vision_model"}
+IMAGE_MODELS = {
+    "dinov2",
+    "dinov2_with_registers",
+    "dinov3_vit",
+    "clip",
+    "clip_vision_model",
+    "siglip",
+    "siglip2",
+    "siglip_vision_model",
+}
 TEXT_MODELS = {"clip", "siglip", "siglip2"}
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -46,8 +54,10 @@ class PixelFeatures:
         self.side = side
 
     def __call__(self, images: list[Image.Image]) -> torch.Tensor:
-        arrs = [np.asarray(im.convert("RGB").resize((self.side, self.side), Image.Resampling.BOX), dtype=np.float32)
-                for im in images]
+        arrs = [
+            np.asarray(im.convert("RGB").resize((self.side, self.side), Image.Resampling.BOX), dtype=np.float32)
+            for im in images
+        ]
         x = torch.from_numpy(np.stack(arrs)).reshape(len(images), -1) / 255.0
         return _normalise(x - x.mean(dim=1, keepdim=True))
 
@@ -63,7 +73,9 @@ class _Preprocess:
         self.resize = size.get("shortest_edge") or (size.get("height"), size.get("width"))
         crop = cfg.get("crop_size", image_size)
         crop = crop if isinstance(crop, dict) else {"height": crop, "width": crop}
-        self.crop = (crop.get("height", image_size), crop.get("width", image_size)) if cfg.get("do_center_crop", True) else None
+        self.crop = (
+            (crop.get("height", image_size), crop.get("width", image_size)) if cfg.get("do_center_crop", True) else None
+        )
         self.scale = float(cfg.get("rescale_factor", 1 / 255))
         self.mean = torch.tensor(cfg.get("image_mean", IMAGENET_MEAN)).view(3, 1, 1)
         self.std = torch.tensor(cfg.get("image_std", IMAGENET_STD)).view(3, 1, 1)
@@ -150,7 +162,9 @@ class TextImageScorer:
     @torch.no_grad()
     def text_features(self, captions: list[str]) -> torch.Tensor:
         # SigLIP was trained on max-length padded text; CLIP pools at the EOS token, so padding is harmless.
-        enc = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt")
+        enc = self.tokenizer(
+            captions, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
         enc = {k: v.to(self.images.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
         if self.images.kind != "clip":
             enc.pop("attention_mask", None)

@@ -60,8 +60,11 @@ from dopsd.sampler import generate
 
 # What a low score of each kind means (for warnings); sharpness depends on the direction it moved.
 MEANING: dict[str, Callable[[float], str]] = {
-    "sharpness": lambda r: ("blur: less fine detail than the starting model, the classic SFT failure" if r < 1
-                            else "noise: more high-frequency energy than the starting model"),
+    "sharpness": lambda r: (
+        "blur: less fine detail than the starting model, the classic SFT failure"
+        if r < 1
+        else "noise: more high-frequency energy than the starting model"
+    ),
     "structure": lambda r: "the samples lost their image-scale layout: noise, flat or saturated images",
     "gap": lambda r: "the few-step samples moved away from the same model's many-step samples",
     "quality": lambda r: "the decoder-based few-step quality fell",
@@ -153,8 +156,16 @@ class FewStepHealth:
     # --- sampling -----------------------------------------------------------------------------------
     def _sample(self, network: nn.Module) -> dict[str, torch.Tensor]:
         # One batch, latents float32 unless told otherwise (as the trainer's grids; adapters cast inside).
-        sample = lambda schedule: generate(self.adapter, network, self.contexts, self.noise, schedule,  # noqa: E731
-                                           batch_size=len(self.contexts), device=self.device, dtype=self.dtype)
+        sample = lambda schedule: generate(
+            self.adapter,
+            network,
+            self.contexts,
+            self.noise,
+            schedule,  # noqa: E731
+            batch_size=len(self.contexts),
+            device=self.device,
+            dtype=self.dtype,
+        )
         out = {"few": sample(self.schedule)}
         if self.control is not None:
             out["many"] = sample(self.control)
@@ -184,8 +195,10 @@ class FewStepHealth:
             raise RuntimeError("FewStepHealth.measure() before reference(): measure the starting model first")
         raw = self._raw(network)
         ratio = raw["sharpness"] / max(self.start["sharpness"], 1e-8)
-        scores = {"sharpness": min(ratio, 1.0 / ratio) if ratio > 0 else 0.0,
-                  "structure": raw["structure"] / max(self.start["structure"], 1e-8)}
+        scores = {
+            "sharpness": min(ratio, 1.0 / ratio) if ratio > 0 else 0.0,
+            "structure": raw["structure"] / max(self.start["structure"], 1e-8),
+        }
         if "gap" in raw:
             scores["gap"] = 1.0 - (raw["gap"] - self.start["gap"])
         if "quality" in raw:
@@ -204,12 +217,16 @@ class FewStepHealth:
         if not self.finite:
             out["problem"] = f"the few-step samples are not finite (NaN/inf) at {steps} steps"
         elif out["broken"]:
-            out["problem"] = (f"the few-step samples at {steps} steps are broken, {lowest} score {scores[lowest]:.2f} "
-                              f"of the starting model's 1.00 (below {self.broken_below:.2f}): {MEANING[lowest](ratio)}")
+            out["problem"] = (
+                f"the few-step samples at {steps} steps are broken, {lowest} score {scores[lowest]:.2f} "
+                f"of the starting model's 1.00 (below {self.broken_below:.2f}): {MEANING[lowest](ratio)}"
+            )
         out["warning"] = None
         if out["broken"]:
-            out["warning"] = (f"few-step health {health:.2f}, broken: {out['problem']}. Training is breaking the "
-                              "model: lower optim.lr; compare the few-step and many-step sample grids.")
+            out["warning"] = (
+                f"few-step health {health:.2f}, broken: {out['problem']}. Training is breaking the "
+                "model: lower optim.lr; compare the few-step and many-step sample grids."
+            )
         elif health < self.threshold:
             out["warning"] = (
                 f"few-step health {health:.2f} < {self.threshold:.2f} ({worst} score {scores[worst]:.2f} vs the "

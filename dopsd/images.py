@@ -82,9 +82,16 @@ def high_pass(pixels: torch.Tensor, gain: float = 3.0) -> torch.Tensor:
     return ((luma - blurred) * gain).clamp(-1, 1).expand(-1, 3, -1, -1)
 
 
-def labelled_grid(rows: Sequence[Sequence[Image.Image]], columns: Sequence[str] = (), labels: Sequence[str] = (),
-                  cell: int = 96, pad: int = 2, label_width: int = 90, font_size: int = 11,
-                  span: int = 1) -> Image.Image:
+def labelled_grid(
+    rows: Sequence[Sequence[Image.Image]],
+    columns: Sequence[str] = (),
+    labels: Sequence[str] = (),
+    cell: int = 96,
+    pad: int = 2,
+    label_width: int = 90,
+    font_size: int = 11,
+    span: int = 1,
+) -> Image.Image:
     """A grid of PIL images (one list per row, each image scaled to cell×cell: nearest when enlarged), with
     column titles above (a title may hold several lines, and long ones wrap; each title spans `span` columns) and
     row labels on the left, wrapped to `label_width` (either may be empty)."""

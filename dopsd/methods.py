@@ -68,18 +68,33 @@ def _student_keys(trainer: Trainer, b: MicroBatch) -> list[str]:
     return [trainer.feats.student[(i, v)] for i, v in zip(b.indices, b.variants)]
 
 
-def rollout_loss(trainer: Trainer, s_ctx: Any, t_ctx: Any, shadow: ParamShadow, noise: torch.Tensor,
-                 sched: torch.Tensor, weight: float, final: bool, rollout: str = "student") -> DistillOutput:
+def rollout_loss(
+    trainer: Trainer,
+    s_ctx: Any,
+    t_ctx: Any,
+    shadow: ParamShadow,
+    noise: torch.Tensor,
+    sched: torch.Tensor,
+    weight: float,
+    final: bool,
+    rollout: str = "student",
+) -> DistillOutput:
     """One D-OPSD-form loss (per-step backward by default); DDP syncs only on the step's very last backward.
     rollout="teacher": the teacher's steps advance the roll-out (off-policy distillation)."""
     dev, method = trainer.acc.device, trainer.method
     per_step = method.per_step_backward
     out = dopsd_loss(
-        trainer.velocity(trainer.student), shadow.wrap(trainer.velocity(trainer.network)),
-        noise.to(dev, trainer.latent_dtype), sched.to(dev), s_ctx, t_ctx,
-        space=method.loss_space, step_weights=step_weights_for(method.step_weighting, sched),
+        trainer.velocity(trainer.student),
+        shadow.wrap(trainer.velocity(trainer.network)),
+        noise.to(dev, trainer.latent_dtype),
+        sched.to(dev),
+        s_ctx,
+        t_ctx,
+        space=method.loss_space,
+        step_weights=step_weights_for(method.step_weighting, sched),
         backward=(lambda loss: trainer.acc.backward(loss * weight)) if per_step else None,
-        step_context=lambda last: trainer.sync(final and last), rollout=rollout,  # type: ignore[arg-type]
+        step_context=lambda last: trainer.sync(final and last),
+        rollout=rollout,  # type: ignore[arg-type]
     )
     if not per_step:
         trainer.acc.backward(out.loss * weight)  # DDP sync was decided by the last forward's context
@@ -119,8 +134,17 @@ class OnPolicyDistillation(Term):
     def __call__(self, trainer: Trainer, b: MicroBatch, scale: float, final: bool) -> dict[str, Any]:
         noise = seed_noise(b.shape, [int(r.integers(2**62)) for r in b.rngs])
         t_ctx = trainer.contexts([trainer.feats.teacher[(i, v)] for i, v in zip(b.indices, b.variants)])
-        out = rollout_loss(trainer, trainer.contexts(_student_keys(trainer, b)), t_ctx, trainer.teacher, noise,
-                           trainer.schedule(b.bucket), scale, final, self.rollout)
+        out = rollout_loss(
+            trainer,
+            trainer.contexts(_student_keys(trainer, b)),
+            t_ctx,
+            trainer.teacher,
+            noise,
+            trainer.schedule(b.bucket),
+            scale,
+            final,
+            self.rollout,
+        )
         return {self.name: float(out.loss.detach()), "steps": out.steps}
 
 
@@ -140,8 +164,13 @@ class FlowMatching(Term):
         noise = torch.stack([torch.randn(b.shape, generator=g) for g in gens])
         x0 = torch.stack([trainer.feats.load(trainer.feats.latents[i])["latents"] for i in b.indices])
         with trainer.sync(final):
-            loss = sft_loss(trainer.velocity(trainer.student), x0.to(dev, f32),
-                            trainer.contexts(_student_keys(trainer, b)), sigma.to(dev, f32), noise.to(dev, f32))
+            loss = sft_loss(
+                trainer.velocity(trainer.student),
+                x0.to(dev, f32),
+                trainer.contexts(_student_keys(trainer, b)),
+                sigma.to(dev, f32),
+                noise.to(dev, f32),
+            )
             trainer.acc.backward(loss * self.weight * scale)
         return {"sft": float(loss.detach()) * self.weight}
 
@@ -202,4 +231,3 @@ def micro_step(trainer: Trainer, terms: list[Term], b: MicroBatch, final_micro: 
         logs.update(term(trainer, b, scale, final_micro and term is terms[-1]))
     logs["loss"] = sum(logs[t.name] for t in terms)
     return logs
-

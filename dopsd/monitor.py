@@ -41,9 +41,17 @@ def make_health(trainer: Trainer) -> Any:
     # On the training prompts the intended change itself (a concept's colour) moves the sharpness score, so the
     # alarm waits for a larger drop there (dopsd.health's module doc has the measurements).
     threshold = HEALTH_THRESHOLD if unrelated else TRAINING_PROMPTS_THRESHOLD
-    return FewStepHealth(trainer.adapter, unrelated or trainer.prompts[:4], height=m.height, width=m.width,
-                         seeds=tuple(s.seeds[:2]), steps=m.inference_steps, control_steps=s.control_steps,
-                         threshold=threshold, device=trainer.acc.device)
+    return FewStepHealth(
+        trainer.adapter,
+        unrelated or trainer.prompts[:4],
+        height=m.height,
+        width=m.width,
+        seeds=tuple(s.seeds[:2]),
+        steps=m.inference_steps,
+        control_steps=s.control_steps,
+        threshold=threshold,
+        device=trainer.acc.device,
+    )
 
 
 PROGRESS_EVERY_S = 1.0  # progress.json is rewritten at most this often (and at every checkpoint and interval)
@@ -71,8 +79,14 @@ class Monitor:
             self.progress(rundir.STATUS_RUNNING)
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=cfg.train.max_steps, initial=trainer.step, disable=not (main and cfg.log.progress),
-                        desc=f"{cfg.method.name} {cfg.model.family}", unit="step", dynamic_ncols=True)
+        self.bar = tqdm(
+            total=cfg.train.max_steps,
+            initial=trainer.step,
+            disable=not (main and cfg.log.progress),
+            desc=f"{cfg.method.name} {cfg.model.family}",
+            unit="step",
+            dynamic_ncols=True,
+        )
 
     def step(self, record: dict[str, Any]) -> None:
         """After each optimizer step: the loss trace, TensorBoard and the progress bar."""
@@ -85,8 +99,11 @@ class Monitor:
                 if k not in ("step", "skipped") and isinstance(v, float) and math.isfinite(v):
                     self.writer.add_scalar(k if "/" in k else f"train/{k}", v, t.step)
         health = (self.latest.get("health") or {}).get("health")  # few-step health at the last interval
-        self.bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.2g}",
-                             **({"health": f"{health:.3f}"} if isinstance(health, float) else {}))
+        self.bar.set_postfix(
+            loss=f"{record['loss']:.4g}",
+            lr=f"{record['lr']:.2g}",
+            **({"health": f"{health:.3f}"} if isinstance(health, float) else {}),
+        )
         self.bar.update(1)
         if time.time() - self.written >= PROGRESS_EVERY_S:
             self.progress(rundir.STATUS_RUNNING)
@@ -107,9 +124,18 @@ class Monitor:
             return
         now, done, total = time.time(), t.step - self.first_step, t.cfg.train.max_steps
         eta = max(0.0, (total - t.step) * (now - self.started) / done) if done > 0 else None
-        rundir.write_progress(t.out, {"step": t.step, "max_steps": total, "status": status,
-                                      "started": self.started_iso, "updated": rundir.iso_time(now),
-                                      "eta_seconds": None if eta is None else round(eta, 1), "pid": os.getpid()})
+        rundir.write_progress(
+            t.out,
+            {
+                "step": t.step,
+                "max_steps": total,
+                "status": status,
+                "started": self.started_iso,
+                "updated": rundir.iso_time(now),
+                "eta_seconds": None if eta is None else round(eta, 1),
+                "pid": os.getpid(),
+            },
+        )
         self.written = now
 
     def sample(self, tag: str) -> None:
@@ -130,16 +156,17 @@ class Monitor:
         contexts = [t.feats.load(key) for key in t.sample_keys for _ in seeds]
         # each (prompt, seed) its own noise, as `dopsd sample` draws it (dopsd.sampler.sample_seed): that command
         # with the run's prompts and seeds reproduces these grids
-        noise = seed_noise(adapter.latent_shape(m.height, m.width),
-                           [sample_seed(seed, i) for i in range(len(t.prompts)) for seed in seeds])
+        noise = seed_noise(
+            adapter.latent_shape(m.height, m.width),
+            [sample_seed(seed, i) for i in range(len(t.prompts)) for seed in seeds],
+        )
         (t.out / rundir.SAMPLES).mkdir(exist_ok=True)
         result: dict[str, Any] = {}
         for steps in [m.inference_steps] + ([s.control_steps] if s.control_steps > 0 else []):
             sched = adapter.inference_schedule(m.height, m.width, steps)
             steps = len(sched) - 1  # None = the model's own count
             with t.acc.autocast():
-                images = generate(adapter, t.network, contexts, noise, sched, device=t.acc.device,
-                                  dtype=t.latent_dtype)
+                images = generate(adapter, t.network, contexts, noise, sched, device=t.acc.device, dtype=t.latent_dtype)
             grid = grid_image(images, len(t.prompts), len(seeds))
             path = rundir.sample_grid(t.out, tag, steps)
             atomic_save_image(path, grid)
@@ -149,8 +176,12 @@ class Monitor:
         if t.health is not None:
             measured = t.health.measure(t.network)
             result["health"] = measured
-            t.last_health = {"step": t.step, "health": measured["health"], "broken": measured["broken"],
-                             "problem": measured["problem"]}
+            t.last_health = {
+                "step": t.step,
+                "health": measured["health"],
+                "broken": measured["broken"],
+                "problem": measured["problem"],
+            }
             self.health_trace.append(rundir.health_record(t.step, measured, t.health.threshold))
             if self.writer is not None:
                 for k, v in t.health.scalars(measured).items():

@@ -17,7 +17,6 @@ inputs to it), `pso_loss` (Pairwise Sample Optimization), and the σ samplers.
 from __future__ import annotations
 
 import contextlib
-
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Literal, Protocol, Sequence
 
@@ -164,11 +163,7 @@ def sample_training_sigmas(
 
 
 def sample_schedule_sigmas(
-    n: int,
-    schedule: torch.Tensor,
-    *,
-    generator: torch.Generator | None = None,
-    device: torch.device | str = "cpu",
+    n: int, schedule: torch.Tensor, *, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
     """σ drawn uniformly from a few-step schedule's non-zero levels: the distilled model's own σ values.
 
@@ -180,11 +175,7 @@ def sample_schedule_sigmas(
 
 
 def sft_loss(
-    student: VelocityFn,
-    x0: torch.Tensor,
-    context: Any,
-    sigma: torch.Tensor,
-    noise: torch.Tensor,
+    student: VelocityFn, x0: torch.Tensor, context: Any, sigma: torch.Tensor, noise: torch.Tensor
 ) -> torch.Tensor:
     """Flow-matching loss ‖v_θ(x_σ, σ, c) − (ε − x0)‖² with the caption-only context.
 
@@ -287,8 +278,10 @@ def pso_loss(
     if form == "dpo" and reference_model is None:
         raise ValueError("PSO form 'dpo' needs a reference_model (the frozen initial weights)")
     if x0_target.shape != x0_reference.shape or noise.shape != x0_target.shape:
-        raise ValueError(f"PSO pairs need equal shapes: target {tuple(x0_target.shape)}, reference "
-                         f"{tuple(x0_reference.shape)}, noise {tuple(noise.shape)}")
+        raise ValueError(
+            f"PSO pairs need equal shapes: target {tuple(x0_target.shape)}, reference "
+            f"{tuple(x0_reference.shape)}, noise {tuple(noise.shape)}"
+        )
     loss_w = per_sample_error(student, x0_target, context, sigma, noise, weighting)
     loss_l = per_sample_error(student, x0_reference, context, sigma, noise, weighting)
     margin = ref_weight * loss_l - loss_w

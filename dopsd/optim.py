@@ -30,7 +30,8 @@ def build(params: list[torch.nn.Parameter], cfg: Config) -> tuple[torch.optim.Op
         try:
             import bitsandbytes as bnb  # type: ignore[import-not-found]
         except ImportError as err:
-            raise ConfigError("optim.eight_bit needs bitsandbytes (pip install bitsandbytes; CUDA only), "
-                              "or set optim.eight_bit=false") from err
+            raise ConfigError(
+                "optim.eight_bit needs bitsandbytes (pip install bitsandbytes; CUDA only), or set optim.eight_bit=false"
+            ) from err
         optimizer = bnb.optim.AdamW8bit(params, **kw)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))

@@ -191,10 +191,14 @@ def probe(
                     imgs = [pairs[i][0].convert("RGB") for i, _ in group]
                     src = [list(sources[i]) for i, _ in group] if sources is not None else None
                     targets = [img.resize((w, h), Image.BICUBIC) if img.size != (w, h) else img for img in imgs]
-                    contexts = {"student": adapter.student_contexts(caps, src),
-                                "teacher": adapter.teacher_contexts(caps, imgs, src)}
-                    out = {role: generate(adapter, adapter.network, ctx, noise, schedule, batch_size=len(group))
-                           for role, ctx in contexts.items()}
+                    contexts = {
+                        "student": adapter.student_contexts(caps, src),
+                        "teacher": adapter.teacher_contexts(caps, imgs, src),
+                    }
+                    out = {
+                        role: generate(adapter, adapter.network, ctx, noise, schedule, batch_size=len(group))
+                        for role, ctx in contexts.items()
+                    }
                     for role, samples in out.items():
                         d = scorer.distance(samples, targets)
                         hit = scorer.hits(samples, targets) if hasattr(scorer, "hits") else None
@@ -209,7 +213,7 @@ def probe(
         adapter.network.train(was_training)
 
     results = []
-    for i, (img, caption) in enumerate(pairs):
+    for i, (_img, caption) in enumerate(pairs):
         d_s, d_t = float(dist["student"][i].mean()), float(dist["teacher"][i].mean())
         gain = d_s - d_t
         rel = gain / d_s if d_s > 1e-12 else 0.0
@@ -221,8 +225,17 @@ def probe(
         results.append(res)
     images = [(pairs[i][0].convert("RGB"), first[("student", i)], first[("teacher", i)]) for i in range(len(pairs))]
     metric = getattr(scorer, "name", type(scorer).__name__)
-    return ProbeReport(metric, n_steps, seeds, thresholds, results, images, adapter.name, adapter.teacher_context,
-                       tuple(adapter.teacher_context_kinds))
+    return ProbeReport(
+        metric,
+        n_steps,
+        seeds,
+        thresholds,
+        results,
+        images,
+        adapter.name,
+        adapter.teacher_context,
+        tuple(adapter.teacher_context_kinds),
+    )
 
 
 def save_grid(rows: list[tuple[Image.Image, ...]], labels: list[str], path: str | Path, cell: int = 96) -> Path:
@@ -280,7 +293,9 @@ class Setup:
     config: Any
 
 
-def load_setup(source: Any, overrides: list[str] | None = None, with_data: bool = True, limit: int | None = None) -> Setup:
+def load_setup(
+    source: Any, overrides: list[str] | None = None, with_data: bool = True, limit: int | None = None
+) -> Setup:
     """The adapter and (first-caption) training pairs exactly as `dopsd train` would read them."""
     from dopsd.config import load_config
     from dopsd.data.dataset import check_dataset, load_example_images

@@ -53,8 +53,10 @@ class QuantizeReport:
 
     def __str__(self) -> str:
         gib = 2**30
-        return (f"base quantized to {self.mode}: {self.quantized} Linear weights, {self.bytes_before / gib:.3f} → "
-                f"{self.bytes_after / gib:.3f} GiB ({len(self.kept)} kept in full precision)")
+        return (
+            f"base quantized to {self.mode}: {self.quantized} Linear weights, {self.bytes_before / gib:.3f} → "
+            f"{self.bytes_after / gib:.3f} GiB ({len(self.kept)} kept in full precision)"
+        )
 
 
 def check_available(mode: str, device: torch.device | str, lora: bool = True) -> None:
@@ -65,19 +67,23 @@ def check_available(mode: str, device: torch.device | str, lora: bool = True) ->
     if mode == "none":
         return
     if not lora:
-        raise ConfigError(f"model.quantize={mode} needs a LoRA (lora.enabled=true): a quantized base cannot be "
-                          "fine-tuned itself; set model.quantize=none for a full fine-tune")
+        raise ConfigError(
+            f"model.quantize={mode} needs a LoRA (lora.enabled=true): a quantized base cannot be "
+            "fine-tuned itself; set model.quantize=none for a full fine-tune"
+        )
     device = torch.device(device)
     if mode == "float8":
         if device.type != "cuda":
             raise QuantizeUnavailable(
                 "model.quantize=float8 needs a CUDA GPU with float8 support (compute capability 8.9+: RTX 40xx, "
-                "L4/L40, H100/H200, B200) and this run is on the CPU; use model.quantize=int8 (same memory) or nf4")
+                "L4/L40, H100/H200, B200) and this run is on the CPU; use model.quantize=int8 (same memory) or nf4"
+            )
         cap = torch.cuda.get_device_capability(device)
         if cap < FLOAT8_CAPABILITY:
             raise QuantizeUnavailable(
                 f"model.quantize=float8 needs a GPU with float8 support (compute capability 8.9+), but "
-                f"{torch.cuda.get_device_name(device)} has {cap[0]}.{cap[1]}; use model.quantize=int8 or nf4")
+                f"{torch.cuda.get_device_name(device)} has {cap[0]}.{cap[1]}; use model.quantize=int8 or nf4"
+            )
     _torchao()
 
 
@@ -96,8 +102,10 @@ def _torchao() -> Any:
         import torchao
         import torchao.quantization  # noqa: F401
     except ImportError as err:
-        raise QuantizeUnavailable(f"model.quantize needs torchao ({err}); install it with pip install "
-                                  "torchao (dopsd pins the version it was tested with in pyproject.toml)") from None
+        raise QuantizeUnavailable(
+            f"model.quantize needs torchao ({err}); install it with pip install "
+            "torchao (dopsd pins the version it was tested with in pyproject.toml)"
+        ) from None
     return torchao
 
 
@@ -119,8 +127,9 @@ def _skipped(name: str, skip: Iterable[str]) -> bool:
 
 
 @torch.no_grad()
-def quantize_network(network: nn.Module, mode: str, skip: Iterable[str] = (),
-                     device: torch.device | str | None = None) -> QuantizeReport:
+def quantize_network(
+    network: nn.Module, mode: str, skip: Iterable[str] = (), device: torch.device | str | None = None
+) -> QuantizeReport:
     """Quantize the weights of `network`'s nn.Linear layers in place (except modules named in `skip`, with their
     children), moving each to `device` first so that only quantized weights ever land there; the rest of the
     network is then moved too. Call before the LoRA is added."""
@@ -143,8 +152,9 @@ def quantize_network(network: nn.Module, mode: str, skip: Iterable[str] = (),
         if device is not None:
             module.to(device)
         if mode == "nf4":
-            module.weight = nn.Parameter(to_nf4(module.weight.detach(), NF4_BLOCK, NF4_SCALER_BLOCK),
-                                         requires_grad=False)
+            module.weight = nn.Parameter(
+                to_nf4(module.weight.detach(), NF4_BLOCK, NF4_SCALER_BLOCK), requires_grad=False
+            )
         else:
             config = Int8WeightOnlyConfig() if mode == "int8" else Float8WeightOnlyConfig()
             quantize_(module, config, filter_fn=lambda m, fqn: True)
@@ -167,6 +177,8 @@ def plain(t: torch.Tensor) -> torch.Tensor:
 
 
 def quantized_linear_count(network: nn.Module) -> int:
-    return sum(1 for m in network.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)
-               and isinstance(m, nn.Linear) and is_quantized(m.weight))
-
+    return sum(
+        1
+        for m in network.modules()
+        if isinstance(getattr(m, "weight", None), torch.Tensor) and isinstance(m, nn.Linear) and is_quantized(m.weight)
+    )

@@ -54,13 +54,39 @@ STATUS_OK, STATUS_UNHEALTHY, STATUS_ABORTED, STATUS_RUNNING = "ok", "unhealthy",
 REPLACED = ".replaced-"
 # Everything earlier dopsd versions wrote at the top of a run folder: a folder without the marker is taken for
 # an old run only if it holds nothing else (see `legacy_run`).
-KNOWN = {CONFIG, LOSSES, SUMMARY, PROGRESS, HEALTH, CHECKPOINTS, LOGS, SAMPLES, "eval", "lora.safetensors", "lora_config.json",
-         "model.safetensors", "pytorch_lora_weights.safetensors", MARKER, OWNER_LOCK, WORKERS_LOCK}
+KNOWN = {
+    CONFIG,
+    LOSSES,
+    SUMMARY,
+    PROGRESS,
+    HEALTH,
+    CHECKPOINTS,
+    LOGS,
+    SAMPLES,
+    "eval",
+    "lora.safetensors",
+    "lora_config.json",
+    "model.safetensors",
+    "pytorch_lora_weights.safetensors",
+    MARKER,
+    OWNER_LOCK,
+    WORKERS_LOCK,
+}
 # Keys that may change when resuming (extend a run, sample more often, …); anything else must match. The batch
 # keys may change as long as the global batch stays the same (checked against the checkpoint).
-RESUMABLE_CHANGES = ("train.max_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.max_nonfinite",
-                     "train.output_dir", "train.device", "train.batch_size", "train.gradient_accumulation",
-                     "sample.", "log.", "cache.")
+RESUMABLE_CHANGES = (
+    "train.max_steps",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.max_nonfinite",
+    "train.output_dir",
+    "train.device",
+    "train.batch_size",
+    "train.gradient_accumulation",
+    "sample.",
+    "log.",
+    "cache.",
+)
 
 
 class OutputExistsError(RunFolderError, FileExistsError):
@@ -98,8 +124,15 @@ def is_run_folder(folder: Path) -> bool:
 def write_marker(out: Path) -> None:
     from dopsd import __version__
 
-    atomic_write_json(out / MARKER, {"format": MARKER_FORMAT, "version": MARKER_VERSION,
-                                     "created": datetime.now().isoformat(timespec="seconds"), "dopsd": __version__})
+    atomic_write_json(
+        out / MARKER,
+        {
+            "format": MARKER_FORMAT,
+            "version": MARKER_VERSION,
+            "created": datetime.now().isoformat(timespec="seconds"),
+            "dopsd": __version__,
+        },
+    )
 
 
 # --- the run's files ------------------------------------------------------------------------------------
@@ -124,8 +157,10 @@ def check_resume_config(config: Any, out: Path) -> None:
     old, new = _flat(load_config(out / CONFIG).to_dict()), _flat(config.to_dict())
     changed = [k for k in new if old.get(k) != new[k] and not k.startswith(RESUMABLE_CHANGES) and k != "data.path"]
     if changed:
-        raise ConfigError(f"--resume: the config differs from the run's config.yaml in {', '.join(changed)}; "
-                          "resume with the same settings (only train.max_steps, sampling and logging may change)")
+        raise ConfigError(
+            f"--resume: the config differs from the run's config.yaml in {', '.join(changed)}; "
+            "resume with the same settings (only train.max_steps, sampling and logging may change)"
+        )
 
 
 def sample_grid(out: Path, tag: str, steps: int) -> Path:
@@ -207,8 +242,11 @@ def open_health(out: Path, step: int) -> Trace:
 
 def health_record(step: int, measured: dict[str, Any], threshold: float) -> dict[str, Any]:
     """One few-step health measurement (dopsd.health's result, without its raw and starting values)."""
-    return {"step": step, **{k: v for k, v in measured.items() if not k.startswith(("raw/", "start/"))},
-            "threshold": threshold}
+    return {
+        "step": step,
+        **{k: v for k, v in measured.items() if not k.startswith(("raw/", "start/"))},
+        "threshold": threshold,
+    }
 
 
 def iso_time(timestamp: float) -> str:
@@ -242,9 +280,16 @@ def save_final(trainer: Any) -> Path:
     from dopsd.lora.trained import save_trained
 
     cfg, out = trainer.cfg, trainer.out
-    meta = {"family": cfg.model.family, "model": cfg.to_dict()["model"], "prompts": trainer.prompts,
-            "steps": trainer.step, "method": cfg.method.name, "trigger_word": cfg.data.trigger_word,
-            "title": Path(out).resolve().name, "lineage": lineage_of(trainer)}
+    meta = {
+        "family": cfg.model.family,
+        "model": cfg.to_dict()["model"],
+        "prompts": trainer.prompts,
+        "steps": trainer.step,
+        "method": cfg.method.name,
+        "trigger_word": cfg.data.trigger_word,
+        "title": Path(out).resolve().name,
+        "lineage": lineage_of(trainer),
+    }
     lora = None
     if cfg.lora.enabled:
         targets = cfg.lora.targets or trainer.adapter.default_lora_targets()
@@ -258,8 +303,17 @@ def lineage_of(trainer: Any) -> list[dict[str, Any]]:
     return lineage(getattr(trainer, "init", None))
 
 
-def build_summary(trainer: Any, *, status: str, problem: str | None, weights: Path | None, latest: dict[str, Any],
-                  wall: float, steps_this_run: int, loop_seconds: float) -> dict[str, Any]:
+def build_summary(
+    trainer: Any,
+    *,
+    status: str,
+    problem: str | None,
+    weights: Path | None,
+    latest: dict[str, Any],
+    wall: float,
+    steps_this_run: int,
+    loop_seconds: float,
+) -> dict[str, Any]:
     """summary.json: what was trained, on what, for how long, with which result. `latest`: the last sampling's
     result (grid paths and the few-step health)."""
     import platform
@@ -275,21 +329,32 @@ def build_summary(trainer: Any, *, status: str, problem: str | None, weights: Pa
     good = last_good(trainer.out / CHECKPOINTS)
     model = getattr(trainer.adapter, "kind", None) or cfg.model.pretrained
     return {
-        "status": status, "problem": problem,
+        "status": status,
+        "problem": problem,
         "what": f"{cfg.method.name} on {cfg.model.family} ({model}), "
-                + (f"LoRA rank {cfg.lora.rank}" if cfg.lora.enabled else "full fine-tune")
-                + (f", teacher {cfg.method.teacher}" if teacher else ""),
-        "method": cfg.method.name, "teacher": cfg.method.teacher if teacher else None,
-        "family": cfg.model.family, "pretrained": cfg.model.pretrained,
+        + (f"LoRA rank {cfg.lora.rank}" if cfg.lora.enabled else "full fine-tune")
+        + (f", teacher {cfg.method.teacher}" if teacher else ""),
+        "method": cfg.method.name,
+        "teacher": cfg.method.teacher if teacher else None,
+        "family": cfg.model.family,
+        "pretrained": cfg.model.pretrained,
         "trainable_parameters": n_params,
-        "data": {"path": cfg.data.path, "images": len(trainer.examples),
-                 "captions": sum(len(e.captions) for e in trainer.examples)},
-        "steps": trainer.step, "steps_this_run": steps_this_run,
-        "global_batch": trainer.global_batch, "processes": trainer.world, "device": str(trainer.acc.device),
+        "data": {
+            "path": cfg.data.path,
+            "images": len(trainer.examples),
+            "captions": sum(len(e.captions) for e in trainer.examples),
+        },
+        "steps": trainer.step,
+        "steps_this_run": steps_this_run,
+        "global_batch": trainer.global_batch,
+        "processes": trainer.world,
+        "device": str(trainer.acc.device),
         "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
-        "seconds_total": round(wall, 2), "seconds_loop": round(loop_seconds, 2),
+        "seconds_total": round(wall, 2),
+        "seconds_loop": round(loop_seconds, 2),
         "steps_per_second": round(steps_this_run / loop_seconds, 3) if loop_seconds > 0 else None,
-        "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
         "skipped_steps": sum(1 for r in trainer.history if r.get("skipped")),
         "cache": {"hits": trainer.cache.hits, "misses": trainer.cache.misses},
         "resumed_from": trainer.resumed_from,
@@ -297,8 +362,9 @@ def build_summary(trainer: Any, *, status: str, problem: str | None, weights: Pa
         "lineage": lineage_of(trainer),
         "weights": str(weights) if weights else None,
         "samples": {k: v for k, v in latest.items() if k.startswith("grid_")},
-        "health": {k: v for k, v in (latest.get("health") or {}).items()
-                   if isinstance(v, (float, bool, str)) or v is None},
+        "health": {
+            k: v for k, v in (latest.get("health") or {}).items() if isinstance(v, (float, bool, str)) or v is None
+        },
         "health_step": (trainer.last_health or {}).get("step"),  # when `health` was measured
         "last_good_checkpoint": str(good) if good else None,
         "replaced": trainer.replaced,  # where --overwrite moved an earlier run

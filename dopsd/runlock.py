@@ -27,8 +27,19 @@ from typing import Any, Callable
 from dopsd.checkpoint import list_checkpoints
 from dopsd.errors import CheckpointError, RunFolderError
 from dopsd.files import fsync_dir
-from dopsd.rundir import (CHECKPOINTS, CONFIG, KNOWN, MARKER, OWNER_LOCK, REPLACED, WORKERS_LOCK, OutputExistsError,
-                          is_run_folder, read_marker, write_marker)
+from dopsd.rundir import (
+    CHECKPOINTS,
+    CONFIG,
+    KNOWN,
+    MARKER,
+    OWNER_LOCK,
+    REPLACED,
+    WORKERS_LOCK,
+    OutputExistsError,
+    is_run_folder,
+    read_marker,
+    write_marker,
+)
 
 LOCK_WAIT_S = 3.0  # a momentary probe (`is_running`, another start's check) must not make a start fail
 
@@ -59,8 +70,12 @@ def protected_paths(cfg: Any) -> list[tuple[str, Path]]:
     """Folders a run folder must never be (or contain): the data, the feature cache, the model, the cwd."""
     from dopsd.cache import default_cache_dir
 
-    found = [("data.path", cfg.data.path), ("data.source_dir", cfg.data.source_dir),
-             ("model.pretrained", cfg.model.pretrained), ("model.teacher_encoder", cfg.model.teacher_encoder)]
+    found = [
+        ("data.path", cfg.data.path),
+        ("data.source_dir", cfg.data.source_dir),
+        ("model.pretrained", cfg.model.pretrained),
+        ("model.teacher_encoder", cfg.model.teacher_encoder),
+    ]
     if cfg.cache.enabled:
         found.append(("the feature cache (cache.dir)", cfg.cache.dir or default_cache_dir()))
     found.append(("the current directory", Path.cwd()))
@@ -90,26 +105,33 @@ def plan(cfg: Any, *, resume: bool, overwrite: bool) -> Plan:
             raise RunFolderError(f"--resume: {out} is not a dopsd run folder (no {CONFIG}); check train.output_dir")
         check_not_in_use(out)
         if not list_checkpoints(out / CHECKPOINTS):  # said before the dataset and the model are read
-            raise CheckpointError(f"--resume: {out / CHECKPOINTS} holds no complete checkpoint; start a new run "
-                                  "(without --resume)")
+            raise CheckpointError(
+                f"--resume: {out / CHECKPOINTS} holds no complete checkpoint; start a new run (without --resume)"
+            )
         return Plan(out, "resume")
     if not out.exists() or not [n for n in out.iterdir() if n.name not in (OWNER_LOCK, WORKERS_LOCK)]:
         return Plan(out, "new")
     if not overwrite:
-        raise OutputExistsError(f"output folder {out} already exists and is not empty; choose another train.output_dir, "
-                             "pass --overwrite (overwrite=True) to move the earlier run aside and start anew, or "
-                             "--resume to continue it")
+        raise OutputExistsError(
+            f"output folder {out} already exists and is not empty; choose another train.output_dir, "
+            "pass --overwrite (overwrite=True) to move the earlier run aside and start anew, or "
+            "--resume to continue it"
+        )
     if not is_run_folder(out):
         strange = sorted(p.name for p in out.iterdir() if p.name not in KNOWN)[:5]
         raise RunFolderError(
             f"--overwrite: {out} is not a dopsd run folder (no {MARKER}"
-            + (f"; it holds {', '.join(strange)}" if strange else "") + "), so dopsd leaves it alone; "
-            "move it away yourself or choose another train.output_dir")
+            + (f"; it holds {', '.join(strange)}" if strange else "")
+            + "), so dopsd leaves it alone; "
+            "move it away yourself or choose another train.output_dir"
+        )
     real = out.resolve()
     for name, path in protected_paths(cfg):
         if _covers(real, path):
-            raise RunFolderError(f"--overwrite: {out} is or contains {name} ({path}); dopsd never moves it. "
-                                 "Choose another train.output_dir")
+            raise RunFolderError(
+                f"--overwrite: {out} is or contains {name} ({path}); dopsd never moves it. "
+                "Choose another train.output_dir"
+            )
     check_not_in_use(out)
     return Plan(out, "replace")
 
@@ -123,8 +145,10 @@ def _try_lock(fd: int, mode: int, wait: float = LOCK_WAIT_S) -> bool:
             return True
         except OSError as err:
             if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise RunFolderError(f"cannot lock a file in the run folder ({err}); put train.output_dir on a local "
-                                     "file system that supports flock") from None
+                raise RunFolderError(
+                    f"cannot lock a file in the run folder ({err}); put train.output_dir on a local "
+                    "file system that supports flock"
+                ) from None
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.05)
@@ -139,15 +163,18 @@ def _holder(folder: Path) -> str:
 
 
 def _in_use(folder: Path) -> RunFolderError:
-    return RunFolderError(f"{folder} is in use by another dopsd process{_holder(folder)}; wait for it to finish or "
-                          "stop it, then start again")
+    return RunFolderError(
+        f"{folder} is in use by another dopsd process{_holder(folder)}; wait for it to finish or "
+        "stop it, then start again"
+    )
 
 
 def _orphans(folder: Path) -> RunFolderError:
     return RunFolderError(
         f"processes of an earlier run are still working in {folder} (e.g. torchrun workers left running after the "
         f"launcher was killed); list them with `fuser -v {folder / WORKERS_LOCK}` (or `lsof` on that file), stop "
-        "them, then start again")
+        "them, then start again"
+    )
 
 
 def check_not_in_use(folder: Path) -> None:
@@ -250,8 +277,10 @@ def claim(p: Plan) -> tuple[RunLock, Path | None]:
         if p.mode != "resume":
             others = [n.name for n in p.out.iterdir() if n.name not in (OWNER_LOCK, WORKERS_LOCK)]
             if others:  # another start took the folder between our check and now
-                raise RunFolderError(f"output folder {p.out} was filled by another process while this run started "
-                                     f"({', '.join(sorted(others)[:3])}); choose another train.output_dir")
+                raise RunFolderError(
+                    f"output folder {p.out} was filled by another process while this run started "
+                    f"({', '.join(sorted(others)[:3])}); choose another train.output_dir"
+                )
         if read_marker(p.out) is None:
             write_marker(p.out)  # a new folder, or an old dopsd run adopted on resume
     except BaseException:
@@ -260,8 +289,9 @@ def claim(p: Plan) -> tuple[RunLock, Path | None]:
     return lock, aside
 
 
-def claim_all(p: Plan, *, main: bool, share: Callable[[Any], Any], barrier: Callable[[], None],
-              seen: list[str] | None = None) -> tuple[RunLock, Path | None]:
+def claim_all(
+    p: Plan, *, main: bool, share: Callable[[Any], Any], barrier: Callable[[], None], seen: list[str] | None = None
+) -> tuple[RunLock, Path | None]:
     """Every process of a run takes the folder, all or none: the main process claims it, the others then join its
     lock. `share(value)` gives every process the main process's value; `seen`: the checkpoints a resuming trainer
     found when it read one (a resume by another process meanwhile would make this run's checkpoint stale)."""
@@ -271,8 +301,10 @@ def claim_all(p: Plan, *, main: bool, share: Callable[[Any], Any], barrier: Call
             lock, aside = claim(p)
             now = [c.name for c in list_checkpoints(p.out / CHECKPOINTS)]
             if p.mode == "resume" and seen is not None and seen != now:
-                raise RunFolderError(f"the checkpoints in {p.out} changed while this run started (another process "
-                                     "resumed it meanwhile?); start again")
+                raise RunFolderError(
+                    f"the checkpoints in {p.out} changed while this run started (another process "
+                    "resumed it meanwhile?); start again"
+                )
         except BaseException as err:  # noqa: BLE001 - every process must learn that the claim failed
             if lock is not None:
                 lock.release()

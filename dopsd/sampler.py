@@ -62,7 +62,9 @@ def generate(
     out = []
     try:
         for start in range(0, len(contexts), batch_size):
-            ctx = adapter.collate([{k: v.to(device) for k, v in c.items()} for c in contexts[start : start + batch_size]])
+            ctx = adapter.collate(
+                [{k: v.to(device) for k, v in c.items()} for c in contexts[start : start + batch_size]]
+            )
             x = noise[start : start + batch_size].to(device, dtype)
             x = sample_euler(lambda z, s, c: adapter.velocity(network, z, s, c), x, schedule.to(device), ctx)
             out.append(adapter.decode(x).float().cpu())

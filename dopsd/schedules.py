@@ -61,5 +61,3 @@ def check_schedule(sigmas: torch.Tensor) -> None:
         raise ValueError(f"a schedule must decrease strictly and end at 0, got {sigmas.tolist()}")
     if float(sigmas[0]) > 1.0:
         raise ValueError(f"σ must lie in [0, 1], got {float(sigmas[0])}")
-
-

@@ -72,8 +72,10 @@ class Trainer:
         t = config.train
         kwargs: dict[str, Any] = {"mixed_precision": t.mixed_precision, "cpu": t.device == "cpu"}
         if t.fsdp and (t.device == "cpu" or not torch.cuda.is_available()):
-            raise ConfigError("train.fsdp is set but this run would be on the CPU: FSDP shards models across GPUs "
-                              "and is not run on the CPU; on the CPU leave train.fsdp empty (plain DDP)")
+            raise ConfigError(
+                "train.fsdp is set but this run would be on the CPU: FSDP shards models across GPUs "
+                "and is not run on the CPU; on the CPU leave train.fsdp empty (plain DDP)"
+            )
         if t.fsdp:  # passed through to accelerate
             from accelerate import FullyShardedDataParallelPlugin
 
@@ -107,14 +109,25 @@ class Trainer:
     def prepare(self) -> None:
         cfg, adapter = self.cfg, self.adapter
         self.prompts = cfg.sample.prompts or distinct_captions(self.examples, cfg.sample.num_prompts)
-        root = None if not cfg.cache.enabled else Path(cfg.cache.dir).expanduser() if cfg.cache.dir else default_cache_dir()
+        root = (
+            None
+            if not cfg.cache.enabled
+            else Path(cfg.cache.dir).expanduser()
+            if cfg.cache.dir
+            else default_cache_dir()
+        )
         self.cache = FeatureCache(root, model_fingerprint(cfg, adapter))
         editing = self.m.editing  # editing models need sources: sample the first training examples instead
         extra = list(self.method.prior_prompts) + [p for t in self.terms for p in t.prompts(self)]
         with self.acc.main_process_first():  # the main process computes and stores; the others find the files
             self.feats: Features = build_features(
-                adapter, self.examples, cfg, self.cache, ([] if editing else self.prompts) + extra,
-                need_latents=any(t.latents for t in self.terms), need_teacher=any(t.teacher for t in self.terms),
+                adapter,
+                self.examples,
+                cfg,
+                self.cache,
+                ([] if editing else self.prompts) + extra,
+                need_latents=any(t.latents for t in self.terms),
+                need_teacher=any(t.teacher for t in self.terms),
             )
         if editing:
             shown = range(min(len(self.examples), cfg.sample.num_prompts))
@@ -129,14 +142,22 @@ class Trainer:
         continued = self.init is not None and continual.apply(network, cfg, self.init, adapter.default_lora_targets())
         torch.manual_seed(cfg.train.seed)  # deterministic LoRA init (resume and every process agree)
         if cfg.lora.enabled and not continued:
-            add_lora(network, cfg.lora.targets or adapter.default_lora_targets(), cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout)
+            add_lora(
+                network,
+                cfg.lora.targets or adapter.default_lora_targets(),
+                cfg.lora.rank,
+                cfg.lora.alpha,
+                cfg.lora.dropout,
+            )
         elif not cfg.lora.enabled:
             network.requires_grad_(True)
         if cfg.train.gradient_checkpointing:
             if hasattr(network, "enable_gradient_checkpointing"):
                 network.enable_gradient_checkpointing()
             else:
-                warnings.warn(f"{type(network).__name__} has no gradient checkpointing; train.gradient_checkpointing ignored")
+                warnings.warn(
+                    f"{type(network).__name__} has no gradient checkpointing; train.gradient_checkpointing ignored"
+                )
         network.train()
         self.trainable = trainable_parameters(network)
         if cfg.lora.enabled and self.dtype != torch.float32:
@@ -187,13 +208,25 @@ class Trainer:
             # Good = finite, sane weights and no broken few-step health at the latest measurement (if any).
             good = weights["ok"] and not (self.last_health or {}).get("broken")
             ckpt.write_main(
-                root, self.step, trainable=self.trainable, prior=None if prior is None else prior.state_dict(),
+                root,
+                self.step,
+                trainable=self.trainable,
+                prior=None if prior is None else prior.state_dict(),
                 teacher=None if self.teacher is None else self.teacher.state_dict(),
-                optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
-                state={"step": self.step, "order": self.order.state_dict(), "history": self.history,
-                       "nonfinite": self.nonfinite, "processes": self.world, "global_batch": self.global_batch,
-                       "dataset": self.dataset, "good": good, "weights": weights,
-                       "health": self.last_health},
+                optimizer=self.optimizer.state_dict(),
+                scheduler=self.scheduler.state_dict(),
+                state={
+                    "step": self.step,
+                    "order": self.order.state_dict(),
+                    "history": self.history,
+                    "nonfinite": self.nonfinite,
+                    "processes": self.world,
+                    "global_batch": self.global_batch,
+                    "dataset": self.dataset,
+                    "good": good,
+                    "weights": weights,
+                    "health": self.last_health,
+                },
             )
             ckpt.finalise(root, self.step, self.cfg.train.keep_checkpoints)
         self.acc.wait_for_everyone()
@@ -207,15 +240,20 @@ class Trainer:
     def _load_checkpoint(self) -> None:
         root = self.out / rundir.CHECKPOINTS
         path, data, notes = ckpt.load_for_resume(root, self.rank, self.acc.device)
-        notes += ckpt.check_fits(path, data["state"], dataset=self.dataset,
-                                 processes=self.world, global_batch=self.global_batch)
+        notes += ckpt.check_fits(
+            path, data["state"], dataset=self.dataset, processes=self.world, global_batch=self.global_batch
+        )
         if not data["state"].get("good", True):
             why = (data["state"].get("weights") or {}).get("problem") or "its few-step health was broken"
-            notes.append(f"{path} was not a good checkpoint when written ({why}); the last good one is "
-                         f"{ckpt.last_good(root) or 'none'}")
+            notes.append(
+                f"{path} was not a good checkpoint when written ({why}); the last good one is "
+                f"{ckpt.last_good(root) or 'none'}"
+            )
         if set(data["trainable"]) != set(self.trainable):
-            raise CheckpointError(f"{path} does not match the model's trainable weights (lora.targets or the model "
-                                  "changed?); resume with the run's settings")
+            raise CheckpointError(
+                f"{path} does not match the model's trainable weights (lora.targets or the model "
+                "changed?); resume with the run's settings"
+            )
         self.checkpoints_seen = [p.name for p in ckpt.list_checkpoints(root)]
         self.resume_notes = notes
         self.last_health = data["state"].get("health")
@@ -273,7 +311,9 @@ class Trainer:
         norm = self.acc.clip_grad_norm_(list(self.trainable.values()), limit)
         record["grad_norm"] = float(norm) if norm is not None else float("nan")
         record["lr"] = self.scheduler.get_last_lr()[0]
-        finite = math.isfinite(record["loss"]) and (math.isfinite(record["grad_norm"]) or cfg.train.mixed_precision == "fp16")
+        finite = math.isfinite(record["loss"]) and (
+            math.isfinite(record["grad_norm"]) or cfg.train.mixed_precision == "fp16"
+        )
         if finite:
             self.optimizer.step()
             if not self.acc.optimizer_step_was_skipped:  # fp16: the grad scaler may skip an overflowing step
@@ -366,9 +406,11 @@ class Trainer:
             if status != rundir.STATUS_OK:
                 kept = f"the final weights are in {weights}" if weights else "no final weights were written"
                 good = summary["last_good_checkpoint"] or "none"
-                failure = (f"training finished but the model is broken: {problem}. {out / rundir.SUMMARY} records "
-                           f"status '{status}'; {kept}; last good checkpoint: {good}. "
-                           f"Lower optim.lr (now {cfg.optim.lr:g}) and start again (--overwrite moves this run aside)")
+                failure = (
+                    f"training finished but the model is broken: {problem}. {out / rundir.SUMMARY} records "
+                    f"status '{status}'; {kept}; last good checkpoint: {good}. "
+                    f"Lower optim.lr (now {cfg.optim.lr:g}) and start again (--overwrite moves this run aside)"
+                )
         failure = self.broadcast(failure)
         self.acc.wait_for_everyone()
         if failure is not None:
@@ -376,15 +418,18 @@ class Trainer:
         return Result(out, self.step, [r["loss"] for r in self.history], weights, summary, self.history)
 
     def _nonfinite(self, record: dict[str, Any]) -> None:
-        msg = (f"step {self.step}: non-finite loss or gradient (loss {record['loss']}, grad norm "
-               f"{record['grad_norm']}); step skipped ({self.nonfinite} in a row)")
+        msg = (
+            f"step {self.step}: non-finite loss or gradient (loss {record['loss']}, grad norm "
+            f"{record['grad_norm']}); step skipped ({self.nonfinite} in a row)"
+        )
         if self.main:
             warnings.warn(msg)
         if self.nonfinite >= self.cfg.train.max_nonfinite:
             good = ckpt.last_good(self.out / rundir.CHECKPOINTS)
             raise TrainingAborted(
                 f"{self.nonfinite} non-finite steps in a row (train.max_nonfinite); training stopped at step "
-                f"{self.step}. Last good checkpoint: {good or 'none'}. Lower optim.lr or check the data.")
+                f"{self.step}. Last good checkpoint: {good or 'none'}. Lower optim.lr or check the data."
+            )
 
     def _verdict(self, latest: dict[str, Any]) -> tuple[str, str | None]:
         """ok, or unhealthy with the reason: non-finite/exploded weights, or broken few-step samples at the end."""
@@ -398,9 +443,16 @@ class Trainer:
         return (rundir.STATUS_UNHEALTHY, "; ".join(problems)) if problems else (rundir.STATUS_OK, None)
 
     def _summary(self, monitor: Monitor, status: str, problem: str | None, weights: Path | None) -> dict[str, Any]:
-        summary = rundir.build_summary(self, status=status, problem=problem, weights=weights, latest=monitor.latest,
-                                       wall=time.time() - self.started, steps_this_run=self.step - self.first_step,
-                                       loop_seconds=self.loop_seconds)
+        summary = rundir.build_summary(
+            self,
+            status=status,
+            problem=problem,
+            weights=weights,
+            latest=monitor.latest,
+            wall=time.time() - self.started,
+            steps_this_run=self.step - self.first_step,
+            loop_seconds=self.loop_seconds,
+        )
         rundir.write_summary(self.out, summary)
         monitor.progress(status)
         return summary

@@ -98,12 +98,25 @@ def build_assets(root: Path) -> Path:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             build_zimage(root / "zimage")
             build_dinov2(root / "dino")
-            code = cli.main([
-                "train", "mini", f"data.path={root / 'data'}", f"model.pretrained={root / 'tiny'}",
-                f"train.output_dir={root / 'run'}", "train.max_steps=2", "train.batch_size=2",
-                "train.checkpoint_every=1", "sample.every=0", "sample.seeds=[0]", "sample.control_steps=0",
-                "log.progress=false", "log.tensorboard=false", "model.teacher_context=reference", "lora.rank=4",
-            ])
+            code = cli.main(
+                [
+                    "train",
+                    "mini",
+                    f"data.path={root / 'data'}",
+                    f"model.pretrained={root / 'tiny'}",
+                    f"train.output_dir={root / 'run'}",
+                    "train.max_steps=2",
+                    "train.batch_size=2",
+                    "train.checkpoint_every=1",
+                    "sample.every=0",
+                    "sample.seeds=[0]",
+                    "sample.control_steps=0",
+                    "log.progress=false",
+                    "log.tensorboard=false",
+                    "model.teacher_context=reference",
+                    "lora.rank=4",
+                ]
+            )
     finally:
         os.environ.pop("DOPSD_CACHE") if old_cache is None else os.environ.update(DOPSD_CACHE=old_cache)
     assert code == 0, "building the shared run failed"
@@ -154,13 +167,18 @@ def snapshot(w: Path, assets: Path) -> dict[str, tuple]:
 
 
 def _diff(before: dict[str, tuple], after: dict[str, tuple]) -> list[str]:
-    return sorted([f"+{k}" for k in after.keys() - before.keys()] + [f"-{k}" for k in before.keys() - after.keys()]
-                  + [f"~{k}" for k in before.keys() & after.keys() if before[k] != after[k] and not before[k][1]])
+    return sorted(
+        [f"+{k}" for k in after.keys() - before.keys()]
+        + [f"-{k}" for k in before.keys() - after.keys()]
+        + [f"~{k}" for k in before.keys() & after.keys() if before[k] != after[k] and not before[k][1]]
+    )
 
 
 def normalise(text: str, w: Path, assets: Path) -> str:
-    for path, shown in sorted([(w.resolve(), "."), (w, "."), (assets.resolve(), "."), (assets, "."),
-                               (ROOT / "dopsd", "<dopsd>")], key=lambda p: -len(str(p[0]))):
+    for path, shown in sorted(
+        [(w.resolve(), "."), (w, "."), (assets.resolve(), "."), (assets, "."), (ROOT / "dopsd", "<dopsd>")],
+        key=lambda p: -len(str(p[0])),
+    ):
         text = text.replace(str(path), shown)
     return text
 
@@ -178,8 +196,14 @@ def run_case(case: Case, assets: Path, w: Path) -> Result:
     env = {"DOPSD_CACHE": str(w / CACHE)}
     before = snapshot(w, assets)
     if case.subprocess:
-        proc = subprocess.run([sys.executable, "-m", "dopsd.cli", *argv], cwd=w, capture_output=True, text=True,
-                              env={**os.environ, **env, "PYTHONPATH": str(ROOT)}, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-m", "dopsd.cli", *argv],
+            cwd=w,
+            capture_output=True,
+            text=True,
+            env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
+            timeout=300,
+        )
         code, out, err = proc.returncode, proc.stdout, proc.stderr
     else:
         code, out, err = _in_process(argv, w, env)
@@ -239,8 +263,9 @@ def render(cases: list[Case], results: list[Result]) -> str:
         out += ["", f"## {group}", "", "| bad input | command | exit | message |", "|---|---|---|---|"]
         for case, result in rows:
             mark = " ⚙" if case.subprocess else ""
-            out.append(f"| {_cell(case.what)}{mark} | `dopsd {_cell(case.argv)}` | {result.code} | "
-                       f"{_cell(result.message)} |")
+            out.append(
+                f"| {_cell(case.what)}{mark} | `dopsd {_cell(case.argv)}` | {result.code} | {_cell(result.message)} |"
+            )
     return "\n".join(out) + "\n"
 
 

@@ -22,8 +22,12 @@ import torch
 
 QKV = {"to_q": 0, "to_k": 1, "to_v": 2, "add_q_proj": 0, "add_k_proj": 1, "add_v_proj": 2}
 FLUX2_TABLE = {  # diffusers name inside a block → original name
-    "attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj", "ff.linear_in": "img_mlp.0",
-    "ff.linear_out": "img_mlp.2", "ff_context.linear_in": "txt_mlp.0", "ff_context.linear_out": "txt_mlp.2",
+    "attn.to_out.0": "img_attn.proj",
+    "attn.to_add_out": "txt_attn.proj",
+    "ff.linear_in": "img_mlp.0",
+    "ff.linear_out": "img_mlp.2",
+    "ff_context.linear_in": "txt_mlp.0",
+    "ff_context.linear_out": "txt_mlp.2",
 }
 
 
@@ -39,7 +43,11 @@ def original_target(family: str, name: str, width: int) -> tuple[str, int | None
             return f"double_blocks.{m.group(1)}.{FLUX2_TABLE[m.group(2)]}", None, None
         m = re.fullmatch(r"single_transformer_blocks\.(\d+)\.attn\.(to_qkv_mlp_proj|to_out)", name)
         if m:
-            return f"single_blocks.{m.group(1)}.{'linear1' if m.group(2) == 'to_qkv_mlp_proj' else 'linear2'}", None, None
+            return (
+                f"single_blocks.{m.group(1)}.{'linear1' if m.group(2) == 'to_qkv_mlp_proj' else 'linear2'}",
+                None,
+                None,
+            )
         return None
     m = re.fullmatch(r"((?:layers|noise_refiner|context_refiner)\.\d+)\.(.+)", name)
     if not m:
@@ -57,8 +65,10 @@ def original_target(family: str, name: str, width: int) -> tuple[str, int | None
 def original_weights(family: str, transformer: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
     """(original-layout weights of the mapped Linear layers, ComfyUI's key map) of a diffusers transformer
     (without LoRA). Checked: diffusers' converter turns these weights back into the transformer's own."""
-    from diffusers.loaders.single_file_utils import (convert_flux2_transformer_checkpoint_to_diffusers,
-                                                     convert_z_image_transformer_checkpoint_to_diffusers)
+    from diffusers.loaders.single_file_utils import (
+        convert_flux2_transformer_checkpoint_to_diffusers,
+        convert_z_image_transformer_checkpoint_to_diffusers,
+    )
 
     width = transformer.inner_dim if family == "flux2" else transformer.config.dim
     own = {k.removesuffix(".weight"): v for k, v in transformer.state_dict().items() if k.endswith(".weight")}
@@ -76,14 +86,21 @@ def original_weights(family: str, transformer: torch.nn.Module) -> tuple[dict[st
     native = {k: torch.cat([w for _, w in sorted(parts, key=lambda p: p[0])]) for k, parts in weights.items()}
     for k in native:
         key_map[f"diffusion_model.{k}"] = (k, None, None)
-    convert = (convert_flux2_transformer_checkpoint_to_diffusers if family == "flux2"
-               else convert_z_image_transformer_checkpoint_to_diffusers)
+    convert = (
+        convert_flux2_transformer_checkpoint_to_diffusers
+        if family == "flux2"
+        else convert_z_image_transformer_checkpoint_to_diffusers
+    )
     back = convert({f"{k}.weight": v.clone() for k, v in native.items()})
-    assert set(back) <= {f"{k}.weight" for k in own} and all(torch.equal(v, own[k.removesuffix(".weight")]) for k, v in back.items())
+    assert set(back) <= {f"{k}.weight" for k in own} and all(
+        torch.equal(v, own[k.removesuffix(".weight")]) for k, v in back.items()
+    )
     return native, key_map
 
 
-def comfy_apply(lora: dict[str, torch.Tensor], native: dict[str, torch.Tensor], key_map: dict) -> tuple[dict, list[str]]:
+def comfy_apply(
+    lora: dict[str, torch.Tensor], native: dict[str, torch.Tensor], key_map: dict
+) -> tuple[dict, list[str]]:
     """(patched original-layout weights, LoRA keys ComfyUI would leave unloaded)."""
     patched = {k: v.clone().float() for k, v in native.items()}
     loaded = set()
@@ -98,16 +115,21 @@ def comfy_apply(lora: dict[str, torch.Tensor], native: dict[str, torch.Tensor], 
                 if row is None:
                     w += delta
                 else:
-                    w[row:row + rows] += delta
+                    w[row : row + rows] += delta
                 loaded |= {x + up_s, x + down_s} | ({x + ".alpha"} if alpha is not None else set())
                 break
     return patched, sorted(set(lora) - loaded)
 
 
 def to_diffusers(family: str, patched: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    from diffusers.loaders.single_file_utils import (convert_flux2_transformer_checkpoint_to_diffusers,
-                                                     convert_z_image_transformer_checkpoint_to_diffusers)
+    from diffusers.loaders.single_file_utils import (
+        convert_flux2_transformer_checkpoint_to_diffusers,
+        convert_z_image_transformer_checkpoint_to_diffusers,
+    )
 
-    convert = (convert_flux2_transformer_checkpoint_to_diffusers if family == "flux2"
-               else convert_z_image_transformer_checkpoint_to_diffusers)
+    convert = (
+        convert_flux2_transformer_checkpoint_to_diffusers
+        if family == "flux2"
+        else convert_z_image_transformer_checkpoint_to_diffusers
+    )
     return convert({f"{k}.weight": v for k, v in patched.items()})

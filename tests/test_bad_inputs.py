@@ -7,7 +7,6 @@ offending file/key/flag, and write, change or delete nothing. Regenerate the tab
 from __future__ import annotations
 
 import pytest
-
 from bad_input_cases import CASES
 from bad_inputs import DOC, REGENERATE, Result, build_assets, render, run_case
 
@@ -22,8 +21,10 @@ def assets(tmp_path_factory):
 def _check(case, assets, folder) -> Result:
     result = run_case(case, assets, folder)
     problems = result.problems(case)
-    assert not problems, (f"dopsd {case.argv}: {'; '.join(problems)}\nexit {result.code}\nstderr:\n{result.stderr}"
-                          f"\nstdout:\n{result.stdout[-2000:]}")
+    assert not problems, (
+        f"dopsd {case.argv}: {'; '.join(problems)}\nexit {result.code}\nstderr:\n{result.stderr}"
+        f"\nstdout:\n{result.stdout[-2000:]}"
+    )
     return result
 
 
@@ -36,6 +37,4 @@ def test_the_table_of_bad_inputs_is_current(assets, tmp_path):
     """docs/bad-inputs.md is what the cases print now (cases not run above in this session run here)."""
     results = [RESULTS.get(c.id) or _check(c, assets, tmp_path / c.id) for c in CASES]
     assert len(CASES) >= 60
-    assert DOC.is_file() and DOC.read_text() == render(CASES, results), (
-        f"{DOC.name} is stale: run `{REGENERATE}`"
-    )
+    assert DOC.is_file() and DOC.read_text() == render(CASES, results), f"{DOC.name} is stale: run `{REGENERATE}`"

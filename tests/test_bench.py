@@ -194,8 +194,14 @@ def test_claim_verdicts_follow_the_stated_criteria() -> None:
     from dopsd.bench.claims import check_setting
 
     def row(q: float, q_std: float, fid: float = 0.9) -> dict:
-        return {"fewstep_quality": q, "fewstep_quality_std": q_std, "manystep_quality": 0.99,
-                "concept_fidelity": fid, "concept_fidelity_std": 0.01, "attribute_accuracy": 0.95}
+        return {
+            "fewstep_quality": q,
+            "fewstep_quality_std": q_std,
+            "manystep_quality": 0.99,
+            "concept_fidelity": fid,
+            "concept_fidelity_std": 0.01,
+            "attribute_accuracy": 0.95,
+        }
 
     def verdict(rows: dict, claim: str) -> str:
         return next(c["verdict"] for c in check_setting("concept_lora", rows, {}) if c["claim"].startswith(claim))

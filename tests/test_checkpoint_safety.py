@@ -9,9 +9,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 
 import dopsd
-from conftest import tiny_config
 from dopsd import checkpoint as ckpt
 from dopsd.errors import CheckpointError
 from dopsd.mini.adapter import tiny_random_adapter
@@ -41,7 +41,7 @@ def plant(path, marker):
 def test_state_files_round_trip_optimizer_and_rng_states_exactly(tmp_path):
     params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
     opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.99))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 ** s)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5**s)
     for _ in range(3):
         sum(p.square().sum() for p in params).backward()
         opt.step()
@@ -84,8 +84,10 @@ def test_a_planted_pickle_is_never_run_and_an_old_pickle_checkpoint_is_refused_c
 
 def test_a_corrupt_latest_checkpoint_is_named_and_the_previous_good_one_resumes_exactly(tmp_path, concept_data):
     settings = {"train.max_steps": 4, "train.checkpoint_every": 2, "lora.dropout": 0.1, "data.caption_dropout": 0.3}
-    reference = dopsd.train(tiny_config(tmp_path, concept_data, **{**settings, "train.output_dir": tmp_path / "ref",
-                                                                   "train.max_steps": 6}), adapter=adapter())
+    reference = dopsd.train(
+        tiny_config(tmp_path, concept_data, **{**settings, "train.output_dir": tmp_path / "ref", "train.max_steps": 6}),
+        adapter=adapter(),
+    )
     cfg = tiny_config(tmp_path, concept_data, **settings)
     dopsd.train(cfg, adapter=adapter())
     broken = tmp_path / "run" / "checkpoints" / "step-0000004" / "optimizer.safetensors"
@@ -105,8 +107,12 @@ def test_resume_on_other_data_or_another_global_batch_is_refused(tmp_path, conce
     with pytest.raises(CheckpointError, match="global batch of 2"):
         dopsd.train(cfg, ["train.max_steps=3", "train.batch_size=1"], resume=True, adapter=adapter())
     # The same global batch in another shape is the same training: accepted.
-    same = dopsd.train(cfg, ["train.max_steps=3", "train.batch_size=1", "train.gradient_accumulation=2"], resume=True,
-                       adapter=adapter())
+    same = dopsd.train(
+        cfg,
+        ["train.max_steps=3", "train.batch_size=1", "train.gradient_accumulation=2"],
+        resume=True,
+        adapter=adapter(),
+    )
     assert same.steps == 3
     (concept_data / "img02.txt").write_text("a sks circle on a gray background\n")
     with pytest.raises(CheckpointError, match=r"other data .*changed: img02.png"):

@@ -9,7 +9,7 @@ import pytest
 
 from dopsd import cli
 
-FAKE = '''
+FAKE = """
 import errno, torch
 from dopsd.errors import UsageError
 
@@ -24,7 +24,7 @@ def main(args):
     if args.what == "oom":
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
     raise KeyError("bug")
-'''
+"""
 
 
 @pytest.fixture
@@ -37,12 +37,19 @@ def fake_command(tmp_path, monkeypatch):
     sys.modules.pop("dopsd_fake_command", None)
 
 
-@pytest.mark.parametrize("what, code, says", [
-    ("usage", 2, "dopsd fake: --flag 3 cannot work here"),
-    ("disk", 1, "dopsd fake: No space left on device (/data/run/lora.safetensors); free space"),
-    ("oom", 1, "dopsd fake: out of memory (CUDA out of memory. Tried to allocate 20.00 GiB); lower train.batch_size"),
-    ("bug", 1, "dopsd fake: internal error: KeyError: 'bug'\nThis is a bug in dopsd"),
-])
+@pytest.mark.parametrize(
+    "what, code, says",
+    [
+        ("usage", 2, "dopsd fake: --flag 3 cannot work here"),
+        ("disk", 1, "dopsd fake: No space left on device (/data/run/lora.safetensors); free space"),
+        (
+            "oom",
+            1,
+            "dopsd fake: out of memory (CUDA out of memory. Tried to allocate 20.00 GiB); lower train.batch_size",
+        ),
+        ("bug", 1, "dopsd fake: internal error: KeyError: 'bug'\nThis is a bug in dopsd"),
+    ],
+)
 def test_errors_are_reported_by_kind(fake_command, capsys, what, code, says):
     assert cli.main(["fake", what]) == code
     err = capsys.readouterr().err
@@ -57,20 +64,72 @@ def test_debug_shows_the_traceback(fake_command):
 
 def test_overrides_may_follow_flags(tmp_path, tiny_mini, capsys):
     out = tmp_path / "grid.png"
-    assert cli.main(["sample", "mini", "--prompt", "a red circle", "--seeds", "0", "--out", str(out),
-                     f"model.pretrained={tiny_mini}", "model.inference_steps=2"]) == 0
+    assert (
+        cli.main(
+            [
+                "sample",
+                "mini",
+                "--prompt",
+                "a red circle",
+                "--seeds",
+                "0",
+                "--out",
+                str(out),
+                f"model.pretrained={tiny_mini}",
+                "model.inference_steps=2",
+            ]
+        )
+        == 0
+    )
     assert out.is_file() and "2 steps" in capsys.readouterr().out
-    assert cli.main(["sample", "mini", "--prompt", "a red circle", "--seeds", "0", "--out", str(out),
-                     f"model.pretrained={tiny_mini}"]) == 2  # exists: replaced only with --overwrite
+    assert (
+        cli.main(
+            [
+                "sample",
+                "mini",
+                "--prompt",
+                "a red circle",
+                "--seeds",
+                "0",
+                "--out",
+                str(out),
+                f"model.pretrained={tiny_mini}",
+            ]
+        )
+        == 2
+    )  # exists: replaced only with --overwrite
     assert "--overwrite" in capsys.readouterr().err
-    assert cli.main(["sample", "mini", "--prompt", "a red circle", "--seeds", "0", "--out", str(out), "--overwrite",
-                     f"model.pretrained={tiny_mini}"]) == 0
+    assert (
+        cli.main(
+            [
+                "sample",
+                "mini",
+                "--prompt",
+                "a red circle",
+                "--seeds",
+                "0",
+                "--out",
+                str(out),
+                "--overwrite",
+                f"model.pretrained={tiny_mini}",
+            ]
+        )
+        == 0
+    )
 
 
 def test_report_folders_replace_only_their_own_files(tmp_path, concept_data, tiny_mini):
     """`dopsd probe` reruns into its own folder; a folder holding anything else is refused untouched."""
-    common = ["probe", "mini", f"data.path={concept_data}", f"model.pretrained={tiny_mini}", "--seeds", "1",
-              "--limit", "1"]
+    common = [
+        "probe",
+        "mini",
+        f"data.path={concept_data}",
+        f"model.pretrained={tiny_mini}",
+        "--seeds",
+        "1",
+        "--limit",
+        "1",
+    ]
     out = tmp_path / "probe"
     assert cli.main([*common, "--out", str(out)]) == 0
     assert cli.main([*common, "--out", str(out)]) == 0  # its own earlier report: replaced

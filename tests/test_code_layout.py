@@ -1,9 +1,15 @@
-"""The code's shape: short files, no import cycles between modules, a README layout that names every module. The family boundary (the core reaches families only through the protocol) is tests/test_families.py."""
+"""The code's shape: short files, no import cycles between modules, a README layout that names every module, and a
+clean lint and format (ruff, configured in pyproject.toml). The family boundary (the core reaches families only
+through the protocol) is tests/test_families.py."""
 
 import ast
 import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "dopsd"
@@ -20,8 +26,11 @@ def _module_name(path: Path) -> str:
 
 
 def test_no_file_is_long():
-    long = {str(p.relative_to(REPO)): n for p in _python_files(PACKAGE, REPO / "tests")
-            if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    long = {
+        str(p.relative_to(REPO)): n
+        for p in _python_files(PACKAGE, REPO / "tests")
+        if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
     assert not long, f"over {MAX_LINES} lines (split by what each part holds): {long}"
 
 
@@ -48,7 +57,9 @@ def _top_level_imports(path: Path, modules: set[str]) -> set[str]:
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
-                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                    base = ".".join(
+                        package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                    )
                 for alias in node.names:
                     if f"{base}.{alias.name}" in modules:
                         found.add(f"{base}.{alias.name}")
@@ -120,11 +131,24 @@ def test_the_readme_layout_names_every_module():
     block = re.search(r"## Layout\n+```\n(.*?)```", readme, re.S)
     assert block, "README.md has no '## Layout' code block"
     text = block.group(1).replace("dopsd/", "")
-    names = sorted({p.name for p in PACKAGE.iterdir() if p.suffix == ".py" and p.name != "__init__.py"}
-                   | {p.name + "/" for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()})
+    names = sorted(
+        {p.name for p in PACKAGE.iterdir() if p.suffix == ".py" and p.name != "__init__.py"}
+        | {p.name + "/" for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
+    )
     missing = [n for n in names if not re.search(rf"(?<![\w/]){re.escape(n)}", text)]
     assert not missing, f"README.md's layout does not mention: {missing}"
     files = {p.name for p in PACKAGE.rglob("*.py")}
     named = set(re.findall(r"(?<![\w.])([a-z_]+\.py)", text))
     gone = sorted(n for n in named if not any(f.endswith(n) for f in files))
     assert not gone, f"README.md's layout names modules that no longer exist: {gone}"
+
+
+@pytest.mark.skipif(shutil.which("ruff", path=str(Path(sys.executable).parent)) is None, reason="ruff not installed")
+def test_lint_and_format_are_clean():
+    ruff = shutil.which("ruff", path=str(Path(sys.executable).parent))
+    check = subprocess.run([ruff, "check", "dopsd", "tests", "benchmarks"], cwd=REPO, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout[-4000:] + check.stderr[-2000:]
+    fmt = subprocess.run(
+        [ruff, "format", "--check", "dopsd", "tests", "benchmarks"], cwd=REPO, capture_output=True, text=True
+    )
+    assert fmt.returncode == 0, "run `.venv/bin/ruff format dopsd tests benchmarks`:\n" + fmt.stdout[-4000:]

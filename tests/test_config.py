@@ -32,8 +32,17 @@ def test_presets_carry_each_models_setting():
 def test_yaml_and_overrides_are_typed(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("preset: mini\ndata: {path: imgs, caption_dropout: 0.1}\noptim: {lr: 3e-4}\n")
-    config = load_config(f, ["optim.lr=2e-4", "train.max_steps=7", "lora.enabled=false", "sample.seeds=[3, 4]",
-                             "model.pretrained=null", "method.prior_prompts=[a red circle]"])
+    config = load_config(
+        f,
+        [
+            "optim.lr=2e-4",
+            "train.max_steps=7",
+            "lora.enabled=false",
+            "sample.seeds=[3, 4]",
+            "model.pretrained=null",
+            "method.prior_prompts=[a red circle]",
+        ],
+    )
     assert config.optim.lr == pytest.approx(2e-4) and isinstance(config.optim.lr, float)  # YAML reads 2e-4 as text
     assert config.train.max_steps == 7 and config.lora.enabled is False and config.sample.seeds == [3, 4]
     assert config.model.pretrained is None and config.method.prior_prompts == ["a red circle"]
@@ -138,8 +147,10 @@ def test_import_dopsd_is_light_and_exposes_train():
 
 def test_the_families_token_and_layer_settings_are_declared():
     """The settings the adapters read (and their error messages name) are typed config keys, checked like all."""
-    m = load_config("zimage-turbo", ["model.teacher_max_tokens=300", "model.teacher_image_tokens=64",
-                                     "model.text_encoder_out_layers=[9, 18]"]).model
+    m = load_config(
+        "zimage-turbo",
+        ["model.teacher_max_tokens=300", "model.teacher_image_tokens=64", "model.text_encoder_out_layers=[9, 18]"],
+    ).model
     assert (m.teacher_max_tokens, m.teacher_image_tokens, m.text_encoder_out_layers) == (300, 64, [9, 18])
     d = load_config("flux2-klein-4b").model
     assert (d.teacher_max_tokens, d.teacher_image_tokens, d.text_encoder_out_layers) == (1024, 256, None)

@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config, write_concept_folder
 from PIL import Image
 
 import dopsd
-from conftest import tiny_config, write_concept_folder
 from dopsd.config import ConfigError
 from dopsd.data.dataset import load_dataset
 from dopsd.errors import RunFolderError
@@ -29,8 +29,12 @@ def samples(network, a) -> torch.Tensor:
     fresh = adapter()  # the trainer released `a`'s encoder; every tiny adapter has the same one
     ctx = fresh.collate(fresh.student_contexts(PROMPTS))
     with torch.no_grad():
-        return sample_euler(lambda x, s, c: a.velocity(network, x, s, c), seed_noise((3, 24, 24), [5, 6]),
-                            a.inference_schedule(24, 24), ctx)
+        return sample_euler(
+            lambda x, s, c: a.velocity(network, x, s, c),
+            seed_noise((3, 24, 24), [5, 6]),
+            a.inference_schedule(24, 24),
+            ctx,
+        )
 
 
 def grid(run, tag):
@@ -64,16 +68,21 @@ def test_round_two_starts_from_round_ones_final_model(tmp_path, concept_data, mo
         assert torch.equal(start, final)
     else:  # base + ΔW vs base + LoRA: equal up to float rounding
         torch.testing.assert_close(start, final, rtol=0, atol=1e-5)
-        assert not any("lora_" in n and "default" in n and p.abs().sum() > 0
-                       for n, p in trainer.network.named_parameters() if "lora_B" in n)  # a fresh LoRA (B = 0)
+        assert not any(
+            "lora_" in n and "default" in n and p.abs().sum() > 0
+            for n, p in trainer.network.named_parameters()
+            if "lora_B" in n
+        )  # a fresh LoRA (B = 0)
     # The whole round 2 through `dopsd train`: its step-0 grid is round 1's final grid.
-    r2 = dopsd.train(tiny_config(tmp_path, second, **FIXED, **{"train.output_dir": tmp_path / "r2"}, **init),
-                     adapter=adapter())
+    r2 = dopsd.train(
+        tiny_config(tmp_path, second, **FIXED, **{"train.output_dir": tmp_path / "r2"}, **init), adapter=adapter()
+    )
     diff = np.abs(grid(r2.output_dir, "step-0000000") - grid(r1.output_dir, "final")).max()
     assert diff == 0 if mode == "continue" else diff <= 1
     summary = json.loads((r2.output_dir / "summary.json").read_text())
-    assert summary["lineage"] == [{"from": str(r1.output_dir.resolve()), "mode": mode, "steps": 3, "method": "dopsd",
-                                   "weights": "lora"}]
+    assert summary["lineage"] == [
+        {"from": str(r1.output_dir.resolve()), "mode": mode, "steps": 3, "method": "dopsd", "weights": "lora"}
+    ]
     assert json.loads((r2.output_dir / "lora_config.json").read_text())["lineage"] == summary["lineage"]
     assert r2.summary["status"] == "ok" and len(r2.losses) == 3
 
@@ -81,11 +90,16 @@ def test_round_two_starts_from_round_ones_final_model(tmp_path, concept_data, mo
 def test_a_chain_of_merges_rebuilds_every_round(tmp_path, concept_data):
     r1, _ = round_one(tmp_path, concept_data)
     a2 = adapter()
-    cfg2 = tiny_config(tmp_path, concept_data, **FIXED, **{"train.output_dir": tmp_path / "r2",
-                                                           "train.init_from": str(r1.output_dir), "method.name": "sft"})
+    cfg2 = tiny_config(
+        tmp_path,
+        concept_data,
+        **FIXED,
+        **{"train.output_dir": tmp_path / "r2", "train.init_from": str(r1.output_dir), "method.name": "sft"},
+    )
     r2 = dopsd.train(cfg2, adapter=a2)
-    trainer, a3 = started(tmp_path, concept_data, "r3", **{"train.init_from": str(r2.output_dir),
-                                                           "train.init_mode": "continue"})
+    trainer, a3 = started(
+        tmp_path, concept_data, "r3", **{"train.init_from": str(r2.output_dir), "train.init_mode": "continue"}
+    )
     torch.testing.assert_close(samples(trainer.network, a3), samples(a2.network, a2), rtol=0, atol=1e-5)
     from dopsd.continual import lineage
 
@@ -104,11 +118,25 @@ def test_a_full_fine_tune_continues_from_its_weights(tmp_path, concept_data):
 def test_continue_needs_the_same_lora_and_a_finished_run(tmp_path, concept_data):
     r1, _ = round_one(tmp_path, concept_data)
     with pytest.raises(ConfigError, match="lora.rank"):
-        dopsd.train(tiny_config(tmp_path, concept_data, **{"train.output_dir": tmp_path / "x", "lora.rank": 3,
-                                                            "train.init_from": str(r1.output_dir),
-                                                            "train.init_mode": "continue"}), adapter=adapter())
+        dopsd.train(
+            tiny_config(
+                tmp_path,
+                concept_data,
+                **{
+                    "train.output_dir": tmp_path / "x",
+                    "lora.rank": 3,
+                    "train.init_from": str(r1.output_dir),
+                    "train.init_mode": "continue",
+                },
+            ),
+            adapter=adapter(),
+        )
     (r1.output_dir / "summary.json").unlink()
     with pytest.raises(RunFolderError, match="not a finished run"):
-        dopsd.train(tiny_config(tmp_path, concept_data, **{"train.output_dir": tmp_path / "y",
-                                                            "train.init_from": str(r1.output_dir)}), adapter=adapter())
+        dopsd.train(
+            tiny_config(
+                tmp_path, concept_data, **{"train.output_dir": tmp_path / "y", "train.init_from": str(r1.output_dir)}
+            ),
+            adapter=adapter(),
+        )
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

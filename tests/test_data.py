@@ -39,8 +39,10 @@ def test_folder_with_multiline_captions_and_trigger(tmp_path):
 def test_metadata_jsonl_with_list_text(tmp_path):
     png(tmp_path / "x.png")
     png(tmp_path / "y.png", colour=(0, 0, 255))
-    rows = [{"file_name": "x.png", "text": ["a red circle", "a red circle on a navy background"]},
-            {"file_name": "y.png", "text": "a blue square"}]
+    rows = [
+        {"file_name": "x.png", "text": ["a red circle", "a red circle on a navy background"]},
+        {"file_name": "y.png", "text": "a blue square"},
+    ]
     (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     c = cfg(tmp_path)
     examples = load_dataset(c.data, c.model)
@@ -70,9 +72,14 @@ def test_every_bad_file_is_reported_in_one_message_and_nothing_starts(tmp_path, 
     with pytest.raises(DatasetError) as err:
         dopsd.train(c)
     message = str(err.value)
-    for expected in ("corrupt.png: cannot read image", "truncated.png: cannot read image",
-                     "nocaption.png: missing caption file nocaption.txt", "empty.txt: caption file is empty",
-                     "tiny.png: 8×8 is smaller than the minimum side 12", "duplicate name: twin.jpg, twin.png"):
+    for expected in (
+        "corrupt.png: cannot read image",
+        "truncated.png: cannot read image",
+        "nocaption.png: missing caption file nocaption.txt",
+        "empty.txt: caption file is empty",
+        "tiny.png: 8×8 is smaller than the minimum side 12",
+        "duplicate name: twin.jpg, twin.png",
+    ):
         assert expected in message
     assert len(err.value.problems) == 6 and "good.png" not in message
     assert "nothing was started" in message
@@ -83,8 +90,14 @@ def test_every_bad_file_is_reported_in_one_message_and_nothing_starts(tmp_path, 
 
 def test_metadata_problems_are_collected(tmp_path):
     png(tmp_path / "x.png")
-    lines = ['{"file_name": "x.png", "text": "a red circle"}', "{broken json", '{"file_name": "gone.png", "text": "a"}',
-             '{"file_name": "x.png", "text": "again"}', '{"text": "no file name"}', '{"file_name": "x.png"}']
+    lines = [
+        '{"file_name": "x.png", "text": "a red circle"}',
+        "{broken json",
+        '{"file_name": "gone.png", "text": "a"}',
+        '{"file_name": "x.png", "text": "again"}',
+        '{"text": "no file name"}',
+        '{"file_name": "x.png"}',
+    ]
     (tmp_path / "metadata.jsonl").write_text("\n".join(lines))
     c = cfg(tmp_path)
     with pytest.raises(DatasetError) as err:

@@ -7,16 +7,16 @@ import os
 
 import numpy as np
 import pytest
+from conftest import save_tiny_mini
 from PIL import Image
 
-from conftest import save_tiny_mini
 from dopsd import cli
 from dopsd.config import load_config
 from dopsd.data.dataset import DatasetError, apply_trigger, check_dataset, load_dataset
-from dopsd.errors import PromptError
 from dopsd.data.image_files import detail_lost
-from dopsd.models.local import ModelFolderError, chat_token_counts, chat_tokens
+from dopsd.errors import PromptError
 from dopsd.mini.adapter import tiny_random_adapter
+from dopsd.models.local import ModelFolderError, chat_token_counts, chat_tokens
 from dopsd.models.registry import FAMILIES, caption_problems, family_module
 
 
@@ -40,18 +40,26 @@ def pairs(folder, captions, size=(24, 24)):
 
 
 def test_every_bad_miniature_caption_is_listed_with_file_line_and_closest_words(tmp_path):
-    data = pairs(tmp_path / "data", ["a red circle\na red squre on a grey background", "a sks kitty",
-                                     "a red circle on a gray background on a navy background"])
+    data = pairs(
+        tmp_path / "data",
+        [
+            "a red circle\na red squre on a grey background",
+            "a sks kitty",
+            "a red circle on a gray background on a navy background",
+        ],
+    )
     (data / "img3.png").write_bytes((data / "img0.png").read_bytes())
     (data / "img3.txt").write_text("a sks kitty\n")  # the same bad caption in a second file: one line, both places
     c = cfg(data, f"train.output_dir={tmp_path / 'run'}")
     with pytest.raises(DatasetError) as err:
         load_dataset(c.data, c.model)
     text = str(err.value)
-    assert ('"a red squre on a grey background" (img0.txt line 2): uses words outside the miniature world\'s '
-            "vocabulary: 'squre' (closest: square); 'grey' (closest: gray, green)") in text
+    assert (
+        '"a red squre on a grey background" (img0.txt line 2): uses words outside the miniature world\'s '
+        "vocabulary: 'squre' (closest: square); 'grey' (closest: gray, green)"
+    ) in text
     assert '"a sks kitty" (img1.txt line 1, img3.txt line 1)' in text and "'kitty' (no close word)" in text
-    assert '(img2.txt line 1): has 11 words; the miniature world allows 8' in text
+    assert "(img2.txt line 1): has 11 words; the miniature world allows 8" in text
     assert len(err.value.problems) == 3 and text.count("the miniature's words: a an on") == 1
     assert cli.main(["train", "mini", f"data.path={data}", f"train.output_dir={tmp_path / 'run'}"]) == 2
     assert not (tmp_path / "run").exists()  # found before anything started, not in feature building
@@ -91,8 +99,15 @@ def test_real_families_count_tokens_like_the_encoder_and_report_cut_captions_as_
     counts = chat_token_counts(tokenizer, [short, long], thinking)
     _, mask = chat_tokens(tokenizer, [short, long], 4096, thinking, "cpu")
     assert counts == mask.sum(1).tolist()  # the very count the encoder sees before its cut
-    c = cfg(pairs(tmp_path / "data", [short, long]), f"model.pretrained={folder}", "model.max_caption_tokens=40",
-            "model.height=32", "model.width=32", "data.trigger_word=null", preset=preset)
+    c = cfg(
+        pairs(tmp_path / "data", [short, long]),
+        f"model.pretrained={folder}",
+        "model.max_caption_tokens=40",
+        "model.height=32",
+        "model.width=32",
+        "data.trigger_word=null",
+        preset=preset,
+    )
     found = caption_problems(c.model, [short, long])
     assert [p.index for p in found if p.index is not None] == [1] and all(p.notice for p in found)
     report = check_dataset(c.data, c.model)  # a cut caption is said, not refused
@@ -104,7 +119,9 @@ def test_real_families_count_tokens_like_the_encoder_and_report_cut_captions_as_
 
 
 def test_flux2_says_when_the_teacher_instruction_is_cut(real_folders):
-    c = load_config("flux2-klein-4b", [f"model.pretrained={real_folders['flux2-klein-4b']}", "model.max_caption_tokens=40"])
+    c = load_config(
+        "flux2-klein-4b", [f"model.pretrained={real_folders['flux2-klein-4b']}", "model.max_caption_tokens=40"]
+    )
     found = caption_problems(c.model, ["a red cat", "a photo of a red cat on a mat " * 2])
     assert any(p.index == 1 and "teacher loses the end of the instruction" in p.message for p in found)
     assert not any(p.index == 0 for p in found)
@@ -123,8 +140,19 @@ def test_unreadable_prompts_raise_one_prompt_error_naming_each(tmp_path, capsys)
     with pytest.raises(PromptError):
         adapter.teacher_contexts(["a kitty"], [Image.new("RGB", (24, 24))])
     model = save_tiny_mini(tmp_path / "mini")
-    code = cli.main(["sample", "mini", f"model.pretrained={model}", "--prompt", "a cute kitty", "--seeds", "0",
-                     "--out", str(tmp_path / "s.png")])
+    code = cli.main(
+        [
+            "sample",
+            "mini",
+            f"model.pretrained={model}",
+            "--prompt",
+            "a cute kitty",
+            "--seeds",
+            "0",
+            "--out",
+            str(tmp_path / "s.png"),
+        ]
+    )
     err_text = capsys.readouterr().err
     assert code == 2 and "'kitty' (no close word)" in err_text
     assert "internal error" not in err_text and "Traceback" not in err_text and not (tmp_path / "s.png").exists()
@@ -164,14 +192,45 @@ def test_train_and_probe_print_the_summary_once_before_they_start(tmp_path, caps
     data = pairs(tmp_path / "data", ["a sks circle", "a sks square"], size=(48, 48))
     model = save_tiny_mini(tmp_path / "mini")
     common = [f"model.pretrained={model}", "model.teacher_context=reference"]
-    assert cli.main(["train", "mini", f"data.path={data}", *common, f"train.output_dir={tmp_path / 'run'}",
-                     "train.max_steps=1", "sample.every=0", "sample.control_steps=0", "sample.health=false",
-                     "log.progress=false", "log.tensorboard=false", f"cache.dir={tmp_path / 'cache'}"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "mini",
+                f"data.path={data}",
+                *common,
+                f"train.output_dir={tmp_path / 'run'}",
+                "train.max_steps=1",
+                "sample.every=0",
+                "sample.control_steps=0",
+                "sample.health=false",
+                "log.progress=false",
+                "log.tensorboard=false",
+                f"cache.dir={tmp_path / 'cache'}",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.count("2 of 2 images are downscaled to 24×24: from 48×48") == 1
     assert out.index("What training will do") < out.index("trained:")
-    assert cli.main(["probe", "mini", f"data.path={data}", *common, "--seeds", "1", "--steps", "2",
-                     "--out", str(tmp_path / "probe")]) == 0
+    assert (
+        cli.main(
+            [
+                "probe",
+                "mini",
+                f"data.path={data}",
+                *common,
+                "--seeds",
+                "1",
+                "--steps",
+                "2",
+                "--out",
+                str(tmp_path / "probe"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.count("2 of 2 images are downscaled to 24×24") == 1 and out.index("dataset") < out.index("teacher probe")
 
@@ -214,10 +273,13 @@ def test_trigger_words_match_whole_words_and_phrases():
 def test_placeholder_and_trigger_word_rules_are_said(tmp_path, real_folders):
     data = pairs(tmp_path, ["a [V] teapot", "[V]", "a red teapot"], size=(32, 32))
     real = [f"model.pretrained={real_folders['zimage-turbo']}", "model.height=32", "model.width=32"]
-    notes = " ".join(check_dataset(cfg(data, *real, preset="zimage-turbo").data,
-                                   cfg(data, *real, preset="zimage-turbo").model).notes)
-    assert "2 caption(s) use the placeholder '[V]' as a word of their own, since data.trigger_word is not set " \
-           "(img0.txt line 1, img1.txt line 1)" in notes
+    notes = " ".join(
+        check_dataset(cfg(data, *real, preset="zimage-turbo").data, cfg(data, *real, preset="zimage-turbo").model).notes
+    )
+    assert (
+        "2 caption(s) use the placeholder '[V]' as a word of their own, since data.trigger_word is not set "
+        "(img0.txt line 1, img1.txt line 1)" in notes
+    )
     assert "1 caption(s) are only the concept's word '[V]' (img1.txt line 1)" in notes
     c = cfg(data, *real, "data.trigger_word=ohwx", preset="zimage-turbo")
     notes = " ".join(check_dataset(c.data, c.model).notes)
@@ -256,9 +318,12 @@ def test_links_hidden_files_and_unread_types_are_reported(tmp_path):
 def test_data_path_mistakes_and_subfolder_layouts_get_a_direct_message(tmp_path):
     data = pairs(tmp_path / "data", ["a red circle"])
     (data / "metadata.jsonl").write_text('{"file_name": "img0.png", "caption": "a red circle"}\n')
-    for path, expected in ((data / "metadata.jsonl", "is the metadata.jsonl file itself"),
-                           (data / "img0.png", "data.path is one image"), (data / "img0.txt", "is a file"),
-                           (tmp_path / "nope", "does not exist")):
+    for path, expected in (
+        (data / "metadata.jsonl", "is the metadata.jsonl file itself"),
+        (data / "img0.png", "data.path is one image"),
+        (data / "img0.txt", "is a file"),
+        (tmp_path / "nope", "does not exist"),
+    ):
         with pytest.raises(DatasetError, match=expected):
             load_dataset(cfg(path).data, cfg(path).model)
     with pytest.raises(DatasetError, match=r'no "text" field \(found "caption": rename it to "text"'):

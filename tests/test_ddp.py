@@ -8,10 +8,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 from safetensors.torch import load_file
 
 import dopsd
-from conftest import tiny_config
 
 SCRIPT = """
 import sys, dopsd
@@ -24,23 +24,49 @@ for per_step, out in (("true", "ddp_per_step"), ("false", "ddp_accumulate")):
 def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, concept_data, tiny_mini):
     # Per process: batch 1 × 2 accumulation steps (global batch 4); hybrid objective + prior preservation, so
     # every backward kind (per-step D-OPSD, SFT, prior) crosses the no_sync / sync boundary.
-    settings = {"model.pretrained": tiny_mini, "method.name": "hybrid", "method.prior_weight": 0.5,
-                "method.prior_prompts": ["a red circle", "a blue square", "a green plus"], "data.caption_dropout": 0.3,
-                "train.batch_size": 1, "train.gradient_accumulation": 2, "method.prior_batch_size": 1,
-                "train.max_steps": 3, "optim.lr": 1e-2, "train.checkpoint_every": 0,
-                "optim.eps": 1e-6}  # Adam eps above float noise: near-zero gradients must not flip signs
+    settings = {
+        "model.pretrained": tiny_mini,
+        "method.name": "hybrid",
+        "method.prior_weight": 0.5,
+        "method.prior_prompts": ["a red circle", "a blue square", "a green plus"],
+        "data.caption_dropout": 0.3,
+        "train.batch_size": 1,
+        "train.gradient_accumulation": 2,
+        "method.prior_batch_size": 1,
+        "train.max_steps": 3,
+        "optim.lr": 1e-2,
+        "train.checkpoint_every": 0,
+        "optim.eps": 1e-6,
+    }  # Adam eps above float noise: near-zero gradients must not flip signs
     config_file = tmp_path / "ddp.yaml"
     config_file.write_text(tiny_config(tmp_path, concept_data, **settings).to_yaml())
     script = tmp_path / "launch.py"
     script.write_text(SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), str(config_file), str(tmp_path)], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, "\n".join(l for l in proc.stderr.splitlines() if "[rank1]" in l or "Error" in l)[-6000:]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            str(config_file),
+            str(tmp_path),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, "\n".join(l for l in proc.stderr.splitlines() if "[rank1]" in l or "Error" in l)[
+        -6000:
+    ]
     # One process, the same global batch: batch 2 × 2 accumulation steps, prior batch 2.
-    single = dopsd.train(config_file, ["train.batch_size=2", "method.prior_batch_size=2",
-                                       f"train.output_dir={tmp_path / 'single'}"])
+    single = dopsd.train(
+        config_file, ["train.batch_size=2", "method.prior_batch_size=2", f"train.output_dir={tmp_path / 'single'}"]
+    )
     single_w = load_file(str(single.weights))
     assert single.summary["processes"] == 1
     for name in ("ddp_per_step", "ddp_accumulate"):

@@ -7,14 +7,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny_real import build_clip, build_dinov2, build_qwen3_vl, build_zimage, dopsd_lora_steps, images
 
 from dopsd.cli import main as cli
 from dopsd.evaluate import measure
-from dopsd.images import to_tensor
 from dopsd.features import PixelFeatures, TextImageScorer, load_image_features
+from dopsd.images import to_tensor
 from dopsd.models import zimage
 from dopsd.models.local import ModelFolderError
-from tiny_real import build_clip, build_dinov2, build_qwen3_vl, build_zimage, dopsd_lora_steps, images
 
 torch.set_num_threads(1)
 SIZE = 32
@@ -35,31 +35,66 @@ def world(tmp_path_factory):
     for i, (im, cap) in enumerate(zip(targets, CAPTIONS)):
         im.save(data / f"img{i}.png")
         (data / f"img{i}.txt").write_text(cap)
-    config = load_config("zimage-turbo", [
-        f"model.pretrained={model}", f"model.teacher_encoder={vlm}", f"model.height={SIZE}", f"model.width={SIZE}",
-        "model.max_caption_tokens=32", "model.dtype=float32", f"data.path={data}", "data.buckets=false",
-        "lora.rank=4", "lora.alpha=8",
-    ])
+    config = load_config(
+        "zimage-turbo",
+        [
+            f"model.pretrained={model}",
+            f"model.teacher_encoder={vlm}",
+            f"model.height={SIZE}",
+            f"model.width={SIZE}",
+            "model.max_caption_tokens=32",
+            "model.dtype=float32",
+            f"data.path={data}",
+            "data.buckets=false",
+            "lora.rank=4",
+            "lora.alpha=8",
+        ],
+    )
     adapter = zimage.load(config.model)
     dopsd_lora_steps(adapter, CAPTIONS, targets, steps=3, lr=2e-2, rank=4, alpha=8.0, every=2)
     run = root / "run"
     run.mkdir()
     save_trained(run, adapter.network, {"rank": 4, "alpha": 8.0, "targets": adapter.default_lora_targets()}, {})
     (run / "config.yaml").write_text(config.to_yaml())
-    return SimpleNamespace(root=root, run=run, targets=targets, dino=build_dinov2(root / "dino"),
-                           clip=build_clip(root / "clip"))
+    return SimpleNamespace(
+        root=root, run=run, targets=targets, dino=build_dinov2(root / "dino"), clip=build_clip(root / "clip")
+    )
 
 
 def test_eval_cli_writes_metrics_and_grids(world, capsys):
     out = world.root / "out"
-    rc = cli(["eval", str(world.run), "--feature-model", str(world.dino), "--clip-model", str(world.clip),
-              "--control-steps", "12", "--seeds", "0", "1", "--unseen", "a [V] teapot on a beach", "--out", str(out)])
+    rc = cli(
+        [
+            "eval",
+            str(world.run),
+            "--feature-model",
+            str(world.dino),
+            "--clip-model",
+            str(world.clip),
+            "--control-steps",
+            "12",
+            "--seeds",
+            "0",
+            "1",
+            "--unseen",
+            "a [V] teapot on a beach",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0, capsys.readouterr()
     report = json.loads((out / "eval.json").read_text())
     assert report["feature_model"].startswith("dinov2") and report["clip_model"].startswith("clip")
     assert report["steps"] == 8 and report["train_prompts"] == CAPTIONS
-    keys = {"dino_d_train", "dino_d_train_nearest", "dino_d_unseen_nearest", "clip_s_train", "clip_s_unseen",
-            "gap_pixels", "gap_features"}
+    keys = {
+        "dino_d_train",
+        "dino_d_train_nearest",
+        "dino_d_unseen_nearest",
+        "clip_s_train",
+        "clip_s_unseen",
+        "gap_pixels",
+        "gap_features",
+    }
     for variant in ("base", "lora"):
         assert set(report[variant]) == keys
         assert all(torch.isfinite(torch.tensor(v)) for v in report[variant].values())
@@ -76,8 +111,15 @@ def test_eval_without_feature_models_uses_the_pixel_fallback(world):
     from dopsd.evaluate import evaluate
 
     config = load_config(str(world.run / "config.yaml"))
-    report = evaluate(config, world.run / "lora.safetensors", world.root / "px", unseen=[], seeds=[0],
-                      control_steps=0, compare_base=False)
+    report = evaluate(
+        config,
+        world.run / "lora.safetensors",
+        world.root / "px",
+        unseen=[],
+        seeds=[0],
+        control_steps=0,
+        compare_base=False,
+    )
     assert report["feature_model"] == "pixels" and "not comparable" in report["note"]
     assert set(report["lora"]) == {"dino_d_train", "dino_d_train_nearest", "dino_d_unseen_nearest"}
     assert report["lora"]["dino_d_unseen_nearest"] != report["lora"]["dino_d_unseen_nearest"]  # NaN: no unseen prompts
@@ -117,6 +159,7 @@ def test_eval_on_the_miniature_samples_unseen_prompts_it_can_read(tmp_path):
     import math
 
     from conftest import write_concept_folder
+
     from dopsd.config import load_config
     from dopsd.evaluate import evaluate
     from dopsd.mini import world

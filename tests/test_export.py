@@ -8,16 +8,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from comfy_view import comfy_apply, original_weights, to_diffusers
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tiny_real import build_flux2, build_qwen3_vl, build_zimage, dopsd_lora_steps, images, model_config
 
-from comfy_view import comfy_apply, original_weights, to_diffusers
 from dopsd import export
 from dopsd.cli import main as cli
-from dopsd.models import flux2, zimage
 from dopsd.lora.trained import apply_trained, save_trained
+from dopsd.models import flux2, zimage
 from dopsd.sampler import sample_euler
-from tiny_real import build_flux2, build_qwen3_vl, build_zimage, dopsd_lora_steps, images, model_config
 
 torch.set_num_threads(1)
 CAPTIONS = ["a red cat", "a [V] teapot on a wooden table"]
@@ -29,31 +29,67 @@ def _trained(family: str, root):
     """A tiny model of the family with a LoRA trained for a few D-OPSD steps (alpha/r = 2), its own samples
     and a run folder written by save_trained (float32 and the bf16 default)."""
     if family == "zimage":
-        cfg = model_config("zimage", pretrained=str(build_zimage(root / "zi")),
-                           teacher_encoder=str(build_qwen3_vl(root / "vl")), height=32, width=32, max_caption_tokens=32)
+        cfg = model_config(
+            "zimage",
+            pretrained=str(build_zimage(root / "zi")),
+            teacher_encoder=str(build_qwen3_vl(root / "vl")),
+            height=32,
+            width=32,
+            max_caption_tokens=32,
+        )
         adapter, size, kw = zimage.load(cfg), 32, {"guidance_scale": 0.0}
     else:
-        cfg = model_config("flux2", pretrained=str(build_flux2(root / "fl")), height=64, width=64, max_caption_tokens=32)
+        cfg = model_config(
+            "flux2", pretrained=str(build_flux2(root / "fl")), height=64, width=64, max_caption_tokens=32
+        )
         adapter, size, kw = flux2.load(cfg), 64, {"guidance_scale": 1.0}
     out = dopsd_lora_steps(adapter, CAPTIONS, images(2, size), steps=3, lr=2e-2, rank=RANK, alpha=ALPHA)
     noise = torch.randn(2, *adapter.latent_shape(size, size), generator=torch.Generator().manual_seed(11))
     with torch.no_grad():
-        ours = sample_euler(lambda x, s, c: adapter.velocity(adapter.network, x, s, c), noise,
-                            adapter.inference_schedule(size, size), out["student_ctx"])
+        ours = sample_euler(
+            lambda x, s, c: adapter.velocity(adapter.network, x, s, c),
+            noise,
+            adapter.inference_schedule(size, size),
+            out["student_ctx"],
+        )
     if family == "flux2":
         ours = adapter.to_vae_latents(ours)
-    call = dict(prompt=list(CAPTIONS), height=size, width=size, num_inference_steps=adapter.steps, latents=noise,
-                output_type="latent", max_sequence_length=32, **kw)
+    call = dict(
+        prompt=list(CAPTIONS),
+        height=size,
+        width=size,
+        num_inference_steps=adapter.steps,
+        latents=noise,
+        output_type="latent",
+        max_sequence_length=32,
+        **kw,
+    )
     lora = {"rank": RANK, "alpha": ALPHA, "targets": adapter.default_lora_targets()}
-    meta = {"family": family, "model": {"pretrained": cfg.pretrained, "height": size, "width": size},
-            "method": "dopsd", "steps": 3, "prompts": CAPTIONS, "trigger_word": "[V]"}
+    meta = {
+        "family": family,
+        "model": {"pretrained": cfg.pretrained, "height": size, "width": size},
+        "method": "dopsd",
+        "steps": 3,
+        "prompts": CAPTIONS,
+        "trigger_word": "[V]",
+    }
     runs = {}
     for dtype in ("fp32", "bf16"):
         runs[dtype] = root / f"run-{dtype}"
         runs[dtype].mkdir()
         save_trained(runs[dtype], adapter.network, lora, meta, **({"dtype": "fp32"} if dtype == "fp32" else {}))
-    return SimpleNamespace(cfg=cfg, adapter=adapter, ours=ours, call=call, family=family, lora=lora, meta=meta,
-                           module=zimage if family == "zimage" else flux2, run=runs["fp32"], run_bf16=runs["bf16"])
+    return SimpleNamespace(
+        cfg=cfg,
+        adapter=adapter,
+        ours=ours,
+        call=call,
+        family=family,
+        lora=lora,
+        meta=meta,
+        module=zimage if family == "zimage" else flux2,
+        run=runs["fp32"],
+        run_bf16=runs["bf16"],
+    )
 
 
 @pytest.fixture(scope="module", params=["zimage", "flux2"])
@@ -109,8 +145,11 @@ def test_diffusers_layout_with_unfolded_alpha_fails_the_comfyui_check(trained, t
     from peft import get_peft_model_state_dict
 
     state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(t.adapter.network).items()}
-    t.adapter.pipeline_class.save_lora_weights(str(tmp_path), transformer_lora_layers=state,
-                                                 transformer_lora_adapter_metadata=t.adapter.network.peft_config["default"].to_dict())
+    t.adapter.pipeline_class.save_lora_weights(
+        str(tmp_path),
+        transformer_lora_layers=state,
+        transformer_lora_adapter_metadata=t.adapter.network.peft_config["default"].to_dict(),
+    )
     assert torch.allclose(diffusers_samples(t, tmp_path), t.ours, atol=1e-5)  # diffusers reads its metadata
     comfy, _ = comfy_samples(t, tmp_path / export.WEIGHTS_NAME)
     assert (comfy - t.ours).abs().max() > 1e-3
@@ -157,12 +196,26 @@ def test_published_sizes_are_recognised():
     from dopsd.models.registry import base_facts
 
     with torch.device("meta"):
-        klein4 = Flux2Transformer2DModel(num_layers=5, num_single_layers=20, attention_head_dim=128,
-                                         num_attention_heads=24, joint_attention_dim=7680)
-        klein9 = Flux2Transformer2DModel(num_layers=8, num_single_layers=24, attention_head_dim=128,
-                                         num_attention_heads=32, joint_attention_dim=12288)
-        zi = ZImageTransformer2DModel(dim=3840, n_layers=30, n_refiner_layers=2, n_heads=30, n_kv_heads=30,
-                                      cap_feat_dim=2560, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512])
+        klein4 = Flux2Transformer2DModel(
+            num_layers=5, num_single_layers=20, attention_head_dim=128, num_attention_heads=24, joint_attention_dim=7680
+        )
+        klein9 = Flux2Transformer2DModel(
+            num_layers=8,
+            num_single_layers=24,
+            attention_head_dim=128,
+            num_attention_heads=32,
+            joint_attention_dim=12288,
+        )
+        zi = ZImageTransformer2DModel(
+            dim=3840,
+            n_layers=30,
+            n_refiner_layers=2,
+            n_heads=30,
+            n_kv_heads=30,
+            cap_feat_dim=2560,
+            axes_dims=[32, 48, 48],
+            axes_lens=[1536, 512, 512],
+        )
     ids = lambda f: (f.variant, f.architecture)  # noqa: E731
     assert ids(base_facts("flux2", klein4)) == ("FLUX.2-klein 4B", "Flux.2-klein-4b")
     assert ids(base_facts("flux2", klein9)) == ("FLUX.2-klein 9B", "Flux.2-klein-9b")
@@ -222,14 +275,24 @@ def test_bad_lora_files_are_refused(tmp_path):
     save_file({"layers.0.attention.to_q.weight": torch.zeros(2, 2)}, str(tmp_path / "full.safetensors"))
     with pytest.raises(DopsdError, match="not a LoRA weight"):
         export.export(tmp_path / "full.safetensors", tmp_path / "o.safetensors", alpha=1.0)
-    save_file({"layers.0.attention.to_q.lora_A.weight": torch.zeros(2, 2),
-               "layers.0.attention.to_q.lora_B.weight": torch.zeros(2, 2)}, str(tmp_path / "bare.safetensors"))
+    save_file(
+        {
+            "layers.0.attention.to_q.lora_A.weight": torch.zeros(2, 2),
+            "layers.0.attention.to_q.lora_B.weight": torch.zeros(2, 2),
+        },
+        str(tmp_path / "bare.safetensors"),
+    )
     with pytest.raises(DopsdError, match="pass --alpha"):
         export.export(tmp_path / "bare.safetensors", tmp_path / "o.safetensors")
-    save_file({"norm_out.linear.lora_A.weight": torch.zeros(2, 2), "norm_out.linear.lora_B.weight": torch.zeros(2, 2),
-               "single_transformer_blocks.0.attn.to_out.lora_A.weight": torch.zeros(2, 2),
-               "single_transformer_blocks.0.attn.to_out.lora_B.weight": torch.zeros(2, 2)},
-              str(tmp_path / "odd.safetensors"))
+    save_file(
+        {
+            "norm_out.linear.lora_A.weight": torch.zeros(2, 2),
+            "norm_out.linear.lora_B.weight": torch.zeros(2, 2),
+            "single_transformer_blocks.0.attn.to_out.lora_A.weight": torch.zeros(2, 2),
+            "single_transformer_blocks.0.attn.to_out.lora_B.weight": torch.zeros(2, 2),
+        },
+        str(tmp_path / "odd.safetensors"),
+    )
     with pytest.raises(DopsdError, match="norm_out.linear.*drop it from lora.targets"):
         export.export(tmp_path / "odd.safetensors", tmp_path / "o.safetensors", alpha=2.0)
     assert not (tmp_path / "o.safetensors").exists()
@@ -251,7 +314,9 @@ def test_unexportable_targets_keep_the_weights_in_dopsds_layout(trained, tmp_pat
     adapter = t.module.load(t.cfg)
     targets = flux2.LORA_TARGETS + r"|norm_out\.linear"
     add_lora(adapter.network, targets, RANK, ALPHA)
-    with pytest.raises(ConfigError, match=r"lora.targets: 1 LoRA module\(s\) of FLUX.2-klein .*: norm_out.linear; drop"):
+    with pytest.raises(
+        ConfigError, match=r"lora.targets: 1 LoRA module\(s\) of FLUX.2-klein .*: norm_out.linear; drop"
+    ):
         adapter.check_lora_targets(lora_module_names(adapter.network))
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -77,8 +77,11 @@ def test_the_miniatures_hooks():
     assert a.health_quality(["a red circle", "a sks"]) is None  # no shape: no clean reference render
     assert a.probe_scorer().name == "mini-attributes"
     unseen = a.unseen_prompts("sks")
-    trained = {f"a sks {world.SHAPES[s]} on a {b} background"
-               for s in world.CONCEPT_TRAIN_SHAPES for b in world.CONCEPT_TRAIN_BACKGROUNDS}
+    trained = {
+        f"a sks {world.SHAPES[s]} on a {b} background"
+        for s in world.CONCEPT_TRAIN_SHAPES
+        for b in world.CONCEPT_TRAIN_BACKGROUNDS
+    }
     assert len(unseen) == 4 and not set(unseen) & trained
     assert all(world.caption_issue(p) is None for p in unseen)  # the miniature reads every one of them
     a.check_lora_targets(["anything"])  # its LoRA files are dopsd's own: nothing to refuse
@@ -94,6 +97,7 @@ def test_the_miniatures_cache_identity_is_its_weights():
 
 
 # --- the core reaches families only through the protocol and the registry -----------------------------------
+
 
 def _core_files() -> list[Path]:
     files = []
@@ -127,17 +131,24 @@ def _violations(path: Path) -> list[str]:
             names = [s for part in [node.left, *node.comparators] for s in _strings(part) if s in registry.FAMILIES]
             if names:
                 found.append(f"line {node.lineno}: compares with family name(s) {names}")
-        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr")
-              and node.args and "adapter" in ast.unparse(node.args[0])):
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ("getattr", "hasattr")
+            and node.args
+            and "adapter" in ast.unparse(node.args[0])
+        ):
             found.append(f"line {node.lineno}: {node.func.id} on {ast.unparse(node.args[0])}")
     return found
 
 
 def test_the_checks_see_what_they_look_for(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("from dopsd.mini import metrics\nimport dopsd.mini.world\n"
-                   "def f(adapter, cfg):\n    if cfg.family in ('zimage', 'flux2') or adapter.name == 'mini':\n"
-                   "        return getattr(adapter, 'kind', None)\n")
+    bad.write_text(
+        "from dopsd.mini import metrics\nimport dopsd.mini.world\n"
+        "def f(adapter, cfg):\n    if cfg.family in ('zimage', 'flux2') or adapter.name == 'mini':\n"
+        "        return getattr(adapter, 'kind', None)\n"
+    )
     assert len(_violations(bad)) == 5
 
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_real import build_flux2, build_qwen3_vl, build_zimage, train_config, write_pairs
 from torch import nn
 
 from dopsd.cache import FeatureCache, build_features, model_fingerprint
 from dopsd.data.dataset import check_dataset
 from dopsd.models.registry import load_adapter
-from tiny_real import build_flux2, build_qwen3_vl, build_zimage, train_config, write_pairs
 
 torch.set_num_threads(1)
 SIZE = 32
@@ -25,8 +25,10 @@ ENCODERS = {"Qwen3Model", "Qwen3ForCausalLM", "Qwen3VLModel", "Encoder"}
 def setup(tmp_path: Path, family: str):
     data = write_pairs(tmp_path / "data", CAPTIONS, SIZE, seed=7)
     if family == "zimage":
-        extra = [f"model.pretrained={build_zimage(tmp_path / 'zi')}",
-                 f"model.teacher_encoder={build_qwen3_vl(tmp_path / 'vl')}"]
+        extra = [
+            f"model.pretrained={build_zimage(tmp_path / 'zi')}",
+            f"model.teacher_encoder={build_qwen3_vl(tmp_path / 'vl')}",
+        ]
         preset = "zimage-turbo"
     else:
         extra = [f"model.pretrained={build_flux2(tmp_path / 'fx')}"]  # reference teacher: text encoder + VAE
@@ -40,7 +42,9 @@ def cache_files(root: Path) -> dict[str, bytes]:
 
 
 def transformers_alive() -> int:
-    return sum(1 for o in gc.get_objects() if type(o).__name__.endswith("Transformer2DModel") and isinstance(o, nn.Module))
+    return sum(
+        1 for o in gc.get_objects() if type(o).__name__.endswith("Transformer2DModel") and isinstance(o, nn.Module)
+    )
 
 
 @pytest.mark.parametrize("family", ["zimage", "flux2"])
@@ -62,8 +66,15 @@ def test_encoders_run_without_the_transformer_and_cache_the_same_bits(tmp_path, 
     adapter = load_adapter(cfg.model, "cpu", torch.float32)
     handle = torch.nn.modules.module.register_module_forward_pre_hook(watch)
     try:
-        build_features(adapter, examples, cfg, FeatureCache(tmp_path / "sequential", model_fingerprint(cfg, adapter)),
-                       prompts, need_latents=True, need_teacher=True)
+        build_features(
+            adapter,
+            examples,
+            cfg,
+            FeatureCache(tmp_path / "sequential", model_fingerprint(cfg, adapter)),
+            prompts,
+            need_latents=True,
+            need_teacher=True,
+        )
     finally:
         handle.remove()
     expected = {"zimage": {"Qwen3Model", "Qwen3VLModel", "Encoder"}, "flux2": {"Qwen3ForCausalLM", "Encoder"}}[family]
@@ -74,8 +85,15 @@ def test_encoders_run_without_the_transformer_and_cache_the_same_bits(tmp_path, 
     # Everything loaded at once (the transformer built before any encoder runs, as the adapters used to).
     together = load_adapter(cfg.model, "cpu", torch.float32)
     assert together.network is not None
-    build_features(together, examples, cfg, FeatureCache(tmp_path / "together", model_fingerprint(cfg, together)),
-                   prompts, need_latents=True, need_teacher=True)
+    build_features(
+        together,
+        examples,
+        cfg,
+        FeatureCache(tmp_path / "together", model_fingerprint(cfg, together)),
+        prompts,
+        need_latents=True,
+        need_teacher=True,
+    )
     a, b = cache_files(tmp_path / "sequential"), cache_files(tmp_path / "together")
     kinds = {Path(k).name.split("-")[0] for k in a}
     assert kinds == {"student", "teacher", "latents"} and len(a) >= 7

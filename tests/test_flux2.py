@@ -6,11 +6,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny_real import build_flux2, build_qwen3_vl, build_zimage, dopsd_lora_steps, images, model_config
 
 from dopsd.models import flux2
 from dopsd.models.local import ModelFolderError
 from dopsd.sampler import sample_euler
-from tiny_real import build_flux2, build_qwen3_vl, build_zimage, dopsd_lora_steps, images, model_config
 
 torch.set_num_threads(1)
 SIZE = 64
@@ -36,14 +36,26 @@ def adapter(folders):
 
 def sample(adapter, ctx, noise, steps=None):
     with torch.no_grad():
-        return sample_euler(lambda x, s, c: adapter.velocity(adapter.network, x, s, c), noise,
-                            adapter.inference_schedule(SIZE, SIZE, steps), ctx)
+        return sample_euler(
+            lambda x, s, c: adapter.velocity(adapter.network, x, s, c),
+            noise,
+            adapter.inference_schedule(SIZE, SIZE, steps),
+            ctx,
+        )
 
 
 def run_pipe(adapter, noise, **kw):
     pipe = adapter.pipeline()
-    return pipe(height=SIZE, width=SIZE, num_inference_steps=4, guidance_scale=1.0, max_sequence_length=TOKENS,
-                latents=noise.clone(), output_type="latent", **kw).images
+    return pipe(
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=4,
+        guidance_scale=1.0,
+        max_sequence_length=TOKENS,
+        latents=noise.clone(),
+        output_type="latent",
+        **kw,
+    ).images
 
 
 def noise_for(adapter, n, seed=0):
@@ -170,8 +182,9 @@ def test_bf16_weights_sample_like_the_bf16_pipeline(folders):
 @pytest.mark.parametrize("mode", ["reference", "vlm", "editing"])
 def test_full_dopsd_train_run(folders, tmp_path, mode):
     """`dopsd.train` end to end on the tiny FLUX.2-klein for each teacher mode (preset flux2-klein-4b)."""
-    import dopsd
     from tiny_real import train_config, write_pairs
+
+    import dopsd
 
     data = write_pairs(tmp_path / "data", CAPTIONS, SIZE, seed=7)
     extra = [f"model.pretrained={folders.model}"]
@@ -191,17 +204,25 @@ def test_eval_samples_training_prompts_as_edits_of_their_sources(folders, tmp_pa
     """`dopsd eval` on an editing LoRA: each training prompt is an edit of its own source image(s)."""
     import math
 
+    from tiny_real import train_config, write_pairs
+
     import dopsd
     from dopsd.evaluate import evaluate
-    from tiny_real import train_config, write_pairs
 
     data = write_pairs(tmp_path / "data", CAPTIONS, SIZE, seed=7)
     write_pairs(tmp_path / "sources", ["unused", "unused"], SIZE, seed=8)
     write_pairs(tmp_path / "other", ["unused", "unused"], SIZE, seed=9)
 
     def cfg(sources):
-        return train_config("flux2-klein-4b", tmp_path, data, SIZE, f"model.pretrained={folders.model}",
-                            "model.editing=true", f"data.source_dir={tmp_path / sources}")
+        return train_config(
+            "flux2-klein-4b",
+            tmp_path,
+            data,
+            SIZE,
+            f"model.pretrained={folders.model}",
+            "model.editing=true",
+            f"data.source_dir={tmp_path / sources}",
+        )
 
     weights = dopsd.train(cfg("sources")).weights
     report = evaluate(cfg("sources"), weights, tmp_path / "eval", unseen=["a red cat"], seeds=[0], control_steps=0)
@@ -243,8 +264,16 @@ def test_text_encoder_layers_are_a_declared_setting(folders):
     """model.text_encoder_out_layers (typed in ModelConfig) picks the concatenated hidden layers."""
     from dopsd.config import load_config
 
-    cfg = load_config("flux2-klein-4b", [f"model.pretrained={folders.model}", "model.text_encoder_out_layers=[1, 2]",
-                                         f"model.height={SIZE}", f"model.width={SIZE}", f"model.max_caption_tokens={TOKENS}"])
+    cfg = load_config(
+        "flux2-klein-4b",
+        [
+            f"model.pretrained={folders.model}",
+            "model.text_encoder_out_layers=[1, 2]",
+            f"model.height={SIZE}",
+            f"model.width={SIZE}",
+            f"model.max_caption_tokens={TOKENS}",
+        ],
+    )
     two = flux2.load(cfg.model)
     three = flux2.load(config(folders))
     width = lambda a: a.student_contexts(CAPTIONS[:1])[0]["prompt_embeds"].shape[-1]  # noqa: E731

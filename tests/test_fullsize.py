@@ -33,12 +33,18 @@ def n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
 
 
-@pytest.mark.parametrize("name,which,key", [
-    ("zimage-turbo", "transformer", "transformer"), ("zimage-turbo", "text_encoder", "text_encoder"),
-    ("flux2-klein-4b", "transformer", "transformer"), ("flux2-klein-4b", "text_encoder", "text_encoder"),
-    ("flux2-klein-9b", "transformer", "transformer"), ("flux2-klein-9b", "text_encoder", "text_encoder"),
-    ("zimage-turbo", "vlm", "qwen3-vl-4b-instruct"),
-])
+@pytest.mark.parametrize(
+    "name,which,key",
+    [
+        ("zimage-turbo", "transformer", "transformer"),
+        ("zimage-turbo", "text_encoder", "text_encoder"),
+        ("flux2-klein-4b", "transformer", "transformer"),
+        ("flux2-klein-4b", "text_encoder", "text_encoder"),
+        ("flux2-klein-9b", "transformer", "transformer"),
+        ("flux2-klein-9b", "text_encoder", "text_encoder"),
+        ("zimage-turbo", "vlm", "qwen3-vl-4b-instruct"),
+    ],
+)
 def test_parameter_counts_match_the_published_sizes(name, which, key):
     published = fullsize_config(key if key.startswith("qwen3-vl") else name)["published_params"]
     entry = published["model" if key.startswith("qwen3-vl") else key]
@@ -61,8 +67,11 @@ def lora_modules(name: str, rank: int = 4) -> tuple[nn.Module, dict[str, tuple[i
     spec = spec_of(name)
     net = build_meta(lambda: spec.parts["transformer"]({}), torch.bfloat16)
     add_lora(net, spec.lora_targets, rank, rank)
-    wrapped = {n: tuple(m.base_layer.weight.shape) for n, m in net.named_modules()
-               if hasattr(m, "base_layer") and isinstance(m.base_layer, nn.Linear)}
+    wrapped = {
+        n: tuple(m.base_layer.weight.shape)
+        for n, m in net.named_modules()
+        if hasattr(m, "base_layer") and isinstance(m.base_layer, nn.Linear)
+    }
     return net, wrapped
 
 
@@ -72,11 +81,20 @@ def test_zimage_lora_targets_cover_every_block_and_both_refiners():
     blocks = c["n_layers"] + 2 * c["n_refiner_layers"]
     assert len(mods) == 7 * blocks == 238
     d, hidden = c["dim"], int(c["dim"] / 3 * 8)
-    expected = {"attention.to_q": (d, d), "attention.to_k": (d, d), "attention.to_v": (d, d),
-                "attention.to_out.0": (d, d), "feed_forward.w1": (hidden, d), "feed_forward.w2": (d, hidden),
-                "feed_forward.w3": (hidden, d)}
-    for prefix, count in (("layers", c["n_layers"]), ("noise_refiner", c["n_refiner_layers"]),
-                          ("context_refiner", c["n_refiner_layers"])):
+    expected = {
+        "attention.to_q": (d, d),
+        "attention.to_k": (d, d),
+        "attention.to_v": (d, d),
+        "attention.to_out.0": (d, d),
+        "feed_forward.w1": (hidden, d),
+        "feed_forward.w2": (d, hidden),
+        "feed_forward.w3": (hidden, d),
+    }
+    for prefix, count in (
+        ("layers", c["n_layers"]),
+        ("noise_refiner", c["n_refiner_layers"]),
+        ("context_refiner", c["n_refiner_layers"]),
+    ):
         for i in range(count):
             for suffix, shape in expected.items():
                 assert mods[f"{prefix}.{i}.{suffix}"] == shape
@@ -115,8 +133,11 @@ def test_comfyui_names_map_every_module_onto_the_original_architecture(name):
     covered (fused q/k/v included)."""
     from diffusers.loaders import single_file_utils as sfu
 
-    convert = (sfu.convert_z_image_transformer_checkpoint_to_diffusers if name.startswith("zimage")
-               else sfu.convert_flux2_transformer_checkpoint_to_diffusers)
+    convert = (
+        sfu.convert_z_image_transformer_checkpoint_to_diffusers
+        if name.startswith("zimage")
+        else sfu.convert_flux2_transformer_checkpoint_to_diffusers
+    )
     out, mods = _interchange(name)
     original: dict[str, dict[str, torch.Size]] = {}
     for key, value in out.items():

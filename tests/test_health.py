@@ -45,7 +45,12 @@ def test_signals_see_blur():
 def test_untouched_model_stays_at_one(turbo):
     health = monitor(turbo)
     start = health.reference(turbo.network)
-    assert set(start) == {"sharpness", "structure", "gap", "quality"}  # the mini's decoder quality is picked up by default
+    assert set(start) == {
+        "sharpness",
+        "structure",
+        "gap",
+        "quality",
+    }  # the mini's decoder quality is picked up by default
     turbo.network.train()
     for _ in range(2):
         out = health.measure(turbo.network)
@@ -103,9 +108,19 @@ def test_health_falls_during_a_real_sft_run(tmp_path):
 
     data = tmp_path / "data"
     world.write_concept_dataset(data, "orange")
-    cfg = load_config("mini", [f"data.path={data}", f"train.output_dir={tmp_path / 'sft'}", "method.name=sft",
-                               "train.max_steps=80", "sample.every=40", "sample.control_steps=0",
-                               "train.checkpoint_every=0", "log.tensorboard=false"])
+    cfg = load_config(
+        "mini",
+        [
+            f"data.path={data}",
+            f"train.output_dir={tmp_path / 'sft'}",
+            "method.name=sft",
+            "train.max_steps=80",
+            "sample.every=40",
+            "sample.control_steps=0",
+            "train.checkpoint_every=0",
+            "log.tensorboard=false",
+        ],
+    )
     cfg.sample.health_prompts = PROMPTS
     with pytest.warns(UserWarning, match="few-step health"):
         result = dopsd.train(cfg)
@@ -125,10 +140,20 @@ def _train_with_prior_preservation(tmp_path, method: str, steps: int):
     example = Path(__file__).resolve().parent.parent / "dopsd" / "configs" / "mini.yaml"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = dopsd.train(example, [f"data.path={data}", f"train.output_dir={tmp_path / method}",
-                                       f"method.name={method}", f"train.max_steps={steps}", "sample.every=0",
-                                       "train.checkpoint_every=0", "log.tensorboard=false", "log.progress=false",
-                                       f"cache.dir={tmp_path / 'cache'}"])
+        result = dopsd.train(
+            example,
+            [
+                f"data.path={data}",
+                f"train.output_dir={tmp_path / method}",
+                f"method.name={method}",
+                f"train.max_steps={steps}",
+                "sample.every=0",
+                "train.checkpoint_every=0",
+                "log.tensorboard=false",
+                "log.progress=false",
+                f"cache.dir={tmp_path / 'cache'}",
+            ],
+        )
     alarms = [str(w.message) for w in caught if "few-step health" in str(w.message)]
     return result.summary["health"], alarms
 

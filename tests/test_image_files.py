@@ -61,23 +61,43 @@ CASES = [
     ("P", "png", {}, lambda: rgb_image().quantize(64), lambda im: np.asarray(im.convert("RGB")), 0),
     ("P-gif", "gif", {}, lambda: rgb_image().quantize(64), lambda im: np.asarray(im.convert("RGB")), 0),
     ("P-transparent", "png", {}, palette_with_transparency, expected_palette_with_transparency, 0),
-    ("PA-tiff", "tif", {}, lambda: Image.fromarray(np.dstack([RGB, ALPHA]), "RGBA").convert("PA"),
-     lambda im: np.rint(np.asarray(im.convert("RGB"), float) * (ALPHA[..., None] / 255) + 255 * (1 - ALPHA[..., None] / 255)), 1),
+    (
+        "PA-tiff",
+        "tif",
+        {},
+        lambda: Image.fromarray(np.dstack([RGB, ALPHA]), "RGBA").convert("PA"),
+        lambda im: np.rint(
+            np.asarray(im.convert("RGB"), float) * (ALPHA[..., None] / 255) + 255 * (1 - ALPHA[..., None] / 255)
+        ),
+        1,
+    ),
     ("RGB", "png", {}, rgb_image, lambda im: RGB, 0),
     ("RGB-jpeg", "jpg", {"quality": 100, "subsampling": 0}, rgb_image, lambda im: RGB, 6),
     ("RGB-webp", "webp", {"lossless": True}, rgb_image, lambda im: RGB, 0),
     ("RGB-bmp", "bmp", {}, rgb_image, lambda im: RGB, 0),
     ("RGBA", "png", {}, lambda: Image.fromarray(np.dstack([RGB, ALPHA]), "RGBA"), lambda im: ON_WHITE, 1),
-    ("RGBA-webp", "webp", {"lossless": True, "exact": True}, lambda: Image.fromarray(np.dstack([RGB, ALPHA]), "RGBA"),
-     lambda im: ON_WHITE, 1),
+    (
+        "RGBA-webp",
+        "webp",
+        {"lossless": True, "exact": True},
+        lambda: Image.fromarray(np.dstack([RGB, ALPHA]), "RGBA"),
+        lambda im: ON_WHITE,
+        1,
+    ),
     ("CMYK-jpeg", "jpg", {"quality": 100, "subsampling": 0}, lambda: rgb_image().convert("CMYK"), lambda im: RGB, 8),
     ("CMYK-tiff", "tif", {}, lambda: rgb_image().convert("CMYK"), lambda im: RGB, 0),
     ("YCbCr-tiff", "tif", {}, lambda: rgb_image().convert("YCbCr"), lambda im: RGB, 3),
     ("LAB-tiff", "tif", {}, lab_image, lambda im: lab_to_rgb(im), 1),
     ("I;16", "png", {}, lambda: Image.fromarray(GRAY.astype(np.uint16) * 257), lambda im: gray3(GRAY), 0),
     ("I;16-tiff", "tif", {}, lambda: Image.fromarray(GRAY.astype(np.uint16) * 257), lambda im: gray3(GRAY), 0),
-    ("I;16B-tiff", "tif", {}, lambda: Image.frombytes("I;16B", (8, 8), (GRAY.astype(">u2") * 257).tobytes()),
-     lambda im: gray3(GRAY), 0),
+    (
+        "I;16B-tiff",
+        "tif",
+        {},
+        lambda: Image.frombytes("I;16B", (8, 8), (GRAY.astype(">u2") * 257).tobytes()),
+        lambda im: gray3(GRAY),
+        0,
+    ),
     ("I-16bit-tiff", "tif", {}, lambda: Image.fromarray(GRAY.astype(np.int32) * 257, "I"), lambda im: gray3(GRAY), 0),
     ("I-8bit-tiff", "tif", {}, lambda: Image.fromarray(GRAY.astype(np.int32), "I"), lambda im: gray3(GRAY), 0),
     ("F-unit-tiff", "tif", {}, lambda: Image.fromarray(GRAY.astype(np.float32) / 255, "F"), lambda im: gray3(GRAY), 0),
@@ -113,8 +133,12 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 
 def _png(width: int, height: int, depth: int, colour: int, rows: bytes) -> bytes:
     header = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(rows)) + \
-        _png_chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(rows))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def test_a_16_bit_rgb_png_is_read_with_its_colours(tmp_path):
@@ -158,8 +182,10 @@ def test_exif_orientation_is_applied_before_sizes_buckets_and_the_minimum_side(t
     exif[0x0112] = 6  # shown turned 90°: 32 wide, 64 tall
     stored.save(tmp_path / "photo.jpg", exif=exif, quality=95)
     (tmp_path / "photo.txt").write_text("a red circle")
-    c = load_config("mini", [f"data.path={tmp_path}", "data.buckets=true", "model.height=32", "model.width=32",
-                             "data.bucket_multiple=8"])
+    c = load_config(
+        "mini",
+        [f"data.path={tmp_path}", "data.buckets=true", "model.height=32", "model.width=32", "data.bucket_multiple=8"],
+    )
     report = check_dataset(c.data, c.model)
     (ex,) = report.examples
     assert ex.size == (32, 64) and ex.bucket[0] > ex.bucket[1]  # a portrait bucket for a portrait photo
@@ -202,6 +228,7 @@ def test_oversized_and_empty_files_are_refused_with_a_reason(tmp_path):
 
 def linear_rgb_profile(name: str = "Linear RGB (test)") -> bytes:
     """A minimal ICC v2 display profile: sRGB's primaries (D50-adapted) with a linear (gamma 1) curve."""
+
     def s15(v):
         return struct.pack(">i", round(v * 65536))
 
@@ -211,9 +238,16 @@ def linear_rgb_profile(name: str = "Linear RGB (test)") -> bytes:
     text = name.encode("ascii") + b"\0"
     desc = b"desc\0\0\0\0" + struct.pack(">I", len(text)) + text + b"\0" * 8 + b"\0" * 3 + b"\0" * 67
     curve = b"curv\0\0\0\0" + struct.pack(">IH", 1, 0x0100) + b"\0\0"
-    tags = [(b"desc", desc), (b"wtpt", xyz(0.9642, 1.0, 0.8249)), (b"rXYZ", xyz(0.4361, 0.2225, 0.0139)),
-            (b"gXYZ", xyz(0.3851, 0.7169, 0.0971)), (b"bXYZ", xyz(0.1431, 0.0606, 0.7141)),
-            (b"rTRC", curve), (b"gTRC", curve), (b"bTRC", curve)]
+    tags = [
+        (b"desc", desc),
+        (b"wtpt", xyz(0.9642, 1.0, 0.8249)),
+        (b"rXYZ", xyz(0.4361, 0.2225, 0.0139)),
+        (b"gXYZ", xyz(0.3851, 0.7169, 0.0971)),
+        (b"bXYZ", xyz(0.1431, 0.0606, 0.7141)),
+        (b"rTRC", curve),
+        (b"gTRC", curve),
+        (b"bTRC", curve),
+    ]
     offset = 128 + 4 + 12 * len(tags)
     table, data = b"", b""
     for sig, body in tags:
@@ -221,9 +255,25 @@ def linear_rgb_profile(name: str = "Linear RGB (test)") -> bytes:
         table += sig + struct.pack(">II", offset + len(data), len(body))
         data += body
     size = offset + len(data)
-    header = (struct.pack(">I", size) + b"none" + struct.pack(">I", 0x02100000) + b"mntrRGB XYZ " + b"\0" * 12
-              + b"acsp" + b"\0" * 4 + b"\0" * 4 + b"\0" * 8 + b"\0" * 8 + struct.pack(">I", 0)
-              + s15(0.9642) + s15(1.0) + s15(0.8249) + b"\0" * 4 + b"\0" * 16 + b"\0" * 28)
+    header = (
+        struct.pack(">I", size)
+        + b"none"
+        + struct.pack(">I", 0x02100000)
+        + b"mntrRGB XYZ "
+        + b"\0" * 12
+        + b"acsp"
+        + b"\0" * 4
+        + b"\0" * 4
+        + b"\0" * 8
+        + b"\0" * 8
+        + struct.pack(">I", 0)
+        + s15(0.9642)
+        + s15(1.0)
+        + s15(0.8249)
+        + b"\0" * 4
+        + b"\0" * 16
+        + b"\0" * 28
+    )
     assert len(header) == 128, len(header)
     return header + struct.pack(">I", len(tags)) + table + data
 
@@ -237,8 +287,13 @@ def test_colour_profiles_are_converted_to_srgb_and_a_broken_one_is_said(tmp_path
     expected = 255 * (1.055 * linear ** (1 / 2.4) - 0.055)  # the same light, written in sRGB's curve
     assert np.abs(np.asarray(load_image(tmp_path / "linear.png", (24, 24)), float) - expected).max() <= 1
     assert (np.asarray(load_image(tmp_path / "broken.png", (24, 24))) == 128).all()
-    notes = " ".join(check_dataset(load_config("mini", [f"data.path={tmp_path}"]).data, load_config("mini").model).notes)
-    assert "2 image(s) carry a colour profile other than sRGB" in notes and "linear.png (Linear RGB (test) → sRGB)" in notes
+    notes = " ".join(
+        check_dataset(load_config("mini", [f"data.path={tmp_path}"]).data, load_config("mini").model).notes
+    )
+    assert (
+        "2 image(s) carry a colour profile other than sRGB" in notes
+        and "linear.png (Linear RGB (test) → sRGB)" in notes
+    )
     assert "broken.png (embedded profile cannot be applied" in notes and "read as sRGB)" in notes
 
 
@@ -252,7 +307,9 @@ def test_a_multi_picture_jpeg_from_a_camera_is_read_as_its_first_frame(tmp_path)
 
 
 def test_transparency_is_flattened_onto_white_and_said(tmp_path):
-    Image.fromarray(np.dstack([RGB, ALPHA]), "RGBA").resize((24, 24), Image.Resampling.NEAREST).save(tmp_path / "cut.png")
+    Image.fromarray(np.dstack([RGB, ALPHA]), "RGBA").resize((24, 24), Image.Resampling.NEAREST).save(
+        tmp_path / "cut.png"
+    )
     Image.fromarray(np.dstack([RGB, np.full_like(ALPHA, 255)]), "RGBA").resize((24, 24)).save(tmp_path / "opaque.png")
     for name in ("cut", "opaque"):
         (tmp_path / f"{name}.txt").write_text("a red circle")
@@ -272,8 +329,9 @@ def test_the_miniature_loses_about_40_percent_of_its_grain_when_a_large_copy_is_
     g = __import__("torch").Generator().manual_seed(0)
     scenes = [world.random_scene(g) for _ in range(16)]
     kept = total = 0.0
-    for i, (grainy, plain) in enumerate(zip(to_pil(world.render(scenes)),
-                                            to_pil(world.render([replace(s, grain=None) for s in scenes])))):
+    for i, (grainy, plain) in enumerate(
+        zip(to_pil(world.render(scenes)), to_pil(world.render([replace(s, grain=None) for s in scenes])))
+    ):
         back = []
         for tag, img in (("g", grainy), ("p", plain)):
             path = tmp_path / f"{i}{tag}.png"

@@ -29,8 +29,8 @@ def _trained_mini(tiny_adapter, seed: int = 0):
 
 def test_miniature_lora_is_dopsd_only_and_labelled(tiny_adapter, tmp_path, capsys):
     from dopsd.lora.inject import lora_state_dict
-    from dopsd.mini.adapter import tiny_random_adapter
     from dopsd.lora.trained import apply_trained, save_trained
+    from dopsd.mini.adapter import tiny_random_adapter
 
     adapter = _trained_mini(tiny_adapter)
     run = tmp_path / "run"
@@ -42,7 +42,9 @@ def test_miniature_lora_is_dopsd_only_and_labelled(tiny_adapter, tmp_path, capsy
     assert state.keys() == lora_state_dict(adapter.network).keys()  # bare peft keys, as dopsd reads them
     with safe_open(str(written), "pt") as fh:
         md = fh.metadata()
-    assert md["modelspec.architecture"] == "dopsd-miniature/lora" and "loads only in dopsd" in md["modelspec.description"]
+    assert (
+        md["modelspec.architecture"] == "dopsd-miniature/lora" and "loads only in dopsd" in md["modelspec.description"]
+    )
     assert json.loads(md["dopsd"])["layout"] == "dopsd-peft" and md["ss_network_alpha"] == "8.0"
     fresh = tiny_random_adapter(0)
     apply_trained(fresh.network, written)
@@ -64,11 +66,20 @@ def test_flux2_layout_round_trip_is_exact_and_deltas_match():
     modules = {f"transformer_blocks.0.attn.{n}": _pair(3, 8, 8, g) for n in ("to_q", "to_v", "add_k_proj", "to_out.0")}
     modules["single_transformer_blocks.1.attn.to_qkv_mlp_proj"] = _pair(3, 40, 8, g)
     state = to_interchange(modules, "flux2")
-    assert set(state) == {f"diffusion_model.{n}.lora_{x}.weight" for x in "AB" for n in (
-        "double_blocks.0.img_attn.qkv", "double_blocks.0.txt_attn.qkv", "double_blocks.0.img_attn.proj",
-        "single_blocks.1.linear1")}
-    qkv_delta = state["diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight"] @ state[
-        "diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight"]
+    assert set(state) == {
+        f"diffusion_model.{n}.lora_{x}.weight"
+        for x in "AB"
+        for n in (
+            "double_blocks.0.img_attn.qkv",
+            "double_blocks.0.txt_attn.qkv",
+            "double_blocks.0.img_attn.proj",
+            "single_blocks.1.linear1",
+        )
+    }
+    qkv_delta = (
+        state["diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight"]
+        @ state["diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight"]
+    )
     a, b = modules["transformer_blocks.0.attn.to_v"]
     assert torch.allclose(qkv_delta[16:24], b @ a) and not qkv_delta[8:16].any()  # k was not trained: zero rows
     back = from_interchange(split_keys(state)[1], "flux2")
@@ -80,12 +91,18 @@ def test_flux2_layout_round_trip_is_exact_and_deltas_match():
 def test_foreign_fused_qkv_with_shared_a_splits_exactly():
     g = torch.Generator().manual_seed(1)
     a, b = torch.randn(4, 8, generator=g), torch.randn(24, 4, generator=g)  # one A for q, k and v, as other trainers
-    state = {"diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight": a,
-             "diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight": b,
-             "diffusion_model.double_blocks.0.img_attn.qkv.alpha": torch.tensor(2.0)}
+    state = {
+        "diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight": a,
+        "diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight": b,
+        "diffusion_model.double_blocks.0.img_attn.qkv.alpha": torch.tensor(2.0),
+    }
     back = from_interchange(split_keys(state)[1], "flux2")
-    full = torch.cat([back[f"transformer_blocks.0.attn.{n}"][1] @ back[f"transformer_blocks.0.attn.{n}"][0]
-                      for n in ("to_q", "to_k", "to_v")])
+    full = torch.cat(
+        [
+            back[f"transformer_blocks.0.attn.{n}"][1] @ back[f"transformer_blocks.0.attn.{n}"][0]
+            for n in ("to_q", "to_k", "to_v")
+        ]
+    )
     assert torch.allclose(full, b @ a * 0.5)  # alpha / rank = 2 / 4 folded in
 
 

@@ -12,10 +12,10 @@ from dopsd.images import to_pil
 from dopsd.lora.inject import add_lora, lora_state_dict
 from dopsd.mini import metrics as M
 from dopsd.mini import world
+from dopsd.mini.adapter import WEIGHTS_DIR, default_lora_targets, load, tiny_random_adapter
 from dopsd.mini.recipe import sha256
 from dopsd.mini.report import draw_noise, sample_many
 from dopsd.models.base import ModelAdapter
-from dopsd.mini.adapter import WEIGHTS_DIR, default_lora_targets, load, tiny_random_adapter
 
 torch.set_num_threads(1)
 

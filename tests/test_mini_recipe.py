@@ -9,9 +9,9 @@ import torch
 
 from dopsd.cli import main
 from dopsd.mini import world
-from dopsd.mini.report import draw_noise, sample_many
-from dopsd.mini.recipe import sha256
 from dopsd.mini.adapter import load
+from dopsd.mini.recipe import sha256
+from dopsd.mini.report import draw_noise, sample_many
 
 torch.set_num_threads(1)
 
@@ -38,15 +38,38 @@ def test_tiny_recipe_cli_reproducible_and_loadable(tmp_path, capsys):
     assert x.shape == (2, 3, 24, 24) and torch.isfinite(x).all()
 
     report = tmp_path / "report.md"
-    assert main(["mini", "report", "--weights", str(out1), "--seeds", "2", "--samples", "8", "--out", str(report),
-                 "--premise-steps", "3"]) == 0
+    assert (
+        main(
+            [
+                "mini",
+                "report",
+                "--weights",
+                str(out1),
+                "--seeds",
+                "2",
+                "--samples",
+                "8",
+                "--out",
+                str(report),
+                "--premise-steps",
+                "3",
+            ]
+        )
+        == 0
+    )
     text = report.read_text()
     assert "| turbo@4 |" in text and "| base@8 |" in text and "orange:caption+image(vlm)" in text
     numbers = json.loads(report.with_suffix(".json").read_text())
     assert len(numbers) == 2 and 0.0 <= numbers[0]["turbo@4"]["acc_shape"] <= 1.0
     assert "| premise (`dopsd demo`, 4 steps) |" in text and set(numbers[1]["premise"]) == {
-        "before", "sft", "dopsd", "sft, 6 steps", "dopsd, no new concept (red)", "sft without prior preservation",
-        "dopsd without prior preservation"}
+        "before",
+        "sft",
+        "dopsd",
+        "sft, 6 steps",
+        "dopsd, no new concept (red)",
+        "sft without prior preservation",
+        "dopsd without prior preservation",
+    }
     assert numbers[0]["premise"]["before"]["drift"] == 0.0 and numbers[0]["premise"]["sft"]["drift"] > 0.0
 
 
@@ -65,8 +88,11 @@ def test_weights_that_do_not_fit_the_network_get_a_clear_error(tmp_path):
     manifest = json.loads((tmp_path / "w" / "manifest.json").read_text())
     manifest["recipe_version"] = "mini-recipe-1"
     (old / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match=r"built by recipe mini-recipe-1, this dopsd's miniature is mini-recipe-\d.*"
-                                         r"dopsd mini recipe --out"):
+    with pytest.raises(
+        ValueError,
+        match=r"built by recipe mini-recipe-1, this dopsd's miniature is mini-recipe-\d.*"
+        r"dopsd mini recipe --out",
+    ):
         load(SimpleNamespace(pretrained=str(old)))
 
 

@@ -96,8 +96,9 @@ def test_per_step_backward_equals_accumulated_backward_and_no_cross_step_gradien
     out.loss.backward()
     accumulated = grads(model)
     model.zero_grad()
-    out2 = dopsd_loss(model, shadow.wrap(model), noise, SCHEDULE, student_ctx, target, space=space,
-                      backward=lambda l: l.backward())
+    out2 = dopsd_loss(
+        model, shadow.wrap(model), noise, SCHEDULE, student_ctx, target, space=space, backward=lambda l: l.backward()
+    )
     assert not out2.loss.requires_grad
     for a, b in zip(accumulated, grads(model)):
         torch.testing.assert_close(a, b)
@@ -118,8 +119,16 @@ def test_x0_loss_equals_sigma_squared_weighted_velocity_loss():
     model, shadow, noise, target, student_ctx = setup()
     teacher = shadow.wrap(model)
     x0 = dopsd_loss(model, teacher, noise, SCHEDULE, student_ctx, target, space="x0")
-    vel = dopsd_loss(model, teacher, noise, SCHEDULE, student_ctx, target, space="velocity",
-                     step_weights=(SCHEDULE[:-1] ** 2).tolist())
+    vel = dopsd_loss(
+        model,
+        teacher,
+        noise,
+        SCHEDULE,
+        student_ctx,
+        target,
+        space="velocity",
+        step_weights=(SCHEDULE[:-1] ** 2).tolist(),
+    )
     torch.testing.assert_close(x0.loss, vel.loss)
     # and the x0 loss is literally the MSE of x0 predictions at the first state
     x = noise

@@ -10,13 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from dopsd.objective import (
-    dopsd_loss,
-    per_sample_error,
-    pso_loss,
-    sample_schedule_sigmas,
-    sft_loss,
-)
+from dopsd.objective import dopsd_loss, per_sample_error, pso_loss, sample_schedule_sigmas, sft_loss
 from dopsd.sampler import sample_euler
 from dopsd.schedules import shifted_schedule, training_schedule
 from dopsd.weights import ParamShadow, trainable_parameters
@@ -66,11 +60,14 @@ def moved(model: nn.Module, by: float = 0.2, seed: int = 5) -> None:
 
 def per_pair_sft_grads(model, x0, ctx, noise, sigma):
     """∇ℓ_i for each pair i alone (sft_loss on one sample = that sample's per-sample error)."""
-    return [grad_of(model, sft_loss(model, x0[i:i + 1], ctx[i:i + 1], sigma[i:i + 1], noise[i:i + 1]))
-            for i in range(len(x0))]
+    return [
+        grad_of(model, sft_loss(model, x0[i : i + 1], ctx[i : i + 1], sigma[i : i + 1], noise[i : i + 1]))
+        for i in range(len(x0))
+    ]
 
 
 # --- PSO, hinge form (the released scripts' `pso_db`) --------------------------------------------------
+
 
 def test_pso_hinge_with_released_constants_is_five_times_sft_on_the_targets():
     # Active hinge: ∇ = β∇L_w − βγ∇L_l + λ∇L_l = 5∇L_w + (0.5 − 0.5)∇L_l = 5∇L_w (L = batch means).
@@ -106,6 +103,7 @@ def test_pso_hinge_gradient_algebra_active_and_inactive():
 
 # --- PSO, DPO form (the code's `pso`, against the frozen initial model) ---------------------------------
 
+
 @pytest.mark.parametrize("prior_weight", [0.0, 0.5])
 def test_pso_dpo_gradient_is_sigmoid_weighted_pair_of_sft_gradients(prior_weight):
     # loss = mean_i −log σ(β m_i) + λ mean_i L_l,i,  m_i = (R_w,i − γR_l,i) − (L_w,i − γL_l,i), s_i = σ(−β m_i):
@@ -116,8 +114,19 @@ def test_pso_dpo_gradient_is_sigmoid_weighted_pair_of_sft_gradients(prior_weight
     base = ParamShadow(trainable_parameters(model), mode="base")
     moved(model)
     x_w, x_l, ctx, noise, sigma = pair_batch()
-    out = pso_loss(model, x_w, x_l, ctx, sigma, noise, beta=beta, ref_weight=gamma, prior_weight=prior_weight,
-                   form="dpo", reference_model=base.wrap(model))
+    out = pso_loss(
+        model,
+        x_w,
+        x_l,
+        ctx,
+        sigma,
+        noise,
+        beta=beta,
+        ref_weight=gamma,
+        prior_weight=prior_weight,
+        form="dpo",
+        reference_model=base.wrap(model),
+    )
     s = torch.sigmoid(-beta * out.margin)
     assert bool((out.margin.abs() > 1e-3).all())  # away from the reference model: s_i differ from 1/2
     gw, gl = per_pair_sft_grads(model, x_w, ctx, noise, sigma), per_pair_sft_grads(model, x_l, ctx, noise, sigma)
@@ -174,8 +183,19 @@ def test_pso_dpo_at_the_reference_model_and_with_equal_margins():
     # in both forms and also away from the reference model.
     moved(model)
     for form in ("dpo", "hinge"):
-        out = pso_loss(model, x_w, x_w.clone(), ctx, sigma, noise, beta=5.0, ref_weight=1.0, prior_weight=0.0,
-                       form=form, reference_model=base.wrap(model))
+        out = pso_loss(
+            model,
+            x_w,
+            x_w.clone(),
+            ctx,
+            sigma,
+            noise,
+            beta=5.0,
+            ref_weight=1.0,
+            prior_weight=0.0,
+            form=form,
+            reference_model=base.wrap(model),
+        )
         assert float(out.margin.abs().max()) == 0.0
         assert float(grad_of(model, out.loss).abs().max()) == 0.0
 
@@ -218,8 +238,9 @@ def test_per_sample_error_weightings_and_pso_validation():
     # the ε-MSE of the PSO code, computed directly: ε̂ = x_σ + (1 − σ)·v̂
     x = (1 - sigma[:, None]) * x_w + sigma[:, None] * noise
     eps_hat = x + (1 - sigma[:, None]) * model(x, sigma, ctx)
-    torch.testing.assert_close(per_sample_error(model, x_w, ctx, sigma, noise, "noise"),
-                               (eps_hat - noise).pow(2).mean(1))
+    torch.testing.assert_close(
+        per_sample_error(model, x_w, ctx, sigma, noise, "noise"), (eps_hat - noise).pow(2).mean(1)
+    )
     with pytest.raises(ValueError, match="reference_model"):
         pso_loss(model, x_w, x_l, ctx, sigma, noise, form="dpo")
     with pytest.raises(ValueError, match="form"):
@@ -241,6 +262,7 @@ def test_schedule_sigmas_are_the_schedules_nonzero_levels():
 
 
 # --- off-policy distillation: the teacher's roll-out ----------------------------------------------------
+
 
 def distill_setup(mode="ema"):
     model = Denoiser()
@@ -284,14 +306,33 @@ def test_teacher_rollout_loss_is_zero_when_student_equals_teacher():
 def test_teacher_rollout_per_step_backward_equals_one_backward(space):
     model, shadow, noise, t_ctx, s_ctx = distill_setup()
     model.seen.clear()
-    out = dopsd_loss(model, shadow.wrap(model), noise, SCHEDULE, s_ctx, t_ctx, space=space, rollout="teacher",
-                     step_weights=[1.0, 0.5, 2.0, 1.5])
+    out = dopsd_loss(
+        model,
+        shadow.wrap(model),
+        noise,
+        SCHEDULE,
+        s_ctx,
+        t_ctx,
+        space=space,
+        rollout="teacher",
+        step_weights=[1.0, 0.5, 2.0, 1.5],
+    )
     assert not any(x.requires_grad for x in model.seen)
     out.loss.backward()
     accumulated = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    out2 = dopsd_loss(model, shadow.wrap(model), noise, SCHEDULE, s_ctx, t_ctx, space=space, rollout="teacher",
-                      step_weights=[1.0, 0.5, 2.0, 1.5], backward=lambda l: l.backward())
+    out2 = dopsd_loss(
+        model,
+        shadow.wrap(model),
+        noise,
+        SCHEDULE,
+        s_ctx,
+        t_ctx,
+        space=space,
+        rollout="teacher",
+        step_weights=[1.0, 0.5, 2.0, 1.5],
+        backward=lambda l: l.backward(),
+    )
     assert not out2.loss.requires_grad
     for a, p in zip(accumulated, model.parameters()):
         torch.testing.assert_close(a, p.grad)
@@ -327,8 +368,9 @@ def test_step_context_wraps_every_forward_and_backward(rollout):
         calls.append(("backward", inside[0]))
         loss.backward()
 
-    dopsd_loss(student, teacher, noise, SCHEDULE, s_ctx, t_ctx, rollout=rollout, backward=backward,
-               step_context=Recorder)
+    dopsd_loss(
+        student, teacher, noise, SCHEDULE, s_ctx, t_ctx, rollout=rollout, backward=backward, step_context=Recorder
+    )
     assert flags == [False, False, False, True]
     assert len(calls) == 3 * 4 and all(ok for _, ok in calls)
 

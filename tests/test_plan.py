@@ -8,21 +8,29 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import write_concept_folder
+from tiny_real import build_flux2, build_qwen3_vl, build_zimage, train_config, write_pairs
+
 from dopsd.config import load_config
 from dopsd.planner.validate import error, measured_peak, predicted_peak
-from tiny_real import build_flux2, build_qwen3_vl, build_zimage, train_config, write_pairs
 
 TOLERANCE = 0.15
 CAPTIONS = ["a red cat", "a [V] teapot on a wooden table"]
 
 
 def mini_config(root: Path, data: Path, method: str, lora: bool):
-    extra = [f"data.path={data}", f"train.output_dir={root / 'run'}", f"cache.dir={root / 'cache'}",
-             "log.progress=false", "log.tensorboard=false", "sample.every=0", "sample.health=false",
-             "train.checkpoint_every=0", f"lora.enabled={str(lora).lower()}",
-             f"method.name={'sft' if method == 'sft' else 'dopsd'}"]
+    extra = [
+        f"data.path={data}",
+        f"train.output_dir={root / 'run'}",
+        f"cache.dir={root / 'cache'}",
+        "log.progress=false",
+        "log.tensorboard=false",
+        "sample.every=0",
+        "sample.health=false",
+        "train.checkpoint_every=0",
+        f"lora.enabled={str(lora).lower()}",
+        f"method.name={'sft' if method == 'sft' else 'dopsd'}",
+    ]
     if method == "dopsd_prior":
         extra += ["method.prior_prompts=['a red circle', 'a blue square']", "method.prior_weight=1.0"]
     return load_config("mini", extra)
@@ -32,14 +40,17 @@ def check(cfg, out: Path, overrides=None) -> float:
     measured, lengths = measured_peak(cfg, out)
     predicted = predicted_peak(cfg, overrides(lengths) if overrides else None)
     err = error(predicted, measured)
-    print(f"{cfg.model.family} {cfg.method.name} lora={cfg.lora.enabled}: measured {measured / 2**20:.3f} MiB, "
-          f"predicted {predicted / 2**20:.3f} MiB ({err:+.1%})")
+    print(
+        f"{cfg.model.family} {cfg.method.name} lora={cfg.lora.enabled}: measured {measured / 2**20:.3f} MiB, "
+        f"predicted {predicted / 2**20:.3f} MiB ({err:+.1%})"
+    )
     assert abs(err) <= TOLERANCE, (predicted, measured)
     return err
 
 
-@pytest.mark.parametrize("method,lora", [("sft", True), ("sft", False), ("dopsd", True), ("dopsd", False),
-                                         ("dopsd_prior", True)])
+@pytest.mark.parametrize(
+    "method,lora", [("sft", True), ("sft", False), ("dopsd", True), ("dopsd", False), ("dopsd_prior", True)]
+)
 def test_prediction_matches_the_trainer_on_the_miniature(tmp_path, method, lora):
     """The shipped turbo, preset mini (batch 8, 4-step roll-out), one real train_step measured on the CPU."""
     data = write_concept_folder(tmp_path / "data", n=8)
@@ -49,8 +60,12 @@ def test_prediction_matches_the_trainer_on_the_miniature(tmp_path, method, lora)
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_plan")
-    return {"root": root, "zimage": build_zimage(root / "zi"), "vlm": build_qwen3_vl(root / "vl"),
-            "flux2": build_flux2(root / "fl")}
+    return {
+        "root": root,
+        "zimage": build_zimage(root / "zi"),
+        "vlm": build_qwen3_vl(root / "vl"),
+        "flux2": build_flux2(root / "fl"),
+    }
 
 
 def zimage_lengths(lengths):
@@ -65,9 +80,17 @@ def zimage_lengths(lengths):
 def test_prediction_matches_the_trainer_on_tiny_zimage(tiny, tmp_path, method, lora):
     """Tiny Z-Image with the VLM teacher and gradient checkpointing (preset zimage-turbo)."""
     data = write_pairs(tmp_path / "data", CAPTIONS, 32, seed=7)
-    cfg = train_config("zimage-turbo", tmp_path, data, 32, f"model.pretrained={tiny['zimage']}",
-                       f"model.teacher_encoder={tiny['vlm']}", f"method.name={method}", f"lora.enabled={lora}",
-                       "sample.health=false")
+    cfg = train_config(
+        "zimage-turbo",
+        tmp_path,
+        data,
+        32,
+        f"model.pretrained={tiny['zimage']}",
+        f"model.teacher_encoder={tiny['vlm']}",
+        f"method.name={method}",
+        f"lora.enabled={lora}",
+        "sample.health=false",
+    )
     assert cfg.train.gradient_checkpointing
     check(cfg, tmp_path / "run", zimage_lengths)
 
@@ -76,8 +99,16 @@ def test_prediction_matches_the_trainer_on_tiny_zimage(tiny, tmp_path, method, l
 def test_prediction_matches_the_trainer_on_tiny_klein(tiny, tmp_path, method, lora):
     """Tiny FLUX.2-klein with the reference-image teacher (its tokens appended after the noisy ones)."""
     data = write_pairs(tmp_path / "data", CAPTIONS, 64, seed=7)
-    cfg = train_config("flux2-klein-4b", tmp_path, data, 64, f"model.pretrained={tiny['flux2']}",
-                       f"method.name={method}", f"lora.enabled={lora}", "sample.health=false")
+    cfg = train_config(
+        "flux2-klein-4b",
+        tmp_path,
+        data,
+        64,
+        f"model.pretrained={tiny['flux2']}",
+        f"method.name={method}",
+        f"lora.enabled={lora}",
+        "sample.health=false",
+    )
     check(cfg, tmp_path / "run")
 
 
@@ -156,8 +187,9 @@ def test_cli_json_on_the_miniature(capsys):
         entry = plan["methods"][method]
         assert entry["peak_gb"] > 0 and entry["tflops_per_step"] > 0 and set(entry["fits"]) == {"16", "24", "48", "80"}
     assert plan["methods"]["dopsd"]["peak_gb"] > plan["methods"]["sft"]["peak_gb"]  # + the EMA shadow
-    assert plan["compute"]["ratio_dopsd_sft"] == pytest.approx(plan["compute"]["K"] * (
-        1 + plan["compute"]["teacher_fwd_tflops"] / plan["compute"]["student_fwd_bwd_tflops"]))
+    assert plan["compute"]["ratio_dopsd_sft"] == pytest.approx(
+        plan["compute"]["K"] * (1 + plan["compute"]["teacher_fwd_tflops"] / plan["compute"]["student_fwd_bwd_tflops"])
+    )
     assert plan["unseen"]
 
 

@@ -23,8 +23,9 @@ UNNAMED = ["mini-domain", "mini-style", "zimage-turbo-domain", "zimage-turbo-sty
 def test_every_example_states_its_word_and_prior_preservation(path):
     raw = yaml.safe_load(path.read_text())
     assert "trigger_word" in raw["data"], f"{path.name}: state data.trigger_word (a word, or null for none)"
-    assert {"prior_prompts", "prior_weight"} <= set(raw.get("method", {})), \
+    assert {"prior_prompts", "prior_weight"} <= set(raw.get("method", {})), (
         f"{path.name}: state method.prior_prompts and method.prior_weight (empty / 0 = off)"
+    )
     config = load_config(path)  # loads and validates
     prior_on = bool(config.method.prior_prompts) and config.method.prior_weight > 0
     assert prior_on == (config.method.prior_weight > 0)  # never half on
@@ -52,10 +53,21 @@ def test_miniature_domain_and_style_presets_train_a_few_steps(tmp_path, name):
         targets, _ = domains.tint_pairs(domains.TEST_TINTS["mint 120°"], 8, seed=0)
         captions = world.write_pairs(data, targets)
     out = tmp_path / "run"
-    result = dopsd.train(CONFIGS / f"{name}.yaml", [
-        f"data.path={data}", f"train.output_dir={out}", "train.max_steps=2", "train.batch_size=2",
-        "train.checkpoint_every=0", "sample.control_steps=4", "sample.seeds=[0]", "log.progress=false",
-        "log.tensorboard=false", f"cache.dir={tmp_path / 'cache'}"])
+    result = dopsd.train(
+        CONFIGS / f"{name}.yaml",
+        [
+            f"data.path={data}",
+            f"train.output_dir={out}",
+            "train.max_steps=2",
+            "train.batch_size=2",
+            "train.checkpoint_every=0",
+            "sample.control_steps=4",
+            "sample.seeds=[0]",
+            "log.progress=false",
+            "log.tensorboard=false",
+            f"cache.dir={tmp_path / 'cache'}",
+        ],
+    )
     assert result.summary["status"] == "ok" and result.steps == 2
     weights = "model.safetensors" if name == "mini-domain" else "lora.safetensors"
     assert (out / weights).is_file()
@@ -66,6 +78,7 @@ def test_miniature_domain_and_style_presets_train_a_few_steps(tmp_path, name):
 
 def test_train_threads_is_applied_during_the_run_and_restored(tmp_path, concept_data):
     from conftest import tiny_config
+
     from dopsd.mini.adapter import tiny_random_adapter
 
     seen = []
@@ -73,8 +86,11 @@ def test_train_threads_is_applied_during_the_run_and_restored(tmp_path, concept_
     torch.set_num_threads(2)
     try:
         cfg = tiny_config(tmp_path, concept_data, **{"train.threads": 1, "train.max_steps": 1})
-        dopsd.train(cfg, adapter=tiny_random_adapter(0, teacher_context="reference"),
-                    callback=lambda trainer, record: seen.append(torch.get_num_threads()))
+        dopsd.train(
+            cfg,
+            adapter=tiny_random_adapter(0, teacher_context="reference"),
+            callback=lambda trainer, record: seen.append(torch.get_num_threads()),
+        )
         assert seen == [1] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(previous)

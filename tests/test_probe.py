@@ -14,8 +14,8 @@ from dopsd.cli import main as cli_main
 from dopsd.images import to_pil
 from dopsd.mini import world
 from dopsd.mini.adapter import load, tiny_random_adapter
-from dopsd.probe import Thresholds, _verdict, probe
 from dopsd.mini.scoring import MiniScorer
+from dopsd.probe import Thresholds, _verdict, probe
 from dopsd.probe_scorers import PixelScorer
 
 torch.set_num_threads(1)
@@ -91,7 +91,10 @@ def test_probe_cli_strict_gates_on_failing_pairs(tmp_path, capsys):
     assert grid.width > 3 * 96 and grid.height > 3 * 96  # target | student | teacher, one row per pair
     # Without --strict, or with a looser gate, the same probe exits 0; a broken dataset exits 2.
     assert cli_main(["probe", "mini", f"data.path={bad}", *common, "--out", str(out)]) == 0
-    assert cli_main(["probe", "mini", f"data.path={bad}", *common, "--strict", "--max-fail", "0.7", "--out", str(out)]) == 0
+    assert (
+        cli_main(["probe", "mini", f"data.path={bad}", *common, "--strict", "--max-fail", "0.7", "--out", str(out)])
+        == 0
+    )
     assert cli_main(["probe", "mini", f"data.path={tmp_path / 'missing'}", *common, "--out", str(out)]) == 2
 
 

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny_real import build_flux2, build_zimage, model_config, train_config, write_pairs
 from torch import nn
 
 from dopsd.config import ConfigError, load_config
@@ -14,7 +15,6 @@ from dopsd.models import flux2, zimage
 from dopsd.planner.resident import quantized_bytes
 from dopsd.quantize import QuantizeUnavailable, check_available, quantize_network, quantized_linear_count, tensor_bytes
 from dopsd.sampler import sample_euler
-from tiny_real import build_flux2, build_zimage, model_config, train_config, write_pairs
 
 torch.set_num_threads(1)
 SIZE = 32
@@ -25,8 +25,12 @@ FAMILIES = {"zimage": (zimage, build_zimage, "zimage-turbo"), "flux2": (flux2, b
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("quant")
-    return SimpleNamespace(root=root, zimage=build_zimage(root / "zi"), flux2=build_flux2(root / "fx"),
-                           data=write_pairs(root / "data", CAPTIONS, SIZE, seed=7))
+    return SimpleNamespace(
+        root=root,
+        zimage=build_zimage(root / "zi"),
+        flux2=build_flux2(root / "fx"),
+        data=write_pairs(root / "data", CAPTIONS, SIZE, seed=7),
+    )
 
 
 def train(folders, family: str, quantize: str, tmp):
@@ -36,8 +40,12 @@ def train(folders, family: str, quantize: str, tmp):
     import dopsd
 
     _, _, preset = FAMILIES[family]
-    extra = [f"model.pretrained={getattr(folders, family)}", f"model.quantize={quantize}", "optim.lr=1e-2",
-             "method.name=hybrid"]
+    extra = [
+        f"model.pretrained={getattr(folders, family)}",
+        f"model.quantize={quantize}",
+        "optim.lr=1e-2",
+        "method.name=hybrid",
+    ]
     if family == "zimage":
         extra.append("model.teacher_context=text")
     return dopsd.train(train_config(preset, tmp, folders.data, SIZE, *extra))
@@ -45,8 +53,16 @@ def train(folders, family: str, quantize: str, tmp):
 
 def unquantized(folders, family: str):
     module, _, _ = FAMILIES[family]
-    return module.load(model_config(family, pretrained=str(getattr(folders, family)), height=SIZE, width=SIZE,
-                                    max_caption_tokens=32, teacher_context="text"))
+    return module.load(
+        model_config(
+            family,
+            pretrained=str(getattr(folders, family)),
+            height=SIZE,
+            width=SIZE,
+            max_caption_tokens=32,
+            teacher_context="text",
+        )
+    )
 
 
 def noise_for(adapter) -> torch.Tensor:
@@ -62,8 +78,12 @@ def samples(folders, family: str, lora) -> torch.Tensor:
         apply_trained(adapter.network, lora)
     ctx = adapter.collate(adapter.student_contexts(CAPTIONS))
     with torch.no_grad():
-        return sample_euler(lambda x, s, c: adapter.velocity(adapter.network, x, s, c), noise_for(adapter),
-                            adapter.inference_schedule(SIZE, SIZE), ctx)
+        return sample_euler(
+            lambda x, s, c: adapter.velocity(adapter.network, x, s, c),
+            noise_for(adapter),
+            adapter.inference_schedule(SIZE, SIZE),
+            ctx,
+        )
 
 
 def pipeline_samples(folders, family: str, run_dir) -> torch.Tensor:
@@ -73,10 +93,26 @@ def pipeline_samples(folders, family: str, run_dir) -> torch.Tensor:
     pipe.load_lora_weights(str(run_dir))
     noise = noise_for(adapter)
     if family == "zimage":
-        return pipe(list(CAPTIONS), height=SIZE, width=SIZE, num_inference_steps=8, guidance_scale=0.0,
-                    max_sequence_length=32, latents=noise.clone(), output_type="latent").images
-    out = pipe(prompt=list(CAPTIONS), height=SIZE, width=SIZE, num_inference_steps=4, guidance_scale=1.0,
-               max_sequence_length=32, latents=noise.clone(), output_type="latent").images
+        return pipe(
+            list(CAPTIONS),
+            height=SIZE,
+            width=SIZE,
+            num_inference_steps=8,
+            guidance_scale=0.0,
+            max_sequence_length=32,
+            latents=noise.clone(),
+            output_type="latent",
+        ).images
+    out = pipe(
+        prompt=list(CAPTIONS),
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=4,
+        guidance_scale=1.0,
+        max_sequence_length=32,
+        latents=noise.clone(),
+        output_type="latent",
+    ).images
     return out
 
 
@@ -101,8 +137,9 @@ def test_int8_base_trains_a_lora_that_loads_into_the_unquantized_model(folders, 
     assert sorted(q_keys) == sorted(p_keys)  # same layout as on an unquantized base
     assert all(q_keys[k].shape == p_keys[k].shape and q_keys[k].dtype == p_keys[k].dtype for k in q_keys)
     for part in ("trainable", "teacher"):  # checkpoints: the LoRA's values only (the teacher is a LoRA swap)
-        q_ckpt, p_ckpt = (load_file(str(r.output_dir / "checkpoints/step-0000002" / f"{part}.safetensors"))
-                          for r in (quant, plain))
+        q_ckpt, p_ckpt = (
+            load_file(str(r.output_dir / "checkpoints/step-0000002" / f"{part}.safetensors")) for r in (quant, plain)
+        )
         assert sorted(q_ckpt) == sorted(p_ckpt) and all("lora_" in k for k in q_ckpt)
     base, with_plain, with_quant = (samples(folders, family, w) for w in (None, plain.weights, quant.weights))
     moved = (with_plain - base).abs().max()
@@ -121,8 +158,15 @@ def test_the_quantized_base_sits_under_a_peft_lora(folders):
     factors alone take gradients, a finite step, and checkpoints with only LoRA tensors."""
     from dopsd.lora.inject import add_lora, lora_state_dict
 
-    cfg = model_config("zimage", pretrained=str(folders.zimage), height=SIZE, width=SIZE, max_caption_tokens=32,
-                       teacher_context="text", quantize="int8")
+    cfg = model_config(
+        "zimage",
+        pretrained=str(folders.zimage),
+        height=SIZE,
+        width=SIZE,
+        max_caption_tokens=32,
+        teacher_context="text",
+        quantize="int8",
+    )
     adapter = zimage.load(cfg)
     ctx = adapter.collate(adapter.student_contexts(CAPTIONS))
     net = adapter.network
@@ -188,8 +232,11 @@ def test_refusals_name_model_quantize(folders, tmp_path):
     import dopsd
 
     with pytest.raises(QuantizeUnavailable, match="float8"):  # before the model folder or the run folder is touched
-        dopsd.train(train_config("zimage-turbo", tmp_path, folders.data, SIZE, "model.pretrained=/nowhere",
-                                 "model.quantize=float8"))
+        dopsd.train(
+            train_config(
+                "zimage-turbo", tmp_path, folders.data, SIZE, "model.pretrained=/nowhere", "model.quantize=float8"
+            )
+        )
     assert not (tmp_path / "run").exists()
 
 
@@ -198,24 +245,46 @@ def test_a_quantized_run_resumes_from_its_checkpoint(folders, tmp_path):
     import dopsd
 
     first = train(folders, "flux2", "int8", tmp_path)
-    cfg = train_config("flux2-klein-4b", tmp_path, folders.data, SIZE, f"model.pretrained={folders.flux2}",
-                       "model.quantize=int8", "optim.lr=1e-2", "method.name=hybrid", "train.max_steps=3")
+    cfg = train_config(
+        "flux2-klein-4b",
+        tmp_path,
+        folders.data,
+        SIZE,
+        f"model.pretrained={folders.flux2}",
+        "model.quantize=int8",
+        "optim.lr=1e-2",
+        "method.name=hybrid",
+        "train.max_steps=3",
+    )
     resumed = dopsd.train(cfg, resume=True)
-    assert resumed.steps == 3 and resumed.losses[:2] == first.losses and torch.isfinite(torch.tensor(resumed.losses)).all()
+    assert (
+        resumed.steps == 3 and resumed.losses[:2] == first.losses and torch.isfinite(torch.tensor(resumed.losses)).all()
+    )
 
 
 def test_the_miniature_trains_on_a_quantized_base_too(tmp_path, capsys):
     """Quantization knows no family: the shipped miniature trains on an int8 base as well."""
-    import dopsd
     from PIL import Image
+
+    import dopsd
 
     data = tmp_path / "data"
     data.mkdir()
     for i, colour in enumerate(["red", "blue"]):
         Image.new("RGB", (24, 24), (200 * (i == 0), 0, 200 * (i == 1))).save(data / f"img{i}.png")
         (data / f"img{i}.txt").write_text(f"a {colour} circle")
-    result = dopsd.train("mini", [f"data.path={data}", "model.quantize=int8", "train.max_steps=2",
-                                  f"train.output_dir={tmp_path / 'run'}", "log.progress=false", "log.tensorboard=false",
-                                  "sample.every=0", f"cache.dir={tmp_path / 'cache'}"])
+    result = dopsd.train(
+        "mini",
+        [
+            f"data.path={data}",
+            "model.quantize=int8",
+            "train.max_steps=2",
+            f"train.output_dir={tmp_path / 'run'}",
+            "log.progress=false",
+            "log.tensorboard=false",
+            "sample.every=0",
+            f"cache.dir={tmp_path / 'cache'}",
+        ],
+    )
     assert "base quantized to int8" in capsys.readouterr().out
     assert result.steps == 2 and torch.isfinite(torch.tensor(result.losses)).all()

@@ -10,17 +10,26 @@ import time
 
 import numpy as np
 import torch
+from conftest import tiny_config
 from safetensors.torch import load_file
 
 import dopsd
-from conftest import tiny_config
 from dopsd.mini.adapter import tiny_random_adapter
 
 # Everything that has state or randomness: EMA teacher, cosine LR with warm-up, LoRA dropout (global RNG),
 # caption dropout and several captions per image, the hybrid objective and prior preservation.
-STATEFUL = {"optim.schedule": "cosine", "optim.warmup_steps": 2, "lora.dropout": 0.1, "data.caption_dropout": 0.3,
-            "method.name": "hybrid", "method.prior_prompts": ["a red circle", "a blue square"], "method.prior_weight": 0.5,
-            "train.max_steps": 6, "train.checkpoint_every": 3, "sample.every": 3}
+STATEFUL = {
+    "optim.schedule": "cosine",
+    "optim.warmup_steps": 2,
+    "lora.dropout": 0.1,
+    "data.caption_dropout": 0.3,
+    "method.name": "hybrid",
+    "method.prior_prompts": ["a red circle", "a blue square"],
+    "method.prior_weight": 0.5,
+    "train.max_steps": 6,
+    "train.checkpoint_every": 3,
+    "sample.every": 3,
+}
 
 
 def adapter():
@@ -28,8 +37,9 @@ def adapter():
 
 
 def test_resume_from_a_middle_checkpoint_reproduces_the_run(tmp_path, concept_data):
-    full = dopsd.train(tiny_config(tmp_path, concept_data, **STATEFUL, **{"train.output_dir": tmp_path / "full"}),
-                       adapter=adapter())
+    full = dopsd.train(
+        tiny_config(tmp_path, concept_data, **STATEFUL, **{"train.output_dir": tmp_path / "full"}), adapter=adapter()
+    )
     cut = tmp_path / "cut"  # the same run as if it had stopped right after its step-3 checkpoint
     shutil.copytree(full.output_dir, cut)
     shutil.rmtree(cut / "checkpoints" / "step-0000006")
@@ -61,8 +71,10 @@ def test_resume_from_a_middle_checkpoint_reproduces_the_run(tmp_path, concept_da
 
 
 def test_resume_extends_a_finished_run(tmp_path, concept_data):
-    long = dopsd.train(tiny_config(tmp_path, concept_data, **{"train.output_dir": tmp_path / "long", "train.max_steps": 6}),
-                       adapter=adapter())
+    long = dopsd.train(
+        tiny_config(tmp_path, concept_data, **{"train.output_dir": tmp_path / "long", "train.max_steps": 6}),
+        adapter=adapter(),
+    )
     cfg = tiny_config(tmp_path, concept_data, **{"train.output_dir": tmp_path / "short", "train.max_steps": 3})
     dopsd.train(cfg, adapter=adapter())
     extended = dopsd.train(cfg, ["train.max_steps=6"], resume=True, adapter=adapter())
@@ -77,14 +89,24 @@ def test_resume_extends_a_finished_run(tmp_path, concept_data):
 
 
 def test_a_killed_process_resumes_exactly(tmp_path, concept_data, tiny_mini):
-    settings = {"model.pretrained": tiny_mini, "train.max_steps": 400, "train.checkpoint_every": 2,
-                "optim.schedule": "constant", "lora.dropout": 0.1, "data.caption_dropout": 0.3}
+    settings = {
+        "model.pretrained": tiny_mini,
+        "train.max_steps": 400,
+        "train.checkpoint_every": 2,
+        "optim.schedule": "constant",
+        "lora.dropout": 0.1,
+        "data.caption_dropout": 0.3,
+    }
     cfg = tiny_config(tmp_path, concept_data, **settings)
     config_file = tmp_path / "run.yaml"
     config_file.write_text(cfg.to_yaml())
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "dopsd.cli", "train", str(config_file)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dopsd.cli", "train", str(config_file)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     checkpoints = tmp_path / "run" / "checkpoints"
     deadline = time.time() + 120
     while not (checkpoints / "step-0000002" / "state.json").is_file():

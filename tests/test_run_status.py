@@ -4,9 +4,9 @@ import json
 import warnings
 
 import pytest
+from conftest import tiny_config
 
 import dopsd
-from conftest import tiny_config
 from dopsd import cli
 from dopsd.config import ConfigError
 from dopsd.mini import world
@@ -19,9 +19,22 @@ def test_a_diverged_run_that_samples_noise_is_unhealthy_and_exits_non_zero(tmp_p
     data = tmp_path / "data"
     world.write_concept_dataset(data, "orange")
     out = tmp_path / "run"
-    code = cli.main(["train", "mini", f"data.path={data}", f"train.output_dir={out}", "optim.lr=0.05",
-                     "train.max_steps=40", "sample.every=20", "train.checkpoint_every=20", "sample.control_steps=0",
-                     "log.progress=false", "log.tensorboard=false", f"cache.dir={tmp_path / 'cache'}"])
+    code = cli.main(
+        [
+            "train",
+            "mini",
+            f"data.path={data}",
+            f"train.output_dir={out}",
+            "optim.lr=0.05",
+            "train.max_steps=40",
+            "sample.every=20",
+            "train.checkpoint_every=20",
+            "sample.control_steps=0",
+            "log.progress=false",
+            "log.tensorboard=false",
+            f"cache.dir={tmp_path / 'cache'}",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 4, err
     summary = json.loads((out / "summary.json").read_text())
@@ -45,8 +58,17 @@ def test_a_diverged_run_that_samples_noise_is_unhealthy_and_exits_non_zero(tmp_p
 
 
 def test_an_aborted_run_writes_its_status_and_never_calls_exploded_weights_good(tmp_path, concept_data):
-    cfg = tiny_config(tmp_path, concept_data, **{"optim.lr": 1e30, "optim.grad_clip": 0.0, "train.max_steps": 20,
-                                                   "train.checkpoint_every": 1, "train.max_nonfinite": 3})
+    cfg = tiny_config(
+        tmp_path,
+        concept_data,
+        **{
+            "optim.lr": 1e30,
+            "optim.grad_clip": 0.0,
+            "train.max_steps": 20,
+            "train.checkpoint_every": 1,
+            "train.max_nonfinite": 3,
+        },
+    )
     with warnings.catch_warnings(), pytest.raises(TrainingAborted) as caught:
         warnings.simplefilter("ignore")
         dopsd.train(cfg, adapter=tiny_random_adapter(0, teacher_context="reference"))
@@ -65,7 +87,9 @@ def test_an_aborted_run_writes_its_status_and_never_calls_exploded_weights_good(
 
 
 def test_a_sound_run_is_ok(tmp_path, concept_data):
-    result = dopsd.train(tiny_config(tmp_path, concept_data), adapter=tiny_random_adapter(0, teacher_context="reference"))
+    result = dopsd.train(
+        tiny_config(tmp_path, concept_data), adapter=tiny_random_adapter(0, teacher_context="reference")
+    )
     assert result.summary["status"] == "ok" and result.summary["problem"] is None
     assert result.summary["last_good_checkpoint"].endswith("step-0000004")
     assert json.loads((result.output_dir / "summary.json").read_text())["status"] == "ok"

@@ -9,9 +9,9 @@ import sys
 import time
 
 import pytest
+from conftest import tiny_config, write_concept_folder
 
 import dopsd
-from conftest import tiny_config, write_concept_folder
 from dopsd import cli, rundir, runlock
 from dopsd.data.dataset import DatasetError
 from dopsd.errors import RunFolderError
@@ -80,7 +80,9 @@ def test_overwrite_refuses_the_folder_holding_the_dataset_and_the_working_direct
     (run / "cache").mkdir()
     for key, value in (("data.path", inside), ("cache.dir", run / "cache")):
         cfg = tiny_config(tmp_path, data, **{"train.output_dir": run, key: value})
-        with pytest.raises(RunFolderError, match=f"contains {'data.path' if key == 'data.path' else 'the feature cache'}"):
+        with pytest.raises(
+            RunFolderError, match=f"contains {'data.path' if key == 'data.path' else 'the feature cache'}"
+        ):
             dopsd.train(cfg, overwrite=True, adapter=adapter())
         assert (inside / "img00.png").is_file() and not list(tmp_path.glob("run_with_data.replaced-*"))
     work = tmp_path / "work"  # train.output_dir=. in a folder with the user's files
@@ -95,12 +97,15 @@ def test_overwrite_refuses_the_folder_holding_the_dataset_and_the_working_direct
     run = finished_run(tmp_path, tmp_path / "data2", name="cwd_run")
     monkeypatch.chdir(run)
     with pytest.raises(RunFolderError, match="current directory"):
-        dopsd.train(tiny_config(tmp_path, tmp_path / "data2", **{"train.output_dir": "."}), overwrite=True,
-                    adapter=adapter())
+        dopsd.train(
+            tiny_config(tmp_path, tmp_path / "data2", **{"train.output_dir": "."}), overwrite=True, adapter=adapter()
+        )
     assert (run / "summary.json").is_file()
 
 
-def test_overwrite_changes_nothing_when_the_new_start_fails_then_moves_the_old_run_aside(tmp_path, concept_data, capsys):
+def test_overwrite_changes_nothing_when_the_new_start_fails_then_moves_the_old_run_aside(
+    tmp_path, concept_data, capsys
+):
     out = finished_run(tmp_path, concept_data)
     (out / "my_notes.txt").write_text("keep me")
     before = snapshot(out)
@@ -109,10 +114,13 @@ def test_overwrite_changes_nothing_when_the_new_start_fails_then_moves_the_old_r
     with pytest.raises(DatasetError):
         dopsd.train(tiny_config(tmp_path, bad, **{"train.max_steps": 2}), overwrite=True, adapter=adapter())
     with pytest.raises(Exception, match="pretrained|not found|no such|does not exist"):  # a bad model folder
-        dopsd.train(tiny_config(tmp_path, concept_data, **{"model.pretrained": str(tmp_path / "nowhere")}),
-                    overwrite=True)
+        dopsd.train(
+            tiny_config(tmp_path, concept_data, **{"model.pretrained": str(tmp_path / "nowhere")}), overwrite=True
+        )
     assert snapshot(out) == before and [p.name for p in tmp_path.glob("run.replaced-*")] == []
-    result = dopsd.train(tiny_config(tmp_path, concept_data, **{"train.max_steps": 2}), overwrite=True, adapter=adapter())
+    result = dopsd.train(
+        tiny_config(tmp_path, concept_data, **{"train.max_steps": 2}), overwrite=True, adapter=adapter()
+    )
     (aside,) = tmp_path.glob("run.replaced-*")
     assert snapshot(aside) == before  # the whole earlier run, the user's file included, moved intact
     assert result.summary["replaced"] == str(aside) and f"aside to {aside}" in capsys.readouterr().out
@@ -137,13 +145,24 @@ def test_a_failed_start_writes_nothing_so_the_corrected_start_runs(tmp_path, con
     out = tmp_path / "run"
     bad = write_concept_folder(tmp_path / "bad")
     (bad / "img01.txt").unlink()  # a missing caption
-    args = ["train", "mini", f"data.path={bad}", f"train.output_dir={out}", "train.max_steps=1", "log.progress=false",
-            f"cache.dir={tmp_path / 'cache'}", "sample.control_steps=0", "sample.seeds=[0]"]
+    args = [
+        "train",
+        "mini",
+        f"data.path={bad}",
+        f"train.output_dir={out}",
+        "train.max_steps=1",
+        "log.progress=false",
+        f"cache.dir={tmp_path / 'cache'}",
+        "sample.control_steps=0",
+        "sample.seeds=[0]",
+    ]
     assert cli.main(args) == 2
     # (the exit code of a missing model folder is the model loaders' business; here: that nothing was written)
-    assert cli.main(args[:2] + [f"data.path={concept_data}", f"model.pretrained={tmp_path / 'missing_model'}"]
-                    + args[3:]) != 0
-    with pytest.raises(Exception):  # a learning rate the optimizer rejects (the message is the config's business)
+    assert (
+        cli.main(args[:2] + [f"data.path={concept_data}", f"model.pretrained={tmp_path / 'missing_model'}"] + args[3:])
+        != 0
+    )
+    with pytest.raises(Exception):  # noqa: B017 — a learning rate the optimizer rejects (the message is the config's business)
         dopsd.train(tiny_config(tmp_path, concept_data, **{"optim.lr": float("nan")}), adapter=adapter())
     assert not out.exists()
     capsys.readouterr()
@@ -183,8 +202,9 @@ def _wait_for(check, proc, what, timeout=120):
 
 
 def test_a_running_run_locks_its_folder_and_a_killed_one_does_not(tmp_path, concept_data, tiny_mini, capsys):
-    cfg = tiny_config(tmp_path, concept_data, **{"model.pretrained": tiny_mini, "train.max_steps": 400,
-                                                  "train.checkpoint_every": 1})
+    cfg = tiny_config(
+        tmp_path, concept_data, **{"model.pretrained": tiny_mini, "train.max_steps": 400, "train.checkpoint_every": 1}
+    )
     config_file = tmp_path / "run.yaml"
     config_file.write_text(cfg.to_yaml())
     out = tmp_path / "run"
@@ -230,5 +250,7 @@ def test_a_surviving_worker_of_an_earlier_run_blocks_a_new_start(tmp_path, conce
         worker.send_signal(signal.SIGKILL)
         worker.wait()
         worker.stderr.close()
-    assert dopsd.train(tiny_config(tmp_path, concept_data, **{"train.max_steps": 3}), resume=True,
-                       adapter=adapter()).steps == 3
+    assert (
+        dopsd.train(tiny_config(tmp_path, concept_data, **{"train.max_steps": 3}), resume=True, adapter=adapter()).steps
+        == 3
+    )

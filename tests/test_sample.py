@@ -18,12 +18,18 @@ def test_sample_writes_each_sample_with_its_json_and_redraws_one_alone(tmp_path,
     prompts = ["a red circle", "a blue square on a gray background"]
     common = ["sample", "mini", f"model.pretrained={tiny_mini}"]
     grid = tmp_path / "grid.png"
-    assert cli.main([*common, "--prompt", prompts[0], "--prompt", prompts[1], "--seeds", "0", "5",
-                     "--out", str(grid)]) == 0
+    assert (
+        cli.main([*common, "--prompt", prompts[0], "--prompt", prompts[1], "--seeds", "0", "5", "--out", str(grid)])
+        == 0
+    )
     folder = tmp_path / "grid"
     pngs = sorted(p.name for p in folder.glob("*.png"))
-    assert pngs == ["p00-a-red-circle-s0.png", "p00-a-red-circle-s5.png",
-                    "p01-a-blue-square-on-a-gray-background-s0.png", "p01-a-blue-square-on-a-gray-background-s5.png"]
+    assert pngs == [
+        "p00-a-red-circle-s0.png",
+        "p00-a-red-circle-s5.png",
+        "p01-a-blue-square-on-a-gray-background-s0.png",
+        "p01-a-blue-square-on-a-gray-background-s5.png",
+    ]
     meta = json.loads((folder / "p01-a-blue-square-on-a-gray-background-s5.json").read_text())
     assert meta["prompt"] == prompts[1] and meta["seed"] == 5 and meta["prompt_index"] == 1 and meta["steps"] == 4
     assert meta["model"]["family"] == "mini" and meta["lora"] is None and "--prompt-index 1" in meta["reproduce"]
@@ -46,8 +52,10 @@ def test_sample_writes_each_sample_with_its_json_and_redraws_one_alone(tmp_path,
     # without --prompt-index it is prompt 0: other noise, another picture
     other = tmp_path / "other.png"
     assert cli.main([*common, "--prompt", prompts[1], "--seeds", "5", "--out", str(other)]) == 0
-    assert not np.array_equal(np.asarray(Image.open(tmp_path / "other" / "p00-a-blue-square-on-a-gray-background-s5.png")),
-                              np.asarray(Image.open(original)))
+    assert not np.array_equal(
+        np.asarray(Image.open(tmp_path / "other" / "p00-a-blue-square-on-a-gray-background-s5.png")),
+        np.asarray(Image.open(original)),
+    )
 
     # an existing sample file is never replaced without --overwrite (a new grid name, the same sample folder)
     before = original.read_bytes()

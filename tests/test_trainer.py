@@ -6,11 +6,11 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 from PIL import Image
 from safetensors.torch import load_file
 
 import dopsd
-from conftest import tiny_config
 from dopsd import cli
 from dopsd.api import OutputExistsError
 from dopsd.mini.adapter import tiny_random_adapter
@@ -19,10 +19,24 @@ from dopsd.trainer import TrainingAborted
 
 def run_cli(tmp_path, data, model, name, *overrides):
     out = tmp_path / name
-    args = ["train", "mini", f"data.path={data}", f"model.pretrained={model}", f"train.output_dir={out}",
-            "train.max_steps=4", "train.batch_size=2", "train.checkpoint_every=2", "sample.seeds=[0,1]",
-            "sample.control_steps=6", "log.progress=false", f"cache.dir={tmp_path / 'cache'}", "optim.lr=3e-2",
-            "model.teacher_context=reference", "lora.rank=4", *overrides]
+    args = [
+        "train",
+        "mini",
+        f"data.path={data}",
+        f"model.pretrained={model}",
+        f"train.output_dir={out}",
+        "train.max_steps=4",
+        "train.batch_size=2",
+        "train.checkpoint_every=2",
+        "sample.seeds=[0,1]",
+        "sample.control_steps=6",
+        "log.progress=false",
+        f"cache.dir={tmp_path / 'cache'}",
+        "optim.lr=3e-2",
+        "model.teacher_context=reference",
+        "lora.rank=4",
+        *overrides,
+    ]
     assert cli.main(args) == 0
     return out
 
@@ -36,8 +50,16 @@ def test_train_cli_end_to_end_and_sample_uses_the_lora(tmp_path, concept_data, t
     out = run_cli(tmp_path, concept_data, tiny_mini, method, f"method.name={method}")
     printed = capsys.readouterr().out
     assert f"trained: {method} on mini" in printed and "loss:" in printed
-    for name in ("config.yaml", "lora.safetensors", "lora_config.json", "summary.json", "losses.jsonl",
-                 "samples/step-0000000_4steps.png", "samples/final_4steps.png", "samples/final_6steps.png"):
+    for name in (
+        "config.yaml",
+        "lora.safetensors",
+        "lora_config.json",
+        "summary.json",
+        "losses.jsonl",
+        "samples/step-0000000_4steps.png",
+        "samples/final_4steps.png",
+        "samples/final_6steps.png",
+    ):
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == method and summary["steps"] == 4 and summary["data"]["images"] == 4
@@ -54,30 +76,41 @@ def test_train_cli_end_to_end_and_sample_uses_the_lora(tmp_path, concept_data, t
     assert np.abs(with_lora - pixels(out / "samples/final_4steps.png")).max() <= 1
     assert np.abs(without - pixels(out / "samples/step-0000000_4steps.png")).max() <= 1
     assert np.abs(with_lora - without).mean() > 0.5  # the LoRA changes the samples
-    assert cli.main(["sample", str(out), "--lora-scale", "0", "--seeds", "0", "1", "--out", str(tmp_path / "s0.png")]) == 0
+    assert (
+        cli.main(["sample", str(out), "--lora-scale", "0", "--seeds", "0", "1", "--out", str(tmp_path / "s0.png")]) == 0
+    )
     assert np.abs(pixels(tmp_path / "s0.png") - without).max() <= 1  # strength 0 = no LoRA
 
 
 def test_cache_is_reused_keyed_by_content_and_encoders_are_released(tmp_path, concept_data):
     a = tiny_random_adapter(0, teacher_context="reference")
     seen = []
-    first = dopsd.train(tiny_config(tmp_path, concept_data, **{"train.output_dir": tmp_path / "a"}), adapter=a,
-                        callback=lambda trainer, record: seen.append((trainer.step, record["step"])))
+    first = dopsd.train(
+        tiny_config(tmp_path, concept_data, **{"train.output_dir": tmp_path / "a"}),
+        adapter=a,
+        callback=lambda trainer, record: seen.append((trainer.step, record["step"])),
+    )
     assert seen == [(1, 1), (2, 2), (3, 3), (4, 4)]  # the API's per-step hook
     assert first.summary["cache"]["misses"] > 0 and first.summary["cache"]["hits"] == 0
     assert a.encoder is None  # released before the loop
     with pytest.raises(RuntimeError, match="released"):
         a.student_contexts(["a red circle"])
-    second = dopsd.train(tiny_config(tmp_path, concept_data, **{"train.output_dir": tmp_path / "b"}),
-                         adapter=tiny_random_adapter(0, teacher_context="reference"))
+    second = dopsd.train(
+        tiny_config(tmp_path, concept_data, **{"train.output_dir": tmp_path / "b"}),
+        adapter=tiny_random_adapter(0, teacher_context="reference"),
+    )
     assert second.summary["cache"] == {"hits": first.summary["cache"]["misses"], "misses": 0}
     assert second.losses == first.losses  # cached features give the same training
     # Other encoder weights or another teacher path must not reuse these features.
-    other = dopsd.train(tiny_config(tmp_path, concept_data, **{"train.output_dir": tmp_path / "c"}),
-                        adapter=tiny_random_adapter(1, teacher_context="reference"))
+    other = dopsd.train(
+        tiny_config(tmp_path, concept_data, **{"train.output_dir": tmp_path / "c"}),
+        adapter=tiny_random_adapter(1, teacher_context="reference"),
+    )
     assert other.summary["cache"]["hits"] == 0
-    vlm = dopsd.train(tiny_config(tmp_path, concept_data, **{"train.output_dir": tmp_path / "d"}),
-                      adapter=tiny_random_adapter(0, teacher_context="vlm"))
+    vlm = dopsd.train(
+        tiny_config(tmp_path, concept_data, **{"train.output_dir": tmp_path / "d"}),
+        adapter=tiny_random_adapter(0, teacher_context="vlm"),
+    )
     assert vlm.summary["cache"]["hits"] < first.summary["cache"]["misses"]  # student features shared, teacher not
     assert vlm.losses != first.losses
 
@@ -100,8 +133,17 @@ def test_existing_output_folder_is_not_overwritten(tmp_path, concept_data, capsy
 
 
 def test_nonfinite_steps_are_skipped_then_the_run_aborts_keeping_the_last_good_checkpoint(tmp_path, concept_data):
-    cfg = tiny_config(tmp_path, concept_data, **{"optim.lr": 1e30, "optim.grad_clip": 0.0, "train.max_steps": 20,
-                                                   "train.checkpoint_every": 1, "train.max_nonfinite": 3})
+    cfg = tiny_config(
+        tmp_path,
+        concept_data,
+        **{
+            "optim.lr": 1e30,
+            "optim.grad_clip": 0.0,
+            "train.max_steps": 20,
+            "train.checkpoint_every": 1,
+            "train.max_nonfinite": 3,
+        },
+    )
     with warnings.catch_warnings(record=True) as caught, pytest.raises(TrainingAborted, match="3 non-finite steps"):
         warnings.simplefilter("always")
         dopsd.train(cfg, adapter=tiny_random_adapter(0, teacher_context="reference"))
@@ -117,20 +159,31 @@ def test_nonfinite_steps_are_skipped_then_the_run_aborts_keeping_the_last_good_c
 
 
 def _train(tmp_path, data, name, **overrides):
-    cfg = tiny_config(tmp_path, data, **{"train.output_dir": tmp_path / name, "method.name": "hybrid",
-                                         "method.prior_prompts": ["a red circle", "a blue square", "a green plus"],
-                                         "method.prior_weight": 0.5, "train.max_steps": 3,
-                                         "optim.eps": 1e-6,  # above float noise: tiny gradients must not flip signs
-                                         **overrides})
+    cfg = tiny_config(
+        tmp_path,
+        data,
+        **{
+            "train.output_dir": tmp_path / name,
+            "method.name": "hybrid",
+            "method.prior_prompts": ["a red circle", "a blue square", "a green plus"],
+            "method.prior_weight": 0.5,
+            "train.max_steps": 3,
+            "optim.eps": 1e-6,  # above float noise: tiny gradients must not flip signs
+            **overrides,
+        },
+    )
     result = dopsd.train(cfg, adapter=tiny_random_adapter(0, teacher_context="reference"))
     return result, load_file(str(result.weights))
 
 
 def test_per_step_backward_accumulated_backward_and_gradient_accumulation_agree(tmp_path, concept_data):
     ref, ref_w = _train(tmp_path, concept_data, "per_step", **{"method.prior_batch_size": 2})
-    acc, acc_w = _train(tmp_path, concept_data, "accumulate", **{"method.per_step_backward": False,
-                                                                 "method.prior_batch_size": 2})
-    micro, micro_w = _train(tmp_path, concept_data, "micro", **{"train.batch_size": 1, "train.gradient_accumulation": 2})
+    acc, acc_w = _train(
+        tmp_path, concept_data, "accumulate", **{"method.per_step_backward": False, "method.prior_batch_size": 2}
+    )
+    micro, micro_w = _train(
+        tmp_path, concept_data, "micro", **{"train.batch_size": 1, "train.gradient_accumulation": 2}
+    )
     assert {"dopsd", "sft", "prior"} <= set(ref.history[0])
     for other, weights in ((acc, acc_w), (micro, micro_w)):
         np.testing.assert_allclose(other.losses, ref.losses, rtol=1e-4)
@@ -149,8 +202,18 @@ def test_teacher_modes_full_finetune_tensorboard_and_interval_samples(tmp_path, 
     base_t = load_file(str(base.output_dir / "checkpoints/step-0000002/teacher.safetensors"))
     assert any(v.abs().max() > 0 for k, v in ema_t.items() if "lora_B" in k)  # the EMA follows the student
     assert all(v.abs().max() == 0 for k, v in base_t.items() if "lora_B" in k)  # base = the adapter off
-    out = run_cli(tmp_path, concept_data, tiny_mini, "full", "lora.enabled=false", "sample.every=2", "optim.lr=1e-3",
-                  "method.teacher=base", "method.prior_prompts=[a red circle]", "method.prior_weight=1.0")
+    out = run_cli(
+        tmp_path,
+        concept_data,
+        tiny_mini,
+        "full",
+        "lora.enabled=false",
+        "sample.every=2",
+        "optim.lr=1e-3",
+        "method.teacher=base",
+        "method.prior_prompts=[a red circle]",
+        "method.prior_weight=1.0",
+    )
     assert (out / "model.safetensors").is_file() and not (out / "lora.safetensors").exists()
     assert (out / "samples/step-0000002_4steps.png").is_file() and (out / "samples/step-0000002_6steps.png").is_file()
     events = EventAccumulator(str(out / "logs")).Reload()
@@ -180,9 +243,23 @@ def test_shipped_turbo_trains_from_the_example_config_and_samples(tmp_path, conc
 
     example = Path(__file__).resolve().parent.parent / "dopsd" / "configs" / "mini.yaml"
     out = tmp_path / "run"
-    assert cli.main(["train", str(example), f"data.path={concept_data}", f"train.output_dir={out}", "train.max_steps=3",
-                     "train.batch_size=4", "sample.control_steps=8", "sample.seeds=[0,1]", "log.progress=false",
-                     f"cache.dir={tmp_path / 'cache'}"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                str(example),
+                f"data.path={concept_data}",
+                f"train.output_dir={out}",
+                "train.max_steps=3",
+                "train.batch_size=4",
+                "sample.control_steps=8",
+                "sample.seeds=[0,1]",
+                "log.progress=false",
+                f"cache.dir={tmp_path / 'cache'}",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["pretrained"] == "turbo" and "turbo" in summary["what"] and summary["steps"] == 3
     records = [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]

@@ -8,11 +8,11 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import write_concept_folder
 from PIL import Image
 from starlette.testclient import TestClient
 from ui_support import FAST_RUN, HEADERS, close_ctx, make_ctx, png_bytes, wait_for, write_zimage_lora_run
 
-from conftest import write_concept_folder
 from dopsd.ui import adapter
 from dopsd.ui.server import create_app
 
@@ -33,11 +33,20 @@ def world(tmp_path_factory):
     client = TestClient(create_app(ctx), headers=HEADERS)
     try:
         assert client.post("/api/datasets", json={"mini": True}).status_code == 200
-        run = client.post("/api/runs", json={"preset": "mini", "dataset": "mini-concept", "name": "run1",
-                                             "values": FAST_RUN})
+        run = client.post(
+            "/api/runs", json={"preset": "mini", "dataset": "mini-concept", "name": "run1", "values": FAST_RUN}
+        )
         assert run.status_code == 200, run.text
-        probe = client.post("/api/probes", json={"preset": "mini", "dataset": "mini-concept", "name": "probe1",
-                                                 "values": {"data.trigger_word": "sks"}, "seeds": 1}).json()
+        probe = client.post(
+            "/api/probes",
+            json={
+                "preset": "mini",
+                "dataset": "mini-concept",
+                "name": "probe1",
+                "values": {"data.trigger_word": "sks"},
+                "seeds": 1,
+            },
+        ).json()
         # stop the run once a checkpoint exists, then resume it
         wait_for(lambda: (home / "runs/run1/checkpoints/step-0000002").is_dir(), 180, 0.2, "the first checkpoint")
         stop = client.post("/api/runs/run1/stop")
@@ -46,14 +55,31 @@ def world(tmp_path_factory):
         view = client.get("/api/runs/run1").json()
         resume = client.post("/api/runs/run1/resume")
         demo = client.post("/api/reports", json={"kind": "demo", "name": "demo1", "steps": 2, "samples": 4}).json()
-        bench = client.post("/api/reports", json={"kind": "bench", "name": "bench1", "size": "tiny", "seeds": 1,
-                                                  "steps": 2, "threads": 1, "settings": ["concept_lora"],
-                                                  "methods": ["sft"]}).json()
+        bench = client.post(
+            "/api/reports",
+            json={
+                "kind": "bench",
+                "name": "bench1",
+                "size": "tiny",
+                "seeds": 1,
+                "steps": 2,
+                "threads": 1,
+                "settings": ["concept_lora"],
+                "methods": ["sft"],
+            },
+        ).json()
         jobs = [resume.json()["job"]["id"], probe["job"]["id"], demo["job"]["id"], bench["job"]["id"]]
         for job_id in jobs:
-            wait_for(lambda: ended(client, job_id), 300, 0.3, f"job {job_id}")
-        yield {"home": home, "ctx": ctx, "client": client, "stopped_job": stopped, "stopped_view": view,
-               "resume_job": client.get(f"/api/jobs/{jobs[0]}").json(), "jobs": jobs}
+            wait_for(lambda job_id=job_id: ended(client, job_id), 300, 0.3, f"job {job_id}")
+        yield {
+            "home": home,
+            "ctx": ctx,
+            "client": client,
+            "stopped_job": stopped,
+            "stopped_view": view,
+            "resume_job": client.get(f"/api/jobs/{jobs[0]}").json(),
+            "jobs": jobs,
+        }
     finally:
         close_ctx(ctx)
 
@@ -79,11 +105,13 @@ def test_dataset_create_upload_caption_remove(world, tmp_path):
     assert c.post("/api/datasets", json={"name": "cats"}).status_code == 200
     assert c.post("/api/datasets", json={"name": "cats"}).status_code == 409
     assert c.post("/api/datasets", json={"name": "../cats"}).status_code == 400
-    files = [("files", ("photo one.png", png_bytes((32, 32)), "image/png")),
-             ("files", ("photo one.txt", b"a [V] circle\n", "text/plain")),
-             ("files", ("broken.png", b"\x89PNG\r\n\x1a\nnot really", "image/png")),
-             ("files", ("tiny.png", png_bytes((4, 4)), "image/png")),
-             ("files", ("notes.exe", b"MZ", "application/octet-stream"))]
+    files = [
+        ("files", ("photo one.png", png_bytes((32, 32)), "image/png")),
+        ("files", ("photo one.txt", b"a [V] circle\n", "text/plain")),
+        ("files", ("broken.png", b"\x89PNG\r\n\x1a\nnot really", "image/png")),
+        ("files", ("tiny.png", png_bytes((4, 4)), "image/png")),
+        ("files", ("notes.exe", b"MZ", "application/octet-stream")),
+    ]
     r = c.post("/api/datasets/cats/files", files=files, data={"preset": "mini"})
     assert r.status_code == 200, r.text
     saved, refused = r.json()["saved"], {x["file"]: x["problems"] for x in r.json()["refused"]}
@@ -93,11 +121,16 @@ def test_dataset_create_upload_caption_remove(world, tmp_path):
     assert "not an image" in refused["notes.exe"][0]
     assert sorted(p.name for p in (home / "datasets/cats").iterdir()) == ["photo_one.png", "photo_one.txt"]
     # the same file again is kept under a new name, nothing overwritten
-    again = c.post("/api/datasets/cats/files", files=[("files", ("photo one.png", png_bytes((32, 32), (1, 2, 3)), "image/png"))])
+    again = c.post(
+        "/api/datasets/cats/files", files=[("files", ("photo one.png", png_bytes((32, 32), (1, 2, 3)), "image/png"))]
+    )
     assert again.json()["saved"][0]["saved"] == "photo_one-2.png"
     # a larger preset refuses the same small image (zimage-turbo trains at 1024²: min side 512)
-    big = c.post("/api/datasets/cats/files", files=[("files", ("x.png", png_bytes((64, 64)), "image/png"))],
-                 data={"preset": "zimage-turbo"})
+    big = c.post(
+        "/api/datasets/cats/files",
+        files=[("files", ("x.png", png_bytes((64, 64)), "image/png"))],
+        data={"preset": "zimage-turbo"},
+    )
     assert big.status_code == 400 and big.json()["refused"][0]["problems"]
 
     view = c.get("/api/datasets/cats", params={"trigger_word": "sks"}).json()
@@ -105,7 +138,10 @@ def test_dataset_create_upload_caption_remove(world, tmp_path):
     assert by_name["photo_one.png"]["trained_as"] == ["a sks circle"]
     assert not view["ok"] and any("photo_one-2.txt" in p for p in by_name["photo_one-2.png"]["problems"])
     assert view["problems"] == []  # every problem is shown with its file
-    assert c.put("/api/datasets/cats/captions", json={"image": "photo_one-2.png", "text": "a [V] square"}).status_code == 200
+    assert (
+        c.put("/api/datasets/cats/captions", json={"image": "photo_one-2.png", "text": "a [V] square"}).status_code
+        == 200
+    )
     assert (home / "datasets/cats/photo_one-2.txt").read_text() == "a [V] square\n"
     assert c.get("/api/datasets/cats", params={"trigger_word": "sks"}).json()["ok"]
     assert c.put("/api/datasets/cats/captions", json={"image": "../../x.png", "text": "t"}).status_code == 404
@@ -115,9 +151,14 @@ def test_dataset_create_upload_caption_remove(world, tmp_path):
 
     # a caption uploaded on its own joins its image, unless that image has one already
     c.post("/api/datasets/cats/files", files=[("files", ("lonely.png", png_bytes((32, 32)), "image/png"))])
-    alone = c.post("/api/datasets/cats/files", files=[("files", ("lonely.txt", b"[V] alone", "text/plain")),
-                                                       ("files", ("photo_one.txt", b"replaced?", "text/plain")),
-                                                       ("files", ("nobody.txt", b"x", "text/plain"))]).json()
+    alone = c.post(
+        "/api/datasets/cats/files",
+        files=[
+            ("files", ("lonely.txt", b"[V] alone", "text/plain")),
+            ("files", ("photo_one.txt", b"replaced?", "text/plain")),
+            ("files", ("nobody.txt", b"x", "text/plain")),
+        ],
+    ).json()
     assert [s["saved"] for s in alone["saved"]] == ["lonely.txt"]
     assert (home / "datasets/cats/lonely.txt").read_text() == "[V] alone"
     assert (home / "datasets/cats/photo_one.txt").read_text() == "a [V] circle\n"  # not overwritten
@@ -134,7 +175,10 @@ def test_upload_size_limit(world):
     old = ctx.max_upload
     ctx.max_upload = 1000
     try:
-        r = c.post("/api/datasets/mini-concept/files", files=[("files", ("big.png", png_bytes((300, 300)) + b"\0" * 2000, "image/png"))])
+        r = c.post(
+            "/api/datasets/mini-concept/files",
+            files=[("files", ("big.png", png_bytes((300, 300)) + b"\0" * 2000, "image/png"))],
+        )
     finally:
         ctx.max_upload = old
     assert r.status_code == 400 and "over the upload limit" in r.json()["refused"][0]["problems"][0]
@@ -158,9 +202,20 @@ def test_dataset_check_lists_problems_per_file_for_cli_made_folders(world):
 # --- configs ----------------------------------------------------------------------------------------------------
 def test_config_form_yaml_and_errors(world):
     c = world["client"]
-    r = c.post("/api/config", json={"preset": "mini", "dataset": "mini-concept", "name": "x",
-                                    "values": {"train.max_steps": 7, "method.name": "sft",
-                                               "method.prior_prompts": ["a red circle"], "method.prior_weight": 1}})
+    r = c.post(
+        "/api/config",
+        json={
+            "preset": "mini",
+            "dataset": "mini-concept",
+            "name": "x",
+            "values": {
+                "train.max_steps": 7,
+                "method.name": "sft",
+                "method.prior_prompts": ["a red circle"],
+                "method.prior_weight": 1,
+            },
+        },
+    )
     assert r.status_code == 200, r.text
     cfg = r.json()["config"]
     assert cfg["train"]["max_steps"] == 7 and cfg["method"]["name"] == "sft"
@@ -201,7 +256,9 @@ def test_stopped_run_then_resumed_to_the_end(world):
 def test_run_view_has_losses_health_samples_files(world):
     c = world["client"]
     run = c.get("/api/runs/run1").json()
-    assert {"loss", "lr", "step"} <= set(run["losses"][0]) and not any(k.startswith("rollout/") for k in run["losses"][0])
+    assert {"loss", "lr", "step"} <= set(run["losses"][0]) and not any(
+        k.startswith("rollout/") for k in run["losses"][0]
+    )
     health = run["health"]
     assert health["source"] in ("health.jsonl", "tensorboard") and health["records"][0]["step"] == 0
     assert all(0.5 < r["health"] <= 1.5 for r in health["records"])
@@ -257,14 +314,20 @@ def test_compare_before_and_after_on_the_same_noise(world):
     r = c.post("/api/compare", json={"runs": ["run1"], "prompts": ["a sks circle", "a red square"], "seeds": [0, 1]})
     assert r.status_code == 200, r.text
     cid = r.json()["id"]
-    entries = wait_for(lambda: (lambda v: v if all(e["status"] in ("succeeded", "failed") for e in v) else None)(
-        c.get(f"/api/compare/{cid}").json()["entries"]), 180, 0.5, "the comparison")
+    entries = wait_for(
+        lambda: (lambda v: v if all(e["status"] in ("succeeded", "failed") for e in v) else None)(
+            c.get(f"/api/compare/{cid}").json()["entries"]
+        ),
+        180,
+        0.5,
+        "the comparison",
+    )
     assert [e["label"] for e in entries] == ["before", "run1"]
     assert all(e["status"] == "succeeded" and e["url"] for e in entries), entries
     images = [Image.open(io.BytesIO(c.get(e["url"]).content)).convert("RGB") for e in entries]
     assert images[0].size == images[1].size
     job = c.get(f"/api/jobs/{entries[0]['job']}").json()
-    assert "--no-lora" in job["argv"] and job["argv"][job["argv"].index("--seeds") + 1:][:2] == ["0", "1"]
+    assert "--no-lora" in job["argv"] and job["argv"][job["argv"].index("--seeds") + 1 :][:2] == ["0", "1"]
     assert c.get("/api/compare").json()["comparisons"][0]["id"] == cid
 
 
@@ -275,7 +338,7 @@ def test_export_mini_reports_why_and_zimage_exports(world):
     started += [c.post("/api/runs/zi-run/export", json={"format": "comfyui"}) for _ in range(2)]
     assert all(r.status_code == 200 and not r.json()["job"]["queued"] for r in started)  # exports skip the queue
     for r in started:
-        wait_for(lambda: ended(c, r.json()["job"]["id"]), 90, 0.2, "the export")
+        wait_for(lambda r=r: ended(c, r.json()["job"]["id"]), 90, 0.2, "the export")
     mini = c.get("/api/runs/run1").json()["exports"][0]
     if mini["job"]["status"] == "failed":  # today: the miniature has no diffusers/ComfyUI layout; the command says so
         assert mini["file"] is None and "export" in mini["message"]
@@ -283,7 +346,10 @@ def test_export_mini_reports_why_and_zimage_exports(world):
         assert mini["job"]["status"] == "succeeded" and mini["file"]
     exports = c.get("/api/runs/zi-run").json()["exports"]
     files = sorted(e["file"] for e in exports)
-    assert files == ["/files/exports/zi-run/zi-run_comfyui-2.safetensors", "/files/exports/zi-run/zi-run_comfyui.safetensors"]
+    assert files == [
+        "/files/exports/zi-run/zi-run_comfyui-2.safetensors",
+        "/files/exports/zi-run/zi-run_comfyui.safetensors",
+    ]
     from safetensors import safe_open
 
     data = c.get(files[0], params={"download": 1})

@@ -18,17 +18,25 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from ui_support import close_ctx, make_ctx, wait_for, write_zimage_lora_run
-
 from conftest import write_concept_folder
+from ui_support import close_ctx, make_ctx, wait_for, write_zimage_lora_run
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 # Chromium as root in a container: no sandbox; and no background connections (refused here, many at a time).
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-         "--window-size=1280,900"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1280,900",
+]
 
 
 def browser_missing() -> str | None:
@@ -116,7 +124,9 @@ def until(d, check, timeout: float = 120, what: str = "the page"):
     try:
         return WebDriverWait(d, timeout, poll_frequency=0.25).until(safe)
     except TimeoutException as err:
-        raise AssertionError(f"timed out waiting for {what}; page text:\n{d.find_element('tag name', 'body').text[:3000]}") from err
+        raise AssertionError(
+            f"timed out waiting for {what}; page text:\n{d.find_element('tag name', 'body').text[:3000]}"
+        ) from err
 
 
 def css(d, selector: str):
@@ -131,8 +141,9 @@ def set_value(d, selector: str, value: str) -> None:
 
 def image_loaded(d, selector: str) -> bool:
     imgs = css(d, selector)
-    return bool(imgs) and all(d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", i)
-                              for i in imgs)
+    return bool(imgs) and all(
+        d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", i) for i in imgs
+    )
 
 
 def test_dataset_run_compare_export_in_the_browser(driver, tmp_path, shots):
@@ -157,20 +168,36 @@ def test_dataset_run_compare_export_in_the_browser(driver, tmp_path, shots):
         box.clear()
         box.send_keys("a sks circle on a black background")
         css(d, '.file[data-name="img00.png"] button')[0].click()
-        until(d, lambda d: (home / "datasets/e2e/img00.txt").read_text() == "a sks circle on a black background\n",
-              20, "the caption to be saved")
-        until(d, lambda d: "black background" in css(d, '.file[data-name="img00.png"] .trained-as')[0].text, 20,
-              "the caption as trained")
+        until(
+            d,
+            lambda d: (home / "datasets/e2e/img00.txt").read_text() == "a sks circle on a black background\n",
+            20,
+            "the caption to be saved",
+        )
+        until(
+            d,
+            lambda d: "black background" in css(d, '.file[data-name="img00.png"] .trained-as')[0].text,
+            20,
+            "the caption as trained",
+        )
         screenshot(d, shots / "ui-dataset.png")
 
         # --- a run from the form; watch it progress --------------------------------------------------------------
         css(d, 'a[href="#/new?dataset=e2e"]')[0].click()
-        until(d, lambda d: css(d, "#start-run") and css(d, "select[name=dataset]")[0].get_attribute("value") == "e2e",
-              30, "the new-run form")
+        until(
+            d,
+            lambda d: css(d, "#start-run") and css(d, "select[name=dataset]")[0].get_attribute("value") == "e2e",
+            30,
+            "the new-run form",
+        )
         assert css(d, 'input[name="data.trigger_word"]')[0].get_attribute("value") == "sks"
-        for key, value in (("name", "e2e-run"), ('input[name="train.max_steps"]', "10"),
-                           ('input[name="sample.every"]', "5"), ('input[name="sample.control_steps"]', "8"),
-                           ('input[name="train.checkpoint_every"]', "5")):
+        for key, value in (
+            ("name", "e2e-run"),
+            ('input[name="train.max_steps"]', "10"),
+            ('input[name="sample.every"]', "5"),
+            ('input[name="sample.control_steps"]', "8"),
+            ('input[name="train.checkpoint_every"]', "5"),
+        ):
             set_value(d, f"input[name={key}]" if key == "name" else key, value)
         css(d, "#start-run")[0].click()
         until(d, lambda d: d.current_url.endswith("#/runs/e2e-run"), 30, "the run page")
@@ -183,7 +210,12 @@ def test_dataset_run_compare_export_in_the_browser(driver, tmp_path, shots):
         until(d, lambda d: step(d) >= 5 and image_loaded(d, "#latest-samples img"), 180, "step 5 with sample grids")
         screenshot(d, shots / "ui-run-live.png")
         until(d, lambda d: css(d, 'h1 .badge[data-status="ok"]'), 180, "the run to finish")
-        until(d, lambda d: step(d) == 10 and "final" in css(d, "#latest-samples figcaption")[0].text, 30, "the final grids")
+        until(
+            d,
+            lambda d: step(d) == 10 and "final" in css(d, "#latest-samples figcaption")[0].text,
+            30,
+            "the final grids",
+        )
         paths = [p.get_attribute("d") for p in css(d, "svg.chart path.series")]
         assert len(paths) >= 2 and all(p.count("L") >= 2 for p in paths[:2])  # the loss and health curves are drawn
         screenshot(d, shots / "ui-run.png")
@@ -199,8 +231,12 @@ def test_dataset_run_compare_export_in_the_browser(driver, tmp_path, shots):
         until(d, lambda d: len(css(d, "#compare-grid .compare-col")) == 2, 30, "the comparison")
         labels = [c.get_attribute("data-entry") for c in css(d, "#compare-grid .compare-col")]
         assert labels == ["before", "e2e-run"]
-        until(d, lambda d: len(css(d, "#compare-grid img")) == 2 and image_loaded(d, "#compare-grid img"), 180,
-              "both sample grids")
+        until(
+            d,
+            lambda d: len(css(d, "#compare-grid img")) == 2 and image_loaded(d, "#compare-grid img"),
+            180,
+            "both sample grids",
+        )
         screenshot(d, shots / "ui-compare.png")
 
         # --- export: the miniature's LoRA has no diffusers/ComfyUI format (the command says so); a Z-Image run's does
@@ -208,8 +244,12 @@ def test_dataset_run_compare_export_in_the_browser(driver, tmp_path, shots):
         until(d, lambda d: css(d, "#export-comfyui"), 30, "the export buttons")
         css(d, "#export-comfyui")[0].click()
         # the miniature has no ComfyUI layout today: the command's message is shown (a file link, should it gain one)
-        until(d, lambda d: "export" in css(d, ".export-error")[0].text or css(d, "a.export-file"), 60,
-              "the export's result")
+        until(
+            d,
+            lambda d: "export" in css(d, ".export-error")[0].text or css(d, "a.export-file"),
+            60,
+            "the export's result",
+        )
         write_zimage_lora_run(home / "runs/zi-run")  # as if trained elsewhere and copied into the home
         d.get(f"{app.url}/#/runs/zi-run")
         until(d, lambda d: css(d, "#export-comfyui"), 30, "the Z-Image run's page")
@@ -219,7 +259,7 @@ def test_dataset_run_compare_export_in_the_browser(driver, tmp_path, shots):
             data = response.read()
             assert "attachment" in response.headers["content-disposition"]
         header_len = struct.unpack("<Q", data[:8])[0]
-        assert b"diffusion_model.layers.0" in data[8:8 + header_len]
+        assert b"diffusion_model.layers.0" in data[8 : 8 + header_len]
         lora = css(d, "#download-lora")[0].get_attribute("href")
         with urllib.request.urlopen(lora) as response:
             assert response.read()[:8] == (home / "runs/zi-run/lora.safetensors").read_bytes()[:8]

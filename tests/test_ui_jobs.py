@@ -58,9 +58,11 @@ def test_stop_escalates_to_sigkill_for_the_whole_group(tmp_path):
     jobs = JobManager(Home(tmp_path), max_running=1, grace=0.5)
     marker = tmp_path / "grandchild.pid"
     # The job ignores SIGTERM and starts a grandchild that ignores it too: both must end.
-    code = ("import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-            f"p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
-            f"open({str(marker)!r}, 'w').write(str(p.pid)); print('ready', flush=True); time.sleep(60)")
+    code = (
+        "import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        f"p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+        f"open({str(marker)!r}, 'w').write(str(p.pid)); print('ready', flush=True); time.sleep(60)"
+    )
     job = jobs.submit("t", py(code), "stubborn")
     wait_for(lambda: marker.is_file() and marker.read_text(), 20, 0.1, "the grandchild")
     grandchild = int(marker.read_text())
@@ -93,8 +95,11 @@ def test_a_restarted_app_adopts_running_jobs_and_settles_finished_ones(tmp_path)
     home = Home(tmp_path)
     first = JobManager(home, max_running=2)
     flag = tmp_path / "go"
-    running = first.submit("t", py(f"import os, time\nwhile not os.path.exists({str(flag)!r}): time.sleep(0.05)\n"
-                                   "raise SystemExit(4)"), "still running")
+    running = first.submit(
+        "t",
+        py(f"import os, time\nwhile not os.path.exists({str(flag)!r}): time.sleep(0.05)\nraise SystemExit(4)"),
+        "still running",
+    )
     finished = first.submit("t", py("print('done')"), "finishes while the app is down")
     wait_for(lambda: first.get(running.id).pid_start, 10, 0.1, "the job's process")
     first.shutdown()  # the app stops: its jobs go on
@@ -113,8 +118,16 @@ def test_a_restarted_app_adopts_running_jobs_and_settles_finished_ones(tmp_path)
 
 def test_a_job_whose_process_vanished_without_a_status_is_lost(tmp_path):
     home = Home(tmp_path)
-    record = {"id": "00001-train", "kind": "train", "title": "ghost", "argv": ["x"], "status": "running",
-              "pid": 2**22 + 12345, "pid_start": "1", "created": time.time()}
+    record = {
+        "id": "00001-train",
+        "kind": "train",
+        "title": "ghost",
+        "argv": ["x"],
+        "status": "running",
+        "pid": 2**22 + 12345,
+        "pid_start": "1",
+        "created": time.time(),
+    }
     (home.state / "jobs.json").write_text(json.dumps({"version": 1, "jobs": [record]}))
     jobs = JobManager(home)
     assert jobs.get("00001-train").status == "lost"

@@ -39,11 +39,19 @@ def test_files_are_served_only_from_the_home(app_ctx):
     os.symlink(tmp / "secret.txt", ctx.home.root / "datasets/d/link.png")
     os.symlink(tmp, ctx.home.root / "datasets/out")
     refused = [
-        "/files/datasets/../../secret.txt", "/files/datasets/%2e%2e/%2e%2e/secret.txt",
-        "/files/datasets/%252e%252e/%252e%252e/secret.txt", "/files//etc/passwd", "/files/%2fetc%2fpasswd",
-        "/files/datasets/d/..%2f..%2f..%2fsecret.txt", "/files/.ui/jobs.json", "/files/.ui/x.json",
-        "/files/configs/c.yaml", "/files/datasets/d/link.png", "/files/datasets/out/secret.txt",
-        "/files/datasets\\..\\..\\secret.txt", "/files/datasets/d/a.png%00.txt",
+        "/files/datasets/../../secret.txt",
+        "/files/datasets/%2e%2e/%2e%2e/secret.txt",
+        "/files/datasets/%252e%252e/%252e%252e/secret.txt",
+        "/files//etc/passwd",
+        "/files/%2fetc%2fpasswd",
+        "/files/datasets/d/..%2f..%2f..%2fsecret.txt",
+        "/files/.ui/jobs.json",
+        "/files/.ui/x.json",
+        "/files/configs/c.yaml",
+        "/files/datasets/d/link.png",
+        "/files/datasets/out/secret.txt",
+        "/files/datasets\\..\\..\\secret.txt",
+        "/files/datasets/d/a.png%00.txt",
     ]
     for url in refused:
         r = c.get(url)
@@ -53,8 +61,18 @@ def test_files_are_served_only_from_the_home(app_ctx):
 
 def test_resolve_served_directly(tmp_path):
     home = Home(tmp_path / "h")
-    for bad in ("", "/etc/passwd", "../x", "datasets/../../x", "datasets//x", "C:/x", "datasets\\x", "datasets",
-                "datasets/./x", "nothere/x"):
+    for bad in (
+        "",
+        "/etc/passwd",
+        "../x",
+        "datasets/../../x",
+        "datasets//x",
+        "C:/x",
+        "datasets\\x",
+        "datasets",
+        "datasets/./x",
+        "nothere/x",
+    ):
         with pytest.raises(PathRefused):
             home.resolve_served(bad)
     with pytest.raises(FileNotFoundError):
@@ -83,7 +101,10 @@ def test_state_changes_need_the_app_header_and_same_origin(app_ctx):
     assert c.post("/api/datasets", json={"name": "x"}).status_code == 403  # no X-Dopsd-Request
     r = c.post("/api/datasets", json={"name": "x"}, headers={**HEADERS, "origin": "http://evil.example"})
     assert r.status_code == 403 and "cross-site" in r.json()["error"]
-    assert c.post("/api/datasets", json={"name": "x"}, headers={**HEADERS, "origin": "http://testserver"}).status_code == 200
+    assert (
+        c.post("/api/datasets", json={"name": "x"}, headers={**HEADERS, "origin": "http://testserver"}).status_code
+        == 200
+    )
     assert c.get("/api/datasets").status_code == 200  # reading needs no header
 
 
@@ -142,8 +163,14 @@ def test_prompts_reach_the_command_as_one_argument_never_a_shell(app_ctx):
     r = c.post("/api/compare", json={"runs": ["r"], "prompts": [prompt], "seeds": [0], "base": False})
     assert r.status_code == 200, r.text
     job_id = r.json()["entries"][0]["job"]
-    job = wait_for(lambda: (lambda j: j if j["status"] not in ("queued", "running") else None)(
-        c.get(f"/api/jobs/{job_id}").json()), 120, 0.3, "the sample job")
+    job = wait_for(
+        lambda: (lambda j: j if j["status"] not in ("queued", "running") else None)(
+            c.get(f"/api/jobs/{job_id}").json()
+        ),
+        120,
+        0.3,
+        "the sample job",
+    )
     assert prompt in job["argv"] and job["status"] == "failed"  # a broken run folder: the command says so
     assert not marker.exists()
     bad = c.post("/api/compare", json={"runs": ["r"], "prompts": ["two\nlines"], "seeds": [0]})

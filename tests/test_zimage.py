@@ -8,12 +8,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny_real import build_flux2, build_qwen3_vl, build_zimage, dopsd_lora_steps, images, model_config
 
 from dopsd.models import zimage
 from dopsd.models.local import ModelFolderError
 from dopsd.sampler import sample_euler
 from dopsd.schedules import shifted_schedule, training_schedule
-from tiny_real import build_flux2, build_qwen3_vl, build_zimage, dopsd_lora_steps, images, model_config
 
 torch.set_num_threads(1)
 SIZE = 32
@@ -27,8 +27,9 @@ def folders(tmp_path_factory):
 
 
 def config(folders, **kw):
-    base = dict(pretrained=str(folders.model), teacher_encoder=str(folders.vlm), height=SIZE, width=SIZE,
-                max_caption_tokens=64)
+    base = dict(
+        pretrained=str(folders.model), teacher_encoder=str(folders.vlm), height=SIZE, width=SIZE, max_caption_tokens=64
+    )
     return model_config("zimage", **{**base, **kw})
 
 
@@ -46,10 +47,18 @@ def test_sampling_reproduces_the_pipeline(adapter):
     ref = pipe(list(CAPTIONS), latents=noise.clone(), output_type="latent", **kw).images
     ctx = adapter.collate(adapter.student_contexts(CAPTIONS))
     with torch.no_grad():
-        ours = sample_euler(lambda x, s, c: adapter.velocity(adapter.network, x, s, c), noise,
-                            adapter.inference_schedule(SIZE, SIZE), ctx)
-        flipped = sample_euler(lambda x, s, c: -adapter.velocity(adapter.network, x, s, c), noise,
-                               adapter.inference_schedule(SIZE, SIZE), ctx)
+        ours = sample_euler(
+            lambda x, s, c: adapter.velocity(adapter.network, x, s, c),
+            noise,
+            adapter.inference_schedule(SIZE, SIZE),
+            ctx,
+        )
+        flipped = sample_euler(
+            lambda x, s, c: -adapter.velocity(adapter.network, x, s, c),
+            noise,
+            adapter.inference_schedule(SIZE, SIZE),
+            ctx,
+        )
     assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
     assert (flipped - ref).abs().max() > 0.1  # the comparison can tell a wrong sign apart
     pixels = pipe(list(CAPTIONS), latents=noise.clone(), output_type="pt", **kw).images
@@ -69,8 +78,9 @@ def test_schedule_is_turbo_8_steps_shift_3(adapter, folders):
 
 def test_student_features_are_hidden_states_minus_2_without_padding(adapter):
     ctx = adapter.student_contexts(CAPTIONS)
-    text = adapter.tokenizer.apply_chat_template([{"role": "user", "content": CAPTIONS[1]}], tokenize=False,
-                                                 add_generation_prompt=True, enable_thinking=True)
+    text = adapter.tokenizer.apply_chat_template(
+        [{"role": "user", "content": CAPTIONS[1]}], tokenize=False, add_generation_prompt=True, enable_thinking=True
+    )
     ids = adapter.tokenizer(text, return_tensors="pt").input_ids
     hidden = adapter.text_encoder(input_ids=ids, output_hidden_states=True).hidden_states[-2][0]
     assert ctx[1]["cap_feats"].shape == hidden.shape  # padding removed: one row per real token
@@ -165,7 +175,10 @@ def test_encode_images_follows_each_image_size(adapter):
     lat = adapter.encode_images(images(2, SIZE))
     assert lat.shape == (2, *adapter.latent_shape(SIZE, SIZE))
     mixed = adapter.encode_images(images(1, SIZE) + images(1, 2 * SIZE))
-    assert [tuple(x.shape) for x in mixed] == [adapter.latent_shape(SIZE, SIZE), adapter.latent_shape(2 * SIZE, 2 * SIZE)]
+    assert [tuple(x.shape) for x in mixed] == [
+        adapter.latent_shape(SIZE, SIZE),
+        adapter.latent_shape(2 * SIZE, 2 * SIZE),
+    ]
     with pytest.raises(ValueError, match="multiples of 4"):
         adapter.latent_shape(30, 32)
 
@@ -197,11 +210,23 @@ def test_bf16_sampling_reproduces_the_bf16_pipeline(folders):
     adapter = zimage.load(config(folders), "cpu", torch.bfloat16)
     assert next(adapter.network.parameters()).dtype == torch.bfloat16
     noise = torch.randn(2, *adapter.latent_shape(SIZE, SIZE), generator=torch.Generator().manual_seed(1))
-    ref = adapter.pipeline()(list(CAPTIONS), height=SIZE, width=SIZE, num_inference_steps=8, guidance_scale=0.0,
-                             max_sequence_length=64, latents=noise.clone(), output_type="latent").images
+    ref = adapter.pipeline()(
+        list(CAPTIONS),
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=8,
+        guidance_scale=0.0,
+        max_sequence_length=64,
+        latents=noise.clone(),
+        output_type="latent",
+    ).images
     with torch.no_grad():
-        ours = sample_euler(lambda x, s, c: adapter.velocity(adapter.network, x, s, c), noise,
-                            adapter.inference_schedule(SIZE, SIZE), adapter.collate(adapter.student_contexts(CAPTIONS)))
+        ours = sample_euler(
+            lambda x, s, c: adapter.velocity(adapter.network, x, s, c),
+            noise,
+            adapter.inference_schedule(SIZE, SIZE),
+            adapter.collate(adapter.student_contexts(CAPTIONS)),
+        )
     assert ours.dtype == torch.float32
     assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
 
@@ -215,20 +240,30 @@ def test_caption_lengths_stay_within_the_rope_table(folders):
     assert [c["cap_feats"].shape[0] for c in ctx] == [224, 224]
     x = torch.randn(2, *adapter.latent_shape(SIZE, SIZE))
     with torch.no_grad():
-        assert torch.isfinite(adapter.velocity(adapter.network, x, torch.tensor([0.5, 0.5]), adapter.collate(ctx))).all()
+        assert torch.isfinite(
+            adapter.velocity(adapter.network, x, torch.tensor([0.5, 0.5]), adapter.collate(ctx))
+        ).all()
 
 
 def test_full_dopsd_train_run_with_the_vlm_teacher(folders, tmp_path):
     """`dopsd.train` end to end on the tiny Z-Image (preset zimage-turbo: VLM teacher, 4-step roll-out,
     gradient checkpointing); diffusers loads the run folder's lora.safetensors (the only LoRA file written) and
     reproduces the LoRA's samples in the pipeline; its metadata names the trigger word and the run."""
-    import dopsd
-    from dopsd.lora.trained import apply_trained
     from tiny_real import train_config, write_pairs
 
+    import dopsd
+    from dopsd.lora.trained import apply_trained
+
     data = write_pairs(tmp_path / "data", CAPTIONS, SIZE, seed=7)
-    cfg = train_config("zimage-turbo", tmp_path, data, SIZE, f"model.pretrained={folders.model}",
-                       f"model.teacher_encoder={folders.vlm}", "data.trigger_word=sks")
+    cfg = train_config(
+        "zimage-turbo",
+        tmp_path,
+        data,
+        SIZE,
+        f"model.pretrained={folders.model}",
+        f"model.teacher_encoder={folders.vlm}",
+        "data.trigger_word=sks",
+    )
     assert cfg.train.gradient_checkpointing and cfg.model.rollout_every == 2
     result = dopsd.train(cfg)
     assert result.steps == 2 and all(l == l and l > 0 for l in result.losses)
@@ -244,12 +279,24 @@ def test_full_dopsd_train_run_with_the_vlm_teacher(folders, tmp_path):
     apply_trained(fresh.network, result.weights)
     noise = torch.randn(1, *fresh.latent_shape(SIZE, SIZE), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        ours = sample_euler(lambda x, s, c: fresh.velocity(fresh.network, x, s, c), noise,
-                            fresh.inference_schedule(SIZE, SIZE), fresh.collate(fresh.student_contexts(CAPTIONS[:1])))
+        ours = sample_euler(
+            lambda x, s, c: fresh.velocity(fresh.network, x, s, c),
+            noise,
+            fresh.inference_schedule(SIZE, SIZE),
+            fresh.collate(fresh.student_contexts(CAPTIONS[:1])),
+        )
     pipe = zimage.load(config(folders)).pipeline()
     pipe.load_lora_weights(str(result.output_dir))
-    ref = pipe(list(CAPTIONS[:1]), height=SIZE, width=SIZE, num_inference_steps=8, guidance_scale=0.0,
-               max_sequence_length=32, latents=noise.clone(), output_type="latent").images
+    ref = pipe(
+        list(CAPTIONS[:1]),
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=8,
+        guidance_scale=0.0,
+        max_sequence_length=32,
+        latents=noise.clone(),
+        output_type="latent",
+    ).images
     assert torch.allclose(ours, ref, atol=1e-5)
 
 

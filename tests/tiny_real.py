@@ -15,8 +15,15 @@ import torch
 from PIL import Image
 
 SPECIAL = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-    "<|image_pad|>", "<|video_pad|>", "<think>", "</think>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<think>",
+    "</think>",
 ]
 # Qwen3's template in miniature: one user turn; thinking disabled appends an empty think block.
 CHAT_TEMPLATE = (
@@ -25,9 +32,13 @@ CHAT_TEMPLATE = (
     "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
 )
 CORPUS = [
-    "a photo of a red cat on a mat", "a blue dog in the park", "a [V] teapot on a wooden table",
+    "a photo of a red cat on a mat",
+    "a blue dog in the park",
+    "a [V] teapot on a wooden table",
     "make the main subject background and overall composition consistent with the reference image",
-    "turn the sky orange", "the last image is the expected output", "user assistant system",
+    "turn the sky orange",
+    "the last image is the expected output",
+    "user assistant system",
 ]
 VOCAB = 512  # embedding size of the tiny text encoders (>= tokenizer size)
 
@@ -54,9 +65,16 @@ def _qwen3_config(hidden: int, layers: int, heads: int = 2):
     from transformers import Qwen3Config
 
     return Qwen3Config(
-        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads, head_dim=hidden // heads, max_position_embeddings=2048,
-        rope_theta=10000.0, tie_word_embeddings=False,
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        head_dim=hidden // heads,
+        max_position_embeddings=2048,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
     )
 
 
@@ -75,21 +93,42 @@ def build_zimage(path: Path, seed: int = 0, text_hidden: int = 16) -> Path:
     path = Path(path)
     torch.manual_seed(seed)
     transformer = ZImageTransformer2DModel(
-        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=2, n_refiner_layers=1,
-        n_heads=2, n_kv_heads=2, norm_eps=1e-5, qk_norm=True, cap_feat_dim=text_hidden, rope_theta=256.0,
-        t_scale=1000.0, axes_dims=[8, 4, 4], axes_lens=[256, 32, 32],
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=16,
+        dim=32,
+        n_layers=2,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        norm_eps=1e-5,
+        qk_norm=True,
+        cap_feat_dim=text_hidden,
+        rope_theta=256.0,
+        t_scale=1000.0,
+        axes_dims=[8, 4, 4],
+        axes_lens=[256, 32, 32],
     )
     _fill_pad_tokens(transformer)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[32, 64], layers_per_block=1,
-        latent_channels=16, norm_num_groups=32, sample_size=32, scaling_factor=0.3611, shift_factor=0.1159,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        block_out_channels=[32, 64],
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=32,
+        sample_size=32,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
     )
     text_encoder = Qwen3Model(_qwen3_config(text_hidden, 2))
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
     tokenizer = build_tokenizer(path / "tokenizer")
-    pipe = ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                          transformer=transformer)
+    pipe = ZImagePipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+    )
     pipe.save_pretrained(path)
     return path
 
@@ -97,38 +136,70 @@ def build_zimage(path: Path, seed: int = 0, text_hidden: int = 16) -> Path:
 def build_flux2(path: Path, seed: int = 0) -> Path:
     """FLUX.2-klein layout: Flux2Transformer2DModel, AutoencoderKLFlux2, Qwen3ForCausalLM (27 layers so
     klein's default feature layers 9/18/27 exist), tokenizer, dynamic-shift scheduler, is_distilled."""
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
     from transformers import Qwen3ForCausalLM
 
     path = Path(path)
     torch.manual_seed(seed)
     text_hidden = 32
     transformer = Flux2Transformer2DModel(
-        in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=3 * text_hidden, axes_dims_rope=[4, 4, 4, 4], guidance_embeds=False,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=3 * text_hidden,
+        axes_dims_rope=[4, 4, 4, 4],
+        guidance_embeds=False,
     )
     vae = AutoencoderKLFlux2(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(16, 16, 32, 32), layers_per_block=1,
-        latent_channels=4, norm_num_groups=8, sample_size=64, use_quant_conv=False, use_post_quant_conv=False,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
     )
     with torch.no_grad():  # non-trivial batch-norm statistics: the latent normalisation must be applied
         vae.bn.running_mean.uniform_(-0.5, 0.5)
         vae.bn.running_var.uniform_(0.5, 2.0)
     text_encoder = Qwen3ForCausalLM(_qwen3_config(text_hidden, 27))
     scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-        base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential",
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        time_shift_type="exponential",
     )
     tokenizer = build_tokenizer(path / "tokenizer")
-    pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                              transformer=transformer, is_distilled=True)
+    pipe = Flux2KleinPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        is_distilled=True,
+    )
     pipe.save_pretrained(path)
     return path
 
 
-def build_qwen3_vl(path: Path, text_hidden: int = 16, text_layers: int = 2, seed: int = 0,
-                   intermediate: int | None = None) -> Path:
+def build_qwen3_vl(
+    path: Path, text_hidden: int = 16, text_layers: int = 2, seed: int = 0, intermediate: int | None = None
+) -> Path:
     """A Qwen3-VL folder (model, tokenizer, PIL image processor config) whose language model has the
     given width/depth, so Z-Image's tiny Qwen3 weights can (or, on purpose, cannot) be transplanted."""
     from transformers import Qwen2VLImageProcessorPil, Qwen3VLConfig, Qwen3VLForConditionalGeneration
@@ -141,16 +212,34 @@ def build_qwen3_vl(path: Path, text_hidden: int = 16, text_layers: int = 2, seed
     quarter = head_dim // 2  # mrope_section must sum to head_dim / 2
     config = Qwen3VLConfig(
         text_config=dict(
-            vocab_size=VOCAB, hidden_size=text_hidden, intermediate_size=intermediate or 2 * text_hidden,
-            num_hidden_layers=text_layers, num_attention_heads=heads, num_key_value_heads=heads, head_dim=head_dim,
-            max_position_embeddings=2048, tie_word_embeddings=False,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                             "mrope_section": [quarter - 2 * (quarter // 4), quarter // 4, quarter // 4],
-                             "mrope_interleaved": True},
+            vocab_size=VOCAB,
+            hidden_size=text_hidden,
+            intermediate_size=intermediate or 2 * text_hidden,
+            num_hidden_layers=text_layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            head_dim=head_dim,
+            max_position_embeddings=2048,
+            tie_word_embeddings=False,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [quarter - 2 * (quarter // 4), quarter // 4, quarter // 4],
+                "mrope_interleaved": True,
+            },
         ),
-        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=16,
-                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=text_hidden,
-                           num_position_embeddings=64, deepstack_visual_indexes=[0]),
+        vision_config=dict(
+            depth=1,
+            hidden_size=16,
+            intermediate_size=32,
+            num_heads=2,
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            out_hidden_size=text_hidden,
+            num_position_embeddings=64,
+            deepstack_visual_indexes=[0],
+        ),
         image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
         video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
         vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
@@ -158,9 +247,14 @@ def build_qwen3_vl(path: Path, text_hidden: int = 16, text_layers: int = 2, seed
         tie_word_embeddings=False,
     )
     Qwen3VLForConditionalGeneration(config).save_pretrained(path)
-    Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3,
-                             image_std=[0.5] * 3, size={"shortest_edge": 32 * 32, "longest_edge": 64 * 64}
-                             ).save_pretrained(path)
+    Qwen2VLImageProcessorPil(
+        patch_size=16,
+        merge_size=2,
+        temporal_patch_size=2,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+        size={"shortest_edge": 32 * 32, "longest_edge": 64 * 64},
+    ).save_pretrained(path)
     return path
 
 
@@ -180,11 +274,20 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def _preprocessor(path: Path, size: int) -> None:
-    write_json(path / "preprocessor_config.json", {
-        "do_resize": True, "size": {"shortest_edge": size}, "do_center_crop": True,
-        "crop_size": {"height": size, "width": size}, "do_rescale": True, "rescale_factor": 1 / 255,
-        "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
-    })
+    write_json(
+        path / "preprocessor_config.json",
+        {
+            "do_resize": True,
+            "size": {"shortest_edge": size},
+            "do_center_crop": True,
+            "crop_size": {"height": size, "width": size},
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "image_mean": [0.5, 0.5, 0.5],
+            "image_std": [0.5, 0.5, 0.5],
+        },
+    )
 
 
 def build_dinov2(path: Path, seed: int = 0) -> Path:
@@ -192,8 +295,16 @@ def build_dinov2(path: Path, seed: int = 0) -> Path:
 
     path = Path(path)
     torch.manual_seed(seed)
-    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                             image_size=32, patch_size=8)).save_pretrained(path)
+    Dinov2Model(
+        Dinov2Config(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=32,
+            patch_size=8,
+        )
+    ).save_pretrained(path)
     _preprocessor(path, 32)
     return path
 
@@ -205,15 +316,30 @@ def build_clip(path: Path, seed: int = 0) -> Path:
     path = Path(path)
     torch.manual_seed(seed)
     qt = build_tokenizer(path / "_qwen")
-    tok = PreTrainedTokenizerFast(tokenizer_object=qt.backend_tokenizer, pad_token="<|endoftext|>",
-                                  eos_token="<|endoftext|>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=qt.backend_tokenizer, pad_token="<|endoftext|>", eos_token="<|endoftext|>"
+    )
     eos = tok.convert_tokens_to_ids("<|endoftext|>")
     config = CLIPConfig(
-        text_config=dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=32, eos_token_id=eos, pad_token_id=eos,
-                         bos_token_id=eos),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
+        text_config=dict(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=32,
+            eos_token_id=eos,
+            pad_token_id=eos,
+            bos_token_id=eos,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
         projection_dim=16,
     )
     CLIPModel(config).save_pretrained(path)
@@ -222,8 +348,17 @@ def build_clip(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def dopsd_lora_steps(adapter, captions: list[str], images: list[Image.Image], steps: int = 3, lr: float = 1e-2,
-                     rank: int = 4, alpha: float = 8.0, every: int = 1, seed: int = 0) -> dict:
+def dopsd_lora_steps(
+    adapter,
+    captions: list[str],
+    images: list[Image.Image],
+    steps: int = 3,
+    lr: float = 1e-2,
+    rank: int = 4,
+    alpha: float = 8.0,
+    every: int = 1,
+    seed: int = 0,
+) -> dict:
     """A few real D-OPSD steps (LoRA, EMA teacher, per-step backward) on a tiny adapter.
 
     Returns the first step's gradients by parameter name, the losses, the shadow and the student contexts."""
@@ -246,8 +381,15 @@ def dopsd_lora_steps(adapter, captions: list[str], images: list[Image.Image], st
     first, losses = None, []
     for _ in range(steps):
         noise = torch.randn(len(captions), *adapter.latent_shape(h, w), generator=g)
-        out = dopsd_loss(velocity, shadow.wrap(velocity), noise, schedule, student_ctx, teacher_ctx,
-                         backward=lambda loss: loss.backward())
+        out = dopsd_loss(
+            velocity,
+            shadow.wrap(velocity),
+            noise,
+            schedule,
+            student_ctx,
+            teacher_ctx,
+            backward=lambda loss: loss.backward(),
+        )
         if first is None:
             first = {n: (None if p.grad is None else p.grad.clone()) for n, p in adapter.network.named_parameters()}
         losses.append(float(out.loss))
@@ -271,14 +413,33 @@ def train_config(preset: str, root: Path, data: Path, size: int, *extra: str):
     """A 2-step CPU run of a real-model preset on a tiny model (float32, no progress bar, cache in root)."""
     from dopsd.config import load_config
 
-    return load_config(preset, [
-        f"model.height={size}", f"model.width={size}", "model.dtype=float32", "model.max_caption_tokens=32",
-        f"data.path={data}", "data.buckets=false", "train.max_steps=2", "train.batch_size=2",
-        "train.mixed_precision='no'", "train.device=cpu", "train.checkpoint_every=0", "sample.every=0",
-        "sample.control_steps=0", "sample.seeds=[0]", "log.progress=false", "log.tensorboard=false",
-        f"cache.dir={root / 'cache'}", "lora.rank=4", "lora.alpha=8", "optim.lr=1e-3",
-        f"train.output_dir={root / 'run'}", *extra,
-    ])
+    return load_config(
+        preset,
+        [
+            f"model.height={size}",
+            f"model.width={size}",
+            "model.dtype=float32",
+            "model.max_caption_tokens=32",
+            f"data.path={data}",
+            "data.buckets=false",
+            "train.max_steps=2",
+            "train.batch_size=2",
+            "train.mixed_precision='no'",
+            "train.device=cpu",
+            "train.checkpoint_every=0",
+            "sample.every=0",
+            "sample.control_steps=0",
+            "sample.seeds=[0]",
+            "log.progress=false",
+            "log.tensorboard=false",
+            f"cache.dir={root / 'cache'}",
+            "lora.rank=4",
+            "lora.alpha=8",
+            "optim.lr=1e-3",
+            f"train.output_dir={root / 'run'}",
+            *extra,
+        ],
+    )
 
 
 def model_config(family: str, **fields):

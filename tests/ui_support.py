@@ -13,8 +13,13 @@ from PIL import Image
 
 HEADERS = {"x-dopsd-request": "1"}
 # A short miniature run: every sampling/checkpoint interval comes quickly, 1 CPU thread per job (conftest's rule).
-FAST_RUN = {"train.max_steps": 12, "sample.every": 4, "sample.control_steps": 8, "train.checkpoint_every": 2,
-            "data.trigger_word": "sks"}
+FAST_RUN = {
+    "train.max_steps": 12,
+    "sample.every": 4,
+    "sample.control_steps": 8,
+    "train.checkpoint_every": 2,
+    "data.trigger_word": "sks",
+}
 
 
 def make_ctx(home: Path, max_jobs: int = 1, grace: float = 10.0) -> Any:
@@ -46,7 +51,9 @@ def wait_for(check: Callable[[], Any], timeout: float = 120.0, every: float = 0.
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
 
 
-def png_bytes(size: tuple[int, int] = (32, 32), color: tuple[int, int, int] = (200, 120, 30), fmt: str = "PNG") -> bytes:
+def png_bytes(
+    size: tuple[int, int] = (32, 32), color: tuple[int, int, int] = (200, 120, 30), fmt: str = "PNG"
+) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, format=fmt)
     return buf.getvalue()
@@ -66,8 +73,9 @@ def write_zimage_lora_run(folder: Path, rank: int = 4, dim: int = 16) -> Path:
         state[f"{m}.lora_A.weight"] = torch.randn(rank, dim, generator=g)
         state[f"{m}.lora_B.weight"] = torch.randn(dim, rank, generator=g)
     save_file(state, str(folder / "lora.safetensors"), metadata={"format": "dopsd-lora"})
-    (folder / "lora_config.json").write_text(json.dumps({"format": "dopsd-lora", "rank": rank, "alpha": 8.0,
-                                                          "targets": modules, "family": "zimage"}))
+    (folder / "lora_config.json").write_text(
+        json.dumps({"format": "dopsd-lora", "rank": rank, "alpha": 8.0, "targets": modules, "family": "zimage"})
+    )
     (folder / "config.yaml").write_text("preset: zimage-turbo\nmodel: {family: zimage}\ntrain: {max_steps: 3}\n")
     (folder / "summary.json").write_text(json.dumps({"status": "ok", "steps": 3, "method": "dopsd"}))
     return folder

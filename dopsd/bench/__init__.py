@@ -13,17 +13,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="the < 10 min CPU configuration the README quotes")
     size.add_argument("--tiny", action="store_true", help="seconds-long smoke configuration (tests)")
-    parser.add_argument("--settings", nargs="+", choices=["concept_lora", "domain_full", "continual"],
-                        default=None, help="only these settings (default: all three)")
-    parser.add_argument("--methods", nargs="+", default=None,
-                        help="only these methods (default: all; the report then lists what is missing)")
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        choices=["concept_lora", "domain_full", "continual"],
+        default=None,
+        help="only these settings (default: all three)",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="only these methods (default: all; the report then lists what is missing)",
+    )
     parser.add_argument("--seeds", type=int, default=None, help="number of training seeds (default: the preset's)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the preset's)")
     again = parser.add_mutually_exclusive_group()
     again.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out (runs every job)")
-    again.add_argument("--resume", action="store_true",
-                       help="continue an interrupted run in --out with the same options: jobs whose result was saved "
-                       "are kept, the rest run")
+    again.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run in --out with the same options: jobs whose result was saved "
+        "are kept, the rest run",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
@@ -40,14 +52,18 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not (args.overwrite or args.resume):
-        print(f"dopsd bench: {out} is not empty; choose another --out, pass --resume to continue the run in it, "
-              "or --overwrite")
+        print(
+            f"dopsd bench: {out} is not empty; choose another --out, pass --resume to continue the run in it, "
+            "or --overwrite"
+        )
         return 2
     try:
         summary = run_bench(config, out, resume=args.resume)
     except ResumeMismatch as err:
         print(f"dopsd {err}")
         return 2
-    print(f"dopsd bench: wrote {out / 'report.md'}, {out / 'report.html'} and {out / 'results.json'} "
-          f"in {summary['seconds']:.0f} s")
+    print(
+        f"dopsd bench: wrote {out / 'report.md'}, {out / 'report.html'} and {out / 'results.json'} "
+        f"in {summary['seconds']:.0f} s"
+    )
     return 0

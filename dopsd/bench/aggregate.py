@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dopsd.bench.jobs import METHODS, REFERENCE_ROW
+
+if TYPE_CHECKING:
+    from dopsd.bench.run import Setting
 
 ALL_METHODS = list(METHODS)
 BY_TARGET = ("concept_fidelity", "unseen_prompt_fidelity", "fewstep_quality", "preservation")
@@ -42,11 +45,14 @@ def aggregate(
             row["runs"] = len(runs)
             row["targets"] = sorted({r["job"]["target"] for r in runs})
             if len(row["targets"]) > 1:  # several concepts: each one's mean too
-                row["by_target"] = {t: {k: statistics.fmean(r["final"][k] for r in runs if r["job"]["target"] == t)
-                                        for k in BY_TARGET} for t in row["targets"]}
+                row["by_target"] = {
+                    t: {k: statistics.fmean(r["final"][k] for r in runs if r["job"]["target"] == t) for k in BY_TARGET}
+                    for t in row["targets"]
+                }
             trained = [r for r in runs if r["steps"]]
-            row["train_sec_per_step"] = (statistics.fmean(r["train_seconds"] / r["steps"] for r in trained)
-                                         if trained else None)
+            row["train_sec_per_step"] = (
+                statistics.fmean(r["train_seconds"] / r["steps"] for r in trained) if trained else None
+            )
             row["steps"] = runs[0]["steps"]
             rows[s.name][m] = row
             for r in runs:

@@ -63,42 +63,122 @@ class Claim:
 
 
 CLAIMS = (
-    Claim("SFT lowers few-step quality of the turbo", "paper Tab. (quality 3.51 → 2.42), ablation curves",
-          ("sft", "base"), ("fewstep_quality",), "lower", if_missing="paper"),
-    Claim("SFT's damage is few-step specific (many-step samples stay fine)", "paper's motivation",
-          ("sft", "base"), ("fewstep_quality", "manystep_quality"), "few_step_specific"),
-    Claim("D-OPSD keeps the few-step quality of the untouched turbo", "paper Tab. (quality 3.80 vs base 3.51)",
-          ("dopsd", "base"), ("fewstep_quality",), "not_lower"),
-    Claim("D-OPSD learns the target ({fidelity} comparable to SFT's)", "paper Tab. (DINO/LPIPS/VLM judge)",
-          ("dopsd", "sft", "base"), ("concept_fidelity",), "learned"),
-    Claim("D-OPSD generalises to unseen prompts at least as well as SFT", "paper (CLIP-S 0.366 vs 0.310)",
-          ("dopsd", "sft"), ("unseen_prompt_fidelity",), "not_lower"),
-    Claim("D-OPSD preserves unrelated outputs better than SFT",
-          {"domain_full": "paper (GenEval after anime full fine-tune: SFT 0.159, D-OPSD 0.717)",
-           None: "paper (quality/aesthetics kept; off-target change)"},
-          ("dopsd", "sft"), ("preservation",), "higher"),
-    Claim("A live teacher (= the current student) collapses / is worse than the EMA teacher", "paper ablation",
-          ("dopsd_live_teacher", "dopsd"), ("fewstep_quality", "concept_fidelity", "attribute_accuracy"),
-          "any_lower", labels=("live", "ema")),
-    Claim("EMA teacher learns faster than the frozen initial model", "paper ablation (frozen: stable but slow)",
-          ("dopsd", "dopsd_base_teacher"), ("concept_fidelity",), "higher", curve=True),
-    Claim("x0-space loss converges faster than velocity-space loss", "authors' code default / paper",
-          ("dopsd", "dopsd_velocity"), ("concept_fidelity",), "higher", curve=True),
+    Claim(
+        "SFT lowers few-step quality of the turbo",
+        "paper Tab. (quality 3.51 → 2.42), ablation curves",
+        ("sft", "base"),
+        ("fewstep_quality",),
+        "lower",
+        if_missing="paper",
+    ),
+    Claim(
+        "SFT's damage is few-step specific (many-step samples stay fine)",
+        "paper's motivation",
+        ("sft", "base"),
+        ("fewstep_quality", "manystep_quality"),
+        "few_step_specific",
+    ),
+    Claim(
+        "D-OPSD keeps the few-step quality of the untouched turbo",
+        "paper Tab. (quality 3.80 vs base 3.51)",
+        ("dopsd", "base"),
+        ("fewstep_quality",),
+        "not_lower",
+    ),
+    Claim(
+        "D-OPSD learns the target ({fidelity} comparable to SFT's)",
+        "paper Tab. (DINO/LPIPS/VLM judge)",
+        ("dopsd", "sft", "base"),
+        ("concept_fidelity",),
+        "learned",
+    ),
+    Claim(
+        "D-OPSD generalises to unseen prompts at least as well as SFT",
+        "paper (CLIP-S 0.366 vs 0.310)",
+        ("dopsd", "sft"),
+        ("unseen_prompt_fidelity",),
+        "not_lower",
+    ),
+    Claim(
+        "D-OPSD preserves unrelated outputs better than SFT",
+        {
+            "domain_full": "paper (GenEval after anime full fine-tune: SFT 0.159, D-OPSD 0.717)",
+            None: "paper (quality/aesthetics kept; off-target change)",
+        },
+        ("dopsd", "sft"),
+        ("preservation",),
+        "higher",
+    ),
+    Claim(
+        "A live teacher (= the current student) collapses / is worse than the EMA teacher",
+        "paper ablation",
+        ("dopsd_live_teacher", "dopsd"),
+        ("fewstep_quality", "concept_fidelity", "attribute_accuracy"),
+        "any_lower",
+        labels=("live", "ema"),
+    ),
+    Claim(
+        "EMA teacher learns faster than the frozen initial model",
+        "paper ablation (frozen: stable but slow)",
+        ("dopsd", "dopsd_base_teacher"),
+        ("concept_fidelity",),
+        "higher",
+        curve=True,
+    ),
+    Claim(
+        "x0-space loss converges faster than velocity-space loss",
+        "authors' code default / paper",
+        ("dopsd", "dopsd_velocity"),
+        ("concept_fidelity",),
+        "higher",
+        curve=True,
+    ),
     # the baselines (fewer seeds than sft/dopsd, like the ablations)
-    Claim("PSO keeps few-step quality better than SFT", "paper Tab. (quality PSO 3.34, SFT 2.42)",
-          ("pso", "sft"), ("fewstep_quality",), "higher"),
-    Claim("DreamBooth lowers few-step quality of the turbo", "paper Tab. (quality 3.51 → 2.56)",
-          ("dreambooth", "base"), ("fewstep_quality",), "lower"),
-    Claim("D-OPSD generalises to unseen prompts better than PSO", "paper Tab. (CLIP-S D-OPSD 0.366, PSO 0.289)",
-          ("dopsd", "pso"), ("unseen_prompt_fidelity",), "higher"),
-    Claim("On-policy distillation learns faster than off-policy distillation", "paper ablation (Fig. 6a)",
-          ("dopsd", "offpolicy"), ("concept_fidelity",), "higher", curve=True),
-    Claim("On-policy distillation learns faster than SFT on teacher samples", "paper ablation (Fig. 6a)",
-          ("dopsd", "sft_teacher"), ("concept_fidelity",), "higher", curve=True),
+    Claim(
+        "PSO keeps few-step quality better than SFT",
+        "paper Tab. (quality PSO 3.34, SFT 2.42)",
+        ("pso", "sft"),
+        ("fewstep_quality",),
+        "higher",
+    ),
+    Claim(
+        "DreamBooth lowers few-step quality of the turbo",
+        "paper Tab. (quality 3.51 → 2.56)",
+        ("dreambooth", "base"),
+        ("fewstep_quality",),
+        "lower",
+    ),
+    Claim(
+        "D-OPSD generalises to unseen prompts better than PSO",
+        "paper Tab. (CLIP-S D-OPSD 0.366, PSO 0.289)",
+        ("dopsd", "pso"),
+        ("unseen_prompt_fidelity",),
+        "higher",
+    ),
+    Claim(
+        "On-policy distillation learns faster than off-policy distillation",
+        "paper ablation (Fig. 6a)",
+        ("dopsd", "offpolicy"),
+        ("concept_fidelity",),
+        "higher",
+        curve=True,
+    ),
+    Claim(
+        "On-policy distillation learns faster than SFT on teacher samples",
+        "paper ablation (Fig. 6a)",
+        ("dopsd", "sft_teacher"),
+        ("concept_fidelity",),
+        "higher",
+        curve=True,
+    ),
 )
 
-LABELS = {"fewstep_quality": "few-step quality", "unseen_prompt_fidelity": "unseen-prompt fidelity",
-          "preservation": "preservation", "attribute_accuracy": "attribute acc."}
+LABELS = {
+    "fewstep_quality": "few-step quality",
+    "unseen_prompt_fidelity": "unseen-prompt fidelity",
+    "preservation": "preservation",
+    "attribute_accuracy": "attribute acc.",
+}
 Value = tuple[float, float]
 Values = dict[tuple[str, str], Value]  # (method, metric) -> mean, std
 
@@ -133,8 +213,13 @@ def _few_step_specific(c: Claim, v: Values, labels: dict[str, str], rows: dict[s
     (a, b), (few, many) = c.methods, c.metrics
     d, sig = compare(v[a, few], v[b, few])
     few_drop, many_drop = v[b, few][0] - v[a, few][0], v[b, many][0] - v[a, many][0]
-    verdict = ("inconclusive (no few-step drop to explain)" if not (sig and d < 0)
-               else "reproduced" if many_drop < 0.5 * few_drop else "not reproduced")
+    verdict = (
+        "inconclusive (no few-step drop to explain)"
+        if not (sig and d < 0)
+        else "reproduced"
+        if many_drop < 0.5 * few_drop
+        else "not reproduced"
+    )
     return f"drop at few steps {few_drop:+.3f}, at many steps {many_drop:+.3f} (criterion: many < ½ few)", verdict
 
 
@@ -144,8 +229,9 @@ def _learned(c: Claim, v: Values, labels: dict[str, str], rows: dict[str, Any]) 
     x, r, b = v[a, key], v[ref, key], v[base, key]
     learned = x[0] - b[0] > max(0.1, 2 * x[1])
     close = x[0] >= r[0] - 0.1
-    evidence = (f"{labels[key]}: {a} {_fmt(x)}, {ref} {_fmt(r)}, {base} {_fmt(b)} "
-                f"(criterion: > {base} + 0.1 and ≥ {ref} − 0.1)")
+    evidence = (
+        f"{labels[key]}: {a} {_fmt(x)}, {ref} {_fmt(r)}, {base} {_fmt(b)} (criterion: > {base} + 0.1 and ≥ {ref} − 0.1)"
+    )
     return evidence, "reproduced" if learned and close else "not reproduced"
 
 
@@ -164,8 +250,12 @@ def _any_lower(c: Claim, v: Values, labels: dict[str, str], rows: dict[str, Any]
 
 
 CRITERIA: dict[str, Callable[[Claim, Values, dict[str, str], dict[str, Any]], tuple[str, str]]] = {
-    "lower": _lower, "not_lower": _not_lower, "higher": _higher, "few_step_specific": _few_step_specific,
-    "learned": _learned, "any_lower": _any_lower,
+    "lower": _lower,
+    "not_lower": _not_lower,
+    "higher": _higher,
+    "few_step_specific": _few_step_specific,
+    "learned": _learned,
+    "any_lower": _any_lower,
 }
 
 
@@ -176,12 +266,20 @@ def check_setting(name: str, rows: dict[str, dict[str, Any]], curves: dict[str, 
     for c in CLAIMS:
         statement = c.statement.format(fidelity=fidelity)
         source = c.source if isinstance(c.source, str) else c.source.get(name, c.source[None])
-        values = {(m, k): curve_area(curves, k, m) if c.curve else _v(rows.get(m), k)
-                  for m in c.methods for k in c.metrics}
+        values = {
+            (m, k): curve_area(curves, k, m) if c.curve else _v(rows.get(m), k) for m in c.methods for k in c.metrics
+        }
         if any(x is None for x in values.values()):
             if c.if_missing is not None:
-                out.append({"setting": name, "claim": statement, "source": c.if_missing, "evidence": "",
-                            "verdict": "inconclusive (method not run)"})
+                out.append(
+                    {
+                        "setting": name,
+                        "claim": statement,
+                        "source": c.if_missing,
+                        "evidence": "",
+                        "verdict": "inconclusive (method not run)",
+                    }
+                )
             continue
         labels = {k: fidelity if k == "concept_fidelity" else LABELS.get(k, k) for k in c.metrics}
         if c.curve:
@@ -197,9 +295,14 @@ def check_cost(name: str, costs: dict[str, Any]) -> list[dict[str, str]]:
         return []
     t, f = d["time_ratio"], d["flop_ratio"]
     ok = 1 / 1.5 <= t / 2.0 <= 1.5
-    return [{"setting": name, "claim": "D-OPSD costs about 2× SFT's time per step (about 4× its FLOPs)",
-             "source": "paper (limitations)",
-             "evidence": f"measured time ×{t:.2f}, implied FLOPs ×{f:.2f}, "
-                         f"overhead beyond FLOPs ×{d['overhead']:.2f} "
-                         "(criterion: time within a factor 1.5 of 2×)",
-             "verdict": "reproduced" if ok else "not reproduced"}]
+    return [
+        {
+            "setting": name,
+            "claim": "D-OPSD costs about 2× SFT's time per step (about 4× its FLOPs)",
+            "source": "paper (limitations)",
+            "evidence": f"measured time ×{t:.2f}, implied FLOPs ×{f:.2f}, "
+            f"overhead beyond FLOPs ×{d['overhead']:.2f} "
+            "(criterion: time within a factor 1.5 of 2×)",
+            "verdict": "reproduced" if ok else "not reproduced",
+        }
+    ]

@@ -34,12 +34,14 @@ CONTINUAL_METHODS: dict[str, list[str]] = {
     "dopsd_prior": METHODS["dopsd_prior"],
 }
 METRICS = ("new_fidelity", "retention", "fewstep_quality", "preservation", "unrelated_accuracy", "drift")
-DESCRIPTION = ("Continual tuning: held-out targets learned one after another, each round started from the previous "
-               "round's run (`train.init_from`, merge mode: its LoRA folded into the base, a fresh LoRA trained; a "
-               "domain round is a full fine-tune). Concept r is bound to `sks` on shape r (2 backgrounds), so every "
-               "earlier concept keeps prompts of its own. Measured after each round: the new target's fidelity, each "
-               "earlier target's retention (its fidelity on its own prompts), few-step quality, preservation and "
-               "unrelated-prompt accuracy on unrelated prompts.")
+DESCRIPTION = (
+    "Continual tuning: held-out targets learned one after another, each round started from the previous "
+    "round's run (`train.init_from`, merge mode: its LoRA folded into the base, a fresh LoRA trained; a "
+    "domain round is a full fine-tune). Concept r is bound to `sks` on shape r (2 backgrounds), so every "
+    "earlier concept keeps prompts of its own. Measured after each round: the new target's fidelity, each "
+    "earlier target's retention (its fidelity on its own prompts), few-step quality, preservation and "
+    "unrelated-prompt accuracy on unrelated prompts."
+)
 
 
 @dataclass
@@ -61,8 +63,13 @@ def sequence_name(sequence: list[str]) -> str:
 
 
 def data_folders(cs: ContinualSetting, out: Path) -> dict[str, list[str]]:
-    return {sequence_name(seq): [str(out / "data" / "continual" / sequence_name(seq).replace(">", "-") /
-                                     f"{r}-{t}") for r, t in enumerate(seq)] for seq in cs.sequences}
+    return {
+        sequence_name(seq): [
+            str(out / "data" / "continual" / sequence_name(seq).replace(">", "-") / f"{r}-{t}")
+            for r, t in enumerate(seq)
+        ]
+        for seq in cs.sequences
+    }
 
 
 def write_data(cs: ContinualSetting, out: Path) -> dict[str, list[str]]:
@@ -76,8 +83,10 @@ def write_data(cs: ContinualSetting, out: Path) -> dict[str, list[str]]:
                 continue
             g = torch.Generator().manual_seed(50_000 + r)
             bgs = world.CONCEPT_TRAIN_BACKGROUNDS
-            scenes = [world.concept_scene(target, g, bg=bgs[i % len(bgs)], shape=r % len(world.SHAPES))
-                      for i in range(cs.pairs)]
+            scenes = [
+                world.concept_scene(target, g, bg=bgs[i % len(bgs)], shape=r % len(world.SHAPES))
+                for i in range(cs.pairs)
+            ]
             world.write_pairs(folder, scenes)
     return folders
 
@@ -89,12 +98,28 @@ def jobs(cs: ContinualSetting, out: Path, model: str, suite: dict[str, int]) -> 
         name = sequence_name(seq)
         for method in cs.methods:
             for seed in range(cs.seeds):
-                found.append(Job(
-                    setting=cs.name, target=name, method=method, seed=seed, data_dir=folders[name][0],
-                    work_dir=str(out / "work" / cs.name / f"{name.replace('>', '-')}-{method}-{seed}"), overrides=[],
-                    steps=cs.steps, curve_every=cs.steps, curve_n=0, suite=suite, model=model,
-                    extra={"sequence": list(seq), "folders": folders[name], "concept": cs.concept_overrides,
-                           "domain": cs.domain_overrides}))
+                found.append(
+                    Job(
+                        setting=cs.name,
+                        target=name,
+                        method=method,
+                        seed=seed,
+                        data_dir=folders[name][0],
+                        work_dir=str(out / "work" / cs.name / f"{name.replace('>', '-')}-{method}-{seed}"),
+                        overrides=[],
+                        steps=cs.steps,
+                        curve_every=cs.steps,
+                        curve_n=0,
+                        suite=suite,
+                        model=model,
+                        extra={
+                            "sequence": list(seq),
+                            "folders": folders[name],
+                            "concept": cs.concept_overrides,
+                            "domain": cs.domain_overrides,
+                        },
+                    )
+                )
     return found
 
 
@@ -107,8 +132,11 @@ def _suites(job: Job, adapter: Any) -> list[Any]:
     for target, folder in zip(job.extra["sequence"], job.extra["folders"]):
         cfg = load_config("mini", [f"data.path={folder}"])
         captions = [c for ex in load_dataset(cfg.data, cfg.model) for c in ex.captions]
-        out.append(build_suite(adapter, target, captions, s["n_train"], s["n_unseen"], s["n_unrelated"],
-                               s["many_steps"], s["n_many"]))
+        out.append(
+            build_suite(
+                adapter, target, captions, s["n_train"], s["n_unseen"], s["n_unrelated"], s["many_steps"], s["n_many"]
+            )
+        )
     return out
 
 
@@ -118,7 +146,7 @@ def measure(suites: list[Any], network: Any, done: int) -> dict[str, Any]:
     from dopsd.mini import metrics
 
     first = suites[0]
-    fid = [s.fidelity(s.sample(network, "train", s.few_steps)) for s in suites[:max(done, 1)]]
+    fid = [s.fidelity(s.sample(network, "train", s.few_steps)) for s in suites[: max(done, 1)]]
     unrelated = first.sample(network, "unrelated", first.few_steps)
     dec = metrics.decode(unrelated)
     captions = first.sets["unrelated"].captions
@@ -157,15 +185,20 @@ def run_continual(job: Job) -> dict[str, Any]:
         t0 = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):
             try:
-                dopsd.api.train(trainer_config(round_job, CONTINUAL_METHODS[job.method]), adapter=adapter,
-                                overwrite=True)
+                dopsd.api.train(
+                    trainer_config(round_job, CONTINUAL_METHODS[job.method]), adapter=adapter, overwrite=True
+                )
             except TrainingUnhealthy:
                 pass  # a broken round is a result too; the next round starts from it all the same
         seconds = time.perf_counter() - t0
         rounds.append({"round": r, "target": target, **measure(suites[:r], adapter.network, r), "seconds": seconds})
         previous = work
-    return {"job": job.__dict__.copy(), "rounds": rounds, "seconds": time.perf_counter() - started,
-            "cpu_seconds": time.process_time() - cpu_started}
+    return {
+        "job": job.__dict__.copy(),
+        "rounds": rounds,
+        "seconds": time.perf_counter() - started,
+        "cpu_seconds": time.process_time() - cpu_started,
+    }
 
 
 def _mean_std(values: list[Any]) -> tuple[float | None, float | None]:
@@ -189,8 +222,9 @@ def aggregate(results: list[dict[str, Any]], cs: ContinualSetting) -> dict[str, 
                 for key in METRICS + ("seconds",):
                     row[key], row[f"{key}_std"] = _mean_std([run["rounds"][i][key] for run in runs])
                 targets = runs[0]["rounds"][i]["retention_by_target"]
-                row["retention_by_target"] = {t: _mean_std([run["rounds"][i]["retention_by_target"][t]
-                                                            for run in runs])[0] for t in targets}
+                row["retention_by_target"] = {
+                    t: _mean_std([run["rounds"][i]["retention_by_target"][t] for run in runs])[0] for t in targets
+                }
                 rounds.append(row)
             out.setdefault(method, {})[sequence_name(seq)] = {"rounds": rounds}
     return out
@@ -211,9 +245,16 @@ def check_claim(rows: dict[str, Any], cs: ContinualSetting, min_effect: float) -
 
     sft, dopsd = damages("sft"), damages("dopsd")
     compounds = {m: d[-1] - d[0] > min_effect for m, d in (("sft", sft), ("dopsd", dopsd))}
-    shown = "; ".join(f"{m}: few-step quality damage after rounds 1..{len(d)}: "
-                      + ", ".join(f"{x:+.3f}" for x in d) for m, d in (("sft", sft), ("dopsd", dopsd)))
-    return [{"setting": cs.name, "claim": "SFT's few-step damage compounds round after round; D-OPSD's does not",
-             "source": "paper (title: continuously tuning step-distilled models)",
-             "evidence": f"{name}: {shown} (criterion: last − first > {min_effect})",
-             "verdict": "reproduced" if compounds["sft"] and not compounds["dopsd"] else "not reproduced"}]
+    shown = "; ".join(
+        f"{m}: few-step quality damage after rounds 1..{len(d)}: " + ", ".join(f"{x:+.3f}" for x in d)
+        for m, d in (("sft", sft), ("dopsd", dopsd))
+    )
+    return [
+        {
+            "setting": cs.name,
+            "claim": "SFT's few-step damage compounds round after round; D-OPSD's does not",
+            "source": "paper (title: continuously tuning step-distilled models)",
+            "evidence": f"{name}: {shown} (criterion: last − first > {min_effect})",
+            "verdict": "reproduced" if compounds["sft"] and not compounds["dopsd"] else "not reproduced",
+        }
+    ]

@@ -179,8 +179,14 @@ class CostProbe:
     implied_flops: float
 
 
-def implied_flops(kind: str, student_fwd_bwd: float, teacher_fwd: float = 0.0, roll_out_steps: int = 1,
-                  student_fwd: float = 0.0, sample_steps: int = 0) -> float:
+def implied_flops(
+    kind: str,
+    student_fwd_bwd: float,
+    teacher_fwd: float = 0.0,
+    roll_out_steps: int = 1,
+    student_fwd: float = 0.0,
+    sample_steps: int = 0,
+) -> float:
     """FLOPs the algorithm implies per optimizer step (K roll-out steps, S few-step sampling steps).
 
     sft: 1 student forward+backward on the batch. dopsd / offpolicy: K student forward+backward + K teacher
@@ -199,8 +205,9 @@ def implied_flops(kind: str, student_fwd_bwd: float, teacher_fwd: float = 0.0, r
         return float(sample_steps * teacher_fwd + student_fwd_bwd)
     if kind == "pso":
         return float(sample_steps * student_fwd + 2 * student_fwd_bwd + 2 * student_fwd)
-    raise ValueError(f"implied FLOPs are defined for sft, dopsd, offpolicy, dreambooth, sft_teacher and pso, "
-                     f"got {kind!r}")
+    raise ValueError(
+        f"implied FLOPs are defined for sft, dopsd, offpolicy, dreambooth, sft_teacher and pso, got {kind!r}"
+    )
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -257,4 +264,3 @@ __all__ = [
     "time_steps",
     "transient_peak_bytes",
 ]
-

@@ -80,10 +80,20 @@ def measure_setting_costs(
     dedistill = str(out / "work" / "dedistill_delta.safetensors")
     probes, calls = {}, {}
     for method in methods:
-        job = Job(setting=setting.name, target=target, method=method, seed=0,
-                  data_dir=folders[f"{setting.name}/{target}"], work_dir=str(out / "work" / "cost" / method),
-                  overrides=setting.overrides_for(method), steps=10**6, curve_every=10**6, curve_n=0, suite={},
-                  model=cfg.model)
+        job = Job(
+            setting=setting.name,
+            target=target,
+            method=method,
+            seed=0,
+            data_dir=folders[f"{setting.name}/{target}"],
+            work_dir=str(out / "work" / "cost" / method),
+            overrides=setting.overrides_for(method),
+            steps=10**6,
+            curve_every=10**6,
+            curve_n=0,
+            suite={},
+            model=cfg.model,
+        )
         probes[method], calls[method] = trainer_probe(job, method, dedistill if Path(dedistill).is_file() else None)
     reference = "sft" if "sft" in probes else next(iter(probes))
     costs = measure_costs(probes, reference=reference, repeats=cfg.cost_repeats, warmup=cfg.cost_warmup)

@@ -36,10 +36,15 @@ METHODS: dict[str, list[str]] = {
     "dreambooth": ["method.name=dreambooth", "data.trigger_word=sks"],
     "offpolicy": ["method.name=offpolicy", "method.teacher=ema", "method.loss_space=x0"],
     "sft_teacher": ["method.name=sft_teacher", "method.teacher=ema"],
-    "dopsd_prior": ["method.name=dopsd", "method.teacher=ema", "method.loss_space=x0", "method.prior_weight=1.0",
-                    "method.prior_prompts=[a red circle on a gray background, a blue square on a black background, "
-                    "a green triangle on a navy background, a white plus on a brown background, a yellow circle, "
-                    "a purple square on a gray background, a red plus on a navy background, a blue triangle]"],
+    "dopsd_prior": [
+        "method.name=dopsd",
+        "method.teacher=ema",
+        "method.loss_space=x0",
+        "method.prior_weight=1.0",
+        "method.prior_prompts=[a red circle on a gray background, a blue square on a black background, "
+        "a green triangle on a navy background, a white plus on a brown background, a yellow circle, "
+        "a purple square on a gray background, a red plus on a navy background, a blue triangle]",
+    ],
 }
 CONCEPT_ONLY = {"dopsd_prior"}
 REFERENCE_ROW = "ref_undistilled_4step"  # the multi-step base model sampled at the turbo's 4 steps (not a method)
@@ -88,10 +93,22 @@ def trainer_config(job: Job, method_overrides: list[str]) -> Any:
 
     # A diverged run is a result too (the report shows its numbers): never abort one on non-finite steps.
     # One sample grid image before and after training: the bench evaluates with its own suite.
-    common = [f"data.path={job.data_dir}", f"train.output_dir={job.work_dir}", f"train.seed={job.seed}",
-              f"train.max_steps={job.steps}", "train.checkpoint_every=0", f"train.max_nonfinite={job.steps + 1}",
-              "cache.enabled=false", "sample.health=false", "sample.num_prompts=1", "sample.seeds=[0]",
-              "sample.control_steps=0", "log.progress=false", "log.tensorboard=false", "train.device=cpu"]
+    common = [
+        f"data.path={job.data_dir}",
+        f"train.output_dir={job.work_dir}",
+        f"train.seed={job.seed}",
+        f"train.max_steps={job.steps}",
+        "train.checkpoint_every=0",
+        f"train.max_nonfinite={job.steps + 1}",
+        "cache.enabled=false",
+        "sample.health=false",
+        "sample.num_prompts=1",
+        "sample.seeds=[0]",
+        "sample.control_steps=0",
+        "log.progress=false",
+        "log.tensorboard=false",
+        "train.device=cpu",
+    ]
     return load_config("mini", common + job.overrides + method_overrides)
 
 
@@ -108,14 +125,15 @@ def build_trainer(job: Job, adapter: Any, method: str) -> Any:
 
 def _suite(job: Job, adapter: Any) -> Any:
     from dopsd.bench.suite import build_suite
-    from dopsd.data.dataset import load_dataset
     from dopsd.config import load_config
+    from dopsd.data.dataset import load_dataset
 
     cfg = load_config("mini", [f"data.path={job.data_dir}"])
     captions = [c for ex in load_dataset(cfg.data, cfg.model) for c in ex.captions]
     s = job.suite
-    return build_suite(adapter, job.target, captions, s["n_train"], s["n_unseen"], s["n_unrelated"], s["many_steps"],
-                       s["n_many"])
+    return build_suite(
+        adapter, job.target, captions, s["n_train"], s["n_unseen"], s["n_unrelated"], s["many_steps"], s["n_many"]
+    )
 
 
 def train(job: Job, adapter: Any, method: str, on_step: Any = None) -> list[dict[str, Any]]:
@@ -168,8 +186,12 @@ def run_job(job: Job) -> dict[str, Any]:
         final, imgs = suite.evaluate(adapter.network)
         point = suite.curve_point(adapter.network, job.curve_n)
         points = list(range(0, job.steps + 1, job.curve_every))
-        result.update(final=final, curve={"steps": points, **{k: [v] * len(points) for k, v in point.items()}},
-                      train_seconds=0.0, steps=0)
+        result.update(
+            final=final,
+            curve={"steps": points, **{k: [v] * len(points) for k, v in point.items()}},
+            train_seconds=0.0,
+            steps=0,
+        )
     else:
         deltas = None
         if job.method == "sft_adapter":
@@ -195,8 +217,14 @@ def run_job(job: Job) -> dict[str, Any]:
         records = train(job, adapter, job.method, on_step)
         with without_deltas(net, deltas):
             final, imgs = suite.evaluate(net)
-        result.update(final=final, curve=curve, train_seconds=sum(r["seconds"] for r in records), steps=len(records),
-                      losses=[r["loss"] for r in records], skipped=sum(1 for r in records if r["skipped"]))
+        result.update(
+            final=final,
+            curve=curve,
+            train_seconds=sum(r["seconds"] for r in records),
+            steps=len(records),
+            losses=[r["loss"] for r in records],
+            skipped=sum(1 for r in records if r["skipped"]),
+        )
     result["images"] = _keep(imgs) if job.keep_images else None
     result["captions"] = {k: ps.captions[:8] for k, ps in suite.sets.items()} if job.keep_images else None
     result["seconds"] = time.perf_counter() - started
@@ -222,5 +250,10 @@ def train_dedistill(job: Job, out_file: str) -> dict[str, Any]:
     deltas = lora_deltas(lora_state_dict(adapter.network), cfg.lora.alpha / cfg.lora.rank)
     Path(out_file).parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in deltas.items()}, out_file)
-    return {"seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started,
-            "steps": len(records), "file": out_file, "final_loss": records[-1]["loss"] if records else None}
+    return {
+        "seconds": time.perf_counter() - started,
+        "cpu_seconds": time.process_time() - cpu_started,
+        "steps": len(records),
+        "file": out_file,
+        "final_loss": records[-1]["loss"] if records else None,
+    }

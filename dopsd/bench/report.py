@@ -16,11 +16,30 @@ from typing import Any, Iterable
 import torch
 
 # The methods every setting must report (the paper's comparison), and the per-method fields results.json must carry.
-REQUIRED_METHODS = ("base", "sft", "sft_adapter", "dopsd", "dopsd_base_teacher", "dopsd_live_teacher", "pso",
-                    "dreambooth", "offpolicy", "sft_teacher")
+REQUIRED_METHODS = (
+    "base",
+    "sft",
+    "sft_adapter",
+    "dopsd",
+    "dopsd_base_teacher",
+    "dopsd_live_teacher",
+    "pso",
+    "dreambooth",
+    "offpolicy",
+    "sft_teacher",
+)
 # The continual setting's block: per method and sequence, one row per round (0 = the untouched model) with these.
-CONTINUAL_FIELDS = ("round", "target", "new_fidelity", "retention", "fewstep_quality", "preservation",
-                    "unrelated_accuracy", "drift", "seeds")
+CONTINUAL_FIELDS = (
+    "round",
+    "target",
+    "new_fidelity",
+    "retention",
+    "fewstep_quality",
+    "preservation",
+    "unrelated_accuracy",
+    "drift",
+    "seeds",
+)
 REQUIRED_FIELDS = (
     "concept_fidelity",
     "fewstep_quality",
@@ -32,50 +51,96 @@ REQUIRED_FIELDS = (
     "seeds",
 )
 # Fields that are null for the untrained `base` (nothing was trained, so no step cost).
-COST_FIELDS = ("sec_per_step", "peak_mem_mb", "time_ratio_vs_sft", "flop_ratio_vs_sft", "overhead_vs_flops",
-               "mem_ratio_vs_sft", "flops_per_step", "train_sec_per_step")
+COST_FIELDS = (
+    "sec_per_step",
+    "peak_mem_mb",
+    "time_ratio_vs_sft",
+    "flop_ratio_vs_sft",
+    "overhead_vs_flops",
+    "mem_ratio_vs_sft",
+    "flops_per_step",
+    "train_sec_per_step",
+)
 
 # field -> (meaning, direction). The direction is what the report's verdicts assume; documented in the report.
 FIELD_DOCS: dict[str, tuple[str, str]] = {
-    "concept_fidelity": ("fraction of 4-step samples on the training prompts whose decoded attribute is the target "
-                         "concept (concept setting) or the target domain (domain setting)", "higher"),
-    "unseen_prompt_fidelity": ("the same fraction on prompts never seen in training (new shapes, backgrounds, "
-                               "combinations)", "higher"),
-    "fewstep_quality": ("quality of 4-step samples on unrelated prompts: the miniature's quality score (see "
-                        "Metrics), higher = sharper / closer to the base model's many-step output", "higher"),
+    "concept_fidelity": (
+        "fraction of 4-step samples on the training prompts whose decoded attribute is the target "
+        "concept (concept setting) or the target domain (domain setting)",
+        "higher",
+    ),
+    "unseen_prompt_fidelity": (
+        "the same fraction on prompts never seen in training (new shapes, backgrounds, combinations)",
+        "higher",
+    ),
+    "fewstep_quality": (
+        "quality of 4-step samples on unrelated prompts: the miniature's quality score (see "
+        "Metrics), higher = sharper / closer to the base model's many-step output",
+        "higher",
+    ),
     "manystep_quality": ("the same quality score for many-step samples of the same network (the control)", "higher"),
-    "preservation": ("fraction of unrelated-prompt samples whose decoded scene matches the untouched turbo's for the "
-                     "same noise: same shape, colour and background names, centre within 1.5 px, extent within "
-                     "1.5 px (see Metrics)", "higher"),
-    "unrelated_accuracy": ("fraction of unrelated-prompt samples whose captioned attributes (shape, colour, background) "
-                           "are all decoded right: does 'a red square' still come out a red square", "higher"),
-    "position_shift_px": ("mean shift of the shape's centre (px) against the untouched turbo's sample, same shape "
-                          "only", "lower"),
-    "size_change_px": ("mean |change| of the shape's extent (px) against the untouched turbo's sample, same shape "
-                       "only", "lower"),
-    "drift": ("mean squared difference to the untouched turbo's 4-step output for the same noise and prompt, on "
-              "unrelated prompts", "lower"),
+    "preservation": (
+        "fraction of unrelated-prompt samples whose decoded scene matches the untouched turbo's for the "
+        "same noise: same shape, colour and background names, centre within 1.5 px, extent within "
+        "1.5 px (see Metrics)",
+        "higher",
+    ),
+    "unrelated_accuracy": (
+        "fraction of unrelated-prompt samples whose captioned attributes (shape, colour, background) "
+        "are all decoded right: does 'a red square' still come out a red square",
+        "higher",
+    ),
+    "position_shift_px": (
+        "mean shift of the shape's centre (px) against the untouched turbo's sample, same shape only",
+        "lower",
+    ),
+    "size_change_px": (
+        "mean |change| of the shape's extent (px) against the untouched turbo's sample, same shape only",
+        "lower",
+    ),
+    "drift": (
+        "mean squared difference to the untouched turbo's 4-step output for the same noise and prompt, on "
+        "unrelated prompts",
+        "lower",
+    ),
     "sec_per_step": ("median wall seconds of one optimizer step, all methods interleaved in one process", "lower"),
     "time_ratio_vs_sft": ("sec_per_step / SFT's, measured in the same run", "lower"),
-    "flop_ratio_vs_sft": ("FLOPs the algorithm implies per step / SFT's (counted from the network's actual ops)",
-                          "lower"),
-    "overhead_vs_flops": ("time_ratio_vs_sft / flop_ratio_vs_sft; 1 = costs exactly its arithmetic, > 1 = overhead "
-                          "beyond the algorithm", "lower"),
-    "peak_mem_mb": ("peak tensor memory of one optimizer step in MiB (resident weights, gradients, optimizer and "
-                    "teacher state + transient peak)", "lower"),
+    "flop_ratio_vs_sft": (
+        "FLOPs the algorithm implies per step / SFT's (counted from the network's actual ops)",
+        "lower",
+    ),
+    "overhead_vs_flops": (
+        "time_ratio_vs_sft / flop_ratio_vs_sft; 1 = costs exactly its arithmetic, > 1 = overhead beyond the algorithm",
+        "lower",
+    ),
+    "peak_mem_mb": (
+        "peak tensor memory of one optimizer step in MiB (resident weights, gradients, optimizer and "
+        "teacher state + transient peak)",
+        "lower",
+    ),
     "mem_ratio_vs_sft": ("peak_mem_mb / SFT's", "lower"),
     "flops_per_step": ("FLOPs counted over one whole optimizer step", "lower"),
-    "train_sec_per_step": ("the trainer's own mean seconds per step in the training runs (includes data, logging; "
-                           "runs were not interleaved)", "lower"),
+    "train_sec_per_step": (
+        "the trainer's own mean seconds per step in the training runs (includes data, logging; "
+        "runs were not interleaved)",
+        "lower",
+    ),
     "seeds": ("number of training seeds (each *_std field is the standard deviation over all runs)", "-"),
     "runs": ("runs averaged: targets × seeds", "-"),
     "steps": ("optimizer steps of each run (0 = not trained)", "-"),
-    "sharpness": ("mean |Laplacian| of the 4-step samples on unrelated prompts (clean renders set the scale)",
-                  "higher"),
-    "render_psnr": ("PSNR (dB) of 4-step unrelated samples to their best-fitting clean render; blur and speckle "
-                    "lower it", "higher"),
-    "attribute_accuracy": ("fraction of captioned attributes (shape, colour, background) decoded right on unrelated "
-                           "prompts, tint-invariant", "higher"),
+    "sharpness": (
+        "mean |Laplacian| of the 4-step samples on unrelated prompts (clean renders set the scale)",
+        "higher",
+    ),
+    "render_psnr": (
+        "PSNR (dB) of 4-step unrelated samples to their best-fitting clean render; blur and speckle lower it",
+        "higher",
+    ),
+    "attribute_accuracy": (
+        "fraction of captioned attributes (shape, colour, background) decoded right on unrelated "
+        "prompts, tint-invariant",
+        "higher",
+    ),
     "fewstep_quality_concept": ("fewstep_quality on the training prompts' samples", "higher"),
     "concept_leak": ("fraction of unrelated-prompt samples showing the concept colour (concept setting)", "lower"),
     "domain_on_unrelated": ("fraction of unrelated-prompt samples in the new domain (domain setting; intended)", "-"),
@@ -231,18 +296,28 @@ def fmt(value: Any, std: Any = None, digits: int = 3) -> str:
 
 def results_table(methods: dict[str, dict[str, Any]]) -> list[list[str]]:
     """Header + one row per method: quality fields as mean ± std over seeds, cost with ratios to SFT."""
-    columns = [("concept_fidelity", "fidelity ↑"), ("unseen_prompt_fidelity", "unseen fidelity ↑"),
-               ("fewstep_quality", "few-step quality ↑"), ("manystep_quality", "many-step quality ↑"),
-               ("preservation", "preservation ↑"), ("drift", "drift ↓")]
-    rows = [["method"] + [label for _, label in columns]
-            + ["s/step (×SFT)", "FLOPs ×SFT", "overhead", "peak MiB", "seeds"]]
+    columns = [
+        ("concept_fidelity", "fidelity ↑"),
+        ("unseen_prompt_fidelity", "unseen fidelity ↑"),
+        ("fewstep_quality", "few-step quality ↑"),
+        ("manystep_quality", "many-step quality ↑"),
+        ("preservation", "preservation ↑"),
+        ("drift", "drift ↓"),
+    ]
+    rows = [
+        ["method"] + [label for _, label in columns] + ["s/step (×SFT)", "FLOPs ×SFT", "overhead", "peak MiB", "seeds"]
+    ]
     for name, row in methods.items():
         cells = [f"`{name}`"] + [fmt(row.get(k), row.get(f"{k}_std")) for k, _ in columns]
         sec = row.get("sec_per_step")
         ratio = fmt(row.get("time_ratio_vs_sft"), digits=2)
         cells.append("–" if sec is None else f"{fmt(sec, digits=4)} ({ratio}×)")
-        cells += [fmt(row.get("flop_ratio_vs_sft"), digits=2), fmt(row.get("overhead_vs_flops"), digits=2),
-                  fmt(row.get("peak_mem_mb"), digits=2), fmt(row.get("seeds"))]
+        cells += [
+            fmt(row.get("flop_ratio_vs_sft"), digits=2),
+            fmt(row.get("overhead_vs_flops"), digits=2),
+            fmt(row.get("peak_mem_mb"), digits=2),
+            fmt(row.get("seeds")),
+        ]
         rows.append(cells)
     return rows
 
@@ -303,8 +378,10 @@ def to_html(blocks: Iterable[Block], root: Path, title: str) -> str:
         elif kind == "img":
             path, caption = payload
             data = base64.b64encode((root / path).read_bytes()).decode("ascii")
-            parts.append(f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(caption)}'>"
-                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+            parts.append(
+                f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(caption)}'>"
+                f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+            )
     parts.append("</body></html>")
     return "\n".join(parts)
 

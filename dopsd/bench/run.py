@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from dopsd.bench.aggregate import ALL_METHODS, _mean_std, aggregate  # noqa: F401 (re-exported)
 from dopsd.bench import continual
+from dopsd.bench.aggregate import ALL_METHODS, _mean_std, aggregate  # noqa: F401 (re-exported)
 from dopsd.bench.continual import ContinualSetting
 from dopsd.bench.jobs import CONCEPT_ONLY, REFERENCE_ROW, Job, run_job, train_dedistill
 
@@ -66,8 +66,13 @@ class BenchConfig:
     ablation_seeds: int | None = None  # seeds for the teacher/loss ablations and the baselines (None = `seeds`)
     continual: ContinualSetting | None = None  # targets learned one after another (dopsd.bench.continual)
 
-    def override(self, settings: list[str] | None = None, methods: list[str] | None = None, seeds: int | None = None,
-                 steps: int | None = None) -> "BenchConfig":
+    def override(
+        self,
+        settings: list[str] | None = None,
+        methods: list[str] | None = None,
+        seeds: int | None = None,
+        steps: int | None = None,
+    ) -> "BenchConfig":
         cfg = dataclasses.replace(self)
         if settings:
             known = {s.name for s in self.settings} | ({"continual"} if self.continual else set())
@@ -97,11 +102,11 @@ class BenchConfig:
 
 DESCRIPTIONS = {
     "concept_lora": "Concept LoRA: a few pairs of a held-out colour (never named in any caption) bound to the "
-                    "placeholder word `sks`, on 2 shapes × 2 backgrounds; evaluated on the training prompts and on the "
-                    "12 unseen shape × background combinations; preservation on unrelated named-colour prompts.",
+    "placeholder word `sks`, on 2 shapes × 2 backgrounds; evaluated on the training prompts and on the "
+    "12 unseen shape × background combinations; preservation on unrelated named-colour prompts.",
     "domain_full": "Domain full fine-tune: many pairs of ordinary scenes under the held-out sepia tint, plain "
-                   "captions; evaluated on the training captions, on unseen captions (incl. captions without a "
-                   "background), and retention of the original content on unrelated prompts.",
+    "captions; evaluated on the training captions, on unseen captions (incl. captions without a "
+    "background), and retention of the original content on unrelated prompts.",
 }
 
 
@@ -109,18 +114,50 @@ def preset(name: str) -> BenchConfig:
     """The bench configurations. Learning rates and steps are the mini preset's; see the report for numbers."""
     if name == "tiny":
         settings = [
-            Setting("concept_lora", ["orange"], 4, ["lora.rank=2", "lora.alpha=2", "train.batch_size=2"], 4, 2,
-                    DESCRIPTIONS["concept_lora"]),
-            Setting("domain_full", ["domain"], 8, ["lora.enabled=false", "optim.lr=1e-4", "train.batch_size=2"], 4, 2,
-                    DESCRIPTIONS["domain_full"]),
+            Setting(
+                "concept_lora",
+                ["orange"],
+                4,
+                ["lora.rank=2", "lora.alpha=2", "train.batch_size=2"],
+                4,
+                2,
+                DESCRIPTIONS["concept_lora"],
+            ),
+            Setting(
+                "domain_full",
+                ["domain"],
+                8,
+                ["lora.enabled=false", "optim.lr=1e-4", "train.batch_size=2"],
+                4,
+                2,
+                DESCRIPTIONS["domain_full"],
+            ),
         ]
         tiny = ["lora.rank=2", "lora.alpha=2", "train.batch_size=2", "method.class_images=4"]
-        continual = ContinualSetting([["orange", "teal"]], 4, 8, tiny, ["lora.enabled=false", "optim.lr=1e-4",
-                                     "train.batch_size=2"], steps=2)
-        return BenchConfig("tiny", settings, ALL_METHODS, seeds=3, curve_n=4, n_train=4, n_unseen=4, n_unrelated=4,
-                           many_steps=6, n_many=4, cost_repeats=2, cost_warmup=1, dedistill_pairs=8, dedistill_steps=2,
-                           dedistill_overrides=["lora.rank=2", "lora.alpha=2", "train.batch_size=2"], workers=1,
-                           model="tiny-random", reference_row=False, continual=continual)
+        continual = ContinualSetting(
+            [["orange", "teal"]], 4, 8, tiny, ["lora.enabled=false", "optim.lr=1e-4", "train.batch_size=2"], steps=2
+        )
+        return BenchConfig(
+            "tiny",
+            settings,
+            ALL_METHODS,
+            seeds=3,
+            curve_n=4,
+            n_train=4,
+            n_unseen=4,
+            n_unrelated=4,
+            many_steps=6,
+            n_many=4,
+            cost_repeats=2,
+            cost_warmup=1,
+            dedistill_pairs=8,
+            dedistill_steps=2,
+            dedistill_overrides=["lora.rank=2", "lora.alpha=2", "train.batch_size=2"],
+            workers=1,
+            model="tiny-random",
+            reference_row=False,
+            continual=continual,
+        )
     concept = ["lora.rank=8", "lora.alpha=8", "optim.lr=5e-4", "train.batch_size=8"]
     domain = ["lora.enabled=false", "optim.lr=1e-4", "train.batch_size=8"]
     dedistill = ["lora.rank=16", "lora.alpha=16", "optim.lr=5e-4", "train.batch_size=8"]
@@ -130,21 +167,53 @@ def preset(name: str) -> BenchConfig:
             Setting("domain_full", ["domain"], 128, domain, 80, 20, DESCRIPTIONS["domain_full"]),
         ]
         continual = ContinualSetting([["orange", "teal"]], 6, 128, concept, domain, steps=80)
-        return BenchConfig("quick", settings, ALL_METHODS, seeds=3, curve_n=32, n_train=32, n_unseen=48,
-                           n_unrelated=48, many_steps=32, n_many=24, cost_repeats=5, cost_warmup=1,
-                           dedistill_pairs=256, dedistill_steps=100, dedistill_overrides=dedistill, workers=2,
-                           ablation_seeds=1, continual=continual)
+        return BenchConfig(
+            "quick",
+            settings,
+            ALL_METHODS,
+            seeds=3,
+            curve_n=32,
+            n_train=32,
+            n_unseen=48,
+            n_unrelated=48,
+            many_steps=32,
+            n_many=24,
+            cost_repeats=5,
+            cost_warmup=1,
+            dedistill_pairs=256,
+            dedistill_steps=100,
+            dedistill_overrides=dedistill,
+            workers=2,
+            ablation_seeds=1,
+            continual=continual,
+        )
     if name == "full":
         settings = [
             Setting("concept_lora", ["orange", "teal", "pink"], 6, concept, 200, 25, DESCRIPTIONS["concept_lora"]),
             Setting("domain_full", ["domain"], 256, domain, 200, 25, DESCRIPTIONS["domain_full"]),
         ]
-        continual = ContinualSetting([["orange", "teal", "pink"], ["domain", "orange"]], 6, 256, concept, domain,
-                                     steps=200)
-        return BenchConfig("full", settings, ALL_METHODS, seeds=3, curve_n=32, n_train=64, n_unseen=96,
-                           n_unrelated=128, many_steps=32, n_many=64, cost_repeats=9, cost_warmup=2,
-                           dedistill_pairs=512,
-                           dedistill_steps=300, dedistill_overrides=dedistill, workers=2, continual=continual)
+        continual = ContinualSetting(
+            [["orange", "teal", "pink"], ["domain", "orange"]], 6, 256, concept, domain, steps=200
+        )
+        return BenchConfig(
+            "full",
+            settings,
+            ALL_METHODS,
+            seeds=3,
+            curve_n=32,
+            n_train=64,
+            n_unseen=96,
+            n_unrelated=128,
+            many_steps=32,
+            n_many=64,
+            cost_repeats=9,
+            cost_warmup=2,
+            dedistill_pairs=512,
+            dedistill_steps=300,
+            dedistill_overrides=dedistill,
+            workers=2,
+            continual=continual,
+        )
     raise ValueError(f"bench: unknown preset {name!r}; choose tiny, quick or full")
 
 
@@ -177,23 +246,51 @@ def _write_data(cfg: BenchConfig, out: Path) -> dict[str, str]:
 
 def _jobs(cfg: BenchConfig, folders: dict[str, str], out: Path, dedistill: str | None) -> list[Job]:
     jobs = []
-    ablations = {"dopsd_base_teacher", "dopsd_live_teacher", "dopsd_velocity", "dopsd_prior", "pso", "dreambooth",
-                 "offpolicy", "sft_teacher"}
+    ablations = {
+        "dopsd_base_teacher",
+        "dopsd_live_teacher",
+        "dopsd_velocity",
+        "dopsd_prior",
+        "pso",
+        "dreambooth",
+        "offpolicy",
+        "sft_teacher",
+    }
     for s in cfg.settings:
-        suite = {"n_train": cfg.n_train, "n_unseen": cfg.n_unseen, "n_unrelated": cfg.n_unrelated,
-                 "many_steps": cfg.many_steps, "n_many": cfg.n_many}
+        suite = {
+            "n_train": cfg.n_train,
+            "n_unseen": cfg.n_unseen,
+            "n_unrelated": cfg.n_unrelated,
+            "many_steps": cfg.many_steps,
+            "n_many": cfg.n_many,
+        }
         rows = [m for m in cfg.methods if s.runs(m)] + ([REFERENCE_ROW] if cfg.reference_row else [])
         for method in rows:
-            n_seeds = 1 if method in ("base", REFERENCE_ROW) else (
-                cfg.ablation_seeds if (method in ablations and cfg.ablation_seeds) else cfg.seeds)
+            n_seeds = (
+                1
+                if method in ("base", REFERENCE_ROW)
+                else (cfg.ablation_seeds if (method in ablations and cfg.ablation_seeds) else cfg.seeds)
+            )
             for ti, target in enumerate(s.targets):
                 for seed in range(n_seeds):
-                    jobs.append(Job(
-                        setting=s.name, target=target, method=method, seed=seed, data_dir=folders[f"{s.name}/{target}"],
-                        work_dir=str(out / "work" / s.name / f"{target}-{method}-{seed}"), overrides=s.overrides_for(method),
-                        steps=s.steps, curve_every=s.curve_every, curve_n=cfg.curve_n, suite=suite, model=cfg.model,
-                        dedistill=dedistill if method == "sft_adapter" else None, keep_images=(ti == 0 and seed == 0),
-                    ))
+                    jobs.append(
+                        Job(
+                            setting=s.name,
+                            target=target,
+                            method=method,
+                            seed=seed,
+                            data_dir=folders[f"{s.name}/{target}"],
+                            work_dir=str(out / "work" / s.name / f"{target}-{method}-{seed}"),
+                            overrides=s.overrides_for(method),
+                            steps=s.steps,
+                            curve_every=s.curve_every,
+                            curve_n=cfg.curve_n,
+                            suite=suite,
+                            model=cfg.model,
+                            dedistill=dedistill if method == "sft_adapter" else None,
+                            keep_images=(ti == 0 and seed == 0),
+                        )
+                    )
     return jobs
 
 
@@ -203,15 +300,29 @@ def _all_jobs(cfg: BenchConfig, out: Path) -> tuple[list[Job], Job | None]:
     dedistill_file = str(out / "work" / "dedistill_delta.safetensors") if "sft_adapter" in cfg.methods else None
     pre = None
     if dedistill_file:
-        pre = Job(setting="dedistill", target="indomain", method="sft", seed=0, data_dir=folders["dedistill"],
-                  work_dir=str(out / "work" / "dedistill"), overrides=cfg.dedistill_overrides,
-                  steps=cfg.dedistill_steps, curve_every=cfg.dedistill_steps, curve_n=0, suite={}, model=cfg.model,
-                  extra={"file": dedistill_file})
+        pre = Job(
+            setting="dedistill",
+            target="indomain",
+            method="sft",
+            seed=0,
+            data_dir=folders["dedistill"],
+            work_dir=str(out / "work" / "dedistill"),
+            overrides=cfg.dedistill_overrides,
+            steps=cfg.dedistill_steps,
+            curve_every=cfg.dedistill_steps,
+            curve_n=0,
+            suite={},
+            model=cfg.model,
+            extra={"file": dedistill_file},
+        )
     found = _jobs(cfg, folders, out, dedistill_file)
     if cfg.continual:
-        found += continual.jobs(cfg.continual, out, cfg.model, {"n_train": cfg.n_train, "n_unseen": 4,
-                                                                "n_unrelated": cfg.n_unrelated, "many_steps": 4,
-                                                                "n_many": 1})
+        found += continual.jobs(
+            cfg.continual,
+            out,
+            cfg.model,
+            {"n_train": cfg.n_train, "n_unseen": 4, "n_unrelated": cfg.n_unrelated, "many_steps": 4, "n_many": 1},
+        )
     return found, pre
 
 
@@ -235,8 +346,10 @@ def saved_results(jobs: list[Job]) -> dict[str, dict[str, Any]]:
         theirs = {k: v for k, v in result["job"].items() if k not in _PATH_FIELDS}
         if mine != theirs:
             keys = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
-            raise ResumeMismatch(f"bench --resume: {path} was made with other settings ({', '.join(keys)}); "
-                                 "resume with the options of the interrupted run, or choose a new --out")
+            raise ResumeMismatch(
+                f"bench --resume: {path} was made with other settings ({', '.join(keys)}); "
+                "resume with the options of the interrupted run, or choose a new --out"
+            )
         if job.extra.get("file") and not Path(job.extra["file"]).is_file():
             continue  # the de-distillation adapter's weights are gone: train it again
         done[job.work_dir] = result
@@ -266,13 +379,15 @@ def _execute(
         for i, job in enumerate(ready + waiting):
             results.append(run_job(job))
             _save_result(job, results[-1])
-            log(f"[{i + 1 + (pre is not None)}/{total}] {job.setting} {job.target} {job.method} seed {job.seed}: "
-                f"{results[-1]['seconds']:.1f} s")
+            log(
+                f"[{i + 1 + (pre is not None)}/{total}] {job.setting} {job.target} {job.method} seed {job.seed}: "
+                f"{results[-1]['seconds']:.1f} s"
+            )
         return results, dedistill_info
     import multiprocessing
 
     # Big jobs first so the two workers finish together; the adapter first of all (others wait on it).
-    ready.sort(key=lambda j: (0 if j.setting == "continual" else 1 if j.method.startswith("dopsd") else 2))
+    ready.sort(key=lambda j: 0 if j.setting == "continual" else 1 if j.method.startswith("dopsd") else 2)
     with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         pending: dict[Future, Job | None] = {}
         if pre is not None:
@@ -293,8 +408,10 @@ def _execute(
                     continue
                 results.append(fut.result())
                 _save_result(job, results[-1])
-                log(f"[{done_count}/{total}] {job.setting} {job.target} {job.method} seed {job.seed}: "
-                    f"{results[-1]['seconds']:.1f} s")
+                log(
+                    f"[{done_count}/{total}] {job.setting} {job.target} {job.method} seed {job.seed}: "
+                    f"{results[-1]['seconds']:.1f} s"
+                )
     return results, dedistill_info
 
 
@@ -315,8 +432,10 @@ def _save_result(job: Job, result: dict[str, Any]) -> None:
 
 def machine_note() -> str:
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, Python "
-            f"{sys.version.split()[0]}; load average at the end {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}")
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, Python "
+        f"{sys.version.split()[0]}; load average at the end {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}"
+    )
 
 
 def run_bench(cfg: BenchConfig, out: Path, log: Any = print, resume: bool = False) -> dict[str, Any]:
@@ -332,23 +451,37 @@ def run_bench(cfg: BenchConfig, out: Path, log: Any = print, resume: bool = Fals
         done = saved_results(jobs + ([pre] if pre else []))
     out.mkdir(parents=True, exist_ok=True)
     folders = _write_data(cfg, out)
-    log(f"dopsd bench ({cfg.name}): {len(cfg.settings)} setting(s)"
+    log(
+        f"dopsd bench ({cfg.name}): {len(cfg.settings)} setting(s)"
         + (f" + continual ({', '.join(cfg.continual.methods)})" if cfg.continual else "")
         + f", methods {', '.join(cfg.methods)}, "
-        f"{cfg.seeds} seed(s), {cfg.workers} worker process(es)")
+        f"{cfg.seeds} seed(s), {cfg.workers} worker process(es)"
+    )
     results, dedistill = _execute(cfg, out, log, done)
     train_seconds = time.perf_counter() - started
     rows, curves, images = aggregate(results, cfg.settings)
-    rounds = continual.aggregate([r for r in results if r["job"]["setting"] == "continual"], cfg.continual) \
-        if cfg.continual else None
+    rounds = (
+        continual.aggregate([r for r in results if r["job"]["setting"] == "continual"], cfg.continual)
+        if cfg.continual
+        else None
+    )
     costs = {}
     for s in cfg.settings:
         t0 = time.perf_counter()
-        costs[s.name] = measure_setting_costs(cfg, s, folders, out, [m for m in cfg.methods if m != "base" and s.runs(m)])
+        costs[s.name] = measure_setting_costs(
+            cfg, s, folders, out, [m for m in cfg.methods if m != "base" and s.runs(m)]
+        )
         log(f"cost measurement {s.name}: {time.perf_counter() - t0:.1f} s")
-    meta = {"preset": cfg.name, "command": "dopsd bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else
-            f"dopsd bench ({cfg.name})", "seconds_training_and_eval": train_seconds, "machine": machine_note(),
-            "workers": cfg.workers, "dedistill": dedistill}
+    meta = {
+        "preset": cfg.name,
+        "command": "dopsd bench " + " ".join(sys.argv[2:])
+        if sys.argv[1:2] == ["bench"]
+        else f"dopsd bench ({cfg.name})",
+        "seconds_training_and_eval": train_seconds,
+        "machine": machine_note(),
+        "workers": cfg.workers,
+        "dedistill": dedistill,
+    }
     meta["seconds"] = time.perf_counter() - started
     # CPU seconds ≈ what an idle machine needs (each job and the cost run use 1 thread): an honest estimate of
     # the wall time without other load, next to the measured one.
@@ -360,4 +493,13 @@ def run_bench(cfg: BenchConfig, out: Path, log: Any = print, resume: bool = Fals
     return {"seconds": time.perf_counter() - started, "rows": rows, "costs": costs}
 
 
-__all__ = ["BenchConfig", "Setting", "preset", "run_bench", "aggregate", "saved_results", "ResumeMismatch", "ALL_METHODS"]
+__all__ = [
+    "BenchConfig",
+    "Setting",
+    "preset",
+    "run_bench",
+    "aggregate",
+    "saved_results",
+    "ResumeMismatch",
+    "ALL_METHODS",
+]

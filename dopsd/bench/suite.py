@@ -54,8 +54,14 @@ def preserved(dec: metrics.Decoded, ref: metrics.Decoded) -> torch.Tensor:
     (tint-invariant names), centre within POSITION_TOL and extent within SIZE_TOL pixels."""
     same_names = [
         (a, f, b) == (ra, rf, rb)
-        for a, f, b, ra, rf, rb in zip(dec.shape.tolist(), _names(dec.fg, _FG), _names(dec.bg, _BG),
-                                       ref.shape.tolist(), _names(ref.fg, _FG), _names(ref.bg, _BG))
+        for a, f, b, ra, rf, rb in zip(
+            dec.shape.tolist(),
+            _names(dec.fg, _FG),
+            _names(dec.bg, _BG),
+            ref.shape.tolist(),
+            _names(ref.fg, _FG),
+            _names(ref.bg, _BG),
+        )
     ]
     close = ((dec.cx - ref.cx).abs() <= POSITION_TOL) & ((dec.cy - ref.cy).abs() <= POSITION_TOL)
     close &= (dec.size - ref.size).abs() <= SIZE_TOL
@@ -124,8 +130,12 @@ def quality(images: torch.Tensor, captions: list[str], dec: metrics.Decoded, dom
 
 def domain_prompts() -> list[str]:
     """Every named-colour caption, with and without a background."""
-    return [f"a {c} {s}" + (f" on a {b} background" if b else "")
-            for c in world.COLOURS for s in world.SHAPES for b in (*world.BACKGROUNDS, None)]
+    return [
+        f"a {c} {s}" + (f" on a {b} background" if b else "")
+        for c in world.COLOURS
+        for s in world.SHAPES
+        for b in (*world.BACKGROUNDS, None)
+    ]
 
 
 def _repeat(prompts: list[str], n: int) -> list[str]:
@@ -218,8 +228,9 @@ class Suite:
             "concept_fidelity": self.fidelity(imgs["train"], dec["train"]),
             "unseen_prompt_fidelity": self.fidelity(imgs["unseen"], dec["unseen"]),
             "fewstep_quality": quality(imgs["unrelated"], unrelated, dec["unrelated"], self.domain),
-            "manystep_quality": quality(imgs["unrelated_many"], unrelated[: self.n_many], dec["unrelated_many"],
-                                        self.domain),
+            "manystep_quality": quality(
+                imgs["unrelated_many"], unrelated[: self.n_many], dec["unrelated_many"], self.domain
+            ),
             "preservation": agreement(dec["unrelated"], self.reference_decoded["unrelated"]),
             "drift": metrics.drift(imgs["unrelated"], self.reference["unrelated"]),
             "sharpness": metrics.sharpness(imgs["unrelated"]),
@@ -236,8 +247,17 @@ class Suite:
         return out, imgs
 
 
-def build_suite(adapter: Any, target: str, train_captions: list[str], n_train: int, n_unseen: int, n_unrelated: int,
-                many_steps: int, n_many: int, seed: int = 0) -> Suite:
+def build_suite(
+    adapter: Any,
+    target: str,
+    train_captions: list[str],
+    n_train: int,
+    n_unseen: int,
+    n_unrelated: int,
+    many_steps: int,
+    n_many: int,
+    seed: int = 0,
+) -> Suite:
     """Prompt sets, noise and contexts (built with `adapter`'s encoder, before it is released)."""
     distinct = list(dict.fromkeys(train_captions))
     if target == "domain":
@@ -257,9 +277,13 @@ def build_suite(adapter: Any, target: str, train_captions: list[str], n_train: i
         context = adapter.collate(adapter.student_contexts(captions))
         sets[name] = PromptSet(captions, noise, {k: v.detach().cpu() for k, v in context.items()})
     return Suite(
-        target=target, sets=sets, few_steps=adapter.default_steps, many_steps=many_steps,
+        target=target,
+        sets=sets,
+        few_steps=adapter.default_steps,
+        many_steps=many_steps,
         n_many=min(n_many, n_unrelated),
-        velocity=adapter.velocity, schedule=lambda steps: adapter.inference_schedule(res, res, steps),
+        velocity=adapter.velocity,
+        schedule=lambda steps: adapter.inference_schedule(res, res, steps),
     )
 
 

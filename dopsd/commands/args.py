@@ -72,8 +72,10 @@ def run_source(source: str) -> tuple[Path | None, str | Path]:
     if not path.is_dir():
         return None, source
     if not (path / "config.yaml").is_file():
-        raise RunFolderError(f"{path} is a folder but not a dopsd run folder (it has no config.yaml); give a run "
-                             "folder that `dopsd train` wrote, a YAML config or a preset name")
+        raise RunFolderError(
+            f"{path} is a folder but not a dopsd run folder (it has no config.yaml); give a run "
+            "folder that `dopsd train` wrote, a YAML config or a preset name"
+        )
     return path, path / "config.yaml"
 
 
@@ -94,8 +96,9 @@ def output_file(flag: str, path: Path, overwrite: bool, suffixes: tuple[str, ...
     if path.is_dir():
         raise UsageError(f"{flag} {path} is a folder; give a file name such as {path / ('samples' + suffixes[0])}")
     if path.suffix.lower() not in suffixes:
-        raise UsageError(f"{flag} {path}: the image format follows the extension; end the name in "
-                         f"{', '.join(suffixes)}")
+        raise UsageError(
+            f"{flag} {path}: the image format follows the extension; end the name in {', '.join(suffixes)}"
+        )
     if path.exists() and not overwrite:
         raise UsageError(f"{flag} {path} already exists; choose another name, or pass --overwrite to replace it")
     _writable_folder(flag, path.parent, path)
@@ -113,8 +116,9 @@ def output_folder(flag: str, path: Path, ours: str) -> Path:
         others = sorted(p.name for p in path.iterdir() if not re.fullmatch(f"{ours}|{leftover}", p.name))
         if others:
             shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
-            raise UsageError(f"{flag} {path} already holds files this report does not write ({shown}); choose a new "
-                             "or empty folder")
+            raise UsageError(
+                f"{flag} {path} already holds files this report does not write ({shown}); choose a new or empty folder"
+            )
     _writable_folder(flag, path, path)
     return path
 

@@ -9,25 +9,50 @@ from dopsd.lora.files import DEFAULT_DTYPE, DTYPES, RUN_CONFIG, RUN_LORA
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("lora", help=f"a dopsd run folder ({RUN_LORA} + {RUN_CONFIG}), a folder with {WEIGHTS_NAME}, "
-                        "or a LoRA .safetensors file")
+    parser.add_argument(
+        "lora",
+        help=f"a dopsd run folder ({RUN_LORA} + {RUN_CONFIG}), a folder with {WEIGHTS_NAME}, "
+        "or a LoRA .safetensors file",
+    )
     parser.add_argument("--out", required=True, help="output .safetensors file, or a folder to write into")
-    parser.add_argument("--format", choices=FORMATS, default="comfyui",
-                        help="comfyui: one file named after the run; diffusers: FOLDER/pytorch_lora_weights.safetensors "
-                             "(same keys: both load in diffusers and ComfyUI)")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default=DEFAULT_DTYPE,
-                        help=f"tensor dtype of the file (default {DEFAULT_DTYPE}; fp32 is twice the size)")
-    parser.add_argument("--model", choices=FAMILIES, default=None,
-                        help="model family; checked against the file's module names (default: from them)")
-    parser.add_argument("--alpha", type=float, default=None,
-                        help="LoRA alpha, only for bare peft files that record none")
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="comfyui",
+        help="comfyui: one file named after the run; diffusers: FOLDER/pytorch_lora_weights.safetensors "
+        "(same keys: both load in diffusers and ComfyUI)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default=DEFAULT_DTYPE,
+        help=f"tensor dtype of the file (default {DEFAULT_DTYPE}; fp32 is twice the size)",
+    )
+    parser.add_argument(
+        "--model",
+        choices=FAMILIES,
+        default=None,
+        help="model family; checked against the file's module names (default: from them)",
+    )
+    parser.add_argument(
+        "--alpha", type=float, default=None, help="LoRA alpha, only for bare peft files that record none"
+    )
     parser.add_argument("--title", default=None, help="title shown by UIs (default: the run folder's name)")
     parser.add_argument("--trigger-word", default=None, help="trigger word to record (default: the run's, if any)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
 
 def main(args: argparse.Namespace) -> int:
-    written = export(args.lora, args.out, args.format, args.model, args.alpha, args.dtype, title=args.title,
-                     trigger_word=args.trigger_word, overwrite=args.overwrite)
+    written = export(
+        args.lora,
+        args.out,
+        args.format,
+        args.model,
+        args.alpha,
+        args.dtype,
+        title=args.title,
+        trigger_word=args.trigger_word,
+        overwrite=args.overwrite,
+    )
     print(f"wrote {written} ({args.dtype}; loads in diffusers and ComfyUI at strength 1)")
     return 0

@@ -11,18 +11,35 @@ from dopsd.planner.resident import QUANTIZE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="a YAML config or a preset name (mini, zimage-turbo, flux2-klein-4b, flux2-klein-9b)")
+    parser.add_argument(
+        "config", help="a YAML config or a preset name (mini, zimage-turbo, flux2-klein-4b, flux2-klein-9b)"
+    )
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, as for `dopsd train`")
     parser.add_argument("--json", action="store_true", help="print the whole plan as JSON")
-    parser.add_argument("--quantize", choices=QUANTIZE, default=None,
-                        help="plan a quantized frozen base (default: model.quantize if the config has it, else none)")
-    parser.add_argument("--caption-tokens", type=int, default=None,
-                        help="student caption length to plan for (default: model.max_caption_tokens, the longest)")
-    parser.add_argument("--teacher-tokens", type=int, default=None,
-                        help="teacher context length for VLM teachers (default: 1024, the adapters' budget)")
+    parser.add_argument(
+        "--quantize",
+        choices=QUANTIZE,
+        default=None,
+        help="plan a quantized frozen base (default: model.quantize if the config has it, else none)",
+    )
+    parser.add_argument(
+        "--caption-tokens",
+        type=int,
+        default=None,
+        help="student caption length to plan for (default: model.max_caption_tokens, the longest)",
+    )
+    parser.add_argument(
+        "--teacher-tokens",
+        type=int,
+        default=None,
+        help="teacher context length for VLM teachers (default: 1024, the adapters' budget)",
+    )
     parser.add_argument("--no-search", action="store_true", help="skip the search for settings that would fit")
-    parser.add_argument("--exact", action="store_true",
-                        help="measure the whole network instead of extrapolating from 2 and 3 blocks (slower)")
+    parser.add_argument(
+        "--exact",
+        action="store_true",
+        help="measure the whole network instead of extrapolating from 2 and 3 blocks (slower)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:

@@ -16,7 +16,6 @@ replaced without --overwrite: the command stops before sampling and names the fi
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shlex
 from pathlib import Path
@@ -34,24 +33,41 @@ SLUG_CHARS = 40  # the prompt's first characters in a sample's file name
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from dopsd.commands.args import count, finite, seed
 
-    parser.add_argument("source", nargs="?", default="mini",
-                        help="a dopsd run folder (uses its config and LoRA), a YAML config or a preset (default mini)")
+    parser.add_argument(
+        "source",
+        nargs="?",
+        default="mini",
+        help="a dopsd run folder (uses its config and LoRA), a YAML config or a preset (default mini)",
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides section.key=value (e.g. model.pretrained=base)")
     parser.add_argument("--lora", type=Path, help="LoRA/weights file (default: the run folder's, if any)")
     parser.add_argument("--no-lora", action="store_true", help="sample the model without the run's LoRA")
     parser.add_argument("--lora-scale", type=finite, default=1.0, help="LoRA strength (default 1)")
     parser.add_argument("--steps", type=count(1), help="sampling steps (default: the model's few-step setting)")
-    parser.add_argument("--prompt", action="append", dest="prompts", help="a prompt (repeat for rows); "
-                        "default: the run's sample prompts")
+    parser.add_argument(
+        "--prompt",
+        action="append",
+        dest="prompts",
+        help="a prompt (repeat for rows); default: the run's sample prompts",
+    )
     parser.add_argument("--seeds", type=seed, nargs="+", default=[0, 1, 2, 3], help="seeds (grid columns)")
-    parser.add_argument("--prompt-index", type=count(0), default=0,
-                        help="number of the first prompt (default 0); a sample's noise depends on its seed and prompt "
-                        "number, so `--prompt P --prompt-index 3 --seeds 7` redraws the 4th prompt's seed-7 sample alone")
-    parser.add_argument("--out", type=Path, default=Path("samples.png"),
-                        help="output grid (default samples.png); each sample also goes to a folder of the same name "
-                        "without the extension (samples/pII-SLUG-sSEED.png + .json)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace --out and the sample files of the same names if they exist")
+    parser.add_argument(
+        "--prompt-index",
+        type=count(0),
+        default=0,
+        help="number of the first prompt (default 0); a sample's noise depends on its seed and prompt "
+        "number, so `--prompt P --prompt-index 3 --seeds 7` redraws the 4th prompt's seed-7 sample alone",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("samples.png"),
+        help="output grid (default samples.png); each sample also goes to a folder of the same name "
+        "without the extension (samples/pII-SLUG-sSEED.png + .json)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace --out and the sample files of the same names if they exist"
+    )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
 
@@ -71,13 +87,19 @@ def main(args: argparse.Namespace) -> int:
     if weights is None and run_dir is not None and not args.no_lora:
         weights = next((run_dir / f for f in (LORA_FILE, FULL_FILE) if (run_dir / f).is_file()), None)
         if weights is None:
-            raise RunFolderError(f"{run_dir} has no {LORA_FILE} or {FULL_FILE} (did the run finish?); pass --no-lora "
-                                 "to sample the model without it")
+            raise RunFolderError(
+                f"{run_dir} has no {LORA_FILE} or {FULL_FILE} (did the run finish?); pass --no-lora "
+                "to sample the model without it"
+            )
     field = "--lora" if args.lora is not None else "the run's weights"
     meta = trained_meta(Path(weights), config.model.family, field) if weights is not None else {}
-    if args.lora_scale != 1.0 and (weights is None or meta.get("format") == "dopsd-full" or Path(weights).name == FULL_FILE):
-        raise UsageError(f"--lora-scale {args.lora_scale:g} scales a LoRA, but "
-                         + (f"{weights} holds full weights" if weights is not None else "no LoRA is loaded"))
+    if args.lora_scale != 1.0 and (
+        weights is None or meta.get("format") == "dopsd-full" or Path(weights).name == FULL_FILE
+    ):
+        raise UsageError(
+            f"--lora-scale {args.lora_scale:g} scales a LoRA, but "
+            + (f"{weights} holds full weights" if weights is not None else "no LoRA is loaded")
+        )
     prompts = args.prompts or meta.get("prompts")  # default: the run's own sample prompts
     if not prompts and run_dir is not None:  # --no-lora on a run: still its prompts
         run_weights = next((run_dir / f for f in (LORA_FILE, FULL_FILE) if (run_dir / f).is_file()), None)
@@ -88,8 +110,9 @@ def main(args: argparse.Namespace) -> int:
     out = cli_args.output_file("--out", args.out, args.overwrite)
     repeated = sorted({s for s in args.seeds if args.seeds.count(s) > 1})
     if repeated:
-        raise UsageError(f"--seeds repeats {', '.join(map(str, repeated))}: a seed draws the same samples again; "
-                         "give each seed once")
+        raise UsageError(
+            f"--seeds repeats {', '.join(map(str, repeated))}: a seed draws the same samples again; give each seed once"
+        )
     first = args.prompt_index
     files = {(i, s): sample_file(out, first + i, prompts[i], s) for i in range(len(prompts)) for s in args.seeds}
     _check_sample_files(out, files.values(), args.overwrite)
@@ -112,8 +135,10 @@ def main(args: argparse.Namespace) -> int:
         images.append(image)
     atomic_save_image(out, grid_image(torch.cat(images), len(prompts), len(args.seeds)))
     what = f"LoRA {weights}" if weights else "no LoRA"
-    print(f"wrote {out}: {len(prompts)} prompts × {len(args.seeds)} seeds, {steps} steps, {m.family} ({what}); "
-          f"each sample with its JSON in {out.with_suffix('')}/")
+    print(
+        f"wrote {out}: {len(prompts)} prompts × {len(args.seeds)} seeds, {steps} steps, {m.family} ({what}); "
+        f"each sample with its JSON in {out.with_suffix('')}/"
+    )
     return 0
 
 
@@ -129,19 +154,23 @@ def _check_sample_files(out: Path, files: Any, overwrite: bool) -> None:
 
     folder = out.with_suffix("")
     if folder.exists() and not folder.is_dir():
-        raise UsageError(f"--out {out}: the samples go to the folder {folder}, but a file of that name exists; "
-                         "choose another --out")
+        raise UsageError(
+            f"--out {out}: the samples go to the folder {folder}, but a file of that name exists; choose another --out"
+        )
     paths = [p for f in files for p in (f, f.with_suffix(".json"))]
     taken = [p for p in paths if p.exists()]
     if taken and not overwrite:
-        raise UsageError(f"{taken[0]} already exists ({len(taken)} sample file(s) in the way); choose another --out, "
-                         "or pass --overwrite to replace them")
+        raise UsageError(
+            f"{taken[0]} already exists ({len(taken)} sample file(s) in the way); choose another --out, "
+            "or pass --overwrite to replace them"
+        )
     if folder.is_dir():
         _writable_folder("--out", folder, folder)
 
 
-def sidecar(args: argparse.Namespace, config: Any, prompt: str, prompt_index: int, seed: int, steps: int,
-            weights: Path | None) -> dict[str, Any]:
+def sidecar(
+    args: argparse.Namespace, config: Any, prompt: str, prompt_index: int, seed: int, steps: int, weights: Path | None
+) -> dict[str, Any]:
     """What one sample was made from, and the command that draws it again alone."""
     command = ["dopsd", "sample", str(args.source), *args.overrides]
     command += ["--lora", str(args.lora)] if args.lora is not None else []
@@ -149,10 +178,18 @@ def sidecar(args: argparse.Namespace, config: Any, prompt: str, prompt_index: in
     command += ["--lora-scale", f"{args.lora_scale:g}"] if args.lora_scale != 1.0 else []
     command += ["--steps", str(steps), "--prompt", prompt, "--prompt-index", str(prompt_index), "--seeds", str(seed)]
     return {
-        "prompt": prompt, "prompt_index": prompt_index, "seed": seed, "noise_seed": sample_seed(seed, prompt_index),
+        "prompt": prompt,
+        "prompt_index": prompt_index,
+        "seed": seed,
+        "noise_seed": sample_seed(seed, prompt_index),
         "steps": steps,
-        "model": {"family": config.model.family, "pretrained": config.model.pretrained,
-                  "height": config.model.height, "width": config.model.width},
-        "lora": None if weights is None else str(Path(weights).resolve()), "lora_scale": args.lora_scale,
+        "model": {
+            "family": config.model.family,
+            "pretrained": config.model.pretrained,
+            "height": config.model.height,
+            "width": config.model.width,
+        },
+        "lora": None if weights is None else str(Path(weights).resolve()),
+        "lora_scale": args.lora_scale,
         "reproduce": shlex.join(command),
     }

@@ -21,10 +21,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.add_argument("config", help="a YAML config file or a preset name")
     parser.add_argument("overrides", nargs="*", help="overrides like optim.lr=2e-4 (any key of the config)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in train.output_dir from its last checkpoint")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="start anew in train.output_dir: an earlier dopsd run there is moved aside to "
-                             "OUTPUT.replaced-DATE-TIME (never deleted)")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in train.output_dir from its last checkpoint"
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start anew in train.output_dir: an earlier dopsd run there is moved aside to "
+        "OUTPUT.replaced-DATE-TIME (never deleted)",
+    )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     # Overrides after a flag (`CONFIG --resume optim.lr=…`): plain parse_args would reject them as unrecognised.
     parser.parse_args = parser.parse_intermixed_args  # type: ignore[method-assign]

@@ -114,8 +114,10 @@ def image_notes(items: list[tuple[str, ImageFacts, tuple[int, int]]], height: in
     if down:
         g = by_area(down)
         span = wh(g[0][1]) if g[0][1] == g[-1][1] else f"{wh(g[0][1])} … {wh(g[-1][1])}"
-        notes.append(f"{len(down)} of {len(items)} images are downscaled to {target(down)}: from {span} "
-                     f"(up to {max(f for *_, f in down):.1f}× smaller per side)")
+        notes.append(
+            f"{len(down)} of {len(items)} images are downscaled to {target(down)}: from {span} "
+            f"(up to {max(f for *_, f in down):.1f}× smaller per side)"
+        )
         largest = max(f for *_, f in down)
         if min(height, width) <= TINY_SIDE and largest >= 1.5:
             factor = int(min(16, max(2, round(largest))))
@@ -128,9 +130,11 @@ def image_notes(items: list[tuple[str, ImageFacts, tuple[int, int]]], height: in
             )
     if up:
         g = by_area(up)
-        notes.append(f"{len(up)} of {len(items)} images are upscaled to {target(up)}: from {wh(g[0][1])} "
-                     f"(up to {max(f for *_, f in up):.1f}× larger per side); upscaled images are soft and the model "
-                     "learns the softness: give images at least the training size")
+        notes.append(
+            f"{len(up)} of {len(items)} images are upscaled to {target(up)}: from {wh(g[0][1])} "
+            f"(up to {max(f for *_, f in up):.1f}× larger per side); upscaled images are soft and the model "
+            "learns the softness: give images at least the training size"
+        )
     if crops:
         worst = max(crops, key=lambda c: c[2])
         mean = sum(c[2] for c in crops) / len(crops)
@@ -141,15 +145,27 @@ def image_notes(items: list[tuple[str, ImageFacts, tuple[int, int]]], height: in
         )
     facts = [(n, f) for n, f, _ in items]
     groups = (
-        ([n for n, f in facts if f.transparent], "have transparent pixels, flattened onto white", "; save them with "
-         "the background you want trained on"),
-        ([n for n, f in facts if f.rotated], "are turned upright as their EXIF orientation tag says (as viewers "
-         "show them)", ""),
-        ([f"{n} ({f.depth})" for n, f in facts if f.depth], "have more than 8 bits per channel and are read as 8-bit",
-         ""),
+        (
+            [n for n, f in facts if f.transparent],
+            "have transparent pixels, flattened onto white",
+            "; save them with the background you want trained on",
+        ),
+        (
+            [n for n, f in facts if f.rotated],
+            "are turned upright as their EXIF orientation tag says (as viewers show them)",
+            "",
+        ),
+        (
+            [f"{n} ({f.depth})" for n, f in facts if f.depth],
+            "have more than 8 bits per channel and are read as 8-bit",
+            "",
+        ),
         ([f"{n} ({f.profile})" for n, f in facts if f.profile], "carry a colour profile other than sRGB", ""),
-        ([n for n, f in facts if f.naive_cmyk], "are CMYK without a colour profile, converted with the simple "
-         "formula", "; colours may be off: save them as RGB"),
+        (
+            [n for n, f in facts if f.naive_cmyk],
+            "are CMYK without a colour profile, converted with the simple formula",
+            "; colours may be off: save them as RGB",
+        ),
     )
     for hits, what, advice in groups:
         if hits:

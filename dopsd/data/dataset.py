@@ -27,11 +27,11 @@ from PIL import Image
 
 from dopsd.config import DataConfig, ModelConfig
 from dopsd.data.checks import check_captions, contains_phrase, format_counts, image_notes, names, normalized_trigger
-from dopsd.data.scan import METADATA, find_sources, scan_folder, scan_metadata
-from dopsd.models.local import ModelFolderError
-from dopsd.errors import DopsdError
 from dopsd.data.image_files import EXTENSIONS, ImageFacts, ImageRefused, inspect_image
 from dopsd.data.image_files import load_image as _load_image
+from dopsd.data.scan import METADATA, find_sources, scan_folder, scan_metadata
+from dopsd.errors import DopsdError
+from dopsd.models.local import ModelFolderError
 
 IMAGE_EXTENSIONS = EXTENSIONS
 
@@ -116,7 +116,9 @@ def load_image(path: Path, size: tuple[int, int]) -> Image.Image:
     try:
         return _load_image(path, size)
     except ImageRefused as err:  # it passed the check, so it changed since: say so rather than crash
-        raise DatasetError(Path(path).parent, [f"{Path(path).name}: {err} (the file changed after the check)"]) from None
+        raise DatasetError(
+            Path(path).parent, [f"{Path(path).name}: {err} (the file changed after the check)"]
+        ) from None
 
 
 def _check_root(data: DataConfig) -> Path:
@@ -168,8 +170,10 @@ def check_image(path: Path, data: DataConfig, model: ModelConfig) -> list[str]:
     problems: list[str] = []
     facts = _inspect(path, path.name, problems)
     if facts is not None and min(facts.size) < _min_size(data, model):
-        problems.append(f"{path.name}: {facts.size[0]}×{facts.size[1]} is smaller than the minimum side "
-                        f"{_min_size(data, model)} (data.min_size)")
+        problems.append(
+            f"{path.name}: {facts.size[0]}×{facts.size[1]} is smaller than the minimum side "
+            f"{_min_size(data, model)} (data.min_size)"
+        )
     return problems
 
 
@@ -198,15 +202,18 @@ def check_dataset(data: DataConfig, model: ModelConfig, batch_size: int = 1) -> 
         if facts is None:
             continue
         if min(facts.size) < min_size:
-            problems.append(f"{row.name}: {facts.size[0]}×{facts.size[1]} is smaller than the minimum side {min_size} "
-                            "(data.min_size)")
+            problems.append(
+                f"{row.name}: {facts.size[0]}×{facts.size[1]} is smaller than the minimum side {min_size} "
+                "(data.min_size)"
+            )
             continue
         sources: list[Path] = []
         if model.editing and source_dir is not None:
             sources = find_sources(source_dir, row.name)
             if not sources:
-                problems.append(f"{row.name}: no source image {Path(row.name).stem}.* or {Path(row.name).stem}_0.* in "
-                                f"{source_dir}")
+                problems.append(
+                    f"{row.name}: no source image {Path(row.name).stem}.* or {Path(row.name).stem}_0.* in {source_dir}"
+                )
             for src in sources:
                 _inspect(src, f"{src.name} (source of {row.name})", problems)
         if row.captions is None:
@@ -234,8 +241,9 @@ def check_dataset(data: DataConfig, model: ModelConfig, batch_size: int = 1) -> 
         twins.setdefault(ex.digest, []).append(ex.name)
     same = [" = ".join(group) for group in twins.values() if len(group) > 1]
     if same:
-        notes.append(f"{len(same)} image(s) appear more than once (identical files), so they weigh double: "
-                     f"{names(same)}")
+        notes.append(
+            f"{len(same)} image(s) appear more than once (identical files), so they weigh double: {names(same)}"
+        )
     return DatasetReport(root, examples, notes + caption_notes + scan_notes, format_counts([f for _, f, _ in seen]))
 
 
@@ -248,15 +256,18 @@ def _mixed_source_counts(examples: list[Example], batch_size: int) -> list[str]:
     for bucket, counts in by_bucket.items():
         if len(counts) > 1:
             groups = "; ".join(f"{n} source(s): {names(group)}" for n, group in sorted(counts.items()))
-            out.append(f"pairs that can share a batch (size {bucket[1]}×{bucket[0]}) have different numbers of source "
-                       f"images ({groups}): with train.batch_size={batch_size} every pair of a batch needs the same "
-                       "number; give every pair the same number of sources, or set train.batch_size=1")
+            out.append(
+                f"pairs that can share a batch (size {bucket[1]}×{bucket[0]}) have different numbers of source "
+                f"images ({groups}): with train.batch_size={batch_size} every pair of a batch needs the same "
+                "number; give every pair the same number of sources, or set train.batch_size=1"
+            )
     return out
 
 
 def load_dataset(data: DataConfig, model: ModelConfig) -> list[Example]:
     """The examples of `check_dataset` (same checks, same DatasetError), without its notes."""
     return check_dataset(data, model).examples
+
 
 def load_example_images(example: Example) -> tuple[Image.Image, list[Image.Image]]:
     """The target and source images at the example's training size."""
@@ -302,7 +313,9 @@ class BatchOrder:
         key = self.keys[0]
         if len(self.keys) > 1:
             sizes = np.array([len(self.groups[k]) for k in self.keys], dtype=float)
-            key = self.keys[int(np.random.default_rng([self.seed, step, 7]).choice(len(self.keys), p=sizes / sizes.sum()))]
+            key = self.keys[
+                int(np.random.default_rng([self.seed, step, 7]).choice(len(self.keys), p=sizes / sizes.sum()))
+            ]
         epoch, pos = self.state[key]
         out: list[int] = []
         perm = self._perm(key, epoch)
@@ -321,5 +334,7 @@ class BatchOrder:
 
     def load_state_dict(self, state: dict[str, list[int]]) -> None:
         if set(state) != set(self.keys):
-            raise ValueError(f"checkpoint data order has buckets {sorted(state)}, this dataset {self.keys}: data changed")
+            raise ValueError(
+                f"checkpoint data order has buckets {sorted(state)}, this dataset {self.keys}: data changed"
+            )
         self.state = {k: list(v) for k, v in state.items()}

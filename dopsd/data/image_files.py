@@ -112,8 +112,9 @@ def _to_srgb(img: Image.Image, facts: ImageFacts) -> Image.Image:
         name = ImageCms.getProfileDescription(source).strip() or name
         if "srgb" in name.lower().replace(" ", ""):
             return img  # already what training assumes
-        out = ImageCms.profileToProfile(img, source, ImageCms.createProfile("sRGB"),
-                                        outputMode="RGBA" if img.mode == "RGBA" else "RGB")
+        out = ImageCms.profileToProfile(
+            img, source, ImageCms.createProfile("sRGB"), outputMode="RGBA" if img.mode == "RGBA" else "RGB"
+        )
     except (OSError, ImageCms.PyCMSError, ValueError) as err:
         facts.profile = f"{name} cannot be applied ({err}): read as sRGB"
         facts.naive_cmyk = img.mode == "CMYK"
@@ -150,8 +151,9 @@ def read_rgb(path: Path) -> tuple[Image.Image, ImageFacts]:
             frames = getattr(img, "n_frames", 1)
             if frames > 1 and img.format != "MPO":  # an MPO's first frame is the photo (then previews, depth maps)
                 what = "pages" if img.format in ("TIFF", "MPO") else "frames"
-                raise ImageRefused(f"{img.format} with {frames} {what}: dopsd trains on still images; save the one "
-                                   "you mean as PNG")
+                raise ImageRefused(
+                    f"{img.format} with {frames} {what}: dopsd trains on still images; save the one you mean as PNG"
+                )
             facts = ImageFacts(img.size, str(img.format), img.mode)
             img.load()  # full decode: truncated files fail here, not in the middle of training
             orientation = img.getexif().get(0x0112, 1)

@@ -113,30 +113,47 @@ def scan_folder(root: Path, problems: list[str], notes: list[str]) -> list[Row]:
         else:
             orphans.append(txt.name)
     if several:
-        notes.append(f"{len(several)} caption file(s) have several lines ({names(several)}): each line is a separate "
-                     "caption, one picked at random per sample; join the lines if they are one caption")
+        notes.append(
+            f"{len(several)} caption file(s) have several lines ({names(several)}): each line is a separate "
+            "caption, one picked at random per sample; join the lines if they are one caption"
+        )
     if orphans:
         notes.append(f"{len(orphans)} caption file(s) have no image beside them and are unused: {names(orphans)}")
     _note_skipped(hidden, [p.name for p in others], folders, bool(rows), root, problems, notes)
     return rows
 
 
-def _note_skipped(hidden: list[str], others: list[str], folders: list[Path], any_rows: bool, root: Path,
-                  problems: list[str], notes: list[str]) -> None:
+def _note_skipped(
+    hidden: list[str],
+    others: list[str],
+    folders: list[Path],
+    any_rows: bool,
+    root: Path,
+    problems: list[str],
+    notes: list[str],
+) -> None:
     if hidden:
-        notes.append(f"skipped {len(hidden)} hidden file(s) ({names(hidden)}): dotfiles and macOS '._' copies are "
-                     "not training data")
+        notes.append(
+            f"skipped {len(hidden)} hidden file(s) ({names(hidden)}): dotfiles and macOS '._' copies are "
+            "not training data"
+        )
     if others:
-        notes.append(f"skipped {len(others)} file(s) that are neither images dopsd reads ({' '.join(EXTENSIONS)}) "
-                     f"nor captions: {names(others)}")
+        notes.append(
+            f"skipped {len(others)} file(s) that are neither images dopsd reads ({' '.join(EXTENSIONS)}) "
+            f"nor captions: {names(others)}"
+        )
     nested = _subfolder_images(folders)
     if nested and not any_rows:
-        problems.append(f"no images in {root} itself, but its subfolders hold some ({names(nested)}): dopsd reads "
-                        "one folder, not its subfolders; point data.path at one of them, or list them all in a "
-                        f"{METADATA} with file_name paths like 'sub/img.png'")
+        problems.append(
+            f"no images in {root} itself, but its subfolders hold some ({names(nested)}): dopsd reads "
+            "one folder, not its subfolders; point data.path at one of them, or list them all in a "
+            f"{METADATA} with file_name paths like 'sub/img.png'"
+        )
     elif nested:
-        notes.append(f"images in subfolders are not used ({names(nested)}): dopsd reads data.path itself, not its "
-                     f"subfolders (a {METADATA} can list them)")
+        notes.append(
+            f"images in subfolders are not used ({names(nested)}): dopsd reads data.path itself, not its "
+            f"subfolders (a {METADATA} can list them)"
+        )
 
 
 def _metadata_captions(row: dict, where: str, name: str, problems: list[str]) -> list[Caption] | None:
@@ -177,7 +194,7 @@ def scan_metadata(root: Path, problems: list[str], notes: list[str]) -> list[Row
             problems.append(f"{where}: not valid JSON ({err.msg})")
             continue
         if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
-            problems.append(f"{where}: needs a string \"file_name\"")
+            problems.append(f'{where}: needs a string "file_name"')
             continue
         name = row["file_name"]
         if name in seen:
@@ -195,11 +212,15 @@ def scan_metadata(root: Path, problems: list[str], notes: list[str]) -> list[Row
             continue
         rows.append(Row(name, captions))
     listed = {os.path.normpath(n) for n in seen}
-    unlisted = [p.name for p in sorted(root.iterdir())
-                if p.suffix.lower() in EXTENSIONS and not p.name.startswith(".") and p.name not in listed]
+    unlisted = [
+        p.name
+        for p in sorted(root.iterdir())
+        if p.suffix.lower() in EXTENSIONS and not p.name.startswith(".") and p.name not in listed
+    ]
     if unlisted:
-        notes.append(f"{len(unlisted)} image(s) in the folder are not listed in {METADATA} and are unused: "
-                     f"{names(unlisted)}")
+        notes.append(
+            f"{len(unlisted)} image(s) in the folder are not listed in {METADATA} and are unused: {names(unlisted)}"
+        )
     return rows
 
 

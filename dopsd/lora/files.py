@@ -22,7 +22,16 @@ import torch
 from torch import nn
 
 from dopsd.files import atomic_save_safetensors
-from dopsd.lora.layout import PREFIX, LoraFileError, Pair, family_of_names, from_interchange, has_interchange, split_keys, to_interchange
+from dopsd.lora.layout import (
+    PREFIX,
+    LoraFileError,
+    Pair,
+    family_of_names,
+    from_interchange,
+    has_interchange,
+    split_keys,
+    to_interchange,
+)
 from dopsd.lora.meta import LAYOUT_INTERCHANGE, LAYOUT_PEFT, LoraFacts, facts_from_metadata, file_metadata, run_facts
 from dopsd.models import registry
 from dopsd.rundir import warn_if_unsuccessful
@@ -53,17 +62,22 @@ def check_dtype(dtype: str) -> torch.dtype:
 def write_interchange(path: str | Path, modules: dict[str, Pair], facts: LoraFacts, dtype: str = DEFAULT_DTYPE) -> Path:
     """Write folded diffusers-named modules in the interchange layout (atomically); returns the path."""
     torch_dtype = check_dtype(dtype)
-    tensors = {k: v.detach().to("cpu", torch.float32).to(torch_dtype).contiguous()
-               for k, v in to_interchange(modules, facts.family).items()}
+    tensors = {
+        k: v.detach().to("cpu", torch.float32).to(torch_dtype).contiguous()
+        for k, v in to_interchange(modules, facts.family).items()
+    }
     bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
     if bad:
-        raise LoraFileError(f"{path}: LoRA weights are not finite in {dtype} (e.g. {bad[0]}); "
-                            + ("use --dtype bf16 or fp32" if dtype == "fp16" else "the trained weights are broken"))
+        raise LoraFileError(
+            f"{path}: LoRA weights are not finite in {dtype} (e.g. {bad[0]}); "
+            + ("use --dtype bf16 or fp32" if dtype == "fp16" else "the trained weights are broken")
+        )
     return atomic_save_safetensors(path, tensors, file_metadata(facts, LAYOUT_INTERCHANGE, dtype))
 
 
-def write_network(path: str | Path, network: nn.Module, facts: LoraFacts, dtype: str | None = None, *,
-                  layout: str | None = None) -> Path:
+def write_network(
+    path: str | Path, network: nn.Module, facts: LoraFacts, dtype: str | None = None, *, layout: str | None = None
+) -> Path:
     """The trained LoRA of `network` to `path`: interchange layout for families that have one, dopsd-peft
     otherwise (or when `layout` says so)."""
     from dopsd.lora.inject import lora_modules, lora_state_dict
@@ -81,14 +95,21 @@ def resolve(path: str | Path) -> Path:
     if p.is_dir():
         p = next((p / n for n in (RUN_LORA, DIFFUSERS_NAME) if (p / n).is_file()), p / RUN_LORA)
     if not p.is_file():
-        full = " (its model.safetensors is a full fine-tune, not a LoRA)" if (p.parent / "model.safetensors").is_file() else ""
-        raise LoraFileError(f"no LoRA file at {path}{full}: pass a dopsd run folder ({RUN_LORA} + {RUN_CONFIG}), "
-                            f"a folder with {DIFFUSERS_NAME}, or a LoRA .safetensors file")
+        full = (
+            " (its model.safetensors is a full fine-tune, not a LoRA)"
+            if (p.parent / "model.safetensors").is_file()
+            else ""
+        )
+        raise LoraFileError(
+            f"no LoRA file at {path}{full}: pass a dopsd run folder ({RUN_LORA} + {RUN_CONFIG}), "
+            f"a folder with {DIFFUSERS_NAME}, or a LoRA .safetensors file"
+        )
     return p
 
 
 def _peft_scale(pe: dict[str, Any], module: str, rank: int) -> float:
     """alpha / r of one module from diffusers' stored peft config (rank/alpha patterns honoured)."""
+
     def hit(pattern: str) -> bool:
         pattern = pattern.removeprefix("transformer.")
         return module == pattern or module.endswith("." + pattern) or re.fullmatch(pattern, module) is not None
@@ -118,19 +139,30 @@ def read_lora(path: str | Path, alpha: float | None = None) -> LoraSource:
         config = json.loads(sidecar.read_text()) if sidecar.is_file() and file.name == RUN_LORA else {}
     except ValueError as err:
         raise LoraFileError(f"{sidecar} is not valid JSON ({err}); restore it from the run or delete it") from err
-    family = (family_of_names(list(parts)) or (own[0].family if own else None) or config.get("family")
-              or registry.DEFAULT_FAMILY)
+    family = (
+        family_of_names(list(parts))
+        or (own[0].family if own else None)
+        or config.get("family")
+        or registry.DEFAULT_FAMILY
+    )
     for claimed in ((own[0].family if own else None), config.get("family")):
         if claimed and claimed != family:
             raise LoraFileError(f"{file}: the keys are {family} module names but the file says family {claimed!r}")
     stored_alpha = own[0].alpha if own else (config.get("alpha") if "rank" in config else None)
-    if alpha is not None and (stored_alpha is not None or prefix == PREFIX or "lora_adapter_metadata" in md
-                              or any("alpha" in p for p in parts.values())):
+    if alpha is not None and (
+        stored_alpha is not None
+        or prefix == PREFIX
+        or "lora_adapter_metadata" in md
+        or any("alpha" in p for p in parts.values())
+    ):
         raise LoraFileError(f"{file} records its own LoRA scale; --alpha is only for bare peft files without one")
     ranks = Counter(p["A"].shape[0] for p in parts.values())
     rank = ranks.most_common(1)[0][0]
-    base = own[0] if own else run_facts(family, None, {"rank": config.get("rank", rank),
-                                                       "alpha": stored_alpha or alpha or rank}, config)
+    base = (
+        own[0]
+        if own
+        else run_facts(family, None, {"rank": config.get("rank", rank), "alpha": stored_alpha or alpha or rank}, config)
+    )
     if base.title is None and file.name in (RUN_LORA, DIFFUSERS_NAME):
         base.title = file.parent.resolve().name
     if not has_interchange(family):
@@ -145,8 +177,9 @@ def read_lora(path: str | Path, alpha: float | None = None) -> LoraSource:
         if pe is not None:
             pe = {k.removeprefix("transformer."): v for k, v in pe.items()}
         elif stored_alpha is None and alpha is None and not any("alpha" in p for p in parts.values()):
-            raise LoraFileError(f"{file} carries no LoRA alpha (bare peft keys and no {RUN_CONFIG} beside it); "
-                                "pass --alpha")
+            raise LoraFileError(
+                f"{file} carries no LoRA alpha (bare peft keys and no {RUN_CONFIG} beside it); pass --alpha"
+            )
         modules = {}
         for name, p in parts.items():
             r = p["A"].shape[0]

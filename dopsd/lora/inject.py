@@ -13,14 +13,29 @@ from torch import nn
 ADAPTER = "default"
 
 
-def add_lora(network: nn.Module, targets: list[str] | str, rank: int, alpha: float, dropout: float = 0.0, *,
-             rank_pattern: dict[str, int] | None = None, alpha_pattern: dict[str, float] | None = None) -> LoraConfig:
+def add_lora(
+    network: nn.Module,
+    targets: list[str] | str,
+    rank: int,
+    alpha: float,
+    dropout: float = 0.0,
+    *,
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, float] | None = None,
+) -> LoraConfig:
     """Freeze `network` and inject a trainable LoRA adapter on `targets` (module-name suffixes or a regex);
     `rank_pattern` / `alpha_pattern` give single modules (exact names) another rank / alpha."""
     if rank < 1:
         raise ValueError(f"lora rank must be >= 1, got {rank}")
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, init_lora_weights=True,
-                        rank_pattern=_exact(rank_pattern), alpha_pattern=_exact(alpha_pattern))
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=targets,
+        init_lora_weights=True,
+        rank_pattern=_exact(rank_pattern),
+        alpha_pattern=_exact(alpha_pattern),
+    )
     network.requires_grad_(False)
     try:
         with warnings.catch_warnings():
@@ -31,8 +46,9 @@ def add_lora(network: nn.Module, targets: list[str] | str, rank: int, alpha: flo
     except ValueError as err:
         from dopsd.config import ConfigError
 
-        raise ConfigError(f"LoRA targets (lora.targets) {targets!r} match no layer of {type(network).__name__}: "
-                          f"{err}") from err
+        raise ConfigError(
+            f"LoRA targets (lora.targets) {targets!r} match no layer of {type(network).__name__}: {err}"
+        ) from err
     for name, p in network.named_parameters():
         p.requires_grad_("lora_" in name)
     return config
@@ -66,8 +82,11 @@ def lora_module_names(network: nn.Module) -> list[str]:
     """Names of the modules that carry the LoRA adapter (wrapper prefixes stripped, as in `lora_modules`)."""
     from peft.tuners.lora import LoraLayer
 
-    return [name.replace("_orig_mod.", "").removeprefix("module.") for name, module in network.named_modules()
-            if isinstance(module, LoraLayer) and ADAPTER in module.lora_A]
+    return [
+        name.replace("_orig_mod.", "").removeprefix("module.")
+        for name, module in network.named_modules()
+        if isinstance(module, LoraLayer) and ADAPTER in module.lora_A
+    ]
 
 
 def lora_state_dict(network: nn.Module) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ rows come from the family through dopsd.models.registry.
 from __future__ import annotations
 
 import re
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -26,8 +26,10 @@ from dopsd.models.base import Pair
 PREFIX = "diffusion_model."
 QKV = 3  # parts of a fused q/k/v projection
 
-_KEY = re.compile(r"(?P<prefix>transformer\.|diffusion_model\.|base_model\.model\.)?(?P<module>.+?)"
-                  r"\.(?:(?:lora_(?P<ab>[AB])(?:\.default)?\.weight)|(?:lora_(?P<du>down|up)\.weight)|(?P<alpha>alpha))")
+_KEY = re.compile(
+    r"(?P<prefix>transformer\.|diffusion_model\.|base_model\.model\.)?(?P<module>.+?)"
+    r"\.(?:(?:lora_(?P<ab>[AB])(?:\.default)?\.weight)|(?:lora_(?P<du>down|up)\.weight)|(?P<alpha>alpha))"
+)
 
 
 class LoraFileError(WeightsFileError, ValueError):
@@ -41,7 +43,7 @@ def _regex(template: str, placeholders: tuple[tuple[str, str], ...]) -> re.Patte
     return re.compile(pattern)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _rules(family: str) -> tuple[tuple[re.Pattern[str], str, re.Pattern[str], str, int | None], ...]:
     from dopsd.models.registry import interchange_families, lora_layout
 
@@ -50,8 +52,10 @@ def _rules(family: str) -> tuple[tuple[re.Pattern[str], str, re.Pattern[str], st
     except ValueError:  # not a family at all
         layout = None
     if layout is None:
-        raise LoraFileError(f"no LoRA layout for model family {family!r}; other tools load only "
-                            f"{', '.join(interchange_families())} LoRAs")
+        raise LoraFileError(
+            f"no LoRA layout for model family {family!r}; other tools load only "
+            f"{', '.join(interchange_families())} LoRAs"
+        )
     ph = layout.placeholders
     return tuple((_regex(d, ph), d, _regex(n, ph), n, slot) for d, n, slot in layout.rows)
 
@@ -72,8 +76,9 @@ def native_name(family: str, module: str) -> tuple[str, int | None]:
         m = d_re.fullmatch(module)
         if m:
             return n_tpl.format(**m.groupdict()), slot
-    raise LoraFileError(f"{family} module {module!r} has no name that ComfyUI and diffusers both load; "
-                        "drop it from lora.targets")
+    raise LoraFileError(
+        f"{family} module {module!r} has no name that ComfyUI and diffusers both load; drop it from lora.targets"
+    )
 
 
 def unexportable(family: str, modules: list[str]) -> list[str]:
@@ -101,15 +106,18 @@ def family_of_names(names: list[str]) -> str | None:
     return family_of_lora(names)
 
 
-def split_keys(state: dict[str, torch.Tensor], where: str = "the LoRA file") -> tuple[str, dict[str, dict[str, torch.Tensor]]]:
+def split_keys(
+    state: dict[str, torch.Tensor], where: str = "the LoRA file"
+) -> tuple[str, dict[str, dict[str, torch.Tensor]]]:
     """(key prefix, {module: {"A", "B"[, "alpha"]}}) of LoRA weights in any of the usual spellings."""
     modules: dict[str, dict[str, torch.Tensor]] = {}
     prefixes = set()
     for key, value in state.items():
         m = _KEY.fullmatch(key)
         if m is None:
-            raise LoraFileError(f"{where}: key {key!r} is not a LoRA weight (lora_A/lora_B/alpha); "
-                                "pass a LoRA file, not a model")
+            raise LoraFileError(
+                f"{where}: key {key!r} is not a LoRA weight (lora_A/lora_B/alpha); pass a LoRA file, not a model"
+            )
         part = "alpha" if m["alpha"] else (m["ab"] or {"down": "A", "up": "B"}[m["du"]])
         modules.setdefault(m["module"], {})[part] = value
         prefixes.add(m["prefix"] or "")
@@ -141,8 +149,8 @@ def to_interchange(modules: dict[str, Pair], family: str) -> dict[str, torch.Ten
         for s, (pa, pb) in parts.items():
             if pa.shape[0] != rank or pb.shape[0] != out_dim:
                 raise LoraFileError(f"q/k/v LoRAs of {name} differ in rank or width; train them with one rank")
-            a[s * rank:(s + 1) * rank] = pa
-            b[s * out_dim:(s + 1) * out_dim, s * rank:(s + 1) * rank] = pb
+            a[s * rank : (s + 1) * rank] = pa
+            b[s * out_dim : (s + 1) * out_dim, s * rank : (s + 1) * rank] = pb
         out[f"{PREFIX}{name}.lora_A.weight"], out[f"{PREFIX}{name}.lora_B.weight"] = a, b
     return out
 
@@ -153,11 +161,13 @@ def _split_fused(a: torch.Tensor, b: torch.Tensor) -> list[Pair]:
     out_dim = b.shape[0] // QKV
     if a.shape[0] % QKV == 0:
         r = a.shape[0] // QKV
-        blocks = [(a[s * r:(s + 1) * r], b[s * out_dim:(s + 1) * out_dim]) for s in range(QKV)]
-        if all(torch.count_nonzero(pb[:, :s * r]) == 0 and torch.count_nonzero(pb[:, (s + 1) * r:]) == 0
-               for s, (_, pb) in enumerate(blocks)):
-            return [(pa, pb[:, s * r:(s + 1) * r]) for s, (pa, pb) in enumerate(blocks)]
-    return [(a, b[s * out_dim:(s + 1) * out_dim]) for s in range(QKV)]
+        blocks = [(a[s * r : (s + 1) * r], b[s * out_dim : (s + 1) * out_dim]) for s in range(QKV)]
+        if all(
+            torch.count_nonzero(pb[:, : s * r]) == 0 and torch.count_nonzero(pb[:, (s + 1) * r :]) == 0
+            for s, (_, pb) in enumerate(blocks)
+        ):
+            return [(pa, pb[:, s * r : (s + 1) * r]) for s, (pa, pb) in enumerate(blocks)]
+    return [(a, b[s * out_dim : (s + 1) * out_dim]) for s in range(QKV)]
 
 
 def from_interchange(parts: dict[str, dict[str, torch.Tensor]], family: str) -> dict[str, Pair]:
@@ -175,5 +185,7 @@ def from_interchange(parts: dict[str, dict[str, torch.Tensor]], family: str) -> 
             for slot, pair in enumerate(_split_fused(a, b)):
                 modules[names[slot]] = pair
         else:
-            raise LoraFileError(f"{PREFIX}{native}: a fused LoRA of shape {tuple(b.shape)} that does not split into q/k/v")
+            raise LoraFileError(
+                f"{PREFIX}{native}: a fused LoRA of shape {tuple(b.shape)} that does not split into q/k/v"
+            )
     return modules

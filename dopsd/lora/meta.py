@@ -45,8 +45,9 @@ class LoraFacts:
         return LoraFacts(**{**asdict(self), **{k: v for k, v in changes.items() if k in known and v is not None}})
 
 
-def run_facts(family: str, network: nn.Module | None, lora: Mapping[str, Any], meta: Mapping[str, Any],
-              title: str | None = None) -> LoraFacts:
+def run_facts(
+    family: str, network: nn.Module | None, lora: Mapping[str, Any], meta: Mapping[str, Any], title: str | None = None
+) -> LoraFacts:
     """Facts of a training run: `lora` = {rank, alpha, ...}, `meta` = what dopsd.api records (family, model
     config dict with pretrained/height/width, method, steps, and optionally trigger_word and title)."""
     try:
@@ -58,10 +59,18 @@ def run_facts(family: str, network: nn.Module | None, lora: Mapping[str, Any], m
     pretrained = model.get("pretrained")
     resolution = (int(model["width"]), int(model["height"])) if model.get("width") and model.get("height") else None
     return LoraFacts(
-        family=family, rank=int(lora["rank"]), alpha=float(lora["alpha"]), variant=variant, architecture=arch,
-        base_version=version, base_model=PurePath(str(pretrained)).name if pretrained else None,
-        method=meta.get("method"), steps=meta.get("steps"), trigger_word=meta.get("trigger_word"),
-        title=meta.get("title") or title, resolution=resolution,
+        family=family,
+        rank=int(lora["rank"]),
+        alpha=float(lora["alpha"]),
+        variant=variant,
+        architecture=arch,
+        base_version=version,
+        base_model=PurePath(str(pretrained)).name if pretrained else None,
+        method=meta.get("method"),
+        steps=meta.get("steps"),
+        trigger_word=meta.get("trigger_word"),
+        title=meta.get("title") or title,
+        resolution=resolution,
     )
 
 
@@ -80,18 +89,31 @@ def file_metadata(facts: LoraFacts, layout: str, dtype: str) -> dict[str, str]:
     what = f"{facts.method or 'dopsd'} LoRA for {base}"
     interchange = _interchange(facts.family)
     if interchange is None:
-        how = (f"{base} LoRA (peft keys): loads only in dopsd (`dopsd sample`, `dopsd eval`); "
-               "no other tool has this model.")
+        how = (
+            f"{base} LoRA (peft keys): loads only in dopsd (`dopsd sample`, `dopsd eval`); "
+            "no other tool has this model."
+        )
     elif not folded:
         how = "dopsd's own layout (peft keys): loads only in dopsd (`dopsd sample`, `dopsd eval`)."
     else:
-        how = (f"Loads in diffusers (`pipe.load_lora_weights`) and ComfyUI at strength 1.0: alpha {facts.alpha:g} / "
-               f"rank {facts.rank} is folded into the weights.")
-    description = " ".join(filter(None, [
-        f"{what}, rank {facts.rank}" + (f", {facts.steps} steps" if facts.steps is not None else "")
-        + (f", base model {facts.base_model}" if facts.base_model else "") + ".",
-        f"Trigger word: {facts.trigger_word}." if facts.trigger_word else None, how, "Trained with dopsd.",
-    ]))
+        how = (
+            f"Loads in diffusers (`pipe.load_lora_weights`) and ComfyUI at strength 1.0: alpha {facts.alpha:g} / "
+            f"rank {facts.rank} is folded into the weights."
+        )
+    description = " ".join(
+        filter(
+            None,
+            [
+                f"{what}, rank {facts.rank}"
+                + (f", {facts.steps} steps" if facts.steps is not None else "")
+                + (f", base model {facts.base_model}" if facts.base_model else "")
+                + ".",
+                f"Trigger word: {facts.trigger_word}." if facts.trigger_word else None,
+                how,
+                "Trained with dopsd.",
+            ],
+        )
+    )
     md = {
         "format": "pt",
         "modelspec.sai_model_spec": "1.0.0",
@@ -99,7 +121,7 @@ def file_metadata(facts: LoraFacts, layout: str, dtype: str) -> dict[str, str]:
         "modelspec.implementation": interchange.implementation if folded and interchange else "dopsd",
         "modelspec.title": facts.title or what,
         "modelspec.description": description,
-        "modelspec.date": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
+        "modelspec.date": datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat(),
         "ss_network_dim": str(facts.rank),
         # the alpha that applies to the stored tensors: folded files are at scale 1 (alpha = rank)
         "ss_network_alpha": str(facts.rank if folded else facts.alpha),

@@ -15,8 +15,9 @@ from dopsd.rundir import warn_if_unsuccessful
 LORA_FILE, LORA_CONFIG, FULL_FILE = "lora.safetensors", "lora_config.json", "model.safetensors"
 
 
-def save_trained(out: Path, network: torch.nn.Module, lora: dict[str, Any] | None, meta: dict[str, Any], *,
-                 dtype: str | None = None) -> Path:
+def save_trained(
+    out: Path, network: torch.nn.Module, lora: dict[str, Any] | None, meta: dict[str, Any], *, dtype: str | None = None
+) -> Path:
     """The trained weights of a run (atomically) + lora_config.json; returns the weights file.
 
     LoRA: `lora.safetensors`. Families with an interchange layout (Z-Image, FLUX.2): that layout
@@ -41,20 +42,34 @@ def save_trained(out: Path, network: torch.nn.Module, lora: dict[str, Any] | Non
     facts = run_facts(family, network, lora, meta, title=out.resolve().name)
     layout = LAYOUT_INTERCHANGE if has_interchange(family) else LAYOUT_PEFT
     try:
-        written = write_network(out / LORA_FILE, network, facts,
-                                dtype or (DEFAULT_DTYPE if layout == LAYOUT_INTERCHANGE else "fp32"), layout=layout)
+        written = write_network(
+            out / LORA_FILE,
+            network,
+            facts,
+            dtype or (DEFAULT_DTYPE if layout == LAYOUT_INTERCHANGE else "fp32"),
+            layout=layout,
+        )
     except LoraFileError as err:
         if layout == LAYOUT_PEFT:
             raise
         # never lose a finished run's weights: keep them in dopsd's own layout and say what other tools miss
-        warnings.warn(f"{err}. {out / LORA_FILE} is saved in dopsd's own layout instead: it loads in "
-                      "`dopsd sample`/`dopsd eval`, not in diffusers or ComfyUI.")
+        warnings.warn(
+            f"{err}. {out / LORA_FILE} is saved in dopsd's own layout instead: it loads in "
+            "`dopsd sample`/`dopsd eval`, not in diffusers or ComfyUI."
+        )
         layout = LAYOUT_PEFT
         written = write_network(out / LORA_FILE, network, facts, dtype or "fp32", layout=layout)
-    atomic_write_json(out / LORA_CONFIG, {
-        "format": "dopsd-lora", **lora, **meta, "family": family,
-        "layout": layout, "alpha_folded": layout == LAYOUT_INTERCHANGE,
-    })
+    atomic_write_json(
+        out / LORA_CONFIG,
+        {
+            "format": "dopsd-lora",
+            **lora,
+            **meta,
+            "family": family,
+            "layout": layout,
+            "alpha_folded": layout == LAYOUT_INTERCHANGE,
+        },
+    )
     return written
 
 
@@ -68,8 +83,9 @@ def trained_meta(weights: Path, family: str | None = None, field: str = "weights
 
     weights = Path(weights)
     if weights.is_dir():
-        raise WeightsFileError(f"{field} {weights} is a folder; give its {LORA_FILE} (or {FULL_FILE}), or the run "
-                               "folder as the source")
+        raise WeightsFileError(
+            f"{field} {weights} is a folder; give its {LORA_FILE} (or {FULL_FILE}), or the run folder as the source"
+        )
     check_safetensors(weights, field, "use the file a dopsd run wrote")
     warn_if_unsuccessful(weights)
     cfg_path = weights.parent / LORA_CONFIG
@@ -82,12 +98,16 @@ def trained_meta(weights: Path, family: str | None = None, field: str = "weights
         from dopsd.lora.files import read_lora
 
         if read_lora(weights).modules is None:  # peft keys: the shapes and scale live in lora_config.json
-            raise WeightsFileError(f"{weights}: no {LORA_CONFIG} with rank/alpha/targets beside it; pass the LoRA of "
-                                   "a dopsd run (for other LoRA files use the tool they were made for)")
+            raise WeightsFileError(
+                f"{weights}: no {LORA_CONFIG} with rank/alpha/targets beside it; pass the LoRA of "
+                "a dopsd run (for other LoRA files use the tool they were made for)"
+            )
     trained_for = meta.get("family")
     if family is not None and trained_for is not None and trained_for != family:
-        raise WeightsFileError(f"{weights} was trained for model family {trained_for!r}, but this config's "
-                               f"model.family is {family!r}; use the run's own config or a matching LoRA")
+        raise WeightsFileError(
+            f"{weights} was trained for model family {trained_for!r}, but this config's "
+            f"model.family is {family!r}; use the run's own config or a matching LoRA"
+        )
     return meta
 
 
@@ -98,8 +118,8 @@ def apply_trained(network: torch.nn.Module, weights: Path, scale: float = 1.0) -
     content (empty when there is none)."""
     from dopsd.config import ConfigError
     from dopsd.errors import WeightsFileError
-    from dopsd.lora.inject import add_lora, exact_targets, load_lora_state_dict
     from dopsd.lora.files import read_lora
+    from dopsd.lora.inject import add_lora, exact_targets, load_lora_state_dict
     from dopsd.models import registry
     from dopsd.models.local import read_safetensors
 
@@ -112,7 +132,9 @@ def apply_trained(network: torch.nn.Module, weights: Path, scale: float = 1.0) -
         except RuntimeError as err:  # shape mismatches
             raise WeightsFileError(f"{weights} does not fit this model: {str(err).splitlines()[-1].strip()}") from None
         if unexpected or missing:
-            raise WeightsFileError(f"{weights} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise WeightsFileError(
+                f"{weights} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
         return meta
     src = read_lora(weights)
     model_family = registry.family_of_network(network) or registry.DEFAULT_FAMILY
@@ -126,8 +148,10 @@ def apply_trained(network: torch.nn.Module, weights: Path, scale: float = 1.0) -
         try:
             add_lora(network, meta["targets"], meta["rank"], meta["alpha"])
         except ConfigError:
-            raise WeightsFileError(f"{weights} does not fit this model: its LoRA targets {meta['targets']!r} match no "
-                                   f"layer of {type(network).__name__}") from None
+            raise WeightsFileError(
+                f"{weights} does not fit this model: its LoRA targets {meta['targets']!r} match no "
+                f"layer of {type(network).__name__}"
+            ) from None
         try:
             load_lora_state_dict(network, state)
         except WeightsFileError as err:
@@ -138,8 +162,14 @@ def apply_trained(network: torch.nn.Module, weights: Path, scale: float = 1.0) -
     rank = max(set(ranks.values()), key=list(ranks.values()).count)
     odd = {m: r for m, r in ranks.items() if r != rank}
     try:
-        add_lora(network, exact_targets(list(src.modules)), rank, float(rank), rank_pattern=odd,
-                 alpha_pattern={m: float(r) for m, r in odd.items()})
+        add_lora(
+            network,
+            exact_targets(list(src.modules)),
+            rank,
+            float(rank),
+            rank_pattern=odd,
+            alpha_pattern={m: float(r) for m, r in odd.items()},
+        )
     except (ValueError, ConfigError) as err:
         raise WeightsFileError(f"{weights} does not fit this model: {err}") from None
     state = {}

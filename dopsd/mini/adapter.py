@@ -54,8 +54,9 @@ class MiniAdapter:
         if teacher_context not in TEACHER_CONTEXTS:
             from dopsd.config import ConfigError
 
-            raise ConfigError(f"model.teacher_context must be one of {TEACHER_CONTEXTS} for the miniature, "
-                              f"got {teacher_context!r}")
+            raise ConfigError(
+                f"model.teacher_context must be one of {TEACHER_CONTEXTS} for the miniature, got {teacher_context!r}"
+            )
         self.cfg = cfg
         self.kind = kind  # "turbo" (few steps), "base" (many steps) or "random"
         self.teacher_context = teacher_context
@@ -163,8 +164,10 @@ class MiniAdapter:
         if (height is not None and height != res) or (width is not None and width != res):
             from dopsd.config import ConfigError
 
-            raise ConfigError(f"the miniature model renders {res}×{res} only; got model.height×model.width = "
-                              f"{height}×{width} (set both to {res})")
+            raise ConfigError(
+                f"the miniature model renders {res}×{res} only; got model.height×model.width = "
+                f"{height}×{width} (set both to {res})"
+            )
 
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
         self._check_size(height, width)
@@ -191,7 +194,7 @@ class MiniAdapter:
 
         h = hashlib.sha256()
         for part in (self.encoder, self.network):
-            for key, t in (part.state_dict().items() if part is not None else ()):
+            for key, t in part.state_dict().items() if part is not None else ():
                 h.update(key.encode())  # a quantized base (model.quantize) by its dequantized values
                 h.update(plain(t.detach()).cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         return {"kind": self.kind, "weights": h.hexdigest(), "teacher_context": self.teacher_context}
@@ -244,13 +247,17 @@ def read_weights(path: Path) -> tuple[MiniConfig, dict[str, torch.Tensor], dict,
         )
         if (file.parent / "model_index.json").is_file():  # a diffusers folder: another family's weights
             hint = "it is a diffusers pipeline folder; set model.family (or the preset) to its family"
-        raise ModelFolderError(f"model.pretrained: no miniature weights at {file} (with manifest.json beside it); {hint}")
+        raise ModelFolderError(
+            f"model.pretrained: no miniature weights at {file} (with manifest.json beside it); {hint}"
+        )
     try:
         manifest = json.loads(manifest_path.read_text())
         cfg = MiniConfig.from_dict(manifest["config"])
     except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
-        raise ModelFolderError(f"model.pretrained: {manifest_path} is not a miniature manifest ({type(err).__name__}: "
-                               f"{err}); rebuild the folder with `dopsd mini recipe --out DIR`") from None
+        raise ModelFolderError(
+            f"model.pretrained: {manifest_path} is not a miniature manifest ({type(err).__name__}: "
+            f"{err}); rebuild the folder with `dopsd mini recipe --out DIR`"
+        ) from None
     kind = "base" if file.stem == "base" else "turbo"
     state = read_safetensors(file, "model.pretrained", "rebuild it with `dopsd mini recipe --out DIR`")
     return cfg, state, manifest, kind
@@ -316,6 +323,7 @@ def tiny_random_adapter(seed: int = 0, teacher_context: str = "vlm") -> MiniAdap
 
 
 # --- the family's other module-level functions (dopsd.models.base.FamilyModule) --------------------------------
+
 
 def lora_layout() -> LoraLayout | None:
     return None

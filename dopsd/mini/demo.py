@@ -35,11 +35,7 @@ METHODS = ("sft", "dopsd")  # grid columns: before | SFT | D-OPSD
 # steps, 0.86 at 150, 0.89 at 200, 0.92 at 250 (seed 0, 64 samples).
 STEPS = 200
 EXAMPLE = Path(__file__).resolve().parents[1] / "configs" / "mini.yaml"
-TRAIN_OVERRIDES = [
-    f"train.max_steps={STEPS}",
-    "sample.every=0",
-    "sample.control_steps=0",
-]
+TRAIN_OVERRIDES = [f"train.max_steps={STEPS}", "sample.every=0", "sample.control_steps=0"]
 
 
 def prior_overrides() -> list[str]:
@@ -47,23 +43,39 @@ def prior_overrides() -> list[str]:
     import yaml
 
     method = yaml.safe_load(EXAMPLE.read_text())["method"]
-    return [f"method.prior_prompts=[{', '.join(method['prior_prompts'])}]", f"method.prior_weight={method['prior_weight']}"]
+    return [
+        f"method.prior_prompts=[{', '.join(method['prior_prompts'])}]",
+        f"method.prior_weight={method['prior_weight']}",
+    ]
 
 
 NO_PRIOR = ["method.prior_prompts=[]", "method.prior_weight=0"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("outputs/demo"),
-                        help="Output folder (default outputs/demo; an existing one is kept and a new -N folder used).")
-    parser.add_argument("--steps", type=int, default=None, help=f"Optimizer steps per method (default: the demo's {STEPS}).")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("outputs/demo"),
+        help="Output folder (default outputs/demo; an existing one is kept and a new -N folder used).",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help=f"Optimizer steps per method (default: the demo's {STEPS})."
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the data, training and evaluation noise.")
     parser.add_argument("--samples", type=int, default=64, help="Evaluation samples per prompt set.")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: the miniature's matrices are small, and more threads "
-                        "than free cores makes every step many times slower).")
-    parser.add_argument("--pretrained", default="turbo",
-                        help="Mini weights: 'turbo' (shipped) or a folder written by `dopsd mini recipe`.")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: the miniature's matrices are small, and more threads "
+        "than free cores makes every step many times slower).",
+    )
+    parser.add_argument(
+        "--pretrained",
+        default="turbo",
+        help="Mini weights: 'turbo' (shipped) or a folder written by `dopsd mini recipe`.",
+    )
 
 
 def fresh_folder(out: Path) -> Path:
@@ -77,8 +89,8 @@ def fresh_folder(out: Path) -> Path:
 
 def _turbo(pretrained: str, weights: Path | None = None):
     from dopsd.config import load_config
-    from dopsd.mini.adapter import load
     from dopsd.lora.trained import apply_trained
+    from dopsd.mini.adapter import load
 
     adapter = load(load_config("mini", [f"model.pretrained={pretrained}"]).model)
     if weights is not None:
@@ -87,7 +99,9 @@ def _turbo(pretrained: str, weights: Path | None = None):
     return adapter
 
 
-def evaluate(pretrained: str, weights: dict[str, Path | None], samples: int, seed: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def evaluate(
+    pretrained: str, weights: dict[str, Path | None], samples: int, seed: int
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     from dopsd.bench.suite import unrelated_accuracy
     from dopsd.mini import metrics, world
     from dopsd.sampler import generate, seed_noise
@@ -130,8 +144,15 @@ def grid_prompts(seed: int) -> list[str]:
     return world.concept_prompts(GRID_ROWS) + world.unrelated_prompts(GRID_ROWS, seed=seed + 1)
 
 
-def train_method(method: str, data: Path, out: Path, seed: int, pretrained: str, steps: int | None = None,
-                 extra: list[str] | None = None) -> Path:
+def train_method(
+    method: str,
+    data: Path,
+    out: Path,
+    seed: int,
+    pretrained: str,
+    steps: int | None = None,
+    extra: list[str] | None = None,
+) -> Path:
     """One of the demo's LoRA runs (the `mini` preset with mini.yaml's prior preservation; same data, optimizer,
     budget and prior term for every method). extra: further config overrides (`dopsd mini report` turns prior
     preservation off with NO_PRIOR)."""
@@ -139,16 +160,26 @@ def train_method(method: str, data: Path, out: Path, seed: int, pretrained: str,
     from dopsd.config import load_config
 
     # the threads the demo runs with (its --threads), not train.threads' automatic choice
-    overrides = TRAIN_OVERRIDES + prior_overrides() + [
-        f"train.threads={torch.get_num_threads()}", f"data.path={data}", f"train.output_dir={out}",
-        f"method.name={method}", f"train.seed={seed}", f"model.pretrained={pretrained}"]
+    overrides = (
+        TRAIN_OVERRIDES
+        + prior_overrides()
+        + [
+            f"train.threads={torch.get_num_threads()}",
+            f"data.path={data}",
+            f"train.output_dir={out}",
+            f"method.name={method}",
+            f"train.seed={seed}",
+            f"model.pretrained={pretrained}",
+        ]
+    )
     if steps is not None:
         overrides.append(f"train.max_steps={steps}")
     return dopsd.train(load_config("mini", overrides + list(extra or []))).weights
 
 
-def run_demo(out: Path, steps: int | None = None, seed: int = 0, samples: int = 64,
-             pretrained: str = "turbo") -> dict[str, Any]:
+def run_demo(
+    out: Path, steps: int | None = None, seed: int = 0, samples: int = 64, pretrained: str = "turbo"
+) -> dict[str, Any]:
     from dopsd.files import atomic_save_image, atomic_write_text
     from dopsd.mini import world
 
@@ -157,7 +188,9 @@ def run_demo(out: Path, steps: int | None = None, seed: int = 0, samples: int = 
     out.mkdir(parents=True)
     data = out / "data"
     world.write_concept_dataset(data, concept=CONCEPT, seed=seed)
-    print(f"dopsd demo: concept '{CONCEPT}' bound to '{world.PLACEHOLDER}', {len(list(data.glob('*.png')))} pairs in {data}")
+    print(
+        f"dopsd demo: concept '{CONCEPT}' bound to '{world.PLACEHOLDER}', {len(list(data.glob('*.png')))} pairs in {data}"
+    )
     trained: dict[str, Path | None] = {"before": None}
     for method in METHODS:
         print(f"\n== {method}: fine-tuning the shipped 4-step turbo ==")
@@ -169,10 +202,14 @@ def run_demo(out: Path, steps: int | None = None, seed: int = 0, samples: int = 
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     print(f"\n{'':8} {'concept_fidelity':>17} {'fewstep_quality':>16} {'unrelated_accuracy':>19} {'drift':>8}")
     for name, r in results.items():
-        print(f"{name:8} {r['concept_fidelity']:17.3f} {r['fewstep_quality']:16.3f} {r['unrelated_accuracy']:19.3f} "
-              f"{r['drift']:8.4f}")
-    print(f"\nwrote {out / 'demo.png'} (rows: {GRID_ROWS} concept prompts, {GRID_ROWS} unrelated prompts; columns: "
-          f"{', '.join(results)}, each sample beside its fine detail; below: magnified crops)")
+        print(
+            f"{name:8} {r['concept_fidelity']:17.3f} {r['fewstep_quality']:16.3f} {r['unrelated_accuracy']:19.3f} "
+            f"{r['drift']:8.4f}"
+        )
+    print(
+        f"\nwrote {out / 'demo.png'} (rows: {GRID_ROWS} concept prompts, {GRID_ROWS} unrelated prompts; columns: "
+        f"{', '.join(results)}, each sample beside its fine detail; below: magnified crops)"
+    )
     print(f"wrote {out / 'summary.json'}; {summary['seconds']} s")
     return summary
 

@@ -32,9 +32,11 @@ LABEL_WIDTH = 230
 
 def column_title(name: str, numbers: dict[str, float]) -> str:
     # ASCII only: Pillow's bundled font has no glyphs for ·, × or –
-    return (f"{TITLES.get(name, name)}  |  detail\nconcept fidelity {numbers['concept_fidelity']:.2f}\n"
-            f"few-step quality {numbers['fewstep_quality']:.3f}\nunrelated accuracy "
-            f"{numbers['unrelated_accuracy']:.2f}\ndrift {numbers['drift']:.4f}")
+    return (
+        f"{TITLES.get(name, name)}  |  detail\nconcept fidelity {numbers['concept_fidelity']:.2f}\n"
+        f"few-step quality {numbers['fewstep_quality']:.3f}\nunrelated accuracy "
+        f"{numbers['unrelated_accuracy']:.2f}\ndrift {numbers['drift']:.4f}"
+    )
 
 
 def _crop_box(image: torch.Tensor) -> tuple[int, int, int, int]:
@@ -46,7 +48,7 @@ def _crop_box(image: torch.Tensor) -> tuple[int, int, int, int]:
     best, box = -1.0, (0, 0, cw, ch)
     for top in range(0, h - ch + 1, 2):
         for left in range(0, w - cw + 1, 2):
-            e = float(energy[top:top + ch, left:left + cw].sum())
+            e = float(energy[top : top + ch, left : left + cw].sum())
             if e > best:
                 best, box = e, (left, top, left + cw, top + ch)
     return box
@@ -61,8 +63,13 @@ def zoom_strip(samples: dict[str, torch.Tensor], prompt: str) -> Image.Image:
     gap, head = 16, 40
     strip = Image.new("RGB", (len(names) * (2 * side + 4 + gap), head + side + 4), "white")
     draw = ImageDraw.Draw(strip)
-    draw.text((2, 2), f"zoom x{ZOOM} on \"{prompt}\" (pixels x {box[0]}-{box[2] - 1}, y {box[1]}-{box[3] - 1}): "
-              "sample | its fine detail", fill="black", font=face)
+    draw.text(
+        (2, 2),
+        f'zoom x{ZOOM} on "{prompt}" (pixels x {box[0]}-{box[2] - 1}, y {box[1]}-{box[3] - 1}): '
+        "sample | its fine detail",
+        fill="black",
+        font=face,
+    )
     for i, name in enumerate(names):
         x = i * (2 * side + 4 + gap)
         pair = (samples[name], high_pass(samples[name][None])[0])
@@ -74,8 +81,9 @@ def zoom_strip(samples: dict[str, torch.Tensor], prompt: str) -> Image.Image:
     return strip
 
 
-def demo_figure(images: dict[str, torch.Tensor], results: dict[str, dict[str, Any]], prompts: list[str],
-                zoom_rows: list[int]) -> Image.Image:
+def demo_figure(
+    images: dict[str, torch.Tensor], results: dict[str, dict[str, Any]], prompts: list[str], zoom_rows: list[int]
+) -> Image.Image:
     """images: {model: (N, 3, H, W)} samples of the same N prompts and noise; results: each model's numbers;
     zoom_rows: the prompts shown magnified at the bottom."""
     names = list(images)
@@ -84,10 +92,11 @@ def demo_figure(images: dict[str, torch.Tensor], results: dict[str, dict[str, An
     for r in range(len(prompts)):
         row = []
         for name in names:
-            row += to_pil(torch.stack([images[name][r], high_pass(images[name][r:r + 1])[0]]))
+            row += to_pil(torch.stack([images[name][r], high_pass(images[name][r : r + 1])[0]]))
         rows.append(row)
-    grid = labelled_grid(rows, columns, [f"\"{p}\"" for p in prompts], cell=CELL, label_width=LABEL_WIDTH,
-                         font_size=12, span=2)
+    grid = labelled_grid(
+        rows, columns, [f'"{p}"' for p in prompts], cell=CELL, label_width=LABEL_WIDTH, font_size=12, span=2
+    )
     strips = [zoom_strip({n: images[n][r] for n in names}, prompts[r]) for r in zoom_rows]
     width = max([grid.width] + [s.width for s in strips])
     figure = Image.new("RGB", (width + 8, grid.height + sum(24 + s.height for s in strips)), "white")

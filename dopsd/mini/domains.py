@@ -23,8 +23,8 @@ from dataclasses import replace
 import torch
 
 from dopsd.mini import metrics as M
-from dopsd.sampler import generate
 from dopsd.mini import world
+from dopsd.sampler import generate
 
 Tint = tuple[tuple[float, float, float], float]
 
@@ -70,8 +70,9 @@ def _sample(adapter, captions: list[str], noise: torch.Tensor, steps: int | None
 
 
 @torch.no_grad()
-def teacher_check(adapter, seed: int, n: int, tints: dict[str, Tint] | None = None,
-                  steps: int | None = None) -> dict[str, float]:
+def teacher_check(
+    adapter, seed: int, n: int, tints: dict[str, Tint] | None = None, steps: int | None = None
+) -> dict[str, float]:
     """Per tint and condition: the fraction of samples carrying the tint (`"{tint}:{condition}"`), the mean
     fitted amount (`…:amount`) and the median hue error in degrees (`…:hue_err`). Same noise and captions
     for every condition; `steps` defaults to the adapter's own. Leaves `adapter.teacher_context` as it was."""
@@ -88,7 +89,7 @@ def teacher_check(adapter, seed: int, n: int, tints: dict[str, Tint] | None = No
                 if condition == "caption_only":
                     images = _sample(adapter, captions, noise, steps)
                 else:
-                    adapter.teacher_context = condition[len("caption+image("):-1]
+                    adapter.teacher_context = condition[len("caption+image(") : -1]
                     ctx = adapter.teacher_contexts_from_tensors(captions, reference_images)
                     images = _sample(adapter, captions, noise, steps, ctx)
                 fit = M.fit_tint(images, M.decode(images), captions)
@@ -111,17 +112,25 @@ def to_markdown(per_seed: list[dict[str, float]]) -> str:
     """The check as a table: one row per tint; fidelity per condition, then fitted amount and hue error with
     the image in context (vlm / reference)."""
     names = [k.split(":")[0] for k in per_seed[0] if k.endswith(":caption_only")]
-    tol = (f"amount ±{M.TINT_AMOUNT_TOL}, hue ±{M.TINT_HUE_TOL:.0f}°, chroma ±{M.TINT_CHROMA_TOL:.0%}")
-    head = ["tint (RGB, amount)", "caption only", "+ image (vlm)", "+ image (reference)",
-            "amount vlm / ref", "hue error ° vlm / ref"]
+    tol = f"amount ±{M.TINT_AMOUNT_TOL}, hue ±{M.TINT_HUE_TOL:.0f}°, chroma ±{M.TINT_CHROMA_TOL:.0%}"
+    head = [
+        "tint (RGB, amount)",
+        "caption only",
+        "+ image (vlm)",
+        "+ image (reference)",
+        "amount vlm / ref",
+        "hue error ° vlm / ref",
+    ]
     lines = [f"| {' | '.join(head)} |", "|---" * len(head) + "|"]
     for name in names:
         cells = [_summ([s[f"{name}:{c}"] for s in per_seed]) for c in CONDITIONS]
         amount = " / ".join(_summ([s[f"{name}:{c}:amount"] for s in per_seed], 2) for c in CONDITIONS[1:])
         hue = " / ".join(_summ([s[f"{name}:{c}:hue_err"] for s in per_seed], 0) for c in CONDITIONS[1:])
-        colour, a = (TEST_TINTS.get(name) or (None, None))
+        colour, a = TEST_TINTS.get(name) or (None, None)
         label = f"{name} ({', '.join(f'{v:.2f}' for v in colour)}; {a})" if colour else name
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {amount} | {hue} |")
-    intro = (f"Tint teacher check (turbo at its own steps; caption + a reference image of another scene under the "
-             f"tint; fraction of samples carrying the tint: {tol}):")
+    intro = (
+        f"Tint teacher check (turbo at its own steps; caption + a reference image of another scene under the "
+        f"tint; fraction of samples carrying the tint: {tol}):"
+    )
     return "\n".join(["", intro, "", *lines]) + "\n"

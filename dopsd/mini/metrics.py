@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from dopsd.mini import world
 
+
 @functools.lru_cache(maxsize=1)
 def templates() -> tuple[torch.Tensor, torch.Tensor]:
     """Decoder bank: (J, 4) rows (shape, cx, cy, size) and (J, P) coverage masks. Sizes on a 1-px grid,
@@ -199,11 +200,15 @@ def fit_tint(images: torch.Tensor, decoded: Decoded, captions: list[str]) -> Tin
     for caption in captions:
         colour, _, background = parse_caption(caption)
         if colour not in world.COLOURS:
-            raise ValueError(f"caption {caption!r}: a tint is fitted against the caption's named colour; "
-                             f"{colour!r} names none")
+            raise ValueError(
+                f"caption {caption!r}: a tint is fitted against the caption's named colour; {colour!r} names none"
+            )
         f.append(world.COLOURS[colour])
-        cand.append(torch.tensor(world.BACKGROUNDS[background]).expand(len(named_bgs), 3)
-                    if background is not None else named_bgs)
+        cand.append(
+            torch.tensor(world.BACKGROUNDS[background]).expand(len(named_bgs), 3)
+            if background is not None
+            else named_bgs
+        )
     f = torch.tensor(f)[:, None]  # (N, 1, 3)
     b = torch.stack(cand)  # (N, K, 3) candidate named backgrounds
     fg, bg, n_fg, n_bg = region_colours(images, decoded)
@@ -226,8 +231,13 @@ def fit_tint(images: torch.Tensor, decoded: Decoded, captions: list[str]) -> Tin
     return TintFit(amount, colour, residual)
 
 
-def shows_tint(fit: TintFit, tint: tuple[tuple[float, float, float], float], amount_tol: float = TINT_AMOUNT_TOL,
-               hue_tol: float = TINT_HUE_TOL, chroma_tol: float = TINT_CHROMA_TOL) -> torch.Tensor:
+def shows_tint(
+    fit: TintFit,
+    tint: tuple[tuple[float, float, float], float],
+    amount_tol: float = TINT_AMOUNT_TOL,
+    hue_tol: float = TINT_HUE_TOL,
+    chroma_tol: float = TINT_CHROMA_TOL,
+) -> torch.Tensor:
     """(N,) bool: the fitted tint has the reference's amount (± amount_tol), hue (± hue_tol degrees; not tested
     for a near-grey reference, whose hue is undefined) and chroma (± chroma_tol of the reference's)."""
     colour, amount = tint
@@ -241,8 +251,9 @@ def shows_tint(fit: TintFit, tint: tuple[tuple[float, float, float], float], amo
     return ok
 
 
-def tint_fidelity(images: torch.Tensor, captions: list[str], tint=world.DOMAIN_TINT,
-                  decoded: Decoded | None = None) -> float:
+def tint_fidelity(
+    images: torch.Tensor, captions: list[str], tint=world.DOMAIN_TINT, decoded: Decoded | None = None
+) -> float:
     """Fraction of samples carrying `tint` (amount and hue; `shows_tint`), default the held-out domain's."""
     dec = decoded or decode(images)
     return float(shows_tint(fit_tint(images, dec, captions), tint).float().mean())

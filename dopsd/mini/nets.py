@@ -24,7 +24,6 @@ from torch import nn
 
 from dopsd.mini import world
 
-
 GATE_INPUTS = ("rgb", "luma_highpass")
 
 

@@ -21,7 +21,11 @@ from dopsd.schedules import shifted_schedule, training_schedule
 def plan_spec(model_cfg: Any, hint: str | None = None) -> PlanSpec:
     """The family hook (dopsd.models.base.FamilyModule.plan_spec); the miniature has no variants to hint at."""
     pretrained = model_cfg.pretrained or "turbo"
-    path = WEIGHTS_DIR / f"{pretrained}.safetensors" if pretrained in ("turbo", "base") else Path(str(pretrained)).expanduser()
+    path = (
+        WEIGHTS_DIR / f"{pretrained}.safetensors"
+        if pretrained in ("turbo", "base")
+        else Path(str(pretrained)).expanduser()
+    )
     manifest = weights_file(path).parent / "manifest.json"
     if not manifest.is_file():
         raise FileNotFoundError(f"no miniature manifest at {manifest}; point model.pretrained at recipe weights")
@@ -38,8 +42,10 @@ def plan_spec(model_cfg: Any, hint: str | None = None) -> PlanSpec:
     def call(reference: bool):
         def make(h: int, w: int) -> PlanCall:
             def context(batch: int) -> dict[str, torch.Tensor]:
-                ctx = {"feats": torch.zeros(batch, t, cfg.enc_dim, dtype=dtype),
-                       "feats_mask": torch.ones(batch, t, dtype=torch.bool)}
+                ctx = {
+                    "feats": torch.zeros(batch, t, cfg.enc_dim, dtype=dtype),
+                    "feats_mask": torch.ones(batch, t, dtype=torch.bool),
+                }
                 if reference:
                     ctx["ref"] = torch.zeros(batch, 3, res, res, dtype=dtype)
                     ctx["ref_on"] = torch.ones(batch, dtype=torch.bool)
@@ -59,13 +65,19 @@ def plan_spec(model_cfg: Any, hint: str | None = None) -> PlanSpec:
     steps = model_cfg.inference_steps or (cfg.base_steps if kind == "base" else cfg.turbo_steps)
     k = len(training_schedule(shifted_schedule(steps, cfg.shift), model_cfg.rollout_every)) - 1
     return PlanSpec(
-        label=f"miniature ({pretrained})", dtype=dtype,
+        label=f"miniature ({pretrained})",
+        dtype=dtype,
         parts={"transformer": lambda o: MiniDiT(dataclasses.replace(cfg, **o)), "encoder": lambda o: MiniEncoder(cfg)},
-        depth={"layers": cfg.layers}, lora_targets=default_lora_targets(), latent_shape=latent_shape,
-        student=call(False), teacher=call(model_cfg.teacher_context == "reference"),
+        depth={"layers": cfg.layers},
+        lora_targets=default_lora_targets(),
+        latent_shape=latent_shape,
+        student=call(False),
+        teacher=call(model_cfg.teacher_context == "reference"),
         velocity=lambda net, x, s, c: MiniAdapter.velocity(SimpleNamespace(cfg=cfg), net, x, s, c),
-        rollout_steps=k, caching=[PlanStage("caption features (mini encoder, 8 captions)", ("encoder",),
-                                            ("transformer", "encoder"), run)],
+        rollout_steps=k,
+        caching=[
+            PlanStage("caption features (mini encoder, 8 captions)", ("encoder",), ("transformer", "encoder"), run)
+        ],
         checks=lambda h, w: [PlanCheck("positions", True, f"learned positions for {cfg.num_patches} patches")],
         sources={"transformer": str(manifest), "encoder": str(manifest)},
         notes=["the miniature has no gradient checkpointing"],

@@ -70,8 +70,15 @@ class RecipeConfig:
 
 def tiny_recipe(seed: int = 0) -> RecipeConfig:
     return RecipeConfig(
-        seed=seed, threads=1, batch=16, base_iters=30, warmup=5, trajectories=32, traj_batch=32,
-        distil_iters=20, model=tiny_config(),
+        seed=seed,
+        threads=1,
+        batch=16,
+        base_iters=30,
+        warmup=5,
+        trajectories=32,
+        traj_batch=32,
+        distil_iters=20,
+        model=tiny_config(),
     )
 
 
@@ -240,7 +247,9 @@ def trajectories(rc: RecipeConfig, dit: MiniDiT, enc: MiniEncoder, log: Log = pr
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-def distil(rc: RecipeConfig, base: MiniDiT, enc: MiniEncoder, data: dict[str, torch.Tensor], log: Log = print) -> MiniDiT:
+def distil(
+    rc: RecipeConfig, base: MiniDiT, enc: MiniEncoder, data: dict[str, torch.Tensor], log: Log = print
+) -> MiniDiT:
     """Trajectory distillation: from x_k at σ_k, one Euler step of the student must land on x_{k+1}."""
     g = torch.Generator().manual_seed(rc.seed + 2)
     cfg = rc.model
@@ -248,8 +257,12 @@ def distil(rc: RecipeConfig, base: MiniDiT, enc: MiniEncoder, data: dict[str, to
     student = copy.deepcopy(base).train().requires_grad_(True)
     opt = torch.optim.AdamW(student.parameters(), lr=rc.distil_lr, weight_decay=0.0)
     with torch.no_grad():
-        feats_all = torch.cat([features(enc, data["tokens"][i : i + 512], data["ref"][i : i + 512], data["path"][i : i + 512])
-                               for i in range(0, len(data["tokens"]), 512)])
+        feats_all = torch.cat(
+            [
+                features(enc, data["tokens"][i : i + 512], data["ref"][i : i + 512], data["path"][i : i + 512])
+                for i in range(0, len(data["tokens"]), 512)
+            ]
+        )
     n, t0, run = len(feats_all), time.time(), 0.0
     for step in range(rc.distil_iters):
         idx = torch.randint(n, (rc.batch,), generator=g)
@@ -308,11 +321,15 @@ def run_recipe(rc: RecipeConfig, out: Path, log: Log = print) -> dict:
         "config": rc.model.to_dict(),
         "recipe": rc.to_dict(),
         "sha256": {f: sha256(out / f) for f in ("base.safetensors", "turbo.safetensors")},
-        "wall_time_s": {"base": round(t1 - t0, 1), "trajectories": round(t2 - t1, 1), "distil": round(t3 - t2, 1),
-                        "total": round(t3 - t0, 1)},
+        "wall_time_s": {
+            "base": round(t1 - t0, 1),
+            "trajectories": round(t2 - t1, 1),
+            "distil": round(t3 - t2, 1),
+            "total": round(t3 - t0, 1),
+        },
         "torch": torch.__version__,
         "command": f"dopsd mini recipe --out {out} --seed {rc.seed}"
-                   + (f" --gate-input {rc.model.gate_input}" if rc.model.gate_input != "rgb" else ""),
+        + (f" --gate-input {rc.model.gate_input}" if rc.model.gate_input != "rgb" else ""),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

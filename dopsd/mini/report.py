@@ -25,9 +25,8 @@ from types import SimpleNamespace
 
 import torch
 
-from dopsd.mini import domains
+from dopsd.mini import domains, world
 from dopsd.mini import metrics as M
-from dopsd.mini import world
 from dopsd.mini.adapter import MiniAdapter, load
 from dopsd.sampler import generate
 
@@ -35,8 +34,11 @@ from dopsd.sampler import generate
 def _quality(images: torch.Tensor, captions: list[str], reference: torch.Tensor | None) -> dict[str, float]:
     dec = M.decode(images)
     out = {f"acc_{k}": v for k, v in M.attribute_accuracy(images, captions, dec).items()}
-    out.update(sharpness=M.sharpness(images), fewstep_quality=M.fewstep_quality(images, captions, dec),
-               render_psnr=M.render_psnr(images, dec))
+    out.update(
+        sharpness=M.sharpness(images),
+        fewstep_quality=M.fewstep_quality(images, captions, dec),
+        render_psnr=M.render_psnr(images, dec),
+    )
     if reference is not None:
         out["mse_to_base_many"] = M.mse(images, reference)
     return out
@@ -53,8 +55,9 @@ def draw_noise(adapter: MiniAdapter, n: int, seed: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_many(adapter: MiniAdapter, captions: list[str], noise: torch.Tensor, steps: int | None = None,
-                contexts=None) -> torch.Tensor:
+def sample_many(
+    adapter: MiniAdapter, captions: list[str], noise: torch.Tensor, steps: int | None = None, contexts=None
+) -> torch.Tensor:
     """Samples at `steps` (default: the model's own) with caption-only contexts (or the given ones), in chunks
     of 128 whose contexts are encoded chunk by chunk."""
     schedule = adapter.inference_schedule(adapter.resolution, adapter.resolution, steps)
@@ -80,7 +83,9 @@ def teacher_check(turbo: MiniAdapter, seed: int, n: int) -> dict[str, float]:
         for path in ("vlm", "reference"):
             turbo.teacher_context = path
             ctx = turbo.teacher_contexts_from_tensors(captions, targets)
-            out[f"{concept}:caption+image({path})"] = M.concept_fidelity(sample_many(turbo, captions, draws, contexts=ctx), concept)
+            out[f"{concept}:caption+image({path})"] = M.concept_fidelity(
+                sample_many(turbo, captions, draws, contexts=ctx), concept
+            )
         turbo.teacher_context = "vlm"
     return out
 
@@ -127,8 +132,9 @@ def premise(pretrained: str, seed: int, steps: int | None = None) -> dict[str, d
         world.write_pairs(known, known_colour_scenes(seed))
         weights["known"] = train_method("dopsd", known, Path(tmp) / "dopsd_known", seed, pretrained, steps)
         for method in ("sft", "dopsd"):
-            weights[f"{method}_noprior"] = train_method(method, data, Path(tmp) / f"{method}_noprior", seed,
-                                                        pretrained, steps, NO_PRIOR)
+            weights[f"{method}_noprior"] = train_method(
+                method, data, Path(tmp) / f"{method}_noprior", seed, pretrained, steps, NO_PRIOR
+            )
         results, _ = evaluate(pretrained, {"before": None, **weights}, 64, seed)
     rows[f"sft, {longer} steps"] = results["sft_long"]
     rows[f"dopsd, no new concept ({KNOWN_COLOUR})"] = results["known"]
@@ -144,8 +150,10 @@ def known_colour_scenes(seed: int) -> list[world.Scene]:
     """The demo's training scenes in a colour the turbo knows, captioned with its name instead of `sks`."""
     from dopsd.mini.demo import CONCEPT
 
-    return [replace(s, fg=world.COLOURS[KNOWN_COLOUR], colour=KNOWN_COLOUR)
-            for s in world.concept_scenes(CONCEPT, seed=seed)]
+    return [
+        replace(s, fg=world.COLOURS[KNOWN_COLOUR], colour=KNOWN_COLOUR)
+        for s in world.concept_scenes(CONCEPT, seed=seed)
+    ]
 
 
 def _summ(values: list[float]) -> str:
@@ -155,7 +163,15 @@ def _summ(values: list[float]) -> str:
 
 
 def to_markdown(per_seed: list[dict[str, dict[str, float]]], header: str) -> str:
-    cols = ["acc_shape", "acc_colour", "acc_background", "mse_to_base_many", "sharpness", "fewstep_quality", "render_psnr"]
+    cols = [
+        "acc_shape",
+        "acc_colour",
+        "acc_background",
+        "mse_to_base_many",
+        "sharpness",
+        "fewstep_quality",
+        "render_psnr",
+    ]
     lines = [header, "", "| model @ steps | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for row in per_seed[0]:
         if row in ("teacher check", "tint check", "premise"):
@@ -179,8 +195,14 @@ def to_markdown(per_seed: list[dict[str, dict[str, float]]], header: str) -> str
     return "\n".join(lines) + "\n"
 
 
-def run_report(seeds: int = 2, n: int = 256, pretrained: str | None = None, out: str | None = None,
-               with_premise: bool = True, premise_steps: int | None = None) -> str:
+def run_report(
+    seeds: int = 2,
+    n: int = 256,
+    pretrained: str | None = None,
+    out: str | None = None,
+    with_premise: bool = True,
+    premise_steps: int | None = None,
+) -> str:
     """Evaluate turbo and base (shipped, or a recipe folder) over `seeds` seeds; return (and write) markdown."""
     torch.manual_seed(0)
     if pretrained is None:
@@ -195,15 +217,17 @@ def run_report(seeds: int = 2, n: int = 256, pretrained: str | None = None, out:
     if with_premise:
         for seed, rows in enumerate(per_seed):
             rows["premise"] = premise(str(pretrained or "turbo"), seed, premise_steps)
-    header = (f"Miniature world, {source}: {seeds} seeds × {n} unrelated prompts (mean [min–max] over seeds). "
-              "mse_to_base_many = MSE to the base's many-step sample for the same noise and prompt; "
-              "fewstep_quality = sharpness relative to the clean render of each sample's decoded scene in its caption's "
-              "colours, with the world's grain (≤ 1, higher = better); render_psnr = PSNR against the best-fitting clean "
-              "render. Premise: `dopsd demo --seed S` per seed (concept_fidelity on `sks` prompts; fewstep_quality "
-              "and drift on unrelated prompts; see dopsd/mini/demo.py). 'no new concept': D-OPSD on the same scenes in "
-              f"{KNOWN_COLOUR}, captioned `{KNOWN_COLOUR}` (a colour the turbo knows: nothing new to learn); "
-              "The demo's runs use the on-policy prior term of dopsd/configs/mini.yaml (named-colour prompts); "
-              "'without prior preservation': the same runs with it off.")
+    header = (
+        f"Miniature world, {source}: {seeds} seeds × {n} unrelated prompts (mean [min–max] over seeds). "
+        "mse_to_base_many = MSE to the base's many-step sample for the same noise and prompt; "
+        "fewstep_quality = sharpness relative to the clean render of each sample's decoded scene in its caption's "
+        "colours, with the world's grain (≤ 1, higher = better); render_psnr = PSNR against the best-fitting clean "
+        "render. Premise: `dopsd demo --seed S` per seed (concept_fidelity on `sks` prompts; fewstep_quality "
+        "and drift on unrelated prompts; see dopsd/mini/demo.py). 'no new concept': D-OPSD on the same scenes in "
+        f"{KNOWN_COLOUR}, captioned `{KNOWN_COLOUR}` (a colour the turbo knows: nothing new to learn); "
+        "The demo's runs use the on-policy prior term of dopsd/configs/mini.yaml (named-colour prompts); "
+        "'without prior preservation': the same runs with it off."
+    )
     text = to_markdown(per_seed, header)
     if out:
         Path(out).write_text(text)

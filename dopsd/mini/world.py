@@ -88,16 +88,20 @@ def caption_issue(caption: str) -> str | None:
 
 
 def vocabulary_hint() -> str:
-    return (f"the miniature's words: {' '.join(VOCAB[1:])} (at most {MAX_TOKENS} per caption; "
-            f"{PLACEHOLDER!r} names a held-out concept)")
+    return (
+        f"the miniature's words: {' '.join(VOCAB[1:])} (at most {MAX_TOKENS} per caption; "
+        f"{PLACEHOLDER!r} names a held-out concept)"
+    )
 
 
 def tokenize(caption: str) -> torch.Tensor:
     """Caption → (MAX_TOKENS,) token ids, <pad>-filled. Raises on words outside the fixed vocabulary."""
     issue = caption_issue(caption)
     if issue:
-        raise ValueError(f"caption {caption!r} {issue}. Known words: {' '.join(VOCAB[1:])} "
-                         f"(use {PLACEHOLDER!r} for a held-out concept)")
+        raise ValueError(
+            f"caption {caption!r} {issue}. Known words: {' '.join(VOCAB[1:])} "
+            f"(use {PLACEHOLDER!r} for a held-out concept)"
+        )
     words = caption_words(caption)
     ids = [_INDEX[w] for w in words] + [0] * (MAX_TOKENS - len(words))
     return torch.tensor(ids, dtype=torch.long)
@@ -130,12 +134,14 @@ def shape_masks(shape: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, size: t
     dy = c[None, :, None] - cy.float()[:, None, None]
     h = (size.float() / 2)[:, None, None]
     ax, ay = dx.abs(), dy.abs()
-    masks = torch.stack((
-        dx**2 + dy**2 <= (h * 0.98) ** 2,  # circle
-        (ax <= h * 0.84) & (ay <= h * 0.84),  # square: about the circle's area
-        (dy <= h * 0.85) & (dy >= -h) & (ax <= (dy + h) * 0.58),  # upward triangle
-        ((ax <= h * 0.30) & (ay <= h)) | ((ay <= h * 0.30) & (ax <= h)),  # plus
-    ))  # (4, B, n, n)
+    masks = torch.stack(
+        (
+            dx**2 + dy**2 <= (h * 0.98) ** 2,  # circle
+            (ax <= h * 0.84) & (ay <= h * 0.84),  # square: about the circle's area
+            (dy <= h * 0.85) & (dy >= -h) & (ax <= (dy + h) * 0.58),  # upward triangle
+            ((ax <= h * 0.30) & (ay <= h)) | ((ay <= h * 0.30) & (ax <= h)),  # plus
+        )
+    )  # (4, B, n, n)
     m = masks[shape.long(), torch.arange(len(shape))].float()
     return m.reshape(-1, RES, SUPERSAMPLE, RES, SUPERSAMPLE).mean((2, 4))
 
@@ -181,7 +187,9 @@ def grain_texture(seeds: list[int | None]) -> torch.Tensor:
     return out
 
 
-def random_scene(g: torch.Generator, colour: str | None = None, bg: str | None = None, shape: int | None = None) -> Scene:
+def random_scene(
+    g: torch.Generator, colour: str | None = None, bg: str | None = None, shape: int | None = None
+) -> Scene:
     """A scene with a named colour (random unless given), random background, shape, position and size."""
     names, bgs = list(COLOURS), list(BACKGROUNDS)
     colour = colour or names[int(torch.randint(len(names), (1,), generator=g))]

@@ -97,7 +97,9 @@ class FamilyModule(Protocol):
 @runtime_checkable
 class ModelAdapter(Protocol):
     name: str  # the family (a key of dopsd.models.registry.FAMILIES)
-    kind: str | None  # which of the family's named weights are loaded (mini: turbo/base/random); None: model.pretrained says it
+    kind: (
+        str | None
+    )  # which of the family's named weights are loaded (mini: turbo/base/random); None: model.pretrained says it
     network: nn.Module  # the denoiser whose weights are fine-tuned (LoRA or full)
     device: torch.device  # where the adapter's parts run
     dtype: torch.dtype  # the frozen weights' dtype
@@ -112,9 +114,7 @@ class ModelAdapter(Protocol):
         """v(x, σ, context) with `network` (the student may be DDP-wrapped; the teacher is not)."""
         ...
 
-    def student_contexts(
-        self, captions: list[str], sources: list[list[Image.Image]] | None = None
-    ) -> list[Context]:
+    def student_contexts(self, captions: list[str], sources: list[list[Image.Image]] | None = None) -> list[Context]:
         """Caption-only conditioning, exactly what inference uses (editing models: + source images)."""
         ...
 

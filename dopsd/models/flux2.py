@@ -22,7 +22,24 @@ from torch import nn
 
 from dopsd.config import ConfigError
 from dopsd.models.base import BaseFacts, CaptionProblem, Context, LoraLayout, Pair
-from dopsd.models.local import DiffusersHooks, ModelFolderError, chat_token_counts, chat_tokens, check_pipeline_folder, check_size, folder_fingerprint, free_memory, load_denoiser, load_part, part_config, resolve_dtype, stack_or_list, still_loaded, to_pixels, token_limit_problems
+from dopsd.models.local import (
+    DiffusersHooks,
+    ModelFolderError,
+    chat_token_counts,
+    chat_tokens,
+    check_pipeline_folder,
+    check_size,
+    folder_fingerprint,
+    free_memory,
+    load_denoiser,
+    load_part,
+    part_config,
+    resolve_dtype,
+    stack_or_list,
+    still_loaded,
+    to_pixels,
+    token_limit_problems,
+)
 from dopsd.schedules import dynamic_schedule
 
 LABEL = "FLUX.2-klein"
@@ -46,30 +63,30 @@ EDIT_INSTRUCTION = "The last reference image is the expected output of this edit
 # slot or None); `{i}` is a block index. Only modules both ComfyUI and diffusers map are listed.
 LORA_LAYOUT = LoraLayout(
     rows=(
-    ("transformer_blocks.{i}.attn.to_q", "double_blocks.{i}.img_attn.qkv", 0),
-    ("transformer_blocks.{i}.attn.to_k", "double_blocks.{i}.img_attn.qkv", 1),
-    ("transformer_blocks.{i}.attn.to_v", "double_blocks.{i}.img_attn.qkv", 2),
-    ("transformer_blocks.{i}.attn.add_q_proj", "double_blocks.{i}.txt_attn.qkv", 0),
-    ("transformer_blocks.{i}.attn.add_k_proj", "double_blocks.{i}.txt_attn.qkv", 1),
-    ("transformer_blocks.{i}.attn.add_v_proj", "double_blocks.{i}.txt_attn.qkv", 2),
-    ("transformer_blocks.{i}.attn.to_out.0", "double_blocks.{i}.img_attn.proj", None),
-    ("transformer_blocks.{i}.attn.to_add_out", "double_blocks.{i}.txt_attn.proj", None),
-    ("transformer_blocks.{i}.ff.linear_in", "double_blocks.{i}.img_mlp.0", None),
-    ("transformer_blocks.{i}.ff.linear_out", "double_blocks.{i}.img_mlp.2", None),
-    ("transformer_blocks.{i}.ff_context.linear_in", "double_blocks.{i}.txt_mlp.0", None),
-    ("transformer_blocks.{i}.ff_context.linear_out", "double_blocks.{i}.txt_mlp.2", None),
-    ("single_transformer_blocks.{i}.attn.to_qkv_mlp_proj", "single_blocks.{i}.linear1", None),
-    ("single_transformer_blocks.{i}.attn.to_out", "single_blocks.{i}.linear2", None),
-    ("x_embedder", "img_in", None),
-    ("context_embedder", "txt_in", None),
-    ("proj_out", "final_layer.linear", None),
-    ("time_guidance_embed.timestep_embedder.linear_1", "time_in.in_layer", None),
-    ("time_guidance_embed.timestep_embedder.linear_2", "time_in.out_layer", None),
-    ("time_guidance_embed.guidance_embedder.linear_1", "guidance_in.in_layer", None),
-    ("time_guidance_embed.guidance_embedder.linear_2", "guidance_in.out_layer", None),
-    ("double_stream_modulation_img.linear", "double_stream_modulation_img.lin", None),
-    ("double_stream_modulation_txt.linear", "double_stream_modulation_txt.lin", None),
-    ("single_stream_modulation.linear", "single_stream_modulation.lin", None),
+        ("transformer_blocks.{i}.attn.to_q", "double_blocks.{i}.img_attn.qkv", 0),
+        ("transformer_blocks.{i}.attn.to_k", "double_blocks.{i}.img_attn.qkv", 1),
+        ("transformer_blocks.{i}.attn.to_v", "double_blocks.{i}.img_attn.qkv", 2),
+        ("transformer_blocks.{i}.attn.add_q_proj", "double_blocks.{i}.txt_attn.qkv", 0),
+        ("transformer_blocks.{i}.attn.add_k_proj", "double_blocks.{i}.txt_attn.qkv", 1),
+        ("transformer_blocks.{i}.attn.add_v_proj", "double_blocks.{i}.txt_attn.qkv", 2),
+        ("transformer_blocks.{i}.attn.to_out.0", "double_blocks.{i}.img_attn.proj", None),
+        ("transformer_blocks.{i}.attn.to_add_out", "double_blocks.{i}.txt_attn.proj", None),
+        ("transformer_blocks.{i}.ff.linear_in", "double_blocks.{i}.img_mlp.0", None),
+        ("transformer_blocks.{i}.ff.linear_out", "double_blocks.{i}.img_mlp.2", None),
+        ("transformer_blocks.{i}.ff_context.linear_in", "double_blocks.{i}.txt_mlp.0", None),
+        ("transformer_blocks.{i}.ff_context.linear_out", "double_blocks.{i}.txt_mlp.2", None),
+        ("single_transformer_blocks.{i}.attn.to_qkv_mlp_proj", "single_blocks.{i}.linear1", None),
+        ("single_transformer_blocks.{i}.attn.to_out", "single_blocks.{i}.linear2", None),
+        ("x_embedder", "img_in", None),
+        ("context_embedder", "txt_in", None),
+        ("proj_out", "final_layer.linear", None),
+        ("time_guidance_embed.timestep_embedder.linear_1", "time_in.in_layer", None),
+        ("time_guidance_embed.timestep_embedder.linear_2", "time_in.out_layer", None),
+        ("time_guidance_embed.guidance_embedder.linear_1", "guidance_in.in_layer", None),
+        ("time_guidance_embed.guidance_embedder.linear_2", "guidance_in.out_layer", None),
+        ("double_stream_modulation_img.linear", "double_stream_modulation_img.lin", None),
+        ("double_stream_modulation_txt.linear", "double_stream_modulation_txt.lin", None),
+        ("single_stream_modulation.linear", "single_stream_modulation.lin", None),
     ),
     placeholders=(("i", r"\d+"),),
     sign=r"(^|\.)(single_)?transformer_blocks\.\d+\.|(^|\.)(double|single)_blocks\.\d+\.",
@@ -122,28 +139,38 @@ class Flux2Adapter(DiffusersHooks):
         self.folder = check_pipeline_folder(cfg.pretrained, "flux2")
         self.teacher_context = cfg.teacher_context
         if self.teacher_context not in (*TEACHER_CONTEXTS, "text"):
-            raise ConfigError(f"model.teacher_context must be 'reference', 'vlm' or 'text' for FLUX.2, got {self.teacher_context!r}")
+            raise ConfigError(
+                f"model.teacher_context must be 'reference', 'vlm' or 'text' for FLUX.2, got {self.teacher_context!r}"
+            )
         self.editing = bool(cfg.editing)
         if self.editing and self.teacher_context != "reference":
             raise ConfigError("model.editing trains through the reference path: set model.teacher_context: reference")
         self.instruction = teacher_instruction(cfg)
         self.transformer_config = part_config(Flux2Transformer2DModel, self.folder, "transformer")
-        self.vae = load_part(AutoencoderKLFlux2, self.folder, "vae", self.dtype).to(self.device).eval().requires_grad_(False)
+        self.vae = (
+            load_part(AutoencoderKLFlux2, self.folder, "vae", self.dtype).to(self.device).eval().requires_grad_(False)
+        )
         self.text_encoder = load_part(Qwen3ForCausalLM, self.folder, "text_encoder", self.dtype).to(self.device).eval()
         self.text_encoder.requires_grad_(False)
         self.tokenizer = load_part(AutoTokenizer, self.folder, "tokenizer")
         self.layers = tuple(cfg.text_encoder_out_layers or TEXT_LAYERS)
         depth = self.text_encoder.config.num_hidden_layers
         if max(self.layers) > depth:
-            raise ModelFolderError(f"model.pretrained: text_encoder_out_layers {self.layers} exceed the {depth} layers of "
-                                   f"{self.folder}/text_encoder; is this the FLUX.2-klein text encoder?")
+            raise ModelFolderError(
+                f"model.pretrained: text_encoder_out_layers {self.layers} exceed the {depth} layers of "
+                f"{self.folder}/text_encoder; is this the FLUX.2-klein text encoder?"
+            )
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.steps = cfg.inference_steps if cfg.inference_steps is not None else STEPS
         self.max_tokens = cfg.max_caption_tokens
         self.teacher_max_tokens = cfg.teacher_max_tokens
         bn = self.vae.bn
         self.bn_mean = bn.running_mean.detach().float().view(1, -1, 1, 1).to(self.device)
-        self.bn_std = torch.sqrt(bn.running_var.detach().float() + self.vae.config.batch_norm_eps).view(1, -1, 1, 1).to(self.device)
+        self.bn_std = (
+            torch.sqrt(bn.running_var.detach().float() + self.vae.config.batch_norm_eps)
+            .view(1, -1, 1, 1)
+            .to(self.device)
+        )
         self._vlm = None
 
     # --- the denoiser -----------------------------------------------------------------------------
@@ -154,8 +181,9 @@ class Flux2Adapter(DiffusersHooks):
         if self._network is None:
             from diffusers import Flux2Transformer2DModel
 
-            self._network = load_denoiser(Flux2Transformer2DModel, self.folder, self.dtype, self.device,
-                                          self.cfg.quantize, QUANTIZE_SKIP)
+            self._network = load_denoiser(
+                Flux2Transformer2DModel, self.folder, self.dtype, self.device, self.cfg.quantize, QUANTIZE_SKIP
+            )
         return self._network
 
     @network.setter
@@ -189,8 +217,7 @@ class Flux2Adapter(DiffusersHooks):
         tokenizer = still_loaded(self.tokenizer, "tokenizer")
         encoder = self._only_on_device(still_loaded(self.text_encoder, "text encoder"))
         ids, mask = chat_tokens(tokenizer, captions, self.max_tokens, thinking=False, device=self.device)
-        out = encoder(input_ids=ids, attention_mask=mask,
-                      output_hidden_states=True, use_cache=False)
+        out = encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
         feats = torch.cat([out.hidden_states[k] for k in self.layers], dim=-1)
         return [f.cpu() for f in feats]
 
@@ -244,12 +271,19 @@ class Flux2Adapter(DiffusersHooks):
 
             text_encoder = still_loaded(self.text_encoder, "text encoder")
             self._only_on_device(None)  # the text encoder waits on the CPU while the VLM loads and runs
-            self._vlm = QwenVLEncoder(self.cfg.teacher_encoder, text_encoder, self.device, self.dtype,
-                                      image_tokens=self.cfg.teacher_image_tokens)
+            self._vlm = QwenVLEncoder(
+                self.cfg.teacher_encoder,
+                text_encoder,
+                self.device,
+                self.dtype,
+                image_tokens=self.cfg.teacher_image_tokens,
+            )
             print(f"[dopsd] VLM teacher: {self._vlm.report}")
         self._only_on_device(self._vlm.model)
-        return [{"prompt_embeds": self._vlm.encode(im, c, self.layers, pad_to=self.teacher_max_tokens).cpu()}
-                for c, im in zip(captions, images)]
+        return [
+            {"prompt_embeds": self._vlm.encode(im, c, self.layers, pad_to=self.teacher_max_tokens).cpu()}
+            for c, im in zip(captions, images)
+        ]
 
     def collate(self, contexts: list[Context]) -> dict[str, torch.Tensor]:
         shapes = {tuple(c["prompt_embeds"].shape) for c in contexts}
@@ -308,9 +342,14 @@ class Flux2Adapter(DiffusersHooks):
 
     def cache_fingerprint(self) -> dict[str, Any]:
         """Settings that change cached contexts but are not in the config's model section."""
-        return {"adapter_version": 1, "teacher_max_tokens": self.teacher_max_tokens,
-                "teacher_image_tokens": self.cfg.teacher_image_tokens, "layers": list(self.layers),
-                "weights": folder_fingerprint(self.folder), "teacher_weights": folder_fingerprint(self.cfg.teacher_encoder)}
+        return {
+            "adapter_version": 1,
+            "teacher_max_tokens": self.teacher_max_tokens,
+            "teacher_image_tokens": self.cfg.teacher_image_tokens,
+            "layers": list(self.layers),
+            "weights": folder_fingerprint(self.folder),
+            "teacher_weights": folder_fingerprint(self.cfg.teacher_encoder),
+        }
 
     def default_lora_targets(self) -> str:
         return LORA_TARGETS
@@ -329,8 +368,14 @@ class Flux2Adapter(DiffusersHooks):
         from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
 
         scheduler = load_part(FlowMatchEulerDiscreteScheduler, self.folder, "scheduler")
-        return Flux2KleinPipeline(scheduler=scheduler, vae=self.vae, text_encoder=still_loaded(self.text_encoder, "text encoder"),
-                                  tokenizer=self.tokenizer, transformer=transformer or self.network, is_distilled=True)
+        return Flux2KleinPipeline(
+            scheduler=scheduler,
+            vae=self.vae,
+            text_encoder=still_loaded(self.text_encoder, "text encoder"),
+            tokenizer=self.tokenizer,
+            transformer=transformer or self.network,
+            is_distilled=True,
+        )
 
     @property
     def pipeline_class(self):
@@ -353,6 +398,7 @@ def with_instruction(captions: list[str], instruction: str) -> list[str]:
 
 # --- the family's module-level functions (dopsd.models.base.FamilyModule) -------------------------------------
 
+
 def load(cfg: Any, device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None) -> Flux2Adapter:
     return Flux2Adapter(cfg, device, dtype)
 
@@ -371,8 +417,10 @@ def caption_problems(cfg: Any, captions: list[str]) -> list[CaptionProblem]:
     if cfg.teacher_context == "reference":
         joined = chat_token_counts(tokenizer, with_instruction(captions, teacher_instruction(cfg)), thinking=False)
         cut = {p.index for p in found}
-        teacher = ("{n} tokens with the teacher's instruction appended; the text encoder reads the first {limit} "
-                   "({field}), so the teacher loses the end of the instruction")
+        teacher = (
+            "{n} tokens with the teacher's instruction appended; the text encoder reads the first {limit} "
+            "({field}), so the teacher loses the end of the instruction"
+        )
         found += [p for p in token_limit_problems(joined, limit, field, teacher) if p.index not in cut]
     hint = "shorten them or raise model.max_caption_tokens"
     return found + [CaptionProblem(None, hint, notice=True)] if found else []
@@ -396,14 +444,29 @@ def base_facts(network: nn.Module | None = None, lora: Mapping[str, Pair] | None
         except AttributeError:
             size = None
     elif lora:
+
         def blocks(prefix: str) -> int:
             ids = [int(m.split(".")[1]) for m in lora if m.startswith(prefix) and m.split(".")[1].isdigit()]
             return max(ids) + 1 if ids else 0
 
-        width = next((a.shape[1] for m, (a, _) in lora.items() if m.endswith(("attn.to_q", "attn.to_qkv_mlp_proj"))), None)
-        size = (blocks("transformer_blocks."), blocks("single_transformer_blocks."), int(width)) if width is not None else None
+        width = next(
+            (a.shape[1] for m, (a, _) in lora.items() if m.endswith(("attn.to_q", "attn.to_qkv_mlp_proj"))), None
+        )
+        size = (
+            (blocks("transformer_blocks."), blocks("single_transformer_blocks."), int(width))
+            if width is not None
+            else None
+        )
     if size is None:
         return None
     known = VARIANTS.get(size)
-    return BaseFacts(*(known or (f"FLUX.2 ({size[0]} double / {size[1]} single blocks, width {size[2]}; not a "
-                                 "published size)", "Flux.2", "flux2")))
+    return BaseFacts(
+        *(
+            known
+            or (
+                f"FLUX.2 ({size[0]} double / {size[1]} single blocks, width {size[2]}; not a published size)",
+                "Flux.2",
+                "flux2",
+            )
+        )
+    )

@@ -49,12 +49,15 @@ def plan_spec(cfg: Any, hint: str | None = None) -> PlanSpec:
 
             def context(batch: int) -> dict[str, torch.Tensor]:
                 zero = torch.zeros(1, dtype=torch.long)
-                ctx = {"prompt_embeds": torch.zeros(batch, text, joint, dtype=dtype),
-                       "txt_ids": torch.cartesian_prod(zero, zero, zero, torch.arange(text))}
+                ctx = {
+                    "prompt_embeds": torch.zeros(batch, text, joint, dtype=dtype),
+                    "txt_ids": torch.cartesian_prod(zero, zero, zero, torch.arange(text)),
+                }
                 if refs:
                     ctx["ref_tokens"] = torch.zeros(batch, refs * n, channels, dtype=dtype)
-                    ctx["ref_ids"] = torch.cat([position_ids(10 * (i + 1), h // scale // 2, w // scale // 2)
-                                                for i in range(refs)])
+                    ctx["ref_ids"] = torch.cat(
+                        [position_ids(10 * (i + 1), h // scale // 2, w // scale // 2) for i in range(refs)]
+                    )
                 return ctx
 
             tokens = {"image": n, "text": text}
@@ -70,10 +73,17 @@ def plan_spec(cfg: Any, hint: str | None = None) -> PlanSpec:
     def checks(h: int, w: int) -> list[PlanCheck]:
         n = (h // scale // 2) * (w // scale // 2)
         return [
-            PlanCheck("RoPE", True, f"computed from position ids on every call (no table): teacher sequence "
-                      f"{n} noisy + {t_refs * n} reference + {t_text} text tokens"),
-            PlanCheck("text encoder positions", s_tokens <= int(te.get("max_position_embeddings", 40960)),
-                      f"{s_tokens} tokens vs max_position_embeddings {te.get('max_position_embeddings')}"),
+            PlanCheck(
+                "RoPE",
+                True,
+                f"computed from position ids on every call (no table): teacher sequence "
+                f"{n} noisy + {t_refs * n} reference + {t_text} text tokens",
+            ),
+            PlanCheck(
+                "text encoder positions",
+                s_tokens <= int(te.get("max_position_embeddings", 40960)),
+                f"{s_tokens} tokens vs max_position_embeddings {te.get('max_position_embeddings')}",
+            ),
         ]
 
     steps = cfg.inference_steps if cfg.inference_steps is not None else STEPS
@@ -94,8 +104,11 @@ def plan_spec(cfg: Any, hint: str | None = None) -> PlanSpec:
     if cfg.editing:
         notes.append("editing: one source image of the training size per sample assumed")
     if cfg.teacher_context == "reference":
-        stages.append(PlanStage("teacher reference latents (VAE encode, 1 image)", ("vae",), loaded,
-                                vae_plan_run(dtype), "teacher"))
+        stages.append(
+            PlanStage(
+                "teacher reference latents (VAE encode, 1 image)", ("vae",), loaded, vae_plan_run(dtype), "teacher"
+            )
+        )
     elif cfg.teacher_context == "vlm":
         build, run, vsource = qwen_vl_plan(cfg.teacher_encoder, dtype, t_text)
         parts["vlm"], sources["vlm"] = build, vsource
@@ -103,10 +116,19 @@ def plan_spec(cfg: Any, hint: str | None = None) -> PlanSpec:
         stages.append(PlanStage("teacher features (Qwen3-VL, 1 image)", ("vlm",), loaded, run, "teacher"))
     stages.append(PlanStage("SFT latents (VAE encode, 1 image)", ("vae",), loaded, vae_plan_run(dtype), "latents"))
     return PlanSpec(
-        label=label, dtype=dtype, parts=parts,
+        label=label,
+        dtype=dtype,
+        parts=parts,
         depth={"num_layers": int(tc["num_layers"]), "num_single_layers": int(tc["num_single_layers"])},
-        lora_targets=LORA_TARGETS, latent_shape=latent_shape, student=call(s_tokens, s_refs),
+        lora_targets=LORA_TARGETS,
+        latent_shape=latent_shape,
+        student=call(s_tokens, s_refs),
         teacher=call(t_text, t_refs),
         velocity=lambda net, x, s, c: Flux2Adapter.velocity(SimpleNamespace(dtype=dtype), net, x, s, c),
-        rollout_steps=k, caching=stages, kept_while_training=("vae",), checks=checks, sources=sources, notes=notes,
+        rollout_steps=k,
+        caching=stages,
+        kept_while_training=("vae",),
+        checks=checks,
+        sources=sources,
+        notes=notes,
     )

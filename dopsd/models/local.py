@@ -93,13 +93,17 @@ def check_pipeline_folder(path: str | Path | None, family: str, field: str = "mo
     layout = LAYOUTS[family]
     hint = f"download it first, e.g. `{layout['hint']}`, and set {field} to that folder"
     if path is None or str(path) == "":
-        raise ModelFolderError(f"{field} is not set: it must name a local {family} folder in the diffusers layout; {hint}")
+        raise ModelFolderError(
+            f"{field} is not set: it must name a local {family} folder in the diffusers layout; {hint}"
+        )
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise ModelFolderError(f"{field}: {folder} does not exist or is not a folder; {hint}")
     index = folder / "model_index.json"
     if not index.is_file():
-        raise ModelFolderError(f"{field}: {folder} has no model_index.json, so it is not a diffusers pipeline folder; {hint}")
+        raise ModelFolderError(
+            f"{field}: {folder} has no model_index.json, so it is not a diffusers pipeline folder; {hint}"
+        )
     try:
         meta = json.loads(index.read_text())
     except json.JSONDecodeError as err:
@@ -153,7 +157,9 @@ def folder_fingerprint(path: str | Path | None) -> str | None:
     if path is None or not Path(path).expanduser().is_dir():
         return None
     root = Path(path).expanduser()
-    stats = sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file())
+    stats = sorted(
+        (str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()
+    )
     return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
 
 
@@ -194,13 +200,17 @@ def part_config(cls: Any, folder: Path, part: str) -> dict[str, Any]:
     loaded once the feature cache is built, but its sizes are needed before)."""
     import inspect
 
-    defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
-                if p.default is not inspect.Parameter.empty}
+    defaults = {
+        k: p.default
+        for k, p in inspect.signature(cls.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
     return {**defaults, **read_json(Path(folder) / part / "config.json")}
 
 
-def load_denoiser(cls: Any, folder: Path, dtype: torch.dtype, device: torch.device, quantize: str = "none",
-                  skip: tuple[str, ...] = ()) -> Any:
+def load_denoiser(
+    cls: Any, folder: Path, dtype: torch.dtype, device: torch.device, quantize: str = "none", skip: tuple[str, ...] = ()
+) -> Any:
     """The transformer on `device`; with model.quantize, loaded on the CPU and quantized layer by layer onto the
     device (dopsd.quantize), so the device never holds it at full precision. `skip`: the family's modules to keep
     unquantized."""
@@ -219,8 +229,14 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
         return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype not in names:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
     return names[dtype]
@@ -233,6 +249,7 @@ def free_memory() -> None:
 
 
 # --- images -----------------------------------------------------------------------------------------
+
 
 def to_pixels(image: Image.Image, multiple: int) -> torch.Tensor:
     """One PIL image → (1, 3, H, W) in [-1, 1] at its own size floored to `multiple` (the data loader already
@@ -270,12 +287,15 @@ def still_loaded(part: Any, name: str) -> Any:
     return part
 
 
-def chat_tokens(tokenizer: Any, captions: list[str], max_tokens: int, thinking: bool, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def chat_tokens(
+    tokenizer: Any, captions: list[str], max_tokens: int, thinking: bool, device: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Captions as one user turn of the Qwen chat template (generation prompt appended), padded to max_tokens.
     Returns (input_ids, attention_mask) on `device`. Z-Image uses thinking=True, FLUX.2-klein thinking=False."""
     texts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": c}], tokenize=False, add_generation_prompt=True,
-                                      enable_thinking=thinking)
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": c}], tokenize=False, add_generation_prompt=True, enable_thinking=thinking
+        )
         for c in captions
     ]
     enc = tokenizer(texts, padding="max_length", max_length=max_tokens, truncation=True, return_tensors="pt")
@@ -285,8 +305,9 @@ def chat_tokens(tokenizer: Any, captions: list[str], max_tokens: int, thinking: 
 def chat_token_counts(tokenizer: Any, captions: list[str], thinking: bool) -> list[int]:
     """How many tokens each caption takes in the chat template `chat_tokens` builds (before its truncation)."""
     texts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": c}], tokenize=False, add_generation_prompt=True,
-                                      enable_thinking=thinking)
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": c}], tokenize=False, add_generation_prompt=True, enable_thinking=thinking
+        )
         for c in captions
     ]
     return [len(ids) for ids in tokenizer(texts, add_special_tokens=True).input_ids] if texts else []
@@ -300,14 +321,21 @@ def token_limit_problems(counts: list[int], limit: int, field: str, message: str
     `message` is formatted with n, limit and field."""
     from dopsd.models.base import CaptionProblem
 
-    return [CaptionProblem(i, message.format(n=n, limit=limit, field=field), notice=True)
-            for i, n in enumerate(counts) if n > limit]
+    return [
+        CaptionProblem(i, message.format(n=n, limit=limit, field=field), notice=True)
+        for i, n in enumerate(counts)
+        if n > limit
+    ]
 
 
 # Default unseen prompts of `dopsd eval` for models that read free text: the concept in settings a subject's
 # training photos rarely show.
-PHOTO_UNSEEN_PROMPTS = ("a photo of {} on a beach", "{} in a snowy forest", "a watercolor painting of {}",
-                        "{} on a city street at night")
+PHOTO_UNSEEN_PROMPTS = (
+    "a photo of {} on a beach",
+    "{} in a snowy forest",
+    "a watercolor painting of {}",
+    "{} on a city street at night",
+)
 
 
 class DiffusersHooks:
@@ -353,9 +381,11 @@ class DiffusersHooks:
         bad = unexportable(self.name, modules)
         if bad:
             shown = ", ".join(bad[:6]) + (f" and {len(bad) - 6} more" if len(bad) > 6 else "")
-            raise ConfigError(f"lora.targets: {len(bad)} LoRA module(s) of {self.label} have no name that ComfyUI "
-                              f"and diffusers both load, so the trained LoRA could not be used outside dopsd: {shown}; "
-                              "drop them from lora.targets (null = the model's defaults, all of which export)")
+            raise ConfigError(
+                f"lora.targets: {len(bad)} LoRA module(s) of {self.label} have no name that ComfyUI "
+                f"and diffusers both load, so the trained LoRA could not be used outside dopsd: {shown}; "
+                "drop them from lora.targets (null = the model's defaults, all of which export)"
+            )
 
     def health_quality(self, prompts: list[str]) -> None:
         return None

@@ -40,7 +40,7 @@ def _language_state(text_encoder: nn.Module) -> dict[str, torch.Tensor]:
     """Text-encoder tensors named like a bare Qwen3Model (`Qwen3ForCausalLM` keeps them under `model.`)."""
     state = text_encoder.state_dict()
     if any(k.startswith("model.") for k in state):
-        state = {k[len("model."):] if k.startswith("model.") else k: v for k, v in state.items()}
+        state = {k[len("model.") :] if k.startswith("model.") else k: v for k, v in state.items()}
     return state
 
 
@@ -52,7 +52,11 @@ def transplant_language_weights(language_model: nn.Module, text_encoder: nn.Modu
     ignored = sorted(k for k in source if k not in target and k.startswith("lm_head"))
     extra = sorted(k for k in source if k not in target and not k.startswith("lm_head"))
     missing = sorted(k for k in target if k not in source)
-    wrong = [(k, tuple(source[k].shape), tuple(v.shape)) for k, v in target.items() if k in source and source[k].shape != v.shape]
+    wrong = [
+        (k, tuple(source[k].shape), tuple(v.shape))
+        for k, v in target.items()
+        if k in source and source[k].shape != v.shape
+    ]
     if wrong or missing or extra:
         details = []
         if wrong:
@@ -90,17 +94,23 @@ class QwenVLEncoder:
         path = check_model_folder(folder, field_name, "Qwen3-VL")
         model_type = read_json(path / "config.json").get("model_type")
         if model_type != "qwen3_vl":
-            raise ModelFolderError(f"{field_name}: {path} holds a {model_type!r} model; the VLM teacher needs Qwen3-VL (qwen3_vl)")
+            raise ModelFolderError(
+                f"{field_name}: {path} holds a {model_type!r} model; the VLM teacher needs Qwen3-VL (qwen3_vl)"
+            )
         if not (path / "preprocessor_config.json").is_file():
-            raise ModelFolderError(f"{field_name}: {path} has no preprocessor_config.json (the Qwen3-VL image processor)")
+            raise ModelFolderError(
+                f"{field_name}: {path} has no preprocessor_config.json (the Qwen3-VL image processor)"
+            )
         self.model = load_part(Qwen3VLModel, path, None, dtype, quiet=True).to(device).eval().requires_grad_(False)
         self.report = transplant_language_weights(self.model.language_model, text_encoder)
         self.tokenizer = load_part(AutoTokenizer, path, None)
         self.processor = load_part(Qwen2VLImageProcessorPil, path, None)
         side = self.processor.patch_size * self.processor.merge_size
         # Cap the image's token count so image + caption fit the teacher's context budget.
-        self.processor.size = {"shortest_edge": min(self.processor.size["shortest_edge"], image_tokens * side * side),
-                               "longest_edge": image_tokens * side * side}
+        self.processor.size = {
+            "shortest_edge": min(self.processor.size["shortest_edge"], image_tokens * side * side),
+            "longest_edge": image_tokens * side * side,
+        }
         self.ids = {}
         for tok in (IMAGE_PAD, VISION_START, VISION_END, "<|im_start|>", "<|im_end|>"):
             idx = self.tokenizer.convert_tokens_to_ids(tok)
@@ -114,12 +124,7 @@ class QwenVLEncoder:
 
     @torch.no_grad()
     def encode(
-        self,
-        image: Image.Image,
-        caption: str,
-        layers: Sequence[int],
-        max_tokens: int = 1024,
-        pad_to: int | None = None,
+        self, image: Image.Image, caption: str, layers: Sequence[int], max_tokens: int = 1024, pad_to: int | None = None
     ) -> torch.Tensor:
         """(L, len(layers)·hidden) features; hidden states of `layers` concatenated per token (one layer: as is).
 
@@ -129,7 +134,12 @@ class QwenVLEncoder:
         vis = self.processor(images=[image.convert("RGB")], return_tensors="pt")
         grid = vis["image_grid_thw"]
         n_image = int(grid.prod()) // self.processor.merge_size**2
-        prefix = self._ids("<|im_start|>user\n") + [self.ids[VISION_START]] + [self.ids[IMAGE_PAD]] * n_image + [self.ids[VISION_END]]
+        prefix = (
+            self._ids("<|im_start|>user\n")
+            + [self.ids[VISION_START]]
+            + [self.ids[IMAGE_PAD]] * n_image
+            + [self.ids[VISION_END]]
+        )
         suffix = self._ids("<|im_end|>\n<|im_start|>assistant\n")
         limit = pad_to or max_tokens
         room = limit - len(prefix) - len(suffix)

@@ -70,6 +70,7 @@ def plan_spec(model_cfg: Any, hint: str | None = None) -> Any:
 
 # --- LoRA files: what dopsd.lora and dopsd.export need to know of a family, no weights ---------------------------
 
+
 def lora_layout(family: str) -> Any:
     """The family's interchange layout (dopsd.models.base.LoraLayout), or None when only dopsd loads its LoRAs."""
     return family_module(family).lora_layout()

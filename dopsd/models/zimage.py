@@ -20,7 +20,25 @@ from torch import nn
 
 from dopsd.config import ConfigError
 from dopsd.models.base import BaseFacts, CaptionProblem, Context, LoraLayout, Pair
-from dopsd.models.local import DiffusersHooks, ModelFolderError, chat_token_counts, chat_tokens, check_pipeline_folder, check_size, folder_fingerprint, free_memory, load_denoiser, load_part, part_config, read_json, resolve_dtype, stack_or_list, still_loaded, to_pixels, token_limit_problems
+from dopsd.models.local import (
+    DiffusersHooks,
+    ModelFolderError,
+    chat_token_counts,
+    chat_tokens,
+    check_pipeline_folder,
+    check_size,
+    folder_fingerprint,
+    free_memory,
+    load_denoiser,
+    load_part,
+    part_config,
+    read_json,
+    resolve_dtype,
+    stack_or_list,
+    still_loaded,
+    to_pixels,
+    token_limit_problems,
+)
 from dopsd.schedules import dynamic_schedule, shifted_schedule
 
 LABEL = "Z-Image-Turbo"
@@ -34,12 +52,25 @@ QUANTIZE_SKIP = ("t_embedder", "all_x_embedder", "cap_embedder", "all_final_laye
 # The interchange layout is diffusers' own module names: ComfyUI's Z-Image key map accepts them (slicing to_q/to_k/
 # to_v into its fused qkv) and diffusers strips the prefix. Only modules both tools map are listed.
 LORA_LAYOUT = LoraLayout(
-    rows=tuple((name, name, None) for name in (
-        "{blk}.{i}.attention.to_q", "{blk}.{i}.attention.to_k", "{blk}.{i}.attention.to_v",
-        "{blk}.{i}.attention.to_out.0", "{blk}.{i}.feed_forward.w1", "{blk}.{i}.feed_forward.w2",
-        "{blk}.{i}.feed_forward.w3", "{blk}.{i}.adaLN_modulation.0", "all_x_embedder.2-1", "all_final_layer.2-1.linear",
-        "all_final_layer.2-1.adaLN_modulation.1", "cap_embedder.1", "t_embedder.mlp.0", "t_embedder.mlp.2",
-    )),
+    rows=tuple(
+        (name, name, None)
+        for name in (
+            "{blk}.{i}.attention.to_q",
+            "{blk}.{i}.attention.to_k",
+            "{blk}.{i}.attention.to_v",
+            "{blk}.{i}.attention.to_out.0",
+            "{blk}.{i}.feed_forward.w1",
+            "{blk}.{i}.feed_forward.w2",
+            "{blk}.{i}.feed_forward.w3",
+            "{blk}.{i}.adaLN_modulation.0",
+            "all_x_embedder.2-1",
+            "all_final_layer.2-1.linear",
+            "all_final_layer.2-1.adaLN_modulation.1",
+            "cap_embedder.1",
+            "t_embedder.mlp.0",
+            "t_embedder.mlp.2",
+        )
+    ),
     placeholders=(("i", r"\d+"), ("blk", "layers|noise_refiner|context_refiner")),
     sign=r"(^|\.)(layers|noise_refiner|context_refiner)\.\d+\.",
     implementation="diffusers",
@@ -70,7 +101,9 @@ class ZImageAdapter(DiffusersHooks):
                 "reference-image input; use 'vlm' (or 'text' for a caption-only teacher)"
             )
         if cfg.editing:
-            raise ConfigError("model.editing is a FLUX.2-klein mode; Z-Image-Turbo has no editing path: set it to false")
+            raise ConfigError(
+                "model.editing is a FLUX.2-klein mode; Z-Image-Turbo has no editing path: set it to false"
+            )
         self.transformer_config = part_config(ZImageTransformer2DModel, self.folder, "transformer")
         self.vae = load_part(AutoencoderKL, self.folder, "vae", self.dtype).to(self.device).eval().requires_grad_(False)
         self.text_encoder = load_part(Qwen3Model, self.folder, "text_encoder", self.dtype).to(self.device).eval()
@@ -92,13 +125,16 @@ class ZImageAdapter(DiffusersHooks):
         if self._network is None:
             from diffusers import ZImageTransformer2DModel
 
-            network = load_denoiser(ZImageTransformer2DModel, self.folder, self.dtype, self.device,
-                                    self.cfg.quantize, QUANTIZE_SKIP)
+            network = load_denoiser(
+                ZImageTransformer2DModel, self.folder, self.dtype, self.device, self.cfg.quantize, QUANTIZE_SKIP
+            )
             for name in ("x_pad_token", "cap_pad_token"):
                 token = getattr(network, name, None)
                 if token is not None and not torch.isfinite(token).all():
-                    raise ModelFolderError(f"model.pretrained: {self.folder}/transformer: {name} is not finite; the "
-                                           "checkpoint is incomplete: download it again")
+                    raise ModelFolderError(
+                        f"model.pretrained: {self.folder}/transformer: {name} is not finite; the "
+                        "checkpoint is incomplete: download it again"
+                    )
             self._network = network
         return self._network
 
@@ -136,8 +172,13 @@ class ZImageAdapter(DiffusersHooks):
 
             text_encoder = still_loaded(self.text_encoder, "text encoder")
             self._only_on_device(None)  # the text encoder waits on the CPU while the VLM loads and runs
-            self._vlm = QwenVLEncoder(self.cfg.teacher_encoder, text_encoder, self.device, self.dtype,
-                                      image_tokens=self.cfg.teacher_image_tokens)
+            self._vlm = QwenVLEncoder(
+                self.cfg.teacher_encoder,
+                text_encoder,
+                self.device,
+                self.dtype,
+                image_tokens=self.cfg.teacher_image_tokens,
+            )
             print(f"[dopsd] VLM teacher: {self._vlm.report}")
         self._only_on_device(self._vlm.model)
         return self._vlm
@@ -153,8 +194,10 @@ class ZImageAdapter(DiffusersHooks):
         if self.teacher_context == "text":
             return self.student_contexts(captions)
         vlm = self.vlm()
-        return [{"cap_feats": vlm.encode(im, c, layers=(-2,), max_tokens=self.teacher_max_tokens).cpu()}
-                for c, im in zip(captions, images)]
+        return [
+            {"cap_feats": vlm.encode(im, c, layers=(-2,), max_tokens=self.teacher_max_tokens).cpu()}
+            for c, im in zip(captions, images)
+        ]
 
     def collate(self, contexts: list[Context]) -> dict[str, list[torch.Tensor]]:
         return {"cap_feats": [c["cap_feats"].to(self.device, self.dtype) for c in contexts]}
@@ -195,9 +238,14 @@ class ZImageAdapter(DiffusersHooks):
 
     def cache_fingerprint(self) -> dict[str, Any]:
         """Settings that change cached contexts but are not in the config's model section."""
-        return {"adapter_version": 1, "teacher_max_tokens": self.teacher_max_tokens,
-                "teacher_image_tokens": self.cfg.teacher_image_tokens, "layers": [-2],
-                "weights": folder_fingerprint(self.folder), "teacher_weights": folder_fingerprint(self.cfg.teacher_encoder)}
+        return {
+            "adapter_version": 1,
+            "teacher_max_tokens": self.teacher_max_tokens,
+            "teacher_image_tokens": self.cfg.teacher_image_tokens,
+            "layers": [-2],
+            "weights": folder_fingerprint(self.folder),
+            "teacher_weights": folder_fingerprint(self.cfg.teacher_encoder),
+        }
 
     def default_lora_targets(self) -> list[str]:
         return list(LORA_TARGETS)
@@ -216,8 +264,13 @@ class ZImageAdapter(DiffusersHooks):
         from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
 
         scheduler = load_part(FlowMatchEulerDiscreteScheduler, self.folder, "scheduler")
-        return ZImagePipeline(scheduler=scheduler, vae=self.vae, text_encoder=still_loaded(self.text_encoder, "text encoder"),
-                              tokenizer=self.tokenizer, transformer=transformer or self.network)
+        return ZImagePipeline(
+            scheduler=scheduler,
+            vae=self.vae,
+            text_encoder=still_loaded(self.text_encoder, "text encoder"),
+            tokenizer=self.tokenizer,
+            transformer=transformer or self.network,
+        )
 
     @property
     def pipeline_class(self):
@@ -233,6 +286,7 @@ def caption_limit(axes_lens: list[int]) -> int:
 
 
 # --- the family's module-level functions (dopsd.models.base.FamilyModule) -------------------------------------
+
 
 def load(cfg: Any, device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None) -> ZImageAdapter:
     return ZImageAdapter(cfg, device, dtype)
@@ -275,5 +329,6 @@ def base_facts(network: nn.Module | None = None, lora: Mapping[str, Pair] | None
     if size is None:
         return None
     known = VARIANTS.get(size)
-    return BaseFacts(*(known or (f"Z-Image ({size[0]} layers, width {size[1]}; not a published size)", "Z-Image",
-                                 "z_image")))
+    return BaseFacts(
+        *(known or (f"Z-Image ({size[0]} layers, width {size[1]}; not a published size)", "Z-Image", "z_image"))
+    )

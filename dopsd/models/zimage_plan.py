@@ -50,15 +50,30 @@ def plan_spec(cfg: Any, hint: str | None = None) -> PlanSpec:
         out = []
         for who, n in (("student caption", s_tokens), ("teacher context", t_tokens)):
             frame = pad32(n) + 1
-            out.append(PlanCheck(f"RoPE frame axis, {who}", frame < axis0,
-                                 f"{n} tokens (padded {pad32(n)}) put the image at frame index {frame}; table "
-                                 f"axes_lens[0]={axis0} (longest caption {longest} tokens)"))
+            out.append(
+                PlanCheck(
+                    f"RoPE frame axis, {who}",
+                    frame < axis0,
+                    f"{n} tokens (padded {pad32(n)}) put the image at frame index {frame}; table "
+                    f"axes_lens[0]={axis0} (longest caption {longest} tokens)",
+                )
+            )
         gh, gw = h // scale // 2, w // scale // 2
         lens = tc["axes_lens"]
-        out.append(PlanCheck("RoPE height/width axes", gh <= lens[1] and gw <= lens[2],
-                             f"{gh}x{gw} image tokens vs tables {lens[1]}x{lens[2]}"))
-        out.append(PlanCheck("text encoder positions", s_tokens <= int(te.get("max_position_embeddings", 40960)),
-                             f"{s_tokens} tokens vs max_position_embeddings {te.get('max_position_embeddings')}"))
+        out.append(
+            PlanCheck(
+                "RoPE height/width axes",
+                gh <= lens[1] and gw <= lens[2],
+                f"{gh}x{gw} image tokens vs tables {lens[1]}x{lens[2]}",
+            )
+        )
+        out.append(
+            PlanCheck(
+                "text encoder positions",
+                s_tokens <= int(te.get("max_position_embeddings", 40960)),
+                f"{s_tokens} tokens vs max_position_embeddings {te.get('max_position_embeddings')}",
+            )
+        )
         return out
 
     steps = cfg.inference_steps if cfg.inference_steps is not None else STEPS
@@ -71,21 +86,42 @@ def plan_spec(cfg: Any, hint: str | None = None) -> PlanSpec:
     }
     # As the adapter runs caching: the VAE from the start, one large encoder on the device at a time (the VLM
     # takes over from the text encoder), the transformer only after all of them.
-    stages = [PlanStage("text features (Qwen3, 8 captions)", ("text_encoder",), ("text_encoder", "vae"),
-                        qwen_text_plan_run(s_tokens))]
+    stages = [
+        PlanStage(
+            "text features (Qwen3, 8 captions)",
+            ("text_encoder",),
+            ("text_encoder", "vae"),
+            qwen_text_plan_run(s_tokens),
+        )
+    ]
     sources = {p: source for p in parts}
     notes = [f"student caption features: {s_tokens} tokens assumed (real captions are shorter; padding is removed)"]
     if vlm_teacher:
         build, run, vsource = qwen_vl_plan(cfg.teacher_encoder, dtype, t_tokens)
         parts["vlm"], sources["vlm"] = build, vsource
         stages.append(PlanStage("teacher features (Qwen3-VL, 1 image)", ("vlm",), ("vlm", "vae"), run, "teacher"))
-        notes.append(f"teacher context: image + caption up to {t_tokens} tokens (model.teacher_max_tokens); "
-                     "the VLM's vision tower activations are not run (weights counted)")
+        notes.append(
+            f"teacher context: image + caption up to {t_tokens} tokens (model.teacher_max_tokens); "
+            "the VLM's vision tower activations are not run (weights counted)"
+        )
     last = "vlm" if vlm_teacher else "text_encoder"  # the encoder that ran last stays on the device meanwhile
-    stages.append(PlanStage("SFT latents (VAE encode, 1 image)", ("vae",), (last, "vae"), vae_plan_run(dtype), "latents"))
+    stages.append(
+        PlanStage("SFT latents (VAE encode, 1 image)", ("vae",), (last, "vae"), vae_plan_run(dtype), "latents")
+    )
     return PlanSpec(
-        label="Z-Image-Turbo", dtype=dtype, parts=parts, depth={"n_layers": int(tc["n_layers"])},
-        lora_targets=list(LORA_TARGETS), latent_shape=latent_shape, student=call(s_tokens), teacher=call(t_tokens),
+        label="Z-Image-Turbo",
+        dtype=dtype,
+        parts=parts,
+        depth={"n_layers": int(tc["n_layers"])},
+        lora_targets=list(LORA_TARGETS),
+        latent_shape=latent_shape,
+        student=call(s_tokens),
+        teacher=call(t_tokens),
         velocity=lambda net, x, s, c: ZImageAdapter.velocity(SimpleNamespace(dtype=dtype), net, x, s, c),
-        rollout_steps=k, caching=stages, kept_while_training=("vae",), checks=checks, sources=sources, notes=notes,
+        rollout_steps=k,
+        caching=stages,
+        kept_while_training=("vae",),
+        checks=checks,
+        sources=sources,
+        notes=notes,
     )

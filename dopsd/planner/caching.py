@@ -28,8 +28,9 @@ def caching_peaks(spec: Any, choice: Any, target: str = "gpu") -> dict[str, Any]
 
     stages = []
     for stage in spec.caching:
-        parts = {n: build_meta(lambda n=n: spec.parts[n]({}), spec.dtype).eval().requires_grad_(False)
-                 for n in stage.uses}
+        parts = {
+            n: build_meta(lambda n=n: spec.parts[n]({}), spec.dtype).eval().requires_grad_(False) for n in stage.uses
+        }
         mode = new_mode()  # fake CPU tensors: transformers' mask helpers read values that meta tensors lack
         for m in parts.values():
             to_fake(m, mode)
@@ -39,10 +40,22 @@ def caching_peaks(spec: Any, choice: Any, target: str = "gpu") -> dict[str, Any]
                 stage.run(parts, choice.height, choice.width)
         loaded = sum(part_bytes(n) for n in stage.resident)
         own = sum(part_bytes(n) for n in stage.uses)
-        stages.append({"name": stage.name, "needed_by": stage.needed_by, "loaded": list(stage.resident),
-                       "weights_gb": loaded / GiB, "activations_gb": tr.peak / GiB, "peak": loaded + tr.peak,
-                       "peak_gb": (loaded + tr.peak) / GiB, "sequential_peak_gb": (own + tr.peak) / GiB})
+        stages.append(
+            {
+                "name": stage.name,
+                "needed_by": stage.needed_by,
+                "loaded": list(stage.resident),
+                "weights_gb": loaded / GiB,
+                "activations_gb": tr.peak / GiB,
+                "peak": loaded + tr.peak,
+                "peak_gb": (loaded + tr.peak) / GiB,
+                "sequential_peak_gb": (own + tr.peak) / GiB,
+            }
+        )
     peak = max((s["peak"] for s in stages), default=0)
-    return {"stages": stages, "peak_gb": peak / GiB,
-            "sequential_peak_gb": max((s["sequential_peak_gb"] for s in stages), default=0.0),
-            "part_weights_gb": {n: b / GiB for n, b in weights.items()}}
+    return {
+        "stages": stages,
+        "peak_gb": peak / GiB,
+        "sequential_peak_gb": max((s["sequential_peak_gb"] for s in stages), default=0.0),
+        "part_weights_gb": {n: b / GiB for n, b in weights.items()},
+    }

@@ -115,6 +115,7 @@ class LiveBytes(TorchDispatchMode):
             if entry is not None and entry[0] is ref:
                 del self.refs[key]
                 self.current -= entry[1]
+
         return callback
 
     def _track(self, t: torch.Tensor) -> None:
@@ -149,7 +150,8 @@ def _fused_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fals
     if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
         attn_mask = attn_mask.to(query.dtype)
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
+        query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale
+    )[0]
 
 
 @contextlib.contextmanager

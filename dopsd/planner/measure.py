@@ -118,8 +118,17 @@ def _optimizer(params: list[nn.Parameter], setting: Setting, eight_bit: bool) ->
     return torch.optim.AdamW(params, lr=1e-4, foreach=True if setting.target == "gpu" else None)
 
 
-def rollout_state(student: Any, teacher: Any, state: torch.Tensor, s_ctx: Any, t_ctx: Any, tr: Window,
-                  sigma: float = 1.0, next_sigma: float = 0.5, steps: int = 4) -> dict[str, float]:
+def rollout_state(
+    student: Any,
+    teacher: Any,
+    state: torch.Tensor,
+    s_ctx: Any,
+    t_ctx: Any,
+    tr: Window,
+    sigma: float = 1.0,
+    next_sigma: float = 0.5,
+    steps: int = 4,
+) -> dict[str, float]:
     """One iteration of dopsd_loss's loop with per-step backward (x0-space loss), op for op (dopsd_loss itself
     reads values, e.g. float(σ), that fake tensors lack); the teacher and student parts measured apart. `state`
     is a roll-out state after the first (its own tensor; the caller still holds the initial noise)."""
@@ -137,8 +146,14 @@ def rollout_state(student: Any, teacher: Any, state: torch.Tensor, s_ctx: Any, t
         (step_loss / steps).backward()
     (bc * (v_student - v_teacher)).detach().abs().mean()  # the step's gap statistic
     x + (next_sigma - sigma) * v_student.detach()  # the roll-out's Euler step
-    return {"teacher_peak": t_win["peak"], "teacher_flops": t_win["flops"], "student_peak": s_win["peak"],
-            "student_fwd_flops": forward, "before_teacher": before_teacher, "before_student": before_student}
+    return {
+        "teacher_peak": t_win["peak"],
+        "teacher_flops": t_win["flops"],
+        "student_peak": s_win["peak"],
+        "student_fwd_flops": forward,
+        "before_teacher": before_teacher,
+        "before_student": before_student,
+    }
 
 
 def _device(setting: Setting) -> str:
@@ -147,8 +162,9 @@ def _device(setting: Setting) -> str:
     return "meta" if setting.target == "gpu" and setting.mixed_precision == "no" else "cpu"
 
 
-def measure_point(spec: Any, setting: Setting, overrides: dict[str, int], eight_bit: bool = False,
-                  phases: tuple[str, ...] = PHASES) -> dict[str, Phase]:
+def measure_point(
+    spec: Any, setting: Setting, overrides: dict[str, int], eight_bit: bool = False, phases: tuple[str, ...] = PHASES
+) -> dict[str, Phase]:
     """The phases of one step on the denoiser built with `overrides` (depth). With the same batch for prior
     preservation as for the main term, the prior phase is not run: its peak is bounded by the roll-out's (the
     teacher then reads the shorter caption-only context) and its FLOPs are a student forward+backward and a
@@ -167,7 +183,7 @@ def measure_point(spec: Any, setting: Setting, overrides: dict[str, int], eight_
     h, w, b = setting.height, setting.width, setting.batch
     shape = spec.latent_shape(h, w)
     student_call, teacher_call = spec.student(h, w), spec.teacher(h, w)
-    velocity = lambda net: (lambda x, s, c: spec.velocity(net, x, s, c))  # noqa: E731
+    velocity = lambda net: lambda x, s, c: spec.velocity(net, x, s, c)  # noqa: E731
     out: dict[str, Phase] = {}
     scope = mode if mode is not None else torch.device("meta")
     with scope, fused_attention(gpu):
@@ -246,8 +262,16 @@ def depth_points(spec: Any) -> list[dict[str, int]]:
     return [base] + [{**base, k: base[k] + 1} for k in spec.depth]
 
 
-PHASE_FIELDS = ("peak", "flops", "teacher_peak", "student_peak", "teacher_flops", "student_fwd_flops",
-                "before_teacher", "before_student")
+PHASE_FIELDS = (
+    "peak",
+    "flops",
+    "teacher_peak",
+    "student_peak",
+    "teacher_flops",
+    "student_fwd_flops",
+    "before_teacher",
+    "before_student",
+)
 
 
 def extrapolate(spec: Any, points: list[dict[str, Phase]]) -> dict[str, Phase]:
@@ -263,7 +287,7 @@ def extrapolate(spec: Any, points: list[dict[str, Phase]]) -> dict[str, Phase]:
         fields = {}
         for f in PHASE_FIELDS:
             v = getattr(p0, f)
-            for (knob, full), pk in zip(spec.depth.items(), points[1:]):
+            for (_knob, full), pk in zip(spec.depth.items(), points[1:]):
                 b = min(BASE_DEPTH, full)
                 v += (full - b) * (getattr(pk[name], f) - getattr(p0, f))
             fields[f] = v
@@ -279,8 +303,9 @@ def full_depth_params(spec: Any) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
-def measure(spec: Any, setting: Setting, eight_bit: bool = False, exact: bool | None = None,
-            phases: tuple[str, ...] = PHASES) -> dict[str, Phase]:
+def measure(
+    spec: Any, setting: Setting, eight_bit: bool = False, exact: bool | None = None, phases: tuple[str, ...] = PHASES
+) -> dict[str, Phase]:
     """Every phase at the full depth: measured whole (small networks, or exact=True) or extrapolated."""
     if exact is None:
         exact = not spec.depth or full_depth_params(spec) < FULL_DEPTH_BELOW

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dopsd.planner.measure import PHASES, Phase, Setting, build_denoiser, full_depth_params, measure
-from dopsd.planner.resident import GiB, QUANTIZE, Resident, count, module_bytes
+from dopsd.planner.resident import QUANTIZE, GiB, Resident, count, module_bytes
 
 METHODS = ("sft", "dopsd", "dopsd_prior")
 CARDS = (16, 24, 48, 80)  # GiB
@@ -52,9 +52,11 @@ class Choice:
 
     def label(self) -> str:
         lora = f"LoRA r{self.lora_rank}" if self.lora_rank else "full fine-tune"
-        return (f"{self.height}x{self.width}, batch {self.batch}, {lora}, "
-                f"{'GC' if self.gradient_checkpointing else 'no GC'}, "
-                f"{'8-bit AdamW' if self.eight_bit else 'AdamW'}, base {self.quantize}")
+        return (
+            f"{self.height}x{self.width}, batch {self.batch}, {lora}, "
+            f"{'GC' if self.gradient_checkpointing else 'no GC'}, "
+            f"{'8-bit AdamW' if self.eight_bit else 'AdamW'}, base {self.quantize}"
+        )
 
 
 @dataclass
@@ -74,7 +76,9 @@ class Planner:
         if not hasattr(self, "_gc"):
             from dopsd.planner.fake import build_meta
 
-            net = build_meta(lambda: self.spec.parts[self.spec.denoiser]({k: 1 for k in self.spec.depth}), self.spec.dtype)
+            net = build_meta(
+                lambda: self.spec.parts[self.spec.denoiser]({k: 1 for k in self.spec.depth}), self.spec.dtype
+            )
             self._gc = bool(getattr(net, "_supports_gradient_checkpointing", False))
         return self._gc
 
@@ -82,10 +86,17 @@ class Planner:
         cfg, lora = self.cfg, self.cfg.lora
         targets = lora.targets or self.spec.lora_targets
         return Setting(
-            height=c.height, width=c.width, batch=c.batch, prior_batch=cfg.method.prior_batch_size,
-            gradient_checkpointing=c.gradient_checkpointing, lora_rank=c.lora_rank, lora_alpha=lora.alpha,
-            lora_targets=tuple(targets) if isinstance(targets, list) else targets, target=self.target,
-            mixed_precision=cfg.train.mixed_precision, teacher=cfg.method.teacher,
+            height=c.height,
+            width=c.width,
+            batch=c.batch,
+            prior_batch=cfg.method.prior_batch_size,
+            gradient_checkpointing=c.gradient_checkpointing,
+            lora_rank=c.lora_rank,
+            lora_alpha=lora.alpha,
+            lora_targets=tuple(targets) if isinstance(targets, list) else targets,
+            target=self.target,
+            mixed_precision=cfg.train.mixed_precision,
+            teacher=cfg.method.teacher,
         )
 
     def measured(self, c: Choice) -> dict[str, Phase]:
@@ -104,13 +115,16 @@ class Planner:
             if self.kept_bytes is None:
                 from dopsd.planner.fake import build_meta
 
-                self.kept_bytes = sum(module_bytes(build_meta(lambda p=p: self.spec.parts[p]({}), self.spec.dtype))
-                                      for p in self.spec.kept_while_training)
+                self.kept_bytes = sum(
+                    module_bytes(build_meta(lambda p=p: self.spec.parts[p]({}), self.spec.dtype))
+                    for p in self.spec.kept_while_training
+                )
             net = build_denoiser(self.spec, self.setting(c), {})
             m = self.cfg.method
             prior_separate = m.teacher != "base"
-            self.residents[key] = count(net, self.spec.dtype, c.quantize, c.eight_bit, m.teacher, prior_separate,
-                                        self.kept_bytes)
+            self.residents[key] = count(
+                net, self.spec.dtype, c.quantize, c.eight_bit, m.teacher, prior_separate, self.kept_bytes
+            )
         return self.residents[key]
 
     def peaks(self, c: Choice) -> dict[str, dict[str, float]]:
@@ -123,11 +137,16 @@ class Planner:
         terms = {
             "sft": (base, max(get("sft") + scratch, optim), get("sft")),
             "dopsd": (base + r.ema, max(g + get("rollout") + scratch, optim), get("rollout")),
-            "dopsd_prior": (base + r.ema + r.prior, max(g + get("rollout") + scratch, g + get("prior") + scratch, optim),
-                            max(get("rollout"), get("prior"))),
+            "dopsd_prior": (
+                base + r.ema + r.prior,
+                max(g + get("rollout") + scratch, g + get("prior") + scratch, optim),
+                max(get("rollout"), get("prior")),
+            ),
         }
-        return {name: {"peak": res + step, "resident": res, "step": step, "activations": act}
-                for name, (res, step, act) in terms.items()}
+        return {
+            name: {"peak": res + step, "resident": res, "step": step, "activations": act}
+            for name, (res, step, act) in terms.items()
+        }
 
 
 def choice_from_config(cfg: Any, quantize: str | None = None) -> Choice:
@@ -139,10 +158,19 @@ def choice_from_config(cfg: Any, quantize: str | None = None) -> Choice:
     if q != "none" and not cfg.lora.enabled:
         from dopsd.config import ConfigError
 
-        raise ConfigError(f"a quantized frozen base ({q}) needs LoRA (lora.enabled=true): a full fine-tune trains, "
-                          "and so keeps unquantized, every weight")
-    return Choice(cfg.model.height, cfg.model.width, cfg.train.batch_size, cfg.train.gradient_checkpointing,
-                  cfg.lora.rank if cfg.lora.enabled else None, cfg.optim.eight_bit, q)
+        raise ConfigError(
+            f"a quantized frozen base ({q}) needs LoRA (lora.enabled=true): a full fine-tune trains, "
+            "and so keeps unquantized, every weight"
+        )
+    return Choice(
+        cfg.model.height,
+        cfg.model.width,
+        cfg.train.batch_size,
+        cfg.train.gradient_checkpointing,
+        cfg.lora.rank if cfg.lora.enabled else None,
+        cfg.optim.eight_bit,
+        q,
+    )
 
 
 def compute(planner: Planner, c: Choice) -> dict[str, Any]:
@@ -152,34 +180,52 @@ def compute(planner: Planner, c: Choice) -> dict[str, Any]:
     r, p = ph["rollout"], ph["prior"]
     s_fb, t_f = r.flops - r.teacher_flops, r.teacher_flops
     prior = p.flops
-    per = {"sft": ph["sft"].flops * accum, "dopsd": k * (s_fb + t_f) * accum,
-           "dopsd_prior": k * (s_fb + t_f + prior) * accum}
+    per = {
+        "sft": ph["sft"].flops * accum,
+        "dopsd": k * (s_fb + t_f) * accum,
+        "dopsd_prior": k * (s_fb + t_f + prior) * accum,
+    }
     t = lambda x: x / 1e12  # noqa: E731
     unit, div = next((u, d) for u, d in (("TFLOPs", 1e12), ("GFLOPs", 1e9), ("MFLOPs", 1e6)) if s_fb >= d or d == 1e6)
     f = lambda x: f"{x / div:.1f}"  # noqa: E731
-    formula = (f"D-OPSD/SFT = K*(S_fb + T_f)/S_fb = {k}*({f(s_fb)} + {f(t_f)})/{f(s_fb)} = "
-               f"{per['dopsd'] / per['sft']:.2f}   ({unit}; S_fb: student forward+backward"
-               f"{' incl. the recomputed forward' if c.gradient_checkpointing else ''}, T_f: teacher forward, "
-               f"K={k} roll-out states; with prior preservation K*(S'_fb + S'_f) = {k}*{f(prior)} more"
-               f"{f', x{accum} micro-batches' if accum > 1 else ''})")
-    return {"K": k, "student_fwd_bwd_tflops": t(s_fb), "student_fwd_tflops": t(r.student_fwd_flops),
-            "teacher_fwd_tflops": t(t_f), "prior_state_tflops": t(prior), "per_step_tflops": {m: t(v) for m, v in per.items()},
-            "ratio_dopsd_sft": per["dopsd"] / per["sft"], "ratio_dopsd_prior_sft": per["dopsd_prior"] / per["sft"],
-            "formula": formula, "gradient_accumulation": accum}
+    formula = (
+        f"D-OPSD/SFT = K*(S_fb + T_f)/S_fb = {k}*({f(s_fb)} + {f(t_f)})/{f(s_fb)} = "
+        f"{per['dopsd'] / per['sft']:.2f}   ({unit}; S_fb: student forward+backward"
+        f"{' incl. the recomputed forward' if c.gradient_checkpointing else ''}, T_f: teacher forward, "
+        f"K={k} roll-out states; with prior preservation K*(S'_fb + S'_f) = {k}*{f(prior)} more"
+        f"{f', x{accum} micro-batches' if accum > 1 else ''})"
+    )
+    return {
+        "K": k,
+        "student_fwd_bwd_tflops": t(s_fb),
+        "student_fwd_tflops": t(r.student_fwd_flops),
+        "teacher_fwd_tflops": t(t_f),
+        "prior_state_tflops": t(prior),
+        "per_step_tflops": {m: t(v) for m, v in per.items()},
+        "ratio_dopsd_sft": per["dopsd"] / per["sft"],
+        "ratio_dopsd_prior_sft": per["dopsd_prior"] / per["sft"],
+        "formula": formula,
+        "gradient_accumulation": accum,
+    }
 
 
 def fits(peak: float, card: int) -> bool:
     return peak + CUDA_CONTEXT <= card * GiB
 
 
-def plan(cfg: Any, quantize: str | None = None, target: str = "gpu", search: bool = True, exact: bool | None = None,
-         hint: str | None = None) -> dict[str, Any]:
+def plan(
+    cfg: Any,
+    quantize: str | None = None,
+    target: str = "gpu",
+    search: bool = True,
+    exact: bool | None = None,
+    hint: str | None = None,
+) -> dict[str, Any]:
     """The full prediction for one config (see the module docstring); a dict ready for JSON."""
+    from dopsd.config import ConfigError
     from dopsd.models.registry import plan_spec
     from dopsd.planner.caching import caching_peaks
     from dopsd.planner.search import suggestions
-
-    from dopsd.config import ConfigError
 
     started = time.time()
     try:
@@ -203,14 +249,21 @@ def plan(cfg: Any, quantize: str | None = None, target: str = "gpu", search: boo
         run_peak = max(p["peak"], cache_peak)
         ph = planner.measured(c)["rollout" if name != "sft" else "sft"]
         entry = {
-            "peak_gb": p["peak"] / GiB, "run_peak_gb": run_peak / GiB, "caching_peak_gb": cache_peak / GiB,
+            "peak_gb": p["peak"] / GiB,
+            "run_peak_gb": run_peak / GiB,
+            "caching_peak_gb": cache_peak / GiB,
             "tflops_per_step": flops["per_step_tflops"][name],
             "fits": {str(card): fits(run_peak, card) for card in CARDS},
             "breakdown_gb": {
-                "frozen_weights": r.frozen / GiB, "trainable_weights": r.trainable / GiB, "gradients": r.grads / GiB,
-                "optimizer_state": r.optimizer / GiB, "ema_teacher": (r.ema if name != "sft" else 0) / GiB,
-                "prior_shadow": (r.prior if name == "dopsd_prior" else 0) / GiB, "kept_parts": r.kept / GiB,
-                "step_peak_above_resident": p["step"] / GiB, "activations": p["activations"] / GiB,
+                "frozen_weights": r.frozen / GiB,
+                "trainable_weights": r.trainable / GiB,
+                "gradients": r.grads / GiB,
+                "optimizer_state": r.optimizer / GiB,
+                "ema_teacher": (r.ema if name != "sft" else 0) / GiB,
+                "prior_shadow": (r.prior if name == "dopsd_prior" else 0) / GiB,
+                "kept_parts": r.kept / GiB,
+                "step_peak_above_resident": p["step"] / GiB,
+                "activations": p["activations"] / GiB,
                 "dequant_scratch": r.quant_scratch / GiB,
             },
             "student_fwd_bwd_gb": ph.student_peak / GiB,
@@ -223,17 +276,34 @@ def plan(cfg: Any, quantize: str | None = None, target: str = "gpu", search: boo
             entry["peak_" + key.replace("activations_", "")] = other_peaks[name]["peak"] / GiB
         methods[name] = entry
     result = {
-        "model": spec.label, "family": cfg.model.family, "resolution": [c.height, c.width], "batch": c.batch,
-        "settings": {"lora_rank": c.lora_rank, "gradient_checkpointing": c.gradient_checkpointing,
-                     "optimizer": "adamw8bit" if c.eight_bit else "adamw", "quantize": c.quantize,
-                     "dtype": cfg.model.dtype, "mixed_precision": cfg.train.mixed_precision,
-                     "teacher": cfg.method.teacher, "prior_batch": cfg.method.prior_batch_size, "target": target},
+        "model": spec.label,
+        "family": cfg.model.family,
+        "resolution": [c.height, c.width],
+        "batch": c.batch,
+        "settings": {
+            "lora_rank": c.lora_rank,
+            "gradient_checkpointing": c.gradient_checkpointing,
+            "optimizer": "adamw8bit" if c.eight_bit else "adamw",
+            "quantize": c.quantize,
+            "dtype": cfg.model.dtype,
+            "mixed_precision": cfg.train.mixed_precision,
+            "teacher": cfg.method.teacher,
+            "prior_batch": cfg.method.prior_batch_size,
+            "target": target,
+        },
         "params": {"denoiser": r.total_params, "trainable": r.trainable_params},
-        "sequence": {"student": spec.student(c.height, c.width).tokens, "teacher": spec.teacher(c.height, c.width).tokens},
-        "methods": methods, "compute": flops, "caching": caching,
+        "sequence": {
+            "student": spec.student(c.height, c.width).tokens,
+            "teacher": spec.teacher(c.height, c.width).tokens,
+        },
+        "methods": methods,
+        "compute": flops,
+        "caching": caching,
         "checks": [vars(x) for x in spec.checks(c.height, c.width)],
         "measured": measured_note(spec, planner.exact),
-        "sources": spec.sources, "notes": spec.notes, "unseen": UNSEEN if target == "gpu" else [],
+        "sources": spec.sources,
+        "notes": spec.notes,
+        "unseen": UNSEEN if target == "gpu" else [],
     }
     if search:
         result["suggestions"] = suggestions(planner, c, caching)
@@ -245,5 +315,7 @@ def measured_note(spec: Any, exact: bool | None) -> str:
     if exact or not spec.depth or full_depth_params(spec) < 100_000_000:
         return "every phase measured on the whole network"
     knobs = ", ".join(f"{k}={v}" for k, v in spec.depth.items())
-    return (f"phases measured with 2 and 3 blocks of each repeated kind and extrapolated linearly to {knobs} "
-            "(identical blocks save and compute the same); resident bytes counted on the full network")
+    return (
+        f"phases measured with 2 and 3 blocks of each repeated kind and extrapolated linearly to {knobs} "
+        "(identical blocks save and compute the same); resident bytes counted on the full network"
+    )

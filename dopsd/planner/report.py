@@ -7,10 +7,16 @@ from typing import Any
 from dopsd.planner.plan import CARDS, METHODS
 
 ROWS = [
-    ("frozen weights", "frozen_weights"), ("trainable weights", "trainable_weights"), ("gradients", "gradients"),
-    ("optimizer state", "optimizer_state"), ("EMA teacher shadow", "ema_teacher"), ("prior shadow", "prior_shadow"),
-    ("parts kept loaded (VAE)", "kept_parts"), ("step peak above resident", "step_peak_above_resident"),
-    ("  of it activations", "activations"), ("  dequantization scratch", "dequant_scratch"),
+    ("frozen weights", "frozen_weights"),
+    ("trainable weights", "trainable_weights"),
+    ("gradients", "gradients"),
+    ("optimizer state", "optimizer_state"),
+    ("EMA teacher shadow", "ema_teacher"),
+    ("prior shadow", "prior_shadow"),
+    ("parts kept loaded (VAE)", "kept_parts"),
+    ("step peak above resident", "step_peak_above_resident"),
+    ("  of it activations", "activations"),
+    ("  dequantization scratch", "dequant_scratch"),
 ]
 
 
@@ -47,20 +53,37 @@ def text(plan: dict[str, Any]) -> str:
     lines.append(row("feature caching peak", [m[x]["caching_peak_gb"] for x in METHODS]))
     lines.append(row("run peak (max of the two)", [m[x]["run_peak_gb"] for x in METHODS]))
     for card in CARDS:
-        lines.append(_row(f"fits {card} GiB (+1 GiB CUDA context)",
-                          ["yes" if m[x]["fits"][str(card)] else "no" for x in METHODS]))
+        lines.append(
+            _row(
+                f"fits {card} GiB (+1 GiB CUDA context)", ["yes" if m[x]["fits"][str(card)] else "no" for x in METHODS]
+            )
+        )
     c = plan["compute"]
-    lines += ["", "Compute per optimizer step (counted on the real architecture): "
-              + ", ".join(f"{x} {c['per_step_tflops'][x] * 1e12:.3g} FLOPs" for x in METHODS), "  " + c["formula"]]
-    lines += ["", "Feature caching, before training (one encoder at a time beside the VAE, the denoiser loaded "
-              "after; 'alone' = only the stage's own parts):"]
+    lines += [
+        "",
+        "Compute per optimizer step (counted on the real architecture): "
+        + ", ".join(f"{x} {c['per_step_tflops'][x] * 1e12:.3g} FLOPs" for x in METHODS),
+        "  " + c["formula"],
+    ]
+    lines += [
+        "",
+        "Feature caching, before training (one encoder at a time beside the VAE, the denoiser loaded "
+        "after; 'alone' = only the stage's own parts):",
+    ]
     for st in plan["caching"]["stages"]:
-        lines.append(f"  {st['name']}: {' + '.join(st['loaded'])} = {st['weights_gb'] * scale:.2f} + activations "
-                     f"{st['activations_gb'] * scale:.2f} = {st['peak_gb'] * scale:.2f} {unit} "
-                     f"(alone: {st['sequential_peak_gb'] * scale:.2f})")
+        lines.append(
+            f"  {st['name']}: {' + '.join(st['loaded'])} = {st['weights_gb'] * scale:.2f} + activations "
+            f"{st['activations_gb'] * scale:.2f} = {st['peak_gb'] * scale:.2f} {unit} "
+            f"(alone: {st['sequential_peak_gb'] * scale:.2f})"
+        )
     seq = plan["sequence"]
-    lines += ["", "Sequence (tokens): student " + ", ".join(f"{k} {v}" for k, v in seq["student"].items())
-              + "; teacher " + ", ".join(f"{k} {v}" for k, v in seq["teacher"].items())]
+    lines += [
+        "",
+        "Sequence (tokens): student "
+        + ", ".join(f"{k} {v}" for k, v in seq["student"].items())
+        + "; teacher "
+        + ", ".join(f"{k} {v}" for k, v in seq["teacher"].items()),
+    ]
     for chk in plan["checks"]:
         lines.append(f"  {'ok  ' if chk['ok'] else 'FAIL'} {chk['what']}: {chk['detail']}")
     if any(plan.get("suggestions", {}).values()):
@@ -72,8 +95,10 @@ def text(plan: dict[str, Any]) -> str:
                 elif found.get("changes") is None:
                     lines.append(f"  {method} on {card} GiB: {found['reason']}")
                 else:
-                    lines.append(f"  {method} on {card} GiB: {' '.join(found['changes'])} -> training "
-                                 f"{found['peak_gb']:.2f}, caching {found['caching_peak_gb']:.2f} GiB")
+                    lines.append(
+                        f"  {method} on {card} GiB: {' '.join(found['changes'])} -> training "
+                        f"{found['peak_gb']:.2f}, caching {found['caching_peak_gb']:.2f} GiB"
+                    )
     lines += ["", f"How: {plan['measured']}."]
     for note in plan["notes"]:
         lines.append(f"Note: {note}")

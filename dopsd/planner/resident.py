@@ -75,8 +75,15 @@ class Resident:
     total_params: int
 
 
-def count(network: nn.Module, dtype: torch.dtype, quantize: str, eight_bit: bool, teacher: str,
-          prior_separate: bool, kept_bytes: int) -> Resident:
+def count(
+    network: nn.Module,
+    dtype: torch.dtype,
+    quantize: str,
+    eight_bit: bool,
+    teacher: str,
+    prior_separate: bool,
+    kept_bytes: int,
+) -> Resident:
     """Resident bytes of a prepared (LoRA-injected or fully trainable) full-size meta network."""
     linear_weights = {id(m.weight): m for m in network.modules() if isinstance(m, nn.Linear)}
     frozen = trainable = scratch = params = 0
@@ -98,10 +105,16 @@ def count(network: nn.Module, dtype: torch.dtype, quantize: str, eight_bit: bool
     frozen += sum(b.numel() * b.element_size() for b in network.buffers())
     shadow = 0 if teacher == "live" else trainable
     return Resident(
-        frozen=frozen, trainable=trainable, grads=trainable,
-        optimizer=adamw_state_bytes(train_list, eight_bit), ema=shadow,
-        prior=trainable if prior_separate else 0, kept=kept_bytes, quant_scratch=scratch,
-        trainable_params=sum(p.numel() for p in train_list), total_params=params,
+        frozen=frozen,
+        trainable=trainable,
+        grads=trainable,
+        optimizer=adamw_state_bytes(train_list, eight_bit),
+        ema=shadow,
+        prior=trainable if prior_separate else 0,
+        kept=kept_bytes,
+        quant_scratch=scratch,
+        trainable_params=sum(p.numel() for p in train_list),
+        total_params=params,
     )
 
 

@@ -30,8 +30,9 @@ def _options(planner: Any, c: Any, shape: bool) -> list[list[tuple[str, dict[str
         kinds.append([("optim.eight_bit=true", {"eight_bit": True})])
     if c.lora_rank is not None:
         levels = {"none": 0, "int8": 1, "float8": 1, "nf4": 2}
-        kinds.append([(f"model.quantize={q}", {"quantize": q}) for q in ("int8", "nf4")
-                      if levels[q] > levels[c.quantize]])
+        kinds.append(
+            [(f"model.quantize={q}", {"quantize": q}) for q in ("int8", "nf4") if levels[q] > levels[c.quantize]]
+        )
         kinds.append([(f"lora.rank={r}", {"lora_rank": r}) for r in (32, 16) if r < c.lora_rank])
     else:
         kinds.append([("lora.enabled=true lora.rank=64", {"lora_rank": 64})])
@@ -78,8 +79,9 @@ def suggestions(planner: Any, c: Any, caching: dict[str, Any]) -> dict[str, Any]
     def cache_peak(choice: Any, method: str) -> float:
         key = f"{choice.quantize}"
         if key not in cache_cache:
-            cache_cache[key] = caching_peaks(planner.spec, choice, planner.target) if choice.quantize != c.quantize \
-                else caching
+            cache_cache[key] = (
+                caching_peaks(planner.spec, choice, planner.target) if choice.quantize != c.quantize else caching
+            )
         stages = cache_cache[key]["stages"]
         needed = "latents" if method == "sft" else "teacher"
         return max(s["peak"] for s in stages if s["needed_by"] in ("student", needed))
@@ -93,14 +95,21 @@ def suggestions(planner: Any, c: Any, caching: dict[str, Any]) -> dict[str, Any]
             found = None
             best_cache = cache_peak(replace(c, quantize="nf4") if c.lora_rank else c, method)
             if not fits(best_cache, card):  # no setting here changes the encoders: nothing to search
-                per[str(card)] = {"changes": None, "reason": f"feature caching needs {best_cache / GiB:.1f} GiB "
-                                  "(the largest encoder with the VAE)", "caching_peak_gb": best_cache / GiB}
+                per[str(card)] = {
+                    "changes": None,
+                    "reason": f"feature caching needs {best_cache / GiB:.1f} GiB (the largest encoder with the VAE)",
+                    "caching_peak_gb": best_cache / GiB,
+                }
                 continue
             for changes, cand in _candidates(planner, c):
                 train = planner.peaks(cand)[method]["peak"]
                 if fits(max(train, cache_peak(cand, method)), card):
-                    found = {"changes": changes, "peak_gb": train / GiB,
-                             "caching_peak_gb": cache_peak(cand, method) / GiB, "settings": cand.label()}
+                    found = {
+                        "changes": changes,
+                        "peak_gb": train / GiB,
+                        "caching_peak_gb": cache_peak(cand, method) / GiB,
+                        "settings": cand.label(),
+                    }
                     break
             per[str(card)] = found
         out[method] = per

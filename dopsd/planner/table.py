@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import torch
 
-from dopsd.planner.plan import CUDA_CONTEXT, Choice, METHODS, Planner, choice_from_config, compute
+from dopsd.planner.plan import CUDA_CONTEXT, METHODS, Choice, Planner, choice_from_config, compute
 from dopsd.planner.resident import GiB
 
 PRESETS = ("zimage-turbo", "flux2-klein-4b", "flux2-klein-9b")
@@ -38,20 +38,30 @@ def rows(preset: str) -> list[str]:
         gb = lambda x: f"{x / GiB:.1f}"  # noqa: E731
         train = [peaks[m]["peak"] for m in METHODS]
         out.append(
-            f"| {spec.label} | {label} | " + " | ".join(gb(x) for x in train)
+            f"| {spec.label} | {label} | "
+            + " | ".join(gb(x) for x in train)
             + f" | {train[1] / train[0]:.2f} | {gb(teacher_cache)} | {gb(max(train[1], teacher_cache))} | "
-            + (f"{flops['per_step_tflops']['sft']:.0f} / {flops['per_step_tflops']['dopsd']:.0f} "
-               f"(×{flops['ratio_dopsd_sft']:.2f})" if q == "none" else "″") + " |"
+            + (
+                f"{flops['per_step_tflops']['sft']:.0f} / {flops['per_step_tflops']['dopsd']:.0f} "
+                f"(×{flops['ratio_dopsd_sft']:.2f})"
+                if q == "none"
+                else "″"
+            )
+            + " |"
         )
     return out
 
 
 def main() -> None:
     torch.set_num_threads(1)
-    print(f"Predicted {datetime.date.today().isoformat()} with `python -m dopsd.planner.table` (GiB; +{CUDA_CONTEXT / GiB:.0f} "
-          "GiB CUDA context not included).\n")
-    print("| model | frozen base | SFT | D-OPSD | D-OPSD + prior | D-OPSD / SFT | feature caching (D-OPSD) | "
-          "D-OPSD run peak | TFLOPs per step: SFT / D-OPSD |")
+    print(
+        f"Predicted {datetime.date.today().isoformat()} with `python -m dopsd.planner.table` (GiB; +{CUDA_CONTEXT / GiB:.0f} "
+        "GiB CUDA context not included).\n"
+    )
+    print(
+        "| model | frozen base | SFT | D-OPSD | D-OPSD + prior | D-OPSD / SFT | feature caching (D-OPSD) | "
+        "D-OPSD run peak | TFLOPs per step: SFT / D-OPSD |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for preset in PRESETS:
         for line in rows(preset):

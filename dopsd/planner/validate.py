@@ -35,7 +35,9 @@ def measured_peak(cfg: Any, out: Path, warmup: int = 1) -> tuple[int, dict[str, 
     trainer.optimizer.zero_grad(set_to_none=True)
 
     def resident() -> list[torch.Tensor]:
-        tensors = list(net.parameters()) + list(net.buffers()) + [p.grad for p in net.parameters() if p.grad is not None]
+        tensors = (
+            list(net.parameters()) + list(net.buffers()) + [p.grad for p in net.parameters() if p.grad is not None]
+        )
         tensors += state_tensors(trainer.optimizer.state_dict()["state"])
         for shadow in {id(x): x for x in (trainer.teacher, trainer.prior) if x is not None}.values():
             tensors += list(shadow.shadow.values())

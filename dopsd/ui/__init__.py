@@ -20,31 +20,57 @@ DEFAULT_PORT = 8765
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default 127.0.0.1: this machine only; any other address needs "
-                        "the access token)")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1: this machine only; any other address needs the access token)",
+    )
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 = any free)")
-    parser.add_argument("--home", type=Path, default=None,
-                        help="the app's folder: datasets, runs, probes, exports, reports (default $DOPSD_HOME or "
-                        "~/dopsd-ui)")
-    parser.add_argument("--token", default=None,
-                        help="access token (default $DOPSD_UI_TOKEN; generated and printed for a non-local --host)")
-    parser.add_argument("--max-jobs", type=int, default=None,
-                        help="jobs that run at the same time (default 1, or what the app's settings say)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads per job (OMP_NUM_THREADS; default: torch's choice; 1 is fastest for the "
-                        "miniature on a small CPU)")
+    parser.add_argument(
+        "--home",
+        type=Path,
+        default=None,
+        help="the app's folder: datasets, runs, probes, exports, reports (default $DOPSD_HOME or ~/dopsd-ui)",
+    )
+    parser.add_argument(
+        "--token",
+        default=None,
+        help="access token (default $DOPSD_UI_TOKEN; generated and printed for a non-local --host)",
+    )
+    parser.add_argument(
+        "--max-jobs",
+        type=int,
+        default=None,
+        help="jobs that run at the same time (default 1, or what the app's settings say)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads per job (OMP_NUM_THREADS; default: torch's choice; 1 is fastest for the "
+        "miniature on a small CPU)",
+    )
     parser.add_argument("--max-upload-mb", type=float, default=32.0, help="largest image upload in MB (default 32)")
-    parser.add_argument("--grace", type=float, default=10.0,
-                        help="seconds between SIGTERM and SIGKILL when a job is stopped (default 10)")
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=10.0,
+        help="seconds between SIGTERM and SIGKILL when a job is stopped (default 10)",
+    )
 
 
 def is_local(host: str) -> bool:
     return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
 
 
-def build(home: Path, *, max_jobs: int | None = None, threads: int | None = None, max_upload_mb: float = 32.0,
-          grace: float = 10.0) -> Any:
+def build(
+    home: Path,
+    *,
+    max_jobs: int | None = None,
+    threads: int | None = None,
+    max_upload_mb: float = 32.0,
+    grace: float = 10.0,
+) -> Any:
     """The app's Context: the home folder, the job manager (its watcher thread started), limits."""
     import json
 
@@ -103,8 +129,10 @@ def main(args: argparse.Namespace) -> int:
     port = sock.getsockname()[1]
     shown = f"[{args.host}]" if ":" in args.host else args.host
     url = f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
-    print(f"dopsd ui: {ctx.home.root} at {url}  (Ctrl+C stops the app; running jobs go on and are found again)",
-          flush=True)
+    print(
+        f"dopsd ui: {ctx.home.root} at {url}  (Ctrl+C stops the app; running jobs go on and are found again)",
+        flush=True,
+    )
     try:
         make_server(ctx, sock, args.host, token).run(sockets=[sock])
     finally:

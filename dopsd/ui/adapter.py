@@ -31,15 +31,42 @@ ConfigError = _config.ConfigError
 Config = _config.Config
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "METADATA", "ConfigError", "DopsdError", "Config", "atomic_write_bytes", "atomic_write_json",
-    "atomic_write_text", "presets", "methods", "key_help", "resolve", "config_from_yaml", "to_yaml", "get",
-    "check_dataset", "check_upload", "trigger", "has_command",
+    "IMAGE_EXTENSIONS",
+    "METADATA",
+    "ConfigError",
+    "DopsdError",
+    "Config",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "presets",
+    "methods",
+    "key_help",
+    "resolve",
+    "config_from_yaml",
+    "to_yaml",
+    "get",
+    "check_dataset",
+    "check_upload",
+    "trigger",
+    "has_command",
 ]
 
 # The settings the New-run form offers (everything else: the YAML view).
-FORM_KEYS = ("model.pretrained", "method.name", "train.max_steps", "optim.lr", "lora.rank", "lora.alpha",
-             "data.trigger_word", "method.prior_prompts", "method.prior_weight", "sample.every",
-             "sample.control_steps", "train.checkpoint_every")
+FORM_KEYS = (
+    "model.pretrained",
+    "method.name",
+    "train.max_steps",
+    "optim.lr",
+    "lora.rank",
+    "lora.alpha",
+    "data.trigger_word",
+    "method.prior_prompts",
+    "method.prior_weight",
+    "sample.every",
+    "sample.control_steps",
+    "train.checkpoint_every",
+)
 
 
 def presets() -> list[dict[str, Any]]:
@@ -47,8 +74,14 @@ def presets() -> list[dict[str, Any]]:
     out = []
     for name, (description, _) in _config.PRESETS.items():
         cfg = _config.preset(name)
-        out.append({"name": name, "description": description, "config": cfg.to_dict(),
-                    "form": {k: get(cfg, k) for k in FORM_KEYS}})
+        out.append(
+            {
+                "name": name,
+                "description": description,
+                "config": cfg.to_dict(),
+                "form": {k: get(cfg, k) for k in FORM_KEYS},
+            }
+        )
     return out
 
 
@@ -117,8 +150,12 @@ def check_dataset(folder: Path, preset: str = "mini", trigger_word: str | None =
         report = _data.check_dataset(cfg.data, cfg.model)
     except DatasetError as err:
         return {"ok": False, "problems": list(err.problems), "notices": [], "examples": {}}
-    return {"ok": True, "problems": [], "notices": list(report.notes),
-            "examples": {e.name: list(e.captions) for e in report.examples}}
+    return {
+        "ok": True,
+        "problems": [],
+        "notices": list(report.notes),
+        "examples": {e.name: list(e.captions) for e in report.examples},
+    }
 
 
 def check_upload(data: bytes, name: str, preset: str = "mini") -> list[str]:

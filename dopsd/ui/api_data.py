@@ -26,10 +26,16 @@ MAX_FILES_PER_UPLOAD = 500
 
 # --- info, settings, presets --------------------------------------------------------------------------------
 def info(ctx: Context, request: Request, body: dict) -> dict[str, Any]:
-    return {"version": dopsd.__version__, "home": str(ctx.home.root), "python": sys.executable,
-            "plan_available": adapter.has_command("plan"), "methods": adapter.methods(),
-            "form_keys": list(adapter.FORM_KEYS), "max_running": ctx.jobs.max_running,
-            "max_upload": ctx.max_upload}
+    return {
+        "version": dopsd.__version__,
+        "home": str(ctx.home.root),
+        "python": sys.executable,
+        "plan_available": adapter.has_command("plan"),
+        "methods": adapter.methods(),
+        "form_keys": list(adapter.FORM_KEYS),
+        "max_running": ctx.jobs.max_running,
+        "max_upload": ctx.max_upload,
+    }
 
 
 def presets(ctx: Context, request: Request, body: dict) -> dict[str, Any]:
@@ -85,8 +91,14 @@ def plan(ctx: Context, request: Request, body: dict) -> dict[str, Any]:
     tmp = ctx.home.state / f"plan-{uuid.uuid4().hex}.yaml"
     adapter.atomic_write_text(tmp, adapter.to_yaml(cfg))
     try:
-        done = subprocess.run(dopsd_command("plan", str(tmp), "--json"), capture_output=True, text=True, timeout=120,
-                              cwd=str(ctx.home.root), stdin=subprocess.DEVNULL)
+        done = subprocess.run(
+            dopsd_command("plan", str(tmp), "--json"),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=str(ctx.home.root),
+            stdin=subprocess.DEVNULL,
+        )
     except subprocess.TimeoutExpired:
         return {"available": True, "error": "dopsd plan did not answer within 120 s"}
     finally:
@@ -119,8 +131,14 @@ def dataset_mini(ctx: Context, body: dict) -> dict[str, Any]:
 
 def write_mini_dataset(ctx: Context, name: str) -> None:
     target = datasets.folder(ctx.home, name, must_exist=False)
-    done = subprocess.run([sys.executable, "-m", "dopsd.ui.adapter", "mini-dataset", str(target)], capture_output=True,
-                          text=True, timeout=300, stdin=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(
+        [sys.executable, "-m", "dopsd.ui.adapter", "mini-dataset", str(target)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     if done.returncode != 0:
         raise HTTPError(500, f"writing the miniature dataset failed: {done.stderr.strip()[-1000:]}")
     datasets.set_meta(ctx.home, name, "sks", "mini")
@@ -159,8 +177,9 @@ async def upload(request: Request) -> Response:
     ctx: Context = request.app.state.ctx
     name = request.path_params["name"]
     try:
-        async with request.form(max_files=MAX_FILES_PER_UPLOAD, max_fields=20,
-                                max_part_size=ctx.max_upload + 1) as form:
+        async with request.form(
+            max_files=MAX_FILES_PER_UPLOAD, max_fields=20, max_part_size=ctx.max_upload + 1
+        ) as form:
             preset = str(form.get("preset") or "mini")
             items = []
             for part in form.getlist("files"):

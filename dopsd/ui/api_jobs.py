@@ -85,14 +85,32 @@ def run_view(ctx: Context, request: Request, body: dict) -> dict[str, Any]:
     status = "queued" if active is not None and active.status == "queued" else runs.status(folder, running)
     summary = runs.read_json(folder / "summary.json")
     return {
-        "name": name, "status": status, "config": cfg, "config_yaml": _text(folder / "config.yaml"),
-        "progress": runs.progress(folder, cfg, loss_records, seen), "losses": runs.thin(loss_records),
-        "health": runs.health(folder, ctx.health, log), "samples": runs.samples(folder), "summary": summary,
-        "checkpoints": runs.checkpoints(folder), "resumable": runs.resumable(folder, running),
-        "files": {f: f"/files/runs/{name}/{f}" for f in ("lora.safetensors", "lora_config.json", "model.safetensors",
-                                                          "pytorch_lora_weights.safetensors", "summary.json",
-                                                          "config.yaml", "losses.jsonl") if (folder / f).is_file()},
-        "job": job_public(ctx, job, log=True), "exports": api_results.exports_of(ctx, name),
+        "name": name,
+        "status": status,
+        "config": cfg,
+        "config_yaml": _text(folder / "config.yaml"),
+        "progress": runs.progress(folder, cfg, loss_records, seen),
+        "losses": runs.thin(loss_records),
+        "health": runs.health(folder, ctx.health, log),
+        "samples": runs.samples(folder),
+        "summary": summary,
+        "checkpoints": runs.checkpoints(folder),
+        "resumable": runs.resumable(folder, running),
+        "files": {
+            f: f"/files/runs/{name}/{f}"
+            for f in (
+                "lora.safetensors",
+                "lora_config.json",
+                "model.safetensors",
+                "pytorch_lora_weights.safetensors",
+                "summary.json",
+                "config.yaml",
+                "losses.jsonl",
+            )
+            if (folder / f).is_file()
+        },
+        "job": job_public(ctx, job, log=True),
+        "exports": api_results.exports_of(ctx, name),
     }
 
 
@@ -132,8 +150,13 @@ def tryit(ctx: Context, request: Request, body: dict) -> dict[str, Any]:
     dataset = "mini-concept"
     if not datasets.folder(ctx.home, dataset, must_exist=False).is_dir():
         write_mini_dataset(ctx, dataset)
-    values = {"method.name": body.get("method") or "dopsd", "data.trigger_word": "sks", "train.max_steps": steps,
-              "sample.every": max(1, steps // 4), "train.checkpoint_every": max(1, steps // 2)}
+    values = {
+        "method.name": body.get("method") or "dopsd",
+        "data.trigger_word": "sks",
+        "train.max_steps": steps,
+        "sample.every": max(1, steps // 4),
+        "train.checkpoint_every": max(1, steps // 2),
+    }
     return start_run(ctx, {"preset": "mini", "dataset": dataset, "values": values, "name": body.get("name") or None})
 
 
@@ -146,8 +169,14 @@ def probe_list(ctx: Context, request: Request, body: dict) -> dict[str, Any]:
         if folder.is_dir() and not folder.name.startswith("."):
             data = runs.read_json(folder / "probe.json") or {}
             job = ctx.jobs.last_for("probe", folder.name)
-            out.append({"name": folder.name, "counts": data.get("counts"), "passed": data.get("passed"),
-                        "job": job_public(ctx, job)})
+            out.append(
+                {
+                    "name": folder.name,
+                    "counts": data.get("counts"),
+                    "passed": data.get("passed"),
+                    "job": job_public(ctx, job),
+                }
+            )
     return {"probes": out}
 
 
@@ -186,9 +215,13 @@ def probe_view(ctx: Context, request: Request, body: dict) -> dict[str, Any]:
             if image.is_file() and inside(ctx.home.area("datasets"), image):
                 targets[pair["name"]] = "/files/" + ctx.home.relative(image)
     job = ctx.jobs.active_for("probe", name) or ctx.jobs.last_for("probe", name)
-    return {"name": name, "probe": data, "targets": targets,
-            "grid": f"/files/probes/{name}/probe_grid.png" if (folder / "probe_grid.png").is_file() else None,
-            "job": job_public(ctx, job, log=True)}
+    return {
+        "name": name,
+        "probe": data,
+        "targets": targets,
+        "grid": f"/files/probes/{name}/probe_grid.png" if (folder / "probe_grid.png").is_file() else None,
+        "job": job_public(ctx, job, log=True),
+    }
 
 
 def _probe_config(ctx: Context, name: str) -> dict[str, Any] | None:

@@ -26,8 +26,12 @@ def _public(ctx: Context, job: Any) -> dict[str, Any] | None:
 
 
 def _int_list(value: Any, what: str, limit: int) -> list[int]:
-    if not isinstance(value, list) or not value or len(value) > limit or not all(
-            isinstance(v, int) and 0 <= v < 2**31 for v in value):
+    if (
+        not isinstance(value, list)
+        or not value
+        or len(value) > limit
+        or not all(isinstance(v, int) and 0 <= v < 2**31 for v in value)
+    ):
         raise HTTPError(400, f"{what}: a list of 1–{limit} whole numbers ≥ 0")
     return value
 
@@ -40,8 +44,14 @@ def compare_list(ctx: Context, request: Request, body: dict) -> dict[str, Any]:
     for folder in sorted(ctx.home.area("compare").iterdir(), key=lambda p: p.name, reverse=True):
         data = runs.read_json(folder / "compare.json")
         if isinstance(data, dict):
-            out.append({"id": folder.name, "runs": data.get("runs"), "prompts": data.get("prompts"),
-                        "created": data.get("created")})
+            out.append(
+                {
+                    "id": folder.name,
+                    "runs": data.get("runs"),
+                    "prompts": data.get("prompts"),
+                    "created": data.get("created"),
+                }
+            )
     return {"comparisons": out}
 
 
@@ -58,8 +68,12 @@ def start_compare(ctx: Context, body: dict) -> dict[str, Any]:
             raise HTTPError(400, f"run {name!r} has no trained weights yet (lora.safetensors); let it finish first")
         folders.append(folder)
     prompts = body.get("prompts")
-    if not isinstance(prompts, list) or not prompts or len(prompts) > MAX_PROMPTS or not all(
-            isinstance(p, str) and p.strip() and len(p) < 500 and "\n" not in p for p in prompts):
+    if (
+        not isinstance(prompts, list)
+        or not prompts
+        or len(prompts) > MAX_PROMPTS
+        or not all(isinstance(p, str) and p.strip() and len(p) < 500 and "\n" not in p for p in prompts)
+    ):
         raise HTTPError(400, f"prompts: 1–{MAX_PROMPTS} one-line prompts")
     seeds = _int_list(body.get("seeds", [0, 1, 2, 3]), "seeds", MAX_SEEDS)
     steps = body.get("steps")
@@ -81,8 +95,16 @@ def start_compare(ctx: Context, body: dict) -> dict[str, Any]:
         argv = dopsd_command("sample", str(folder), *extra, *common, "--out", str(target))
         job = ctx.jobs.submit("sample", argv, f"sample {label} ({cid})", {"compare": cid, "entry": label})
         records.append({"label": label, "run": folder.name, "file": target.name, "job": job.id})
-    data = {"id": cid, "created": time.time(), "runs": [f.name for f in folders], "base": bool(body.get("base", True)),
-            "prompts": [p.strip() for p in prompts], "seeds": seeds, "steps": steps, "entries": records}
+    data = {
+        "id": cid,
+        "created": time.time(),
+        "runs": [f.name for f in folders],
+        "base": bool(body.get("base", True)),
+        "prompts": [p.strip() for p in prompts],
+        "seeds": seeds,
+        "steps": steps,
+        "entries": records,
+    }
     adapter.atomic_write_json(out / "compare.json", data)
     return data
 
@@ -96,7 +118,9 @@ def compare_view(ctx: Context, request: Request, body: dict) -> dict[str, Any]:
     for entry in data["entries"]:
         job = ctx.jobs.get(entry["job"])
         entry["status"] = job.status if job else None
-        entry["error"] = ctx.jobs.log_tail(job, 2000).strip()[-600:] if job and job.status in ("failed", "lost") else None
+        entry["error"] = (
+            ctx.jobs.log_tail(job, 2000).strip()[-600:] if job and job.status in ("failed", "lost") else None
+        )
         path = folder / entry["file"]
         entry["url"] = f"/files/compare/{cid}/{entry['file']}" if path.is_file() else None
     return data
@@ -121,8 +145,13 @@ def start_export(ctx: Context, request: Request, body: dict) -> dict[str, Any]:
             stem = f"{name}_{fmt}-{n}"
         target = out_dir / f"{stem}.safetensors"
         argv = dopsd_command("export", str(folder), "--format", fmt, "--out", str(target))
-        job = ctx.jobs.submit("export", argv, f"export {name} ({fmt})",
-                              {"export": name, "file": f"exports/{name}/{target.name}"}, queued=False)
+        job = ctx.jobs.submit(
+            "export",
+            argv,
+            f"export {name} ({fmt})",
+            {"export": name, "file": f"exports/{name}/{target.name}"},
+            queued=False,
+        )
     return {"job": _public(ctx, job), "file": f"/files/exports/{name}/{target.name}"}
 
 
@@ -134,10 +163,15 @@ def exports_of(ctx: Context, run: str) -> list[dict[str, Any]]:
             continue
         path = ctx.home.root / job.target.get("file", "")
         done = path.is_file() and job.status == "succeeded"
-        out.append({"job": _public(ctx, job), "format": job.argv[job.argv.index("--format") + 1],
-                    "file": f"/files/{job.target['file']}" if done else None,
-                    "size": path.stat().st_size if done else None,
-                    "message": ctx.jobs.log_tail(job, 2000).strip()[-600:] if job.status in ("failed", "lost") else None})
+        out.append(
+            {
+                "job": _public(ctx, job),
+                "format": job.argv[job.argv.index("--format") + 1],
+                "file": f"/files/{job.target['file']}" if done else None,
+                "size": path.stat().st_size if done else None,
+                "message": ctx.jobs.log_tail(job, 2000).strip()[-600:] if job.status in ("failed", "lost") else None,
+            }
+        )
     return out
 
 
@@ -175,12 +209,17 @@ def report_view(ctx: Context, request: Request, body: dict) -> dict[str, Any]:
         return {"name": name, "kind": None, "job": _public(ctx, job), "log": ctx.jobs.log_tail(job)}
     kind = _kind(folder)
     base = f"/files/reports/{name}"
-    out: dict[str, Any] = {"name": name, "kind": kind, "job": _public(ctx, job),
-                           "log": ctx.jobs.log_tail(job) if job else None}
+    out: dict[str, Any] = {
+        "name": name,
+        "kind": kind,
+        "job": _public(ctx, job),
+        "log": ctx.jobs.log_tail(job) if job else None,
+    }
     if kind == "bench":
         out["html"] = f"{base}/report.html" if (folder / "report.html").is_file() else None
-        out["files"] = {f: f"{base}/{f}" for f in ("report.md", "results.json", "claims.json")
-                        if (folder / f).is_file()}
+        out["files"] = {
+            f: f"{base}/{f}" for f in ("report.md", "results.json", "claims.json") if (folder / f).is_file()
+        }
         out["claims"] = runs.read_json(folder / "claims.json")
     elif kind == "demo":
         out["summary"] = runs.read_json(folder / "summary.json")

@@ -46,9 +46,15 @@ def listing(home: Home) -> list[dict[str, Any]]:
     for folder in sorted(home.area("datasets").iterdir()):
         if folder.is_dir() and not folder.name.startswith("."):
             images = [p for p in folder.iterdir() if p.is_file() and is_image(p.name)]
-            out.append({"name": folder.name, "images": len(images), "modified": folder.stat().st_mtime,
-                        "layout": "metadata" if (folder / adapter.METADATA).is_file() else "folder",
-                        **meta(home, folder.name)})
+            out.append(
+                {
+                    "name": folder.name,
+                    "images": len(images),
+                    "modified": folder.stat().st_mtime,
+                    "layout": "metadata" if (folder / adapter.METADATA).is_file() else "folder",
+                    **meta(home, folder.name),
+                }
+            )
     return out
 
 
@@ -109,16 +115,35 @@ def view(home: Home, name: str, preset: str | None = None, trigger_word: str | N
         caption = None
         if layout == "folder" and (path / txt).is_file():
             caption = (path / txt).read_text(encoding="utf-8", errors="replace")
-        files.append({
-            "name": image, "url": f"/files/datasets/{name}/{image}", "caption": caption, "caption_file": txt,
-            "trained_as": check["examples"].get(image) or ([adapter.trigger(line, trigger_word) for line in
-                                                           caption.splitlines() if line.strip()] if caption else []),
-            "size": _size(path / image), "problems": [check["problems"][i] for i in mine],
-        })
+        files.append(
+            {
+                "name": image,
+                "url": f"/files/datasets/{name}/{image}",
+                "caption": caption,
+                "caption_file": txt,
+                "trained_as": check["examples"].get(image)
+                or (
+                    [adapter.trigger(line, trigger_word) for line in caption.splitlines() if line.strip()]
+                    if caption
+                    else []
+                ),
+                "size": _size(path / image),
+                "problems": [check["problems"][i] for i in mine],
+            }
+        )
     general = [p for i, p in enumerate(check["problems"]) if i not in claimed]
-    return {"name": name, "layout": layout, "preset": preset, "trigger_word": trigger_word, "files": files,
-            "ok": check["ok"], "problems": general, "problem_count": len(check["problems"]),
-            "notices": check["notices"], "path": str(path)}
+    return {
+        "name": name,
+        "layout": layout,
+        "preset": preset,
+        "trigger_word": trigger_word,
+        "files": files,
+        "ok": check["ok"],
+        "problems": general,
+        "problem_count": len(check["problems"]),
+        "notices": check["notices"],
+        "path": str(path),
+    }
 
 
 def _about(problem: str, filename: str) -> bool:
@@ -148,8 +173,15 @@ def _free_stem(path: Path, stem: str) -> str:
     return candidate
 
 
-def save_upload(home: Home, name: str, raw_name: str, data: bytes, preset: str, max_bytes: int,
-                captions: dict[str, str] | None = None) -> dict[str, Any]:
+def save_upload(
+    home: Home,
+    name: str,
+    raw_name: str,
+    data: bytes,
+    preset: str,
+    max_bytes: int,
+    captions: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Keep one uploaded image (after the dataset check accepted it) and its caption, if one came with it."""
     path = folder(home, name)
     if (path / adapter.METADATA).is_file():
@@ -200,8 +232,13 @@ def save_caption_for(home: Home, name: str, stem: str, text: str) -> dict[str, A
 
 def _existing_image(path: Path, image: str, dataset: str) -> str:
     """An image that is listed in the dataset folder itself (a plain name: no path parts can sneak in)."""
-    if not isinstance(image, str) or image not in os.listdir(path) or not is_image(image) or \
-            not (path / image).is_file() or (path / image).is_symlink():
+    if (
+        not isinstance(image, str)
+        or image not in os.listdir(path)
+        or not is_image(image)
+        or not (path / image).is_file()
+        or (path / image).is_symlink()
+    ):
         raise FileNotFoundError(f"no image {image!r} in dataset {dataset!r}")
     return image
 

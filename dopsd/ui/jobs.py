@@ -132,8 +132,9 @@ class JobManager:
         adapter.atomic_write_json(self.path, {"version": 1, "jobs": [asdict(j) for j in records]})
 
     # --- public ---------------------------------------------------------------------------------------------
-    def submit(self, kind: str, argv: list[str], title: str, target: dict[str, Any] | None = None,
-               queued: bool = True) -> Job:
+    def submit(
+        self, kind: str, argv: list[str], title: str, target: dict[str, Any] | None = None, queued: bool = True
+    ) -> Job:
         if not argv or not all(isinstance(a, str) for a in argv):
             raise ValueError("a job's command is a non-empty list of strings")
         with self._lock:
@@ -189,8 +190,9 @@ class JobManager:
                 raw = fh.read().decode("utf-8", errors="replace")
         except OSError:
             return ""
-        return "\n".join(line.rsplit("\r", 1)[-1] if "\r" in line.rstrip("\r") else line.rstrip("\r")
-                         for line in raw.split("\n"))
+        return "\n".join(
+            line.rsplit("\r", 1)[-1] if "\r" in line.rstrip("\r") else line.rstrip("\r") for line in raw.split("\n")
+        )
 
     def set_max_running(self, n: int) -> None:
         with self._lock:
@@ -257,8 +259,12 @@ class JobManager:
             with open(self.log_path(job), "ab") as log:
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "dopsd.ui.runner", str(rc_file), "--", *job.argv],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=str(self.home.root),
-                    env=env, start_new_session=True,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=str(self.home.root),
+                    env=env,
+                    start_new_session=True,
                 )
         except OSError as err:
             job.status, job.ended, job.message = "failed", time.time(), f"could not start: {err}"
@@ -287,7 +293,11 @@ class JobManager:
         elif returncode is not None:
             job.status, job.message = "failed", f"exit code {returncode}"
         elif proc is not None:
-            job.status, job.message = "failed", f"killed by signal {-proc.returncode}" if proc.returncode < 0 else \
-                f"ended without an exit status ({proc.returncode})"
+            job.status, job.message = (
+                "failed",
+                f"killed by signal {-proc.returncode}"
+                if proc.returncode < 0
+                else f"ended without an exit status ({proc.returncode})",
+            )
         else:
             job.status, job.message = "lost", "its process ended while the app was not running; no exit status"

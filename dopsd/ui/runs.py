@@ -85,8 +85,13 @@ def losses(run: Path) -> list[dict[str, Any]]:
     keep = []
     for r in read_jsonl(run / "losses.jsonl"):
         if isinstance(r.get("step"), int):
-            keep.append({k: v for k, v in r.items() if not k.startswith("rollout/") and (isinstance(v, (int, float))
-                                                                                        or k == "skipped")})
+            keep.append(
+                {
+                    k: v
+                    for k, v in r.items()
+                    if not k.startswith("rollout/") and (isinstance(v, (int, float)) or k == "skipped")
+                }
+            )
     return keep
 
 
@@ -161,12 +166,20 @@ def health(run: Path, cache: HealthCache, log_text: str = "") -> dict[str, Any]:
     if not records:
         records = cache.get(run)
         source = "tensorboard" if records else None
-        note = ("health.jsonl not written by this dopsd version: health read from the TensorBoard logs; "
-                "alarms only from the job's output") if records else "no few-step health recorded (yet)"
-    threshold = next((r.get("threshold") for r in reversed(records) if isinstance(r.get("threshold"), (int, float))),
-                     None)
-    warning = next(({"step": r.get("step"), "message": r["warning"]} for r in reversed(records) if r.get("warning")),
-                   None)
+        note = (
+            (
+                "health.jsonl not written by this dopsd version: health read from the TensorBoard logs; "
+                "alarms only from the job's output"
+            )
+            if records
+            else "no few-step health recorded (yet)"
+        )
+    threshold = next(
+        (r.get("threshold") for r in reversed(records) if isinstance(r.get("threshold"), (int, float))), None
+    )
+    warning = next(
+        ({"step": r.get("step"), "message": r["warning"]} for r in reversed(records) if r.get("warning")), None
+    )
     if warning is None and log_text:
         found = HEALTH_WARNING_RE.findall(log_text)
         if found:
@@ -176,7 +189,9 @@ def health(run: Path, cache: HealthCache, log_text: str = "") -> dict[str, Any]:
     return {"records": thin(records), "source": source, "note": note, "warning": warning, "threshold": threshold}
 
 
-def progress(run: Path, cfg: dict[str, Any], records: list[dict[str, Any]], seen: dict[str, Any] | None) -> dict[str, Any]:
+def progress(
+    run: Path, cfg: dict[str, Any], records: list[dict[str, Any]], seen: dict[str, Any] | None
+) -> dict[str, Any]:
     """step / max_steps / eta: progress.json when the trainer writes it, else the loss trace, with the rate measured
     between the first time the app saw this job's run (`seen`: {"time", "step"}, kept by the caller) and now."""
     data = read_json(run / "progress.json")
@@ -209,7 +224,9 @@ def status(run: Path, running: bool) -> str:
 
 def checkpoints(run: Path) -> list[str]:
     folder = run / "checkpoints"
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name.startswith("step-")) if folder.is_dir() else []
+    return (
+        sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name.startswith("step-")) if folder.is_dir() else []
+    )
 
 
 def resumable(run: Path, running: bool) -> bool:
@@ -225,10 +242,16 @@ def summarize(run: Path, running: bool) -> dict[str, Any]:
     prog = read_json(run / "progress.json")
     max_steps = prog.get("max_steps") if isinstance(prog, dict) else (cfg.get("train") or {}).get("max_steps")
     return {
-        "name": run.name, "status": status(run, running), "method": (cfg.get("method") or {}).get("name"),
-        "family": (cfg.get("model") or {}).get("family"), "preset": cfg.get("preset"),
-        "step": prog.get("step") if isinstance(prog, dict) else last.get("step", 0), "max_steps": max_steps,
-        "loss": last.get("loss"), "modified": _mtime(run), "has_lora": (run / "lora.safetensors").is_file(),
+        "name": run.name,
+        "status": status(run, running),
+        "method": (cfg.get("method") or {}).get("name"),
+        "family": (cfg.get("model") or {}).get("family"),
+        "preset": cfg.get("preset"),
+        "step": prog.get("step") if isinstance(prog, dict) else last.get("step", 0),
+        "max_steps": max_steps,
+        "loss": last.get("loss"),
+        "modified": _mtime(run),
+        "has_lora": (run / "lora.safetensors").is_file(),
         "resumable": resumable(run, running),
     }
 

@@ -31,8 +31,16 @@ STATIC = Path(__file__).parent / "static"
 COOKIE = "dopsd_ui_token"
 CSRF_HEADER = "x-dopsd-request"  # custom header: a cross-site page cannot send it without a CORS preflight
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
-TEXT_TYPES = {".txt": "text/plain", ".md": "text/plain", ".json": "application/json", ".jsonl": "text/plain",
-              ".yaml": "text/plain", ".yml": "text/plain", ".log": "text/plain", ".csv": "text/plain"}
+TEXT_TYPES = {
+    ".txt": "text/plain",
+    ".md": "text/plain",
+    ".json": "application/json",
+    ".jsonl": "text/plain",
+    ".yaml": "text/plain",
+    ".yml": "text/plain",
+    ".log": "text/plain",
+    ".csv": "text/plain",
+}
 
 
 @dataclass
