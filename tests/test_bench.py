@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from dopsd.bench.cost import count_flops, resident_bytes, transient_peak_bytes
-from dopsd.bench.report import REQUIRED_FIELDS, REQUIRED_METHODS, fmt, is_trained, validate_results
+from dopsd.bench.report import fmt
+from dopsd.bench.results import REQUIRED_FIELDS, REQUIRED_METHODS, is_trained, validate_results
 
 torch.set_num_threads(1)
 
@@ -220,7 +221,7 @@ def test_a_diverged_run_does_not_take_the_report_down() -> None:
     import math
     import statistics
 
-    from dopsd.bench.run import _mean_std
+    from dopsd.bench.aggregate import _mean_std
 
     assert _mean_std([1.0, math.nan, 3.0]) == (2.0, statistics.stdev([1.0, 3.0]))
     assert _mean_std([0.5, math.inf]) == (0.5, 0.0)
@@ -278,7 +279,8 @@ def test_two_worker_processes_and_resume(tmp_path: Path) -> None:
     after it): the same results as one process, and resuming that run trains nothing again."""
     import dataclasses
 
-    from dopsd.bench.run import preset, run_bench
+    from dopsd.bench.run import run_bench
+    from dopsd.bench.settings import preset
 
     cfg = preset("tiny").override(settings=["concept_lora"], methods=["base", "sft", "sft_adapter"], seeds=1)
     one = run_bench(cfg, tmp_path / "one", log=lambda _: None)

@@ -42,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from dopsd.bench.run import ResumeMismatch, preset, run_bench
+    from dopsd.bench.run import ResumeMismatch, run_bench
+    from dopsd.bench.settings import preset
 
     config = preset("tiny" if args.tiny else "quick" if args.quick else "full")
     config = config.override(settings=args.settings, methods=args.methods, seeds=args.seeds, steps=args.steps)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from dopsd.bench.jobs import METHODS, REFERENCE_ROW
 
 if TYPE_CHECKING:
-    from dopsd.bench.run import Setting
+    from dopsd.bench.settings import Setting
 
 ALL_METHODS = list(METHODS)
 BY_TARGET = ("concept_fidelity", "unseen_prompt_fidelity", "fewstep_quality", "preservation")

@@ -1,4 +1,5 @@
-"""Assemble the bench report folder: results.json, curves, grids, claims, report.md and report.html."""
+"""Assemble the bench report folder: results.json, curves, grids, claims, report.md and report.html; the report's
+introduction and its fixed texts (metrics, how cost is measured)."""
 
 from __future__ import annotations
 
@@ -7,18 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from dopsd.bench.claims import MIN_EFFECT, check_cost, check_setting
-from dopsd.bench.report import (
+from dopsd.bench.report import Block, write_report
+from dopsd.bench.report_sections import continual_section, setting_section
+from dopsd.bench.results import (
     FIELD_DOCS,
     REQUIRED_FIELDS,
     REQUIRED_METHODS,
-    Block,
     field_doc_table,
-    fmt,
-    image_grid,
     is_trained,
-    plot_curves,
-    results_table,
-    write_report,
     write_results,
 )
 
@@ -112,32 +109,6 @@ def _setting_info(cfg: Any, s: Any, meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-GRID_ROWS = {
-    "train": "training prompts",
-    "unseen": "unseen prompts",
-    "unrelated": "unrelated prompts",
-    "unrelated_many": "unrelated, many steps",
-}
-
-
-def _grid(out: Path, setting: str, method: str, data: dict[str, Any]) -> str:
-    imgs = data["images"]
-    keys = [k for k in GRID_ROWS if k in imgs]
-    name = f"grid_{setting}_{method}.png"
-    image_grid([imgs[k] for k in keys], labels=[GRID_ROWS[k] for k in keys]).save(out / name)
-    return name
-
-
-def _compare(out: Path, setting: str, images: dict[str, Any], per: int = 4) -> str:
-    """Methods side by side: the same training-prompt and unrelated-prompt samples (4 steps, same noise)."""
-    import torch
-
-    rows = [torch.cat([d["images"]["train"][:per], d["images"]["unrelated"][:per]]) for d in images.values()]
-    name = f"compare_{setting}.png"
-    image_grid(rows, labels=list(images)).save(out / name)
-    return name
-
-
 def _intro(cfg: Any, meta: dict[str, Any]) -> list[Block]:
     cpu = meta.get("cpu_seconds", {})
     text = (
@@ -183,145 +154,6 @@ def _intro(cfg: Any, meta: dict[str, Any]) -> list[Block]:
     return blocks
 
 
-def _cost_blocks(name: str, costs: dict[str, Any]) -> list[Block]:
-    if not costs:
-        return []
-    table = [
-        [
-            "method",
-            "s/step (median)",
-            "q25–q75",
-            "time ×ref",
-            "implied FLOPs ×ref",
-            "counted FLOPs/step",
-            "overhead",
-            "peak MiB (resident + transient)",
-            "mem ×ref",
-        ]
-    ]
-    for m, v in costs.items():
-        transient = v["peak_mem_mb"] - v["resident_mb"]
-        table.append(
-            [
-                f"`{m}`",
-                fmt(v["sec_per_step"], digits=4),
-                f"{fmt(v['sec_per_step_q25'], digits=4)}–{fmt(v['sec_per_step_q75'], digits=4)}",
-                fmt(v["time_ratio"], digits=2),
-                fmt(v["flop_ratio"], digits=2),
-                f"{v['flops_per_step']:.3g}",
-                fmt(v["overhead"], digits=2),
-                f"{v['peak_mem_mb']:.2f} ({v['resident_mb']:.2f} + {transient:.2f})",
-                fmt(v["mem_ratio"], digits=2),
-            ]
-        )
-    ref = next(iter(costs.values()))["reference"]
-    return [("h3", f"Cost ({name}, reference `{ref}`)"), ("table", table)]
-
-
-def _setting_blocks(
-    out: Path,
-    cfg: Any,
-    s: Any,
-    info: dict[str, Any],
-    methods: dict[str, Any],
-    curves: dict[str, Any],
-    images: dict[str, Any],
-    costs: dict[str, Any],
-) -> list[Block]:
-    blocks: list[Block] = [
-        ("h2", f"Setting: {s.name}"),
-        ("p", s.description),
-        (
-            "p",
-            f"{s.steps} optimizer steps, batch {info['batch_size']}, lr {info['lr']}, {info['fine_tune']}; targets "
-            f"{', '.join(s.targets)}; {cfg.seeds} seed(s) per target ({cfg.ablation_seeds or cfg.seeds} for the "
-            "teacher/loss ablations and the baselines pso, dreambooth, offpolicy, sft_teacher). Values are mean ± std over runs (targets × seeds).",
-        ),
-        ("table", results_table(methods)),
-    ]
-    by_target = {m: r["by_target"] for m, r in methods.items() if r.get("by_target")}
-    if by_target:
-        targets = s.targets
-        head = ["method"] + [f"{t}: fidelity / unseen / few-step quality / preservation" for t in targets]
-        body = [
-            [f"`{m}`"] + [" / ".join(f"{v[t][k]:.2f}" for k in v[t]) for t in targets] for m, v in by_target.items()
-        ]
-        blocks += [("p", "Per concept (mean over seeds):"), ("table", [head] + body)]
-    if curves["steps"]:
-        png = plot_curves(curves, out / f"curves_{s.name}.png", f"{s.name}: mean ± std over runs")
-        blocks.append(("img", (png.name, f"{s.name}: curves over training steps (mean ± std over runs)")))
-    blocks += _cost_blocks(s.name, costs)
-    blocks.append(("h3", f"Samples ({s.name})"))
-    if images:
-        blocks.append(
-            (
-                "img",
-                (
-                    _compare(out, s.name, images),
-                    f"{s.name}: methods side by side — 4 training-prompt "
-                    "then 4 unrelated-prompt samples at 4 steps, same noise",
-                ),
-            )
-        )
-    blocks.append(
-        (
-            "p",
-            "Per method, rows: training prompts, unseen prompts, unrelated prompts at 4 steps, and the "
-            "unrelated prompts at many steps (control); the same noise in every grid.",
-        )
-    )
-    blocks += [("img", (_grid(out, s.name, m, data), f"{s.name} / {m}")) for m, data in images.items()]
-    return blocks
-
-
-def _continual_blocks(cs: Any, rows: dict[str, Any]) -> list[Block]:
-    """One table per sequence: a row per (method, round) with the new target's fidelity, each earlier target's
-    retention, few-step quality, preservation and unrelated-prompt accuracy (mean ± std over seeds)."""
-    blocks: list[Block] = [
-        ("h2", "Setting: continual"),
-        ("p", cs.description),
-        (
-            "p",
-            f"{cs.steps} optimizer steps per round; concept rounds: {' '.join(cs.concept_overrides)}"
-            f"; domain rounds: {' '.join(cs.domain_overrides)}; {cs.seeds} seed(s). Round 0 is "
-            "the untouched turbo (its 'new target fidelity' is the first target's).",
-        ),
-    ]
-    head = [
-        "method",
-        "round",
-        "target",
-        "new target fidelity ↑",
-        "retention of earlier ↑",
-        "few-step quality ↑",
-        "preservation ↑",
-        "unrelated acc. ↑",
-        "drift ↓",
-    ]
-    from dopsd.bench.continual import sequence_name
-
-    for seq in cs.sequences:
-        name, table = sequence_name(seq), [head]
-        for method, sequences in rows.items():
-            for r in (sequences.get(name) or {}).get("rounds", []):
-                kept = ", ".join(f"{t} {v:.3f}" for t, v in r["retention_by_target"].items()) or "–"
-                table.append(
-                    [
-                        f"`{method}`",
-                        str(r["round"]),
-                        r["target"] or "(untouched)",
-                        fmt(r["new_fidelity"], r["new_fidelity_std"]),
-                        kept,
-                        fmt(r["fewstep_quality"], r["fewstep_quality_std"]),
-                        fmt(r["preservation"], r["preservation_std"]),
-                        fmt(r["unrelated_accuracy"], r["unrelated_accuracy_std"]),
-                        fmt(r["drift"], r["drift_std"]),
-                    ]
-                )
-        blocks += [("h3", f"Sequence {name}"), ("table", table)]
-    return blocks
-
-
 def build_report(
     out: Path,
     cfg: Any,
@@ -341,7 +173,7 @@ def build_report(
         info = _setting_info(cfg, s, meta)
         results[s.name] = {"setting": info, "methods": methods}
         claims += check_setting(s.name, methods, curves[s.name]) + check_cost(s.name, cost)
-        setting_blocks += _setting_blocks(out, cfg, s, info, methods, curves[s.name], images[s.name], cost)
+        setting_blocks += setting_section(out, cfg, s, info, methods, curves[s.name], images[s.name], cost)
     if continual is not None:
         from dopsd.bench.continual import check_claim
 
@@ -361,7 +193,7 @@ def build_report(
             "methods": continual,
         }
         claims += check_claim(continual, cs, MIN_EFFECT)
-        setting_blocks += _continual_blocks(cs, continual)
+        setting_blocks += continual_section(cs, continual)
     run_methods = [m for m in REQUIRED_METHODS if m in cfg.methods]
     write_results(out / "results.json", results, run_methods)
     (out / "claims.json").write_text(json.dumps(claims, indent=2) + "\n")

@@ -6,7 +6,7 @@ Prompt sets per setting (each with its own fixed noise, identical for every meth
   * unseen   – captions never in training (concept: the other shape × background combinations; domain: the
                rest of the caption space, including captions without a background);
   * unrelated – named-colour captions (no `sks`): where quality, drift and preservation are measured.
-Metrics are computed from the renderer's ground truth (`dopsd.mini.metrics`), see FIELD_DOCS in report.py.
+Metrics are computed from the renderer's ground truth (`dopsd.mini.metrics`), see FIELD_DOCS in results.py.
 """
 
 from __future__ import annotations
