@@ -168,7 +168,7 @@ def rollout_schedule(cfg: Any, spec: Any) -> torch.Tensor:
 
     m = cfg.model
     if m.family == "flux2":
-        from dopsd.models.flux2 import STEPS, flux2_schedule
+        from dopsd.models.flux2_facts import STEPS, flux2_schedule
 
         _, h, w = spec.latent_shape(m.height, m.width)
         inference = flux2_schedule(m.inference_steps or STEPS, h * w)
