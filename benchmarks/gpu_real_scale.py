@@ -21,7 +21,6 @@ Random weights make the losses meaningless; time and memory do not depend on the
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from gpu_real_scale_tiny import TINY_OVERRIDES, write_tiny_folder
 
 GiB = 2**30
 MODELS = ("zimage-turbo", "flux2-klein-4b")
@@ -36,87 +36,6 @@ NOTE = (
     "random weights (no download); text/VLM/reference features are random tensors of the right shapes; "
     "no text encoder, VLM or VAE is loaded"
 )
-
-# Tiny configs of the same architectures (as tests/tiny_real.py builds them), for --tiny on the CPU.
-TINY = {
-    "zimage-turbo": {
-        "transformer": dict(
-            all_patch_size=[2],
-            all_f_patch_size=[1],
-            in_channels=16,
-            dim=32,
-            n_layers=2,
-            n_refiner_layers=1,
-            n_heads=2,
-            n_kv_heads=2,
-            norm_eps=1e-5,
-            qk_norm=True,
-            cap_feat_dim=16,
-            rope_theta=256.0,
-            t_scale=1000.0,
-            axes_dims=[8, 4, 4],
-            axes_lens=[256, 32, 32],
-        ),
-        "text_encoder": dict(
-            vocab_size=512,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            head_dim=8,
-            max_position_embeddings=2048,
-        ),
-        "vae": dict(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=["DownEncoderBlock2D"] * 2,
-            up_block_types=["UpDecoderBlock2D"] * 2,
-            block_out_channels=[32, 64],
-            layers_per_block=1,
-            latent_channels=16,
-            norm_num_groups=32,
-            sample_size=32,
-            scaling_factor=0.3611,
-            shift_factor=0.1159,
-        ),
-    },
-    "flux2-klein-4b": {
-        "transformer": dict(
-            in_channels=16,
-            num_layers=1,
-            num_single_layers=2,
-            attention_head_dim=16,
-            num_attention_heads=2,
-            joint_attention_dim=96,
-            axes_dims_rope=[4, 4, 4, 4],
-            guidance_embeds=False,
-        ),
-        "text_encoder": dict(
-            vocab_size=512,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=27,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            head_dim=16,
-            max_position_embeddings=2048,
-        ),
-        "vae": dict(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=["DownEncoderBlock2D"] * 4,
-            up_block_types=["UpDecoderBlock2D"] * 4,
-            block_out_channels=[16, 16, 32, 32],
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=64,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        ),
-    },
-}
 
 
 def config_for(preset: str, quantize: str, tiny: bool, folder: Path | None) -> Any:
@@ -126,27 +45,8 @@ def config_for(preset: str, quantize: str, tiny: bool, folder: Path | None) -> A
     over = [f"model.quantize={quantize}", "train.batch_size=1", "train.gradient_checkpointing=true"]
     if tiny:
         assert folder is not None
-        over += [
-            f"model.pretrained={folder}",
-            "model.height=32",
-            "model.width=32",
-            "model.dtype=float32",
-            "train.mixed_precision=no",
-            "lora.rank=4",
-            "lora.alpha=8",
-            "model.max_caption_tokens=32",
-            "model.teacher_max_tokens=64",
-        ]
+        over += [f"model.pretrained={folder}", *TINY_OVERRIDES]
     return load_config(preset, over)
-
-
-def write_tiny_folder(root: Path, preset: str) -> Path:
-    """A folder with only the parts' config.json files: what `dopsd plan` reads of a local model folder."""
-    folder = root / preset
-    for part, conf in TINY[preset].items():
-        (folder / part).mkdir(parents=True, exist_ok=True)
-        (folder / part / "config.json").write_text(json.dumps(conf))
-    return folder
 
 
 def randomize(obj: Any, device: torch.device, generator: torch.Generator) -> Any:
@@ -168,7 +68,7 @@ def rollout_schedule(cfg: Any, spec: Any) -> torch.Tensor:
 
     m = cfg.model
     if m.family == "flux2":
-        from dopsd.models.flux2 import STEPS, flux2_schedule
+        from dopsd.models.flux2_facts import STEPS, flux2_schedule
 
         _, h, w = spec.latent_shape(m.height, m.width)
         inference = flux2_schedule(m.inference_steps or STEPS, h * w)

@@ -85,7 +85,8 @@ class Result:
 def build_assets(root: Path) -> Path:
     """Built once per session; each case folder gets copies of the small ones and links to the large ones."""
     from conftest import save_tiny_mini, write_concept_folder
-    from tiny_real import build_dinov2, build_zimage
+    from tiny_encoders import build_dinov2
+    from tiny_real import build_zimage
 
     from dopsd import cli
 

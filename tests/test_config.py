@@ -24,7 +24,7 @@ def test_presets_carry_each_models_setting():
     z, k, m = load_config("zimage-turbo").model, load_config("flux2-klein-4b").model, load_config("mini").model
     assert (z.family, z.inference_steps, z.shift, z.rollout_every, z.teacher_context) == ("zimage", 8, 3.0, 2, "vlm")
     assert (k.family, k.inference_steps, k.teacher_context) == ("flux2", 4, "reference")
-    assert k.teacher_instruction is None  # the model's own (dopsd.models.flux2.teacher_instruction)
+    assert k.teacher_instruction is None  # the model's own (dopsd.models.flux2_facts.teacher_instruction)
     assert (m.family, m.height, m.width) == ("mini", 24, 24)
     assert load_config("zimage-turbo").optim.lr == 1e-4 and load_config("flux2-klein-4b").optim.lr == 2e-5
 

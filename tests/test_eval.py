@@ -7,7 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tiny_real import build_clip, build_dinov2, build_qwen3_vl, build_zimage, dopsd_lora_steps, images
+from tiny_encoders import build_clip, build_dinov2, build_qwen3_vl
+from tiny_real import build_zimage, dopsd_lora_steps, images
 
 from dopsd.cli import main as cli
 from dopsd.evaluate import measure

@@ -11,7 +11,8 @@ import torch
 from comfy_view import comfy_apply, original_weights, to_diffusers
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tiny_real import build_flux2, build_qwen3_vl, build_zimage, dopsd_lora_steps, images, model_config
+from tiny_encoders import build_qwen3_vl
+from tiny_real import build_flux2, build_zimage, dopsd_lora_steps, images, model_config
 
 from dopsd import export
 from dopsd.cli import main as cli

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_real import build_flux2, build_qwen3_vl, build_zimage, train_config, write_pairs
+from tiny_encoders import build_qwen3_vl
+from tiny_real import build_flux2, build_zimage, train_config, write_pairs
 from torch import nn
 
 from dopsd.cache import FeatureCache, build_features, model_fingerprint

@@ -6,9 +6,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tiny_real import build_flux2, build_qwen3_vl, build_zimage, dopsd_lora_steps, images, model_config
+from tiny_encoders import build_qwen3_vl
+from tiny_real import build_flux2, build_zimage, dopsd_lora_steps, images, model_config
 
-from dopsd.models import flux2
+from dopsd.models import flux2, flux2_facts
 from dopsd.models.local import ModelFolderError
 from dopsd.sampler import sample_euler
 
@@ -88,7 +89,7 @@ def test_reference_teacher_is_kleins_editing_path(adapter):
     teacher = adapter.teacher_contexts(CAPTIONS[:1], [target])
     assert torch.equal(teacher[0]["ref_ids"][:, 0], torch.full((16,), 10))  # T = 10 for the first reference
     noise = noise_for(adapter, 1, seed=2)
-    prompt = f"{CAPTIONS[0]} {flux2.REFERENCE_INSTRUCTION}"
+    prompt = f"{CAPTIONS[0]} {flux2_facts.REFERENCE_INSTRUCTION}"
     ref = run_pipe(adapter, noise, prompt=prompt, image=target)
     ours = adapter.to_vae_latents(sample(adapter, adapter.collate(teacher), noise))
     assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
@@ -114,7 +115,7 @@ def test_editing_mode_student_sees_sources_teacher_also_the_output(folders):
     assert sorted(set(teacher[0]["ref_ids"][:, 0].tolist())) == [10, 20]  # the ground truth is the last reference
     noise = noise_for(adapter, 1, seed=3)
     ref_s = run_pipe(adapter, noise, prompt=instruction, image=[source])
-    ref_t = run_pipe(adapter, noise, prompt=f"{instruction} {flux2.EDIT_INSTRUCTION}", image=[source, target])
+    ref_t = run_pipe(adapter, noise, prompt=f"{instruction} {flux2_facts.EDIT_INSTRUCTION}", image=[source, target])
     assert torch.allclose(adapter.to_vae_latents(sample(adapter, adapter.collate(student), noise)), ref_s, atol=1e-5)
     assert torch.allclose(adapter.to_vae_latents(sample(adapter, adapter.collate(teacher), noise)), ref_t, atol=1e-5)
     with pytest.raises(ValueError, match="source image"):

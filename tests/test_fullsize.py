@@ -214,7 +214,7 @@ def test_zimage_rope_tables_cover_the_student_and_teacher_sequences():
 def test_klein_rope_handles_reference_tokens_at_1024(name):
     """klein's RoPE has no table: it is computed from the 4-D position ids on every call, so the teacher's
     target-as-reference tokens (T = 10) appended after the 4096 noisy tokens need nothing more."""
-    from dopsd.models.flux2 import position_ids
+    from dopsd.models.flux2_facts import position_ids
 
     spec = spec_of(name)
     teacher = spec.teacher(1024, 1024)

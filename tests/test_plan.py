@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import write_concept_folder
-from tiny_real import build_flux2, build_qwen3_vl, build_zimage, train_config, write_pairs
+from tiny_encoders import build_qwen3_vl
+from tiny_real import build_flux2, build_zimage, train_config, write_pairs
 
 from dopsd.config import load_config
 from dopsd.planner.validate import error, measured_peak, predicted_peak

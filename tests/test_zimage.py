@@ -8,7 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tiny_real import build_flux2, build_qwen3_vl, build_zimage, dopsd_lora_steps, images, model_config
+from tiny_encoders import build_qwen3_vl
+from tiny_real import build_flux2, build_zimage, dopsd_lora_steps, images, model_config
 
 from dopsd.models import zimage
 from dopsd.models.local import ModelFolderError
