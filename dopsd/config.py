@@ -1,4 +1,4 @@
-"""The training configuration: typed sections, named presets per model, YAML files and dotted overrides.
+"""The training configuration: its typed sections, and a config from a preset, a YAML file and dotted overrides.
 
 Every option is a dataclass field whose `help` metadata is its one documentation; `dopsd.config_docs` renders
 them into docs/configuration.md (a test keeps that file up to date: `python -m dopsd.config_docs`).
@@ -10,7 +10,8 @@ A YAML file names a preset and overrides some fields:
     optim: {lr: 2e-4}
 
 and the command line overrides any field with `section.field=value` (e.g. `optim.lr=2e-4`). Unknown keys are
-rejected with the closest valid name; values are checked against the field types.
+rejected with the closest valid name; values are checked against the field types. The presets' values are
+dopsd.presets; setting and parsing dotted keys is dopsd.config_keys.
 """
 
 from __future__ import annotations
@@ -18,16 +19,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import sys
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from dopsd.config_types import ConfigError, NonFiniteError, load_yaml
-from dopsd.config_types import coerce as _coerce
+from dopsd.config_keys import flatten, parse_override, set_value
+from dopsd.config_types import ConfigError, load_yaml
+from dopsd.presets import PRESETS
 
 SEED_LIMIT = 2**32  # numpy's legacy seeding (accelerate.set_seed) takes seeds below 2^32
 
@@ -292,117 +292,15 @@ class Config:
 
 SECTIONS = [f.name for f in dataclasses.fields(Config) if f.name != "preset"]
 
-# --- presets: only what differs from the defaults above -------------------------------------------
-PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
-    "mini": (
-        "Built-in miniature turbo (24×24, 4 steps, CPU).",
-        {
-            "model": {"family": "mini", "pretrained": "turbo", "height": 24, "width": 24},
-            "lora": {"rank": 8, "alpha": 8.0},
-            "optim": {"lr": 5e-4},
-            "method": {"ema_decay": 0.999},
-            "train": {"max_steps": 200, "batch_size": 8, "checkpoint_every": 100, "device": "cpu"},
-            "sample": {"every": 100, "control_steps": 32},
-        },
-    ),
-    "zimage-turbo": (
-        "Z-Image-Turbo LoRA, the authors' recipe (8 steps shift 3, 4-step roll-out, rank 64).",
-        {
-            "model": {
-                "family": "zimage",
-                "teacher_context": "vlm",
-                "height": 1024,
-                "width": 1024,
-                "inference_steps": 8,
-                "shift": 3.0,
-                "rollout_every": 2,
-                "dtype": "bfloat16",
-            },
-            "data": {"buckets": True, "bucket_multiple": 64},
-            "lora": {"rank": 64, "alpha": 128.0},
-            "optim": {"lr": 1e-4},
-            "train": {"max_steps": 2000, "mixed_precision": "bf16", "gradient_checkpointing": True},
-            "sample": {"every": 250, "control_steps": 28, "seeds": [0, 1]},
-        },
-    ),
-    "flux2-klein-4b": (
-        "FLUX.2-klein 4B LoRA: reference-image teacher, klein's 4-step dynamic-shift schedule.",
-        {
-            "model": {
-                "family": "flux2",
-                "teacher_context": "reference",
-                "height": 1024,
-                "width": 1024,
-                "inference_steps": 4,
-                "dtype": "bfloat16",
-            },
-            "data": {"buckets": True, "bucket_multiple": 64},
-            "lora": {"rank": 64, "alpha": 128.0},
-            "optim": {"lr": 2e-5},
-            "train": {"max_steps": 3000, "mixed_precision": "bf16", "gradient_checkpointing": True},
-            "sample": {"every": 250, "control_steps": 28, "seeds": [0, 1]},
-        },
-    ),
-}
-PRESETS["flux2-klein-9b"] = ("FLUX.2-klein 9B LoRA (same recipe as 4B).", copy.deepcopy(PRESETS["flux2-klein-4b"][1]))
-
 
 # --- loading ------------------------------------------------------------------------------------
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls, globalns=vars(sys.modules[__name__]))
-
-
-def all_keys() -> list[str]:
-    return [f"{s}.{f.name}" for s in SECTIONS for f in dataclasses.fields(_hints(Config)[s])]
-
-
-def _unknown(key: str, candidates: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(candidates)}"
-    return ConfigError(f"unknown config key {key!r}{hint}")
-
-
-def set_value(config: Config, key: str, value: Any) -> None:
-    """Set `section.field` on `config` (type-checked)."""
-    section, _, name = key.partition(".")
-    if section not in SECTIONS or not name:
-        raise _unknown(key, all_keys())
-    obj = getattr(config, section)
-    hints = _hints(type(obj))
-    if name not in hints:
-        raise _unknown(key, all_keys())
-    try:
-        setattr(obj, name, _coerce(value, hints[name], key))
-    except NonFiniteError as err:  # say what a valid value is
-        from dopsd.config_validate import range_text
-
-        bounds = next(f for f in dataclasses.fields(obj) if f.name == name).metadata.get("bounds")
-        raise NonFiniteError(f"{err}; it must be {range_text(bounds)}" if bounds else str(err)) from None
-
-
-def _flatten(data: dict[str, Any], origin: str) -> dict[str, Any]:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{origin}: the top level must be a mapping of sections, got {type(data).__name__}")
-    flat: dict[str, Any] = {}
-    for section, values in data.items():
-        if section == "preset":
-            continue
-        if section not in SECTIONS:
-            raise _unknown(str(section), SECTIONS + ["preset"])
-        if not isinstance(values, dict):
-            raise ConfigError(f"{origin}: section {section!r} must be a mapping of keys, got {values!r}")
-        for name, value in values.items():
-            flat[f"{section}.{name}"] = value
-    return flat
-
-
 def preset(name: str) -> Config:
     if name not in PRESETS:
         close = difflib.get_close_matches(name, list(PRESETS), n=1, cutoff=0.5)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"unknown preset {name!r}{hint}; choose one of {', '.join(PRESETS)}")
     config = Config(preset=name)
-    for key, value in _flatten(PRESETS[name][1], f"preset {name}").items():
+    for key, value in flatten(PRESETS[name][1], f"preset {name}", SECTIONS).items():
         set_value(config, key, value)
     return config
 
@@ -411,20 +309,9 @@ def from_dict(data: dict[str, Any], origin: str = "config") -> Config:
     """A preset (data['preset'], default mini) with the given sections applied."""
     name = data.get("preset", "mini") if isinstance(data, dict) else "mini"
     config = preset(str(name))
-    for key, value in _flatten(data, origin).items():
+    for key, value in flatten(data, origin, SECTIONS).items():
         set_value(config, key, value)
     return config
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. optim.lr=2e-4)")
-    key, _, raw = text.partition("=")
-    try:
-        value = load_yaml(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.strip(), value
 
 
 def load_config(source: str | Path | dict[str, Any] | Config, overrides: list[str] | None = None) -> Config:

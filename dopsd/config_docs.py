@@ -10,9 +10,11 @@ from pathlib import Path
 
 import yaml
 
-from dopsd.config import PRESETS, SECTIONS, Config, _flatten, _hints
+from dopsd.config import SECTIONS, Config
+from dopsd.config_keys import flatten, type_hints
 from dopsd.config_types import type_name as _type_name
 from dopsd.config_validate import range_text
+from dopsd.presets import PRESETS
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 
@@ -39,12 +41,12 @@ def render_docs() -> str:
         "`accelerate launch --multi_gpu --num_processes N -m dopsd.cli train CONFIG`; `train.batch_size` is per process.",
         "",
     ]
-    hints = _hints(Config)
+    hints = type_hints(Config)
     for section in SECTIONS:
         cls = hints[section]
         help_text = next(f for f in dataclasses.fields(Config) if f.name == section).metadata["help"]
         out += [f"## `{section}`: {help_text}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
-        types_ = _hints(cls)
+        types_ = type_hints(cls)
         for f in dataclasses.fields(cls):
             kind = _type_name(types_[f.name]).replace("|", "\\|")
             meaning = f.metadata["help"]
@@ -57,7 +59,7 @@ def render_docs() -> str:
     out += ["## Presets", "", "Each preset sets these keys; everything else keeps the defaults above.", ""]
     for name, (about, values) in PRESETS.items():
         out += [f"### `{name}`", "", about, ""]
-        for key, value in _flatten(values, name).items():
+        for key, value in flatten(values, name, SECTIONS).items():
             out.append(
                 f"- `{key}`: `{yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix('...').strip()}`"
             )

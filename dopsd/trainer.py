@@ -1,8 +1,9 @@
-"""The trainer: set-up, one optimizer step, checkpoints, and `Trainer.fit`, the training loop every caller uses
-(`dopsd train`, `dopsd.train`, the bench), on accelerate: LoRA or full, one process, DDP or FSDP.
+"""The trainer: set-up, one optimizer step, and `Trainer.fit`, the training loop every caller uses (`dopsd train`,
+`dopsd.train`, the bench), on accelerate: LoRA or full, one process, DDP or FSDP.
 
 What a method computes on a micro-batch is dopsd.methods; what the run shows while it trains (progress bar,
-TensorBoard, sample grids, few-step health) is dopsd.monitor; the run folder's files are dopsd.rundir.
+TensorBoard, sample grids, few-step health) is dopsd.monitor; the run folder's files are dopsd.rundir; saving and
+restoring the trainer's state in checkpoints is dopsd.trainer_checkpoint.
 
 Determinism: every random choice of a sample (caption variant, caption dropout, noise, SFT σ, prior prompt)
 comes from a generator seeded by (seed, step, slot in the global batch). The data order is a seeded
@@ -26,11 +27,11 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
 from dopsd import checkpoint as ckpt
-from dopsd import continual, methods, optim, rundir
+from dopsd import continual, methods, optim, rundir, trainer_checkpoint
 from dopsd.cache import FeatureCache, Features, build_features, default_cache_dir, model_fingerprint
 from dopsd.config import Config, ConfigError
 from dopsd.data.dataset import BatchOrder, Example, distinct_captions
-from dopsd.errors import CheckpointError, TrainingFailed
+from dopsd.errors import TrainingFailed
 from dopsd.lora.inject import add_lora
 from dopsd.monitor import Monitor, make_health
 from dopsd.schedules import training_schedule
@@ -185,7 +186,7 @@ class Trainer:
         self.order = BatchOrder(self.examples, cfg.train.seed)
         self.schedules: dict[tuple[int, int], torch.Tensor] = {}
         if self.resume:
-            self._load_checkpoint()
+            trainer_checkpoint.restore(self)
 
     def schedule(self, bucket: tuple[int, int]) -> torch.Tensor:
         if bucket not in self.schedules:
@@ -193,83 +194,9 @@ class Trainer:
             self.schedules[bucket] = training_schedule(inference, every=self.m.rollout_every)
         return self.schedules[bucket]
 
-    # --- checkpoints ------------------------------------------------------------------------------
     def weights_verdict(self) -> dict[str, Any]:
+        """Finite and not exploded (vs. the start): what a checkpoint and the final verdict record."""
         return ckpt.weights_verdict(self.trainable, self.start_max_abs)
-
-    def save_checkpoint(self) -> None:
-        root = self.out / rundir.CHECKPOINTS
-        ckpt.write_rank_rng(root, self.step, self.rank)
-        self.acc.wait_for_everyone()
-        if self.main:
-            # A prior that is the teacher is stored once; full fine-tuning reloads the original weights instead.
-            prior = self.prior if (self.prior is not self.teacher and self.cfg.lora.enabled) else None
-            weights = self.weights_verdict()
-            # Good = finite, sane weights and no broken few-step health at the latest measurement (if any).
-            good = weights["ok"] and not (self.last_health or {}).get("broken")
-            ckpt.write_main(
-                root,
-                self.step,
-                trainable=self.trainable,
-                prior=None if prior is None else prior.state_dict(),
-                teacher=None if self.teacher is None else self.teacher.state_dict(),
-                optimizer=self.optimizer.state_dict(),
-                scheduler=self.scheduler.state_dict(),
-                state={
-                    "step": self.step,
-                    "order": self.order.state_dict(),
-                    "history": self.history,
-                    "nonfinite": self.nonfinite,
-                    "processes": self.world,
-                    "global_batch": self.global_batch,
-                    "dataset": self.dataset,
-                    "good": good,
-                    "weights": weights,
-                    "health": self.last_health,
-                },
-            )
-            ckpt.finalise(root, self.step, self.cfg.train.keep_checkpoints)
-        self.acc.wait_for_everyone()
-
-    def amend_checkpoint_health(self) -> None:
-        """Health measured after the checkpoint of the same step was written (the final one): record it there."""
-        path = ckpt.checkpoint_dir(self.out / rundir.CHECKPOINTS, self.step)
-        if self.main and self.last_health and self.last_health["step"] == self.step and path.is_dir():
-            ckpt.amend(path, health=self.last_health, broken=bool(self.last_health.get("broken")))
-
-    def _load_checkpoint(self) -> None:
-        root = self.out / rundir.CHECKPOINTS
-        path, data, notes = ckpt.load_for_resume(root, self.rank, self.acc.device)
-        notes += ckpt.check_fits(
-            path, data["state"], dataset=self.dataset, processes=self.world, global_batch=self.global_batch
-        )
-        if not data["state"].get("good", True):
-            why = (data["state"].get("weights") or {}).get("problem") or "its few-step health was broken"
-            notes.append(
-                f"{path} was not a good checkpoint when written ({why}); the last good one is "
-                f"{ckpt.last_good(root) or 'none'}"
-            )
-        if set(data["trainable"]) != set(self.trainable):
-            raise CheckpointError(
-                f"{path} does not match the model's trainable weights (lora.targets or the model "
-                "changed?); resume with the run's settings"
-            )
-        self.checkpoints_seen = [p.name for p in ckpt.list_checkpoints(root)]
-        self.resume_notes = notes
-        self.last_health = data["state"].get("health")
-        with torch.no_grad():
-            for name, p in self.trainable.items():
-                p.copy_(data["trainable"][name])
-        for shadow, saved in ((self.teacher, data["teacher"]), (self.prior, data["prior"])):
-            if shadow is not None and saved is not None and shadow.mode != "live":
-                shadow.load_state_dict(saved)
-        self.optimizer.load_state_dict(data["optimizer"])
-        self.scheduler.load_state_dict(data["scheduler"])
-        ckpt.set_rng_state(data["rng"])
-        state = data["state"]
-        self.step, self.history, self.nonfinite = state["step"], state["history"], state["nonfinite"]
-        self.order.load_state_dict(state["order"])
-        self.resumed_from = str(path)
 
     # --- one optimizer step -----------------------------------------------------------------------
     def sync(self, final: bool) -> contextlib.AbstractContextManager:
@@ -383,13 +310,13 @@ class Trainer:
                     if every and self.step % every == 0 and not done:
                         monitor.sample(f"step-{self.step:07d}")
                     if (ck and self.step % ck == 0) or done:
-                        self.save_checkpoint()
+                        trainer_checkpoint.save(self)
                         monitor.checkpointed()
                 self.acc.wait_for_everyone()
                 self.loop_seconds = time.time() - t0
                 # --- final samples and health; the final checkpoint learns the final health
                 monitor.sample("final")
-                self.amend_checkpoint_health()
+                trainer_checkpoint.amend_health(self)
             finally:
                 monitor.close()
         except TrainingAborted as err:

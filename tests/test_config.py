@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 
 from dopsd import cli
-from dopsd.config import PRESETS, Config, ConfigError, load_config
+from dopsd.config import Config, ConfigError, load_config
 from dopsd.config_docs import render_docs
+from dopsd.presets import PRESETS
 
 ROOT = Path(__file__).resolve().parent.parent
 

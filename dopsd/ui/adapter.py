@@ -22,10 +22,12 @@ import yaml
 
 from dopsd import config as _config
 from dopsd.cli import COMMANDS
+from dopsd.config_keys import set_value
 from dopsd.data import dataset as _data
 from dopsd.data.dataset import IMAGE_EXTENSIONS, METADATA, DatasetError, apply_trigger
 from dopsd.errors import DopsdError
 from dopsd.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from dopsd.presets import PRESETS
 
 ConfigError = _config.ConfigError
 Config = _config.Config
@@ -72,7 +74,7 @@ FORM_KEYS = (
 def presets() -> list[dict[str, Any]]:
     """Each preset: name, description, its resolved config (dict) and the form keys' values."""
     out = []
-    for name, (description, _) in _config.PRESETS.items():
+    for name, (description, _) in PRESETS.items():
         cfg = _config.preset(name)
         out.append(
             {
@@ -104,7 +106,7 @@ def resolve(preset: str, values: dict[str, Any]) -> Config:
     """The preset with typed `section.key` values set one by one (no value is ever parsed as YAML text)."""
     cfg = _config.preset(preset)
     for key, value in values.items():
-        _config.set_value(cfg, key, value)
+        set_value(cfg, key, value)
     _config.validate(cfg)
     return cfg
 
@@ -130,7 +132,7 @@ def get(cfg: Config, key: str) -> Any:
 
 
 def set_key(cfg: Config, key: str, value: Any) -> None:
-    _config.set_value(cfg, key, value)
+    set_value(cfg, key, value)
 
 
 def trigger(caption: str, trigger_word: str | None) -> str:
