@@ -11,7 +11,11 @@ import argparse
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="report folder (created; must be empty unless --overwrite)")
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="the < 10 min CPU configuration the README quotes")
+    size.add_argument(
+        "--quick",
+        action="store_true",
+        help="the short CPU configuration the README quotes (about 11 min on 2 idle cores)",
+    )
     size.add_argument("--tiny", action="store_true", help="seconds-long smoke configuration (tests)")
     parser.add_argument(
         "--settings",
