@@ -21,6 +21,8 @@ from dopsd.images import grid_image
 from dopsd.sampler import generate, sample_seed, seed_noise
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from dopsd.trainer import Trainer
 
 
@@ -57,6 +59,15 @@ def make_health(trainer: Trainer) -> Any:
 PROGRESS_EVERY_S = 1.0  # progress.json is rewritten at most this often (and at every checkpoint and interval)
 
 
+def wait_for_a_later_event_file_name(logs: Path) -> None:
+    """TensorBoard reads a folder's event files in name order, and a name starts with its creation second. The purge
+    of a killed run's steps past the checkpoint only works when the resumed run's file is read after the killed
+    run's, so a resume within the same second waits for the next one (otherwise the process ids decide)."""
+    seconds = [int(p.name.split(".")[3]) for p in logs.glob("events.out.tfevents.*") if p.name.split(".")[3].isdigit()]
+    while seconds and int(time.time()) <= max(seconds):
+        time.sleep(0.05)
+
+
 class Monitor:
     """Opened when the loop starts, closed when it ends. `latest`: the last `sample` result (grid paths and, when
     measured, the few-step health), which the run's verdict and summary read."""
@@ -72,6 +83,8 @@ class Monitor:
             from torch.utils.tensorboard import SummaryWriter
 
             # A resumed run drops what a killed run logged after its checkpoint (those steps are trained again).
+            if trainer.step:
+                wait_for_a_later_event_file_name(out / rundir.LOGS)
             self.writer = SummaryWriter(str(out / rundir.LOGS), purge_step=trainer.step + 1 if trainer.step else None)
         if main:  # the traces restart from the checkpoint (a killed run may have logged further)
             self.losses = rundir.open_losses(out, trainer.history)

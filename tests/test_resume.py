@@ -45,6 +45,10 @@ def test_resume_from_a_middle_checkpoint_reproduces_the_run(tmp_path, concept_da
     shutil.rmtree(cut / "checkpoints" / "step-0000006")
     for name in ("lora.safetensors", "lora_config.json", "summary.json"):
         (cut / name).unlink()
+    # TensorBoard reads event files in name order (creation second, host, pid): give the copied file the next
+    # second and a large pid, as when a killed run and its resume start within one second.
+    for n, events in enumerate((cut / "logs").glob("events.out.tfevents.*")):
+        events.rename(events.with_name(f"events.out.tfevents.{int(time.time()) + 1}.host.99999999.{n}"))
     cfg = tiny_config(tmp_path, concept_data, **STATEFUL, **{"train.output_dir": cut})
     resumed = dopsd.train(cfg, resume=True, adapter=adapter())
     assert resumed.summary["resumed_from"].endswith("step-0000003") and resumed.summary["steps_this_run"] == 3
