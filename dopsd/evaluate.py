@@ -2,7 +2,8 @@
 
 For the training prompts (first caption of each training pair, with its target image) and for unseen
 prompts, sample with fixed seeds at the few-step setting and at a many-step control, with the LoRA and
-(by default) without it, then report:
+(by default) without it, then report (each (prompt, seed) has its own noise, drawn as `dopsd sample` draws it,
+`dopsd.sampler.sample_seed`, so a grid cell can be reproduced alone; with and without the LoRA share it):
   * DINO-D (lower = closer to the targets): 1 − cos between image features of a sample and its own target
     (training prompts), and to the nearest target (any prompt), from a local DINOv2/DINOv3/CLIP/SigLIP
     folder; without one, a pixel-thumbnail fallback (`dopsd.features.PixelFeatures`, not comparable to the
@@ -87,7 +88,7 @@ def evaluate(
     from dopsd.data.dataset import load_dataset, load_example_images
     from dopsd.lora.trained import apply_trained
     from dopsd.models.registry import load_adapter, torch_dtype
-    from dopsd.sampler import generate, seed_noise
+    from dopsd.sampler import generate, sample_seed, seed_noise
 
     m = config.model
     examples = load_dataset(config.data, m)[:max_prompts]
@@ -111,7 +112,8 @@ def evaluate(
     adapter.release_encoders()
     seeds = list(seeds)
     rows = [c for c in contexts for _ in seeds]
-    noise = seed_noise(adapter.latent_shape(m.height, m.width), seeds * len(prompts))
+    shape = adapter.latent_shape(m.height, m.width)
+    noise = seed_noise(shape, [sample_seed(s, i) for i in range(len(prompts)) for s in seeds])
     few_sched = adapter.inference_schedule(m.height, m.width, m.inference_steps)
     few_steps = len(few_sched) - 1  # model.inference_steps may be null (= the model's own)
     many_sched = adapter.inference_schedule(m.height, m.width, control_steps) if control_steps else None

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from tiny_encoders import build_clip, build_dinov2, build_qwen3_vl
 from tiny_real import build_zimage, dopsd_lora_steps, images
 
@@ -105,6 +107,24 @@ def test_eval_cli_writes_metrics_and_grids(world, capsys):
     for name in ("targets.png", "base_8steps.png", "lora_8steps.png", "base_12steps.png", "lora_12steps.png"):
         assert (out / name).is_file()
     assert "lora dino_d_train=" in capsys.readouterr().out
+    # Each (prompt, seed) has its own noise, as `dopsd sample` draws it: the second prompt's seed-1 cell of the
+    # LoRA grid is what `dopsd sample` gives for that prompt number and seed alone.
+    alone = world.root / "alone.png"
+    args = ["sample", str(world.run), "--prompt", CAPTIONS[1], "--prompt-index", "1", "--seeds", "1", "--out"]
+    assert cli([*args, str(alone)]) == 0, capsys.readouterr()
+    (png,) = (world.root / "alone").glob("p01-*-s1.png")
+    drawn = np.asarray(Image.open(png).convert("RGB"))
+    assert np.abs(grid_cell(out / "lora_8steps.png", 1, 1, cols=2).astype(int) - drawn).max() <= 2
+    other_prompt = grid_cell(out / "lora_8steps.png", 0, 1, cols=2).astype(int)
+    assert np.abs(other_prompt - drawn).mean() > 5  # different noise, not only a different caption
+
+
+def grid_cell(path, row: int, col: int, cols: int, pad: int = 2) -> np.ndarray:
+    """One image of a `grid_image` grid, at its own resolution (the grid is magnified by an integer factor)."""
+    grid = np.asarray(Image.open(path).convert("RGB"))
+    scale = grid.shape[1] // (cols * (SIZE + pad) + pad)
+    y, x = (pad + row * (SIZE + pad)) * scale, (pad + col * (SIZE + pad)) * scale
+    return grid[y : y + SIZE * scale : scale, x : x + SIZE * scale : scale]
 
 
 def test_eval_without_feature_models_uses_the_pixel_fallback(world):
