@@ -19,7 +19,7 @@ import torch
 
 from dopsd.methods import MicroBatch, Term, _student_keys, _torch_gen, slot_rng
 from dopsd.objective import pso_loss, sample_schedule_sigmas, sample_training_sigmas, sft_loss
-from dopsd.sampler import sample_euler, seed_noise
+from dopsd.sampler import inference_mode, sample_euler, seed_noise
 
 if TYPE_CHECKING:
     from dopsd.trainer import Trainer
@@ -72,7 +72,7 @@ class PairwiseSampleOptimization(Term):
         sigma = torch.cat([sample_schedule_sigmas(1, sched, generator=g) for g in gens])
         ctx = trainer.contexts(_student_keys(trainer, b))
         live = trainer.velocity(trainer.network)
-        with torch.no_grad():  # the current model's own few-step sample for the target's caption
+        with inference_mode(trainer.network):  # the current model's own few-step sample, as at inference
             reference = sample_euler(live, ref_noise.to(dev, f32), sched.to(dev), ctx)
         frozen = trainer.prior.wrap(live) if m.pso_form == "dpo" else None
         with trainer.sync(final):
@@ -120,7 +120,6 @@ class ClassImagePrior(Term):
         )
         return self.prompts_
 
-    @torch.no_grad()
     def prepare(self, trainer: Trainer) -> None:
         n, seed = trainer.method.class_images, trainer.cfg.train.seed
         size = (trainer.m.height, trainer.m.width)
@@ -130,15 +129,11 @@ class ClassImagePrior(Term):
         )
         self.keys = [trainer.feats.prompts[self.prompts_[i % len(self.prompts_)]] for i in range(n)]
         network, out = trainer.adapter.network, []  # the unwrapped network (set up before the optimizer)
-        was_training = network.training
-        network.eval()
-        try:
+        with inference_mode(network):
             for start in range(0, n, 16):
                 ctx = trainer.contexts(self.keys[start : start + 16])
                 x = noise[start : start + 16].to(trainer.acc.device, trainer.latent_dtype)
                 out.append(sample_euler(trainer.velocity(network), x, sched, ctx).float().cpu())
-        finally:
-            network.train(was_training)
         self.pool = torch.cat(out)
 
     def __call__(self, trainer: Trainer, b: MicroBatch, scale: float, final: bool) -> dict[str, Any]:

@@ -172,45 +172,40 @@ def probe(
     hits: dict[str, torch.Tensor] = {}
     first: dict[tuple[str, int], Image.Image] = {}
     n_steps = 0
-    was_training = adapter.network.training
-    adapter.network.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(jobs), batch_size):
-                chunk = jobs[start : start + batch_size]
-                by_size: dict[tuple[int, int], list[tuple[int, int]]] = {}
-                for i, s in chunk:
-                    hw = size or (pairs[i][0].height, pairs[i][0].width)
-                    by_size.setdefault(hw, []).append((i, s))
-                for (h, w), group in by_size.items():
-                    schedule = adapter.inference_schedule(h, w, steps)
-                    n_steps = len(schedule) - 1
-                    shape = tuple(adapter.latent_shape(h, w))
-                    noise = seed_noise(shape, [s for _, s in group])
-                    caps = [pairs[i][1] for i, _ in group]
-                    imgs = [pairs[i][0].convert("RGB") for i, _ in group]
-                    src = [list(sources[i]) for i, _ in group] if sources is not None else None
-                    targets = [img.resize((w, h), Image.BICUBIC) if img.size != (w, h) else img for img in imgs]
-                    contexts = {
-                        "student": adapter.student_contexts(caps, src),
-                        "teacher": adapter.teacher_contexts(caps, imgs, src),
-                    }
-                    out = {
-                        role: generate(adapter, adapter.network, ctx, noise, schedule, batch_size=len(group))
-                        for role, ctx in contexts.items()
-                    }
-                    for role, samples in out.items():
-                        d = scorer.distance(samples, targets)
-                        hit = scorer.hits(samples, targets) if hasattr(scorer, "hits") else None
-                        for k, (i, s) in enumerate(group):
-                            j = seeds.index(s)
-                            dist[role][i, j] = float(d[k])
-                            if hit is not None:
-                                hits.setdefault(role, torch.zeros(len(pairs), len(seeds)))[i, j] = float(hit[k])
-                            if j == 0:
-                                first[(role, i)] = to_pil(samples[k : k + 1])[0]
-    finally:
-        adapter.network.train(was_training)
+    with torch.no_grad():  # generate samples as at inference (dropout off); this covers the encoders' calls
+        for start in range(0, len(jobs), batch_size):
+            chunk = jobs[start : start + batch_size]
+            by_size: dict[tuple[int, int], list[tuple[int, int]]] = {}
+            for i, s in chunk:
+                hw = size or (pairs[i][0].height, pairs[i][0].width)
+                by_size.setdefault(hw, []).append((i, s))
+            for (h, w), group in by_size.items():
+                schedule = adapter.inference_schedule(h, w, steps)
+                n_steps = len(schedule) - 1
+                shape = tuple(adapter.latent_shape(h, w))
+                noise = seed_noise(shape, [s for _, s in group])
+                caps = [pairs[i][1] for i, _ in group]
+                imgs = [pairs[i][0].convert("RGB") for i, _ in group]
+                src = [list(sources[i]) for i, _ in group] if sources is not None else None
+                targets = [img.resize((w, h), Image.BICUBIC) if img.size != (w, h) else img for img in imgs]
+                contexts = {
+                    "student": adapter.student_contexts(caps, src),
+                    "teacher": adapter.teacher_contexts(caps, imgs, src),
+                }
+                out = {
+                    role: generate(adapter, adapter.network, ctx, noise, schedule, batch_size=len(group))
+                    for role, ctx in contexts.items()
+                }
+                for role, samples in out.items():
+                    d = scorer.distance(samples, targets)
+                    hit = scorer.hits(samples, targets) if hasattr(scorer, "hits") else None
+                    for k, (i, s) in enumerate(group):
+                        j = seeds.index(s)
+                        dist[role][i, j] = float(d[k])
+                        if hit is not None:
+                            hits.setdefault(role, torch.zeros(len(pairs), len(seeds)))[i, j] = float(hit[k])
+                        if j == 0:
+                            first[(role, i)] = to_pil(samples[k : k + 1])[0]
 
     results = []
     for i, (_img, caption) in enumerate(pairs):

@@ -10,7 +10,8 @@ of a grid gets its own noise, and one sample can be drawn again alone from its s
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -43,7 +44,19 @@ def sample_seed(seed: int, prompt_index: int) -> int:
     return (int(seed) + int(prompt_index) * PROMPT_STRIDE) % 2**63
 
 
-@torch.no_grad()
+@contextmanager
+def inference_mode(network: torch.nn.Module) -> Iterator[None]:
+    """Sampling as at inference, also in the middle of training: no gradient, and dropout (LoRA dropout included)
+    off; the network's training flag is restored afterwards."""
+    was_training = network.training
+    network.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        network.train(was_training)
+
+
 def generate(
     adapter: Any,
     network: torch.nn.Module,
@@ -57,10 +70,8 @@ def generate(
     """Euler samples for per-sample `contexts` from `noise`; decoded images (B, 3, H, W) in [-1, 1] on CPU.
     Latents are float32 unless `dtype` says otherwise (adapters cast to their weights' dtype inside)."""
     device, dtype = device or next(network.parameters()).device, dtype or torch.float32
-    was_training = network.training
-    network.eval()
     out = []
-    try:
+    with inference_mode(network):
         for start in range(0, len(contexts), batch_size):
             ctx = adapter.collate(
                 [{k: v.to(device) for k, v in c.items()} for c in contexts[start : start + batch_size]]
@@ -68,6 +79,4 @@ def generate(
             x = noise[start : start + batch_size].to(device, dtype)
             x = sample_euler(lambda z, s, c: adapter.velocity(network, z, s, c), x, schedule.to(device), ctx)
             out.append(adapter.decode(x).float().cpu())
-    finally:
-        network.train(was_training)
     return torch.cat(out)

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 import dopsd
 from dopsd.config import ConfigError, load_config
 from dopsd.mini.adapter import tiny_random_adapter
+from dopsd.sampler import inference_mode
 
 # Caption dropout and LoRA dropout: draws that a resume must reproduce too.
 COMMON = {"train.max_steps": 4, "train.checkpoint_every": 2, "data.caption_dropout": 0.3, "lora.dropout": 0.1}
@@ -132,3 +133,13 @@ def test_dreambooth_class_images_are_the_starting_models_samples(tmp_path, conce
 def test_wrong_options_are_refused(overrides, words):
     with pytest.raises(ConfigError, match=words.replace(".", r"\.")):
         load_config("mini", overrides)
+
+
+def test_samples_drawn_during_training_are_drawn_as_at_inference():
+    """PSO's references and DreamBooth's class images: no gradient, dropout off, the training flag restored."""
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Dropout(0.5)).train()
+    x = torch.randn(16, 8)
+    assert not torch.equal(net(x), net(x))  # dropout is on while training
+    with inference_mode(net):
+        a, b = net(x), net(x)
+    assert torch.equal(a, b) and not a.requires_grad and net.training
