@@ -15,6 +15,8 @@ from dopsd import continual, runlock
 from dopsd.config import Config, load_config
 from dopsd.data.checks import check_prompts
 from dopsd.data.dataset import check_dataset
+from dopsd.methods import terms_for
+from dopsd.models.registry import check_teacher_folder
 from dopsd.rundir import OutputExistsError, check_resume_config
 from dopsd.trainer import Result, StepCallback, Trainer
 
@@ -86,6 +88,8 @@ def _train(cfg: Config, resume: bool, overwrite: bool, adapter: Any, callback: S
     continual.resolve(cfg)  # the run to start from: checked before the dataset and the model are read
     dataset = check_dataset(cfg.data, cfg.model, cfg.train.batch_size)  # every problem reported before anything starts
     check_prompts(cfg)
+    if any(t.teacher for t in terms_for(cfg.method)):  # e.g. Z-Image's Qwen3-VL folder, before the models load
+        check_teacher_folder(cfg.model)
     if int(os.environ.get("RANK", "0")) == 0:  # what training will do to the data, said once (not per process)
         print(dataset.summary(), flush=True)
     trainer = Trainer(cfg, plan.out, dataset.examples, adapter=adapter, resume=resume)

@@ -294,9 +294,10 @@ def load_setup(
     """The adapter and (first-caption) training pairs exactly as `dopsd train` would read them."""
     from dopsd.config import load_config
     from dopsd.data.dataset import check_dataset, load_example_images
-    from dopsd.models.registry import load_adapter
+    from dopsd.models.registry import check_teacher_folder, load_adapter
 
     cfg = load_config(source, overrides)
+    check_teacher_folder(cfg.model)  # the probe samples the teacher: its folder is checked before weights load
     examples = []
     if with_data:  # validate before loading weights, and say once what loading does to the data
         dataset = check_dataset(cfg.data, cfg.model)

@@ -140,6 +140,18 @@ FOLDER_CASES: list[Case] = [
     ),
     Case(
         "model folder",
+        "Z-Image VLM teacher folder not set",
+        f"train zimage-turbo {Z} data.path=data",
+        ("model.teacher_encoder", "not set", "Qwen3-VL"),
+    ),
+    Case(
+        "model folder",
+        "Z-Image VLM teacher folder holds another model",
+        f"train zimage-turbo {Z} data.path=data model.teacher_encoder=zimage/text_encoder",
+        ("model.teacher_encoder", "zimage/text_encoder", "qwen3_vl"),
+    ),
+    Case(
+        "model folder",
         "truncated miniature weights",
         f"{SAMPLE} model.pretrained=tiny",
         ("tiny/turbo.safetensors", "truncated"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -299,6 +300,23 @@ def test_full_dopsd_train_run_with_the_vlm_teacher(folders, tmp_path):
         output_type="latent",
     ).images
     assert torch.allclose(ours, ref, atol=1e-5)
+
+
+def test_a_missing_vlm_teacher_is_named_before_the_model_loads(folders, tmp_path):
+    """D-OPSD with the VLM teacher and no model.teacher_encoder: refused by the checks before any work (not
+    after the VAE and text encoder loaded, when the features are cached), nothing written; SFT needs no VLM."""
+    from tiny_real import train_config, write_pairs
+
+    import dopsd
+
+    data = write_pairs(tmp_path / "data", CAPTIONS, SIZE, seed=7)
+    cfg = train_config("zimage-turbo", tmp_path, data, SIZE, f"model.pretrained={folders.model}")
+    with pytest.raises(ModelFolderError, match="model.teacher_encoder is not set") as err:
+        dopsd.train(cfg)
+    assert not any(entry.name == "prepare" for entry in err.traceback)  # the trainer never started loading
+    assert not Path(cfg.train.output_dir).exists()
+    cfg.method.name = "sft"
+    assert dopsd.train(cfg).steps == 2
 
 
 def test_protocol_members(adapter):

@@ -223,6 +223,10 @@ def caption_problems(cfg: Any, captions: list[str]) -> list[CaptionProblem]:
     return found + [CaptionProblem(None, world.vocabulary_hint())] if found else []
 
 
+def check_teacher_folder(cfg: Any) -> None:
+    """The family hook (dopsd.models.base): the miniature's teacher contexts need no other folder."""
+
+
 def default_lora_targets() -> list[str]:
     """peft target names: every attention and MLP linear of the DiT blocks (not the embeddings/output)."""
     return list(LORA_TARGETS)

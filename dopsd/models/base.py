@@ -80,6 +80,11 @@ class FamilyModule(Protocol):
         check calls it on every caption at once)."""
         ...
 
+    def check_teacher_folder(self, model_cfg: Any) -> None:
+        """Raises ModelFolderError when the configured teacher context needs a folder that is missing or wrong,
+        without loading weights (called before any work when the method uses the teacher)."""
+        ...
+
     def lora_layout(self) -> LoraLayout | None:
         """The interchange layout of the family's LoRA files; None when only dopsd loads them."""
         ...

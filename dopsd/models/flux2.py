@@ -328,6 +328,10 @@ def load(cfg: Any, device: torch.device | str = "cpu", dtype: torch.dtype | str 
     return Flux2Adapter(cfg, device, dtype)
 
 
+def check_teacher_folder(cfg: Any) -> None:
+    """The reference-image teacher reads the pipeline folder's own parts: nothing else to check."""
+
+
 def caption_problems(cfg: Any, captions: list[str]) -> list[CaptionProblem]:
     """Captions the text encoder will cut at model.max_caption_tokens — for the student, and for the
     reference-path teacher, which reads the caption plus its instruction in the same budget (a long caption cuts

@@ -77,6 +77,20 @@ def transplant_language_weights(language_model: nn.Module, text_encoder: nn.Modu
     return TransplantReport(matched=len(target), total=len(target), ignored=ignored)
 
 
+def check_vlm_folder(folder: str | Path | None, field_name: str = "model.teacher_encoder") -> Path:
+    """The Qwen3-VL folder the VLM teacher reads, checked without loading weights: it exists, holds a qwen3_vl
+    model and its image processor's config."""
+    path = check_model_folder(folder, field_name, "Qwen3-VL")
+    model_type = read_json(path / "config.json").get("model_type")
+    if model_type != "qwen3_vl":
+        raise ModelFolderError(
+            f"{field_name}: {path} holds a {model_type!r} model; the VLM teacher needs Qwen3-VL (qwen3_vl)"
+        )
+    if not (path / "preprocessor_config.json").is_file():
+        raise ModelFolderError(f"{field_name}: {path} has no preprocessor_config.json (the Qwen3-VL image processor)")
+    return path
+
+
 class QwenVLEncoder:
     """Multimodal features of (image, caption): image first, then the caption, one user turn."""
 
@@ -91,16 +105,7 @@ class QwenVLEncoder:
     ):
         from transformers import AutoTokenizer, Qwen2VLImageProcessorPil, Qwen3VLModel
 
-        path = check_model_folder(folder, field_name, "Qwen3-VL")
-        model_type = read_json(path / "config.json").get("model_type")
-        if model_type != "qwen3_vl":
-            raise ModelFolderError(
-                f"{field_name}: {path} holds a {model_type!r} model; the VLM teacher needs Qwen3-VL (qwen3_vl)"
-            )
-        if not (path / "preprocessor_config.json").is_file():
-            raise ModelFolderError(
-                f"{field_name}: {path} has no preprocessor_config.json (the Qwen3-VL image processor)"
-            )
+        path = check_vlm_folder(folder, field_name)
         self.model = load_part(Qwen3VLModel, path, None, dtype, quiet=True).to(device).eval().requires_grad_(False)
         self.report = transplant_language_weights(self.model.language_model, text_encoder)
         self.tokenizer = load_part(AutoTokenizer, path, None)

@@ -48,6 +48,11 @@ def caption_problems(model_cfg: Any, captions: list[str]) -> list[Any]:
     return list(family_module(model_cfg.family).caption_problems(model_cfg, list(captions)))
 
 
+def check_teacher_folder(model_cfg: Any) -> None:
+    """The family's check of the folder its teacher context reads (no weights loaded)."""
+    family_module(model_cfg.family).check_teacher_folder(model_cfg)
+
+
 def load_adapter(model_cfg: Any, device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None) -> Any:
     """The adapter (see dopsd.models.base.ModelAdapter) for `model_cfg.family`, weights on `device`."""
     module = family_module(model_cfg.family)

@@ -306,6 +306,14 @@ def caption_problems(cfg: Any, captions: list[str]) -> list[CaptionProblem]:
     return found + [CaptionProblem(None, hint, notice=True)] if found else []
 
 
+def check_teacher_folder(cfg: Any) -> None:
+    """The VLM teacher's Qwen3-VL folder (model.teacher_encoder), checked before the pipeline's parts load."""
+    if cfg.teacher_context == "vlm":
+        from dopsd.models.qwen_vl import check_vlm_folder
+
+        check_vlm_folder(cfg.teacher_encoder)
+
+
 def lora_layout() -> LoraLayout:
     return LORA_LAYOUT
 
