@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TextIO
 
 
 def fsync_dir(folder: str | Path) -> None:
@@ -46,6 +46,25 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         raise
     fsync_dir(path.parent)
     return path
+
+
+def replace_and_keep_open(path: str | Path, text: str) -> TextIO:
+    """Write `text` at a temporary name, fsync, rename it over `path` and return the still-open file, now `path`:
+    later writes go on through the same handle (a trace's appends), never through a second open by name."""
+    path = Path(path)
+    tmp = _temp_for(path)
+    fh = open(tmp, "w", encoding="utf-8")
+    try:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        fh.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return fh
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from dopsd.errors import RunFolderError
-from dopsd.files import atomic_write_json, atomic_write_text, fsync_dir
+from dopsd.files import atomic_write_json, atomic_write_text, replace_and_keep_open
 
 MARKER = "dopsd-run.json"
 MARKER_FORMAT, MARKER_VERSION = "dopsd-run", 1
@@ -192,17 +192,7 @@ class Trace:
     rename followed by re-opening by name in append mode) keeps the file in step order on every file system."""
 
     def __init__(self, path: Path, records: Iterable[dict[str, Any]]):
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        self.fh = open(tmp, "w", encoding="utf-8")
-        try:
-            self.fh.write("".join(json.dumps(r) + "\n" for r in records))
-            self.sync()
-            os.replace(tmp, path)
-        except BaseException:
-            self.fh.close()
-            tmp.unlink(missing_ok=True)
-            raise
-        fsync_dir(path.parent)
+        self.fh = replace_and_keep_open(path, "".join(json.dumps(r) + "\n" for r in records))
 
     def append(self, record: dict[str, Any]) -> None:
         self.fh.write(json.dumps(record) + "\n")
