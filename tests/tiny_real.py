@@ -10,10 +10,15 @@ configs follow diffusers' own tests; weights are random (seeded) and a few are p
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
 from PIL import Image
+
+# The tiny part configs live with benchmarks/gpu_real_scale.py's --tiny, which runs the same architectures.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from gpu_real_scale_tiny import TINY  # noqa: E402
 
 SPECIAL = [
     "<|endoftext|>",
@@ -62,21 +67,10 @@ def build_tokenizer(path: Path):
     return qt
 
 
-def _qwen3_config(hidden: int, layers: int, heads: int = 2):
+def _text_config(parts: dict):
     from transformers import Qwen3Config
 
-    return Qwen3Config(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        head_dim=hidden // heads,
-        max_position_embeddings=2048,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-    )
+    return Qwen3Config(**parts["text_encoder"], rope_theta=10000.0, tie_word_embeddings=False)
 
 
 def _fill_pad_tokens(transformer) -> None:
@@ -86,45 +80,18 @@ def _fill_pad_tokens(transformer) -> None:
         transformer.cap_pad_token.normal_()
 
 
-def build_zimage(path: Path, seed: int = 0, text_hidden: int = 16) -> Path:
-    """Z-Image-Turbo layout: transformer, vae, text_encoder (Qwen3Model), tokenizer, scheduler (static shift 3)."""
+def build_zimage(path: Path, seed: int = 0) -> Path:
+    """Z-Image-Turbo layout: transformer, vae, text_encoder (Qwen3Model), tokenizer, scheduler (static shift 3); the
+    part configs are benchmarks/gpu_real_scale_tiny.py's (one set of tiny architectures for tests and --tiny)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
     from transformers import Qwen3Model
 
-    path = Path(path)
+    path, parts = Path(path), TINY["zimage-turbo"]
     torch.manual_seed(seed)
-    transformer = ZImageTransformer2DModel(
-        all_patch_size=(2,),
-        all_f_patch_size=(1,),
-        in_channels=16,
-        dim=32,
-        n_layers=2,
-        n_refiner_layers=1,
-        n_heads=2,
-        n_kv_heads=2,
-        norm_eps=1e-5,
-        qk_norm=True,
-        cap_feat_dim=text_hidden,
-        rope_theta=256.0,
-        t_scale=1000.0,
-        axes_dims=[8, 4, 4],
-        axes_lens=[256, 32, 32],
-    )
+    transformer = ZImageTransformer2DModel(**parts["transformer"])
     _fill_pad_tokens(transformer)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
-        block_out_channels=[32, 64],
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=32,
-        sample_size=32,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-    )
-    text_encoder = Qwen3Model(_qwen3_config(text_hidden, 2))
+    vae = AutoencoderKL(**parts["vae"])
+    text_encoder = Qwen3Model(_text_config(parts))
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
     tokenizer = build_tokenizer(path / "tokenizer")
     pipe = ZImagePipeline(
@@ -145,36 +112,14 @@ def build_flux2(path: Path, seed: int = 0) -> Path:
     )
     from transformers import Qwen3ForCausalLM
 
-    path = Path(path)
+    path, parts = Path(path), TINY["flux2-klein-4b"]
     torch.manual_seed(seed)
-    text_hidden = 32
-    transformer = Flux2Transformer2DModel(
-        in_channels=16,
-        num_layers=1,
-        num_single_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=3 * text_hidden,
-        axes_dims_rope=[4, 4, 4, 4],
-        guidance_embeds=False,
-    )
-    vae = AutoencoderKLFlux2(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 16, 32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    transformer = Flux2Transformer2DModel(**parts["transformer"])
+    vae = AutoencoderKLFlux2(**parts["vae"])
     with torch.no_grad():  # non-trivial batch-norm statistics: the latent normalisation must be applied
         vae.bn.running_mean.uniform_(-0.5, 0.5)
         vae.bn.running_var.uniform_(0.5, 2.0)
-    text_encoder = Qwen3ForCausalLM(_qwen3_config(text_hidden, 27))
+    text_encoder = Qwen3ForCausalLM(_text_config(parts))
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000,
         shift=3.0,
