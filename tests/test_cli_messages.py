@@ -64,58 +64,13 @@ def test_debug_shows_the_traceback(fake_command):
 
 def test_overrides_may_follow_flags(tmp_path, tiny_mini, capsys):
     out = tmp_path / "grid.png"
-    assert (
-        cli.main(
-            [
-                "sample",
-                "mini",
-                "--prompt",
-                "a red circle",
-                "--seeds",
-                "0",
-                "--out",
-                str(out),
-                f"model.pretrained={tiny_mini}",
-                "model.inference_steps=2",
-            ]
-        )
-        == 0
-    )
+    sample = ["sample", "mini", "--prompt", "a red circle", "--seeds", "0", "--out", str(out)]
+    model = f"model.pretrained={tiny_mini}"
+    assert cli.main([*sample, model, "model.inference_steps=2"]) == 0
     assert out.is_file() and "2 steps" in capsys.readouterr().out
-    assert (
-        cli.main(
-            [
-                "sample",
-                "mini",
-                "--prompt",
-                "a red circle",
-                "--seeds",
-                "0",
-                "--out",
-                str(out),
-                f"model.pretrained={tiny_mini}",
-            ]
-        )
-        == 2
-    )  # exists: replaced only with --overwrite
+    assert cli.main([*sample, model]) == 2  # exists: replaced only with --overwrite
     assert "--overwrite" in capsys.readouterr().err
-    assert (
-        cli.main(
-            [
-                "sample",
-                "mini",
-                "--prompt",
-                "a red circle",
-                "--seeds",
-                "0",
-                "--out",
-                str(out),
-                "--overwrite",
-                f"model.pretrained={tiny_mini}",
-            ]
-        )
-        == 0
-    )
+    assert cli.main([*sample, "--overwrite", model]) == 0
 
 
 def test_report_folders_replace_only_their_own_files(tmp_path, concept_data, tiny_mini):
