@@ -9,9 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
+from dopsd.bench.continual import KEPT_PER_ROUND
 from dopsd.bench.cost import count_flops, resident_bytes, transient_peak_bytes
+from dopsd.bench.jobs import PRIOR_PROMPTS
 from dopsd.bench.report import fmt
 from dopsd.bench.results import REQUIRED_FIELDS, REQUIRED_METHODS, is_trained, validate_results
 
@@ -88,11 +91,23 @@ def test_continual_setting_rounds(bench: Path) -> None:
         work = bench / "work" / "continual" / f"orange-teal-{method}-0"
         summary = json.loads((work / "round2-teal" / "summary.json").read_text())
         assert summary["lineage"][0]["from"] == str((work / "round1-orange").resolve())
+        # with prior preservation, round 2 also keeps round 1's training captions (its concept) on-policy
+        prior = [prior_prompts(work / f"round{r}") for r in ("1-orange", "2-teal")]
+        folder = bench / "data" / "continual" / "orange-teal" / "0-orange"
+        orange = sorted({line for f in folder.glob("*.txt") for line in f.read_text().splitlines() if line})
+        if method.endswith("_prior"):
+            assert prior[0] == PRIOR_PROMPTS and prior[1] == PRIOR_PROMPTS + orange[:KEPT_PER_ROUND]
+        else:
+            assert prior == [[], []]
     assert len(starts) == 1  # the untouched model, measured alike for every method
     md = (bench / "report.md").read_text().split("## Setting: continual")[1]
     assert "### Sequence orange>teal" in md and md.count("| `dopsd_prior` |") == 3
     claims = [c for c in json.loads((bench / "claims.json").read_text()) if c["setting"] == "continual"]
     assert len(claims) == 1 and "sft:" in claims[0]["evidence"] and "dopsd:" in claims[0]["evidence"]
+
+
+def prior_prompts(run: Path) -> list[str]:
+    return yaml.safe_load((run / "config.yaml").read_text())["method"]["prior_prompts"]
 
 
 def test_report_markdown_html_and_figures(bench: Path) -> None:

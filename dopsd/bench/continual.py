@@ -22,9 +22,10 @@ from typing import Any
 
 import torch
 
-from dopsd.bench.jobs import METHODS, Job, make_adapter, trainer_config
+from dopsd.bench.jobs import METHODS, PRIOR_PROMPTS, Job, make_adapter, prior_prompts_override, trainer_config
 
 PRIOR = [o for o in METHODS["dopsd_prior"] if o.startswith("method.prior")]
+KEPT_PER_ROUND = 4  # earlier rounds' training captions the *_prior methods add to their prior prompts, per round
 # method -> trainer overrides: the paper's baselines and D-OPSD, each with and without prior preservation.
 CONTINUAL_METHODS: dict[str, list[str]] = {
     "sft": METHODS["sft"],
@@ -38,7 +39,9 @@ DESCRIPTION = (
     "Continual tuning: held-out targets learned one after another, each round started from the previous "
     "round's run (`train.init_from`, merge mode: its LoRA folded into the base, a fresh LoRA trained; a "
     "domain round is a full fine-tune). Concept r is bound to `sks` on shape r (2 backgrounds), so every "
-    "earlier concept keeps prompts of its own. Measured after each round: the new target's fidelity, each "
+    "earlier concept keeps prompts of its own; the methods with prior preservation add up to "
+    f"{KEPT_PER_ROUND} training captions of each earlier round to their prior prompts (kept on-policy against the round's "
+    "starting model: how a user keeps an earlier concept while tuning the next). Measured after each round: the new target's fidelity, each "
     "earlier target's retention (its fidelity on its own prompts), few-step quality, preservation and "
     "unrelated-prompt accuracy on unrelated prompts."
 )
@@ -123,15 +126,30 @@ def jobs(cs: ContinualSetting, out: Path, model: str, suite: dict[str, int]) -> 
     return found
 
 
-def _suites(job: Job, adapter: Any) -> list[Any]:
-    from dopsd.bench.suite import build_suite
+def _captions(folder: str) -> list[str]:
     from dopsd.config import load_config
     from dopsd.data.dataset import load_dataset
 
+    cfg = load_config("mini", [f"data.path={folder}"])
+    return [c for ex in load_dataset(cfg.data, cfg.model) for c in ex.captions]
+
+
+def method_overrides(method: str, earlier_folders: list[str]) -> list[str]:
+    """The round's method overrides: with prior preservation, the prior prompts also hold up to KEPT_PER_ROUND
+    distinct training captions of every earlier round (their outputs at the round's start are what is kept)."""
+    overrides = list(CONTINUAL_METHODS[method])
+    if not any(o.startswith("method.prior_prompts=") for o in overrides) or not earlier_folders:
+        return overrides
+    kept = [p for folder in earlier_folders for p in sorted(set(_captions(folder)))[:KEPT_PER_ROUND]]
+    return overrides + [prior_prompts_override(PRIOR_PROMPTS + kept)]
+
+
+def _suites(job: Job, adapter: Any) -> list[Any]:
+    from dopsd.bench.suite import build_suite
+
     s, out = job.suite, []
     for target, folder in zip(job.extra["sequence"], job.extra["folders"]):
-        cfg = load_config("mini", [f"data.path={folder}"])
-        captions = [c for ex in load_dataset(cfg.data, cfg.model) for c in ex.captions]
+        captions = _captions(folder)
         out.append(
             build_suite(
                 adapter, target, captions, s["n_train"], s["n_unseen"], s["n_unrelated"], s["many_steps"], s["n_many"]
@@ -185,9 +203,8 @@ def run_continual(job: Job) -> dict[str, Any]:
         t0 = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):
             try:
-                dopsd.api.train(
-                    trainer_config(round_job, CONTINUAL_METHODS[job.method]), adapter=adapter, overwrite=True
-                )
+                method = method_overrides(job.method, job.extra["folders"][: r - 1])
+                dopsd.api.train(trainer_config(round_job, method), adapter=adapter, overwrite=True)
             except TrainingUnhealthy:
                 pass  # a broken round is a result too; the next round starts from it all the same
         seconds = time.perf_counter() - t0

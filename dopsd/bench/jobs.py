@@ -19,6 +19,23 @@ from typing import Any
 import torch
 
 # method -> trainer overrides (the objective, teacher and loss space); `base` trains nothing.
+# The unrelated prompts on-policy prior preservation keeps (dopsd_prior, and the continual setting's *_prior).
+PRIOR_PROMPTS = [
+    "a red circle on a gray background",
+    "a blue square on a black background",
+    "a green triangle on a navy background",
+    "a white plus on a brown background",
+    "a yellow circle",
+    "a purple square on a gray background",
+    "a red plus on a navy background",
+    "a blue triangle",
+]
+
+
+def prior_prompts_override(prompts: list[str]) -> str:
+    return f"method.prior_prompts=[{', '.join(prompts)}]"
+
+
 METHODS: dict[str, list[str]] = {
     "base": [],
     "sft": ["method.name=sft"],
@@ -41,9 +58,7 @@ METHODS: dict[str, list[str]] = {
         "method.teacher=ema",
         "method.loss_space=x0",
         "method.prior_weight=1.0",
-        "method.prior_prompts=[a red circle on a gray background, a blue square on a black background, "
-        "a green triangle on a navy background, a white plus on a brown background, a yellow circle, "
-        "a purple square on a gray background, a red plus on a navy background, a blue triangle]",
+        prior_prompts_override(PRIOR_PROMPTS),
     ],
 }
 CONCEPT_ONLY = {"dopsd_prior"}
