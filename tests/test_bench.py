@@ -48,7 +48,8 @@ def test_results_json_complete_and_consistent(bench: Path) -> None:
             if not is_trained(method):
                 assert row["sec_per_step"] is None and row["peak_mem_mb"] is None
                 continue
-            assert row["seeds"] == 3 and row["runs"] == 3 and row["steps"] == 4
+            seeds = 3 if method in ("sft", "sft_adapter", "dopsd") else 1  # the ablations and baselines: 1
+            assert row["seeds"] == seeds and row["runs"] == seeds and row["steps"] == 4
             assert row["sec_per_step"] > 0 and row["peak_mem_mb"] > 0
             # ratios are what they claim to be, against SFT measured in the same run
             assert row["time_ratio_vs_sft"] == pytest.approx(row["sec_per_step"] / methods["sft"]["sec_per_step"])
@@ -67,7 +68,7 @@ def test_results_json_complete_and_consistent(bench: Path) -> None:
         assert 2.0 < methods["pso"]["flop_ratio_vs_sft"] < methods["dopsd"]["flop_ratio_vs_sft"]
         assert 1.0 < methods["sft_teacher"]["flop_ratio_vs_sft"] < methods["dopsd"]["flop_ratio_vs_sft"]
         for method in ("pso", "dreambooth", "offpolicy", "sft_teacher"):  # baselines: the ablations' seed count
-            assert methods[method]["seeds"] == 3 and methods[method]["steps"] == 4
+            assert methods[method]["seeds"] == 1 and methods[method]["steps"] == 4
 
 
 def test_continual_setting_rounds(bench: Path) -> None:

@@ -147,6 +147,7 @@ def preset(name: str) -> BenchConfig:
             workers=1,
             model="tiny-random",
             reference_row=False,
+            ablation_seeds=1,
             continual=continual,
         )
     concept = ["lora.rank=8", "lora.alpha=8", "optim.lr=5e-4", "train.batch_size=8"]
