@@ -40,10 +40,10 @@ DESCRIPTION = (
     "round's run (`train.init_from`, merge mode: its LoRA folded into the base, a fresh LoRA trained; a "
     "domain round is a full fine-tune). Concept r is bound to `sks` on shape r (2 backgrounds), so every "
     "earlier concept keeps prompts of its own; the methods with prior preservation add up to "
-    f"{KEPT_PER_ROUND} training captions of each earlier round to their prior prompts (kept on-policy against the round's "
-    "starting model: how a user keeps an earlier concept while tuning the next). Measured after each round: the new target's fidelity, each "
-    "earlier target's retention (its fidelity on its own prompts), few-step quality, preservation and "
-    "unrelated-prompt accuracy on unrelated prompts."
+    f"{KEPT_PER_ROUND} training captions of each earlier round to their prior prompts (kept on-policy "
+    "against the round's starting model: how a user keeps an earlier concept while tuning the next). "
+    "Measured after each round: the new target's fidelity, each earlier target's retention (its fidelity "
+    "on its own prompts), few-step quality, preservation and unrelated-prompt accuracy on unrelated prompts."
 )
 
 

@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-# method -> trainer overrides (the objective, teacher and loss space); `base` trains nothing.
 # The unrelated prompts on-policy prior preservation keeps (dopsd_prior, and the continual setting's *_prior).
 PRIOR_PROMPTS = [
     "a red circle on a gray background",
@@ -36,6 +35,7 @@ def prior_prompts_override(prompts: list[str]) -> str:
     return f"method.prior_prompts=[{', '.join(prompts)}]"
 
 
+# method -> trainer overrides (the objective, teacher and loss space); `base` trains nothing.
 METHODS: dict[str, list[str]] = {
     "base": [],
     "sft": ["method.name=sft"],
