@@ -234,8 +234,8 @@ def build_report(
         ("h2", "Reproduce"),
         (
             "code",
-            "dopsd bench --quick --out bench-quick   # about 11 min on 2 idle CPU cores\n"
-            "dopsd bench --out bench-full           # the full run",
+            "dopsd bench --quick --out bench-quick   # about 10 min on 2 idle CPU cores\n"
+            "dopsd bench --out bench-full           # the full run, about 95 min",
         ),
     ]
     write_report(out, blocks, "D-OPSD bench")
