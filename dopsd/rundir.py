@@ -188,8 +188,8 @@ class Trace:
     """A JSON-lines trace (losses.jsonl, health.jsonl) held open by its one writer, the main process, for a whole
     session. It starts as a fresh file holding exactly `records` (written beside the old one, synced, renamed over
     it), and every later line goes through the same open file in order, flushed as one write: a kill leaves at
-    worst a partial last line, which readers skip. One handle for the restart and the appends (rather than a
-    rename followed by re-opening by name in append mode) keeps the file in step order on every file system."""
+    worst a partial last line, which readers skip. One handle serves the restart and the appends, so no line
+    goes through a second open of the file by name."""
 
     def __init__(self, path: Path, records: Iterable[dict[str, Any]]):
         self.fh = replace_and_keep_open(path, "".join(json.dumps(r) + "\n" for r in records))
