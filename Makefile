@@ -16,8 +16,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/dopsd demo
 
+# 2 processes, each test file whole in one of them (its module fixtures are built once): the tests run torch
+# on 1 thread, so the second core would otherwise sit idle
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # The web app on http://127.0.0.1:8765/ (browser tests: apt-get install chromium chromium-driver)
 ui: $(STAMP)
