@@ -134,28 +134,24 @@ def _captions(folder: str) -> list[str]:
     return [c for ex in load_dataset(cfg.data, cfg.model) for c in ex.captions]
 
 
-def method_overrides(method: str, earlier_folders: list[str]) -> list[str]:
+def method_overrides(method: str, earlier_captions: list[list[str]]) -> list[str]:
     """The round's method overrides: with prior preservation, the prior prompts also hold up to KEPT_PER_ROUND
     distinct training captions of every earlier round (their outputs at the round's start are what is kept)."""
     overrides = list(CONTINUAL_METHODS[method])
-    if not any(o.startswith("method.prior_prompts=") for o in overrides) or not earlier_folders:
+    if not any(o.startswith("method.prior_prompts=") for o in overrides) or not earlier_captions:
         return overrides
-    kept = [p for folder in earlier_folders for p in sorted(set(_captions(folder)))[:KEPT_PER_ROUND]]
+    kept = [p for captions in earlier_captions for p in sorted(set(captions))[:KEPT_PER_ROUND]]
     return overrides + [prior_prompts_override(PRIOR_PROMPTS + kept)]
 
 
-def _suites(job: Job, adapter: Any) -> list[Any]:
+def _suites(job: Job, adapter: Any, captions: list[list[str]]) -> list[Any]:
     from dopsd.bench.suite import build_suite
 
-    s, out = job.suite, []
-    for target, folder in zip(job.extra["sequence"], job.extra["folders"]):
-        captions = _captions(folder)
-        out.append(
-            build_suite(
-                adapter, target, captions, s["n_train"], s["n_unseen"], s["n_unrelated"], s["many_steps"], s["n_many"]
-            )
-        )
-    return out
+    s = job.suite
+    return [
+        build_suite(adapter, target, caps, s["n_train"], s["n_unseen"], s["n_unrelated"], s["many_steps"], s["n_many"])
+        for target, caps in zip(job.extra["sequence"], captions)
+    ]
 
 
 def measure(suites: list[Any], network: Any, done: int) -> dict[str, Any]:
@@ -188,7 +184,8 @@ def run_continual(job: Job) -> dict[str, Any]:
     torch.set_num_threads(job.threads)
     started, cpu_started = time.perf_counter(), time.process_time()
     evaluator = make_adapter(job.model)  # contexts and the untouched turbo's references, kept for every round
-    suites = _suites(job, evaluator)
+    captions = [_captions(folder) for folder in job.extra["folders"]]  # each round's training captions
+    suites = _suites(job, evaluator, captions)
     for s in suites:
         s.set_reference(evaluator.network)
     rounds = [{"round": 0, "target": None, **measure(suites, evaluator.network, 0), "seconds": 0.0}]
@@ -203,7 +200,7 @@ def run_continual(job: Job) -> dict[str, Any]:
         t0 = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):
             try:
-                method = method_overrides(job.method, job.extra["folders"][: r - 1])
+                method = method_overrides(job.method, captions[: r - 1])
                 dopsd.api.train(trainer_config(round_job, method), adapter=adapter, overwrite=True)
             except TrainingUnhealthy:
                 pass  # a broken round is a result too; the next round starts from it all the same
