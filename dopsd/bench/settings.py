@@ -155,12 +155,13 @@ def preset(name: str) -> BenchConfig:
     dedistill = ["lora.rank=16", "lora.alpha=16", "optim.lr=5e-4", "train.batch_size=8"]
     if name == "quick":
         settings = [
-            Setting("concept_lora", ["orange"], 6, concept, 64, 16, DESCRIPTIONS["concept_lora"]),
-            Setting("domain_full", ["domain"], 128, domain, 64, 16, DESCRIPTIONS["domain_full"]),
+            Setting("concept_lora", ["orange"], 6, concept, 56, 14, DESCRIPTIONS["concept_lora"]),
+            Setting("domain_full", ["domain"], 128, domain, 56, 14, DESCRIPTIONS["domain_full"]),
         ]
-        # 64 steps (32 per continual round), 3 cost repeats and 16 many-step controls: what keeps the quick run
-        # within 10 minutes on 2 idle cores with every method and setting in it (80/40 steps took 624 s).
-        continual = ContinualSetting([["orange", "teal"]], 6, 128, concept, domain, steps=32)
+        # 56 steps (28 per continual round), 3 cost repeats and 16 many-step controls: what keeps the quick run
+        # under 10 minutes on 2 idle cores with every method and setting in it (80/40 steps took 624 s, 64/32
+        # steps 600 s: at the limit).
+        continual = ContinualSetting([["orange", "teal"]], 6, 128, concept, domain, steps=28)
         return BenchConfig(
             "quick",
             settings,
