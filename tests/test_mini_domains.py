@@ -24,6 +24,11 @@ def test_teacher_check_mechanics_and_table():
     targets, refs = domains.tint_pairs(tints["aqua 180°"], 6, seed=1)
     assert all(t.tint == r.tint == tints["aqua 180°"] for t, r in zip(targets, refs))
     assert [t.caption() for t in targets] != [r.caption() for r in refs]  # references are other scenes
+    # D-OPSD's condition: the reference is in the target's own colours and background, laid out differently
+    same_t, same_r = domains.tint_pairs(tints["aqua 180°"], 6, seed=1, same_colours=True)
+    assert same_t == targets and all(r.tint == tints["aqua 180°"] for r in same_r)
+    assert [(t.fg, t.colour, t.bg) for t in same_t] == [(r.fg, r.colour, r.bg) for r in same_r]
+    assert [(t.cx, t.cy, t.size) for t in same_t] != [(r.cx, r.cy, r.size) for r in same_r]
     # the test tints: sepia (the benchmark's held-out domain) and six hues 60° apart at its saturation and amount
     assert domains.TEST_TINTS["sepia (domain)"] == world.DOMAIN_TINT and len(domains.TEST_TINTS) == 7
 

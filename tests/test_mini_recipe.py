@@ -1,5 +1,6 @@
 """The recipe end to end on the tiny configuration, through the `dopsd mini` command line."""
 
+import dataclasses
 import json
 import shutil
 from types import SimpleNamespace
@@ -117,3 +118,35 @@ def test_luma_highpass_gate_recipe_and_what_it_passes(tmp_path):
     assert luma_highpass(img).abs().mean() > 0.01  # the grain passes
     with pytest.raises(ValueError, match="gate_input"):
         MiniConfig(gate_input="chroma")
+
+
+def test_pretrain_continues_from_given_weights_and_tint_references_in_the_targets_colours():
+    from dopsd.mini.adapter import build
+    from dopsd.mini.recipe import pretrain, sample_batch, tiny_recipe
+
+    # every sample a tint sample; with p_tint_same_colours=1 the reference shares the target's background, so
+    # their corners (background under the same tint) have the same chroma (the grain is grey); with 0 the
+    # reference is another scene
+    def corner_chroma(x: torch.Tensor) -> torch.Tensor:
+        c = x[:, :, :2, :2].mean((2, 3))
+        return c - c.mean(1, keepdim=True)
+
+    for same, agree in ((1.0, True), (0.0, False)):
+        rc = dataclasses.replace(tiny_recipe(), p_incontext=0.0, p_tint=1.0, p_tint_same_colours=same)
+        b = sample_batch(rc, 16, torch.Generator().manual_seed(0))
+        assert bool((b.path > 0).all())
+        gap = (corner_chroma(b.x0) - corner_chroma(b.ref)).abs().amax(1)
+        assert bool((gap < 0.05).all()) == agree
+
+    rc = dataclasses.replace(tiny_recipe(), base_iters=3)
+    torch.manual_seed(123)
+    dit, enc = build(rc.model)
+    start = [p.detach().clone() for p in dit.parameters()]
+    continued, _ = pretrain(rc, log=lambda _: None, init=(dit, enc))
+    scratch, _ = pretrain(rc, log=lambda _: None)
+    assert all(torch.equal(a, p) for a, p in zip(start, dit.parameters()))  # the given modules are not changed
+
+    def dist(net: torch.nn.Module) -> float:
+        return float(sum((p - s).pow(2).sum() for p, s in zip(net.parameters(), start)))
+
+    assert 0 < dist(continued) < 0.01 * dist(scratch)  # trained onward from the given weights, not from scratch

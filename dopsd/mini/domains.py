@@ -49,12 +49,17 @@ TEST_TINTS: dict[str, Tint] = {
 CONDITIONS = ("caption_only", "caption+image(vlm)", "caption+image(reference)")
 
 
-def tint_pairs(tint: Tint, n: int, seed: int) -> tuple[list[world.Scene], list[world.Scene]]:
+def tint_pairs(
+    tint: Tint, n: int, seed: int, same_colours: bool = False
+) -> tuple[list[world.Scene], list[world.Scene]]:
     """n target scenes under `tint` (named colours, captions with a background) and, for each, a reference:
-    another random scene under the same tint."""
+    another random scene under the same tint, or (same_colours) one in the target's colours and background
+    with its own shape, position and size: what D-OPSD's teacher sees (the training image of the caption)."""
     g = torch.Generator().manual_seed(60_000 + seed)
     targets = [replace(world.random_scene(g), tint=tint) for _ in range(n)]
     refs = [replace(world.random_scene(g), tint=tint) for _ in range(n)]
+    if same_colours:
+        refs = [replace(r, fg=t.fg, colour=t.colour, bg=t.bg) for r, t in zip(refs, targets)]
     return targets, refs
 
 
@@ -71,18 +76,24 @@ def _sample(adapter, captions: list[str], noise: torch.Tensor, steps: int | None
 
 @torch.no_grad()
 def teacher_check(
-    adapter, seed: int, n: int, tints: dict[str, Tint] | None = None, steps: int | None = None
+    adapter,
+    seed: int,
+    n: int,
+    tints: dict[str, Tint] | None = None,
+    steps: int | None = None,
+    same_colours: bool = False,
 ) -> dict[str, float]:
     """Per tint and condition: the fraction of samples carrying the tint (`"{tint}:{condition}"`), the mean
     fitted amount (`…:amount`) and the median hue error in degrees (`…:hue_err`). Same noise and captions
-    for every condition; `steps` defaults to the adapter's own. Leaves `adapter.teacher_context` as it was."""
+    for every condition; `steps` defaults to the adapter's own; references as `tint_pairs` draws them. Leaves
+    `adapter.teacher_context` as it was."""
     out: dict[str, float] = {}
     res = adapter.resolution
     noise = torch.randn(n, 3, res, res, generator=torch.Generator().manual_seed(70_000 + seed))
     before = adapter.teacher_context
     try:
         for name, tint in (tints or TEST_TINTS).items():
-            targets, refs = tint_pairs(tint, n, seed)
+            targets, refs = tint_pairs(tint, n, seed, same_colours)
             captions = [s.caption() for s in targets]
             reference_images = world.render(refs)
             for condition in CONDITIONS:

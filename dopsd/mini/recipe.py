@@ -8,7 +8,8 @@ Training samples (per batch, by probability):
                   reference image of another scene with the same colour (so colours never named, such as the
                   held-out concepts, are rendered from context);
   * tint        – a named-colour scene under a random global tint, with a reference sharing the tint (so the
-                  held-out domain can be carried by the teacher context).
+                  held-out domain can be carried by the teacher context): another scene, or (share
+                  p_tint_same_colours) one in the target's named colours, as D-OPSD's teacher sees its target.
 In-context references reach the model through the encoder ("vlm") or the DiT sequence ("reference"), 50/50.
 Distillation: the base samples 32-step Euler trajectories; the student (initialised from the base, encoder
 frozen) learns one Euler step from each turbo boundary σ_k to the trajectory's state at σ_{k+1}.
@@ -53,6 +54,7 @@ class RecipeConfig:
     loss_sigma_min: float = 0.05
     p_incontext: float = 0.40
     p_tint: float = 0.12
+    p_tint_same_colours: float = 0.0  # of the tint samples: reference in the target's named colours
     p_sks_plain: float = 0.07
     p_no_background: float = 0.2
     p_reference_path: float = 0.5
@@ -113,7 +115,10 @@ def sample_batch(rc: RecipeConfig, n: int, g: torch.Generator) -> Batch:
             targets.append(s), refs.append(_reference_for(g, fg, None)), paths.append(ref_path)
         elif u < rc.p_incontext + rc.p_tint:
             s = replace(s, tint=world.random_tint(g))
-            targets.append(s), refs.append(replace(world.random_scene(g), tint=s.tint))
+            ref = world.random_scene(g)
+            if rc.p_tint_same_colours and float(torch.rand(1, generator=g)) < rc.p_tint_same_colours:
+                ref = replace(ref, fg=s.fg, colour=s.colour, bg=s.bg)
+            targets.append(s), refs.append(replace(ref, tint=s.tint))
             paths.append(ref_path)
         else:
             if float(torch.rand(1, generator=g)) < rc.p_sks_plain:
@@ -179,13 +184,19 @@ def _ema_update(ema: torch.nn.Module, live: torch.nn.Module, decay: float) -> No
 Log = Callable[[str], None]
 
 
-def pretrain(rc: RecipeConfig, log: Log = print, on_step: Callable | None = None) -> tuple[MiniDiT, MiniEncoder]:
+def pretrain(
+    rc: RecipeConfig, log: Log = print, on_step: Callable | None = None, init: tuple[MiniDiT, MiniEncoder] | None = None
+) -> tuple[MiniDiT, MiniEncoder]:
     """Flow matching (x-prediction, v-loss by default), jointly training the encoder; returns the EMA weights.
 
-    on_step(step, ema_dit, ema_enc) is called after every step (progress hooks, checkpoint evaluation)."""
+    on_step(step, ema_dit, ema_enc) is called after every step (progress hooks, checkpoint evaluation). `init`:
+    start from these weights (copied; a fresh optimizer) instead of a new network."""
     torch.manual_seed(rc.seed)
     g = torch.Generator().manual_seed(rc.seed)
-    dit, enc = MiniDiT(rc.model), MiniEncoder(rc.model)
+    if init is None:
+        dit, enc = MiniDiT(rc.model), MiniEncoder(rc.model)
+    else:
+        dit, enc = (copy.deepcopy(m).train().requires_grad_(True) for m in init)
     ema_dit, ema_enc = copy.deepcopy(dit).requires_grad_(False), copy.deepcopy(enc).requires_grad_(False)
     params = list(dit.parameters()) + list(enc.parameters())
     opt = torch.optim.AdamW(params, lr=rc.base_lr, weight_decay=0.0)
