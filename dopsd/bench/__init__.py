@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     size.add_argument(
         "--quick",
         action="store_true",
-        help="the short CPU configuration the README quotes (about 10 min on 2 idle cores)",
+        help="the short CPU configuration the README quotes (under 10 min on 2 idle cores)",
     )
     size.add_argument("--tiny", action="store_true", help="seconds-long smoke configuration (tests)")
     parser.add_argument(

@@ -234,7 +234,7 @@ def build_report(
         ("h2", "Reproduce"),
         (
             "code",
-            "dopsd bench --quick --out bench-quick   # about 10 min on 2 idle CPU cores\n"
+            "dopsd bench --quick --out bench-quick   # under 10 min on 2 idle CPU cores\n"
             "dopsd bench --out bench-full           # the full run, about 95 min",
         ),
     ]

@@ -1,7 +1,7 @@
 """The bench's configuration: a setting (targets, data, trainer overrides, steps), the whole bench (settings ×
 methods × seeds, evaluation sizes, workers), and the presets.
 
-Presets: `tiny` (tests, seconds, tiny random model), `quick` (about 10 min on 2 idle CPU cores, what the README
+Presets: `tiny` (tests, seconds, tiny random model), `quick` (under 10 min on 2 idle CPU cores, what the README
 quotes), `full` (the documented full run). Same data, optimizer budget (steps, batch, lr) and seeds for
 every method of a setting.
 """
