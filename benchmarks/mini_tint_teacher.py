@@ -8,7 +8,7 @@ training image of the caption), and runs the tint teacher check (`dopsd.mini.dom
 on the shipped base and on the continued one, with both kinds of reference, and measures where the colour goes
 wrong: the predicted clean image's background colour at several σ with the exact target image in context.
 
-    python benchmarks/mini_tint_teacher.py --out DIR [--iters 2000 --p-tint 0.5 --same-colours 0.5]
+    python benchmarks/mini_tint_teacher.py --out DIR [--iters 2000 --p-tint 0.5 --same-colours 0.5 --init FILE]
 
 It writes DIR/base.safetensors with a manifest (`model.pretrained: DIR/base.safetensors` loads it) and
 DIR/tint_check.json, and prints the table. About 25 minutes on one idle CPU core at the defaults. The shipped
@@ -99,11 +99,14 @@ def main() -> None:
     ap.add_argument("--same-colours", type=float, default=0.5)
     ap.add_argument("--samples", type=int, default=64, help="samples per tint and condition")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument(
+        "--init", type=Path, help="continue this base.safetensors (one this script wrote) instead of the shipped base"
+    )
     args = ap.parse_args()
     if args.out.exists():
         raise SystemExit(f"mini_tint_teacher: {args.out} exists; choose a new --out folder")
     torch.set_num_threads(1)
-    shipped = WEIGHTS_DIR / "base.safetensors"
+    start = args.init or WEIGHTS_DIR / "base.safetensors"
     rc = replace(
         RecipeConfig(),
         seed=args.seed,
@@ -114,14 +117,14 @@ def main() -> None:
         p_incontext=args.p_incontext,
         p_tint_same_colours=args.same_colours,
     )
-    _, dit, enc, _ = build_from(shipped)
+    _, dit, enc, _ = build_from(start)
     t0 = time.time()
     dit, enc = pretrain(rc, init=(dit, enc), log=lambda line: print(line, flush=True))
     args.out.mkdir(parents=True)
     save_file(_state(dit, enc), str(args.out / "base.safetensors"))
     manifest = json.loads((WEIGHTS_DIR / "manifest.json").read_text())
     manifest.update(
-        continued_from={"file": str(shipped), "sha256": sha256(shipped)},
+        continued_from={"file": str(start), "sha256": sha256(start)},
         recipe=rc.to_dict(),
         sha256={"base.safetensors": sha256(args.out / "base.safetensors")},
         wall_time_s={"base": round(time.time() - t0, 1)},
