@@ -6,7 +6,9 @@ loop, `dopsd.mini.recipe.pretrain`, from the shipped weights with a fresh optimi
 tint samples, part of them with references in the target's named colours (what D-OPSD's teacher sees: the
 training image of the caption), and runs the tint teacher check (`dopsd.mini.domains`) at the base's 32 steps
 on the shipped base and on the continued one, with both kinds of reference, and measures where the colour goes
-wrong: the predicted clean image's background colour at several σ with the exact target image in context.
+wrong: the predicted clean image's background colour at several σ with the exact target image in context. The
+held-out concept colours from context (what the recipe's in-context samples teach) are checked too. `--iters 0
+--init FILE` only checks FILE.
 
     python benchmarks/mini_tint_teacher.py --out DIR [--iters 2000 --p-tint 0.5 --same-colours 0.5 --init FILE]
 
@@ -28,7 +30,7 @@ from types import SimpleNamespace
 import torch
 from safetensors.torch import save_file
 
-from dopsd.mini import domains, world
+from dopsd.mini import domains, report, world
 from dopsd.mini import metrics as M
 from dopsd.mini.adapter import WEIGHTS_DIR, build_from, load
 from dopsd.mini.recipe import RecipeConfig, _state, pretrain, sha256
@@ -50,6 +52,12 @@ def check(weights: str, n: int, seed: int) -> dict[str, dict[str, float]]:
                 "median_hue_err": statistics.median(hue),
             }
         out[f"{refs}: per tint"] = res
+    # the in-context ability the recipe trained first: held-out concept colours from the target image
+    concepts = report.teacher_check(adapter, seed, n)
+    for path in ("vlm", "reference"):
+        out[f"concept colours, {path}"] = {
+            "fidelity": statistics.fmean(v for k, v in concepts.items() if k.endswith(f"caption+image({path})"))
+        }
     return out
 
 
@@ -151,6 +159,10 @@ def main() -> None:
             cells = [res[f"{refs}, {p}"] for p in ("vlm", "reference")]
             text = [f"{c['mean']:.2f} [{c['min']:.2f}–{c['max']:.2f}], {c['median_hue_err']:.0f}°" for c in cells]
             print(f"| {name} | {refs} | {text[0]} | {text[1]} |")
+    print("\nHeld-out concept colours from the target image in context (fidelity, mean over the concepts):\n")
+    for name, res in results.items():
+        vlm, ref = (res[f"concept colours, {p}"]["fidelity"] for p in ("vlm", "reference"))
+        print(f"- {name}: vlm {vlm:.2f}, reference {ref:.2f}")
     print(
         f"\nBackground chroma error of the predicted clean image, sepia scenes, at σ = {', '.join(map(str, SIGMAS))}:\n"
     )
