@@ -13,7 +13,7 @@ held-out concept colours from context (what the recipe's in-context samples teac
     python benchmarks/mini_tint_teacher.py --out DIR [--iters 2000 --p-tint 0.5 --same-colours 0.5 --init FILE]
 
 It writes DIR/base.safetensors with a manifest (`model.pretrained: DIR/base.safetensors` loads it) and
-DIR/tint_check.json, and prints the table. About 25 minutes on one idle CPU core at the defaults. The shipped
+DIR/tint_check.json, and prints the tables. About 30 minutes on one idle CPU core at the defaults. The shipped
 weights are not changed: shipping a stronger tint path means a new recipe run and every number re-measured.
 """
 
