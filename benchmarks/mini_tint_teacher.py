@@ -28,16 +28,18 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from safetensors.torch import save_file
 
+from dopsd.errors import DopsdError
+from dopsd.files import atomic_save_safetensors, atomic_write_json
 from dopsd.mini import domains, report, world
 from dopsd.mini import metrics as M
 from dopsd.mini.adapter import WEIGHTS_DIR, build_from, load
-from dopsd.mini.recipe import RecipeConfig, _state, pretrain, sha256
+from dopsd.mini.recipe import RecipeConfig, half_state, pretrain, sha256
 
 
 def check(weights: str, n: int, seed: int) -> dict[str, dict[str, float]]:
-    """Mean and minimum pass rate over the test tints, per reference kind and context path."""
+    """The tint check's pass rate (mean, min, max over the test tints) and median hue error per reference kind
+    and context path, the per-tint numbers, and the held-out concept colours' fidelity per path."""
     adapter = load(SimpleNamespace(pretrained=weights))
     out: dict[str, dict[str, float]] = {}
     for refs, same in (("other scene", False), ("same colours", True)):
@@ -125,11 +127,14 @@ def main() -> None:
         p_incontext=args.p_incontext,
         p_tint_same_colours=args.same_colours,
     )
-    _, dit, enc, _ = build_from(start)
+    try:
+        _, dit, enc, _ = build_from(start)
+    except DopsdError as err:  # a missing or foreign --init: its message names the file and the fix
+        raise SystemExit(f"mini_tint_teacher: {err}") from None
     t0 = time.time()
     dit, enc = pretrain(rc, init=(dit, enc), log=lambda line: print(line, flush=True))
     args.out.mkdir(parents=True)
-    save_file(_state(dit, enc), str(args.out / "base.safetensors"))
+    atomic_save_safetensors(args.out / "base.safetensors", half_state(dit, enc))
     manifest = json.loads((WEIGHTS_DIR / "manifest.json").read_text())
     manifest.update(
         continued_from={"file": str(start), "sha256": sha256(start)},
@@ -138,7 +143,7 @@ def main() -> None:
         wall_time_s={"base": round(time.time() - t0, 1)},
         command="python benchmarks/mini_tint_teacher.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()),
     )
-    (args.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    atomic_write_json(args.out / "manifest.json", manifest)
     continued = str(args.out / "base.safetensors")
     results = {"shipped base": check("base", args.samples, args.seed)}
     results["continued base"] = check(continued, args.samples, args.seed)
@@ -146,9 +151,7 @@ def main() -> None:
         name: prediction_error(w, args.samples, args.seed)
         for name, w in (("shipped base", "base"), ("continued base", continued))
     }
-    (args.out / "tint_check.json").write_text(
-        json.dumps({"check": results, "prediction_error": errors}, indent=2) + "\n"
-    )
+    atomic_write_json(args.out / "tint_check.json", {"check": results, "prediction_error": errors})
     print(
         f"\nTint teacher check at 32 steps ({args.samples} samples per tint; pass rate mean [min–max] over the "
         f"{len(domains.TEST_TINTS)} test tints; median hue error):\n"

@@ -299,7 +299,7 @@ def distil(
     return student.eval().requires_grad_(False)
 
 
-def _state(dit: MiniDiT, enc: MiniEncoder) -> dict[str, torch.Tensor]:
+def half_state(dit: MiniDiT, enc: MiniEncoder) -> dict[str, torch.Tensor]:
     """float16 on disk (half the size; the adapter loads into float32)."""
     state = {f"dit.{k}": v.detach().half().contiguous() for k, v in dit.state_dict().items()}
     state.update({f"encoder.{k}": v.detach().half().contiguous() for k, v in enc.state_dict().items()})
@@ -326,8 +326,8 @@ def run_recipe(rc: RecipeConfig, out: Path, log: Log = print) -> dict:
         t3 = time.time()
     finally:
         torch.set_num_threads(prev_threads)
-    save_file(_state(dit, enc), str(out / "base.safetensors"))
-    save_file(_state(turbo, enc), str(out / "turbo.safetensors"))
+    save_file(half_state(dit, enc), str(out / "base.safetensors"))
+    save_file(half_state(turbo, enc), str(out / "turbo.safetensors"))
     manifest = {
         "recipe_version": RECIPE_VERSION,
         "config": rc.model.to_dict(),
