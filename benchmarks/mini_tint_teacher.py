@@ -33,14 +33,13 @@ from dopsd.errors import DopsdError
 from dopsd.files import atomic_save_safetensors, atomic_write_json
 from dopsd.mini import domains, report, world
 from dopsd.mini import metrics as M
-from dopsd.mini.adapter import WEIGHTS_DIR, build_from, load
+from dopsd.mini.adapter import WEIGHTS_DIR, MiniAdapter, build_from, load
 from dopsd.mini.recipe import RecipeConfig, half_state, pretrain, sha256
 
 
-def check(weights: str, n: int, seed: int) -> dict[str, dict[str, float]]:
+def check(adapter: MiniAdapter, n: int, seed: int) -> dict[str, dict[str, float]]:
     """The tint check's pass rate (mean, min, max over the test tints) and median hue error per reference kind
     and context path, the per-tint numbers, and the held-out concept colours' fidelity per path."""
-    adapter = load(SimpleNamespace(pretrained=weights))
     out: dict[str, dict[str, float]] = {}
     for refs, same in (("other scene", False), ("same colours", True)):
         res = domains.teacher_check(adapter, seed, n, steps=adapter.default_steps, same_colours=same)
@@ -67,11 +66,10 @@ SIGMAS = (0.95, 0.8, 0.6, 0.2)
 
 
 @torch.no_grad()
-def prediction_error(weights: str, n: int, seed: int) -> dict[str, list[float]]:
+def prediction_error(adapter: MiniAdapter, n: int, seed: int) -> dict[str, list[float]]:
     """Where the colour goes wrong: the median chroma error (RGB minus its grey part, in [0, 1] units) of the
     predicted clean image's background at each σ of SIGMAS, for sepia scenes with the *exact* target image in
     context (both paths), against the caption-only prediction of the same scenes untinted (named colours)."""
-    adapter = load(SimpleNamespace(pretrained=weights))
     targets, _ = domains.tint_pairs(world.DOMAIN_TINT, n, seed)
     captions = [t.caption() for t in targets]
     tinted, plain = world.render(targets), world.render([replace(t, tint=None) for t in targets])
@@ -144,13 +142,12 @@ def main() -> None:
         command="python benchmarks/mini_tint_teacher.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()),
     )
     atomic_write_json(args.out / "manifest.json", manifest)
-    continued = str(args.out / "base.safetensors")
-    results = {"shipped base": check("base", args.samples, args.seed)}
-    results["continued base"] = check(continued, args.samples, args.seed)
-    errors = {
-        name: prediction_error(w, args.samples, args.seed)
-        for name, w in (("shipped base", "base"), ("continued base", continued))
+    bases = {
+        "shipped base": load(SimpleNamespace(pretrained="base")),
+        "continued base": load(SimpleNamespace(pretrained=str(args.out / "base.safetensors"))),
     }
+    results = {name: check(adapter, args.samples, args.seed) for name, adapter in bases.items()}
+    errors = {name: prediction_error(adapter, args.samples, args.seed) for name, adapter in bases.items()}
     atomic_write_json(args.out / "tint_check.json", {"check": results, "prediction_error": errors})
     print(
         f"\nTint teacher check at 32 steps ({args.samples} samples per tint; pass rate mean [min–max] over the "

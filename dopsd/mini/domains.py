@@ -59,7 +59,7 @@ def tint_pairs(
     targets = [replace(world.random_scene(g), tint=tint) for _ in range(n)]
     refs = [replace(world.random_scene(g), tint=tint) for _ in range(n)]
     if same_colours:
-        refs = [replace(r, fg=t.fg, colour=t.colour, bg=t.bg) for r, t in zip(refs, targets)]
+        refs = [world.in_colours_of(r, t) for r, t in zip(refs, targets)]
     return targets, refs
 
 

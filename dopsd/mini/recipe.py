@@ -118,7 +118,7 @@ def sample_batch(rc: RecipeConfig, n: int, g: torch.Generator) -> Batch:
             ref = world.random_scene(g)
             # drawn only when used: at share 0 the random stream, hence mini-recipe-3's weights, stays the same
             if rc.p_tint_same_colours and float(torch.rand(1, generator=g)) < rc.p_tint_same_colours:
-                ref = replace(ref, fg=s.fg, colour=s.colour, bg=s.bg)
+                ref = world.in_colours_of(ref, s)
             targets.append(s), refs.append(replace(ref, tint=s.tint))
             paths.append(ref_path)
         else:

@@ -222,6 +222,12 @@ def random_tint(g: torch.Generator) -> tuple[tuple[float, float, float], float]:
     return colour, 0.25 + 0.25 * float(torch.rand(1, generator=g))
 
 
+def in_colours_of(scene: Scene, other: Scene) -> Scene:
+    """`scene`'s shape and layout in `other`'s colour (word and RGB) and background: a reference image whose
+    colours the other scene's caption names, as D-OPSD's teacher sees its training image."""
+    return replace(scene, fg=other.fg, colour=other.colour, bg=other.bg)
+
+
 def concept_scene(concept: str, g: torch.Generator, **kw) -> Scene:
     if concept not in CONCEPTS:
         raise ValueError(f"unknown held-out concept {concept!r}; choose one of {sorted(CONCEPTS)}")
