@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -27,8 +26,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import save_file
 
+from dopsd.files import atomic_save_safetensors, atomic_write_json
 from dopsd.mini import world
 from dopsd.mini.nets import MiniConfig, MiniDiT, MiniEncoder, tiny_config
 from dopsd.schedules import shifted_schedule
@@ -326,8 +325,8 @@ def run_recipe(rc: RecipeConfig, out: Path, log: Log = print) -> dict:
         t3 = time.time()
     finally:
         torch.set_num_threads(prev_threads)
-    save_file(half_state(dit, enc), str(out / "base.safetensors"))
-    save_file(half_state(turbo, enc), str(out / "turbo.safetensors"))
+    atomic_save_safetensors(out / "base.safetensors", half_state(dit, enc))
+    atomic_save_safetensors(out / "turbo.safetensors", half_state(turbo, enc))
     manifest = {
         "recipe_version": RECIPE_VERSION,
         "config": rc.model.to_dict(),
@@ -343,5 +342,5 @@ def run_recipe(rc: RecipeConfig, out: Path, log: Log = print) -> dict:
         "command": f"dopsd mini recipe --out {out} --seed {rc.seed}"
         + (f" --gate-input {rc.model.gate_input}" if rc.model.gate_input != "rgb" else ""),
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    atomic_write_json(out / "manifest.json", manifest)
     return manifest
