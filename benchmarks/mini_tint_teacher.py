@@ -34,7 +34,8 @@ from dopsd.files import atomic_save_safetensors, atomic_write_json
 from dopsd.mini import domains, report, world
 from dopsd.mini import metrics as M
 from dopsd.mini.adapter import WEIGHTS_DIR, MiniAdapter, build_from, load
-from dopsd.mini.recipe import RecipeConfig, half_state, pretrain, sha256
+from dopsd.mini.recipe import half_state, pretrain, sha256
+from dopsd.mini.recipe_config import RecipeConfig
 
 
 def check(adapter: MiniAdapter, n: int, seed: int) -> dict[str, dict[str, float]]:

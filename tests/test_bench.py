@@ -309,3 +309,23 @@ def test_two_worker_processes_and_resume(tmp_path: Path) -> None:
     lines.clear()
     run_bench(dataclasses.replace(cfg, workers=2), tmp_path / "two", log=lines.append, resume=True)
     assert "resuming: 4 finished job(s) kept" in lines[1] and not any(line.startswith("[") for line in lines)
+
+
+def test_weights_option_benchmarks_a_recipe_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`--weights DIR` runs the bench on a recipe's output instead of the shipped weights; a folder that holds no
+    miniature weights is refused with one line naming it, before any work."""
+    from dopsd.cli import main
+
+    weights = tmp_path / "w"
+    assert main(["mini", "recipe", "--tiny", "--out", str(weights)]) == 0
+    capsys.readouterr()
+    bad = tmp_path / "bad"
+    assert main(["bench", "--tiny", "--weights", str(tmp_path / "nowhere"), "--out", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "nowhere" in err and "Traceback" not in err and not bad.exists()
+
+    out = tmp_path / "b"
+    argv = ["bench", "--tiny", "--weights", str(weights), "--settings", "domain_full", "--methods", "sft"]
+    assert main(argv + ["--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["domain_full"]["setting"]["model"] == str(weights.resolve())

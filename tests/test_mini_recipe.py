@@ -60,6 +60,9 @@ def test_tiny_recipe_cli_reproducible_and_loadable(tmp_path, capsys):
     )
     text = report.read_text()
     assert "| turbo@4 |" in text and "| base@8 |" in text and "orange:caption+image(vlm)" in text
+    # the tint check with both kinds of reference: another scene, and the target's own colours (D-OPSD's teacher)
+    assert "reference image of another scene under the tint" in text
+    assert "reference image in the target's colours and background" in text
     numbers = json.loads(report.with_suffix(".json").read_text())
     assert len(numbers) == 2 and 0.0 <= numbers[0]["turbo@4"]["acc_shape"] <= 1.0
     assert "| premise (`dopsd demo`, 4 steps) |" in text and set(numbers[1]["premise"]) == {
@@ -91,7 +94,7 @@ def test_weights_that_do_not_fit_the_network_get_a_clear_error(tmp_path):
     (old / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(
         ValueError,
-        match=r"built by recipe mini-recipe-1, this dopsd's miniature is mini-recipe-\d.*"
+        match=r"built by recipe mini-recipe-1, this dopsd's miniature reads mini-recipe-3, mini-recipe-4.*"
         r"dopsd mini recipe --out",
     ):
         load(SimpleNamespace(pretrained=str(old)))
@@ -122,7 +125,8 @@ def test_luma_highpass_gate_recipe_and_what_it_passes(tmp_path):
 
 def test_pretrain_continues_from_given_weights_and_tint_references_in_the_targets_colours():
     from dopsd.mini.adapter import build
-    from dopsd.mini.recipe import pretrain, sample_batch, tiny_recipe
+    from dopsd.mini.recipe import pretrain, sample_batch
+    from dopsd.mini.recipe_config import tiny_recipe
 
     # every sample a tint sample; with p_tint_same_colours=1 the reference shares the target's background, so
     # their corners (background under the same tint) have the same chroma (the grain is grey); with 0 the
@@ -150,3 +154,44 @@ def test_pretrain_continues_from_given_weights_and_tint_references_in_the_target
         return float(sum((p - s).pow(2).sum() for p, s in zip(net.parameters(), start)))
 
     assert 0 < dist(continued) < 0.01 * dist(scratch)  # trained onward from the given weights, not from scratch
+
+
+def test_staged_recipe_from_a_stored_base_builds_the_same_weights(tmp_path, capsys):
+    """mini-recipe-4 (a context stage after the base) run whole equals the same recipe run in pieces: the first
+    stage's stored base, the context stage continued from that file, then `--base` for the distillation. This is
+    how a recipe can restart from an earlier run's base; a --base that is a turbo is refused before any work."""
+    from dopsd.mini.adapter import build_from
+    from dopsd.mini.recipe import half_state, pretrain
+    from dopsd.mini.recipe_config import stage_config, tiny_staged_recipe
+
+    whole, first, pieces = tmp_path / "whole", tmp_path / "first", tmp_path / "pieces"
+    assert main(["mini", "recipe", "--tiny", "--recipe", "mini-recipe-4", "--out", str(whole)]) == 0
+    assert main(["mini", "recipe", "--tiny", "--out", str(first)]) == 0
+    m_whole = json.loads((whole / "manifest.json").read_text())
+    m_first = json.loads((first / "manifest.json").read_text())
+    assert (m_whole["recipe_version"], m_first["recipe_version"]) == ("mini-recipe-4", "mini-recipe-3")
+    assert m_whole["wall_time_s"]["context_stage"] > 0 and "context_stage" not in m_first["wall_time_s"]
+    assert m_whole["sha256"]["base.safetensors"] != m_first["sha256"]["base.safetensors"]  # the stage trained
+
+    _, dit, enc, _ = build_from(first / "base.safetensors")
+    dit, enc = pretrain(stage_config(tiny_staged_recipe()), log=lambda _: None, init=(dit, enc))
+    from dopsd.files import atomic_save_safetensors
+
+    (tmp_path / "staged").mkdir()
+    staged = tmp_path / "staged" / "base.safetensors"
+    atomic_save_safetensors(staged, half_state(dit, enc))
+    shutil.copy(first / "manifest.json", tmp_path / "staged" / "manifest.json")
+    argv = ["mini", "recipe", "--tiny", "--recipe", "mini-recipe-4", "--out", str(pieces), "--base", str(staged)]
+    assert main(argv) == 0
+    m_pieces = json.loads((pieces / "manifest.json").read_text())
+    assert m_pieces["sha256"]["base.safetensors"] == m_whole["sha256"]["base.safetensors"]
+    assert m_pieces["sha256"] == m_whole["sha256"]
+    assert m_pieces["base_from"]["sha256"] == sha256(staged) and "--base" in m_pieces["command"]
+    assert set(m_pieces["wall_time_s"]) == {"trajectories", "distil", "total"}
+
+    capsys.readouterr()
+    refused = tmp_path / "refused"
+    assert main(["mini", "recipe", "--tiny", "--out", str(refused), "--base", str(whole / "turbo.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "--base:" in err and "turbo.safetensors is a turbo" in err and "Traceback" not in err
+    assert not refused.exists()

@@ -30,6 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="only these methods (default: all; the report then lists what is missing)",
     )
+    parser.add_argument(
+        "--weights",
+        default=None,
+        help="a `dopsd mini recipe` output folder to benchmark instead of the shipped miniature weights",
+    )
     parser.add_argument("--seeds", type=int, default=None, help="number of training seeds (default: the preset's)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the preset's)")
     again = parser.add_mutually_exclusive_group()
@@ -51,6 +56,15 @@ def main(args: argparse.Namespace) -> int:
 
     config = preset("tiny" if args.tiny else "quick" if args.quick else "full")
     config = config.override(settings=args.settings, methods=args.methods, seeds=args.seeds, steps=args.steps)
+    if args.weights:
+        import dataclasses
+
+        from dopsd.mini.adapter import build_from
+
+        folder = Path(args.weights)
+        for kind in ("turbo", "base"):  # unreadable or foreign weights fail here, before any work
+            build_from(folder / f"{kind}.safetensors")
+        config = dataclasses.replace(config, model=str(folder.resolve()))
     if args.threads:
         import torch
 

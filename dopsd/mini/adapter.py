@@ -24,8 +24,8 @@ from torch import nn
 from dopsd.errors import PromptError
 from dopsd.images import to_tensor
 from dopsd.mini import world
-from dopsd.mini.nets import LORA_TARGETS, MiniConfig, MiniDiT, MiniEncoder, tiny_config
-from dopsd.mini.recipe import RECIPE_VERSION
+from dopsd.mini.nets import LORA_TARGETS, MiniConfig, MiniDiT, MiniEncoder, build, tiny_config
+from dopsd.mini.recipe_config import RECIPES
 from dopsd.models.base import BaseFacts, CaptionProblem, Context, LoraLayout, Pair, QualityFn
 from dopsd.models.local import ModelFolderError, read_safetensors
 from dopsd.schedules import shifted_schedule
@@ -267,29 +267,22 @@ def read_weights(path: Path) -> tuple[MiniConfig, dict[str, torch.Tensor], dict,
     return cfg, state, manifest, kind
 
 
-def build(cfg: MiniConfig, state: dict[str, torch.Tensor] | None = None) -> tuple[MiniDiT, MiniEncoder]:
-    dit, enc = MiniDiT(cfg), MiniEncoder(cfg)
-    if state is not None:
-        dit.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("dit.")})
-        enc.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("encoder.")})
-    return dit, enc
-
-
 def build_from(path: Path) -> tuple[MiniConfig, MiniDiT, MiniEncoder, str]:
     """(config, DiT, encoder, kind) from recipe weights; weights that do not fit this network get a clear error."""
     cfg, state, manifest, kind = read_weights(path)
     version = manifest.get("recipe_version")
-    if version is not None and version != RECIPE_VERSION:  # they may fit and still compute something else
+    if version is not None and version not in RECIPES:  # they may fit and still compute something else
         raise ModelFolderError(
-            f"{weights_file(path)} was built by recipe {version}, this dopsd's miniature is {RECIPE_VERSION}. Rebuild "
-            f"them with `dopsd mini recipe --out {weights_file(path).parent}` or use the shipped 'turbo'/'base'."
+            f"{weights_file(path)} was built by recipe {version}, this dopsd's miniature reads {', '.join(RECIPES)}. "
+            f"Rebuild them with `dopsd mini recipe --out {weights_file(path).parent}` or use the shipped "
+            "'turbo'/'base'."
         )
     try:
         dit, enc = build(cfg, state)
     except RuntimeError as err:  # weights from another recipe version than this network
         raise ModelFolderError(
             f"{weights_file(path)} does not fit this version's miniature network (weights: "
-            f"{manifest.get('recipe_version', 'unknown recipe')}, this dopsd: {RECIPE_VERSION}). Rebuild them with "
+            f"{manifest.get('recipe_version', 'unknown recipe')}, this dopsd: {', '.join(RECIPES)}). Rebuild them with "
             f"`dopsd mini recipe --out {weights_file(path).parent}` or use the shipped 'turbo'/'base'. Detail: {str(err)[:300]}"
         ) from None
     return cfg, dit, enc, kind

@@ -16,6 +16,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rec.add_argument("--tiny", action="store_true", help="tiny model and a few steps (seconds; for tests)")
     rec.add_argument("--seed", type=int, default=0)
     rec.add_argument(
+        "--recipe",
+        choices=["mini-recipe-3", "mini-recipe-4"],
+        default="mini-recipe-3",
+        help="mini-recipe-3 built the shipped weights; mini-recipe-4 adds a context stage that teaches the "
+        "in-context path to carry a tint (see dopsd/mini/recipe.py)",
+    )
+    rec.add_argument(
+        "--base",
+        default=None,
+        help="distil from this base.safetensors (an earlier run's of the same recipe) instead of pretraining one",
+    )
+    rec.add_argument(
         "--gate-input",
         choices=["rgb", "luma_highpass"],
         default="luma_highpass",
@@ -35,14 +47,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _given_base(path: Path, rc) -> tuple:
+    """(DiT, encoder, provenance) of `--base`, refused unless it is a base of this recipe's network."""
+    from dopsd.errors import DopsdError
+    from dopsd.mini.adapter import build_from, weights_file
+    from dopsd.mini.recipe import sha256
+
+    cfg, dit, enc, kind = build_from(path)
+    file = weights_file(path)
+    if kind != "base" or cfg != rc.model:
+        problem = "is a turbo" if kind != "base" else "has another network configuration"
+        raise DopsdError(
+            f"--base: {file} {problem}; give the base.safetensors of an earlier `dopsd mini recipe` run with the "
+            "same options, or leave --base out to pretrain one"
+        )
+    return dit, enc, {"file": str(file), "sha256": sha256(file)}
+
+
 def main(args: argparse.Namespace) -> int:
     if args.action == "recipe":
-        from dopsd.mini.recipe import RecipeConfig, run_recipe, tiny_recipe
+        from dopsd.mini.recipe import run_recipe
+        from dopsd.mini.recipe_config import recipe_config, tiny_recipe, tiny_staged_recipe
 
-        rc = tiny_recipe(args.seed) if args.tiny else RecipeConfig(seed=args.seed)
+        if args.tiny:
+            rc = (tiny_staged_recipe if args.recipe == "mini-recipe-4" else tiny_recipe)(args.seed)
+        else:
+            rc = recipe_config(args.recipe, args.seed)
         rc.model = dataclasses.replace(rc.model, gate_input=args.gate_input)
+        base = _given_base(Path(args.base), rc) if args.base else None
         start = time.time()
-        manifest = run_recipe(rc, Path(args.out), log=lambda s: print(s, flush=True))
+        manifest = run_recipe(rc, Path(args.out), log=lambda s: print(s, flush=True), base=base)
         print(f"wrote {args.out}/{{base,turbo}}.safetensors and manifest.json in {time.time() - start:.0f}s")
         print("wall time (s):", manifest["wall_time_s"])
         return 0

@@ -3,7 +3,8 @@
 A domain here is a global tint (every pixel mixed toward a colour). D-OPSD's teacher is the turbo itself,
 conditioned on the caption plus a reference image; a claim about learning a domain can only be judged when
 that teacher renders the reference's tint. This check samples the turbo at its own step count on ordinary
-named-colour captions, each with a reference image of *another* scene under the same tint, through both
+named-colour captions, each with a reference image under the same tint (of *another* scene, or of one in the
+target's own colours: what D-OPSD's teacher sees, the training image of its caption), through both
 teacher paths (the encoder, "vlm", and reference patches in the DiT sequence, "reference"), with caption only
 as the control, and counts the samples whose decoded colours carry the tint — amount and hue
 (`metrics.shows_tint`: the tint fitted from the decoded foreground/background against the caption's named
@@ -119,9 +120,9 @@ def _summ(values: list[float], digits: int = 3) -> str:
     return f"{statistics.mean(values):.{digits}f} [{min(values):.{digits}f}–{max(values):.{digits}f}]"
 
 
-def to_markdown(per_seed: list[dict[str, float]]) -> str:
+def to_markdown(per_seed: list[dict[str, float]], same_colours: bool = False) -> str:
     """The check as a table: one row per tint; fidelity per condition, then fitted amount and hue error with
-    the image in context (vlm / reference)."""
+    the image in context (vlm / reference). `same_colours`: the references were drawn so (`tint_pairs`)."""
     names = [k.split(":")[0] for k in per_seed[0] if k.endswith(":caption_only")]
     tol = f"amount ±{M.TINT_AMOUNT_TOL}, hue ±{M.TINT_HUE_TOL:.0f}°, chroma ±{M.TINT_CHROMA_TOL:.0%}"
     head = [
@@ -140,8 +141,13 @@ def to_markdown(per_seed: list[dict[str, float]]) -> str:
         colour, a = TEST_TINTS.get(name) or (None, None)
         label = f"{name} ({', '.join(f'{v:.2f}' for v in colour)}; {a})" if colour else name
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {amount} | {hue} |")
+    reference = (
+        "a reference image in the target's colours and background (its own layout)"
+        if same_colours
+        else "a reference image of another scene"
+    )
     intro = (
-        f"Tint teacher check (turbo at its own steps; caption + a reference image of another scene under the "
-        f"tint; fraction of samples carrying the tint: {tol}):"
+        f"Tint teacher check (turbo at its own steps; caption + {reference} under the tint; fraction of samples "
+        f"carrying the tint: {tol}):"
     )
     return "\n".join(["", intro, "", *lines]) + "\n"

@@ -255,3 +255,12 @@ class MiniDiT(nn.Module):
 
 
 LORA_TARGETS = ["attn.qkv", "attn.out", "mlp.fc1", "mlp.fc2"]
+
+
+def build(cfg: MiniConfig, state: dict[str, torch.Tensor] | None = None) -> tuple[MiniDiT, MiniEncoder]:
+    """The DiT and encoder of `cfg`, loaded from a recipe state dict ("dit.*", "encoder.*") when given."""
+    dit, enc = MiniDiT(cfg), MiniEncoder(cfg)
+    if state is not None:
+        dit.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("dit.")})
+        enc.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("encoder.")})
+    return dit, enc

@@ -11,6 +11,10 @@ Training samples (per batch, by probability):
                   held-out domain can be carried by the teacher context): another scene, or (share
                   p_tint_same_colours) one in the target's named colours, as D-OPSD's teacher sees its target.
 In-context references reach the model through the encoder ("vlm") or the DiT sequence ("reference"), 50/50.
+mini-recipe-4 adds a context stage (`ContextStage`): the base continues from its stored (float16) weights with
+half of the samples tint samples whose references are in the target's named colours, the condition D-OPSD's
+teacher has (the training image of its caption); with other-scene references alone the tint is ambiguous and
+the base learns to hedge (benchmarks/mini_tint_teacher.py measures it).
 Distillation: the base samples 32-step Euler trajectories; the student (initialised from the base, encoder
 frozen) learns one Euler step from each turbo boundary σ_k to the trajectory's state at σ_{k+1}.
 """
@@ -21,7 +25,7 @@ import copy
 import hashlib
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -29,58 +33,11 @@ import torch
 
 from dopsd.files import atomic_save_safetensors, atomic_write_json
 from dopsd.mini import world
-from dopsd.mini.nets import MiniConfig, MiniDiT, MiniEncoder, tiny_config
+from dopsd.mini.nets import MiniConfig, MiniDiT, MiniEncoder, build
+from dopsd.mini.recipe_config import SHIPPED_RECIPE, RecipeConfig, stage_config, trajectory_config
 from dopsd.schedules import shifted_schedule
 
-RECIPE_VERSION = "mini-recipe-3"  # bump when the world, network or recipe changes the weights
 VLM, REFERENCE = 1, 2  # context paths of a sample (0 = caption only)
-
-
-@dataclass
-class RecipeConfig:
-    seed: int = 0
-    threads: int = 1
-    batch: int = 64
-    base_iters: int = 4500
-    base_lr: float = 1.2e-3
-    warmup: int = 200
-    ema: float = 0.999
-    sigma_sampling: str = "logit_normal"  # or "uniform"
-    sigma_mean: float = 0.8  # logit-normal over σ: mostly noisy states
-    sigma_std: float = 0.8
-    p_uniform_sigma: float = 0.3  # this share of σ uniform in [0, 1]: low σ (where grain is decided) gets trained
-    loss: str = "velocity"  # or "x0"
-    loss_sigma_min: float = 0.05
-    p_incontext: float = 0.40
-    p_tint: float = 0.12
-    p_tint_same_colours: float = 0.0  # of the tint samples: reference in the target's named colours
-    p_sks_plain: float = 0.07
-    p_no_background: float = 0.2
-    p_reference_path: float = 0.5
-    trajectories: int = 4096
-    traj_batch: int = 256
-    distil_iters: int = 1500
-    distil_lr: float = 2e-4
-    model: MiniConfig = field(default_factory=lambda: MiniConfig(gate_input="luma_highpass"))
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["model"] = self.model.to_dict()
-        return d
-
-
-def tiny_recipe(seed: int = 0) -> RecipeConfig:
-    return RecipeConfig(
-        seed=seed,
-        threads=1,
-        batch=16,
-        base_iters=30,
-        warmup=5,
-        trajectories=32,
-        traj_batch=32,
-        distil_iters=20,
-        model=tiny_config(),
-    )
 
 
 # --- data ----------------------------------------------------------------------------------------------------
@@ -229,8 +186,10 @@ def pretrain(
 
 @torch.no_grad()
 def trajectories(rc: RecipeConfig, dit: MiniDiT, enc: MiniEncoder, log: Log = print) -> dict[str, torch.Tensor]:
-    """Base Euler trajectories (rc.model.base_steps) recorded at the turbo's boundaries, with their contexts."""
+    """Base Euler trajectories (rc.model.base_steps) recorded at the turbo's boundaries, with their contexts
+    (drawn with `trajectory_config`'s shares)."""
     g = torch.Generator().manual_seed(rc.seed + 1)
+    shares = trajectory_config(rc)
     cfg = rc.model
     fine = shifted_schedule(cfg.base_steps, cfg.shift)
     coarse = shifted_schedule(cfg.turbo_steps, cfg.shift)
@@ -241,7 +200,7 @@ def trajectories(rc: RecipeConfig, dit: MiniDiT, enc: MiniEncoder, log: Log = pr
     t0 = time.time()
     for start in range(0, rc.trajectories, rc.traj_batch):
         n = min(rc.traj_batch, rc.trajectories - start)
-        b = sample_batch(rc, n, g)
+        b = sample_batch(shares, n, g)
         feats = features(enc, b.tokens, b.ref, b.path)
         x = torch.randn(b.x0.shape, generator=g)
         states = [x]
@@ -309,38 +268,62 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def run_recipe(rc: RecipeConfig, out: Path, log: Log = print) -> dict:
-    """Pretrain, distil, write base/turbo safetensors and manifest.json into `out`; returns the manifest."""
+def _stored(dit: MiniDiT, enc: MiniEncoder, cfg: MiniConfig) -> tuple[MiniDiT, MiniEncoder]:
+    """The weights as the recipe stores them (float16 on disk, float32 in memory): a stage that continues from
+    these builds the same weights when a run restarts from the stored file."""
+    return build(cfg, half_state(dit, enc))
+
+
+def run_recipe(
+    rc: RecipeConfig, out: Path, log: Log = print, base: tuple[MiniDiT, MiniEncoder, dict] | None = None
+) -> dict:
+    """Pretrain (both stages), distil, write base/turbo safetensors and manifest.json into `out`; returns the
+    manifest. `base`: (DiT, encoder, provenance) of an already trained base (this recipe's, both stages): only
+    the distillation runs, and the manifest records where the base came from."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(rc.threads)
+    times: dict[str, float] = {}
     try:
         t0 = time.time()
-        dit, enc = pretrain(rc, log)
-        t1 = time.time()
+        if base is None:
+            dit, enc = pretrain(rc, log)
+            times["base"] = time.time() - t0
+            if rc.context_stage.iters:
+                t = time.time()
+                stage = stage_config(rc)
+                dit, enc = pretrain(stage, lambda line: log("context stage: " + line), init=_stored(dit, enc, rc.model))
+                times["context_stage"] = time.time() - t
+                # from mini-recipe-4 on every stage starts from the stored weights (mini-recipe-3 distilled from
+                # the float32 base, and its shipped turbo stays reproducible)
+                dit, enc = _stored(dit, enc, rc.model)
+        else:
+            dit, enc, _ = base
+        t = time.time()
         data = trajectories(rc, dit, enc, log)
-        t2 = time.time()
+        times["trajectories"] = time.time() - t
+        t = time.time()
         turbo = distil(rc, dit, enc, data, log)
-        t3 = time.time()
+        times["distil"] = time.time() - t
+        times["total"] = time.time() - t0
     finally:
         torch.set_num_threads(prev_threads)
     atomic_save_safetensors(out / "base.safetensors", half_state(dit, enc))
     atomic_save_safetensors(out / "turbo.safetensors", half_state(turbo, enc))
     manifest = {
-        "recipe_version": RECIPE_VERSION,
+        "recipe_version": rc.version,
         "config": rc.model.to_dict(),
         "recipe": rc.to_dict(),
         "sha256": {f: sha256(out / f) for f in ("base.safetensors", "turbo.safetensors")},
-        "wall_time_s": {
-            "base": round(t1 - t0, 1),
-            "trajectories": round(t2 - t1, 1),
-            "distil": round(t3 - t2, 1),
-            "total": round(t3 - t0, 1),
-        },
+        "wall_time_s": {k: round(v, 1) for k, v in times.items()},
         "torch": torch.__version__,
         "command": f"dopsd mini recipe --out {out} --seed {rc.seed}"
+        + (f" --recipe {rc.version}" if rc.version != SHIPPED_RECIPE else "")
         + (f" --gate-input {rc.model.gate_input}" if rc.model.gate_input != "rgb" else ""),
     }
+    if base is not None:
+        manifest["base_from"] = base[2]
+        manifest["command"] += f" --base {base[2]['file']}"
     atomic_write_json(out / "manifest.json", manifest)
     return manifest

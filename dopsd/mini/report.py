@@ -109,7 +109,10 @@ def evaluate(turbo: MiniAdapter, base: MiniAdapter, seed: int, n: int = 256) -> 
     clean = world.render(clean_scenes)
     rows["clean renders"] = _quality(clean, [s.caption() for s in clean_scenes], None)
     rows["teacher check"] = teacher_check(turbo, seed, n // 2)
-    rows["tint check"] = domains.teacher_check(turbo, seed, n // 2)  # held-out domains: tints of several hues
+    # held-out domains, tints of several hues: references of another scene, and in the target's colours (what
+    # D-OPSD's teacher sees: the training image of its caption)
+    rows["tint check"] = domains.teacher_check(turbo, seed, n // 2)
+    rows["tint check, same colours"] = domains.teacher_check(turbo, seed, n // 2, same_colours=True)
     return rows
 
 
@@ -174,7 +177,7 @@ def to_markdown(per_seed: list[dict[str, dict[str, float]]], header: str) -> str
     ]
     lines = [header, "", "| model @ steps | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for row in per_seed[0]:
-        if row in ("teacher check", "tint check", "premise"):
+        if row in ("teacher check", "tint check", "tint check, same colours", "premise"):
             continue
         cells = []
         for c in cols:
@@ -184,8 +187,9 @@ def to_markdown(per_seed: list[dict[str, dict[str, float]]], header: str) -> str
     lines += ["", "| teacher check (turbo, its own steps) | concept fidelity |", "|---|---|"]
     for key in per_seed[0]["teacher check"]:
         lines.append(f"| {key} | {_summ([s['teacher check'][key] for s in per_seed])} |")
-    if "tint check" in per_seed[0]:
-        lines += domains.to_markdown([s["tint check"] for s in per_seed]).splitlines()
+    for key, same in (("tint check", False), ("tint check, same colours", True)):
+        if key in per_seed[0]:
+            lines += domains.to_markdown([s[key] for s in per_seed], same_colours=same).splitlines()
     if "premise" in per_seed[0]:
         cols = ["concept_fidelity", "fewstep_quality", "drift"]
         lines += ["", "| premise (`dopsd demo`, 4 steps) | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
