@@ -128,13 +128,27 @@ class ClassImagePrior(Term):
             trainer.adapter.latent_shape(*size), [int(slot_rng(seed, CLASS_KEY, i).integers(2**62)) for i in range(n)]
         )
         self.keys = [trainer.feats.prompts[self.prompts_[i % len(self.prompts_)]] for i in range(n)]
+        # each process samples every world-th image (an image depends on its index only), then all gather them
+        mine = list(range(trainer.rank, n, trainer.world))
         network, out = trainer.adapter.network, []  # the unwrapped network (set up before the optimizer)
         with inference_mode(network):
-            for start in range(0, n, 16):
-                ctx = trainer.contexts(self.keys[start : start + 16])
-                x = noise[start : start + 16].to(trainer.acc.device, trainer.latent_dtype)
-                out.append(sample_euler(trainer.velocity(network), x, sched, ctx).float().cpu())
-        self.pool = torch.cat(out)
+            for start in range(0, len(mine), 16):
+                idx = mine[start : start + 16]
+                ctx = trainer.contexts([self.keys[i] for i in idx])
+                x = noise[idx].to(trainer.acc.device, trainer.latent_dtype)
+                out.append(sample_euler(trainer.velocity(network), x, sched, ctx).float())
+        local = torch.cat(out)
+        if trainer.world == 1:
+            self.pool = local.cpu()
+            return
+        per = -(-n // trainer.world)
+        padded = torch.cat([local, local.new_zeros((per - len(local), *local.shape[1:]))])
+        gathered = trainer.acc.gather(padded).cpu()  # (world · per, …): each process's block in rank order
+        pool = torch.empty((n, *local.shape[1:]))
+        for rank in range(trainer.world):
+            idx = list(range(rank, n, trainer.world))
+            pool[idx] = gathered[rank * per : rank * per + len(idx)]
+        self.pool = pool
 
     def __call__(self, trainer: Trainer, b: MicroBatch, scale: float, final: bool) -> dict[str, Any]:
         assert self.pool is not None, "ClassImagePrior.prepare did not run"
