@@ -36,7 +36,7 @@ from dopsd.mini import domains, report, world
 from dopsd.mini import metrics as M
 from dopsd.mini.adapter import WEIGHTS_DIR, MiniAdapter, build_from, load
 from dopsd.mini.recipe import half_state, pretrain, sha256
-from dopsd.mini.recipe_config import ContextStage, RecipeConfig
+from dopsd.mini.recipe_config import ContextStage, RecipeConfig, stage_config
 
 
 def check(adapter: MiniAdapter, n: int, seed: int) -> dict[str, dict[str, float]]:
@@ -118,16 +118,10 @@ def main() -> None:
         raise SystemExit(f"mini_tint_teacher: {args.out} exists; choose a new --out folder")
     torch.set_num_threads(1)
     start = args.init or WEIGHTS_DIR / "base.safetensors"
-    rc = replace(
-        RecipeConfig(),
-        seed=args.seed,
-        base_iters=args.iters,
-        base_lr=args.lr,
-        warmup=stage.warmup,
-        p_tint=args.p_tint,
-        p_incontext=args.p_incontext,
-        p_tint_same_colours=args.same_colours,
-    )
+    # the recipe's context stage with these options (its seed is the recipe's + 1)
+    given = replace(stage, iters=args.iters, lr=args.lr, p_incontext=args.p_incontext, p_tint=args.p_tint)
+    given.p_tint_same_colours = args.same_colours
+    rc = stage_config(RecipeConfig(seed=args.seed - 1, context_stage=given))
     try:
         _, dit, enc, _ = build_from(start)
     except DopsdError as err:  # a missing or foreign --init: its message names the file and the fix
