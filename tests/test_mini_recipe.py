@@ -191,7 +191,10 @@ def test_staged_recipe_from_a_stored_base_builds_the_same_weights(tmp_path, caps
 
     capsys.readouterr()
     refused = tmp_path / "refused"
-    assert main(["mini", "recipe", "--tiny", "--out", str(refused), "--base", str(whole / "turbo.safetensors")]) == 2
+    argv = ["mini", "recipe", "--tiny", "--out", str(refused), "--base"]
+    assert main(argv + [str(whole / "turbo.safetensors"), "--recipe", "mini-recipe-4"]) == 2
     err = capsys.readouterr().err
     assert "--base:" in err and "turbo.safetensors is a turbo" in err and "Traceback" not in err
+    assert main(argv + [str(staged)]) == 2  # mini-recipe-3 distils from a float32 base no file holds
+    assert "--base needs --recipe mini-recipe-4" in capsys.readouterr().err
     assert not refused.exists()

@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rec.add_argument(
         "--base",
         default=None,
-        help="distil from this base.safetensors (an earlier run's of the same recipe) instead of pretraining one",
+        help="mini-recipe-4: distil from this base.safetensors (an earlier run's) instead of pretraining one",
     )
     rec.add_argument(
         "--gate-input",
@@ -53,6 +53,11 @@ def _given_base(path: Path, rc) -> tuple:
     from dopsd.mini.adapter import build_from, weights_file
     from dopsd.mini.recipe import sha256
 
+    if not rc.context_stage.iters:
+        raise DopsdError(
+            f"--base needs --recipe mini-recipe-4: {rc.version} distils from its float32 base, which no file holds, "
+            "so a run from a stored base would not build its weights"
+        )
     cfg, dit, enc, kind = build_from(path)
     file = weights_file(path)
     if kind != "base" or cfg != rc.model:
