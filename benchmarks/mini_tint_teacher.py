@@ -123,7 +123,7 @@ def main() -> None:
     given.p_tint_same_colours = args.same_colours
     rc = stage_config(RecipeConfig(seed=args.seed - 1, context_stage=given))
     try:
-        _, dit, enc, _ = build_from(start)
+        _, dit, enc, _ = build_from(start, "--init")
     except DopsdError as err:  # a missing or foreign --init: its message names the file and the fix
         raise SystemExit(f"mini_tint_teacher: {err}") from None
     t0 = time.time()

@@ -322,7 +322,8 @@ def test_weights_option_benchmarks_a_recipe_folder(tmp_path: Path, capsys: pytes
     bad = tmp_path / "bad"
     assert main(["bench", "--tiny", "--weights", str(tmp_path / "nowhere"), "--out", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert "nowhere" in err and "Traceback" not in err and not bad.exists()
+    assert "--weights: no miniature weights at" in err and "nowhere" in err and "Traceback" not in err
+    assert not bad.exists()
 
     out = tmp_path / "b"
     argv = ["bench", "--tiny", "--weights", str(weights), "--settings", "domain_full", "--methods", "sft"]

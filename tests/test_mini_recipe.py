@@ -197,4 +197,6 @@ def test_staged_recipe_from_a_stored_base_builds_the_same_weights(tmp_path, caps
     assert "--base:" in err and "turbo.safetensors is a turbo" in err and "Traceback" not in err
     assert main(argv + [str(staged)]) == 2  # mini-recipe-3 distils from a float32 base no file holds
     assert "--base needs --recipe mini-recipe-4" in capsys.readouterr().err
+    assert main(argv + [str(tmp_path / "nowhere"), "--recipe", "mini-recipe-4"]) == 2
+    assert "--base: no miniature weights at" in capsys.readouterr().err
     assert not refused.exists()

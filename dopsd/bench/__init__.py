@@ -63,7 +63,7 @@ def main(args: argparse.Namespace) -> int:
 
         folder = Path(args.weights)
         for kind in ("turbo", "base"):  # unreadable or foreign weights fail here, before any work
-            build_from(folder / f"{kind}.safetensors")
+            build_from(folder / f"{kind}.safetensors", "--weights")
         config = dataclasses.replace(config, model=str(folder.resolve()))
     if args.threads:
         import torch

@@ -238,8 +238,9 @@ def weights_file(path: Path | str) -> Path:
     return path / "turbo.safetensors" if path.is_dir() else path
 
 
-def read_weights(path: Path) -> tuple[MiniConfig, dict[str, torch.Tensor], dict, str]:
-    """(config, state dict, manifest, kind) from a recipe folder or one of its .safetensors files."""
+def read_weights(path: Path, field: str = "model.pretrained") -> tuple[MiniConfig, dict[str, torch.Tensor], dict, str]:
+    """(config, state dict, manifest, kind) from a recipe folder or one of its .safetensors files; errors name
+    `field`, the option that gave the path."""
     file = weights_file(path)
     manifest_path = file.parent / "manifest.json"
     if not file.is_file() or not manifest_path.is_file():
@@ -247,29 +248,28 @@ def read_weights(path: Path) -> tuple[MiniConfig, dict[str, torch.Tensor], dict,
             "the shipped weights are missing from the package: reinstall dopsd or rebuild them with "
             f"`dopsd mini recipe --out {WEIGHTS_DIR}`"
             if file.parent == WEIGHTS_DIR
-            else "point pretrained at a folder written by `dopsd mini recipe --out DIR`, or use 'turbo'/'base'"
+            else "give a folder written by `dopsd mini recipe --out DIR` (or one of its files), or 'turbo'/'base'"
         )
         if (file.parent / "model_index.json").is_file():  # a diffusers folder: another family's weights
             hint = "it is a diffusers pipeline folder; set model.family (or the preset) to its family"
-        raise ModelFolderError(
-            f"model.pretrained: no miniature weights at {file} (with manifest.json beside it); {hint}"
-        )
+        raise ModelFolderError(f"{field}: no miniature weights at {file} (with manifest.json beside it); {hint}")
     try:
         manifest = json.loads(manifest_path.read_text())
         cfg = MiniConfig.from_dict(manifest["config"])
     except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
         raise ModelFolderError(
-            f"model.pretrained: {manifest_path} is not a miniature manifest ({type(err).__name__}: "
+            f"{field}: {manifest_path} is not a miniature manifest ({type(err).__name__}: "
             f"{err}); rebuild the folder with `dopsd mini recipe --out DIR`"
         ) from None
     kind = "base" if file.stem == "base" else "turbo"
-    state = read_safetensors(file, "model.pretrained", "rebuild it with `dopsd mini recipe --out DIR`")
+    state = read_safetensors(file, field, "rebuild it with `dopsd mini recipe --out DIR`")
     return cfg, state, manifest, kind
 
 
-def build_from(path: Path) -> tuple[MiniConfig, MiniDiT, MiniEncoder, str]:
-    """(config, DiT, encoder, kind) from recipe weights; weights that do not fit this network get a clear error."""
-    cfg, state, manifest, kind = read_weights(path)
+def build_from(path: Path, field: str = "model.pretrained") -> tuple[MiniConfig, MiniDiT, MiniEncoder, str]:
+    """(config, DiT, encoder, kind) from recipe weights; weights that do not fit this network get a clear error
+    (naming `field`, the option that gave the path)."""
+    cfg, state, manifest, kind = read_weights(path, field)
     version = manifest.get("recipe_version")
     if version is not None and version not in RECIPES:  # they may fit and still compute something else
         raise ModelFolderError(

@@ -58,7 +58,7 @@ def _given_base(path: Path, rc) -> tuple:
             f"--base needs --recipe mini-recipe-4: {rc.version} distils from its float32 base, which no file holds, "
             "so a run from a stored base would not build its weights"
         )
-    cfg, dit, enc, kind = build_from(path)
+    cfg, dit, enc, kind = build_from(path, "--base")
     file = weights_file(path)
     if kind != "base" or cfg != rc.model:
         problem = "is a turbo" if kind != "base" else "has another network configuration"
