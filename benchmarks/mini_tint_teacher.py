@@ -119,8 +119,14 @@ def main() -> None:
     torch.set_num_threads(1)
     start = args.init or WEIGHTS_DIR / "base.safetensors"
     # the recipe's context stage with these options (its seed is the recipe's + 1)
-    given = replace(stage, iters=args.iters, lr=args.lr, p_incontext=args.p_incontext, p_tint=args.p_tint)
-    given.p_tint_same_colours = args.same_colours
+    given = replace(
+        stage,
+        iters=args.iters,
+        lr=args.lr,
+        p_incontext=args.p_incontext,
+        p_tint=args.p_tint,
+        p_tint_same_colours=args.same_colours,
+    )
     rc = stage_config(RecipeConfig(seed=args.seed - 1, context_stage=given))
     try:
         _, dit, enc, _ = build_from(start, "--init")
