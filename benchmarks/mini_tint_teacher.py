@@ -1,8 +1,8 @@
 """Can more tint training make the miniature's teacher carry a domain?
 
 The bench's domain claim can only be judged when D-OPSD's teacher (the model with a reference image in its
-context) renders the held-out tint. This experiment continues the shipped base's pretraining (the recipe's own
-loop, `dopsd.mini.recipe.pretrain`, from the shipped weights with a fresh optimizer) with a larger share of
+context) renders the held-out tint. This experiment continues a base's pretraining (the recipe's own loop,
+`dopsd.mini.recipe.pretrain`, from the shipped base or `--init FILE`, with a fresh optimizer) with a larger share of
 tint samples, part of them with references in the target's named colours (what D-OPSD's teacher sees: the
 training image of the caption), and runs the tint teacher check (`dopsd.mini.domains`) at the base's 32 steps
 on the shipped base and on the continued one, with both kinds of reference, and measures where the colour goes
@@ -14,8 +14,9 @@ held-out concept colours from context (what the recipe's in-context samples teac
 
 It writes DIR/base.safetensors with a manifest (`model.pretrained: DIR/base.safetensors` loads it) and
 DIR/tint_check.json, and prints the tables. The shares and learning rate default to mini-recipe-4's context
-stage (`dopsd.mini.recipe_config.ContextStage`), which is this continuation at 6,000 iterations with seed 1;
-about 20 minutes per 2,000 iterations on one idle CPU core.
+stage (`dopsd.mini.recipe_config.ContextStage`), which is this continuation at 6,000 iterations with seed 1
+from mini-recipe-3's base (`--init` that base: the shipped base already had the stage); about 20 minutes per
+2,000 iterations on one idle CPU core.
 """
 
 from __future__ import annotations
@@ -111,7 +112,9 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=64, help="samples per tint and condition")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument(
-        "--init", type=Path, help="continue this base.safetensors (one this script wrote) instead of the shipped base"
+        "--init",
+        type=Path,
+        help="continue this base.safetensors (one this script or `dopsd mini recipe` wrote) instead of the shipped base",
     )
     args = ap.parse_args()
     if args.out.exists():
@@ -136,7 +139,8 @@ def main() -> None:
     dit, enc = pretrain(rc, init=(dit, enc), log=lambda line: print(line, flush=True))
     args.out.mkdir(parents=True)
     atomic_save_safetensors(args.out / "base.safetensors", half_state(dit, enc))
-    manifest = json.loads((WEIGHTS_DIR / "manifest.json").read_text())
+    shipped = json.loads((WEIGHTS_DIR / "manifest.json").read_text())
+    manifest = {k: shipped[k] for k in ("recipe_version", "config", "torch")}  # not the shipped build's history
     manifest.update(
         continued_from={"file": str(start), "sha256": sha256(start)},
         recipe=rc.to_dict(),

@@ -166,7 +166,7 @@ def test_staged_recipe_from_a_stored_base_builds_the_same_weights(tmp_path, caps
 
     whole, first, pieces = tmp_path / "whole", tmp_path / "first", tmp_path / "pieces"
     assert main(["mini", "recipe", "--tiny", "--recipe", "mini-recipe-4", "--out", str(whole)]) == 0
-    assert main(["mini", "recipe", "--tiny", "--out", str(first)]) == 0
+    assert main(["mini", "recipe", "--tiny", "--recipe", "mini-recipe-3", "--out", str(first)]) == 0
     m_whole = json.loads((whole / "manifest.json").read_text())
     m_first = json.loads((first / "manifest.json").read_text())
     assert (m_whole["recipe_version"], m_first["recipe_version"]) == ("mini-recipe-4", "mini-recipe-3")
@@ -192,11 +192,14 @@ def test_staged_recipe_from_a_stored_base_builds_the_same_weights(tmp_path, caps
     capsys.readouterr()
     refused = tmp_path / "refused"
     argv = ["mini", "recipe", "--tiny", "--out", str(refused), "--base"]
-    assert main(argv + [str(whole / "turbo.safetensors"), "--recipe", "mini-recipe-4"]) == 2
+    assert main(argv + [str(whole / "turbo.safetensors")]) == 2  # the default: the shipped recipe, mini-recipe-4
     err = capsys.readouterr().err
     assert "--base:" in err and "turbo.safetensors is a turbo" in err and "Traceback" not in err
-    assert main(argv + [str(staged)]) == 2  # mini-recipe-3 distils from a float32 base no file holds
+    assert main(argv + [str(staged), "--recipe", "mini-recipe-3"]) == 2  # distils from a float32 base no file holds
     assert "--base needs --recipe mini-recipe-4" in capsys.readouterr().err
-    assert main(argv + [str(tmp_path / "nowhere"), "--recipe", "mini-recipe-4"]) == 2
+    assert main(argv + [str(tmp_path / "nowhere")]) == 2
     assert "--base: no miniature weights at" in capsys.readouterr().err
+    assert main(argv + [str(staged), "--recipe", "mini-recipe-9"]) == 2
+    err = capsys.readouterr().err
+    assert "--recipe mini-recipe-9: this dopsd builds mini-recipe-3 or mini-recipe-4" in err and "Traceback" not in err
     assert not refused.exists()

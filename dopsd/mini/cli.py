@@ -17,10 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rec.add_argument("--seed", type=int, default=0)
     rec.add_argument(
         "--recipe",
-        choices=["mini-recipe-3", "mini-recipe-4"],
-        default="mini-recipe-3",
-        help="mini-recipe-3 built the shipped weights; mini-recipe-4 adds a context stage that teaches the "
-        "in-context path to carry a tint (see dopsd/mini/recipe.py)",
+        default=None,
+        help="the recipe version (default: the shipped weights', mini-recipe-4: mini-recipe-3's base, then a context "
+        "stage that teaches the in-context path to carry a tint; see dopsd/mini/recipe_config.py)",
     )
     rec.add_argument(
         "--base",
@@ -71,13 +70,17 @@ def _given_base(path: Path, rc) -> tuple:
 
 def main(args: argparse.Namespace) -> int:
     if args.action == "recipe":
+        from dopsd.errors import DopsdError
         from dopsd.mini.recipe import run_recipe
-        from dopsd.mini.recipe_config import recipe_config, tiny_recipe, tiny_staged_recipe
+        from dopsd.mini.recipe_config import RECIPES, SHIPPED_RECIPE, recipe_config, tiny_recipe, tiny_staged_recipe
 
+        version = args.recipe or SHIPPED_RECIPE
+        if version not in RECIPES:  # checked here, not by argparse: the versions live beside the recipe (torch)
+            raise DopsdError(f"--recipe {version}: this dopsd builds {' or '.join(RECIPES)}; choose one of them")
         if args.tiny:
-            rc = (tiny_staged_recipe if args.recipe == "mini-recipe-4" else tiny_recipe)(args.seed)
+            rc = (tiny_staged_recipe if version == "mini-recipe-4" else tiny_recipe)(args.seed)
         else:
-            rc = recipe_config(args.recipe, args.seed)
+            rc = recipe_config(version, args.seed)
         rc.model = dataclasses.replace(rc.model, gate_input=args.gate_input)
         base = _given_base(Path(args.base), rc) if args.base else None
         start = time.time()

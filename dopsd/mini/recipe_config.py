@@ -10,7 +10,7 @@ from dopsd.mini.nets import MiniConfig, tiny_config
 # The recipes this dopsd builds and reads: the same world and network, trained differently. Add a version
 # whenever the recipe changes the weights; drop the older ones when the world or the network changes.
 RECIPES = ("mini-recipe-3", "mini-recipe-4")
-SHIPPED_RECIPE = "mini-recipe-3"  # dopsd/mini/weights
+SHIPPED_RECIPE = "mini-recipe-4"  # dopsd/mini/weights
 
 
 @dataclass
