@@ -28,10 +28,10 @@ few fixed prompts and noises, for any model family, against the starting model:
 the model keeps by its weakest measure (0.90 = 10% lost). `warning` is set when it falls below `threshold`
 (default 0.93: the model has lost more than 7% of its few-step quality). Calibrated on the miniature
 (mini-recipe-3's weights) with the trainer's setting (mini.yaml's prior prompts, seeds 0 and 1, 32-step
-control), against the demo's independent few-step quality on 64 unrelated prompts: SFT runs with prior preservation lose 11% of that quality (0.901 →
-0.78–0.80 at 50–400 steps) and score 0.85–0.89; D-OPSD runs with prior preservation keep it (0.89–0.90) and
-score 0.99–1.00 at every step from 50 to 400; the untouched model scores exactly 1. The earlier threshold 0.85
-never fired on those SFT runs. Intended content changes of the health prompts themselves also move the scores
+control), against the demo's independent few-step quality on 64 unrelated prompts: SFT runs with prior
+preservation lose 11% of that quality (0.901 → 0.78–0.80 at 50–400 steps) and score 0.85–0.89; D-OPSD runs
+with prior preservation keep it (0.89–0.90) and score 0.99–1.00 at every step from 50 to 400; the untouched
+model scores exactly 1. The earlier threshold 0.85 never fired on those SFT runs. Intended content changes of the health prompts themselves also move the scores
 (a concept's colour on them, a domain's tint on every prompt), so unrelated prompts measure it best: on the
 training prompts of the same runs a sound D-OPSD run without prior preservation scores 0.90–0.95 (its concept
 colour changes their sharpness), so when a run has neither `sample.health_prompts` nor `method.prior_prompts` the
