@@ -155,13 +155,13 @@ def preset(name: str) -> BenchConfig:
     dedistill = ["lora.rank=16", "lora.alpha=16", "optim.lr=5e-4", "train.batch_size=8"]
     if name == "quick":
         settings = [
-            Setting("concept_lora", ["orange"], 6, concept, 56, 14, DESCRIPTIONS["concept_lora"]),
-            Setting("domain_full", ["domain"], 128, domain, 56, 14, DESCRIPTIONS["domain_full"]),
+            Setting("concept_lora", ["orange"], 6, concept, 48, 12, DESCRIPTIONS["concept_lora"]),
+            Setting("domain_full", ["domain"], 128, domain, 48, 12, DESCRIPTIONS["domain_full"]),
         ]
-        # 56 steps (28 per continual round), 3 cost repeats and 16 many-step controls: what keeps the quick run
+        # 48 steps (24 per continual round), 2 cost repeats and 16 many-step controls: what keeps the quick run
         # under 10 minutes on 2 idle cores with every method and setting in it (80/40 steps took 624 s, 64/32
-        # steps 600 s: at the limit).
-        continual = ContinualSetting([["orange", "teal"]], 6, 128, concept, domain, steps=28)
+        # steps 600 s, and 56/28 steps with 3 cost repeats 585-669 s over five runs: at the limit).
+        continual = ContinualSetting([["orange", "teal"]], 6, 128, concept, domain, steps=24)
         return BenchConfig(
             "quick",
             settings,
@@ -173,7 +173,7 @@ def preset(name: str) -> BenchConfig:
             n_unrelated=48,
             many_steps=32,
             n_many=16,
-            cost_repeats=3,
+            cost_repeats=2,
             cost_warmup=1,
             dedistill_pairs=256,
             dedistill_steps=100,
