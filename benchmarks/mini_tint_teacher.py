@@ -114,7 +114,7 @@ def main() -> None:
     ap.add_argument(
         "--init",
         type=Path,
-        help="continue this base.safetensors (one this script or `dopsd mini recipe` wrote) instead of the shipped base",
+        help="continue this base.safetensors (this script's or `dopsd mini recipe`'s) instead of the shipped base",
     )
     args = ap.parse_args()
     if args.out.exists():

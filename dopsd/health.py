@@ -31,11 +31,12 @@ the model keeps by its weakest measure (0.90 = 10% lost). `warning` is set when 
 control), against the demo's independent few-step quality on 64 unrelated prompts: SFT runs with prior
 preservation lose 11% of that quality (0.901 → 0.78–0.80 at 50–400 steps) and score 0.85–0.89; D-OPSD runs
 with prior preservation keep it (0.89–0.90) and score 0.99–1.00 at every step from 50 to 400; the untouched
-model scores exactly 1. The earlier threshold 0.85 never fired on those SFT runs. Intended content changes of the health prompts themselves also move the scores
-(a concept's colour on them, a domain's tint on every prompt), so unrelated prompts measure it best: on the
-training prompts of the same runs a sound D-OPSD run without prior preservation scores 0.90–0.95 (its concept
-colour changes their sharpness), so when a run has neither `sample.health_prompts` nor `method.prior_prompts` the
-trainer warns only below TRAINING_PROMPTS_THRESHOLD (0.85) there.
+model scores exactly 1. The earlier threshold 0.85 never fired on those SFT runs. Intended content changes of
+the health prompts themselves also move the scores (a concept's colour on them, a domain's tint on every
+prompt), so unrelated prompts measure it best: on the training prompts of the same runs a sound D-OPSD run
+without prior preservation scores 0.90–0.95 (its concept colour changes their sharpness), so when a run has
+neither `sample.health_prompts` nor `method.prior_prompts` the trainer warns only below
+TRAINING_PROMPTS_THRESHOLD (0.85) there.
 
 `broken` is set when the samples are not finite or any score (structure included) falls below `broken_below`
 (0.5: half its starting value or worse, e.g. half the image-scale contrast left, or the high-frequency energy

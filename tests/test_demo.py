@@ -38,8 +38,9 @@ def test_demo_writes_summary_grid_and_loras_and_keeps_earlier_outputs(tmp_path):
 @pytest.mark.slow
 def test_demo_shows_dopsd_learning_the_concept_while_keeping_few_step_quality(tmp_path):
     """Half the demo's budget (100 steps per method, prior preservation on for both), all 64 evaluation samples.
-    Measured at 100 steps on mini-recipe-3's weights (seed 0): D-OPSD concept fidelity 0.72, few-step quality 0.902 (untouched 0.901),
-    unrelated accuracy 0.97; SFT 0.41 / 0.776 / 0.95. The full demo (200 steps) is in the README."""
+    Measured at 100 steps on mini-recipe-3's weights (seed 0): D-OPSD concept fidelity 0.72, few-step quality
+    0.902 (untouched 0.901), unrelated accuracy 0.97; SFT 0.41 / 0.776 / 0.95. The full demo (200 steps) is in
+    the README."""
     out = tmp_path / "demo"
     assert main(["demo", "--steps", "100", "--out", str(out)]) == 0
     s = json.loads((out / "summary.json").read_text())

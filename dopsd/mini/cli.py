@@ -72,15 +72,12 @@ def main(args: argparse.Namespace) -> int:
     if args.action == "recipe":
         from dopsd.errors import DopsdError
         from dopsd.mini.recipe import run_recipe
-        from dopsd.mini.recipe_config import RECIPES, SHIPPED_RECIPE, recipe_config, tiny_recipe, tiny_staged_recipe
+        from dopsd.mini.recipe_config import SHIPPED_RECIPE, recipe_config
 
-        version = args.recipe or SHIPPED_RECIPE
-        if version not in RECIPES:  # checked here, not by argparse: the versions live beside the recipe (torch)
-            raise DopsdError(f"--recipe {version}: this dopsd builds {' or '.join(RECIPES)}; choose one of them")
-        if args.tiny:
-            rc = (tiny_staged_recipe if version == "mini-recipe-4" else tiny_recipe)(args.seed)
-        else:
-            rc = recipe_config(version, args.seed)
+        try:  # the version is checked here, not by argparse: the versions live beside the recipe (torch)
+            rc = recipe_config(args.recipe or SHIPPED_RECIPE, args.seed, tiny=args.tiny)
+        except ValueError as err:
+            raise DopsdError(f"--recipe {err}") from None
         rc.model = dataclasses.replace(rc.model, gate_input=args.gate_input)
         base = _given_base(Path(args.base), rc) if args.base else None
         start = time.time()

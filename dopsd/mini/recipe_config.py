@@ -67,12 +67,14 @@ class RecipeConfig:
         return d
 
 
-def recipe_config(version: str = SHIPPED_RECIPE, seed: int = 0) -> RecipeConfig:
-    """The full-size configuration of a recipe version."""
+def recipe_config(version: str = SHIPPED_RECIPE, seed: int = 0, tiny: bool = False) -> RecipeConfig:
+    """The configuration of a recipe version: full size, or tiny (tests) in the same shape."""
     if version not in RECIPES:
-        raise ValueError(f"unknown recipe {version!r}; choose one of {', '.join(RECIPES)}")
-    stage = ContextStage(iters=6000) if version == "mini-recipe-4" else ContextStage()
-    return RecipeConfig(seed=seed, context_stage=stage)
+        raise ValueError(f"{version}: this dopsd builds {' or '.join(RECIPES)}; choose one of them")
+    staged = version == "mini-recipe-4"
+    if tiny:
+        return (tiny_staged_recipe if staged else tiny_recipe)(seed)
+    return RecipeConfig(seed=seed, context_stage=ContextStage(iters=6000) if staged else ContextStage())
 
 
 def stage_config(rc: RecipeConfig) -> RecipeConfig:
