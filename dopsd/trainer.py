@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import AutocastKwargs, DistributedDataParallelKwargs, set_seed
 
 from dopsd import checkpoint as ckpt
 from dopsd import continual, methods, optim, rundir, trainer_checkpoint
@@ -81,7 +81,12 @@ class Trainer:
             from accelerate import FullyShardedDataParallelPlugin
 
             kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(**t.fsdp)
-        self.acc = Accelerator(**kwargs, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
+        # Autocast's cast cache is keyed by the parameter object, not its values: it would keep serving the
+        # student's bf16 cast after a ParamShadow swapped the teacher's (or the base's) values into `p.data`, and
+        # the reverse. Off, every forward casts the values it finds; for a LoRA that is a few MB per forward, and a
+        # full fine-tune no longer holds a second (bf16) copy of every weight for the whole step.
+        handlers = [DistributedDataParallelKwargs(find_unused_parameters=False), AutocastKwargs(cache_enabled=False)]
+        self.acc = Accelerator(**kwargs, kwargs_handlers=handlers)
         self.main = self.acc.is_main_process
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
         set_seed(t.seed)

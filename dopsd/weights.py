@@ -51,6 +51,9 @@ class ParamShadow:
         if self.mode == "live":
             yield
             return
+        # A caller's autocast region may hold low-precision casts of the other values (its cache is keyed by the
+        # parameter, which the swap keeps): drop them on both sides of the swap.
+        torch.clear_autocast_cache()
         for name, p in self.params.items():
             p.data, self.shadow[name] = self.shadow[name], p.data
         try:
@@ -58,6 +61,7 @@ class ParamShadow:
         finally:
             for name, p in self.params.items():
                 p.data, self.shadow[name] = self.shadow[name], p.data
+            torch.clear_autocast_cache()
 
     def wrap(self, velocity: VelocityFn) -> VelocityFn:
         """A velocity function that runs `velocity` with the shadow weights and no gradient."""
