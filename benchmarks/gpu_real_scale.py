@@ -9,8 +9,8 @@ Nothing is downloaded: each transformer is built from its bundled public config 
 random weights, and the text / VLM / reference features are random tensors of the shapes the trainer feeds it
 (so no encoder and no VAE is loaded). The settings are each preset's own: 1024², batch 1, LoRA rank 64 on the
 family's default targets, gradient checkpointing, bf16 weights and autocast, AdamW, EMA teacher (D-OPSD's K-step
-roll-out with per-step backward); `--quantize int8` stores the frozen base in int8 (dopsd.quantize). The steps
-are dopsd's own losses (dopsd.objective) on the adapter's own velocity, LoRA injection and teacher swap.
+roll-out with per-step backward); `--quantize int8` stores the frozen base in int8 (dopsd.models.quantize). The steps
+are dopsd's own losses (dopsd.core.objective) on the adapter's own velocity, LoRA injection and teacher swap.
 
 Peak memory is measured from just before the first step (so it includes the optimizer state and, for D-OPSD, the
 EMA copy of the LoRA) and compared with the planner's training peak minus the parts it counts that are not
@@ -64,7 +64,7 @@ def randomize(obj: Any, device: torch.device, generator: torch.Generator) -> Any
 
 def rollout_schedule(cfg: Any, spec: Any) -> torch.Tensor:
     """The trainer's roll-out schedule for this config (the adapter's inference schedule, every n-th σ)."""
-    from dopsd.schedules import shifted_schedule, training_schedule
+    from dopsd.core.schedules import shifted_schedule, training_schedule
 
     m = cfg.model
     if m.family == "flux2":
@@ -123,8 +123,8 @@ def run_method(
     device: torch.device,
     steps: int,
 ) -> dict[str, Any]:
-    from dopsd.objective import dopsd_loss, sample_training_sigmas, sft_loss
-    from dopsd.weights import ParamShadow
+    from dopsd.core.objective import dopsd_loss, sample_training_sigmas, sft_loss
+    from dopsd.core.weights import ParamShadow
 
     h, w = cfg.model.height, cfg.model.width
     gen = torch.Generator().manual_seed(0)
@@ -199,10 +199,10 @@ def run_method(
 
 
 def run_model(preset: str, quantize: str, args: argparse.Namespace, device: torch.device, root: Path) -> list[dict]:
+    from dopsd.core.weights import trainable_parameters
     from dopsd.lora.inject import add_lora
+    from dopsd.models.quantize import quantize_network
     from dopsd.models.registry import plan_spec
-    from dopsd.quantize import quantize_network
-    from dopsd.weights import trainable_parameters
 
     folder = write_tiny_folder(root, preset) if args.tiny else None
     cfg = config_for(preset, quantize, args.tiny, folder)
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     else:
         device = torch.device("cuda")
-    from dopsd.quantize import check_available
+    from dopsd.models.quantize import check_available
 
     for q in quantize:
         check_available(q, device)

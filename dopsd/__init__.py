@@ -15,7 +15,7 @@ for _name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.to
 def __getattr__(name: str) -> Any:
     # `dopsd.train(config)` without importing torch/accelerate on `import dopsd`.
     if name == "train":
-        from dopsd.api import train
+        from dopsd.training.api import train
 
         return train
     raise AttributeError(f"module 'dopsd' has no attribute {name!r}")

@@ -110,7 +110,8 @@ _HELD: list = []  # the lock of the case that holds one (released when the next 
 
 def hold_run_lock(w: Path, a: Path) -> None:
     """Hold the lock of run/ as a training process would (without recording a pid: the message stays the same)."""
-    from dopsd import rundir, runlock
+    from dopsd.runs import folder as rundir
+    from dopsd.runs import lock as runlock
 
     while _HELD:
         _HELD.pop().release()

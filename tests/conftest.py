@@ -17,7 +17,7 @@ def write_concept_folder(folder: Path, n: int = 4, concept: str = "orange", seed
     folder.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
     scenes = [world.concept_scene(concept, g) for _ in range(n)]
-    from dopsd.images import to_pil
+    from dopsd.data.images import to_pil
 
     for i, (scene, image) in enumerate(zip(scenes, to_pil(world.render(scenes)))):
         image.save(folder / f"img{i:02d}.png")

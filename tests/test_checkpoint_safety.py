@@ -12,9 +12,9 @@ import torch
 from conftest import tiny_config
 
 import dopsd
-from dopsd import checkpoint as ckpt
 from dopsd.errors import CheckpointError
 from dopsd.mini.adapter import tiny_random_adapter
+from dopsd.runs import checkpoint as ckpt
 
 
 def adapter():

@@ -6,8 +6,8 @@ import pytest
 
 from dopsd import cli
 from dopsd.config import Config, ConfigError, load_config
-from dopsd.config_docs import render_docs
-from dopsd.presets import PRESETS
+from dopsd.config.docs import render_docs
+from dopsd.config.presets import PRESETS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -107,7 +107,7 @@ def test_docs_are_generated_from_the_fields_and_up_to_date():
     for key in ("optim.lr", "method.teacher", "train.gradient_accumulation", "data.caption_dropout", "lora.targets"):
         assert f"`{key}`" in text
     assert (ROOT / "docs" / "configuration.md").read_text() == text, (
-        "docs/configuration.md is stale: run `python -m dopsd.config_docs`"
+        "docs/configuration.md is stale: run `python -m dopsd.config.docs`"
     )
 
 

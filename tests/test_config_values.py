@@ -8,7 +8,7 @@ import re
 import pytest
 
 from dopsd.config import SECTIONS, Config, ConfigError, load_config
-from dopsd.config_validate import range_text
+from dopsd.config.validate import range_text
 
 
 def test_yes_no_words_stay_text_for_text_and_choice_keys(tmp_path):

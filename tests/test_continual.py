@@ -11,11 +11,11 @@ from PIL import Image
 
 import dopsd
 from dopsd.config import ConfigError
+from dopsd.core.sampler import sample_euler, seed_noise
 from dopsd.data.dataset import load_dataset
 from dopsd.errors import RunFolderError
 from dopsd.mini.adapter import tiny_random_adapter
-from dopsd.sampler import sample_euler, seed_noise
-from dopsd.trainer import Trainer
+from dopsd.training.trainer import Trainer
 
 PROMPTS = ["a sks circle on a gray background", "a red square"]
 FIXED = {"sample.prompts": PROMPTS, "train.max_steps": 3, "train.checkpoint_every": 0}
@@ -101,7 +101,7 @@ def test_a_chain_of_merges_rebuilds_every_round(tmp_path, concept_data):
         tmp_path, concept_data, "r3", **{"train.init_from": str(r2.output_dir), "train.init_mode": "continue"}
     )
     torch.testing.assert_close(samples(trainer.network, a3), samples(a2.network, a2), rtol=0, atol=1e-5)
-    from dopsd.continual import lineage
+    from dopsd.training.continual import lineage
 
     assert [link["mode"] for link in lineage(trainer.init)] == ["merge", "continue"]
 

@@ -13,11 +13,11 @@ from tiny_encoders import build_clip, build_dinov2, build_qwen3_vl
 from tiny_real import build_zimage, dopsd_lora_steps, images
 
 from dopsd.cli import main as cli
-from dopsd.evaluate import measure
-from dopsd.features import PixelFeatures, TextImageScorer, load_image_features
-from dopsd.images import to_tensor
+from dopsd.data.images import to_tensor
 from dopsd.models import zimage
 from dopsd.models.local import ModelFolderError
+from dopsd.tools.evaluate import measure
+from dopsd.tools.features import PixelFeatures, TextImageScorer, load_image_features
 
 torch.set_num_threads(1)
 SIZE = 32
@@ -129,7 +129,7 @@ def grid_cell(path, row: int, col: int, cols: int, pad: int = 2) -> np.ndarray:
 
 def test_eval_without_feature_models_uses_the_pixel_fallback(world):
     from dopsd.config import load_config
-    from dopsd.evaluate import evaluate
+    from dopsd.tools.evaluate import evaluate
 
     config = load_config(str(world.run / "config.yaml"))
     report = evaluate(
@@ -182,8 +182,8 @@ def test_eval_on_the_miniature_samples_unseen_prompts_it_can_read(tmp_path):
     from conftest import write_concept_folder
 
     from dopsd.config import load_config
-    from dopsd.evaluate import evaluate
     from dopsd.mini import world
+    from dopsd.tools.evaluate import evaluate
 
     data = write_concept_folder(tmp_path / "data", n=2)
     config = load_config("mini", [f"data.path={data}", "data.trigger_word=sks"])

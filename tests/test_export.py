@@ -14,11 +14,11 @@ from safetensors.torch import load_file, save_file
 from tiny_encoders import build_qwen3_vl
 from tiny_real import build_flux2, build_zimage, dopsd_lora_steps, images, model_config
 
-from dopsd import export
 from dopsd.cli import main as cli
+from dopsd.core.sampler import sample_euler
 from dopsd.lora.trained import apply_trained, save_trained
 from dopsd.models import flux2, zimage
-from dopsd.sampler import sample_euler
+from dopsd.tools import export
 
 torch.set_num_threads(1)
 CAPTIONS = ["a red cat", "a [V] teapot on a wooden table"]

@@ -12,7 +12,7 @@ from tiny_encoders import build_qwen3_vl
 from tiny_real import build_flux2, build_zimage, train_config, write_pairs
 from torch import nn
 
-from dopsd.cache import FeatureCache, build_features, model_fingerprint
+from dopsd.data.cache import FeatureCache, build_features, model_fingerprint
 from dopsd.data.dataset import check_dataset
 from dopsd.models.registry import load_adapter
 

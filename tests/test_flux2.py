@@ -9,9 +9,9 @@ import torch
 from tiny_encoders import build_qwen3_vl
 from tiny_real import build_flux2, build_zimage, dopsd_lora_steps, images, model_config
 
+from dopsd.core.sampler import sample_euler
 from dopsd.models import flux2, flux2_facts
 from dopsd.models.local import ModelFolderError
-from dopsd.sampler import sample_euler
 
 torch.set_num_threads(1)
 SIZE = 64
@@ -208,7 +208,7 @@ def test_eval_samples_training_prompts_as_edits_of_their_sources(folders, tmp_pa
     from tiny_real import train_config, write_pairs
 
     import dopsd
-    from dopsd.evaluate import evaluate
+    from dopsd.tools.evaluate import evaluate
 
     data = write_pairs(tmp_path / "data", CAPTIONS, SIZE, seed=7)
     write_pairs(tmp_path / "sources", ["unused", "unused"], SIZE, seed=8)
@@ -231,7 +231,7 @@ def test_eval_samples_training_prompts_as_edits_of_their_sources(folders, tmp_pa
     # each target against its own source, with the fallback features eval used (pixels): the change the data asks for
     from PIL import Image
 
-    from dopsd.features import PixelFeatures, cosine_distance
+    from dopsd.tools.features import PixelFeatures, cosine_distance
 
     pix = PixelFeatures()
     own = [Image.open(tmp_path / folder / f"img{i}.png") for folder in ("data", "sources") for i in range(2)]

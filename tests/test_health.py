@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dopsd.health import FewStepHealth, relative_gap, sharpness
 from dopsd.mini import world
 from dopsd.mini.adapter import load
+from dopsd.training.health import FewStepHealth, relative_gap, sharpness
 
 torch.set_num_threads(1)
 PROMPTS = [
@@ -162,7 +162,7 @@ def test_alarm_fires_for_sft_with_prior_preservation_and_not_for_dopsd(tmp_path)
     """The case the alarm used to miss: SFT with on-policy prior preservation loses ~11% of its few-step quality
     (the demo's independent metric: 0.901 → 0.78–0.80) and scores 0.85–0.89; D-OPSD with the same term keeps it
     and scores ≥ 0.99. Both measured here on real runs of the example config."""
-    from dopsd.health import HEALTH_THRESHOLD
+    from dopsd.training.health import HEALTH_THRESHOLD
 
     sft, sft_alarms = _train_with_prior_preservation(tmp_path, "sft", 50)
     assert sft["health"] < HEALTH_THRESHOLD and sft_alarms, sft

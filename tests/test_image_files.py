@@ -323,7 +323,7 @@ def test_transparency_is_flattened_onto_white_and_said(tmp_path):
 def test_the_miniature_loses_about_40_percent_of_its_grain_when_a_large_copy_is_downscaled(tmp_path):
     """Measured on world renders: each enlarged 16× (as a large image of the same scene), written as PNG and read
     back by the loader at 24×24; the grain is what differs from the same scene rendered without grain."""
-    from dopsd.images import to_pil
+    from dopsd.data.images import to_pil
     from dopsd.mini import world
 
     g = __import__("torch").Generator().manual_seed(0)

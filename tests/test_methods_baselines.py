@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 import dopsd
 from dopsd.config import ConfigError, load_config
+from dopsd.core.sampler import inference_mode
 from dopsd.mini.adapter import tiny_random_adapter
-from dopsd.sampler import inference_mode
 
 # Caption dropout and LoRA dropout: draws that a resume must reproduce too.
 COMMON = {"train.max_steps": 4, "train.checkpoint_every": 2, "data.caption_dropout": 0.3, "lora.dropout": 0.1}
@@ -74,7 +74,7 @@ def test_pso_loss_falls_over_a_longer_run(tmp_path, concept_data):
 
 
 def test_dreambooth_class_prompts_drop_the_trigger_word():
-    from dopsd.baselines import class_prompts
+    from dopsd.methods.baselines import class_prompts
 
     cfg = load_config("mini", ["data.trigger_word=sks", "method.name=dreambooth"])
     got = class_prompts(
@@ -87,9 +87,9 @@ def test_dreambooth_class_prompts_drop_the_trigger_word():
 
 def test_dreambooth_class_images_are_the_starting_models_samples(tmp_path, concept_data):
     """The class images are the untouched model's own few-step samples of the class prompts."""
+    from dopsd.core.sampler import sample_euler
     from dopsd.data.dataset import load_dataset
-    from dopsd.sampler import sample_euler
-    from dopsd.trainer import Trainer
+    from dopsd.training.trainer import Trainer
 
     cfg = tiny_config(
         tmp_path,
@@ -101,9 +101,9 @@ def test_dreambooth_class_images_are_the_starting_models_samples(tmp_path, conce
     trainer = Trainer(cfg, tmp_path / "run", load_dataset(cfg.data, cfg.model), adapter=adapter())
     trainer.prepare()
     pool = trainer.terms[1].pool
-    from dopsd.baselines import CLASS_KEY
-    from dopsd.methods import slot_rng
-    from dopsd.sampler import seed_noise
+    from dopsd.core.sampler import seed_noise
+    from dopsd.methods.baselines import CLASS_KEY
+    from dopsd.methods.terms import slot_rng
 
     noise = seed_noise(
         (3, 24, 24) if pool.shape[1:] == (3, 24, 24) else tuple(pool.shape[1:]),

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from dopsd.images import to_pil
+from dopsd.data.images import to_pil
 from dopsd.lora.inject import add_lora, lora_state_dict
 from dopsd.mini import metrics as M
 from dopsd.mini import world

@@ -15,7 +15,7 @@ import torch
 from conftest import tiny_config
 
 from dopsd.data.dataset import load_dataset
-from dopsd.trainer import Trainer
+from dopsd.training.trainer import Trainer
 
 
 class Recorder:

@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from dopsd.objective import dopsd_loss, sample_training_sigmas, sft_loss, step_weights_for, to_x0
-from dopsd.sampler import sample_euler
-from dopsd.schedules import shifted_schedule, training_schedule
-from dopsd.weights import ParamShadow, trainable_parameters
+from dopsd.core.objective import dopsd_loss, sample_training_sigmas, sft_loss, step_weights_for, to_x0
+from dopsd.core.sampler import sample_euler
+from dopsd.core.schedules import shifted_schedule, training_schedule
+from dopsd.core.weights import ParamShadow, trainable_parameters
 
 torch.set_num_threads(1)
 DIM, CTX = 6, 3

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from dopsd.objective import dopsd_loss, per_sample_error, pso_loss, sample_schedule_sigmas, sft_loss
-from dopsd.sampler import sample_euler
-from dopsd.schedules import shifted_schedule, training_schedule
-from dopsd.weights import ParamShadow, trainable_parameters
+from dopsd.core.objective import dopsd_loss, per_sample_error, pso_loss, sample_schedule_sigmas, sft_loss
+from dopsd.core.sampler import sample_euler
+from dopsd.core.schedules import shifted_schedule, training_schedule
+from dopsd.core.weights import ParamShadow, trainable_parameters
 
 torch.set_num_threads(1)
 DIM, CTX, B = 6, 3, 4

@@ -121,7 +121,7 @@ def test_compute_follows_the_counted_flops_of_a_real_step(tmp_path, method):
     from dopsd.data.dataset import load_dataset
     from dopsd.models.registry import plan_spec
     from dopsd.planner.plan import Planner, choice_from_config, compute
-    from dopsd.trainer import Trainer
+    from dopsd.training.trainer import Trainer
 
     data = write_concept_folder(tmp_path / "data", n=8)
     cfg = mini_config(tmp_path, data, method, True)

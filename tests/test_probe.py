@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 
 from dopsd.cli import main as cli_main
-from dopsd.images import to_pil
+from dopsd.data.images import to_pil
 from dopsd.mini import world
 from dopsd.mini.adapter import load, tiny_random_adapter
 from dopsd.mini.scoring import MiniScorer
-from dopsd.probe import Thresholds, _verdict, probe
-from dopsd.probe_scorers import PixelScorer
+from dopsd.tools.probe.run import Thresholds, _verdict, probe
+from dopsd.tools.probe.scorers import PixelScorer
 
 torch.set_num_threads(1)
 

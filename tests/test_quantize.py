@@ -11,10 +11,16 @@ from tiny_real import build_flux2, build_zimage, model_config, train_config, wri
 from torch import nn
 
 from dopsd.config import ConfigError, load_config
+from dopsd.core.sampler import sample_euler
 from dopsd.models import flux2, zimage
+from dopsd.models.quantize import (
+    QuantizeUnavailable,
+    check_available,
+    quantize_network,
+    quantized_linear_count,
+    tensor_bytes,
+)
 from dopsd.planner.resident import quantized_bytes
-from dopsd.quantize import QuantizeUnavailable, check_available, quantize_network, quantized_linear_count, tensor_bytes
-from dopsd.sampler import sample_euler
 
 torch.set_num_threads(1)
 SIZE = 32

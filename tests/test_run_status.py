@@ -11,7 +11,7 @@ from dopsd import cli
 from dopsd.config import ConfigError
 from dopsd.mini import world
 from dopsd.mini.adapter import tiny_random_adapter
-from dopsd.trainer import TrainingAborted
+from dopsd.training.trainer import TrainingAborted
 
 
 def test_a_diverged_run_that_samples_noise_is_unhealthy_and_exits_non_zero(tmp_path, capsys):

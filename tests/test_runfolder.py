@@ -12,10 +12,12 @@ import pytest
 from conftest import tiny_config, write_concept_folder
 
 import dopsd
-from dopsd import cli, rundir, runlock
+from dopsd import cli
 from dopsd.data.dataset import DatasetError
 from dopsd.errors import RunFolderError
 from dopsd.mini.adapter import tiny_random_adapter
+from dopsd.runs import folder as rundir
+from dopsd.runs import lock as runlock
 
 
 def adapter():

@@ -38,7 +38,7 @@ def test_sample_writes_each_sample_with_its_json_and_redraws_one_alone(tmp_path,
     assert cells.shape[0] > 2 * 24 and cells.shape[1] > 2 * 24
 
     # two prompts of one grid no longer share noise: the seed-0 noise of prompt 0 and prompt 1 differ
-    from dopsd.sampler import sample_seed, seed_noise
+    from dopsd.core.sampler import sample_seed, seed_noise
 
     a, b = seed_noise((3, 24, 24), [sample_seed(0, 0), sample_seed(0, 1)])
     assert not torch.equal(a, b) and torch.equal(a, seed_noise((3, 24, 24), [0])[0])

@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 
 import dopsd
 from dopsd import cli
-from dopsd.api import OutputExistsError
 from dopsd.mini.adapter import tiny_random_adapter
-from dopsd.trainer import TrainingAborted
+from dopsd.training.api import OutputExistsError
+from dopsd.training.trainer import TrainingAborted
 
 
 def run_cli(tmp_path, data, model, name, *overrides):
@@ -63,7 +63,7 @@ def test_train_cli_end_to_end_and_sample_uses_the_lora(tmp_path, concept_data, t
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == method and summary["steps"] == 4 and summary["data"]["images"] == 4
-    assert 0.0 < summary["health"]["health"] < 2.0  # few-step health measured at the end (dopsd.health)
+    assert 0.0 < summary["health"]["health"] < 2.0  # few-step health measured at the end (dopsd.training.health)
     records = [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in records)
     assert (method in records[0]) and ("sft" in records[0]) == (method == "sft")

@@ -12,10 +12,10 @@ import torch
 from tiny_encoders import build_qwen3_vl
 from tiny_real import build_flux2, build_zimage, dopsd_lora_steps, images, model_config
 
+from dopsd.core.sampler import sample_euler
+from dopsd.core.schedules import shifted_schedule, training_schedule
 from dopsd.models import zimage
 from dopsd.models.local import ModelFolderError
-from dopsd.sampler import sample_euler
-from dopsd.schedules import shifted_schedule, training_schedule
 
 torch.set_num_threads(1)
 SIZE = 32

@@ -172,10 +172,10 @@ def dopsd_lora_steps(
     """A few real D-OPSD steps (LoRA, EMA teacher, per-step backward) on a tiny adapter.
 
     Returns the first step's gradients by parameter name, the losses, the shadow and the student contexts."""
+    from dopsd.core.objective import dopsd_loss
+    from dopsd.core.schedules import training_schedule
+    from dopsd.core.weights import ParamShadow, trainable_parameters
     from dopsd.lora.inject import add_lora
-    from dopsd.objective import dopsd_loss
-    from dopsd.schedules import training_schedule
-    from dopsd.weights import ParamShadow, trainable_parameters
 
     torch.manual_seed(seed)
     add_lora(adapter.network, adapter.default_lora_targets(), rank, alpha)

@@ -178,8 +178,8 @@ def measure(suites: list[Any], network: Any, done: int) -> dict[str, Any]:
 
 def run_continual(job: Job) -> dict[str, Any]:
     """Every round of one (sequence, method, seed); returns {'job', 'rounds': [...], 'seconds', …}."""
-    import dopsd.api
-    from dopsd.trainer import TrainingUnhealthy
+    import dopsd.training.api
+    from dopsd.training.trainer import TrainingUnhealthy
 
     torch.set_num_threads(job.threads)
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -201,7 +201,7 @@ def run_continual(job: Job) -> dict[str, Any]:
         with contextlib.redirect_stdout(io.StringIO()):
             try:
                 method = method_overrides(job.method, captions[: r - 1])
-                dopsd.api.train(trainer_config(round_job, method), adapter=adapter, overwrite=True)
+                dopsd.training.api.train(trainer_config(round_job, method), adapter=adapter, overwrite=True)
             except TrainingUnhealthy:
                 pass  # a broken round is a result too; the next round starts from it all the same
         seconds = time.perf_counter() - t0

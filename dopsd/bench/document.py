@@ -51,7 +51,7 @@ METRICS_TEXT = (
 )
 
 COST_TEXT = (
-    "Each trained method gets a fresh trainer (`dopsd.trainer.Trainer`) on the same data and batch; their "
+    "Each trained method gets a fresh trainer (`dopsd.training.trainer.Trainer`) on the same data and batch; their "
     "`train_step()` calls (zero-grad, loss, backward, clip, AdamW, teacher update — the step `dopsd train` runs) are "
     "timed interleaved round-robin in one process with 1 thread, median over the repeats after warm-up. FLOPs are "
     "counted with `torch.utils.flop_counter.FlopCounterMode` (CPU attention kernels added): per step, and per network "
@@ -143,7 +143,7 @@ def _intro(cfg: Any, meta: dict[str, Any]) -> list[Block]:
             "teacher; `dopsd_velocity` velocity-space loss; `dopsd_prior` (concept setting only; not in "
             "the paper) D-OPSD plus dopsd's on-policy prior preservation on unrelated prompts; "
             "`ref_undistilled_4step` the multi-step base sampled at 4 steps (a reference level, not a "
-            "method). The paper's baselines (`dopsd.baselines`; fewer seeds, like the ablations): `pso` "
+            "method). The paper's baselines (`dopsd.methods.baselines`; fewer seeds, like the ablations): `pso` "
             "online Pairwise Sample Optimization (references: the current model's own few-step samples "
             "of the target's caption; DPO-form margin against the frozen starting model); `dreambooth` SFT "
             "plus class images of the starting model for the captions without `sks`; `offpolicy` "

@@ -1,4 +1,4 @@
-"""One bench job = one (setting, target, method, seed) run, trained by `dopsd.api.train` (the loop `dopsd train`
+"""One bench job = one (setting, target, method, seed) run, trained by `dopsd.training.api.train` (the loop `dopsd train`
 runs) in its own run folder.
 
 A job builds the evaluation suite with a fresh miniature adapter (before the trainer releases its encoder),
@@ -46,7 +46,7 @@ METHODS: dict[str, list[str]] = {
     "dopsd_velocity": ["method.name=dopsd", "method.teacher=ema", "method.loss_space=velocity"],
     # not in the paper: D-OPSD plus dopsd's on-policy prior preservation (unrelated prompts kept at the original
     # turbo's predictions). Concept setting only: in the domain setting the "unrelated" prompts are the domain's.
-    # the paper's baselines (dopsd.baselines): online PSO against the frozen starting model; DreamBooth with
+    # the paper's baselines (dopsd.methods.baselines): online PSO against the frozen starting model; DreamBooth with
     # class images of the starting model (class prompts: the captions without `sks`); the training-strategy
     # ablation's off-policy distillation and SFT on the teacher's samples (same teacher as dopsd)
     "pso": ["method.name=pso"],
@@ -130,7 +130,7 @@ def trainer_config(job: Job, method_overrides: list[str]) -> Any:
 def build_trainer(job: Job, adapter: Any, method: str) -> Any:
     """A prepared trainer that is not run (the cost probe times its steps)."""
     from dopsd.data.dataset import load_dataset
-    from dopsd.trainer import Trainer
+    from dopsd.training.trainer import Trainer
 
     cfg = trainer_config(job, METHODS[method])
     trainer = Trainer(cfg, Path(job.work_dir), load_dataset(cfg.data, cfg.model), adapter=adapter)
@@ -154,8 +154,8 @@ def _suite(job: Job, adapter: Any) -> Any:
 def train(job: Job, adapter: Any, method: str, on_step: Any = None) -> list[dict[str, Any]]:
     """Train `adapter` as `method` in the job's run folder (moving an earlier attempt's folder aside); returns
     the step records. `on_step(trainer, record)`: the training loop's per-step callback."""
-    import dopsd.api
-    from dopsd.trainer import TrainingUnhealthy
+    import dopsd.training.api
+    from dopsd.training.trainer import TrainingUnhealthy
 
     records: list[dict[str, Any]] = []
 
@@ -167,7 +167,9 @@ def train(job: Job, adapter: Any, method: str, on_step: Any = None) -> list[dict
     # What `dopsd train` prints per run stays out of the bench's log; the run folder's summary.json has it.
     with contextlib.redirect_stdout(io.StringIO()):
         try:
-            dopsd.api.train(trainer_config(job, METHODS[method]), adapter=adapter, callback=step, overwrite=True)
+            dopsd.training.api.train(
+                trainer_config(job, METHODS[method]), adapter=adapter, callback=step, overwrite=True
+            )
         except TrainingUnhealthy:
             pass  # a diverged run is a result too: the report shows its numbers
     return records

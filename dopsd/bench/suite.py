@@ -18,8 +18,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from dopsd.core.sampler import sample_euler
 from dopsd.mini import metrics, world
-from dopsd.sampler import sample_euler
 
 
 def _tinted(rgb: tuple[float, float, float]) -> tuple[float, float, float]:

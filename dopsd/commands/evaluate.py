@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dopsd.evaluate import REPORT_FILES, evaluate
+from dopsd.tools.evaluate import REPORT_FILES, evaluate
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,8 +38,8 @@ def main(args: argparse.Namespace) -> int:
     from dopsd.commands import args as cli_args
     from dopsd.config import load_config
     from dopsd.errors import RunFolderError, UsageError
-    from dopsd.features import check_feature_folder
     from dopsd.lora.trained import FULL_FILE, LORA_FILE, trained_meta
+    from dopsd.tools.features import check_feature_folder
 
     # Every flag is checked here, before the dataset's images or any model load.
     run_dir, config_source = cli_args.run_source(args.source)

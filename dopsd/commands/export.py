@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from dopsd.export import FAMILIES, FORMATS, WEIGHTS_NAME, export
 from dopsd.lora.files import DEFAULT_DTYPE, DTYPES, RUN_CONFIG, RUN_LORA
+from dopsd.tools.export import FAMILIES, FORMATS, WEIGHTS_NAME, export
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

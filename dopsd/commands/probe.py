@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from dopsd.probe import PROBE_FILES, Thresholds, load_setup, probe
+from dopsd.tools.probe.run import PROBE_FILES, Thresholds, load_setup, probe
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,9 +40,9 @@ def main(args: argparse.Namespace) -> int:
     from dopsd.commands.args import output_folder
     from dopsd.config import load_config
     from dopsd.errors import UsageError
-    from dopsd.features import check_feature_folder
     from dopsd.files import atomic_write_json
-    from dopsd.probe_scorers import scorer_for
+    from dopsd.tools.features import check_feature_folder
+    from dopsd.tools.probe.scorers import scorer_for
 
     # Flags first, then the dataset (load_setup checks it in full), then the models.
     if args.weak > args.carry:

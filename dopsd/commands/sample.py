@@ -2,7 +2,7 @@
 JSON sidecar per (prompt, seed).
 
 Seeding: the sample of prompt number i (counting from `--prompt-index`, default 0) with seed s starts from the
-noise of `dopsd.sampler.sample_seed(s, i)` = (s + i × 0x9E3779B97F4A7C15) mod 2^63, and is sampled on its own
+noise of `dopsd.core.sampler.sample_seed(s, i)` = (s + i × 0x9E3779B97F4A7C15) mod 2^63, and is sampled on its own
 (batch 1, so neither its noise nor its pixels depend on the other prompts). So every prompt of a grid has its own
 noise, the same (prompt, seed, steps, model, LoRA) gives the same image in any grid — a base model's grid and a
 LoRA's (or 4 and 32 steps) compare sample by sample — and one sample is drawn again alone with
@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from dopsd.images import grid_image, to_pil
+from dopsd.core.sampler import generate, sample_seed, seed_noise
+from dopsd.data.images import grid_image, to_pil
 from dopsd.lora.trained import FULL_FILE, LORA_FILE, apply_trained, trained_meta
-from dopsd.sampler import generate, sample_seed, seed_noise
 
 SLUG_CHARS = 40  # the prompt's first characters in a sample's file name
 

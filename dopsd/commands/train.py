@@ -43,7 +43,7 @@ def main(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config.to_yaml(), end="")
         return 0
-    from dopsd.api import train
+    from dopsd.training.api import train
 
     train(config, resume=args.resume, overwrite=args.overwrite)
     return 0

@@ -34,7 +34,7 @@ from dopsd.lora.layout import (
 )
 from dopsd.lora.meta import LAYOUT_INTERCHANGE, LAYOUT_PEFT, LoraFacts, facts_from_metadata, file_metadata, run_facts
 from dopsd.models import registry
-from dopsd.rundir import warn_if_unsuccessful
+from dopsd.runs.folder import warn_if_unsuccessful
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_DTYPE = "bf16"  # for files other tools load; the miniature's own file stays float32

@@ -48,7 +48,7 @@ class LoraFacts:
 def run_facts(
     family: str, network: nn.Module | None, lora: Mapping[str, Any], meta: Mapping[str, Any], title: str | None = None
 ) -> LoraFacts:
-    """Facts of a training run: `lora` = {rank, alpha, ...}, `meta` = what dopsd.api records (family, model
+    """Facts of a training run: `lora` = {rank, alpha, ...}, `meta` = what dopsd.training.api records (family, model
     config dict with pretrained/height/width, method, steps, and optionally trigger_word and title)."""
     try:
         base = registry.base_facts(family, network)

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from dopsd.rundir import warn_if_unsuccessful
+from dopsd.runs.folder import warn_if_unsuccessful
 
 LORA_FILE, LORA_CONFIG, FULL_FILE = "lora.safetensors", "lora_config.json", "model.safetensors"
 

@@ -21,14 +21,14 @@ import torch
 from PIL import Image
 from torch import nn
 
+from dopsd.core.schedules import shifted_schedule
+from dopsd.data.images import to_tensor
 from dopsd.errors import PromptError
-from dopsd.images import to_tensor
 from dopsd.mini import world
 from dopsd.mini.nets import LORA_TARGETS, MiniConfig, MiniDiT, MiniEncoder, build, tiny_config
 from dopsd.mini.recipe_config import RECIPES
 from dopsd.models.base import BaseFacts, CaptionProblem, Context, LoraLayout, Pair, QualityFn
 from dopsd.models.local import ModelFolderError, read_safetensors
-from dopsd.schedules import shifted_schedule
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 TEACHER_CONTEXTS = ("vlm", "reference", "text")
@@ -190,7 +190,7 @@ class MiniAdapter:
         """The weights themselves (small enough to hash): recipe folders can be rebuilt in place, and tests and the
         bench change networks without changing the config; and the teacher path, which the bench and tests set on
         the adapter."""
-        from dopsd.quantize import plain
+        from dopsd.models.quantize import plain
 
         h = hashlib.sha256()
         for part in (self.encoder, self.network):
@@ -299,7 +299,7 @@ def load(cfg: Any, device: torch.device | str = "cpu", dtype: torch.dtype = torc
     mcfg, dit, enc, kind = build_from(path)
     adapter = MiniAdapter(mcfg, dit, enc, kind=kind, teacher_context=teacher_context, device=device, dtype=dtype)
     adapter._check_size(getattr(cfg, "height", None), getattr(cfg, "width", None))
-    from dopsd.quantize import quantize_network
+    from dopsd.models.quantize import quantize_network
 
     report = quantize_network(adapter.network, getattr(cfg, "quantize", "none"), device=device)
     if report.mode != "none":

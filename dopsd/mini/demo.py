@@ -103,8 +103,8 @@ def evaluate(
     pretrained: str, weights: dict[str, Path | None], samples: int, seed: int
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     from dopsd.bench.suite import unrelated_accuracy
+    from dopsd.core.sampler import generate, seed_noise
     from dopsd.mini import metrics, world
-    from dopsd.sampler import generate, seed_noise
 
     concept_prompts = world.concept_prompts(samples)
     unrelated = world.unrelated_prompts(samples, seed=seed + 1)

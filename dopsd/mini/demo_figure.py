@@ -3,7 +3,7 @@ for a person to read.
 
   * top: every row is one prompt (its text on the left: concept prompts with the placeholder word, then unrelated
     named-colour prompts), every column one model with its measured numbers; each sample beside its fine detail
-    (`dopsd.images.high_pass`: the sample minus its blurred self, amplified; grey = no detail). The miniature's
+    (`dopsd.data.images.high_pass`: the sample minus its blurred self, amplified; grey = no detail). The miniature's
     world carries a per-pixel film grain; a model that lost its few-step sharpness (SFT) returns it as a smooth
     surface, so its detail cells are nearly flat grey where the others are speckled;
   * bottom: the first concept prompt and the first unrelated prompt, each model's sample cropped to a quarter
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw
 
-from dopsd.images import font, high_pass, labelled_grid, to_pil
+from dopsd.data.images import font, high_pass, labelled_grid, to_pil
 
 TITLES = {"before": "before (untouched turbo)", "sft": "SFT", "dopsd": "D-OPSD"}
 CELL = 96  # pixels per 24×24 sample in the grid (×4)

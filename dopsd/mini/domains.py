@@ -23,9 +23,9 @@ from dataclasses import replace
 
 import torch
 
+from dopsd.core.sampler import generate
 from dopsd.mini import metrics as M
 from dopsd.mini import world
-from dopsd.sampler import generate
 
 Tint = tuple[tuple[float, float, float], float]
 

@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 
+from dopsd.core.schedules import shifted_schedule, training_schedule
 from dopsd.mini.adapter import WEIGHTS_DIR, MiniAdapter, default_lora_targets, weights_file
 from dopsd.mini.nets import MiniConfig, MiniDiT, MiniEncoder
 from dopsd.models.base import PlanCall, PlanCheck, PlanSpec, PlanStage
 from dopsd.models.registry import torch_dtype
-from dopsd.schedules import shifted_schedule, training_schedule
 
 
 def plan_spec(model_cfg: Any, hint: str | None = None) -> PlanSpec:

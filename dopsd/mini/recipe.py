@@ -31,11 +31,11 @@ from typing import Callable
 
 import torch
 
+from dopsd.core.schedules import shifted_schedule
 from dopsd.files import atomic_save_safetensors, atomic_write_json
 from dopsd.mini import world
 from dopsd.mini.nets import MiniConfig, MiniDiT, MiniEncoder, build
 from dopsd.mini.recipe_config import SHIPPED_RECIPE, RecipeConfig, stage_config, trajectory_config
-from dopsd.schedules import shifted_schedule
 
 VLM, REFERENCE = 1, 2  # context paths of a sample (0 = caption only)
 

@@ -25,10 +25,10 @@ from types import SimpleNamespace
 
 import torch
 
+from dopsd.core.sampler import generate
 from dopsd.mini import domains, world
 from dopsd.mini import metrics as M
 from dopsd.mini.adapter import MiniAdapter, load
-from dopsd.sampler import generate
 
 
 def _quality(images: torch.Tensor, captions: list[str], reference: torch.Tensor | None) -> dict[str, float]:

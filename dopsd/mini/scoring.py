@@ -8,13 +8,13 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from dopsd.images import to_tensor
+from dopsd.data.images import to_tensor
 from dopsd.mini import metrics
 from dopsd.models.base import QualityFn
 
 
 class MiniScorer:
-    """`dopsd probe`'s distance (dopsd.probe_scorers.Scorer) between the decoded attributes of sample and target.
+    """`dopsd probe`'s distance (dopsd.tools.probe.scorers.Scorer) between the decoded attributes of sample and target.
 
     d = |fg colour − target fg| + |bg colour − target bg| + shape_weight·[shape differs]  (RGB in [0, 1]);
     position and size are ignored (captions never fix them). A hit = fg within 0.25 of the target's and the

@@ -287,7 +287,7 @@ def write_pairs(folder, scenes: list[Scene], with_background: bool = True) -> li
     """Write scenes as `NNNN.png` + `NNNN.txt` (caption) pairs; returns the captions."""
     from pathlib import Path
 
-    from dopsd.images import to_pil
+    from dopsd.data.images import to_pil
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -164,7 +164,7 @@ class ModelAdapter(Protocol):
         ...
 
     def cache_fingerprint(self) -> dict[str, Any]:
-        """What cached contexts depend on besides the config's model section (dopsd.cache)."""
+        """What cached contexts depend on besides the config's model section (dopsd.data.cache)."""
         ...
 
     def health_quality(self, prompts: list[str]) -> QualityFn | None:
@@ -172,7 +172,7 @@ class ModelAdapter(Protocol):
         ...
 
     def probe_scorer(self) -> Any:
-        """The family's own `dopsd probe` scorer (a dopsd.probe_scorers.Scorer), or None for the generic ones."""
+        """The family's own `dopsd probe` scorer (a dopsd.tools.probe.scorers.Scorer), or None for the generic ones."""
         ...
 
     def unseen_prompts(self, trigger_word: str) -> list[str]:

@@ -10,8 +10,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from dopsd.core.schedules import dynamic_schedule
 from dopsd.models.base import LoraLayout, Pair
-from dopsd.schedules import dynamic_schedule
 
 STEPS = 4  # klein's own few-step setting
 

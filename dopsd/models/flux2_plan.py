@@ -8,13 +8,13 @@ from typing import Any
 
 import torch
 
+from dopsd.core.schedules import training_schedule
 from dopsd.models.base import PlanCall, PlanCheck, PlanSpec, PlanStage
 from dopsd.models.flux2 import Flux2Adapter
 from dopsd.models.flux2_facts import LORA_TARGETS, STEPS, flux2_schedule, position_ids
 from dopsd.models.local import check_size
 from dopsd.models.plan_parts import qwen_text_plan_run, qwen_vl_plan, vae_plan_run
 from dopsd.models.registry import fullsize_config, pipeline_configs, torch_dtype
-from dopsd.schedules import training_schedule
 
 
 def plan_variant(cfg: Any, hint: str | None) -> str:

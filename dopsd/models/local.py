@@ -212,11 +212,11 @@ def load_denoiser(
     cls: Any, folder: Path, dtype: torch.dtype, device: torch.device, quantize: str = "none", skip: tuple[str, ...] = ()
 ) -> Any:
     """The transformer on `device`; with model.quantize, loaded on the CPU and quantized layer by layer onto the
-    device (dopsd.quantize), so the device never holds it at full precision. `skip`: the family's modules to keep
+    device (dopsd.models.quantize), so the device never holds it at full precision. `skip`: the family's modules to keep
     unquantized."""
     if quantize == "none":
         return load_part(cls, folder, "transformer", dtype).to(device)
-    from dopsd.quantize import quantize_network
+    from dopsd.models.quantize import quantize_network
 
     network = load_part(cls, folder, "transformer", dtype)
     report = quantize_network(network, quantize, skip, device)

@@ -73,7 +73,7 @@ def plan_spec(model_cfg: Any, hint: str | None = None) -> Any:
     return importlib.import_module(PLAN_MODULES[model_cfg.family]).plan_spec(model_cfg, hint)
 
 
-# --- LoRA files: what dopsd.lora and dopsd.export need to know of a family, no weights ---------------------------
+# --- LoRA files: what dopsd.lora and dopsd.tools.export need to know of a family, no weights ---------------------------
 
 
 def lora_layout(family: str) -> Any:

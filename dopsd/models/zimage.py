@@ -19,6 +19,7 @@ from PIL import Image
 from torch import nn
 
 from dopsd.config import ConfigError
+from dopsd.core.schedules import dynamic_schedule, shifted_schedule
 from dopsd.models.base import BaseFacts, CaptionProblem, Context, LoraLayout, Pair
 from dopsd.models.local import (
     DiffusersHooks,
@@ -39,7 +40,6 @@ from dopsd.models.local import (
     to_pixels,
     token_limit_problems,
 )
-from dopsd.schedules import dynamic_schedule, shifted_schedule
 
 LABEL = "Z-Image-Turbo"
 STEPS = 8  # Turbo's own few-step setting

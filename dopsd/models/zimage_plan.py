@@ -8,12 +8,12 @@ from typing import Any
 
 import torch
 
+from dopsd.core.schedules import shifted_schedule, training_schedule
 from dopsd.models.base import PlanCall, PlanCheck, PlanSpec, PlanStage
 from dopsd.models.local import check_size
 from dopsd.models.plan_parts import qwen_text_plan_run, qwen_vl_plan, vae_plan_run
 from dopsd.models.registry import pipeline_configs, torch_dtype
 from dopsd.models.zimage import LORA_TARGETS, STEPS, ZImageAdapter, caption_limit
-from dopsd.schedules import shifted_schedule, training_schedule
 
 
 def plan_spec(cfg: Any, hint: str | None = None) -> PlanSpec:

@@ -5,10 +5,10 @@ detached after every per-step backward), so its peak is the baseline plus the la
 
   rollout  one D-OPSD roll-out state: teacher forward (no grad, teacher context) + student forward+backward,
            gradients already allocated (every state after the first); the ops of one iteration of
-           `dopsd.objective.dopsd_loss` (which itself reads values, e.g. float(σ), that fake tensors lack)
+           `dopsd.core.objective.dopsd_loss` (which itself reads values, e.g. float(σ), that fake tensors lack)
   prior    the same with the caption-only context on both sides (prior preservation's batch)
-  sft      one SFT forward+backward from no gradients (`dopsd.objective.sft_loss`)
-  optim    gradient clipping, the optimizer step and the EMA update (`dopsd.weights.ParamShadow`)
+  sft      one SFT forward+backward from no gradients (`dopsd.core.objective.sft_loss`)
+  optim    gradient clipping, the optimizer step and the EMA update (`dopsd.core.weights.ParamShadow`)
 
 Each phase's peak is the most bytes alive at once beyond the resident tensors (weights, gradients, shadows,
 optimizer state), measured by `LiveBytes`; its FLOPs by torch's counter. Networks whose blocks repeat are
@@ -81,9 +81,9 @@ class Window(LiveBytes):
 
 
 def prepare(network: nn.Module, setting: Setting) -> dict[str, nn.Parameter]:
-    """The trainer's set-up (dopsd.trainer.Trainer.prepare): LoRA or full, float32 LoRA, checkpointing, train()."""
+    """The trainer's set-up (dopsd.training.trainer.Trainer.prepare): LoRA or full, float32 LoRA, checkpointing, train()."""
+    from dopsd.core.weights import trainable_parameters
     from dopsd.lora.inject import add_lora
-    from dopsd.weights import trainable_parameters
 
     if setting.lora_rank is not None:
         targets = list(setting.lora_targets) if isinstance(setting.lora_targets, tuple) else setting.lora_targets
@@ -169,8 +169,8 @@ def measure_point(
     preservation as for the main term, the prior phase is not run: its peak is bounded by the roll-out's (the
     teacher then reads the shorter caption-only context) and its FLOPs are a student forward+backward and a
     student-context forward."""
-    from dopsd.objective import sft_loss
-    from dopsd.weights import ParamShadow, trainable_parameters
+    from dopsd.core.objective import sft_loss
+    from dopsd.core.weights import ParamShadow, trainable_parameters
 
     device = _device(setting)
     network = build_denoiser(spec, setting, overrides)
@@ -227,7 +227,7 @@ def measure_point(
 
 def _optim_phase(network: nn.Module, setting: Setting, eight_bit: bool, mode: Any) -> Phase:
     """Clipping, the optimizer step and the EMA update, on fake CPU tensors (foreach kernels refuse meta ones)."""
-    from dopsd.weights import ParamShadow, trainable_parameters
+    from dopsd.core.weights import ParamShadow, trainable_parameters
 
     mode = mode or new_mode()
     to_fake(network, mode)

@@ -1,7 +1,7 @@
 """Bytes that stay on the device for the whole run, counted tensor by tensor on the full-size meta network.
 
 Weights, trainable weights, gradients, optimizer state, the EMA teacher's and the prior's shadow copies, and
-a quantized frozen base. Quantization (`model.quantize`, dopsd.quantize, through torchao) applies to the
+a quantized frozen base. Quantization (`model.quantize`, dopsd.models.quantize, through torchao) applies to the
 weights of the frozen denoiser's nn.Linear layers (LoRA base layers included); every other tensor keeps its
 dtype. Bytes per scheme, for a weight of `rows` output features, `n` elements and `d` bytes per element of its
 dtype (torchao's storage; a test compares these with the quantized tensors themselves):

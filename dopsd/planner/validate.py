@@ -1,6 +1,6 @@
 """The planner against the real trainer on the CPU: predicted vs measured peak memory of one optimizer step.
 
-Measured: the trainer's own `train_step` (dopsd.trainer.Trainer, after one warm-up step so the optimizer state
+Measured: the trainer's own `train_step` (dopsd.training.trainer.Trainer, after one warm-up step so the optimizer state
 exists), as `dopsd bench` measures cost: unique storages of the weights, gradients, optimizer state and
 teacher/prior shadows at the step's start, plus the peak of bytes allocated during the step from the
 profiler's allocation events (dopsd.bench.cost.transient_peak_bytes). The previous step's gradients are set to
@@ -24,7 +24,7 @@ def measured_peak(cfg: Any, out: Path, warmup: int = 1) -> tuple[int, dict[str, 
     kind of cached context and tensor name, the longest first dimension the run had (its token counts)."""
     from dopsd.bench.cost import resident_bytes, state_tensors, transient_peak_bytes
     from dopsd.data.dataset import load_dataset
-    from dopsd.trainer import Trainer
+    from dopsd.training.trainer import Trainer
 
     torch.manual_seed(0)
     trainer = Trainer(cfg, out, load_dataset(cfg.data, cfg.model))

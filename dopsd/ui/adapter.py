@@ -20,14 +20,14 @@ from typing import Any
 
 import yaml
 
-from dopsd import config as _config
 from dopsd.cli import COMMANDS
-from dopsd.config_keys import set_value
+from dopsd.config import schema as _config
+from dopsd.config.keys import set_value
+from dopsd.config.presets import PRESETS
 from dopsd.data import dataset as _data
 from dopsd.data.dataset import IMAGE_EXTENSIONS, METADATA, DatasetError, apply_trigger
 from dopsd.errors import DopsdError
 from dopsd.files import atomic_write_bytes, atomic_write_json, atomic_write_text
-from dopsd.presets import PRESETS
 
 ConfigError = _config.ConfigError
 Config = _config.Config

@@ -1,4 +1,4 @@
-"""Read a run folder as `dopsd train` leaves it (see dopsd/api.py): progress, losses, few-step health, sample
+"""Read a run folder as `dopsd train` leaves it (see dopsd/training/api.py): progress, losses, few-step health, sample
 grids, summary. Newer files are used when present, with fallbacks for folders written before them:
 
   progress.json  {step, max_steps, status, started, updated, eta_seconds, pid}  else: losses.jsonl + config.yaml

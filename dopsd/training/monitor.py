@@ -1,7 +1,7 @@
 """What a training run shows of itself while it trains (main process only): the progress bar, TensorBoard, the
 loss trace, progress.json, and at each sampling interval the sample grids at the few-step setting and the
-many-step control with the few-step health (dopsd.health, also in health.jsonl). File names and formats are
-dopsd.rundir's.
+many-step control with the few-step health (dopsd.training.health, also in health.jsonl). File names and formats are
+dopsd.runs.folder's.
 """
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from dopsd import rundir
+from dopsd.core.sampler import generate, sample_seed, seed_noise
+from dopsd.data.images import grid_image
 from dopsd.files import atomic_save_image
-from dopsd.images import grid_image
-from dopsd.sampler import generate, sample_seed, seed_noise
+from dopsd.runs import folder as rundir
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from dopsd.trainer import Trainer
+    from dopsd.training.trainer import Trainer
 
 
 def make_health(trainer: Trainer) -> Any:
@@ -33,15 +33,15 @@ def make_health(trainer: Trainer) -> Any:
     if not (cfg.sample.health and trainer.main) or m.editing:
         return None
     try:
-        from dopsd.health import FewStepHealth
+        from dopsd.training.health import FewStepHealth
     except ImportError:
         return None
-    from dopsd.health import HEALTH_THRESHOLD, TRAINING_PROMPTS_THRESHOLD
+    from dopsd.training.health import HEALTH_THRESHOLD, TRAINING_PROMPTS_THRESHOLD
 
     s = cfg.sample
     unrelated = s.health_prompts or cfg.method.prior_prompts[:4]
     # On the training prompts the intended change itself (a concept's colour) moves the sharpness score, so the
-    # alarm waits for a larger drop there (dopsd.health's module doc has the measurements).
+    # alarm waits for a larger drop there (dopsd.training.health's module doc has the measurements).
     threshold = HEALTH_THRESHOLD if unrelated else TRAINING_PROMPTS_THRESHOLD
     return FewStepHealth(
         trainer.adapter,
@@ -167,7 +167,7 @@ class Monitor:
         s, m, adapter = t.cfg.sample, t.m, t.adapter
         seeds = list(s.seeds)
         contexts = [t.feats.load(key) for key in t.sample_keys for _ in seeds]
-        # each (prompt, seed) its own noise, as `dopsd sample` draws it (dopsd.sampler.sample_seed): that command
+        # each (prompt, seed) its own noise, as `dopsd sample` draws it (dopsd.core.sampler.sample_seed): that command
         # with the run's prompts and seeds reproduces these grids
         noise = seed_noise(
             adapter.latent_shape(m.height, m.width),

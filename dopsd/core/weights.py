@@ -19,7 +19,7 @@ from typing import Any, Iterator, Literal
 import torch
 from torch import nn
 
-from dopsd.objective import VelocityFn
+from dopsd.core.objective import VelocityFn
 
 TeacherMode = Literal["ema", "base", "live"]
 

@@ -12,7 +12,7 @@ import dataclasses
 import difflib
 from typing import Any
 
-from dopsd.config_types import ConfigError
+from dopsd.config.types import ConfigError
 
 Config = Any  # a dopsd.config.Config (not imported: dopsd.config calls this module)
 

@@ -3,10 +3,10 @@
 For the training prompts (first caption of each training pair, with its target image) and for unseen
 prompts, sample with fixed seeds at the few-step setting and at a many-step control, with the LoRA and
 (by default) without it, then report (each (prompt, seed) has its own noise, drawn as `dopsd sample` draws it,
-`dopsd.sampler.sample_seed`, so a grid cell can be reproduced alone; with and without the LoRA share it):
+`dopsd.core.sampler.sample_seed`, so a grid cell can be reproduced alone; with and without the LoRA share it):
   * DINO-D (lower = closer to the targets): 1 − cos between image features of a sample and its own target
     (training prompts), and to the nearest target (any prompt), from a local DINOv2/DINOv3/CLIP/SigLIP
-    folder; without one, a pixel-thumbnail fallback (`dopsd.features.PixelFeatures`, not comparable to the
+    folder; without one, a pixel-thumbnail fallback (`dopsd.tools.features.PixelFeatures`, not comparable to the
     paper's numbers);
   * CLIP-S: caption–image cosine from a local CLIP/SigLIP folder (skipped without one);
   * few-step vs many-step gap of the same weights: mean |few − many| in pixels and 1 − cos of their features.
@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from dopsd.features import TextImageScorer, cosine_distance, load_image_features
+from dopsd.data.images import grid_image, to_pil, to_tensor
 from dopsd.files import atomic_save_image, atomic_write_json
-from dopsd.images import grid_image, to_pil, to_tensor
+from dopsd.tools.features import TextImageScorer, cosine_distance, load_image_features
 
 REPORT_FILES = r"eval\.json|targets\.png|sources\.png|(base|lora)_\d+steps\.png"  # what evaluate() writes
 
@@ -85,10 +85,10 @@ def evaluate(
     compare_base: bool = True,
     device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
+    from dopsd.core.sampler import generate, sample_seed, seed_noise
     from dopsd.data.dataset import load_dataset, load_example_images
     from dopsd.lora.trained import apply_trained
     from dopsd.models.registry import load_adapter, torch_dtype
-    from dopsd.sampler import generate, sample_seed, seed_noise
 
     m = config.model
     examples = load_dataset(config.data, m)[:max_prompts]

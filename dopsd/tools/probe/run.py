@@ -13,7 +13,7 @@ Verdicts (thresholds configurable, defaults in `Thresholds`):
     carries – relative gain ≥ 0.25 and win rate ≥ 0.5: the teacher renders what the image shows;
     fails   – relative gain < 0.10: the context adds (almost) nothing; D-OPSD would learn nothing or noise;
     weak    – in between.
-The distance comes from a `Scorer` (see `dopsd.probe_scorers`): the model family's own (the miniature's attribute decoders), an
+The distance comes from a `Scorer` (see `dopsd.tools.probe.scorers`): the model family's own (the miniature's attribute decoders), an
 image-feature model from a local folder (cosine distance), or a downsampled pixel distance as the fallback.
 """
 
@@ -26,11 +26,11 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
+from dopsd.core.sampler import generate, seed_noise
+from dopsd.data.images import labelled_grid, to_pil
 from dopsd.files import atomic_save_image
-from dopsd.images import labelled_grid, to_pil
 from dopsd.models.base import ModelAdapter
-from dopsd.probe_scorers import PixelScorer, Scorer
-from dopsd.sampler import generate, seed_noise
+from dopsd.tools.probe.scorers import PixelScorer, Scorer
 
 Pair = tuple[Image.Image, str]
 

@@ -1,5 +1,5 @@
 """Taking a run folder: the checks before a start (`plan`: nothing written), the first writes (`claim`: create,
-or move an earlier run aside, and lock), and the locks a running run holds. The folder's layout: dopsd.rundir.
+or move an earlier run aside, and lock), and the locks a running run holds. The folder's layout: dopsd.runs.folder.
 
 A folder is running when its owner lock is held (`is_running`). Locks are flock(2) locks: the kernel drops them
 when the holding process dies, so a killed run never blocks its folder, while any of its processes still alive
@@ -24,10 +24,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
-from dopsd.checkpoint import list_checkpoints
+from dopsd.runs.checkpoint import list_checkpoints
 from dopsd.errors import CheckpointError, RunFolderError
 from dopsd.files import fsync_dir
-from dopsd.rundir import (
+from dopsd.runs.folder import (
     CHECKPOINTS,
     CONFIG,
     KNOWN,
@@ -68,7 +68,7 @@ class Plan:
 
 def protected_paths(cfg: Any) -> list[tuple[str, Path]]:
     """Folders a run folder must never be (or contain): the data, the feature cache, the model, the cwd."""
-    from dopsd.cache import default_cache_dir
+    from dopsd.data.cache import default_cache_dir
 
     found = [
         ("data.path", cfg.data.path),

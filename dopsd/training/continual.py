@@ -68,9 +68,10 @@ def _check_model(where: Path, family: Any, pretrained: Any, cfg: Any) -> None:
 
 
 def _from_run(folder: Path, cfg: Any, mode: str, depth: int) -> Source:
-    from dopsd import checkpoint as ckpt
-    from dopsd import rundir, runlock
     from dopsd.config import load_config
+    from dopsd.runs import checkpoint as ckpt
+    from dopsd.runs import folder as rundir
+    from dopsd.runs import lock as runlock
 
     if not rundir.is_run_folder(folder):
         raise RunFolderError(

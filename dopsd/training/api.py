@@ -1,7 +1,7 @@
 """Python API mirroring `dopsd train`: `dopsd.train(config) -> Result`.
 
 A start checks everything (config, run folder, dataset, model, features, checkpoint) before it writes anything;
-then `Trainer.fit` trains in the run folder (its layout: dopsd.rundir). A run that does not end "ok" raises a
+then `Trainer.fit` trains in the run folder (its layout: dopsd.runs.folder). A run that does not end "ok" raises a
 TrainingFailed subclass after writing its summary.
 """
 
@@ -11,14 +11,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from dopsd import continual, runlock
 from dopsd.config import Config, load_config
 from dopsd.data.checks import check_prompts
 from dopsd.data.dataset import check_dataset
-from dopsd.methods import terms_for
+from dopsd.methods.terms import terms_for
 from dopsd.models.registry import check_teacher_folder
-from dopsd.rundir import OutputExistsError, check_resume_config
-from dopsd.trainer import Result, StepCallback, Trainer
+from dopsd.runs import lock as runlock
+from dopsd.runs.folder import OutputExistsError, check_resume_config
+from dopsd.training import continual
+from dopsd.training.trainer import Result, StepCallback, Trainer
 
 __all__ = ["train", "Result", "OutputExistsError"]
 
@@ -77,7 +78,7 @@ def set_threads(cfg: Config) -> int:
 
 
 def _train(cfg: Config, resume: bool, overwrite: bool, adapter: Any, callback: StepCallback | None) -> Result:
-    from dopsd.quantize import check_available, planned_device
+    from dopsd.models.quantize import check_available, planned_device
 
     check_available(cfg.model.quantize, planned_device(cfg), cfg.lora.enabled)  # model.quantize fits this machine
     if cfg.train.init_from:  # one spelling in config.yaml, whatever the working directory of a later --resume

@@ -1,7 +1,7 @@
 """The training configuration: its typed sections, and a config from a preset, a YAML file and dotted overrides.
 
-Every option is a dataclass field whose `help` metadata is its one documentation; `dopsd.config_docs` renders
-them into docs/configuration.md (a test keeps that file up to date: `python -m dopsd.config_docs`).
+Every option is a dataclass field whose `help` metadata is its one documentation; `dopsd.config.docs` renders
+them into docs/configuration.md (a test keeps that file up to date: `python -m dopsd.config.docs`).
 
 A YAML file names a preset and overrides some fields:
 
@@ -11,7 +11,7 @@ A YAML file names a preset and overrides some fields:
 
 and the command line overrides any field with `section.field=value` (e.g. `optim.lr=2e-4`). Unknown keys are
 rejected with the closest valid name; values are checked against the field types. The presets' values are
-dopsd.presets; setting and parsing dotted keys is dopsd.config_keys.
+dopsd.config.presets; setting and parsing dotted keys is dopsd.config.keys.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from typing import Any, Literal
 
 import yaml
 
-from dopsd.config_keys import flatten, parse_override, set_value
-from dopsd.config_types import ConfigError, load_yaml
-from dopsd.presets import PRESETS
+from dopsd.config.keys import flatten, parse_override, set_value
+from dopsd.config.presets import PRESETS
+from dopsd.config.types import ConfigError, load_yaml
 
 SEED_LIMIT = 2**32  # numpy's legacy seeding (accelerate.set_seed) takes seeds below 2^32
 
@@ -250,7 +250,7 @@ class SampleConfig:
     control_steps: int = opt(
         32, "Also sample at this many steps as a control (0 = off), to make few-step blur visible.", ge=0
     )
-    health: bool = opt(True, "Track few-step health (dopsd.health) at each sampling interval.")
+    health: bool = opt(True, "Track few-step health (dopsd.training.health) at each sampling interval.")
     health_prompts: list[str] = opt(
         [],
         "Prompts the health signal samples (empty = method.prior_prompts, else the sample prompts). Prompts "
@@ -350,7 +350,7 @@ def load_config(source: str | Path | dict[str, Any] | Config, overrides: list[st
 
 
 def validate(config: Config) -> None:
-    """Every option in its declared range and the relations between options (see dopsd.config_validate)."""
-    from dopsd.config_validate import validate as check
+    """Every option in its declared range and the relations between options (see dopsd.config.validate)."""
+    from dopsd.config.validate import validate as check
 
     check(config)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dopsd.images import to_pil, to_tensor
+from dopsd.data.images import to_pil, to_tensor
 from dopsd.models.base import ModelAdapter
 
 
@@ -51,10 +51,10 @@ class PixelScorer:
 
 
 class FeatureScorer:
-    """Cosine distance between image-feature embeddings (a local DINOv2/CLIP/SigLIP folder, `dopsd.features`)."""
+    """Cosine distance between image-feature embeddings (a local DINOv2/CLIP/SigLIP folder, `dopsd.tools.features`)."""
 
     def __init__(self, folder: str, device: str | torch.device = "cpu") -> None:
-        from dopsd.features import HFImageFeatures
+        from dopsd.tools.features import HFImageFeatures
 
         self.features = HFImageFeatures(folder, device, field="--features")
         self.name = f"features:{self.features.name}"

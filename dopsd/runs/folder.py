@@ -1,5 +1,5 @@
 """The run folder (`train.output_dir`): what is in it, its file names and formats, and the files a run writes.
-Who may start or run in a folder (the checks, the first writes, the locks): dopsd.runlock.
+Who may start or run in a folder (the checks, the first writes, the locks): dopsd.runs.lock.
 
 Layout (what a web UI or script may read):
   dopsd-run.json         marker, written when dopsd creates (or adopts) the folder:
@@ -14,12 +14,12 @@ Layout (what a web UI or script may read):
                          "unhealthy" | "aborted", "started", "updated" (ISO times), "eta_seconds" (null until a step
                          of this session is done), "pid" (the main process)}; "running" with a pid that is no longer
                          alive means the run was killed
-  health.jsonl           one JSON record per few-step health measurement (dopsd.health; at each sampling interval
+  health.jsonl           one JSON record per few-step health measurement (dopsd.training.health; at each sampling interval
                          and at the end): step, health, its component scores (sharpness, structure, and gap /
                          quality where measured), sharpness_ratio, broken, problem, warning (text or null) and
                          threshold (the warning level)
   summary.json           written when a session ends: what was trained, with `status` "ok" | "unhealthy" | "aborted"
-  checkpoints/step-NNNNNNN/   resumable state (dopsd.checkpoint), the last train.keep_checkpoints kept
+  checkpoints/step-NNNNNNN/   resumable state (dopsd.runs.checkpoint), the last train.keep_checkpoints kept
   logs/                  TensorBoard
   samples/               grids {tag}_{K}steps.png, tag step-NNNNNNN or final, K the few-step setting and the
                          many-step control (sample.control_steps)
@@ -29,7 +29,7 @@ Layout (what a web UI or script may read):
                          ComfyUI load; its metadata names the method, steps, trigger word and the run (title)
   model.safetensors      instead of the LoRA for a full fine-tune
 
-A folder is running when its owner lock is held (`dopsd.runlock.is_running`). No summary.json and not running:
+A folder is running when its owner lock is held (`dopsd.runs.lock.is_running`). No summary.json and not running:
 the run was stopped (killed, crashed) and `--resume` continues it.
 """
 
@@ -231,7 +231,7 @@ def open_health(out: Path, step: int) -> Trace:
 
 
 def health_record(step: int, measured: dict[str, Any], threshold: float) -> dict[str, Any]:
-    """One few-step health measurement (dopsd.health's result, without its raw and starting values)."""
+    """One few-step health measurement (dopsd.training.health's result, without its raw and starting values)."""
     return {
         "step": step,
         **{k: v for k, v in measured.items() if not k.startswith(("raw/", "start/"))},
@@ -288,7 +288,7 @@ def save_final(trainer: Any) -> Path:
 
 
 def lineage_of(trainer: Any) -> list[dict[str, Any]]:
-    from dopsd.continual import lineage
+    from dopsd.training.continual import lineage
 
     return lineage(getattr(trainer, "init", None))
 
@@ -310,7 +310,7 @@ def build_summary(
 
     import torch
 
-    from dopsd.checkpoint import last_good
+    from dopsd.runs.checkpoint import last_good
 
     cfg = trainer.cfg
     n_params = sum(p.numel() for p in trainer.trainable.values())

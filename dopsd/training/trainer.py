@@ -1,9 +1,9 @@
 """The trainer: set-up, one optimizer step, and `Trainer.fit`, the training loop every caller uses (`dopsd train`,
 `dopsd.train`, the bench), on accelerate: LoRA or full, one process, DDP or FSDP.
 
-What a method computes on a micro-batch is dopsd.methods; what the run shows while it trains (progress bar,
-TensorBoard, sample grids, few-step health) is dopsd.monitor; the run folder's files are dopsd.rundir; saving and
-restoring the trainer's state in checkpoints is dopsd.trainer_checkpoint.
+What a method computes on a micro-batch is dopsd.methods.terms; what the run shows while it trains (progress bar,
+TensorBoard, sample grids, few-step health) is dopsd.training.monitor; the run folder's files are dopsd.runs.folder; saving and
+restoring the trainer's state in checkpoints is dopsd.training.checkpoint.
 
 Determinism: every random choice of a sample (caption variant, caption dropout, noise, SFT σ, prior prompt)
 comes from a generator seeded by (seed, step, slot in the global batch). The data order is a seeded
@@ -26,16 +26,19 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import AutocastKwargs, DistributedDataParallelKwargs, set_seed
 
-from dopsd import checkpoint as ckpt
-from dopsd import continual, methods, optim, rundir, trainer_checkpoint
-from dopsd.cache import FeatureCache, Features, build_features, default_cache_dir, model_fingerprint
 from dopsd.config import Config, ConfigError
+from dopsd.core.schedules import training_schedule
+from dopsd.core.weights import ParamShadow, trainable_parameters
+from dopsd.data.cache import FeatureCache, Features, build_features, default_cache_dir, model_fingerprint
 from dopsd.data.dataset import BatchOrder, Example, distinct_captions
 from dopsd.errors import TrainingFailed
 from dopsd.lora.inject import add_lora
-from dopsd.monitor import Monitor, make_health
-from dopsd.schedules import training_schedule
-from dopsd.weights import ParamShadow, trainable_parameters
+from dopsd.methods import terms as methods
+from dopsd.runs import checkpoint as ckpt
+from dopsd.runs import folder as rundir
+from dopsd.training import checkpoint as trainer_checkpoint
+from dopsd.training import continual, optim
+from dopsd.training.monitor import Monitor, make_health
 
 StepCallback = Callable[["Trainer", dict[str, Any]], None]
 
@@ -90,8 +93,8 @@ class Trainer:
         self.main = self.acc.is_main_process
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
         set_seed(t.seed)
+        from dopsd.models.quantize import check_available
         from dopsd.models.registry import load_adapter, torch_dtype
-        from dopsd.quantize import check_available
 
         check_available(config.model.quantize, self.acc.device, config.lora.enabled)  # before anything loads
 
@@ -276,7 +279,7 @@ class Trainer:
         return box[0]
 
     def fit(self, callback: StepCallback | None = None) -> Result:
-        """Train to train.max_steps in the claimed run folder (dopsd.runlock), then write the final weights and
+        """Train to train.max_steps in the claimed run folder (dopsd.runs.lock), then write the final weights and
         summary.json. `callback(trainer, record)` runs on every process after each optimizer step; `record` is
         the step's record (as in losses.jsonl) plus `seconds`, the step's own wall time. Raises TrainingAborted
         (too many non-finite steps in a row) or TrainingUnhealthy (a broken model) after writing the summary."""

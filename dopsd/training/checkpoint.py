@@ -1,6 +1,6 @@
 """A Trainer's resumable state in its run folder's checkpoints: saving it (every n steps and at the end), adding
 the final few-step health to the last one, and restoring it for --resume. The files and their checks are
-dopsd.checkpoint; the Trainer is dopsd.trainer."""
+dopsd.runs.checkpoint; the Trainer is dopsd.training.trainer."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dopsd import checkpoint as ckpt
-from dopsd import rundir
 from dopsd.errors import CheckpointError
+from dopsd.runs import checkpoint as ckpt
+from dopsd.runs import folder as rundir
 
 if TYPE_CHECKING:
-    from dopsd.trainer import Trainer
+    from dopsd.training.trainer import Trainer
 
 
 def save(trainer: Trainer) -> None:

@@ -5,7 +5,7 @@ Convention: x_σ = (1−σ)·x0 + σ·ε, σ=1 pure noise; velocity v = ε − x
 The losses talk to callables with one signature, `velocity(x, σ, context) -> v`:
   * `student` – the trainable weights, called with gradient;
   * `teacher` / `reference_model` – other values of the same weights (EMA / base / live, see
-    `dopsd.weights`), called under no_grad.
+    `dopsd.core.weights`), called under no_grad.
 Contexts are opaque: the student gets the caption-only context (what inference uses), the D-OPSD teacher the
 caption + target-image context; in D-OPSD the target image is never a regression target.
 
@@ -22,7 +22,7 @@ from typing import Any, Callable, ContextManager, Literal, Protocol, Sequence
 
 import torch
 
-from dopsd.schedules import check_schedule
+from dopsd.core.schedules import check_schedule
 
 
 class VelocityFn(Protocol):

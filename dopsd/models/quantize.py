@@ -32,7 +32,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from dopsd.config_types import ConfigError
+from dopsd.config.types import ConfigError
 
 MODES = ("none", "int8", "float8", "nf4")
 NF4_BLOCK, NF4_SCALER_BLOCK = 64, 256

@@ -56,8 +56,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dopsd.core.sampler import generate
 from dopsd.models.base import ModelAdapter, QualityFn
-from dopsd.sampler import generate
 
 # What a low score of each kind means (for warnings); sharpness depends on the direction it moved.
 MEANING: dict[str, Callable[[float], str]] = {

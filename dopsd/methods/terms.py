@@ -1,10 +1,10 @@
-"""The training methods: each one a list of loss terms, each term one small unit built on dopsd.objective.
+"""The training methods: each one a list of loss terms, each term one small unit built on dopsd.core.objective.
 
 A method (config `method.name`) is one entry of METHODS: a function of the method config that returns its
 terms. A term computes its loss on one micro-batch, runs its own backward (so the roll-out can free each
 step's activations) and returns what the step record logs. Prior preservation is a term any method can add
 (`method.prior_weight` > 0 with `method.prior_prompts`). A new method is one more entry here, not a branch in
-the trainer's loop. The paper's baselines (pso, dreambooth, sft_teacher) are terms in dopsd.baselines; a term
+the trainer's loop. The paper's baselines (pso, dreambooth, sft_teacher) are terms in dopsd.methods.baselines; a term
 may name prompts it needs contexts for (`Term.prompts`) and do one-time work with the starting model
 (`Term.prepare`, e.g. DreamBooth's class images).
 
@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 import torch
 
-from dopsd.cache import DROPPED
-from dopsd.objective import DistillOutput, dopsd_loss, sample_training_sigmas, sft_loss, step_weights_for
-from dopsd.sampler import seed_noise
-from dopsd.weights import ParamShadow
+from dopsd.core.objective import DistillOutput, dopsd_loss, sample_training_sigmas, sft_loss, step_weights_for
+from dopsd.core.sampler import seed_noise
+from dopsd.core.weights import ParamShadow
+from dopsd.data.cache import DROPPED
 
 if TYPE_CHECKING:
-    from dopsd.trainer import Trainer
+    from dopsd.training.trainer import Trainer
 
 
 def slot_rng(*parts: int) -> np.random.Generator:
@@ -210,7 +210,7 @@ METHODS: dict[str, Callable[[Any], list[Term]]] = {
 
 
 def _baselines() -> Any:
-    from dopsd import baselines  # it builds on this module's Term and MicroBatch
+    from dopsd.methods import baselines  # it builds on this module's Term and MicroBatch
 
     return baselines
 

@@ -1,8 +1,8 @@
-"""The paper's baselines as loss terms of dopsd.methods: PSO, DreamBooth's class prior, SFT on teacher samples.
+"""The paper's baselines as loss terms of dopsd.methods.terms: PSO, DreamBooth's class prior, SFT on teacher samples.
 
-Each is built from dopsd.objective (`pso_loss`, `sft_loss`) and talks to the model only through the adapter
+Each is built from dopsd.core.objective (`pso_loss`, `sft_loss`) and talks to the model only through the adapter
 protocol (`velocity`, `collate`, `latent_shape`, `inference_schedule`). Off-policy distillation needs no term
-of its own: it is `OnPolicyDistillation(rollout="teacher")` in dopsd.methods.
+of its own: it is `OnPolicyDistillation(rollout="teacher")` in dopsd.methods.terms.
 
 Determinism, as for every term: a sample's draws come from its (seed, step, slot) generator in a fixed order,
 after the draws of the terms before it; DreamBooth's class images are a function of the config and the
@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dopsd.methods import MicroBatch, Term, _student_keys, _torch_gen, slot_rng
-from dopsd.objective import pso_loss, sample_schedule_sigmas, sample_training_sigmas, sft_loss
-from dopsd.sampler import inference_mode, sample_euler, seed_noise
+from dopsd.core.objective import pso_loss, sample_schedule_sigmas, sample_training_sigmas, sft_loss
+from dopsd.core.sampler import inference_mode, sample_euler, seed_noise
+from dopsd.methods.terms import MicroBatch, Term, _student_keys, _torch_gen, slot_rng
 
 if TYPE_CHECKING:
-    from dopsd.trainer import Trainer
+    from dopsd.training.trainer import Trainer
 
 # The class-image pool's noise generators: keyed (seed, CLASS_KEY, i), a "step" no training step reaches, so
 # they never coincide with a sample's (seed, step, slot) generator.

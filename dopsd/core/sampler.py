@@ -15,7 +15,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from dopsd.schedules import check_schedule
+from dopsd.core.schedules import check_schedule
 
 
 def sample_euler(velocity, noise: torch.Tensor, sigmas: torch.Tensor, context=None) -> torch.Tensor:

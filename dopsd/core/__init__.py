@@ -1,0 +1,1 @@
+"""The method's core, model-free and torch only: the objective, sigma schedules, the one sampler, weight shadows."""

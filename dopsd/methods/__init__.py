@@ -1,0 +1,1 @@
+"""The training methods as loss terms (terms), and the paper's baselines (baselines)."""

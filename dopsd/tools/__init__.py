@@ -1,0 +1,1 @@
+"""What users run on trained models: sampling features, evaluation, the pre-flight probe, export."""
