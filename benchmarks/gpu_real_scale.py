@@ -1,21 +1,29 @@
 """Real-scale check on a CUDA GPU: step time and peak memory of SFT and D-OPSD on the full-size Z-Image-Turbo and
-FLUX.2-klein-4B transformers, beside what `dopsd plan` predicts for the same settings.
+FLUX.2-klein-4B transformers, with bf16, int8 and float8 bases, the learning invariants of the D-OPSD steps, and the
+time and memory of the trainer's sampling (sample grid, few-step health), beside what `dopsd plan` predicts.
 
-    python benchmarks/gpu_real_scale.py                      # both models, bf16 and int8 bases, 3 steps each
+    python benchmarks/gpu_real_scale.py                      # both models; bases none, int8, float8; 3 steps each
     python benchmarks/gpu_real_scale.py --models zimage-turbo --quantize none --steps 2 --out zimage.json
     python benchmarks/gpu_real_scale.py --tiny               # tiny configs on the CPU (what the test runs)
+    bash benchmarks/gpu_check.sh                             # on the lent GPU machine, as handed over (docs/gpu-check.md)
 
 Nothing is downloaded: each transformer is built from its bundled public config (dopsd/models/fullsize/) with
 random weights, and the text / VLM / reference features are random tensors of the shapes the trainer feeds it
-(so no encoder and no VAE is loaded). The settings are each preset's own: 1024², batch 1, LoRA rank 64 on the
-family's default targets, gradient checkpointing, bf16 weights and autocast, AdamW, EMA teacher (D-OPSD's K-step
-roll-out with per-step backward); `--quantize int8` stores the frozen base in int8 (dopsd.models.quantize). The steps
-are dopsd's own losses (dopsd.core.objective) on the adapter's own velocity, LoRA injection and teacher swap.
+(so no encoder is loaded; the VAE is built, with random weights, for sampling only). The settings are each
+preset's own: 1024², batch 1, LoRA rank 64 on the family's default targets, gradient checkpointing, bf16 weights
+and autocast, AdamW, EMA teacher (D-OPSD's K-step roll-out with per-step backward); `--quantize int8|float8` stores
+the frozen base quantized (dopsd.models.quantize). The steps are dopsd's own losses (dopsd.core.objective) on the
+adapter's own velocity, LoRA injection and teacher swap; the learning rate is 1e-3 (not the presets' 1e-4 / 2e-5)
+so that after a few steps the student's LoRA differs from the EMA teacher's by more than bf16 rounding
+(benchmarks/real_scale/invariants.py); time and memory do not depend on it.
 
 Peak memory is measured from just before the first step (so it includes the optimizer state and, for D-OPSD, the
 EMA copy of the LoRA) and compared with the planner's training peak minus the parts it counts that are not
-loaded here (the VAE kept while training). Step time is the mean over the steps after one warm-up step.
-Random weights make the losses meaningless; time and memory do not depend on the weights' values.
+loaded here (the VAE kept while training). Step time is the mean over the steps after one warm-up step. Sampling
+(benchmarks/real_scale/sampling.py) is measured after training, on the trained network, once per base, beside the
+planner's sampling parts (`predict_sampling`). Random weights make the losses meaningless; time and memory do not depend on the weights'
+values. `--budget-s` stops starting new (model, base) runs after that many seconds; the JSON is written after
+each run, so a run cut short keeps what finished.
 """
 
 from __future__ import annotations
@@ -29,12 +37,15 @@ from typing import Any
 
 import torch
 from gpu_real_scale_tiny import TINY_OVERRIDES, write_tiny_folder
+from real_scale.invariants import holds, velocity_checks, zero_grad_tensors
+from real_scale.sampling import inference_schedule, randomize, run_sampling
+from real_scale.table import HEADER, row_text, sampling_text, versions
 
 GiB = 2**30
 MODELS = ("zimage-turbo", "flux2-klein-4b")
 NOTE = (
     "random weights (no download); text/VLM/reference features are random tensors of the right shapes; "
-    "no text encoder, VLM or VAE is loaded"
+    "no text encoder or VLM is loaded (the VAE only for sampling)"
 )
 
 
@@ -49,34 +60,12 @@ def config_for(preset: str, quantize: str, tiny: bool, folder: Path | None) -> A
     return load_config(preset, over)
 
 
-def randomize(obj: Any, device: torch.device, generator: torch.Generator) -> Any:
-    """Contexts of the planner's shapes with random floats (ids kept), on the device."""
-    if isinstance(obj, torch.Tensor):
-        if obj.is_floating_point():
-            return torch.randn(obj.shape, generator=generator).to(device, obj.dtype)
-        return obj.to(device)
-    if isinstance(obj, dict):
-        return {k: randomize(v, device, generator) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(randomize(v, device, generator) for v in obj)
-    return obj
-
-
 def rollout_schedule(cfg: Any, spec: Any) -> torch.Tensor:
     """The trainer's roll-out schedule for this config (the adapter's inference schedule, every n-th σ)."""
-    from dopsd.core.schedules import shifted_schedule, training_schedule
+    from dopsd.core.schedules import training_schedule
 
-    m = cfg.model
-    if m.family == "flux2":
-        from dopsd.models.flux2_facts import STEPS, flux2_schedule
-
-        _, h, w = spec.latent_shape(m.height, m.width)
-        inference = flux2_schedule(m.inference_steps or STEPS, h * w)
-    else:
-        from dopsd.models.zimage import STEPS
-
-        inference = shifted_schedule(m.inference_steps or STEPS, m.shift if m.shift is not None else 3.0)
-    return training_schedule(inference, every=m.rollout_every)
+    inference = inference_schedule(cfg, spec, cfg.model.height, cfg.model.width)
+    return training_schedule(inference, every=cfg.model.rollout_every)
 
 
 def build_network(spec: Any, device: torch.device) -> torch.nn.Module:
@@ -111,7 +100,24 @@ def predict(cfg: Any, spec: Any, quantize: str, preset: str) -> dict[str, float]
     planner = PLANNERS[preset]
     c = choice_from_config(cfg, quantize)
     peaks, r = planner.peaks(c), planner.resident(c)
-    return {"sft": peaks["sft"]["peak"] / GiB, "dopsd": peaks["dopsd"]["peak"] / GiB, "kept": r.kept / GiB}
+    return {
+        "sft": peaks["sft"]["peak"] / GiB,
+        "dopsd": peaks["dopsd"]["peak"] / GiB,
+        "kept": r.kept / GiB,
+        "frozen": r.frozen / GiB,
+    }
+
+
+def predict_sampling(cfg: Any, quantize: str, preset: str) -> dict[str, float] | str:
+    """`dopsd plan`'s sampling parts (GiB beyond the resident tensors: grid and health forwards, decode), where the
+    planner predicts sampling; compare with each measurement's peak_allocated_gb - resident_before_gb."""
+    from dopsd.planner.plan import choice_from_config
+
+    planner = PLANNERS[preset]
+    if not hasattr(planner, "sampling_parts"):
+        return "not modelled by this dopsd plan"
+    parts = planner.sampling_parts(choice_from_config(cfg, quantize))
+    return {k: (v if k.endswith("_batch") else v / GiB) for k, v in parts.items()}
 
 
 def run_method(
@@ -122,6 +128,7 @@ def run_method(
     trainable: dict[str, torch.nn.Parameter],
     device: torch.device,
     steps: int,
+    lr: float,
 ) -> dict[str, Any]:
     from dopsd.core.objective import dopsd_loss, sample_training_sigmas, sft_loss
     from dopsd.core.weights import ParamShadow
@@ -146,9 +153,10 @@ def run_method(
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-    optimizer = torch.optim.AdamW(list(trainable.values()), lr=1e-4)
+    optimizer = torch.optim.AdamW(list(trainable.values()), lr=lr)
     shadow = ParamShadow(trainable, "ema", 0.9999) if method == "dopsd" else None
-    times, losses = [], []
+    ema0 = {k: v.clone() for k, v in shadow.shadow.items()} if shadow is not None else {}
+    times, losses, zero_counts = [], [], []
     for i in range(steps + 1):  # the first is a warm-up (optimizer state, kernel selection): not timed
         if cuda:
             torch.cuda.synchronize()
@@ -177,6 +185,8 @@ def run_method(
         if i > 0:
             times.append(time.perf_counter() - start)
         losses.append(float(loss.detach()))
+        zero = zero_grad_tensors(trainable)
+        zero_counts.append(len(zero))
     out: dict[str, Any] = {
         "method": method,
         "steps": steps,
@@ -192,6 +202,16 @@ def run_method(
         )
     else:
         out.update(resident_before_gb=None, peak_allocated_gb=None, peak_reserved_gb=None)
+    checks: dict[str, Any] = {"zero_grad_tensors_first_step": zero_counts[0], "zero_grad_tensors_last_step": len(zero)}
+    checks["lora_tensors"] = len(trainable)
+    if shadow is not None:
+        checks.update(
+            velocity_checks(velocity, shadow, trainable, noise, schedule[:1].to(device), s_ctx, autocast, ema0)
+        )
+        checks["holds"] = holds(checks, len(zero))
+    else:
+        checks["holds"] = len(zero) == 0
+    out["invariants"] = checks
     del optimizer, shadow
     for p in trainable.values():
         p.grad = None
@@ -224,7 +244,7 @@ def run_model(preset: str, quantize: str, args: argparse.Namespace, device: torc
     params = sum(p.numel() for p in net.parameters())
     rows = []
     for method in args.methods:
-        r = run_method(method, net, spec, cfg, trainable, device, args.steps)
+        r = run_method(method, net, spec, cfg, trainable, device, args.steps, args.lr)
         pred = predicted[method] - predicted["kept"]
         r.update(
             model=spec.label,
@@ -239,37 +259,25 @@ def run_model(preset: str, quantize: str, args: argparse.Namespace, device: torc
             quantized_linears=report.quantized,
             predicted_peak_gb=pred,
             predicted_kept_gb=predicted["kept"],
+            predicted_frozen_gb=predicted["frozen"],
             plan_seconds=round(plan_s, 1),
             build_seconds=round(build_s, 1),
             measured_over_predicted=(r["peak_allocated_gb"] / pred) if r["peak_allocated_gb"] else None,
         )
         rows.append(r)
         print(row_text(r), flush=True)
+    if args.sampling:
+        sampled = run_sampling(net, cfg, spec, device, full=quantize in args.full_sampling)
+        sampled.update(
+            model=spec.label, preset=preset, base=quantize, predicted=predict_sampling(cfg, quantize, preset)
+        )
+        for r in rows:
+            r["sampling"] = sampled
+        print(sampling_text(sampled), flush=True)
     del net, trainable
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
-
-
-HEADER = (
-    f"{'model':<16} {'base':<6} {'method':<6} {'step s':>8} {'peak alloc':>11} {'peak reserved':>14} "
-    f"{'plan predicts':>14} {'alloc/plan':>11}"
-)
-
-
-def _gb(x: float | None) -> str:
-    if x is None:
-        return "-"
-    return f"{x:.2f} GiB" if x >= 0.1 else f"{x * 1024:.2f} MiB"
-
-
-def row_text(r: dict[str, Any]) -> str:
-    ratio = "-" if r["measured_over_predicted"] is None else f"{r['measured_over_predicted']:.2f}"
-    return (
-        f"{r['preset']:<16} {r['base']:<6} {r['method']:<6} {r['step_seconds']:>8.2f} "
-        f"{_gb(r['peak_allocated_gb']):>11} {_gb(r['peak_reserved_gb']):>14} {_gb(r['predicted_peak_gb']):>14} "
-        f"{ratio:>11}"
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,13 +285,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny configs of the same architectures, on the CPU")
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per method (after one warm-up)")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated presets among {', '.join(MODELS)}")
-    parser.add_argument("--quantize", default="none,int8", help="comma-separated model.quantize values to run")
+    parser.add_argument(
+        "--quantize",
+        default=None,
+        help="comma-separated model.quantize values (default none,int8,float8; --tiny: none,int8)",
+    )
     parser.add_argument("--methods", default="sft,dopsd", help="comma-separated: sft, dopsd")
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (see the module doc)")
+    parser.add_argument("--no-sampling", dest="sampling", action="store_false", help="skip the sampling measurement")
+    parser.add_argument(
+        "--full-sampling",
+        default="none",
+        help="bases whose sampling also runs the control grid and the health check (comma-separated; the others "
+        "sample the few-step grid only: the same batches, so the same peak memory, at a fraction of the time)",
+    )
+    parser.add_argument("--budget-s", type=float, default=0, help="start no new (model, base) run after this (0: none)")
     parser.add_argument("--out", default="gpu_real_scale.json", help="JSON result file")
     args = parser.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
     args.methods = [m for m in args.methods.split(",") if m]
-    quantize = [q for q in args.quantize.split(",") if q]
+    args.full_sampling = [q for q in args.full_sampling.split(",") if q]
+    quantize = [q for q in (args.quantize or ("none,int8" if args.tiny else "none,int8,float8")).split(",") if q]
     bad = [m for m in args.models if m not in MODELS] + [m for m in args.methods if m not in ("sft", "dopsd")]
     if bad or args.steps < 1:
         parser.error(f"unknown --models/--methods {bad} or --steps < 1")
@@ -297,37 +319,58 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cuda")
     from dopsd.models.quantize import check_available
 
-    for q in quantize:
-        check_available(q, device)
+    unavailable = []
+    for q in list(quantize):
+        try:
+            check_available(q, device)
+        except Exception as err:  # noqa: BLE001 - e.g. float8 on a GPU without it: that base is skipped, said so
+            if q == "none":
+                raise
+            quantize.remove(q)
+            unavailable.append({"base": q, "why": str(err)})
+            print(f"base {q} skipped: {err}", flush=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (--tiny)"
+    ran = versions()
     print(f"gpu_real_scale on {name}: {NOTE}", flush=True)
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in ran.items()), flush=True)
     print(
         f"predictions: dopsd plan's training peak minus the VAE it counts as kept (not loaded here); "
-        f"step time: mean of {args.steps} step(s) after a warm-up",
+        f"step time: mean of {args.steps} step(s) after a warm-up; invariants: benchmarks/real_scale/invariants.py",
         flush=True,
     )
     print(HEADER, flush=True)
     started = time.perf_counter()
-    rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for preset in args.models:
-            for q in quantize:
-                rows.extend(run_model(preset, q, args, device, Path(tmp)))
-    result = {
+    result: dict[str, Any] = {
         "device": name,
         "tiny": args.tiny,
         "note": NOTE,
+        "versions": ran,
         "torch": torch.__version__,
-        "seconds": round(time.perf_counter() - started, 1),
-        "runs": rows,
     }
+    result.update(runs=[], skipped=unavailable)
     from dopsd.files import atomic_write_json
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for q in quantize:  # bases outer: under --budget-s every model gets its bf16 run first
+            for preset in args.models:
+                if args.budget_s and time.perf_counter() - started > args.budget_s:
+                    result["skipped"].append(
+                        {"preset": preset, "base": q, "why": f"--budget-s {args.budget_s:g} spent"}
+                    )
+                    print(f"{preset:<16} {q:<6} skipped: --budget-s {args.budget_s:g} spent", flush=True)
+                    continue
+                result["runs"].extend(run_model(preset, q, args, device, Path(tmp)))
+                result["seconds"] = round(time.perf_counter() - started, 1)
+                atomic_write_json(out, result)  # after each run: a run cut short keeps what finished
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    result["invariants_hold"] = all(r["invariants"]["holds"] for r in result["runs"])
     atomic_write_json(out, result)
-    print(f"wrote {out} ({result['seconds']} s)", flush=True)
-    return 0
+    print(
+        f"wrote {out} ({result['seconds']} s); invariants {'hold' if result['invariants_hold'] else 'FAIL'}", flush=True
+    )
+    return 0 if result["invariants_hold"] else 1
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 import logging
 from typing import Any
 
-__version__ = "0.1.0"
+from dopsd.version import __version__
+
+__all__ = ["__version__", "train"]
 
 # torchao (model.quantize) is imported by diffusers whenever it is installed. Its import logs a warning for each
 # optional compiled kernel it cannot load, for each enum it registers with torch's pytree, and diffusers one for

@@ -8,20 +8,7 @@ import importlib
 import os
 import sys
 
-# name -> (module implementing `add_arguments(parser)` and `main(args) -> int`, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("dopsd.mini.demo", "Fine-tune the built-in miniature turbo on a concept with D-OPSD and SFT; compare."),
-    "train": ("dopsd.commands.train", "Fine-tune a step-distilled model on image-caption pairs (D-OPSD or SFT)."),
-    "sample": ("dopsd.commands.sample", "Generate an image grid with a model +- LoRA at a chosen step count."),
-    "export": ("dopsd.commands.export", "Convert a trained LoRA to diffusers or ComfyUI format."),
-    "eval": ("dopsd.commands.evaluate", "Evaluate a trained LoRA (few-step samples, DINO/CLIP metrics, grids)."),
-    "probe": ("dopsd.commands.probe", "Check before training that the teacher context carries each training pair."),
-    "plan": ("dopsd.commands.plan", "Predict peak GPU memory and compute of a run before downloading anything."),
-    "bench": ("dopsd.bench", "Benchmark D-OPSD against SFT baselines on the miniature world."),
-    "mini": ("dopsd.mini.cli", "Miniature world: rebuild the shipped weights (recipe) or measure them (report)."),
-    "ui": ("dopsd.ui", "A local web app: datasets, probe, runs with live health, compare, export, reports."),
-}
-
+from dopsd.commands import COMMANDS
 
 # Errors of the machine, not of dopsd or the input: a full disk, a read-only or forbidden folder.
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
@@ -72,13 +59,19 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - the machine's limits are named; anything else is a bug in dopsd
         if debug:
             raise
+        from dopsd.errors import EXIT_MACHINE
+        from dopsd.files import disk_full
+
+        if disk_full(err) and not (isinstance(err, OSError) and err.filename):  # e.g. a library's wrapped ENOSPC
+            print(f"dopsd {name}: no space left on a device ({err}); free space and run again", file=sys.stderr)
+            return EXIT_MACHINE
         if isinstance(err, OSError) and err.errno in ENVIRONMENT_ERRNOS:
             where = f" ({err.filename})" if err.filename else ""
             print(
                 f"dopsd {name}: {err.strerror}{where}; free space or fix permissions there and run again",
                 file=sys.stderr,
             )
-            return 1
+            return EXIT_MACHINE
         if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":  # torch's is a RuntimeError
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             print(
@@ -86,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                 "on train.gradient_checkpointing or a lower model.dtype, or use a device with more memory",
                 file=sys.stderr,
             )
-            return 1
+            return EXIT_MACHINE
         print(
             f"dopsd {name}: internal error: {type(err).__name__}: {err}\n"
             "This is a bug in dopsd, not a problem with your input; please report it with the output of the "

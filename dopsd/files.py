@@ -7,10 +7,41 @@ here: write a temporary file beside the target, fsync it, rename it over the tar
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable, TextIO
+
+from dopsd.errors import NoSpaceError
+
+# Full disk and exhausted quota. Libraries that write through their own code (safetensors' Rust writer) report it
+# in their message only: "No space left on device (os error 28)".
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+NO_SPACE_TEXT = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+
+
+def disk_full(err: BaseException) -> bool:
+    """Whether `err` (an OSError, or a library's error wrapping one) says the device or the quota is full."""
+    if isinstance(err, NoSpaceError):
+        return True
+    if isinstance(err, OSError) and err.errno in NO_SPACE_ERRNOS:
+        return True
+    return isinstance(err, Exception) and any(text in str(err) for text in NO_SPACE_TEXT)
+
+
+def no_space(path: str | Path, err: BaseException | None = None) -> NoSpaceError:
+    """The error for a write to `path` that found its device full: names the device's folder and its free space."""
+    folder = Path(path)
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    quota = " (or your disk quota is used up)" if isinstance(err, OSError) and err.errno == errno.EDQUOT else ""
+    return NoSpaceError(f"no space left on the device holding {folder}{quota} ({free} now)", str(folder))
 
 
 def fsync_dir(folder: str | Path) -> None:
@@ -27,6 +58,28 @@ def fsync_dir(folder: str | Path) -> None:
         os.close(fd)
 
 
+def file_mode() -> int:
+    """The mode a new file gets from open(): 0o666 less the process's umask (0o644 under umask 022)."""
+    try:  # Linux tells the umask without changing it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read it by setting it, and put it back at once
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def respect_umask(path: str | Path) -> None:
+    """Give a file written by a library that creates it owner-only (safetensors' writer: 0600) the mode any other
+    new file gets, so a LoRA copied into a shared folder (a ComfyUI install, a team drive) can be read there."""
+    try:
+        os.chmod(path, file_mode())
+    except OSError:  # a filesystem without modes (some network or FAT mounts): its own rules apply
+        pass
+
+
 def _temp_for(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
@@ -38,11 +91,14 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     tmp = _temp_for(path)
     try:
         write(tmp)
+        respect_umask(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)  # the target is untouched; the partial file would only hold on to the space
+        if disk_full(err) and not isinstance(err, NoSpaceError):
+            raise no_space(path, err) from err
         raise
     fsync_dir(path.parent)
     return path
@@ -59,9 +115,11 @@ def replace_and_keep_open(path: str | Path, text: str) -> TextIO:
         fh.flush()
         os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         fh.close()
         tmp.unlink(missing_ok=True)
+        if disk_full(err) and not isinstance(err, NoSpaceError):
+            raise no_space(path, err) from err
         raise
     fsync_dir(path.parent)
     return fh
@@ -77,6 +135,16 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_write_json(path: str | Path, data: Any) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def save_safetensors(path: str | Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> Path:
+    """safetensors' save_file with the umask's mode; not atomic by itself (for files inside a folder that is
+    renamed into place whole, such as a checkpoint)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    respect_umask(path)
+    return Path(path)
 
 
 def atomic_save_safetensors(path: str | Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> Path:

@@ -18,8 +18,14 @@ COMMAND_CASES: list[Case] = [
     Case("sample", "--out without an image extension", f"{SAMPLE} --out grid", ("--out", "grid", ".png")),
     Case("sample", "--out exists", f"{SAMPLE} --out data/img00.png", ("data/img00.png", "--overwrite")),
     Case("sample", "--out under a file", f"{SAMPLE} --out data/img00.txt/grid.png", ("data/img00.txt", "not a folder")),
+    Case(
+        "sample",
+        "--out beside a folder of that name dopsd did not make",
+        f"{SAMPLE} --out data.png",
+        ("--out data.png", "data", "did not write"),
+    ),
     Case("sample", "--lora missing", f"{SAMPLE} --lora nowhere.safetensors", ("--lora", "nowhere.safetensors")),
-    Case("sample", "--lora is a folder", f"{SAMPLE} --lora run", ("--lora", "run", "folder")),
+    Case("sample", "--lora is a folder without weights", f"{SAMPLE} --lora data", ("--lora", "data", "folder")),
     Case(
         "sample",
         "--lora truncated",
@@ -123,4 +129,9 @@ COMMAND_CASES: list[Case] = [
         ("run/lora.safetensors", "do not fit"),
     ),
     Case("eval", "unknown --device", f"{EVAL} --device cuda:7", ("--device", "cuda")),
+    # --- caption ------------------------------------------------------------------------------------------
+    Case("caption", "folder missing", "caption nowhere --vlm dino", ("nowhere", "does not exist")),
+    Case("caption", "folder without images", "caption tiny --vlm dino", ("tiny", "no images")),
+    Case("caption", "--vlm not a Qwen3-VL", "caption data --vlm dino", ("--vlm", "dino", "qwen3_vl")),
+    Case("caption", "--vlm missing", "caption data --vlm nowhere", ("--vlm", "nowhere", "does not exist")),
 ]

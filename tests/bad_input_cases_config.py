@@ -58,12 +58,7 @@ CONFIG_CASES: list[Case] = [
     ),
     Case("config", "unknown mixed precision", "train mini train.mixed_precision=fp8", ("train.mixed_precision", "fp8")),
     Case("config", "device other than cpu", "train mini train.device=cuda:0", ("train.device", "CUDA_VISIBLE_DEVICES")),
-    Case(
-        "config",
-        "mistyped FSDP option",
-        "train mini 'train.fsdp={sharding_stratgy: FULL_SHARD}'",
-        ("train.fsdp.sharding_stratgy", "did you mean 'sharding_strategy'"),
-    ),
+    Case("config", "FSDP for a LoRA", "train mini train.fsdp=true", ("train.fsdp", "lora.enabled=false")),
     Case(
         "config",
         "quantized base with a full fine-tune",

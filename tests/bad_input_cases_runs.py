@@ -39,6 +39,18 @@ RUN_CASES: list[Case] = [
     Case("run folder", "--overwrite of the dataset", f"{TRAIN} {RUNX.replace('run2', 'data')} --overwrite", ("data",)),
     Case(
         "run folder",
+        "--overwrite of a run holding the feature cache",
+        f"{TRAIN} {RUNX.replace('run2', 'run')} cache.dir=run/features --overwrite",
+        ("cache.dir", "run/features", "train.output_dir"),
+    ),
+    Case(
+        "run folder",
+        "feature cache inside a new run folder",
+        f"{TRAIN} {RUNX} cache.dir=run2/features",
+        ("cache.dir", "run2/features", "train.output_dir run2"),
+    ),
+    Case(
+        "run folder",
         "--overwrite of the working folder",
         f"{TRAIN} {RUNX.replace('run2', '.')} --overwrite",
         ("--overwrite",),

@@ -241,7 +241,8 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", "<br>")
 
 
-def render(cases: list[Case], results: list[Result]) -> str:
+def render(cases: list[Case], results: list[Result], web_app: str = "") -> str:
+    """The table; `web_app`: the web app's section (tests/bad_input_cases_ui.py), appended."""
     out = [
         "# Bad inputs and what dopsd answers",
         "",
@@ -267,7 +268,7 @@ def render(cases: list[Case], results: list[Result]) -> str:
             out.append(
                 f"| {_cell(case.what)}{mark} | `dopsd {_cell(case.argv)}` | {result.code} | {_cell(result.message)} |"
             )
-    return "\n".join(out) + "\n"
+    return "\n".join(out) + "\n" + web_app
 
 
 def run_all(cases: list[Case], scratch: Path) -> list[Result]:
@@ -279,16 +280,19 @@ def main() -> int:
     import tempfile
 
     from bad_input_cases import CASES
+    from bad_input_cases_ui import UI_CASES, render_ui, run_ui_case
 
     with tempfile.TemporaryDirectory(prefix="dopsd-bad-inputs-") as tmp:
         results = run_all(CASES, Path(tmp))
+        web = [run_ui_case(c, Path(tmp) / "web-app" / c.id) for c in UI_CASES]
     failed = [(c, r.problems(c)) for c, r in zip(CASES, results) if r.problems(c)]
+    failed += [(c, problems) for c, (_, problems) in zip(UI_CASES, web) if problems]
     for case, problems in failed:
         print(f"FAILED {case.id}: {'; '.join(problems)}", file=sys.stderr)
     if failed:
         print(f"{len(failed)} case(s) failed; {DOC} not written", file=sys.stderr)
         return 1
-    DOC.write_text(render(CASES, results))
+    DOC.write_text(render(CASES, results, render_ui(UI_CASES, [shown for shown, _ in web])))
     print(f"wrote {DOC}: {len(CASES)} cases")
     return 0
 

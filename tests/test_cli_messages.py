@@ -41,10 +41,10 @@ def fake_command(tmp_path, monkeypatch):
     "what, code, says",
     [
         ("usage", 2, "dopsd fake: --flag 3 cannot work here"),
-        ("disk", 1, "dopsd fake: No space left on device (/data/run/lora.safetensors); free space"),
+        ("disk", 5, "dopsd fake: No space left on device (/data/run/lora.safetensors); free space"),
         (
             "oom",
-            1,
+            5,
             "dopsd fake: out of memory (CUDA out of memory. Tried to allocate 20.00 GiB); lower train.batch_size",
         ),
         ("bug", 1, "dopsd fake: internal error: KeyError: 'bug'\nThis is a bug in dopsd"),

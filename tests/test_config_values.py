@@ -82,10 +82,21 @@ def test_relations_between_options():
         load_config("mini", ["train.output_dir=' '"])
 
 
-def test_fsdp_keys_follow_accelerates_plugin():
-    config = load_config("flux2-klein-4b", ["train.fsdp={sharding_strategy: FULL_SHARD, cpu_offload: false}"])
-    assert config.train.fsdp == {"sharding_strategy": "FULL_SHARD", "cpu_offload": False}
-    with pytest.raises(ConfigError, match="'train.fsdp.sharding_stratgy'.*did you mean 'sharding_strategy'"):
-        load_config("mini", ["train.fsdp={sharding_stratgy: FULL_SHARD}"])
-    with pytest.raises(ConfigError, match="'train.fsdp.fsdp_auto_wrap_policy'.*did you mean 'auto_wrap_policy'"):
-        load_config("mini", ["train.fsdp={fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP}"])  # accelerate-config style
+def test_fsdp_shards_full_fine_tunes_and_says_what_it_does_not_support():
+    config = load_config("flux2-klein-4b", ["train.fsdp=true", "lora.enabled=false"])
+    assert config.train.fsdp is True
+    with pytest.raises(ConfigError, match="'train.fsdp'.*expected bool"):  # accelerate's plugin options are gone
+        load_config("mini", ["train.fsdp={sharding_strategy: FULL_SHARD}"])
+    with pytest.raises(ConfigError, match="'train.fsdp' is true but lora.enabled is true.*train.fsdp=false"):
+        load_config("mini", ["train.fsdp=true"])
+    full = ["train.fsdp=true", "lora.enabled=false"]
+    with pytest.raises(ConfigError, match="'train.mixed_precision' is 'fp16' with train.fsdp.*bf16"):
+        load_config("flux2-klein-4b", [*full, "train.mixed_precision=fp16"])
+    with pytest.raises(ConfigError, match="'optim.eight_bit' is true with train.fsdp"):
+        load_config("flux2-klein-4b", [*full, "optim.eight_bit=true"])
+
+
+def test_a_full_fine_tune_of_a_bf16_model_needs_autocast():
+    with pytest.raises(ConfigError, match="'train.mixed_precision' is 'no' but model.dtype is 'bfloat16'.*=bf16"):
+        load_config("zimage-turbo", ["lora.enabled=false", "train.mixed_precision=no"])
+    assert load_config("zimage-turbo", ["train.mixed_precision=no"]).lora.enabled  # a LoRA's weights are cast by peft

@@ -183,7 +183,7 @@ def test_file_metadata_names_the_model_and_the_training(trained):
     assert md["modelspec.resolution"] in ("32x32", "64x64") and md["modelspec.date"][:2] == "20"
     assert md["ss_network_dim"] == str(RANK) and md["ss_network_alpha"] == str(RANK)  # alpha folded: scale 1
     assert md["ss_steps"] == "3" and md["ss_sd_model_name"] in ("zi", "fl")
-    assert md["ss_base_model_version"] == {"zimage": "z_image", "flux2": "flux2"}[t.family]
+    assert md["ss_base_model_version"] == {"zimage": "z_image", "flux2": "flux_2"}[t.family]  # musubi-tuner ids
     dopsd = json.loads(md["dopsd"])
     assert dopsd["alpha"] == ALPHA and dopsd["rank"] == RANK and dopsd["method"] == "dopsd"
     assert dopsd["alpha_folded"] and dopsd["dtype"] == "bf16" and "not a published size" in dopsd["variant"]

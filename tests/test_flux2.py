@@ -281,3 +281,18 @@ def test_text_encoder_layers_are_a_declared_setting(folders):
     assert two.layers == (1, 2) and width(two) * 3 == width(three) * 2
     with pytest.raises(ModelFolderError, match="text_encoder_out_layers"):
         flux2.load(config(folders, text_encoder_out_layers=[9, 99]))
+
+
+def test_text_encoder_is_the_bare_qwen3_with_the_pipelines_features(adapter, folders):
+    """The adapter loads Qwen3Model (no lm_head) from the folder's Qwen3ForCausalLM: the pipeline's own prompt
+    features, computed with the causal LM it loads itself, are equal bit for bit."""
+    from diffusers import Flux2KleinPipeline
+    from transformers import Qwen3ForCausalLM, Qwen3Model
+
+    assert type(adapter.text_encoder) is Qwen3Model
+    assert not any(name.startswith("lm_head") for name in adapter.text_encoder.state_dict())
+    pipe = Flux2KleinPipeline.from_pretrained(str(folders.model), local_files_only=True)
+    assert type(pipe.text_encoder) is Qwen3ForCausalLM
+    ref, _ = pipe.encode_prompt(list(CAPTIONS), device="cpu", max_sequence_length=TOKENS)
+    ours = torch.stack([c["prompt_embeds"] for c in adapter.student_contexts(CAPTIONS)])
+    assert ours.shape == ref.shape and torch.equal(ours, ref)

@@ -42,6 +42,17 @@ def test_signals_see_blur():
     assert (relative_gap(blurred, images) > 0.05).all()
 
 
+def test_sampling_batches_are_bounded_by_their_pixels(turbo):
+    """One 1024² image per sampling batch, four at 512²; small images all at once (the miniature's health check
+    samples its prompts × seeds in one batch, as it always did, so its numbers stay the same)."""
+    from dopsd.core.sampler import sample_batch
+
+    assert sample_batch(1024, 1024, 8) == sample_batch(2048, 1024, 8) == 1
+    assert sample_batch(512, 512, 8) == 4 and sample_batch(512, 512, 2) == 2
+    assert sample_batch(24, 24, 8) == 8 and sample_batch(24, 24, 200) == 200
+    assert monitor(turbo).batch == len(PROMPTS) * 2
+
+
 def test_untouched_model_stays_at_one(turbo):
     health = monitor(turbo)
     start = health.reference(turbo.network)

@@ -9,11 +9,13 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import torch
 from conftest import tiny_config
 from safetensors.torch import load_file
 
 import dopsd
+from dopsd.errors import Interrupted
 from dopsd.mini.adapter import tiny_random_adapter
 
 # Everything that has state or randomness: EMA teacher, cosine LR with warm-up, LoRA dropout (global RNG),
@@ -135,3 +137,98 @@ def test_a_killed_process_resumes_exactly(tmp_path, concept_data, tiny_mini):
     points = EventAccumulator(str(tmp_path / "run" / "logs")).Reload().Scalars("train/loss")
     assert [p.step for p in points] == list(range(1, 13))
     np.testing.assert_allclose([p.value for p in points], reference.losses, rtol=1e-6)
+
+
+def _wait_for(check, proc, what: str, timeout: float = 120.0) -> None:
+    deadline = time.time() + timeout
+    while not check():
+        assert proc.poll() is None, f"the run ended before {what}: {proc.stderr.read().decode()}"
+        assert time.time() < deadline, f"no {what} within {timeout:.0f} s"
+        time.sleep(0.02)
+
+
+def test_sigint_and_sigterm_finish_the_step_checkpoint_it_and_resume_exactly(tmp_path, concept_data, tiny_mini):
+    """Ctrl-C and SIGTERM (the web app's Stop) keep every step trained: the run finishes the step it is in, writes
+    a checkpoint of it (no periodic checkpoint has come yet) and exits 130 / 143 saying how to resume."""
+    settings = {
+        "model.pretrained": tiny_mini,
+        "train.max_steps": 400,
+        "train.checkpoint_every": 100,
+        "optim.schedule": "constant",
+        "lora.dropout": 0.1,
+        "data.caption_dropout": 0.3,
+    }
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    stopped = {}
+    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        out = tmp_path / sig.name
+        config_file = tmp_path / f"{sig.name}.yaml"
+        config_file.write_text(tiny_config(tmp_path, concept_data, **settings, **{"train.output_dir": out}).to_yaml())
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dopsd.cli", "train", str(config_file)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        losses = out / "losses.jsonl"
+        _wait_for(lambda losses=losses: losses.is_file() and len(losses.read_text().splitlines()) >= 3, proc, "step 3")
+        proc.send_signal(sig)
+        err = proc.communicate(timeout=120)[1].decode()
+        assert proc.returncode == code, err
+        progress = json.loads((out / "progress.json").read_text())
+        step = progress["step"]
+        assert progress["status"] == "interrupted" and 3 <= step < 12, progress
+        assert f"stopped by {sig.name} after step {step} of 400" in err and "--resume" in err
+        assert "Traceback" not in err and "internal error" not in err
+        assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{step:07d}"]
+        state = json.loads((out / f"checkpoints/step-{step:07d}/state.json").read_text())
+        assert state["step"] == step and state["good"] is True and state["health"]["step"] == step
+        assert len(losses.read_text().splitlines()) == step and not (out / "summary.json").exists()
+        stopped[sig] = (config_file, step)
+    reference = dopsd.train(
+        stopped[signal.SIGINT][0], ["train.max_steps=12", f"train.output_dir={tmp_path / 'reference'}"]
+    )
+    for config_file, step in stopped.values():
+        resumed = dopsd.train(config_file, ["train.max_steps=12"], resume=True)
+        assert resumed.summary["steps_this_run"] == 12 - step
+        np.testing.assert_array_equal(resumed.losses, reference.losses)  # bit-exact
+        a, b = load_file(str(resumed.weights)), load_file(str(reference.weights))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_second_ctrl_c_stops_at_once_and_the_handlers_are_restored(tmp_path, concept_data):
+    """The first Ctrl-C asks for a checkpoint after the step; a second one before that stops at once (the steps
+    since the last checkpoint are lost, the checkpoints are intact), and the caller's handlers come back."""
+
+    def press_twice(trainer, record):
+        if record["step"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # the handler runs on return: a stop is asked for
+            os.kill(os.getpid(), signal.SIGINT)  # at once again: the same request delivered twice (a launcher's)
+            time.sleep(1.2)
+            os.kill(os.getpid(), signal.SIGINT)  # a second press: KeyboardInterrupt, here, before the step's end
+
+    cfg = tiny_config(tmp_path, concept_data, **{"train.max_steps": 6})
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        dopsd.train(cfg, adapter=adapter(), callback=press_twice)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    out = tmp_path / "run"
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000002"]
+    resumed = dopsd.train(cfg, resume=True, adapter=adapter())
+    assert resumed.summary["resumed_from"].endswith("step-0000002") and resumed.steps == 6
+
+
+def test_sigterm_delivered_twice_at_once_is_one_request(tmp_path, concept_data):
+    """A launcher forwarding the signal its workers got already (torchrun, a job scheduler) must not turn the
+    graceful stop into an immediate one: the run still checkpoints the step and exits 143."""
+
+    def twice(trainer, record):
+        if record["step"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    cfg = tiny_config(tmp_path, concept_data, **{"train.max_steps": 6})
+    with pytest.raises(Interrupted) as caught:
+        dopsd.train(cfg, adapter=adapter(), callback=twice)
+    assert caught.value.exit_code == 143 and "stopped by SIGTERM after step 3 of 6" in str(caught.value)
+    assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == ["step-0000002", "step-0000003"]

@@ -220,8 +220,8 @@ def test_teacher_modes_full_finetune_tensorboard_and_interval_samples(tmp_path, 
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/lr", "train/grad_norm", "train/dopsd", "train/prior", "rollout/step0_gap"} <= tags
     assert len(events.Scalars("train/loss")) == 4 and events.Tags()["images"]
-    assert cli.main(["sample", str(out), "--seeds", "0", "1", "--out", str(tmp_path / "full.png")]) == 0
-    assert np.abs(pixels(tmp_path / "full.png") - pixels(out / "samples/final_4steps.png")).max() <= 1
+    assert cli.main(["sample", str(out), "--seeds", "0", "1", "--out", str(tmp_path / "full-grid.png")]) == 0
+    assert np.abs(pixels(tmp_path / "full-grid.png") - pixels(out / "samples/final_4steps.png")).max() <= 1
 
 
 def test_eight_bit_adam_needs_bitsandbytes(tmp_path, concept_data):

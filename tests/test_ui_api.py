@@ -145,6 +145,12 @@ def test_stopped_run_then_resumed_to_the_end(world):
     assert stopped["status"] == "stopped"
     assert view["status"] in ("stopped", "aborted") and view["resumable"]
     assert view["checkpoints"] and 2 <= view["progress"]["step"] < 12
+    # Stop is a SIGTERM the run answers: it finishes its step, checkpoints it (even between the intervals) and
+    # exits 143 — no step trained before the stop is lost
+    step = view["progress"]["step"]
+    assert stopped["returncode"] == 143 and view["progress"]["status"] == "interrupted", (stopped, view["progress"])
+    assert view["checkpoints"][-1] == f"step-{step:07d}"
+    assert "stopped by SIGTERM after step" in (world["home"] / f".ui/logs/{stopped['id']}.log").read_text()
     assert world["resume_job"]["status"] == "succeeded", world["resume_job"]
     assert "--resume" in world["resume_job"]["argv"]
     run = world["client"].get("/api/runs/run1").json()

@@ -14,6 +14,7 @@ import struct
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -74,15 +75,20 @@ def driver():
 
 
 class App:
-    """`dopsd ui` on a real socket in this process (uvicorn in a thread), on a given home."""
+    """`dopsd ui` on a real socket in this process (uvicorn in a thread), on a given home, with a secret of its own
+    as every launch has: `login` is the URL `dopsd ui` prints (?token=…), `auth` the header a script sends."""
 
     def __init__(self, home: Path):
+        import secrets
+
         from dopsd.ui import listen, make_server
 
         self.ctx = make_ctx(home)
         self.sock = listen("127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = make_server(self.ctx, self.sock, "127.0.0.1", None)
+        token = secrets.token_urlsafe(32)
+        self.login, self.auth = f"{self.url}/?token={token}", {"Authorization": f"Bearer {token}"}
+        self.server = make_server(self.ctx, self.sock, "127.0.0.1", token)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         wait_for(lambda: self.server.started, 20, 0.05, "the app to start")
@@ -152,6 +158,14 @@ def test_dataset_run_compare_export_in_the_browser(driver, tmp_path, shots):
     source = write_concept_folder(tmp_path / "upload", n=4)
     app = App(home)
     try:
+        # --- the secret: without it the browser gets the form asking for it; the printed URL opens the app -------
+        d.get(f"{app.url}/#/datasets")
+        until(d, lambda d: css(d, "input[name=token]"), 30, "the page asking for the secret")
+        assert not css(d, "#create-dataset")
+        d.get(app.login)
+        until(d, lambda d: d.current_url == f"{app.url}/" and css(d, "header nav"), 30, "the app after the secret")
+        assert "token" not in d.current_url  # dropped from the address bar, kept in an HttpOnly cookie
+        assert "dopsd_ui_token" not in d.execute_script("return document.cookie")
         # --- a dataset: create, upload images with their captions, edit one caption ----------------------------
         d.get(f"{app.url}/#/datasets")
         until(d, lambda d: css(d, "#create-dataset"), 30, "the datasets page")
@@ -255,13 +269,16 @@ def test_dataset_run_compare_export_in_the_browser(driver, tmp_path, shots):
         until(d, lambda d: css(d, "#export-comfyui"), 30, "the Z-Image run's page")
         css(d, "#export-comfyui")[0].click()
         link = until(d, lambda d: css(d, "a.export-file"), 60, "the exported file's link")[0]
-        with urllib.request.urlopen(link.get_attribute("href")) as response:
+        with pytest.raises(urllib.error.HTTPError) as refused:  # a download without the secret
+            urllib.request.urlopen(link.get_attribute("href"))
+        assert refused.value.code == 401
+        with urllib.request.urlopen(urllib.request.Request(link.get_attribute("href"), headers=app.auth)) as response:
             data = response.read()
             assert "attachment" in response.headers["content-disposition"]
         header_len = struct.unpack("<Q", data[:8])[0]
         assert b"diffusion_model.layers.0" in data[8 : 8 + header_len]
         lora = css(d, "#download-lora")[0].get_attribute("href")
-        with urllib.request.urlopen(lora) as response:
+        with urllib.request.urlopen(urllib.request.Request(lora, headers=app.auth)) as response:
             assert response.read()[:8] == (home / "runs/zi-run/lora.safetensors").read_bytes()[:8]
     finally:
         app.close()
@@ -269,6 +286,7 @@ def test_dataset_run_compare_export_in_the_browser(driver, tmp_path, shots):
     # --- the app restarts on the same home: runs, jobs and comparisons are found again --------------------------
     again = App(home)
     try:
+        d.get(again.login)  # a new launch, a new secret: the old cookie opens nothing
         d.get(f"{again.url}/#/runs")
         until(d, lambda d: css(d, 'tr[data-run="e2e-run"] .badge[data-status="ok"]'), 30, "the run after a restart")
         d.get(f"{again.url}/#/jobs")
@@ -277,3 +295,36 @@ def test_dataset_run_compare_export_in_the_browser(driver, tmp_path, shots):
         assert statuses.count("succeeded") >= 4  # the run, two samples, the Z-Image export (and the mini export)
     finally:
         again.close()
+
+
+def test_a_planted_file_runs_no_script_on_the_app(driver, tmp_path):
+    """SVG, XHTML and HTML files planted in a dataset, opened in the logged-in browser: each would create a dataset
+    through the API if its script ran on the app's origin. The SVG and XHTML come as downloads; the HTML runs in a
+    sandbox without the app's origin (its request carries neither the cookie nor the app's origin)."""
+    d = driver
+    home = tmp_path / "home"
+    app = App(home)
+    try:
+        d.get(app.login)
+        until(d, lambda d: css(d, "header nav"), 30, "the app")
+        planted = home / "datasets/planted"
+        planted.mkdir(parents=True)
+        script = (
+            "fetch('/api/datasets', {method: 'POST', credentials: 'include', headers: {'x-dopsd-request': '1', "
+            "'content-type': 'application/json'}, body: JSON.stringify({name: 'NAME'})})"
+        )
+        svg = f'<svg xmlns="http://www.w3.org/2000/svg"><script>{script}</script></svg>'
+        xhtml = f'<html xmlns="http://www.w3.org/1999/xhtml"><body><script>{script}</script></body></html>'
+        html = f"<html><body><script>{script}</script></body></html>"
+        for name, text in (("evil.svg", svg), ("evil.xhtml", xhtml), ("evil.html", html)):
+            (planted / name).write_text(text.replace("NAME", f"pwned-{name.split('.')[1]}"))
+            d.get(f"{app.url}/files/datasets/planted/{name}")
+            time.sleep(1.5)
+        # the same script from the app's own page does create one: the check above can see a script that ran
+        d.get(f"{app.url}/")
+        until(d, lambda d: css(d, "header nav"), 30, "the app")
+        d.execute_script(script.replace("NAME", "control"))
+        until(d, lambda d: (home / "datasets/control").is_dir(), 10, "the control dataset")
+        assert not [p.name for p in (home / "datasets").iterdir() if p.name.startswith("pwned")]
+    finally:
+        app.close()

@@ -1,6 +1,7 @@
 """What `dopsd ui` refuses: files outside its home (.., absolute, encoded, symlinks out), other Host names on a local
-bind, requests without the token, cross-site and header-less state changes, oversized bodies, bad names, and
-user text reaching a shell."""
+bind, requests without the launch's secret, cross-site and header-less state changes, oversized bodies, bad names,
+user text reaching a shell; and how it serves what it does serve (inert). The secret flow of the real command and
+its warnings: tests/test_ui_secret.py."""
 
 from __future__ import annotations
 
@@ -127,8 +128,10 @@ def test_token_required_when_set(app_ctx):
     assert c.get("/api/info", headers={"authorization": "Bearer s3cret"}).status_code == 200
     assert c.get("/api/info?token=s3cret").status_code == 401  # the query token only opens the page
     first = c.get("/?token=s3cret")
-    assert first.status_code == 303 and "dopsd_ui_token=s3cret" in first.headers["set-cookie"]
-    assert "samesite=strict" in first.headers["set-cookie"].lower()
+    assert first.status_code == 303 and "dopsd_ui_token_80=s3cret" in first.headers["set-cookie"]  # per port
+    assert (
+        "samesite=strict" in first.headers["set-cookie"].lower() and "httponly" in first.headers["set-cookie"].lower()
+    )
     assert c.get("/api/info").status_code == 200  # the cookie from now on
     assert c.get("/files/datasets/d/a.png").status_code == 200
 
@@ -201,3 +204,71 @@ def test_the_real_server_binds_where_asked(tmp_path):
         thread.join(timeout=10)
         sock.close()
         close_ctx(ctx)
+
+
+def test_user_files_are_served_inert(app_ctx):
+    """An SVG, XHTML or XML file in a served folder would run its script on the app's origin if rendered: each is
+    only ever a download; the images the app shows come inline, and everything under a sandboxing CSP."""
+    ctx, _ = app_ctx
+    c = TestClient(create_app(ctx))
+    script = "<script>fetch('/api/datasets', {method: 'POST', headers: {'x-dopsd-request': '1'}})</script>"
+    ds = ctx.home.root / "datasets/d"
+    (ds / "evil.svg").write_text(f'<svg xmlns="http://www.w3.org/2000/svg">{script}</svg>')
+    (ds / "evil.xhtml").write_text(f'<html xmlns="http://www.w3.org/1999/xhtml"><body>{script}</body></html>')
+    (ds / "evil.xml").write_text('<x xmlns:h="http://www.w3.org/1999/xhtml"><h:script>alert(1)</h:script></x>')
+    (ds / "page.html").write_text(script)
+    for name in ("evil.svg", "evil.xhtml", "evil.xml", "evil.svg?download="):
+        r = c.get(f"/files/datasets/d/{name}")
+        assert r.status_code == 200, name
+        assert r.headers["content-type"] == "application/octet-stream", (name, r.headers["content-type"])
+        assert r.headers["content-disposition"].startswith("attachment"), name
+        assert "sandbox" in r.headers["content-security-policy"] and r.headers["x-content-type-options"] == "nosniff"
+    image = c.get("/files/datasets/d/a.png")
+    assert image.headers["content-type"] == "image/png" and "content-disposition" not in image.headers
+    assert image.headers["content-security-policy"].endswith("sandbox")  # no allow-scripts: nothing runs
+    html = c.get("/files/datasets/d/page.html")
+    assert html.headers["content-security-policy"] == "sandbox allow-scripts"  # an opaque origin, not the app's
+
+
+def test_state_changes_and_downloads_need_the_secret(app_ctx):
+    """The app's request header alone (what any local program can send) no longer starts anything."""
+    ctx, _ = app_ctx
+    c = TestClient(create_app(ctx, token="per-launch-secret-123"), follow_redirects=False)
+    for method, url in (
+        ("POST", "/api/tryit"),
+        ("POST", "/api/datasets"),
+        ("POST", "/api/runs"),
+        ("PUT", "/api/settings"),
+    ):
+        r = c.request(method, url, json={"name": "x"}, headers=HEADERS)
+        assert r.status_code == 401 and "secret" in r.json()["error"], (url, r.status_code)
+    assert not ctx.jobs.list() and not (ctx.home.root / "datasets/x").exists()
+    assert c.get("/files/datasets/d/a.png").status_code == 401
+    assert c.get("/files/datasets/d/a.png?token=per-launch-secret-123").status_code == 401  # only / takes it
+    page = c.get("/")
+    assert page.status_code == 401 and 'name="token"' in page.text and "/static/js/app.js" not in page.text
+    wrong = c.get("/?token=guess")
+    assert wrong.status_code == 401 and "not this app" in wrong.text and "set-cookie" not in wrong.headers
+    assert c.get("/?token=per-launch-secret-123").status_code == 303
+    assert c.post("/api/datasets", json={"name": "x"}, headers=HEADERS).status_code == 200  # the cookie
+    assert c.post("/api/datasets", json={"name": "y"}).status_code == 403  # and still the app's header
+    assert c.get("/files/datasets/d/a.png?download=1").status_code == 200
+    bearer = TestClient(create_app(ctx, token="per-launch-secret-123"))
+    auth = {**HEADERS, "authorization": "Bearer per-launch-secret-123"}
+    assert bearer.post("/api/datasets", json={"name": "z"}, headers=auth).status_code == 200
+
+
+def test_a_caption_link_out_of_the_home_is_refused(app_ctx):
+    ctx, tmp = app_ctx
+    ds = ctx.home.root / "datasets/d"
+    (ds / "a.txt").unlink()
+    os.symlink(tmp / "secret.txt", ds / "a.txt")
+    r = TestClient(create_app(ctx)).get("/api/datasets/d")
+    assert r.status_code == 400 and "datasets/d/a.txt is a link to a file outside" in r.json()["error"]
+    assert "outside the home" not in r.text  # the linked file's content
+    (ds / "a.txt").unlink()
+    inside = ctx.home.root / "datasets/caption.txt"
+    inside.write_text("a caption kept elsewhere in the home")
+    os.symlink(inside, ds / "a.txt")  # a link within the home is fine
+    r = TestClient(create_app(ctx)).get("/api/datasets/d")
+    assert r.status_code == 200 and r.json()["files"][0]["caption"] == "a caption kept elsewhere in the home"

@@ -22,7 +22,9 @@ FAST_RUN = {
 }
 
 
-def make_ctx(home: Path, max_jobs: int = 1, grace: float = 10.0) -> Any:
+def make_ctx(home: Path, max_jobs: int = 1, grace: float = 60.0) -> Any:
+    """A stopped run finishes its step and checkpoints it before it exits (seconds on a busy CPU): `grace` leaves it
+    the time, as `dopsd ui --grace` does."""
     from dopsd.ui import build
 
     return build(home, max_jobs=max_jobs, threads=1, grace=grace)
@@ -33,7 +35,7 @@ def close_ctx(ctx: Any) -> None:
     for job in ctx.jobs.list():
         if job.status in ("queued", "running", "stopping"):
             ctx.jobs.stop(job.id)
-    deadline = time.time() + 20
+    deadline = time.time() + 90
     while time.time() < deadline and any(j.status in ("running", "stopping") for j in ctx.jobs.list()):
         ctx.jobs.tick()
         time.sleep(0.2)

@@ -22,7 +22,13 @@ from typing import Any
 
 import torch
 
+import dopsd.training.api
 from dopsd.bench.jobs import METHODS, PRIOR_PROMPTS, Job, make_adapter, prior_prompts_override, trainer_config
+from dopsd.bench.suite import agreement, build_suite, quality, unrelated_accuracy
+from dopsd.config import load_config
+from dopsd.data.dataset import load_dataset
+from dopsd.mini import metrics, world
+from dopsd.training.trainer import TrainingUnhealthy
 
 PRIOR = [o for o in METHODS["dopsd_prior"] if o.startswith("method.prior")]
 KEPT_PER_ROUND = 4  # earlier rounds' training captions the *_prior methods add to their prior prompts, per round
@@ -76,8 +82,6 @@ def data_folders(cs: ContinualSetting, out: Path) -> dict[str, list[str]]:
 
 
 def write_data(cs: ContinualSetting, out: Path) -> dict[str, list[str]]:
-    from dopsd.mini import world
-
     folders = data_folders(cs, out)
     for seq in cs.sequences:
         for r, (target, folder) in enumerate(zip(seq, folders[sequence_name(seq)])):
@@ -127,9 +131,6 @@ def jobs(cs: ContinualSetting, out: Path, model: str, suite: dict[str, int]) -> 
 
 
 def _captions(folder: str) -> list[str]:
-    from dopsd.config import load_config
-    from dopsd.data.dataset import load_dataset
-
     cfg = load_config("mini", [f"data.path={folder}"])
     return [c for ex in load_dataset(cfg.data, cfg.model) for c in ex.captions]
 
@@ -145,8 +146,6 @@ def method_overrides(method: str, earlier_captions: list[list[str]]) -> list[str
 
 
 def _suites(job: Job, adapter: Any, captions: list[list[str]]) -> list[Any]:
-    from dopsd.bench.suite import build_suite
-
     s = job.suite
     return [
         build_suite(adapter, target, caps, s["n_train"], s["n_unseen"], s["n_unrelated"], s["many_steps"], s["n_many"])
@@ -156,9 +155,6 @@ def _suites(job: Job, adapter: Any, captions: list[list[str]]) -> list[Any]:
 
 def measure(suites: list[Any], network: Any, done: int) -> dict[str, Any]:
     """After `done` rounds (0 = the untouched model): the metrics of METRICS."""
-    from dopsd.bench.suite import agreement, quality, unrelated_accuracy
-    from dopsd.mini import metrics
-
     first = suites[0]
     fid = [s.fidelity(s.sample(network, "train", s.few_steps)) for s in suites[: max(done, 1)]]
     unrelated = first.sample(network, "unrelated", first.few_steps)
@@ -178,9 +174,6 @@ def measure(suites: list[Any], network: Any, done: int) -> dict[str, Any]:
 
 def run_continual(job: Job) -> dict[str, Any]:
     """Every round of one (sequence, method, seed); returns {'job', 'rounds': [...], 'seconds', …}."""
-    import dopsd.training.api
-    from dopsd.training.trainer import TrainingUnhealthy
-
     torch.set_num_threads(job.threads)
     started, cpu_started = time.perf_counter(), time.process_time()
     evaluator = make_adapter(job.model)  # contexts and the untouched turbo's references, kept for every round

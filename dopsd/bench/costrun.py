@@ -12,13 +12,13 @@ from typing import Any
 import torch
 
 from dopsd.bench.cost import CostProbe, count_flops, implied_flops, measure_costs, state_tensors
-from dopsd.bench.jobs import Job, build_trainer, make_adapter
+from dopsd.bench.jobs import METHODS, Job, build_trainer, make_adapter, trainer_config
+from dopsd.bench.suite import add_deltas
+from dopsd.data.dataset import load_dataset, load_example_images
 
 
 def _per_call_flops(adapter: Any, trainer_cfg: Any, data_dir: str) -> tuple[Any, Any, Any]:
     """Student and teacher contexts for one training batch (built before the trainer releases the encoder)."""
-    from dopsd.data.dataset import load_dataset, load_example_images
-
     examples = load_dataset(trainer_cfg.data, trainer_cfg.model)
     b = trainer_cfg.train.batch_size
     picked = [examples[i % len(examples)] for i in range(b)]
@@ -31,9 +31,6 @@ def _per_call_flops(adapter: Any, trainer_cfg: Any, data_dir: str) -> tuple[Any,
 
 def trainer_probe(job: Job, method: str, dedistill: str | None) -> tuple[CostProbe, dict[str, float]]:
     from safetensors.torch import load_file
-
-    from dopsd.bench.jobs import METHODS, trainer_config
-    from dopsd.bench.suite import add_deltas
 
     adapter = make_adapter(job.model)
     if method == "sft_adapter" and dedistill:

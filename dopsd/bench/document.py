@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from dopsd.bench.claims import MIN_EFFECT, check_cost, check_setting
+from dopsd.bench.continual import check_claim
 from dopsd.bench.report import Block, write_report
 from dopsd.bench.report_sections import continual_section, setting_section
 from dopsd.bench.results import (
@@ -18,6 +19,7 @@ from dopsd.bench.results import (
     is_trained,
     write_results,
 )
+from dopsd.config import load_config
 
 COST_MAP = {
     "sec_per_step": "sec_per_step",
@@ -73,8 +75,6 @@ def _merge_costs(rows: dict[str, dict[str, Any]], costs: dict[str, Any]) -> None
 
 
 def _setting_info(cfg: Any, s: Any, meta: dict[str, Any]) -> dict[str, Any]:
-    from dopsd.config import load_config
-
     tc = load_config("mini", s.overrides)  # the trainer's resolved values (preset + the setting's overrides)
     return {
         "name": s.name,
@@ -175,8 +175,6 @@ def build_report(
         claims += check_setting(s.name, methods, curves[s.name]) + check_cost(s.name, cost)
         setting_blocks += setting_section(out, cfg, s, info, methods, curves[s.name], images[s.name], cost)
     if continual is not None:
-        from dopsd.bench.continual import check_claim
-
         cs = cfg.continual
         results["continual"] = {
             "setting": {

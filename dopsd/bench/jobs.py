@@ -18,6 +18,15 @@ from typing import Any
 
 import torch
 
+import dopsd.training.api
+from dopsd.bench.suite import add_deltas, build_suite, lora_deltas, without_deltas
+from dopsd.config import load_config
+from dopsd.data.dataset import load_dataset
+from dopsd.files import save_safetensors
+from dopsd.lora.inject import lora_state_dict
+from dopsd.mini import adapter as mini
+from dopsd.training.trainer import Trainer, TrainingUnhealthy
+
 # The unrelated prompts on-policy prior preservation keeps (dopsd_prior, and the continual setting's *_prior).
 PRIOR_PROMPTS = [
     "a red circle on a gray background",
@@ -87,8 +96,6 @@ class Job:
 
 def make_adapter(model: str, kind: str = "turbo") -> Any:
     """A fresh miniature adapter (each job mutates its network). kind='base' loads the undistilled base."""
-    from dopsd.mini import adapter as mini
-
     if model == "tiny-random":
         adapter = mini.tiny_random_adapter(seed=0, teacher_context="reference")  # "vlm" barely sees the image
         adapter.kind = "turbo"  # its own few-step setting stands in for the turbo's
@@ -104,8 +111,6 @@ def make_adapter(model: str, kind: str = "turbo") -> Any:
 
 
 def trainer_config(job: Job, method_overrides: list[str]) -> Any:
-    from dopsd.config import load_config
-
     # A diverged run is a result too (the report shows its numbers): never abort one on non-finite steps.
     # One sample grid image before and after training: the bench evaluates with its own suite.
     common = [
@@ -129,9 +134,6 @@ def trainer_config(job: Job, method_overrides: list[str]) -> Any:
 
 def build_trainer(job: Job, adapter: Any, method: str) -> Any:
     """A prepared trainer that is not run (the cost probe times its steps)."""
-    from dopsd.data.dataset import load_dataset
-    from dopsd.training.trainer import Trainer
-
     cfg = trainer_config(job, METHODS[method])
     trainer = Trainer(cfg, Path(job.work_dir), load_dataset(cfg.data, cfg.model), adapter=adapter)
     trainer.prepare()
@@ -139,10 +141,6 @@ def build_trainer(job: Job, adapter: Any, method: str) -> Any:
 
 
 def _suite(job: Job, adapter: Any) -> Any:
-    from dopsd.bench.suite import build_suite
-    from dopsd.config import load_config
-    from dopsd.data.dataset import load_dataset
-
     cfg = load_config("mini", [f"data.path={job.data_dir}"])
     captions = [c for ex in load_dataset(cfg.data, cfg.model) for c in ex.captions]
     s = job.suite
@@ -154,9 +152,6 @@ def _suite(job: Job, adapter: Any) -> Any:
 def train(job: Job, adapter: Any, method: str, on_step: Any = None) -> list[dict[str, Any]]:
     """Train `adapter` as `method` in the job's run folder (moving an earlier attempt's folder aside); returns
     the step records. `on_step(trainer, record)`: the training loop's per-step callback."""
-    import dopsd.training.api
-    from dopsd.training.trainer import TrainingUnhealthy
-
     records: list[dict[str, Any]] = []
 
     def step(trainer: Any, record: dict[str, Any]) -> None:
@@ -183,12 +178,6 @@ def run_job(job: Job) -> dict[str, Any]:
     """Train (or not, for `base`) and evaluate; returns {'job', 'final', 'curve', 'images', 'seconds', …}."""
     from safetensors.torch import load_file
 
-    from dopsd.bench.suite import add_deltas, without_deltas
-
-    if job.setting == "continual":  # a sequence of rounds, each its own run (dopsd.bench.continual)
-        from dopsd.bench.continual import run_continual
-
-        return run_continual(job)
     torch.set_num_threads(job.threads)
     started, cpu_started = time.perf_counter(), time.process_time()
     adapter = make_adapter(job.model)
@@ -254,11 +243,6 @@ def train_dedistill(job: Job, out_file: str) -> dict[str, Any]:
 
     Saved as ΔW = scale·B·A per module so it can be merged into any network (LoRA or full fine-tune).
     """
-    from safetensors.torch import save_file
-
-    from dopsd.bench.suite import lora_deltas
-    from dopsd.lora.inject import lora_state_dict
-
     torch.set_num_threads(job.threads)
     started, cpu_started = time.perf_counter(), time.process_time()
     adapter = make_adapter(job.model)
@@ -266,7 +250,7 @@ def train_dedistill(job: Job, out_file: str) -> dict[str, Any]:
     cfg = trainer_config(job, METHODS["sft"])
     deltas = lora_deltas(lora_state_dict(adapter.network), cfg.lora.alpha / cfg.lora.rank)
     Path(out_file).parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in deltas.items()}, out_file)
+    save_safetensors(out_file, {k: v.contiguous() for k, v in deltas.items()})
     return {
         "seconds": time.perf_counter() - started,
         "cpu_seconds": time.process_time() - cpu_started,

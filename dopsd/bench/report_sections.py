@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from dopsd.bench.continual import sequence_name
 from dopsd.bench.figures import image_grid, plot_curves
 from dopsd.bench.report import Block, fmt, results_table
 
@@ -151,7 +152,6 @@ def continual_section(cs: Any, rows: dict[str, Any]) -> list[Block]:
         "unrelated acc. ↑",
         "drift ↓",
     ]
-    from dopsd.bench.continual import sequence_name
 
     for seq in cs.sequences:
         name, table = sequence_name(seq), [head]

@@ -16,8 +16,18 @@ import torch
 
 from dopsd.bench import continual
 from dopsd.bench.aggregate import aggregate
-from dopsd.bench.jobs import REFERENCE_ROW, Job, run_job, train_dedistill
+from dopsd.bench.costrun import measure_setting_costs
+from dopsd.bench.document import build_report
+from dopsd.bench.jobs import REFERENCE_ROW, Job, train_dedistill
+from dopsd.bench.jobs import run_job as run_one_setting
 from dopsd.bench.settings import BenchConfig
+from dopsd.mini import world
+
+
+def run_job(job: Job) -> dict[str, Any]:
+    """One job: a continual job is a sequence of rounds, each its own run (dopsd.bench.continual); any other, one
+    run and its evaluation (dopsd.bench.jobs)."""
+    return continual.run_continual(job) if job.setting == "continual" else run_one_setting(job)
 
 
 def _data_folders(cfg: BenchConfig, out: Path) -> dict[str, str]:
@@ -29,8 +39,6 @@ def _data_folders(cfg: BenchConfig, out: Path) -> dict[str, str]:
 
 
 def _write_data(cfg: BenchConfig, out: Path) -> dict[str, str]:
-    from dopsd.mini import world
-
     folders = _data_folders(cfg, out)
     for s in cfg.settings:
         for target in s.targets:
@@ -244,9 +252,6 @@ def machine_note() -> str:
 def run_bench(cfg: BenchConfig, out: Path, log: Any = print, resume: bool = False) -> dict[str, Any]:
     """Everything `dopsd bench` does; returns {'seconds', 'results'} and writes the report folder.
     resume: keep the saved results of an interrupted run in `out` (same options) and run only the rest."""
-    from dopsd.bench.costrun import measure_setting_costs
-    from dopsd.bench.document import build_report
-
     started, cpu_started = time.perf_counter(), time.process_time()
     done = {}
     if resume:  # read (and checked: settings mismatch fails) before anything is written

@@ -20,28 +20,7 @@ from torch import nn
 
 from dopsd.core.sampler import sample_euler
 from dopsd.mini import metrics, world
-
-
-def _tinted(rgb: tuple[float, float, float]) -> tuple[float, float, float]:
-    tint, amount = world.DOMAIN_TINT
-    return tuple((1 - amount) * c + amount * t for c, t in zip(rgb, tint))  # type: ignore[return-value]
-
-
-def _palette(colours: dict[str, tuple[float, float, float]]) -> tuple[list[str], torch.Tensor]:
-    """Names and RGB of a palette plus its domain-tinted twins (same names): tint-invariant naming."""
-    names = list(colours) + list(colours)
-    rgb = torch.tensor([colours[n] for n in colours] + [_tinted(colours[n]) for n in colours])
-    return names, rgb
-
-
-_FG = _palette({**world.COLOURS, **world.CONCEPTS})
-_BG = _palette(world.BACKGROUNDS)
-
-
-def _names(rgb: torch.Tensor, palette: tuple[list[str], torch.Tensor]) -> list[str]:
-    names, ref = palette
-    return [names[i] for i in world.colour_distance(rgb[:, None], ref[None]).argmin(1).tolist()]
-
+from dopsd.mini.scoring import BACKGROUND, FOREGROUND, attribute_checks, colour_names, unrelated_accuracy
 
 # Preservation tolerances. The decoder fits centres on a 0.5-px grid and sizes on a 1-px grid, so re-decoding the
 # same scene can move either by about a grid step; a shape that moved or resized by more than 1.5 px changed.
@@ -56,11 +35,11 @@ def preserved(dec: metrics.Decoded, ref: metrics.Decoded) -> torch.Tensor:
         (a, f, b) == (ra, rf, rb)
         for a, f, b, ra, rf, rb in zip(
             dec.shape.tolist(),
-            _names(dec.fg, _FG),
-            _names(dec.bg, _BG),
+            colour_names(dec.fg, FOREGROUND),
+            colour_names(dec.bg, BACKGROUND),
             ref.shape.tolist(),
-            _names(ref.fg, _FG),
-            _names(ref.bg, _BG),
+            colour_names(ref.fg, FOREGROUND),
+            colour_names(ref.bg, BACKGROUND),
         )
     ]
     close = ((dec.cx - ref.cx).abs() <= POSITION_TOL) & ((dec.cy - ref.cy).abs() <= POSITION_TOL)
@@ -82,33 +61,11 @@ def geometry_change(dec: metrics.Decoded, ref: metrics.Decoded) -> dict[str, flo
     return {"position_shift_px": float(shift.mean()), "size_change_px": float((dec.size - ref.size).abs()[same].mean())}
 
 
-def _attribute_checks(dec: metrics.Decoded, captions: list[str]) -> list[list[bool]]:
-    """Per sample, one bool per captioned attribute (shape, colour unless `sks`, background if named)."""
-    fg, bg = _names(dec.fg, _FG), _names(dec.bg, _BG)
-    out = []
-    for i, caption in enumerate(captions):
-        colour, shape, background = metrics.parse_caption(caption)
-        checks = [world.SHAPES[int(dec.shape[i])] == shape]
-        if colour != world.PLACEHOLDER:
-            checks.append(fg[i] == colour)
-        if background is not None:
-            checks.append(bg[i] == background)
-        out.append(checks)
-    return out
-
-
 def attribute_accuracy(dec: metrics.Decoded, captions: list[str]) -> float:
     """Mean over samples of the fraction of captioned attributes (shape, colour, background) decoded right,
     tint-invariant (a domain-tinted red still counts as red)."""
-    checks = _attribute_checks(dec, captions)
+    checks = attribute_checks(dec, captions)
     return sum(sum(c) / len(c) for c in checks) / len(checks)
-
-
-def unrelated_accuracy(dec: metrics.Decoded, captions: list[str]) -> float:
-    """Fraction of samples whose captioned attributes are ALL decoded right: does "a red square" still come out
-    a red square."""
-    checks = _attribute_checks(dec, captions)
-    return sum(all(c) for c in checks) / len(checks)
 
 
 def in_domain(dec: metrics.Decoded) -> torch.Tensor:

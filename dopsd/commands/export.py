@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from dopsd.lora.files import DEFAULT_DTYPE, DTYPES, RUN_CONFIG, RUN_LORA
-from dopsd.tools.export import FAMILIES, FORMATS, WEIGHTS_NAME, export
+from dopsd.tools.export import CARD_NAME, FAMILIES, FORMATS, WEIGHTS_NAME, export
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         choices=tuple(DTYPES),
         default=DEFAULT_DTYPE,
-        help=f"tensor dtype of the file (default {DEFAULT_DTYPE}; fp32 is twice the size)",
+        help=f"tensor dtype of the file (default {DEFAULT_DTYPE}; fp32 is twice the size and comes from the float32 "
+        "weights of the run's last checkpoint)",
     )
     parser.add_argument(
         "--model",
@@ -39,7 +40,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--title", default=None, help="title shown by UIs (default: the run folder's name)")
     parser.add_argument("--trigger-word", default=None, help="trigger word to record (default: the run's, if any)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    parser.add_argument(
+        "--model-card",
+        action="store_true",
+        help=f"also write a Hugging Face model card ({CARD_NAME}: base model, trigger word, tags, the run's samples "
+        "in images/) beside the file, to publish the LoRA on the Hub",
+    )
+    parser.add_argument(
+        "--base-model",
+        default=None,
+        help="the model card's base_model: the Hub repository of the base (default: the published model the "
+        "LoRA's shapes identify, e.g. black-forest-labs/FLUX.2-klein-4B)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file (and model card)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -53,6 +66,10 @@ def main(args: argparse.Namespace) -> int:
         title=args.title,
         trigger_word=args.trigger_word,
         overwrite=args.overwrite,
+        model_card=args.model_card,
+        base_model=args.base_model,
     )
     print(f"wrote {written} ({args.dtype}; loads in diffusers and ComfyUI at strength 1)")
+    if args.model_card:
+        print(f"wrote {written.parent / CARD_NAME} (Hugging Face model card)")
     return 0

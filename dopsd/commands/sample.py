@@ -28,6 +28,8 @@ from dopsd.data.images import grid_image, to_pil
 from dopsd.lora.trained import FULL_FILE, LORA_FILE, apply_trained, trained_meta
 
 SLUG_CHARS = 40  # the prompt's first characters in a sample's file name
+# What `sample_file` names, its sidecar, and the temporary name of either that a killed run may leave (dopsd.files).
+SAMPLE_FILE = re.compile(r"^(p\d{2,}-[a-z0-9-]*-s\d+\.(png|json)|\.p\d{2,}-[a-z0-9-]*-s\d+\.(png|json)\.\d+\.tmp)$")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +45,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora", type=Path, help="LoRA/weights file (default: the run folder's, if any)")
     parser.add_argument("--no-lora", action="store_true", help="sample the model without the run's LoRA")
     parser.add_argument("--lora-scale", type=finite, default=1.0, help="LoRA strength (default 1)")
+    parser.add_argument(
+        "--source",
+        type=Path,
+        action="append",
+        dest="sources",
+        help="editing models (model.editing): a source image every prompt edits (repeat for several sources)",
+    )
     parser.add_argument("--steps", type=count(1), help="sampling steps (default: the model's few-step setting)")
     parser.add_argument(
         "--prompt",
@@ -117,14 +126,18 @@ def main(args: argparse.Namespace) -> int:
     files = {(i, s): sample_file(out, first + i, prompts[i], s) for i in range(len(prompts)) for s in args.seeds}
     _check_sample_files(out, files.values(), args.overwrite)
     device = cli_args.device("--device", args.device)
+    sources = source_images(args.sources, config.model)
 
     adapter = load_adapter(config.model, device, torch_dtype(config.model.dtype))
-    if weights is not None:
-        apply_trained(adapter.network, Path(weights), args.lora_scale)
     m = config.model
     schedule = adapter.inference_schedule(m.height, m.width, args.steps or m.inference_steps)
     steps = len(schedule) - 1
-    contexts = adapter.student_contexts(list(prompts), None)
+    contexts = adapter.student_contexts(list(prompts), [sources] * len(prompts) if sources else None)
+    # Every context is computed: the encoders go before the denoiser loads (on first use of adapter.network), so
+    # the two never share the memory (a full-size text encoder and transformer together are ~20 GB in bf16).
+    adapter.release_encoders()
+    if weights is not None:
+        apply_trained(adapter.network, Path(weights), args.lora_scale)
     shape = adapter.latent_shape(m.height, m.width)
     images = []
     for (i, s), path in files.items():  # one at a time: a sample never depends on the rest of the grid
@@ -142,6 +155,27 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def source_images(paths: list[Path] | None, model: Any) -> list[Any]:
+    """The --source images at the model's sampling size; refused for a model that takes none."""
+    from dopsd.data.image_files import ImageRefused, load_image
+    from dopsd.errors import UsageError
+
+    if not paths:
+        return []
+    if not model.editing:
+        raise UsageError(
+            f"--source {paths[0]}: source images are for editing models; this {model.family} config has "
+            "model.editing false (sample the editing run's folder, or pass model.editing=true for an editing LoRA)"
+        )
+    images = []
+    for path in paths:
+        try:
+            images.append(load_image(Path(path), (model.height, model.width)))
+        except (ImageRefused, OSError) as err:
+            raise UsageError(f"--source {path}: cannot be used as a source image ({err}); give a PNG or JPEG") from None
+    return images
+
+
 def sample_file(out: Path, prompt_index: int, prompt: str, seed: int) -> Path:
     """Where the sample (prompt_index, seed) of the grid `out` goes: OUT_STEM/pII-SLUG-sSEED.png."""
     slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower())[:SLUG_CHARS].strip("-") or "prompt"
@@ -156,6 +190,13 @@ def _check_sample_files(out: Path, files: Any, overwrite: bool) -> None:
     if folder.exists() and not folder.is_dir():
         raise UsageError(
             f"--out {out}: the samples go to the folder {folder}, but a file of that name exists; choose another --out"
+        )
+    strange = sorted(p.name for p in folder.iterdir() if not SAMPLE_FILE.match(p.name)) if folder.is_dir() else []
+    if strange:  # e.g. `--out data.png` beside a dataset folder `data/`: never written into
+        raise UsageError(
+            f"--out {out}: the samples go to the folder {folder}, which holds files dopsd did not write there "
+            f"({', '.join(strange[:3])}{' …' if len(strange) > 3 else ''}); dopsd puts its samples only in a folder "
+            "of its own: choose another --out"
         )
     paths = [p for f in files for p in (f, f.with_suffix(".json"))]
     taken = [p for p in paths if p.exists()]
@@ -176,6 +217,7 @@ def sidecar(
     command += ["--lora", str(args.lora)] if args.lora is not None else []
     command += ["--no-lora"] if args.no_lora else []
     command += ["--lora-scale", f"{args.lora_scale:g}"] if args.lora_scale != 1.0 else []
+    command += [a for src in args.sources or [] for a in ("--source", str(src))]
     command += ["--steps", str(steps), "--prompt", prompt, "--prompt-index", str(prompt_index), "--seeds", str(seed)]
     return {
         "prompt": prompt,
@@ -191,5 +233,6 @@ def sidecar(
         },
         "lora": None if weights is None else str(Path(weights).resolve()),
         "lora_scale": args.lora_scale,
+        "sources": [str(Path(src).resolve()) for src in args.sources or []],
         "reproduce": shlex.join(command),
     }

@@ -12,7 +12,10 @@ EPILOG = """examples:
   dopsd train my_config.yaml method.name=sft     # the SFT baseline
 presets: mini, zimage-turbo, flux2-klein-4b, flux2-klein-9b; every key: docs/configuration.md
 exit codes: 0 ok; 2 bad input or a refused start (nothing written); 3 aborted (non-finite steps);
-  4 unhealthy (finished, but the model is broken); summary.json in the run folder records the status
+  4 unhealthy (finished, but the model is broken); summary.json in the run folder records the status;
+  5 the machine (disk full, permissions, memory; the checkpoints are intact, the message says how to resume);
+  130 / 143 stopped by Ctrl-C / SIGTERM after finishing the step and writing a checkpoint (--resume continues;
+  a second Ctrl-C stops at once); all in dopsd/errors.py
 """
 
 

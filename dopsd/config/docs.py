@@ -16,7 +16,7 @@ from dopsd.config.presets import PRESETS
 from dopsd.config.types import type_name as _type_name
 from dopsd.config.validate import range_text
 
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 
 
 def _default_text(f: dataclasses.Field) -> str:

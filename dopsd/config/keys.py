@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from dopsd.config.types import ConfigError, NonFiniteError, coerce, load_yaml
+from dopsd.config.validate import range_text
 
 
 def type_hints(cls: type) -> dict[str, Any]:
@@ -53,8 +54,6 @@ def set_value(config: Any, key: str, value: Any) -> None:
     try:
         setattr(obj, name, coerce(value, hints[name], key))
     except NonFiniteError as err:  # say what a valid value is
-        from dopsd.config.validate import range_text
-
         bounds = next(f for f in dataclasses.fields(obj) if f.name == name).metadata.get("bounds")
         raise NonFiniteError(f"{err}; it must be {range_text(bounds)}" if bounds else str(err)) from None
 

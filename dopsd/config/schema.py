@@ -28,6 +28,7 @@ import yaml
 from dopsd.config.keys import flatten, parse_override, set_value
 from dopsd.config.presets import PRESETS
 from dopsd.config.types import ConfigError, load_yaml
+from dopsd.config.validate import validate as check
 
 SEED_LIMIT = 2**32  # numpy's legacy seeding (accelerate.set_seed) takes seeds below 2^32
 
@@ -216,7 +217,15 @@ class TrainConfig:
     max_nonfinite: int = opt(
         5, "Abort after this many non-finite losses/gradients in a row (each one is skipped).", ge=1
     )
-    fsdp: dict[str, Any] = opt({}, "accelerate FullyShardedDataParallelPlugin kwargs; empty = off (untested on CPU).")
+    fsdp: bool = opt(
+        False,
+        "Shard the trained network over the processes with torch's FSDP2 (fully_shard per transformer block, then "
+        "the whole model): each process holds 1/N of the float32 weights, gradients, AdamW states and EMA teacher. "
+        "Full fine-tunes (lora.enabled=false), with bf16 or no mixed precision. The same on the CPU (gloo) and on "
+        "GPUs: start N processes (`accelerate launch --multi_gpu --num_processes N`, or `torchrun --nproc_per_node "
+        "N`); with one process the model trains whole. Checkpoints and model.safetensors hold whole tensors, one "
+        "ordinary file each (gathered on saving), and resume with another number of processes (the same global batch).",
+    )
     device: str | None = opt(
         None, "'cpu' forces the CPU; null = accelerate's choice (choose GPUs with CUDA_VISIBLE_DEVICES)."
     )
@@ -351,6 +360,4 @@ def load_config(source: str | Path | dict[str, Any] | Config, overrides: list[st
 
 def validate(config: Config) -> None:
     """Every option in its declared range and the relations between options (see dopsd.config.validate)."""
-    from dopsd.config.validate import validate as check
-
     check(config)

@@ -1,5 +1,5 @@
-"""Config checks after typing: every bounded option inside its range, the relations the trainer relies on,
-and the `train.fsdp` keys against accelerate's FSDP plugin.
+"""Config checks after typing: every bounded option inside its range, the relations the trainer relies on
+(full fine-tunes' precision and train.fsdp among them).
 
 Ranges are declared on the fields themselves (`opt(..., ge=1)` in dopsd.config); this module enforces them
 for every option, so a new bounded option needs no code here. Each message names the key, the value given and
@@ -9,7 +9,6 @@ the valid range.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from typing import Any
 
 from dopsd.config.types import ConfigError
@@ -106,29 +105,38 @@ def check_relations(c: Config) -> None:
             "quantized base cannot be fine-tuned itself; train a LoRA (lora.enabled=true) or set "
             "model.quantize=none for a full fine-tune"
         )
-    check_fsdp(c.train.fsdp)
+    check_precision(c)
 
 
-# --- train.fsdp ---------------------------------------------------------------------------------------------
-def _fsdp_fields() -> dict[str, Any]:
-    from accelerate.utils import FullyShardedDataParallelPlugin
-
-    return {f.name: f.type for f in dataclasses.fields(FullyShardedDataParallelPlugin) if f.init}
-
-
-def check_fsdp(fsdp: dict[str, Any]) -> None:
-    """`train.fsdp` keys against accelerate's FullyShardedDataParallelPlugin (introspected, so the accepted keys
-    follow the installed accelerate). Values are accelerate's to parse: it accepts several spellings per option."""
-    if not fsdp:
+# --- full fine-tunes and train.fsdp ----------------------------------------------------------------------------
+def check_precision(c: Config) -> None:
+    """A full fine-tune keeps float32 master weights and needs autocast on a low-precision model; train.fsdp
+    shards such a run (dopsd.training.sharding) and supports what it was built and tested for."""
+    full, low = not c.lora.enabled, c.model.dtype in ("bfloat16", "float16")
+    if full and low and c.train.mixed_precision == "no":
+        raise ConfigError(
+            f"config key 'train.mixed_precision' is 'no' but model.dtype is {c.model.dtype!r} and lora.enabled is "
+            "false: a full fine-tune trains float32 master weights and computes in the model's dtype under "
+            "autocast; set train.mixed_precision=bf16 (fp16 for a float16 model), or model.dtype=float32"
+        )
+    if not c.train.fsdp:
         return
-    fields = _fsdp_fields()
-    for key in fsdp:
-        if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
-            hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(fields)}"
-            raise ConfigError(
-                f"config key 'train.fsdp.{key}' is not an option of accelerate's FullyShardedDataParallelPlugin; {hint}"
-            )
+    if c.lora.enabled:
+        raise ConfigError(
+            "config key 'train.fsdp' is true but lora.enabled is true: train.fsdp shards a full fine-tune "
+            "(lora.enabled=false); a LoRA run trains few weights on a frozen base (model.quantize shrinks that "
+            "base), so set train.fsdp=false"
+        )
+    if c.train.mixed_precision == "fp16":
+        raise ConfigError(
+            "config key 'train.mixed_precision' is 'fp16' with train.fsdp: the fp16 gradient scaler is not "
+            "supported on sharded gradients; use train.mixed_precision=bf16"
+        )
+    if c.optim.eight_bit:
+        raise ConfigError(
+            "config key 'optim.eight_bit' is true with train.fsdp: 8-bit AdamW does not take sharded weights; "
+            "set optim.eight_bit=false (FSDP already splits the AdamW states over the processes)"
+        )
 
 
 def validate(config: Config) -> None:

@@ -44,6 +44,17 @@ def sample_seed(seed: int, prompt_index: int) -> int:
     return (int(seed) + int(prompt_index) * PROMPT_STRIDE) % 2**63
 
 
+# A sampling batch (denoiser calls and their decode) holds at most this many pixels, and at least one image: one
+# image at 1024², four at 512², the whole batch at small sizes. Decoding eight 1024² images in one VAE call held
+# ~12 GiB of activations during training, more than the training step itself (`dopsd plan` counts this phase).
+SAMPLE_PIXELS = 1024 * 1024
+
+
+def sample_batch(height: int, width: int, samples: int) -> int:
+    """Images per sampling batch for `samples` images of height×width (see SAMPLE_PIXELS)."""
+    return max(1, min(int(samples), SAMPLE_PIXELS // (height * width)))
+
+
 @contextmanager
 def inference_mode(network: torch.nn.Module) -> Iterator[None]:
     """Sampling as at inference, also in the middle of training: no gradient, and dropout (LoRA dropout included)

@@ -9,6 +9,10 @@ teacher forward:
   * base – the initial values, frozen (under LoRA: the adapter at init, B=0, i.e. the adapter off);
   * live – no copy: the teacher is the current student (ablation; it collapses).
 The same class gives the *original* model for on-policy prior preservation (mode "base").
+
+An EMA shadow is float32 whatever the weights' dtype: a decay of 0.9999 moves it by 1e-4 of the gap to the
+student per step, which a bf16 shadow (8 mantissa bits) rounds away entirely. Sharded weights (DTensors of torch
+FSDP2, dopsd.training.sharding) get a shadow sharded the same way: a clone of each DTensor.
 """
 
 from __future__ import annotations
@@ -18,6 +22,14 @@ from typing import Any, Iterator, Literal
 
 import torch
 from torch import nn
+
+try:  # sharded weights (torch FSDP2); a torch built without torch.distributed has none
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # pragma: no cover - such builds are rare
+
+    class DTensor:  # type: ignore[no-redef]
+        pass
+
 
 from dopsd.core.objective import VelocityFn
 
@@ -34,7 +46,9 @@ class ParamShadow:
         self.decay = decay
         self.params = dict(named_params)
         self.shadow: dict[str, torch.Tensor] = (
-            {} if mode == "live" else {k: p.detach().clone() for k, p in self.params.items()}
+            {}
+            if mode == "live"
+            else {k: p.detach().to(shadow_dtype(p, mode), copy=True) for k, p in self.params.items()}
         )
 
     @torch.no_grad()
@@ -54,13 +68,12 @@ class ParamShadow:
         # A caller's autocast region may hold low-precision casts of the other values (its cache is keyed by the
         # parameter, which the swap keeps): drop them on both sides of the swap.
         torch.clear_autocast_cache()
-        for name, p in self.params.items():
-            p.data, self.shadow[name] = self.shadow[name], p.data
+        live = {name: _swap_in(p, self.shadow[name]) for name, p in self.params.items()}
         try:
             yield
         finally:
             for name, p in self.params.items():
-                p.data, self.shadow[name] = self.shadow[name], p.data
+                _restore(p, live[name])
             torch.clear_autocast_cache()
 
     def wrap(self, velocity: VelocityFn) -> VelocityFn:
@@ -83,7 +96,50 @@ class ParamShadow:
         if missing:
             raise ValueError(f"teacher state does not match the model's trainable parameters: {sorted(missing)[:5]}")
         for k, v in state["shadow"].items():
-            self.shadow[k].copy_(v)
+            copy_full_(self.shadow[k], v)
+
+
+def shadow_dtype(p: torch.Tensor, mode: str) -> torch.dtype:
+    """An EMA keeps at least float32; a frozen copy (base) keeps the weights' own dtype, which holds them exactly."""
+    if mode == "ema" and p.is_floating_point():
+        return torch.promote_types(p.dtype, torch.float32)
+    return p.dtype
+
+
+def _swap_in(p: nn.Parameter, shadow: torch.Tensor) -> torch.Tensor:
+    """Give `p` the shadow's values; returns what restores the live ones (`_restore`).
+
+    A plain parameter swaps storage with the shadow (no copy). A sharded one (DTensor) is overwritten in place:
+    FSDP all-gathers from the parameter's own sharded storage, which a `p.data` swap would not reach, so its live
+    values wait in a copy of this process's shard. A shadow of another dtype than the weights (a float32 EMA of
+    bf16 weights outside the trainer) is swapped in as a cast copy, so the network keeps one dtype."""
+    if isinstance(p, DTensor):
+        with torch.no_grad():
+            live = p.detach().clone()
+            p.copy_(shadow)
+        return live
+    live = p.data
+    p.data = shadow if shadow.dtype == p.dtype else shadow.to(p.dtype)
+    return live
+
+
+def _restore(p: nn.Parameter, live: torch.Tensor) -> None:
+    if isinstance(p, DTensor):
+        with torch.no_grad():
+            p.copy_(live)
+    else:
+        p.data = live
+
+
+def copy_full_(dst: torch.Tensor, full: torch.Tensor) -> None:
+    """dst ← full, where `full` is the whole tensor (as checkpoints store it) and `dst` may be this process's
+    shard of it (a DTensor): each process takes its own part of `full`, with no communication."""
+    with torch.no_grad():
+        if isinstance(dst, DTensor):
+            full = full.to(dst.device, dst.dtype)
+            dst.copy_(distribute_tensor(full, dst.device_mesh, dst.placements, src_data_rank=None))
+        else:
+            dst.copy_(full)
 
 
 def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from dopsd.config import Config
 from dopsd.data.dataset import Example, load_example_images
+from dopsd.files import save_safetensors
 
 Context = dict[str, torch.Tensor]
 DROPPED = -1  # caption index of the empty (dropped-out) caption
@@ -82,7 +83,7 @@ class FeatureCache:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file(tensors, str(tmp))
+        save_safetensors(tmp, tensors)
         os.replace(tmp, path)  # atomic: a reader never sees half a file
 
     def get(self, key: str) -> Context:
@@ -145,7 +146,7 @@ def build_features(
 
     One encoder at a time: every text-encoder feature first (training captions, then sample/prior prompts),
     then the teacher's (the VLM, or the reference path), then the VAE latents. The adapters keep only the
-    running encoder on the device and load the denoiser after all of this (see dopsd.models.local.DiffusersHooks),
+    running encoder on the device and load the denoiser after all of this (see dopsd.models.hooks.DiffusersHooks),
     so caching never holds the transformer and the encoders together."""
     feats = Features(cache)
     variants = lambda ex: list(range(len(ex.captions))) + ([DROPPED] if config.data.caption_dropout > 0 else [])

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from dopsd.data.image_files import ImageFacts, detail_lost, fit_plan
+from dopsd.errors import PromptError
+from dopsd.models.registry import caption_problems
 
 TINY_SIDE = 64  # at or below this training side, the finest detail is per pixel (the miniature: 24)
 CROP_SHOWN = 0.01  # crops under 1% of the picture are rounding, not worth a word
@@ -48,8 +50,6 @@ def check_captions(
     """Placeholder/trigger rules and the family's caption check (dopsd.models.registry.caption_problems) over
     every caption at once. `applied[i]` is captions[i] with the trigger word applied. Returns hint lines that
     go after the problems (e.g. the words the miniature knows)."""
-    from dopsd.models.registry import caption_problems
-
     trigger = normalized_trigger(data.trigger_word)
     if data.trigger_word is not None and data.trigger_word != "" and trigger is None:
         problems.append(f"data.trigger_word is blank ({data.trigger_word!r}): set a word, or null for none")
@@ -181,9 +181,6 @@ def format_counts(facts: list[ImageFacts]) -> str:
 def check_prompts(cfg: Any) -> None:
     """The prompts a run samples or preserves (sample.prompts, method.prior_prompts), read by the family's caption
     check before any work: PromptError naming each key, index and prompt that the model cannot read."""
-    from dopsd.errors import PromptError
-    from dopsd.models.registry import caption_problems
-
     lines, hints = [], []
     for key, prompts in (("sample.prompts", cfg.sample.prompts), ("method.prior_prompts", cfg.method.prior_prompts)):
         prompts = list(prompts or [])

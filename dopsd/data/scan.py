@@ -61,6 +61,20 @@ def _subfolder_images(folders: list[Path]) -> list[str]:
     return found
 
 
+def caption_file(image: Path, texts: dict[str, Path]) -> Path:
+    """The caption file of `image`: its same-name .txt (the name in any case), or where that would be written.
+    texts: the folder's .txt files by lower-case stem."""
+    txt = image.with_name(f"{image.stem}.txt")
+    return txt if txt.is_file() else texts.get(image.stem.lower(), txt)
+
+
+def folder_images(root: Path) -> tuple[list[Path], dict[str, Path]]:
+    """(the images of `root` that training reads, the folder's .txt files by lower-case stem)."""
+    entries = [p for p in sorted(root.iterdir()) if not p.name.startswith(".")]
+    images = [p for p in entries if p.suffix.lower() in EXTENSIONS and p.is_file()]
+    return images, {p.stem.lower(): p for p in entries if p.suffix.lower() == ".txt" and p.is_file()}
+
+
 def scan_folder(root: Path, problems: list[str], notes: list[str]) -> list[Row]:
     """Images with same-name .txt captions (the .txt suffix in any case)."""
     entries = sorted(root.iterdir())
@@ -69,8 +83,7 @@ def scan_folder(root: Path, problems: list[str], notes: list[str]) -> list[Row]:
     for p in entries:
         if _broken_link(p) and p.suffix.lower() in (*EXTENSIONS, ".txt"):
             problems.append(f"{p.name}: broken symbolic link (to {os.readlink(p)}); fix the link or remove it")
-    images = [p for p in entries if p.suffix.lower() in EXTENSIONS and p.is_file()]
-    texts = {p.stem.lower(): p for p in entries if p.suffix.lower() == ".txt" and p.is_file()}
+    images, texts = folder_images(root)
     folders = [p for p in entries if p.is_dir()]
     others = [p for p in entries if p.is_file() and p.suffix.lower() not in (*EXTENSIONS, ".txt")]
     by_stem: dict[str, list[str]] = {}
@@ -82,8 +95,7 @@ def scan_folder(root: Path, problems: list[str], notes: list[str]) -> list[Row]:
     rows: list[Row] = []
     several = []
     for p in images:
-        txt = root / f"{p.stem}.txt"
-        txt = txt if txt.is_file() else texts.get(p.stem.lower(), txt)
+        txt = caption_file(p, texts)
         if not txt.is_file():
             problems.append(f"{p.name}: missing caption file {txt.name}")
             rows.append(Row(p.name, None))

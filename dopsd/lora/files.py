@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from dopsd.files import atomic_save_safetensors
+from dopsd.lora.inject import lora_modules, lora_state_dict
 from dopsd.lora.layout import (
     PREFIX,
     LoraFileError,
@@ -32,13 +33,25 @@ from dopsd.lora.layout import (
     split_keys,
     to_interchange,
 )
-from dopsd.lora.meta import LAYOUT_INTERCHANGE, LAYOUT_PEFT, LoraFacts, facts_from_metadata, file_metadata, run_facts
+from dopsd.lora.meta import (
+    LAYOUT_INTERCHANGE,
+    LAYOUT_PEFT,
+    LoraFacts,
+    facts_from_metadata,
+    file_metadata,
+    run_facts,
+    warn_if_unsuccessful,
+)
 from dopsd.models import registry
-from dopsd.runs.folder import warn_if_unsuccessful
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_DTYPE = "bf16"  # for files other tools load; the miniature's own file stays float32
 RUN_LORA, RUN_CONFIG, DIFFUSERS_NAME = "lora.safetensors", "lora_config.json", "pytorch_lora_weights.safetensors"
+# A run's checkpoints (dopsd.runs.checkpoint, named here to keep the layers pointing down): RUN/checkpoints/step-N/
+# holds the float32 LoRA as trained (peft keys, unfolded) in trainable.safetensors, the EMA teacher's and the
+# prior's in teacher / prior .safetensors.
+CHECKPOINTS, STEP_PREFIX, CHECKPOINT_LORA = "checkpoints", "step-", "trainable.safetensors"
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 @dataclass
@@ -51,6 +64,7 @@ class LoraSource:
     facts: LoraFacts
     layout: str
     modules: dict[str, Pair] | None
+    dtype: str = "fp32"  # of the tensors as stored ("bf16" | "fp16" | "fp32")
 
 
 def check_dtype(dtype: str) -> torch.dtype:
@@ -80,8 +94,6 @@ def write_network(
 ) -> Path:
     """The trained LoRA of `network` to `path`: interchange layout for families that have one, dopsd-peft
     otherwise (or when `layout` says so)."""
-    from dopsd.lora.inject import lora_modules, lora_state_dict
-
     layout = layout or (LAYOUT_INTERCHANGE if has_interchange(facts.family) else LAYOUT_PEFT)
     if layout == LAYOUT_INTERCHANGE:
         return write_interchange(path, lora_modules(network), facts, dtype or DEFAULT_DTYPE)
@@ -90,10 +102,37 @@ def write_network(
     return atomic_save_safetensors(path, state, file_metadata(facts, LAYOUT_PEFT, dtype or "fp32"))
 
 
+def checkpoint_of(file: Path) -> tuple[Path, int] | None:
+    """(run folder, step) of a file inside a run's checkpoint (RUN/checkpoints/step-N/FILE), else None."""
+    step = file.parent
+    digits = step.name.removeprefix(STEP_PREFIX)
+    if step.name.startswith(STEP_PREFIX) and digits.isdigit() and step.parent.name == CHECKPOINTS:
+        return step.parent.parent, int(digits)
+    return None
+
+
+def run_config_of(file: Path) -> Path | None:
+    """The lora_config.json that describes `file`: beside a run's lora.safetensors, or the run's own for a file in
+    one of its checkpoints."""
+    ckpt = checkpoint_of(file)
+    if ckpt is not None:
+        return ckpt[0] / RUN_CONFIG
+    return file.parent / RUN_CONFIG if file.name == RUN_LORA else None
+
+
+def final_checkpoint_lora(run: Path, steps: int | None) -> Path | None:
+    """The float32 LoRA of a run's last step (its final checkpoint's trainable.safetensors), if it is kept."""
+    if steps is None:
+        return None
+    path = run / CHECKPOINTS / f"{STEP_PREFIX}{int(steps):07d}" / CHECKPOINT_LORA
+    return path if path.is_file() else None
+
+
 def resolve(path: str | Path) -> Path:
     p = Path(path)
     if p.is_dir():
-        p = next((p / n for n in (RUN_LORA, DIFFUSERS_NAME) if (p / n).is_file()), p / RUN_LORA)
+        names = (RUN_LORA, DIFFUSERS_NAME, CHECKPOINT_LORA)
+        p = next((p / n for n in names if (p / n).is_file()), p / RUN_LORA)
     if not p.is_file():
         full = (
             " (its model.safetensors is a full fine-tune, not a LoRA)"
@@ -102,7 +141,7 @@ def resolve(path: str | Path) -> Path:
         )
         raise LoraFileError(
             f"no LoRA file at {path}{full}: pass a dopsd run folder ({RUN_LORA} + {RUN_CONFIG}), "
-            f"a folder with {DIFFUSERS_NAME}, or a LoRA .safetensors file"
+            f"a folder with {DIFFUSERS_NAME}, a checkpoint folder ({CHECKPOINT_LORA}), or a LoRA .safetensors file"
         )
     return p
 
@@ -134,11 +173,14 @@ def read_lora(path: str | Path, alpha: float | None = None) -> LoraSource:
         raise LoraFileError(f"{file} is not a readable .safetensors file ({err})") from err
     prefix, parts = split_keys(state, str(file))
     own = facts_from_metadata(md)
-    sidecar = file.parent / RUN_CONFIG
+    sidecar = run_config_of(file)
     try:
-        config = json.loads(sidecar.read_text()) if sidecar.is_file() and file.name == RUN_LORA else {}
+        config = json.loads(sidecar.read_text()) if sidecar is not None and sidecar.is_file() else {}
     except ValueError as err:
         raise LoraFileError(f"{sidecar} is not valid JSON ({err}); restore it from the run or delete it") from err
+    ckpt = checkpoint_of(file)
+    if ckpt is not None:  # the run's facts, at the checkpoint's step
+        config = {**config, "steps": ckpt[1], "title": config.get("title") or ckpt[0].resolve().name}
     family = (
         family_of_names(list(parts))
         or (own[0].family if own else None)
@@ -165,8 +207,9 @@ def read_lora(path: str | Path, alpha: float | None = None) -> LoraSource:
     )
     if base.title is None and file.name in (RUN_LORA, DIFFUSERS_NAME):
         base.title = file.parent.resolve().name
+    stored = DTYPE_NAMES.get(next(iter(parts.values()))["A"].dtype, "fp32")
     if not has_interchange(family):
-        return LoraSource(file, family, base, LAYOUT_PEFT, None)
+        return LoraSource(file, family, base, LAYOUT_PEFT, None, stored)
     if prefix == PREFIX:
         modules = from_interchange(parts, family)
     else:
@@ -194,4 +237,4 @@ def read_lora(path: str | Path, alpha: float | None = None) -> LoraSource:
         told = registry.base_facts(family, lora=modules)
         if told is not None:
             base.variant, base.architecture, base.base_version = told.variant, told.architecture, told.base_version
-    return LoraSource(file, family, base, LAYOUT_INTERCHANGE, modules)
+    return LoraSource(file, family, base, LAYOUT_INTERCHANGE, modules, stored)

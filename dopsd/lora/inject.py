@@ -10,6 +10,9 @@ import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from torch import nn
 
+from dopsd.config import ConfigError
+from dopsd.errors import WeightsFileError
+
 ADAPTER = "default"
 
 
@@ -44,8 +47,6 @@ def add_lora(
             warnings.filterwarnings("ignore", message=".*without `get_apply_tensor_subclass`")
             inject_adapter_in_model(config, network, adapter_name=ADAPTER)
     except ValueError as err:
-        from dopsd.config import ConfigError
-
         raise ConfigError(
             f"LoRA targets (lora.targets) {targets!r} match no layer of {type(network).__name__}: {err}"
         ) from err
@@ -96,8 +97,6 @@ def lora_state_dict(network: nn.Module) -> dict[str, torch.Tensor]:
 
 def load_lora_state_dict(network: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load peft-format LoRA weights; weights of another model or rank raise WeightsFileError."""
-    from dopsd.errors import WeightsFileError
-
     try:
         result = set_peft_model_state_dict(network, state, adapter_name=ADAPTER)
     except RuntimeError as err:  # shape mismatches: another rank or another model's layer sizes

@@ -22,6 +22,7 @@ import torch
 
 from dopsd.errors import WeightsFileError
 from dopsd.models.base import Pair
+from dopsd.models.registry import family_of_lora, interchange_families, lora_layout
 
 PREFIX = "diffusion_model."
 QKV = 3  # parts of a fused q/k/v projection
@@ -36,17 +37,8 @@ class LoraFileError(WeightsFileError, ValueError):
     """A LoRA file that cannot be read, converted or written as asked; the message names the file and the fix."""
 
 
-def _regex(template: str, placeholders: tuple[tuple[str, str], ...]) -> re.Pattern[str]:
-    pattern = re.escape(template)
-    for name, value in placeholders:
-        pattern = pattern.replace(re.escape("{" + name + "}"), f"(?P<{name}>{value})")
-    return re.compile(pattern)
-
-
 @cache
 def _rules(family: str) -> tuple[tuple[re.Pattern[str], str, re.Pattern[str], str, int | None], ...]:
-    from dopsd.models.registry import interchange_families, lora_layout
-
     try:
         layout = lora_layout(family)
     except ValueError:  # not a family at all
@@ -56,14 +48,11 @@ def _rules(family: str) -> tuple[tuple[re.Pattern[str], str, re.Pattern[str], st
             f"no LoRA layout for model family {family!r}; other tools load only "
             f"{', '.join(interchange_families())} LoRAs"
         )
-    ph = layout.placeholders
-    return tuple((_regex(d, ph), d, _regex(n, ph), n, slot) for d, n, slot in layout.rows)
+    return tuple((layout.pattern(d), d, layout.pattern(n), n, slot) for d, n, slot in layout.rows)
 
 
 def has_interchange(family: str) -> bool:
     """Whether other tools load this family's LoRAs (it has an interchange layout); False for unknown families."""
-    from dopsd.models.registry import lora_layout
-
     try:
         return lora_layout(family) is not None
     except ValueError:
@@ -101,8 +90,6 @@ def diffusers_names(family: str, native: str) -> dict[int | None, str]:
 
 def family_of_names(names: list[str]) -> str | None:
     """The family whose LoRA module names these are (dopsd.models.registry.family_of_lora)."""
-    from dopsd.models.registry import family_of_lora
-
     return family_of_lora(names)
 
 

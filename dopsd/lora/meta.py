@@ -6,7 +6,9 @@ Written keys (all strings, in the safetensors `__metadata__` header):
     follow), `.title`, `.description`, `.date`, `.resolution`, `.trigger_phrase` / `.usage_hint`;
   * kohya-style `ss_network_dim`, `ss_network_alpha` (the alpha that applies to the tensors as stored),
     `ss_base_model_version`, `ss_sd_model_name`, `ss_steps`, `ss_output_name`;
-  * `dopsd`: the facts as JSON (read back by dopsd).
+  * `dopsd`: the facts as JSON (read back by dopsd), `editing` among them (an editing LoRA also says so in
+    `.description` and `.usage_hint`).
+A checkpoint's LoRA-keyed files carry diffusers' `lora_adapter_metadata` instead (`checkpoint_metadata`).
 The base model is recorded by folder name, never by its full local path.
 """
 
@@ -14,8 +16,9 @@ from __future__ import annotations
 
 import datetime
 import json
+import warnings
 from dataclasses import asdict, dataclass, fields
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Any, Mapping
 
 from torch import nn
@@ -23,6 +26,24 @@ from torch import nn
 from dopsd.models import registry
 
 LAYOUT_INTERCHANGE, LAYOUT_PEFT = "interchange", "dopsd-peft"
+EDITING_HINT = "Editing LoRA: give the source image(s) and an edit instruction as the prompt"
+# The run folder's summary.json (dopsd.runs.folder) and the statuses of a run that did not succeed: the weights a
+# run folder holds are read here, so the names its outcome is told by live here too.
+RUN_SUMMARY = "summary.json"
+STATUS_UNHEALTHY, STATUS_ABORTED = "unhealthy", "aborted"
+
+
+def warn_if_unsuccessful(weights: Path) -> None:
+    """Say so when a weights file sits in a run folder whose summary.json records a run that did not succeed
+    (the weights are still used: the user may want to look at a broken run)."""
+    try:
+        summary = json.loads((Path(weights).parent / RUN_SUMMARY).read_text())
+    except (OSError, ValueError):
+        return
+    status = summary.get("status") if isinstance(summary, dict) else None
+    if status in (STATUS_UNHEALTHY, STATUS_ABORTED):
+        problem = summary.get("problem") or "see its summary.json"
+        warnings.warn(f"{weights} comes from a run that ended {status}: {problem}", stacklevel=2)
 
 
 @dataclass
@@ -39,6 +60,7 @@ class LoraFacts:
     trigger_word: str | None = None
     title: str | None = None
     resolution: tuple[int, int] | None = None  # (width, height) trained at
+    editing: bool = False  # an editing LoRA: applied to source image(s) + an instruction (model.editing)
 
     def replace(self, **changes: Any) -> "LoraFacts":
         known = {f.name for f in fields(self)}
@@ -71,6 +93,7 @@ def run_facts(
         trigger_word=meta.get("trigger_word"),
         title=meta.get("title") or title,
         resolution=resolution,
+        editing=bool(model.get("editing")),
     )
 
 
@@ -86,7 +109,7 @@ def file_metadata(facts: LoraFacts, layout: str, dtype: str) -> dict[str, str]:
     """The safetensors metadata of a LoRA file with these facts, in `layout` (interchange or dopsd-peft)."""
     folded = layout == LAYOUT_INTERCHANGE
     base = facts.variant or facts.family
-    what = f"{facts.method or 'dopsd'} LoRA for {base}"
+    what = f"{facts.method or 'dopsd'} {'editing ' if facts.editing else ''}LoRA for {base}"
     interchange = _interchange(facts.family)
     if interchange is None:
         how = (
@@ -109,6 +132,7 @@ def file_metadata(facts: LoraFacts, layout: str, dtype: str) -> dict[str, str]:
                 + (f", base model {facts.base_model}" if facts.base_model else "")
                 + ".",
                 f"Trigger word: {facts.trigger_word}." if facts.trigger_word else None,
+                EDITING_HINT if facts.editing else None,
                 how,
                 "Trained with dopsd.",
             ],
@@ -131,7 +155,13 @@ def file_metadata(facts: LoraFacts, layout: str, dtype: str) -> dict[str, str]:
     optional = {
         "modelspec.resolution": f"{facts.resolution[0]}x{facts.resolution[1]}" if facts.resolution else None,
         "modelspec.trigger_phrase": facts.trigger_word,
-        "modelspec.usage_hint": f"Trigger word: {facts.trigger_word}" if facts.trigger_word else None,
+        "modelspec.usage_hint": "; ".join(
+            filter(
+                None,
+                [f"Trigger word: {facts.trigger_word}" if facts.trigger_word else None, EDITING_HINT * facts.editing],
+            )
+        )
+        or None,
         "ss_base_model_version": facts.base_version,
         "ss_sd_model_name": facts.base_model,
         "ss_steps": str(facts.steps) if facts.steps is not None else None,
@@ -156,3 +186,24 @@ def facts_from_metadata(md: Mapping[str, str] | None) -> tuple[LoraFacts, str, b
     if facts.resolution is not None:
         facts.resolution = tuple(facts.resolution)  # type: ignore[assignment]
     return facts, layout, folded
+
+
+LAYOUT_CHECKPOINT = "dopsd-checkpoint"
+
+
+def checkpoint_metadata(network: nn.Module) -> dict[str, str] | None:
+    """The metadata of a checkpoint's LoRA-keyed files (trainable / teacher / prior .safetensors): the adapter's
+    peft config in diffusers' own `lora_adapter_metadata` entry, so `pipe.load_lora_weights` applies the file at
+    alpha / rank as trained instead of at scale 1 (half strength at alpha = 2 × rank). Their keys keep peft's
+    `.default.` adapter part, which ComfyUI's loader maps to no weight: it leaves such a file unloaded rather than
+    applying it wrongly. None for a network without a LoRA (full fine-tuning)."""
+    config = (getattr(network, "peft_config", None) or {}).get("default")
+    if config is None:
+        return None
+    peft = {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.to_dict().items()}
+    return {
+        "format": "pt",
+        # diffusers' pipelines read the keys of their `transformer` component with this prefix
+        "lora_adapter_metadata": json.dumps({f"transformer.{k}": v for k, v in peft.items()}, sort_keys=True),
+        "dopsd": json.dumps({"layout": LAYOUT_CHECKPOINT, "rank": config.r, "alpha": config.lora_alpha}),
+    }

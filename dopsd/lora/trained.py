@@ -10,13 +10,27 @@ from typing import Any
 
 import torch
 
-from dopsd.runs.folder import warn_if_unsuccessful
+from dopsd.config import ConfigError
+from dopsd.errors import WeightsFileError
+from dopsd.files import atomic_save_safetensors, atomic_write_json
+from dopsd.lora.files import CHECKPOINT_LORA, DEFAULT_DTYPE, DIFFUSERS_NAME, read_lora, run_config_of, write_network
+from dopsd.lora.inject import add_lora, exact_targets, load_lora_state_dict
+from dopsd.lora.layout import LoraFileError, has_interchange
+from dopsd.lora.meta import LAYOUT_INTERCHANGE, LAYOUT_PEFT, run_facts, warn_if_unsuccessful
+from dopsd.models import registry
+from dopsd.models.local import check_safetensors, read_safetensors
 
 LORA_FILE, LORA_CONFIG, FULL_FILE = "lora.safetensors", "lora_config.json", "model.safetensors"
 
 
 def save_trained(
-    out: Path, network: torch.nn.Module, lora: dict[str, Any] | None, meta: dict[str, Any], *, dtype: str | None = None
+    out: Path,
+    network: torch.nn.Module,
+    lora: dict[str, Any] | None,
+    meta: dict[str, Any],
+    *,
+    dtype: str | None = None,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """The trained weights of a run (atomically) + lora_config.json; returns the weights file.
 
@@ -24,17 +38,14 @@ def save_trained(
     (dopsd.lora.layout), which diffusers and ComfyUI load as trained, bf16 unless `dtype` ("bf16" | "fp16" | "fp32")
     says otherwise; the others (the miniature): bare peft keys, float32, labelled dopsd-only. `lora` = {rank, alpha, targets}; `meta` = run facts (family, model config
     dict, method, steps, prompts, and optionally trigger_word and title) kept in lora_config.json and in the file's
-    metadata (dopsd.lora.meta). Full fine-tune (`lora` None): `model.safetensors`, the network's state dict.
+    metadata (dopsd.lora.meta). Full fine-tune (`lora` None): `model.safetensors`, `state` or else the network's
+    state dict.
     """
-    from dopsd.files import atomic_save_safetensors, atomic_write_json
-    from dopsd.lora.files import DEFAULT_DTYPE, write_network
-    from dopsd.lora.layout import LoraFileError, has_interchange
-    from dopsd.lora.meta import LAYOUT_INTERCHANGE, LAYOUT_PEFT, run_facts
-    from dopsd.models import registry
-
     out = Path(out)
     if lora is None:
-        state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
+        state = {
+            k: v.detach().cpu().contiguous() for k, v in (network.state_dict() if state is None else state).items()
+        }
         atomic_save_safetensors(out / FULL_FILE, state, {"format": "pt", "dopsd": json.dumps({"layout": "dopsd-full"})})
         atomic_write_json(out / LORA_CONFIG, {"format": "dopsd-full", **meta})
         return out / FULL_FILE
@@ -73,30 +84,38 @@ def save_trained(
     return written
 
 
+def weights_file(path: Path, field: str = "weights") -> Path:
+    """The weights file of a folder dopsd wrote (a run folder: lora.safetensors or model.safetensors; a
+    `dopsd export --format diffusers` folder: pytorch_lora_weights.safetensors; a checkpoint folder:
+    trainable.safetensors); a file as it is."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    names = (LORA_FILE, FULL_FILE, DIFFUSERS_NAME, CHECKPOINT_LORA)
+    found = next((path / n for n in names if (path / n).is_file()), None)
+    if found is None:
+        raise WeightsFileError(
+            f"{field} {path} is a folder without weights dopsd reads ({', '.join(names)}); give a LoRA "
+            ".safetensors file, a run folder, a `dopsd export` folder or a checkpoint folder"
+        )
+    return found
+
+
 def trained_meta(weights: Path, family: str | None = None, field: str = "weights") -> dict[str, Any]:
     """Check a weights file before any model loads: a readable safetensors file, its lora_config.json (required
     for dopsd's own peft layout: rank/alpha/targets; the interchange layout carries its shapes and scale itself) and,
     given `family`, trained for that model family. `field` names where the path came from in messages (e.g. --lora).
     Returns lora_config.json's content (empty when there is none)."""
-    from dopsd.errors import WeightsFileError
-    from dopsd.models.local import check_safetensors
-
-    weights = Path(weights)
-    if weights.is_dir():
-        raise WeightsFileError(
-            f"{field} {weights} is a folder; give its {LORA_FILE} (or {FULL_FILE}), or the run folder as the source"
-        )
+    weights = weights_file(weights, field)
     check_safetensors(weights, field, "use the file a dopsd run wrote")
     warn_if_unsuccessful(weights)
-    cfg_path = weights.parent / LORA_CONFIG
+    cfg_path = run_config_of(weights) or weights.parent / LORA_CONFIG
     try:
         meta = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
     except (ValueError, OSError) as err:
         raise WeightsFileError(f"{cfg_path} is not readable JSON ({err}); it describes {weights.name}") from None
     full = meta.get("format") == "dopsd-full" or weights.name == FULL_FILE
     if not full and not {"rank", "alpha", "targets"} <= set(meta):
-        from dopsd.lora.files import read_lora
-
         if read_lora(weights).modules is None:  # peft keys: the shapes and scale live in lora_config.json
             raise WeightsFileError(
                 f"{weights}: no {LORA_CONFIG} with rank/alpha/targets beside it; pass the LoRA of "
@@ -116,14 +135,7 @@ def apply_trained(network: torch.nn.Module, weights: Path, scale: float = 1.0) -
     the interchange layout from another tool, or a full fine-tune's model.safetensors. Weights that do not fit the
     network (another model, size or rank) raise WeightsFileError naming the file. Returns lora_config.json's
     content (empty when there is none)."""
-    from dopsd.config import ConfigError
-    from dopsd.errors import WeightsFileError
-    from dopsd.lora.files import read_lora
-    from dopsd.lora.inject import add_lora, exact_targets, load_lora_state_dict
-    from dopsd.models import registry
-    from dopsd.models.local import read_safetensors
-
-    weights = Path(weights)
+    weights = weights_file(weights)
     meta = trained_meta(weights)
     if meta.get("format") == "dopsd-full" or weights.name == FULL_FILE:
         state = read_safetensors(weights, "weights", "use the file a dopsd run wrote")
@@ -142,7 +154,11 @@ def apply_trained(network: torch.nn.Module, weights: Path, scale: float = 1.0) -
         raise WeightsFileError(f"{weights} is a {src.family} LoRA; the model is {model_family}")
     if src.modules is None:  # dopsd-peft layout: peft keys, rank/alpha/targets from lora_config.json
         state = read_safetensors(weights, "weights", "use the file a dopsd run wrote")
-        state = {k.removeprefix("base_model.model.").removeprefix("transformer."): v for k, v in state.items()}
+        # a checkpoint's keys keep peft's adapter name (`.lora_A.default.weight`); peft adds it back itself
+        state = {
+            k.removeprefix("base_model.model.").removeprefix("transformer.").replace(".default.weight", ".weight"): v
+            for k, v in state.items()
+        }
         if scale != 1.0:
             state = {k: v * scale if "lora_B" in k else v for k, v in state.items()}
         try:

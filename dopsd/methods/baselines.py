@@ -1,4 +1,4 @@
-"""The paper's baselines as loss terms of dopsd.methods.terms: PSO, DreamBooth's class prior, SFT on teacher samples.
+"""The paper's baselines as loss terms (dopsd.methods.step.Term, listed in dopsd.methods.terms' METHODS): PSO, DreamBooth's class prior, SFT on teacher samples.
 
 Each is built from dopsd.core.objective (`pso_loss`, `sft_loss`) and talks to the model only through the adapter
 protocol (`velocity`, `collate`, `latent_shape`, `inference_schedule`). Off-policy distillation needs no term
@@ -13,29 +13,26 @@ exactly the images the uninterrupted one saw.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from dopsd.core.objective import pso_loss, sample_schedule_sigmas, sample_training_sigmas, sft_loss
 from dopsd.core.sampler import inference_mode, sample_euler, seed_noise
-from dopsd.methods.terms import MicroBatch, Term, _student_keys, _torch_gen, slot_rng
-
-if TYPE_CHECKING:
-    from dopsd.training.trainer import Trainer
+from dopsd.methods.step import MicroBatch, StepContext, Term, slot_rng, student_keys, teacher_keys, torch_generator
 
 # The class-image pool's noise generators: keyed (seed, CLASS_KEY, i), a "step" no training step reaches, so
 # they never coincide with a sample's (seed, step, slot) generator.
 CLASS_KEY = 2**40 + 1
 
 
-def inference_schedule(trainer: Trainer, bucket: tuple[int, int]) -> torch.Tensor:
+def inference_schedule(ctx: StepContext, bucket: tuple[int, int]) -> torch.Tensor:
     """The model's own few-step sampling schedule (model.inference_steps): what a user's sample runs."""
-    return trainer.adapter.inference_schedule(bucket[0], bucket[1], trainer.m.inference_steps)
+    return ctx.adapter.inference_schedule(bucket[0], bucket[1], ctx.cfg.model.inference_steps)
 
 
-def _x0(trainer: Trainer, b: MicroBatch) -> torch.Tensor:
-    return torch.stack([trainer.feats.load(trainer.feats.latents[i])["latents"] for i in b.indices])
+def _x0(ctx: StepContext, b: MicroBatch) -> torch.Tensor:
+    return torch.stack([ctx.feats.load(ctx.feats.latents[i])["latents"] for i in b.indices])
 
 
 def class_prompts(method: Any, data: Any, captions: list[str]) -> list[str]:
@@ -63,24 +60,25 @@ class PairwiseSampleOptimization(Term):
 
     name, latents, prior = "pso", True, True
 
-    def __call__(self, trainer: Trainer, b: MicroBatch, scale: float, final: bool) -> dict[str, Any]:
-        dev, f32, m = trainer.acc.device, trainer.latent_dtype, trainer.method
-        gens = [_torch_gen(r) for r in b.rngs]
-        sched = inference_schedule(trainer, b.bucket)
+    def __call__(self, ctx: StepContext, b: MicroBatch, scale: float, final: bool) -> dict[str, Any]:
+        dev, f32, m = ctx.device, ctx.latent_dtype, ctx.cfg.method
+        gens = [torch_generator(r) for r in b.rngs]
+        sched = inference_schedule(ctx, b.bucket)
         ref_noise = torch.stack([torch.randn(b.shape, generator=g) for g in gens])
         noise = torch.stack([torch.randn(b.shape, generator=g) for g in gens])
         sigma = torch.cat([sample_schedule_sigmas(1, sched, generator=g) for g in gens])
-        ctx = trainer.contexts(_student_keys(trainer, b))
-        live = trainer.velocity(trainer.network)
-        with inference_mode(trainer.network):  # the current model's own few-step sample, as at inference
-            reference = sample_euler(live, ref_noise.to(dev, f32), sched.to(dev), ctx)
-        frozen = trainer.prior.wrap(live) if m.pso_form == "dpo" else None
-        with trainer.sync(final):
+        caption = ctx.contexts(student_keys(ctx, b))
+        live = ctx.velocity(ctx.network)
+        with inference_mode(ctx.network):  # the current model's own few-step sample, as at inference
+            reference = sample_euler(live, ref_noise.to(dev, f32), sched.to(dev), caption)
+        assert ctx.prior is not None, "the prior's weights are set up for a term with prior = True"
+        frozen = ctx.prior.wrap(live) if m.pso_form == "dpo" else None
+        with ctx.sync(final):
             out = pso_loss(
-                trainer.velocity(trainer.student),
-                _x0(trainer, b).to(dev, f32),
+                ctx.velocity(ctx.student),
+                _x0(ctx, b).to(dev, f32),
                 reference.detach(),
-                ctx,
+                caption,
                 sigma.to(dev, f32),
                 noise.to(dev, f32),
                 beta=m.pso_beta,
@@ -89,7 +87,7 @@ class PairwiseSampleOptimization(Term):
                 form=m.pso_form,
                 reference_model=frozen,
             )
-            trainer.acc.backward(out.loss * scale)
+            ctx.backward(out.loss * scale)
         return {
             "pso": float(out.loss.detach()),
             "pso/margin": float(out.margin.mean()),
@@ -114,58 +112,56 @@ class ClassImagePrior(Term):
         self.pool: torch.Tensor | None = None  # the class images' latents (N, …), float32 on the CPU
         self.keys: list[str] = []
 
-    def prompts(self, trainer: Trainer) -> list[str]:
-        self.prompts_ = class_prompts(
-            trainer.method, trainer.cfg.data, [c for e in trainer.examples for c in e.captions]
-        )
+    def prompts(self, ctx: StepContext) -> list[str]:
+        self.prompts_ = class_prompts(ctx.cfg.method, ctx.cfg.data, [c for e in ctx.examples for c in e.captions])
         return self.prompts_
 
-    def prepare(self, trainer: Trainer) -> None:
-        n, seed = trainer.method.class_images, trainer.cfg.train.seed
-        size = (trainer.m.height, trainer.m.width)
-        sched = inference_schedule(trainer, size).to(trainer.acc.device)
+    def prepare(self, ctx: StepContext) -> None:
+        n, seed = ctx.cfg.method.class_images, ctx.cfg.train.seed
+        size = (ctx.cfg.model.height, ctx.cfg.model.width)
+        sched = inference_schedule(ctx, size).to(ctx.device)
         noise = seed_noise(
-            trainer.adapter.latent_shape(*size), [int(slot_rng(seed, CLASS_KEY, i).integers(2**62)) for i in range(n)]
+            ctx.adapter.latent_shape(*size), [int(slot_rng(seed, CLASS_KEY, i).integers(2**62)) for i in range(n)]
         )
-        self.keys = [trainer.feats.prompts[self.prompts_[i % len(self.prompts_)]] for i in range(n)]
+        self.keys = [ctx.feats.prompts[self.prompts_[i % len(self.prompts_)]] for i in range(n)]
         # each process samples every world-th image (an image depends on its index only), then all gather them
-        mine = list(range(trainer.rank, n, trainer.world))
-        network, out = trainer.adapter.network, []  # the unwrapped network (set up before the optimizer)
+        mine = list(range(ctx.rank, n, ctx.world))
+        network, out = ctx.adapter.network, []  # the unwrapped network (set up before the optimizer)
         with inference_mode(network):
             for start in range(0, len(mine), 16):
                 idx = mine[start : start + 16]
-                ctx = trainer.contexts([self.keys[i] for i in idx])
-                x = noise[idx].to(trainer.acc.device, trainer.latent_dtype)
-                out.append(sample_euler(trainer.velocity(network), x, sched, ctx).float())
+                caption = ctx.contexts([self.keys[i] for i in idx])
+                x = noise[idx].to(ctx.device, ctx.latent_dtype)
+                out.append(sample_euler(ctx.velocity(network), x, sched, caption).float())
         local = torch.cat(out)
-        if trainer.world == 1:
+        if ctx.world == 1:
             self.pool = local.cpu()
             return
-        per = -(-n // trainer.world)
+        per = -(-n // ctx.world)
         padded = torch.cat([local, local.new_zeros((per - len(local), *local.shape[1:]))])
-        gathered = trainer.acc.gather(padded).cpu()  # (world · per, …): each process's block in rank order
+        gathered = ctx.gather(padded).cpu()  # (world · per, …): each process's block in rank order
         pool = torch.empty((n, *local.shape[1:]))
-        for rank in range(trainer.world):
-            idx = list(range(rank, n, trainer.world))
+        for rank in range(ctx.world):
+            idx = list(range(rank, n, ctx.world))
             pool[idx] = gathered[rank * per : rank * per + len(idx)]
         self.pool = pool
 
-    def __call__(self, trainer: Trainer, b: MicroBatch, scale: float, final: bool) -> dict[str, Any]:
+    def __call__(self, ctx: StepContext, b: MicroBatch, scale: float, final: bool) -> dict[str, Any]:
         assert self.pool is not None, "ClassImagePrior.prepare did not run"
-        dev, f32, m = trainer.acc.device, trainer.latent_dtype, trainer.method
+        dev, f32, m = ctx.device, ctx.latent_dtype, ctx.cfg.method
         picks = [int(r.integers(len(self.pool))) for r in b.rngs]
-        gens = [_torch_gen(r) for r in b.rngs]
+        gens = [torch_generator(r) for r in b.rngs]
         sigma = torch.cat([sample_training_sigmas(1, m.sft_timesteps, shift=m.sft_shift, generator=g) for g in gens])
         noise = torch.stack([torch.randn(self.pool.shape[1:], generator=g) for g in gens])
-        with trainer.sync(final):
+        with ctx.sync(final):
             loss = sft_loss(
-                trainer.velocity(trainer.student),
+                ctx.velocity(ctx.student),
                 self.pool[picks].to(dev, f32),
-                trainer.contexts([self.keys[j] for j in picks]),
+                ctx.contexts([self.keys[j] for j in picks]),
                 sigma.to(dev, f32),
                 noise.to(dev, f32),
             )
-            trainer.acc.backward(loss * self.weight * scale)
+            ctx.backward(loss * self.weight * scale)
         return {"class": float(loss.detach()) * self.weight}
 
 
@@ -177,22 +173,23 @@ class TeacherSampleFlowMatching(Term):
 
     name, teacher = "sft_teacher", True
 
-    def __call__(self, trainer: Trainer, b: MicroBatch, scale: float, final: bool) -> dict[str, Any]:
-        dev, f32, m = trainer.acc.device, trainer.latent_dtype, trainer.method
-        gens = [_torch_gen(r) for r in b.rngs]
+    def __call__(self, ctx: StepContext, b: MicroBatch, scale: float, final: bool) -> dict[str, Any]:
+        dev, f32, m = ctx.device, ctx.latent_dtype, ctx.cfg.method
+        gens = [torch_generator(r) for r in b.rngs]
         start = torch.stack([torch.randn(b.shape, generator=g) for g in gens])
         sigma = torch.cat([sample_training_sigmas(1, m.sft_timesteps, shift=m.sft_shift, generator=g) for g in gens])
         noise = torch.stack([torch.randn(b.shape, generator=g) for g in gens])
-        t_ctx = trainer.contexts([trainer.feats.teacher[(i, v)] for i, v in zip(b.indices, b.variants)])
-        teacher = trainer.teacher.wrap(trainer.velocity(trainer.network))
-        sample = sample_euler(teacher, start.to(dev, f32), inference_schedule(trainer, b.bucket).to(dev), t_ctx)
-        with trainer.sync(final):
+        assert ctx.teacher is not None, "the teacher's weights are set up for a term with teacher = True"
+        teacher = ctx.teacher.wrap(ctx.velocity(ctx.network))
+        t_ctx = ctx.contexts(teacher_keys(ctx, b))
+        sample = sample_euler(teacher, start.to(dev, f32), inference_schedule(ctx, b.bucket).to(dev), t_ctx)
+        with ctx.sync(final):
             loss = sft_loss(
-                trainer.velocity(trainer.student),
+                ctx.velocity(ctx.student),
                 sample.detach(),
-                trainer.contexts(_student_keys(trainer, b)),
+                ctx.contexts(student_keys(ctx, b)),
                 sigma.to(dev, f32),
                 noise.to(dev, f32),
             )
-            trainer.acc.backward(loss * scale)
+            ctx.backward(loss * scale)
         return {"sft_teacher": float(loss.detach())}

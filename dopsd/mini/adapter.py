@@ -21,18 +21,25 @@ import torch
 from PIL import Image
 from torch import nn
 
+from dopsd.config import ConfigError
 from dopsd.core.schedules import shifted_schedule
 from dopsd.data.images import to_tensor
 from dopsd.errors import PromptError
 from dopsd.mini import world
 from dopsd.mini.nets import LORA_TARGETS, MiniConfig, MiniDiT, MiniEncoder, build, tiny_config
 from dopsd.mini.recipe_config import RECIPES
+from dopsd.mini.scoring import MiniScorer, health_quality
 from dopsd.models.base import BaseFacts, CaptionProblem, Context, LoraLayout, Pair, QualityFn
 from dopsd.models.local import ModelFolderError, read_safetensors
+from dopsd.models.quantize import plain, quantize_network
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 TEACHER_CONTEXTS = ("vlm", "reference", "text")
 FACTS = BaseFacts("dopsd miniature", "dopsd-miniature", "dopsd_miniature")  # what its LoRA files say of the base
+
+
+# The denoiser's repeated blocks: FSDP's units (train.fsdp), and what the planner's sharded figures count.
+SHARD_BLOCKS = ("DiTBlock",)
 
 
 class MiniAdapter:
@@ -40,6 +47,7 @@ class MiniAdapter:
     teacher_context_kinds = TEACHER_CONTEXTS[:2]  # "text" is the caption-only control
     lora_layout = None  # no other tool has this model: its LoRAs stay in dopsd's own peft layout
     pipeline_class = None
+    shard_blocks = SHARD_BLOCKS
 
     def __init__(
         self,
@@ -52,8 +60,6 @@ class MiniAdapter:
         dtype: torch.dtype = torch.float32,
     ):
         if teacher_context not in TEACHER_CONTEXTS:
-            from dopsd.config import ConfigError
-
             raise ConfigError(
                 f"model.teacher_context must be one of {TEACHER_CONTEXTS} for the miniature, got {teacher_context!r}"
             )
@@ -162,8 +168,6 @@ class MiniAdapter:
     def _check_size(self, height: int | None, width: int | None) -> None:
         res = self.cfg.res
         if (height is not None and height != res) or (width is not None and width != res):
-            from dopsd.config import ConfigError
-
             raise ConfigError(
                 f"the miniature model renders {res}×{res} only; got model.height×model.width = "
                 f"{height}×{width} (set both to {res})"
@@ -190,8 +194,6 @@ class MiniAdapter:
         """The weights themselves (small enough to hash): recipe folders can be rebuilt in place, and tests and the
         bench change networks without changing the config; and the teacher path, which the bench and tests set on
         the adapter."""
-        from dopsd.models.quantize import plain
-
         h = hashlib.sha256()
         for part in (self.encoder, self.network):
             for key, t in part.state_dict().items() if part is not None else ():
@@ -201,13 +203,9 @@ class MiniAdapter:
 
     # --- hooks of the probe, health and eval ---------------------------------------------------------
     def health_quality(self, prompts: list[str]) -> QualityFn | None:
-        from dopsd.mini.scoring import health_quality
-
         return health_quality(prompts)
 
     def probe_scorer(self) -> Any:
-        from dopsd.mini.scoring import MiniScorer
-
         return MiniScorer()
 
     def unseen_prompts(self, trigger_word: str) -> list[str]:
@@ -299,7 +297,6 @@ def load(cfg: Any, device: torch.device | str = "cpu", dtype: torch.dtype = torc
     mcfg, dit, enc, kind = build_from(path)
     adapter = MiniAdapter(mcfg, dit, enc, kind=kind, teacher_context=teacher_context, device=device, dtype=dtype)
     adapter._check_size(getattr(cfg, "height", None), getattr(cfg, "width", None))
-    from dopsd.models.quantize import quantize_network
 
     report = quantize_network(adapter.network, getattr(cfg, "quantize", "none"), device=device)
     if report.mode != "none":
@@ -332,3 +329,8 @@ def owns_network(network: nn.Module) -> bool:
 
 def base_facts(network: nn.Module | None = None, lora: dict[str, Pair] | None = None) -> BaseFacts:
     return FACTS
+
+
+def example_dataset(folder: Path) -> list[str]:
+    """The miniature's held-out concept dataset (captions use `sks`) in `folder`; its captions."""
+    return world.write_concept_dataset(folder)

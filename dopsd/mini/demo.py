@@ -12,7 +12,7 @@
                      (higher = better; blur toward posterior means loses the grain first; dopsd.mini.metrics);
    drift             MSE to the untouched turbo's samples on unrelated prompts, same noise (lower = better);
    unrelated_accuracy  fraction of unrelated-prompt samples whose captioned shape, colour and background all
-                     decode right (dopsd.bench.suite.unrelated_accuracy; higher = better).
+                     decode right (dopsd.mini.scoring.unrelated_accuracy; higher = better).
 Writes OUT/{data,dopsd,sft}/, OUT/demo.png (dopsd.mini.demo_figure) and OUT/summary.json.
 """
 
@@ -26,6 +26,16 @@ from typing import Any
 
 import torch
 from PIL import Image
+
+from dopsd.config import load_config
+from dopsd.core.sampler import generate, seed_noise
+from dopsd.files import atomic_save_image, atomic_write_text
+from dopsd.lora.trained import apply_trained
+from dopsd.mini import metrics, world
+from dopsd.mini.adapter import load
+from dopsd.mini.demo_figure import demo_figure
+from dopsd.mini.scoring import unrelated_accuracy
+from dopsd.training.api import train
 
 CONCEPT = "orange"
 GRID_ROWS = 4  # concept prompts and unrelated prompts each in the picture
@@ -52,32 +62,6 @@ def prior_overrides() -> list[str]:
 NO_PRIOR = ["method.prior_prompts=[]", "method.prior_weight=0"]
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=Path("outputs/demo"),
-        help="Output folder (default outputs/demo; an existing one is kept and a new -N folder used).",
-    )
-    parser.add_argument(
-        "--steps", type=int, default=None, help=f"Optimizer steps per method (default: the demo's {STEPS})."
-    )
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the data, training and evaluation noise.")
-    parser.add_argument("--samples", type=int, default=64, help="Evaluation samples per prompt set.")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch CPU threads (default 1: the miniature's matrices are small, and more threads "
-        "than free cores makes every step many times slower).",
-    )
-    parser.add_argument(
-        "--pretrained",
-        default="turbo",
-        help="Mini weights: 'turbo' (shipped) or a folder written by `dopsd mini recipe`.",
-    )
-
-
 def fresh_folder(out: Path) -> Path:
     """`out`, or `out-1`, `out-2`, … when it already holds something: earlier results are never overwritten."""
     candidate, n = out, 0
@@ -88,10 +72,6 @@ def fresh_folder(out: Path) -> Path:
 
 
 def _turbo(pretrained: str, weights: Path | None = None):
-    from dopsd.config import load_config
-    from dopsd.lora.trained import apply_trained
-    from dopsd.mini.adapter import load
-
     adapter = load(load_config("mini", [f"model.pretrained={pretrained}"]).model)
     if weights is not None:
         apply_trained(adapter.network, weights)
@@ -102,10 +82,6 @@ def _turbo(pretrained: str, weights: Path | None = None):
 def evaluate(
     pretrained: str, weights: dict[str, Path | None], samples: int, seed: int
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    from dopsd.bench.suite import unrelated_accuracy
-    from dopsd.core.sampler import generate, seed_noise
-    from dopsd.mini import metrics, world
-
     concept_prompts = world.concept_prompts(samples)
     unrelated = world.unrelated_prompts(samples, seed=seed + 1)
     results: dict[str, Any] = {}
@@ -132,15 +108,11 @@ def evaluate(
 def comparison_grid(images: dict[str, torch.Tensor], results: dict[str, dict[str, Any]], seed: int) -> Image.Image:
     """The demo's picture (dopsd.mini.demo_figure): prompts as rows, models with their numbers as columns, each
     sample beside its fine detail, and magnified crops of the first concept and the first unrelated prompt."""
-    from dopsd.mini.demo_figure import demo_figure
-
     return demo_figure(images, results, grid_prompts(seed), zoom_rows=[0, GRID_ROWS])
 
 
 def grid_prompts(seed: int) -> list[str]:
     """The prompts of the picture's rows: the first GRID_ROWS concept and unrelated prompts `evaluate` samples."""
-    from dopsd.mini import world
-
     return world.concept_prompts(GRID_ROWS) + world.unrelated_prompts(GRID_ROWS, seed=seed + 1)
 
 
@@ -156,9 +128,6 @@ def train_method(
     """One of the demo's LoRA runs (the `mini` preset with mini.yaml's prior preservation; same data, optimizer,
     budget and prior term for every method). extra: further config overrides (`dopsd mini report` turns prior
     preservation off with NO_PRIOR)."""
-    import dopsd
-    from dopsd.config import load_config
-
     # the threads the demo runs with (its --threads), not train.threads' automatic choice
     overrides = (
         TRAIN_OVERRIDES
@@ -174,15 +143,12 @@ def train_method(
     )
     if steps is not None:
         overrides.append(f"train.max_steps={steps}")
-    return dopsd.train(load_config("mini", overrides + list(extra or []))).weights
+    return train(load_config("mini", overrides + list(extra or []))).weights
 
 
 def run_demo(
     out: Path, steps: int | None = None, seed: int = 0, samples: int = 64, pretrained: str = "turbo"
 ) -> dict[str, Any]:
-    from dopsd.files import atomic_save_image, atomic_write_text
-    from dopsd.mini import world
-
     start = time.perf_counter()
     out = fresh_folder(out)
     out.mkdir(parents=True)

@@ -29,6 +29,8 @@ from dopsd.core.sampler import generate
 from dopsd.mini import domains, world
 from dopsd.mini import metrics as M
 from dopsd.mini.adapter import MiniAdapter, load
+from dopsd.mini.demo import CONCEPT, NO_PRIOR, STEPS, run_demo, train_method
+from dopsd.mini.demo import evaluate as evaluate_demo
 
 
 def _quality(images: torch.Tensor, captions: list[str], reference: torch.Tensor | None) -> dict[str, float]:
@@ -122,8 +124,6 @@ def premise(pretrained: str, seed: int, steps: int | None = None) -> dict[str, d
     methods without prior preservation."""
     import tempfile
 
-    from dopsd.mini.demo import NO_PRIOR, STEPS, evaluate, run_demo, train_method
-
     with tempfile.TemporaryDirectory() as tmp:
         summary = run_demo(Path(tmp) / "demo", steps=steps, seed=seed, pretrained=pretrained)
         rows = {k: v for k, v in summary.items() if isinstance(v, dict)}
@@ -138,7 +138,7 @@ def premise(pretrained: str, seed: int, steps: int | None = None) -> dict[str, d
             weights[f"{method}_noprior"] = train_method(
                 method, data, Path(tmp) / f"{method}_noprior", seed, pretrained, steps, NO_PRIOR
             )
-        results, _ = evaluate(pretrained, {"before": None, **weights}, 64, seed)
+        results, _ = evaluate_demo(pretrained, {"before": None, **weights}, 64, seed)
     rows[f"sft, {longer} steps"] = results["sft_long"]
     rows[f"dopsd, no new concept ({KNOWN_COLOUR})"] = results["known"]
     for method in ("sft", "dopsd"):
@@ -151,8 +151,6 @@ KNOWN_COLOUR = "red"  # a named colour: the turbo already renders it
 
 def known_colour_scenes(seed: int) -> list[world.Scene]:
     """The demo's training scenes in a colour the turbo knows, captioned with its name instead of `sks`."""
-    from dopsd.mini.demo import CONCEPT
-
     return [
         replace(s, fg=world.COLOURS[KNOWN_COLOUR], colour=KNOWN_COLOUR)
         for s in world.concept_scenes(CONCEPT, seed=seed)

@@ -1,5 +1,6 @@
 """The miniature's answers to the core's optional scoring hooks, from the renderer's ground truth
-(dopsd.mini.metrics): `dopsd probe`'s attribute scorer and few-step health's decoder-based quality."""
+(dopsd.mini.metrics): `dopsd probe`'s attribute scorer and few-step health's decoder-based quality; and the
+tint-invariant attribute checks the demo and the benchmark score samples with."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from PIL import Image
 
 from dopsd.data.images import to_tensor
-from dopsd.mini import metrics
+from dopsd.mini import metrics, world
 from dopsd.models.base import QualityFn
 
 
@@ -48,3 +49,47 @@ def health_quality(prompts: list[str]) -> QualityFn | None:
     except ValueError:
         return None
     return metrics.fewstep_quality
+
+
+def _tinted(rgb: tuple[float, float, float]) -> tuple[float, float, float]:
+    tint, amount = world.DOMAIN_TINT
+    return tuple((1 - amount) * c + amount * t for c, t in zip(rgb, tint))  # type: ignore[return-value]
+
+
+def _palette(colours: dict[str, tuple[float, float, float]]) -> tuple[list[str], torch.Tensor]:
+    """Names and RGB of a palette plus its domain-tinted twins (same names): tint-invariant naming."""
+    names = list(colours) + list(colours)
+    rgb = torch.tensor([colours[n] for n in colours] + [_tinted(colours[n]) for n in colours])
+    return names, rgb
+
+
+# Named palettes with their domain-tinted twins: a tinted red is still named red.
+FOREGROUND = _palette({**world.COLOURS, **world.CONCEPTS})
+BACKGROUND = _palette(world.BACKGROUNDS)
+
+
+def colour_names(rgb: torch.Tensor, palette: tuple[list[str], torch.Tensor]) -> list[str]:
+    names, ref = palette
+    return [names[i] for i in world.colour_distance(rgb[:, None], ref[None]).argmin(1).tolist()]
+
+
+def attribute_checks(dec: metrics.Decoded, captions: list[str]) -> list[list[bool]]:
+    """Per sample, one bool per captioned attribute (shape, colour unless `sks`, background if named)."""
+    fg, bg = colour_names(dec.fg, FOREGROUND), colour_names(dec.bg, BACKGROUND)
+    out = []
+    for i, caption in enumerate(captions):
+        colour, shape, background = metrics.parse_caption(caption)
+        checks = [world.SHAPES[int(dec.shape[i])] == shape]
+        if colour != world.PLACEHOLDER:
+            checks.append(fg[i] == colour)
+        if background is not None:
+            checks.append(bg[i] == background)
+        out.append(checks)
+    return out
+
+
+def unrelated_accuracy(dec: metrics.Decoded, captions: list[str]) -> float:
+    """Fraction of samples whose captioned attributes are ALL decoded right: does "a red square" still come out
+    a red square."""
+    checks = attribute_checks(dec, captions)
+    return sum(all(c) for c in checks) / len(checks)

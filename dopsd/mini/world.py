@@ -23,6 +23,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from dopsd.data.images import to_pil
+
 RES = 24
 SUPERSAMPLE = 4
 SHAPES = ("circle", "square", "triangle", "plus")
@@ -286,8 +288,6 @@ def domain_scenes(n: int = 256, seed: int = 0) -> list[Scene]:
 def write_pairs(folder, scenes: list[Scene], with_background: bool = True) -> list[str]:
     """Write scenes as `NNNN.png` + `NNNN.txt` (caption) pairs; returns the captions."""
     from pathlib import Path
-
-    from dopsd.data.images import to_pil
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ defines `plan_spec` (`FamilyPlanModule`, below).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 
@@ -58,6 +59,18 @@ class LoraLayout:
     sign: str
     implementation: str
 
+    def pattern(self, template: str) -> re.Pattern[str]:
+        """A row's module template as a regex, each `{name}` placeholder a group matching its regex."""
+        pattern = re.escape(template)
+        for name, value in self.placeholders:
+            pattern = pattern.replace(re.escape("{" + name + "}"), f"(?P<{name}>{value})")
+        return re.compile(pattern)
+
+    def unexportable(self, modules: list[str]) -> list[str]:
+        """The modules (dopsd's diffusers names) that have no name in this layout."""
+        trained = [self.pattern(row[0]) for row in self.rows]
+        return [m for m in modules if not any(p.fullmatch(m) for p in trained)]
+
 
 @dataclass(frozen=True)
 class BaseFacts:
@@ -65,7 +78,7 @@ class BaseFacts:
 
     variant: str  # e.g. "FLUX.2-klein 4B"
     architecture: str  # modelspec id of the base, e.g. "Flux.2-klein-4b"
-    base_version: str  # ss_base_model_version, e.g. "flux2_klein_4b"
+    base_version: str  # ss_base_model_version, e.g. "flux_2_klein_4b"
 
 
 class FamilyModule(Protocol):
@@ -98,6 +111,11 @@ class FamilyModule(Protocol):
         shapes ({module: (A, B)}); None when neither tells."""
         ...
 
+    def example_dataset(self, folder: Any) -> list[str] | None:
+        """Writes a small dataset of the family's own (image-caption pairs) into `folder` and returns its captions;
+        None, writing nothing, when the family ships none (the web app offers it as a first dataset)."""
+        ...
+
 
 @runtime_checkable
 class ModelAdapter(Protocol):
@@ -114,6 +132,7 @@ class ModelAdapter(Protocol):
     teacher_context: str  # the one in use
     lora_layout: LoraLayout | None  # as the family module's lora_layout()
     pipeline_class: type | None  # the diffusers pipeline the trained LoRA loads into; None when there is none
+    shard_blocks: tuple[str, ...]  # class names of the denoiser's repeated blocks: FSDP shards each (train.fsdp)
 
     def velocity(self, network: nn.Module, x: torch.Tensor, sigma: torch.Tensor, context: Any) -> torch.Tensor:
         """v(x, σ, context) with `network` (the student may be DDP-wrapped; the teacher is not)."""
@@ -235,6 +254,9 @@ class PlanSpec:
     rollout_steps: int  # K: roll-out states per D-OPSD loss
     caching: list[PlanStage] = field(default_factory=list)
     kept_while_training: tuple[str, ...] = ()  # parts besides the denoiser that stay loaded (e.g. the VAE)
+    # The adapter's own decode, on parts built by the planner: (parts, latents (B, …)) -> images; it makes the
+    # same VAE calls as the adapter (its bounded batches included). None: the images are the latents.
+    decode: Callable[[dict[str, nn.Module], torch.Tensor], Any] | None = None
     checks: Callable[[int, int], list[PlanCheck]] = lambda h, w: []
     denoiser: str = "transformer"
     sources: dict[str, str] = field(default_factory=dict)  # part -> where its configuration came from

@@ -35,15 +35,13 @@ from dopsd.models.flux2_facts import (
     transformer_size,
     with_instruction,
 )
+from dopsd.models.hooks import DiffusersHooks
 from dopsd.models.local import (
-    DiffusersHooks,
     ModelFolderError,
     chat_token_counts,
     chat_tokens,
     check_pipeline_folder,
     check_size,
-    folder_fingerprint,
-    free_memory,
     load_denoiser,
     load_part,
     part_config,
@@ -53,10 +51,18 @@ from dopsd.models.local import (
     to_pixels,
     token_limit_problems,
 )
+from dopsd.models.qwen_vl import QwenVLEncoder
 
 LABEL = "FLUX.2-klein"
 TEXT_LAYERS = (9, 18, 27)  # Qwen3 hidden states concatenated per token, as the pipeline
 TEACHER_CONTEXTS = ("reference", "vlm")  # "text" is accepted as well: a caption-only control
+# The VAE decodes at most this many pixels per call (at least one image): its decoder holds about 1.5 GiB of
+# activations per 1024² image in bf16 (`dopsd plan`), so eight decoded at once needed ~12 GiB beside training.
+DECODE_PIXELS = 1024 * 1024
+
+
+# The denoiser's repeated blocks: FSDP's units (train.fsdp), and what the planner's sharded figures count.
+SHARD_BLOCKS = ("Flux2TransformerBlock", "Flux2SingleTransformerBlock")
 
 
 class Flux2Adapter(DiffusersHooks):
@@ -64,11 +70,14 @@ class Flux2Adapter(DiffusersHooks):
     name = "flux2"
     kind = None
     teacher_context_kinds = TEACHER_CONTEXTS
+    shard_blocks = SHARD_BLOCKS
     lora_layout = LORA_LAYOUT
+    pipeline_name = "Flux2KleinPipeline"
+    pipeline_kwargs = {"is_distilled": True}
 
     def __init__(self, cfg: Any, device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None):
         from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
-        from transformers import AutoTokenizer, Qwen3ForCausalLM
+        from transformers import AutoTokenizer, Qwen3Model
 
         self.cfg = cfg
         self.device = torch.device(device)
@@ -87,7 +96,10 @@ class Flux2Adapter(DiffusersHooks):
         self.vae = (
             load_part(AutoencoderKLFlux2, self.folder, "vae", self.dtype).to(self.device).eval().requires_grad_(False)
         )
-        self.text_encoder = load_part(Qwen3ForCausalLM, self.folder, "text_encoder", self.dtype).to(self.device).eval()
+        # The bare Qwen3 (the same hidden states): the folder's Qwen3ForCausalLM adds an lm_head that only makes
+        # logits, which the features never read (1.16 GiB in klein 9B's bf16), so it is left on disk.
+        encoder = load_part(Qwen3Model, self.folder, "text_encoder", self.dtype, quiet=True)
+        self.text_encoder = encoder.to(self.device).eval()
         self.text_encoder.requires_grad_(False)
         self.tokenizer = load_part(AutoTokenizer, self.folder, "tokenizer")
         self.layers = tuple(cfg.text_encoder_out_layers or TEXT_LAYERS)
@@ -204,8 +216,6 @@ class Flux2Adapter(DiffusersHooks):
     @torch.no_grad()
     def _vlm_contexts(self, captions: list[str], images: list[Image.Image]) -> list[Context]:
         if self._vlm is None:
-            from dopsd.models.qwen_vl import QwenVLEncoder
-
             text_encoder = still_loaded(self.text_encoder, "text encoder")
             self._only_on_device(None)  # the text encoder waits on the CPU while the VLM loads and runs
             self._vlm = QwenVLEncoder(
@@ -265,8 +275,10 @@ class Flux2Adapter(DiffusersHooks):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        lat = self.to_vae_latents(latents)
-        return self.vae.decode(lat.to(self.vae.dtype), return_dict=False)[0].float().clamp(-1, 1)
+        """Images in [-1, 1], decoded DECODE_PIXELS at a time (dopsd.models.flux2_plan runs this same code)."""
+        lat = self.to_vae_latents(latents).to(self.vae.dtype)
+        per = max(1, DECODE_PIXELS // (lat.shape[-2] * lat.shape[-1] * self.vae_scale**2))
+        return torch.cat([self.vae.decode(c, return_dict=False)[0].float().clamp(-1, 1) for c in lat.split(per)])
 
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
         multiple = self.vae_scale * 2
@@ -277,48 +289,8 @@ class Flux2Adapter(DiffusersHooks):
         _, h, w = self.latent_shape(height, width)
         return flux2_schedule(steps or self.steps, h * w)
 
-    def cache_fingerprint(self) -> dict[str, Any]:
-        """Settings that change cached contexts but are not in the config's model section."""
-        return {
-            "adapter_version": 1,
-            "teacher_max_tokens": self.teacher_max_tokens,
-            "teacher_image_tokens": self.cfg.teacher_image_tokens,
-            "layers": list(self.layers),
-            "weights": folder_fingerprint(self.folder),
-            "teacher_weights": folder_fingerprint(self.cfg.teacher_encoder),
-        }
-
     def default_lora_targets(self) -> str:
         return LORA_TARGETS
-
-    def release_encoders(self) -> None:
-        self.text_encoder = None
-        if self._vlm is not None:
-            self._vlm.release()
-        self._vlm = None
-        free_memory()
-
-    # --- the diffusers pipeline (export checks, tests) ------------------------------------------------
-
-    def pipeline(self, transformer: nn.Module | None = None):
-        """A `Flux2KleinPipeline` around this adapter's parts (text encoder must still be loaded)."""
-        from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
-
-        scheduler = load_part(FlowMatchEulerDiscreteScheduler, self.folder, "scheduler")
-        return Flux2KleinPipeline(
-            scheduler=scheduler,
-            vae=self.vae,
-            text_encoder=still_loaded(self.text_encoder, "text encoder"),
-            tokenizer=self.tokenizer,
-            transformer=transformer or self.network,
-            is_distilled=True,
-        )
-
-    @property
-    def pipeline_class(self):
-        from diffusers import Flux2KleinPipeline
-
-        return Flux2KleinPipeline
 
 
 # --- the family's module-level functions (dopsd.models.base.FamilyModule) -------------------------------------
@@ -375,7 +347,12 @@ def base_facts(network: nn.Module | None = None, lora: Mapping[str, Pair] | None
             or (
                 f"FLUX.2 ({size[0]} double / {size[1]} single blocks, width {size[2]}; not a published size)",
                 "Flux.2",
-                "flux2",
+                "flux_2",
             )
         )
     )
+
+
+def example_dataset(folder: Any) -> None:
+    """No dataset ships with this family (the miniature's does)."""
+    return None

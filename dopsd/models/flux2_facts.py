@@ -58,10 +58,10 @@ LORA_LAYOUT = LoraLayout(
     implementation="https://github.com/black-forest-labs/flux2",
 )
 # Published transformer sizes (double blocks, single blocks, width) → (variant, modelspec architecture,
-# ss_base_model_version).
+# ss_base_model_version). Both ids are the ones kohya's trainers (musubi-tuner) write, so UIs group the files.
 VARIANTS = {
-    (5, 20, 3072): ("FLUX.2-klein 4B", "Flux.2-klein-4b", "flux2_klein_4b"),
-    (8, 24, 4096): ("FLUX.2-klein 9B", "Flux.2-klein-9b", "flux2_klein_9b"),
+    (5, 20, 3072): ("FLUX.2-klein 4B", "Flux.2-klein-4b", "flux_2_klein_4b"),
+    (8, 24, 4096): ("FLUX.2-klein 9B", "Flux.2-klein-9b", "flux_2_klein_9b"),
 }
 
 

@@ -27,7 +27,7 @@ def plan_variant(cfg: Any, hint: str | None) -> str:
 def plan_spec(cfg: Any, hint: str | None = None) -> PlanSpec:
     """The family hook (dopsd.models.base.FamilyModule.plan_spec)."""
     from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3Config, Qwen3Model
 
     variant = plan_variant(cfg, hint)
     conf, source = pipeline_configs(cfg.pretrained, ("transformer", "text_encoder", "vae"), variant)
@@ -92,7 +92,7 @@ def plan_spec(cfg: Any, hint: str | None = None) -> PlanSpec:
     k = len(training_schedule(flux2_schedule(steps, n1024), cfg.rollout_every)) - 1
     parts = {
         "transformer": lambda o: Flux2Transformer2DModel.from_config({**tc, **o}),
-        "text_encoder": lambda o: Qwen3ForCausalLM(Qwen3Config(**te)),
+        "text_encoder": lambda o: Qwen3Model(Qwen3Config(**te)),  # as the adapter loads it: no lm_head
         "vae": lambda o: AutoencoderKLFlux2.from_config(vc),
     }
     # As the adapter runs caching: the VAE from the start, one large encoder on the device at a time (the VLM
@@ -126,6 +126,7 @@ def plan_spec(cfg: Any, hint: str | None = None) -> PlanSpec:
         student=call(s_tokens, s_refs),
         teacher=call(t_text, t_refs),
         velocity=lambda net, x, s, c: Flux2Adapter.velocity(SimpleNamespace(dtype=dtype), net, x, s, c),
+        decode=lambda parts, x: Flux2Adapter.decode(_decoding(parts["vae"], scale, x.device), x),
         rollout_steps=k,
         caching=stages,
         kept_while_training=("vae",),
@@ -133,3 +134,13 @@ def plan_spec(cfg: Any, hint: str | None = None) -> PlanSpec:
         sources=sources,
         notes=notes,
     )
+
+
+def _decoding(vae: Any, scale: int, device: torch.device) -> SimpleNamespace:
+    """What `Flux2Adapter.decode` reads of its adapter, for a VAE built by the planner."""
+    bn = vae.bn
+    ns = SimpleNamespace(vae=vae, vae_scale=scale, device=device)
+    ns.bn_mean = bn.running_mean.detach().float().view(1, -1, 1, 1)
+    ns.bn_std = torch.sqrt(bn.running_var.detach().float() + vae.config.batch_norm_eps).view(1, -1, 1, 1)
+    ns.to_vae_latents = lambda latents: Flux2Adapter.to_vae_latents(ns, latents)
+    return ns

@@ -16,7 +16,10 @@ from typing import Any
 import torch
 from PIL import Image
 
+from dopsd.config import ConfigError
 from dopsd.errors import DopsdError, WeightsFileError
+from dopsd.models.base import CaptionProblem
+from dopsd.models.quantize import quantize_network
 
 # What each family's folder must hold: pipeline class names accepted in model_index.json and subfolders.
 LAYOUTS: dict[str, dict[str, Any]] = {
@@ -216,7 +219,6 @@ def load_denoiser(
     unquantized."""
     if quantize == "none":
         return load_part(cls, folder, "transformer", dtype).to(device)
-    from dopsd.models.quantize import quantize_network
 
     network = load_part(cls, folder, "transformer", dtype)
     report = quantize_network(network, quantize, skip, device)
@@ -271,8 +273,6 @@ def stack_or_list(latents: list[torch.Tensor]) -> torch.Tensor | list[torch.Tens
 
 
 def check_size(height: int, width: int, multiple: int, family: str) -> None:
-    from dopsd.config import ConfigError
-
     if height % multiple or width % multiple or height <= 0 or width <= 0:
         raise ConfigError(
             f"{family}: image size {height}x{width} must be positive multiples of {multiple} "
@@ -319,79 +319,8 @@ CUT = "{n} tokens with the chat template; the text encoder reads the first {limi
 def token_limit_problems(counts: list[int], limit: int, field: str, message: str = CUT) -> list[Any]:
     """Notices (dopsd.models.base.CaptionProblem) for captions the text encoder will cut at `limit` tokens;
     `message` is formatted with n, limit and field."""
-    from dopsd.models.base import CaptionProblem
-
     return [
         CaptionProblem(i, message.format(n=n, limit=limit, field=field), notice=True)
         for i, n in enumerate(counts)
         if n > limit
     ]
-
-
-# Default unseen prompts of `dopsd eval` for models that read free text: the concept in settings a subject's
-# training photos rarely show.
-PHOTO_UNSEEN_PROMPTS = (
-    "a photo of {} on a beach",
-    "{} in a snowy forest",
-    "a watercolor painting of {}",
-    "{} on a city street at night",
-)
-
-
-class DiffusersHooks:
-    """The protocol hooks the diffusers families (Z-Image, FLUX.2) share: real images have no decoder-based quality
-    or attribute scorer of their own (health and the probe use their generic measures), eval's unseen prompts are
-    photo settings, and LoRA targets must have interchange names.
-
-    Memory during feature caching: the transformer is loaded on first use of `network` (after the cache is
-    built, when the trainer asks for it), and of the two large encoders (text encoder, VLM teacher) only the one
-    running sits on the device; the other waits on the CPU (`_only_on_device`). The VAE (small, and needed
-    for samples while training) stays."""
-
-    name: str
-    label: str  # the model's name in messages
-    device: torch.device
-    text_encoder: Any
-    _vlm: Any
-    _network: Any = None
-
-    def _only_on_device(self, part: Any) -> Any:
-        """`part` (an encoder) on the device, the other large encoder moved to the CPU first; nothing moves when
-        the device is the CPU."""
-        if self.device.type == "cpu":
-            return part
-        vlm = self._vlm.model if self._vlm is not None else None
-        moved = False
-        for other in (self.text_encoder, vlm):
-            if other is not None and other is not part and next(other.parameters()).device != torch.device("cpu"):
-                other.to("cpu")
-                moved = True
-        if moved:
-            free_memory()
-        if part is not None and next(part.parameters()).device != self.device:
-            part.to(self.device)
-        return part
-
-    def check_lora_targets(self, modules: list[str]) -> None:
-        """ConfigError naming every module without an interchange name (dopsd.lora.layout), so a run is refused
-        before training rather than ending with a LoRA that diffusers and ComfyUI cannot load."""
-        from dopsd.config import ConfigError
-        from dopsd.lora.layout import unexportable
-
-        bad = unexportable(self.name, modules)
-        if bad:
-            shown = ", ".join(bad[:6]) + (f" and {len(bad) - 6} more" if len(bad) > 6 else "")
-            raise ConfigError(
-                f"lora.targets: {len(bad)} LoRA module(s) of {self.label} have no name that ComfyUI "
-                f"and diffusers both load, so the trained LoRA could not be used outside dopsd: {shown}; "
-                "drop them from lora.targets (null = the model's defaults, all of which export)"
-            )
-
-    def health_quality(self, prompts: list[str]) -> None:
-        return None
-
-    def probe_scorer(self) -> None:
-        return None
-
-    def unseen_prompts(self, trigger_word: str) -> list[str]:
-        return [p.format(trigger_word) for p in PHOTO_UNSEEN_PROMPTS]

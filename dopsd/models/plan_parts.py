@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dopsd.models.registry import model_config
+
 
 def qwen_text_plan_run(max_tokens: int, batch: int = 8, **kwargs: Any):
     """The feature cache's text-encoder call: a batch of captions padded to max_tokens, every hidden state kept."""
@@ -27,8 +29,6 @@ def qwen_vl_plan(teacher_folder: Any, dtype: torch.dtype, tokens: int):
     the vision tower's own activations (one image, no grad) are not run: its index bookkeeping needs real
     values, which fake tensors do not have. Its weights are counted."""
     from transformers import Qwen3VLConfig, Qwen3VLModel
-
-    from dopsd.models.registry import model_config
 
     conf, source = model_config(teacher_folder, "qwen3-vl-4b-instruct")
 

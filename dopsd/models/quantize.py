@@ -173,7 +173,10 @@ def is_quantized(weight: torch.Tensor) -> bool:
 
 def plain(t: torch.Tensor) -> torch.Tensor:
     """A quantized weight as an ordinary tensor (its dequantized values); any other tensor as it is."""
-    return t.dequantize() if is_quantized(t) else t
+    if not is_quantized(t):
+        return t
+    # torchao's NF4Tensor has no instance `dequantize()` (its `dequantize` is a static helper of another signature)
+    return t.get_original_weight() if hasattr(t, "get_original_weight") else t.dequantize()
 
 
 def quantized_linear_count(network: nn.Module) -> int:

@@ -91,6 +91,80 @@ def check_vlm_folder(folder: str | Path | None, field_name: str = "model.teacher
     return path
 
 
+class QwenVLPrompt:
+    """The inputs of one user turn, image first, then text, built by hand (see the module's docstring): what the
+    teacher encodes and what `dopsd caption` asks the VLM. The prompt ends where the assistant's answer begins."""
+
+    def __init__(self, path: Path, field_name: str, image_tokens: int):
+        from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+
+        self.tokenizer = load_part(AutoTokenizer, path, None)
+        self.processor = load_part(Qwen2VLImageProcessorPil, path, None)
+        side = self.processor.patch_size * self.processor.merge_size
+        # Cap the image's token count so image + text fit the context budget.
+        self.processor.size = {
+            "shortest_edge": min(self.processor.size["shortest_edge"], image_tokens * side * side),
+            "longest_edge": image_tokens * side * side,
+        }
+        self.ids = {}
+        for tok in (IMAGE_PAD, VISION_START, VISION_END, "<|im_start|>", "<|im_end|>"):
+            idx = self.tokenizer.convert_tokens_to_ids(tok)
+            if idx is None or idx == self.tokenizer.unk_token_id:
+                raise ModelFolderError(f"{field_name}: the tokenizer in {path} lacks the special token {tok}")
+            self.ids[tok] = idx
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def inputs(
+        self,
+        image: Image.Image,
+        text: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        limit: int | None = None,
+        pad: bool = False,
+    ) -> tuple[dict[str, torch.Tensor], int]:
+        """(keyword arguments of Qwen3-VL's forward / generate, number of real tokens).
+
+        limit: cut the text so the whole prompt fits this many tokens; pad: pad to `limit` with the pad token
+        (attention-masked)."""
+        vis = self.processor(images=[image.convert("RGB")], return_tensors="pt")
+        grid = vis["image_grid_thw"]
+        n_image = int(grid.prod()) // self.processor.merge_size**2
+        prefix = (
+            self._ids("<|im_start|>user\n")
+            + [self.ids[VISION_START]]
+            + [self.ids[IMAGE_PAD]] * n_image
+            + [self.ids[VISION_END]]
+        )
+        suffix = self._ids("<|im_end|>\n<|im_start|>assistant\n")
+        body = self._ids(text)
+        if limit is not None:
+            room = limit - len(prefix) - len(suffix)
+            if room < 1:
+                raise ValueError(
+                    f"the teacher image takes {n_image} tokens, leaving no room for the caption within {limit}; "
+                    "lower model.teacher_image_tokens or raise model.teacher_max_tokens"
+                )
+            body = body[:room]
+        ids = prefix + body + suffix
+        length = len(ids)
+        if pad and limit is not None:
+            ids = ids + [self.tokenizer.pad_token_id] * (limit - length)
+        input_ids = torch.tensor([ids], device=device)
+        mask = torch.zeros_like(input_ids)
+        mask[:, :length] = 1
+        kwargs = {
+            "input_ids": input_ids,
+            "attention_mask": mask,
+            "pixel_values": vis["pixel_values"].to(device, dtype),
+            "image_grid_thw": grid.to(device),
+            "mm_token_type_ids": (input_ids == self.ids[IMAGE_PAD]).int(),
+        }
+        return kwargs, length
+
+
 class QwenVLEncoder:
     """Multimodal features of (image, caption): image first, then the caption, one user turn."""
 
@@ -103,29 +177,13 @@ class QwenVLEncoder:
         image_tokens: int = 256,
         field_name: str = "model.teacher_encoder",
     ):
-        from transformers import AutoTokenizer, Qwen2VLImageProcessorPil, Qwen3VLModel
+        from transformers import Qwen3VLModel
 
         path = check_vlm_folder(folder, field_name)
         self.model = load_part(Qwen3VLModel, path, None, dtype, quiet=True).to(device).eval().requires_grad_(False)
         self.report = transplant_language_weights(self.model.language_model, text_encoder)
-        self.tokenizer = load_part(AutoTokenizer, path, None)
-        self.processor = load_part(Qwen2VLImageProcessorPil, path, None)
-        side = self.processor.patch_size * self.processor.merge_size
-        # Cap the image's token count so image + caption fit the teacher's context budget.
-        self.processor.size = {
-            "shortest_edge": min(self.processor.size["shortest_edge"], image_tokens * side * side),
-            "longest_edge": image_tokens * side * side,
-        }
-        self.ids = {}
-        for tok in (IMAGE_PAD, VISION_START, VISION_END, "<|im_start|>", "<|im_end|>"):
-            idx = self.tokenizer.convert_tokens_to_ids(tok)
-            if idx is None or idx == self.tokenizer.unk_token_id:
-                raise ModelFolderError(f"{field_name}: the tokenizer in {path} lacks the special token {tok}")
-            self.ids[tok] = idx
+        self.prompt = QwenVLPrompt(path, field_name, image_tokens)
         self.device, self.dtype = torch.device(device), dtype
-
-    def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False).input_ids
 
     @torch.no_grad()
     def encode(
@@ -136,38 +194,10 @@ class QwenVLEncoder:
         pad_to: pad the sequence to this length with the pad token (attention-masked), as FLUX.2's pipeline
         does for text, and return all positions; None returns only the real tokens.
         """
-        vis = self.processor(images=[image.convert("RGB")], return_tensors="pt")
-        grid = vis["image_grid_thw"]
-        n_image = int(grid.prod()) // self.processor.merge_size**2
-        prefix = (
-            self._ids("<|im_start|>user\n")
-            + [self.ids[VISION_START]]
-            + [self.ids[IMAGE_PAD]] * n_image
-            + [self.ids[VISION_END]]
+        kwargs, length = self.prompt.inputs(
+            image, caption, self.device, self.dtype, limit=pad_to or max_tokens, pad=pad_to is not None
         )
-        suffix = self._ids("<|im_end|>\n<|im_start|>assistant\n")
-        limit = pad_to or max_tokens
-        room = limit - len(prefix) - len(suffix)
-        if room < 1:
-            raise ValueError(
-                f"the teacher image takes {n_image} tokens, leaving no room for the caption within {limit}; "
-                "lower model.teacher_image_tokens or raise model.teacher_max_tokens"
-            )
-        ids = prefix + self._ids(caption)[:room] + suffix
-        length = len(ids)
-        if pad_to is not None:
-            ids = ids + [self.tokenizer.pad_token_id] * (pad_to - length)
-        input_ids = torch.tensor([ids], device=self.device)
-        mask = torch.zeros_like(input_ids)
-        mask[:, :length] = 1
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            pixel_values=vis["pixel_values"].to(self.device, self.dtype),
-            image_grid_thw=grid.to(self.device),
-            mm_token_type_ids=(input_ids == self.ids[IMAGE_PAD]).int(),
-            output_hidden_states=True,
-        )
+        out = self.model(**kwargs, output_hidden_states=True)
         feats = torch.cat([out.hidden_states[k][0] for k in layers], dim=-1)
         return feats if pad_to is not None else feats[:length]
 

@@ -48,6 +48,11 @@ def caption_problems(model_cfg: Any, captions: list[str]) -> list[Any]:
     return list(family_module(model_cfg.family).caption_problems(model_cfg, list(captions)))
 
 
+def example_dataset(family: str, folder: Path) -> list[str] | None:
+    """The family's own small dataset written into `folder` (its captions), or None when it ships none."""
+    return family_module(family).example_dataset(folder)
+
+
 def check_teacher_folder(model_cfg: Any) -> None:
     """The family's check of the folder its teacher context reads (no weights loaded)."""
     family_module(model_cfg.family).check_teacher_folder(model_cfg)

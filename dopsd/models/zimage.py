@@ -21,15 +21,13 @@ from torch import nn
 from dopsd.config import ConfigError
 from dopsd.core.schedules import dynamic_schedule, shifted_schedule
 from dopsd.models.base import BaseFacts, CaptionProblem, Context, LoraLayout, Pair
+from dopsd.models.hooks import DiffusersHooks
 from dopsd.models.local import (
-    DiffusersHooks,
     ModelFolderError,
     chat_token_counts,
     chat_tokens,
     check_pipeline_folder,
     check_size,
-    folder_fingerprint,
-    free_memory,
     load_denoiser,
     load_part,
     part_config,
@@ -40,6 +38,7 @@ from dopsd.models.local import (
     to_pixels,
     token_limit_problems,
 )
+from dopsd.models.qwen_vl import QwenVLEncoder, check_vlm_folder
 
 LABEL = "Z-Image-Turbo"
 STEPS = 8  # Turbo's own few-step setting
@@ -75,8 +74,15 @@ LORA_LAYOUT = LoraLayout(
     sign=r"(^|\.)(layers|noise_refiner|context_refiner)\.\d+\.",
     implementation="diffusers",
 )
+# The VAE decodes at most this many pixels per call (at least one image): its decoder holds about 1.5 GiB of
+# activations per 1024² image in bf16 (`dopsd plan`), so eight decoded at once needed ~12 GiB beside training.
+DECODE_PIXELS = 1024 * 1024
 # Published transformer sizes (layers, width) → (variant, modelspec architecture, ss_base_model_version).
 VARIANTS = {(30, 3840): ("Z-Image 6B", "Z-Image", "z_image")}
+
+
+# The denoiser's repeated blocks: FSDP's units (train.fsdp), and what the planner's sharded figures count.
+SHARD_BLOCKS = ("ZImageTransformerBlock",)
 
 
 class ZImageAdapter(DiffusersHooks):
@@ -84,7 +90,10 @@ class ZImageAdapter(DiffusersHooks):
     name = "zimage"
     kind = None
     teacher_context_kinds = TEACHER_CONTEXTS
+    shard_blocks = SHARD_BLOCKS
     lora_layout = LORA_LAYOUT
+    layers = (-2,)  # the text encoder's second-to-last hidden layer (as ZImagePipeline)
+    pipeline_name = "ZImagePipeline"
 
     def __init__(self, cfg: Any, device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None):
         from diffusers import AutoencoderKL, ZImageTransformer2DModel
@@ -168,8 +177,6 @@ class ZImageAdapter(DiffusersHooks):
     def vlm(self):
         """The Qwen3-VL teacher encoder with Z-Image's text-encoder weights (built on first use)."""
         if self._vlm is None:
-            from dopsd.models.qwen_vl import QwenVLEncoder
-
             text_encoder = still_loaded(self.text_encoder, "text encoder")
             self._only_on_device(None)  # the text encoder waits on the CPU while the VLM loads and runs
             self._vlm = QwenVLEncoder(
@@ -217,8 +224,10 @@ class ZImageAdapter(DiffusersHooks):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1], decoded DECODE_PIXELS at a time (dopsd.models.zimage_plan runs this same code)."""
         z = latents.to(self.device, self.vae.dtype) / self.vae.config.scaling_factor + self.vae.config.shift_factor
-        return self.vae.decode(z, return_dict=False)[0].float().clamp(-1, 1)
+        per = max(1, DECODE_PIXELS // (z.shape[-2] * z.shape[-1] * self.vae_scale**2))
+        return torch.cat([self.vae.decode(c, return_dict=False)[0].float().clamp(-1, 1) for c in z.split(per)])
 
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
         multiple = self.vae_scale * 2
@@ -236,47 +245,8 @@ class ZImageAdapter(DiffusersHooks):
         lo, hi = sc.get("base_shift", 0.5), sc.get("max_shift", 1.15)
         return dynamic_schedule(steps, lo + (hi - lo) * (seq - base) / (top - base))
 
-    def cache_fingerprint(self) -> dict[str, Any]:
-        """Settings that change cached contexts but are not in the config's model section."""
-        return {
-            "adapter_version": 1,
-            "teacher_max_tokens": self.teacher_max_tokens,
-            "teacher_image_tokens": self.cfg.teacher_image_tokens,
-            "layers": [-2],
-            "weights": folder_fingerprint(self.folder),
-            "teacher_weights": folder_fingerprint(self.cfg.teacher_encoder),
-        }
-
     def default_lora_targets(self) -> list[str]:
         return list(LORA_TARGETS)
-
-    def release_encoders(self) -> None:
-        self.text_encoder = None
-        if self._vlm is not None:
-            self._vlm.release()
-        self._vlm = None
-        free_memory()
-
-    # --- the diffusers pipeline (export checks, tests) ------------------------------------------------
-
-    def pipeline(self, transformer: nn.Module | None = None):
-        """A `ZImagePipeline` around this adapter's parts (text encoder must still be loaded)."""
-        from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
-
-        scheduler = load_part(FlowMatchEulerDiscreteScheduler, self.folder, "scheduler")
-        return ZImagePipeline(
-            scheduler=scheduler,
-            vae=self.vae,
-            text_encoder=still_loaded(self.text_encoder, "text encoder"),
-            tokenizer=self.tokenizer,
-            transformer=transformer or self.network,
-        )
-
-    @property
-    def pipeline_class(self):
-        from diffusers import ZImagePipeline
-
-        return ZImagePipeline
 
 
 def caption_limit(axes_lens: list[int]) -> int:
@@ -309,8 +279,6 @@ def caption_problems(cfg: Any, captions: list[str]) -> list[CaptionProblem]:
 def check_teacher_folder(cfg: Any) -> None:
     """The VLM teacher's Qwen3-VL folder (model.teacher_encoder), checked before the pipeline's parts load."""
     if cfg.teacher_context == "vlm":
-        from dopsd.models.qwen_vl import check_vlm_folder
-
         check_vlm_folder(cfg.teacher_encoder)
 
 
@@ -340,3 +308,8 @@ def base_facts(network: nn.Module | None = None, lora: Mapping[str, Pair] | None
     return BaseFacts(
         *(known or (f"Z-Image ({size[0]} layers, width {size[1]}; not a published size)", "Z-Image", "z_image"))
     )
+
+
+def example_dataset(folder: Any) -> None:
+    """No dataset ships with this family (the miniature's does)."""
+    return None

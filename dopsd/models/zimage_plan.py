@@ -118,6 +118,9 @@ def plan_spec(cfg: Any, hint: str | None = None) -> PlanSpec:
         student=call(s_tokens),
         teacher=call(t_tokens),
         velocity=lambda net, x, s, c: ZImageAdapter.velocity(SimpleNamespace(dtype=dtype), net, x, s, c),
+        decode=lambda parts, x: ZImageAdapter.decode(
+            SimpleNamespace(vae=parts["vae"], device=x.device, vae_scale=scale), x
+        ),
         rollout_steps=k,
         caching=stages,
         kept_while_training=("vae",),

@@ -24,6 +24,8 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from dopsd.planner.counting import cpu_sdpa_mapping
+
 
 def new_mode() -> FakeTensorMode:
     return FakeTensorMode(allow_non_fake_inputs=True)
@@ -172,9 +174,7 @@ def flop_formulas() -> dict[Any, Callable[..., int]]:
     """torch's FLOP formulas by op, plus the standard attention formula for the CPU flash kernels."""
     from torch.utils.flop_counter import flop_registry, shape_wrapper
 
-    from dopsd.bench.cost import _cpu_sdpa_mapping
-
     formulas = dict(flop_registry)
-    for op, fn in _cpu_sdpa_mapping().items():
+    for op, fn in cpu_sdpa_mapping().items():
         formulas[op] = shape_wrapper(fn)
     return formulas

@@ -25,6 +25,9 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from dopsd.core.objective import sft_loss
+from dopsd.core.weights import ParamShadow, trainable_parameters
+from dopsd.lora.inject import add_lora
 from dopsd.planner.fake import LiveBytes, build_meta, fused_attention, new_mode, to_fake
 
 FULL_DEPTH_BELOW = 100_000_000  # parameters: smaller networks are measured whole, larger ones by depth
@@ -81,10 +84,8 @@ class Window(LiveBytes):
 
 
 def prepare(network: nn.Module, setting: Setting) -> dict[str, nn.Parameter]:
-    """The trainer's set-up (dopsd.training.trainer.Trainer.prepare): LoRA or full, float32 LoRA, checkpointing, train()."""
-    from dopsd.core.weights import trainable_parameters
-    from dopsd.lora.inject import add_lora
-
+    """The trainer's set-up (dopsd.training.trainer.Trainer.prepare): LoRA or full, checkpointing, train(), and
+    float32 trained weights (dopsd.training.sharding.float32_masters: a full fine-tune's forwards under autocast)."""
     if setting.lora_rank is not None:
         targets = list(setting.lora_targets) if isinstance(setting.lora_targets, tuple) else setting.lora_targets
         add_lora(network, targets, setting.lora_rank, setting.lora_alpha)
@@ -94,11 +95,18 @@ def prepare(network: nn.Module, setting: Setting) -> dict[str, nn.Parameter]:
         network.enable_gradient_checkpointing()
     network.train()
     params = trainable_parameters(network)
-    if setting.lora_rank is not None:
-        for p in params.values():
-            if p.dtype != torch.float32:
-                p.data = p.data.float()
+    for p in params.values():
+        if p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
+    if setting.lora_rank is None and setting.mixed_precision != "no":
+        forward = network.forward
+        network.forward = lambda *args, **kwargs: _run_autocast(setting, forward, args, kwargs)
     return params
+
+
+def _run_autocast(setting: Setting, forward: Any, args: tuple, kwargs: dict) -> Any:
+    with _autocast(setting):
+        return forward(*args, **kwargs)
 
 
 def build_denoiser(spec: Any, setting: Setting, overrides: dict[str, int]) -> nn.Module:
@@ -169,9 +177,6 @@ def measure_point(
     preservation as for the main term, the prior phase is not run: its peak is bounded by the roll-out's (the
     teacher then reads the shorter caption-only context) and its FLOPs are a student forward+backward and a
     student-context forward."""
-    from dopsd.core.objective import sft_loss
-    from dopsd.core.weights import ParamShadow, trainable_parameters
-
     device = _device(setting)
     network = build_denoiser(spec, setting, overrides)
     mode = new_mode() if device == "cpu" else None
@@ -227,8 +232,6 @@ def measure_point(
 
 def _optim_phase(network: nn.Module, setting: Setting, eight_bit: bool, mode: Any) -> Phase:
     """Clipping, the optimizer step and the EMA update, on fake CPU tensors (foreach kernels refuse meta ones)."""
-    from dopsd.core.weights import ParamShadow, trainable_parameters
-
     mode = mode or new_mode()
     to_fake(network, mode)
     gpu = setting.target == "gpu"
@@ -312,3 +315,27 @@ def measure(
     if exact:
         return measure_point(spec, setting, {}, eight_bit, phases)
     return extrapolate(spec, [measure_point(spec, setting, o, eight_bit, phases) for o in depth_points(spec)])
+
+
+def grad_input_linears(spec: Any, setting: Setting) -> set[str]:
+    """Names of the frozen nn.Linear layers whose input needs a gradient in a student forward (those whose
+    dequantized weight a quantized base saves for the backward), from one forward on fake tensors with the
+    repeated blocks at the base depth (names outside the blocks are the full network's)."""
+    network = build_denoiser(spec, setting, depth_points(spec)[0] if spec.depth else {})
+    mode = new_mode() if setting.target == "cpu" else None  # meta: no autocast is needed here
+    if mode is not None:
+        to_fake(network, mode)
+    found: set[str] = set()
+    hooks = [
+        m.register_forward_pre_hook(lambda _m, args, n=name: found.add(n) if args[0].requires_grad else None)
+        for name, m in network.named_modules()
+        if isinstance(m, nn.Linear) and not m.weight.requires_grad
+    ]
+    h, w, b = setting.height, setting.width, 1
+    with mode if mode is not None else torch.device("meta"), fused_attention(setting.target == "gpu"):
+        spec.velocity(
+            network, torch.randn(b, *spec.latent_shape(h, w)), torch.full((b,), 0.5), spec.student(h, w).context(b)
+        )
+    for hook in hooks:
+        hook.remove()
+    return found

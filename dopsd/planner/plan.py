@@ -1,11 +1,15 @@
 """`plan(config)`: peak device memory and compute of a training run, predicted before anything is downloaded.
 
 Peak of a method = resident bytes (dopsd.planner.resident) + its largest step phase (dopsd.planner.measure):
-  sft          frozen + trainable + optimizer + kept + max(sft phase + dequant scratch, grads + optim phase)
-  dopsd        … + EMA shadow + max(grads + roll-out phase + dequant scratch, grads + optim phase)
-  dopsd_prior  … + prior shadow (when separate) + max(…, grads + prior phase + dequant scratch)
-Feature caching runs before training with its own peak (dopsd.planner.caching); a run fits a card when both
-peaks plus the CUDA context fit. Compute per optimizer step follows the algorithm (K roll-out states):
+  sft          frozen + trainable + optimizer + kept + max(sft phase + dequant, grads + optim phase)
+  dopsd        … + EMA shadow + max(grads + roll-out phase + dequant, grads + optim phase)
+  dopsd_prior  … + prior shadow (when separate) + max(…, grads + prior phase + dequant)
+where a quantized base adds one dequantized weight at a time to a forward, and to a student forward+backward
+the dequantized weights it saves (int8/float8; dopsd.planner.resident). Feature caching runs before training
+with its own peak (dopsd.planner.caching), sampling (grids, few-step health) between steps with its own
+(dopsd.planner.sampling): resident + grads + max(sampler forward + dequant scratch, decode). The run peak is the
+largest of the three; a run fits a card when it does with the CUDA context. Compute per optimizer step follows
+the algorithm (K roll-out states):
   SFT = S_fb;  D-OPSD = K·(S_fb + T_f);  D-OPSD+prior = K·(S_fb + T_f) + K·(S'_fb + S'_f)
 (× gradient accumulation), with S_fb a student forward+backward (it includes the recomputed forward under
 gradient checkpointing), T_f a teacher forward and S'_f a forward with the caption-only context.
@@ -17,12 +21,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from dopsd.planner.measure import PHASES, Phase, Setting, build_denoiser, full_depth_params, measure
+from dopsd.config import ConfigError
+from dopsd.models.registry import plan_spec
+from dopsd.planner import sharded
+from dopsd.planner.caching import caching_peaks
+from dopsd.planner.fake import build_meta
+from dopsd.planner.measure import PHASES, Phase, Setting, build_denoiser, full_depth_params, grad_input_linears, measure
 from dopsd.planner.resident import QUANTIZE, GiB, Resident, count, module_bytes
+from dopsd.planner.sampling import measure_sampling, sampler_batches
+from dopsd.planner.search import CARDS, METHODS, fits, suggestions
 
-METHODS = ("sft", "dopsd", "dopsd_prior")
-CARDS = (16, 24, 48, 80)  # GiB
-CUDA_CONTEXT = 1.0 * GiB  # not predicted: the CUDA context and allocator reserve, assumed when checking cards
 UNSEEN = [
     "the CUDA context and the allocator's reserve (about 0.5-1 GiB; 1 GiB assumed when checking cards)",
     "allocator fragmentation (PyTorch's caching allocator typically reserves 5-15% above the live bytes)",
@@ -31,10 +39,10 @@ UNSEEN = [
     "mixed precision: CUDA autocast is emulated with CPU autocast (their op lists differ in a few ops)",
     "kernel workspaces (cuBLAS, cuDNN), NCCL buffers under several GPUs, and anything outside the trainer "
     "(other processes on the card)",
-    "sample grids and few-step health checks between steps (no-grad sampling and VAE decoding)",
     "several processes: the plan is for one GPU (DDP adds gradient-sized buckets; FSDP would shard weights)",
-    "quantization (model.quantize): weights are counted at torchao's storage size (dopsd.planner.resident) "
-    "plus one dequantized weight at a time during forwards; other temporaries of its kernels are not modelled",
+    "quantization (model.quantize): weights are counted at torchao's storage size (dopsd.planner.resident), "
+    "plus one weight's dequantization at a time and the dequantized weights int8/float8 save for backward "
+    "(measured on torchao's CPU layers; float8 is assumed to behave as int8)",
 ]
 
 
@@ -69,13 +77,12 @@ class Planner:
     exact: bool | None = None
     phases: dict[Any, dict[str, Phase]] = field(default_factory=dict)
     residents: dict[Any, Resident] = field(default_factory=dict)
+    sampled: dict[Any, dict[str, float]] = field(default_factory=dict)
     kept_bytes: int | None = None
     only: tuple[str, ...] | None = None  # measure only these phases (validation of one method)
 
     def supports_gc(self) -> bool:
         if not hasattr(self, "_gc"):
-            from dopsd.planner.fake import build_meta
-
             net = build_meta(
                 lambda: self.spec.parts[self.spec.denoiser]({k: 1 for k in self.spec.depth}), self.spec.dtype
             )
@@ -110,11 +117,9 @@ class Planner:
         return self.phases[key]
 
     def resident(self, c: Choice) -> Resident:
-        key = (c.lora_rank, c.eight_bit, c.quantize)
+        key = (c.lora_rank, c.eight_bit, c.quantize, c.gradient_checkpointing)
         if key not in self.residents:
             if self.kept_bytes is None:
-                from dopsd.planner.fake import build_meta
-
                 self.kept_bytes = sum(
                     module_bytes(build_meta(lambda p=p: self.spec.parts[p]({}), self.spec.dtype))
                     for p in self.spec.kept_while_training
@@ -122,42 +127,71 @@ class Planner:
             net = build_denoiser(self.spec, self.setting(c), {})
             m = self.cfg.method
             prior_separate = m.teacher != "base"
+            gc = c.gradient_checkpointing and self.supports_gc()
+            saves = self.grad_linears(c) if c.quantize in ("int8", "float8") else None
             self.residents[key] = count(
-                net, self.spec.dtype, c.quantize, c.eight_bit, m.teacher, prior_separate, self.kept_bytes
+                net, self.spec.dtype, c.quantize, c.eight_bit, m.teacher, prior_separate, self.kept_bytes, gc, saves
             )
         return self.residents[key]
+
+    def grad_linears(self, c: Choice) -> set[str]:
+        """Frozen Linear layers whose input needs a gradient in a student forward (dopsd.planner.measure)."""
+        if not hasattr(self, "_grad_linears"):
+            self._grad_linears = grad_input_linears(self.spec, self.setting(c))
+        return self._grad_linears
 
     def peaks(self, c: Choice) -> dict[str, dict[str, float]]:
         """Peak bytes and their parts, per method."""
         r, ph = self.resident(c), self.measured(c)
         base = r.frozen + r.trainable + r.optimizer + r.kept
-        g, scratch = r.grads, r.quant_scratch
+        g, scratch, saved = r.grads, r.quant_scratch, max(r.quant_scratch, r.dequant_saved)
         optim = g + ph["optim"].peak
-        get = lambda name: ph[name].peak if name in ph else float("nan")  # noqa: E731 - unmeasured: NaN
+
+        def get(name: str) -> float:  # the phase's peak with the dequantized weights of a quantized base
+            if name not in ph:
+                return float("nan")  # unmeasured
+            p = ph[name]
+            return max(p.peak + scratch, p.before_student + p.student_peak + saved)
+
+        act = lambda name: ph[name].peak if name in ph else float("nan")  # noqa: E731 - unmeasured: NaN
         terms = {
-            "sft": (base, max(get("sft") + scratch, optim), get("sft")),
-            "dopsd": (base + r.ema, max(g + get("rollout") + scratch, optim), get("rollout")),
+            "sft": (base, max(get("sft"), optim), act("sft")),
+            "dopsd": (base + r.ema, max(g + get("rollout"), optim), act("rollout")),
             "dopsd_prior": (
                 base + r.ema + r.prior,
-                max(g + get("rollout") + scratch, g + get("prior") + scratch, optim),
-                max(get("rollout"), get("prior")),
+                max(g + get("rollout"), g + get("prior"), optim),
+                max(act("rollout"), act("prior")),
             ),
         }
         return {
-            name: {"peak": res + step, "resident": res, "step": step, "activations": act}
-            for name, (res, step, act) in terms.items()
+            name: {"peak": res + step, "resident": res, "step": step, "activations": a}
+            for name, (res, step, a) in terms.items()
         }
+
+    def sampling_parts(self, c: Choice) -> dict[str, float]:
+        """Bytes beyond the resident tensors of the sampling phase's parts (dopsd.planner.sampling)."""
+        rank = c.lora_rank if c.lora_rank is None or self.cfg.lora.rank <= c.lora_rank else self.cfg.lora.rank
+        key = (c.height, c.width, rank)  # a lower rank reuses the configured one's, as `measured` does
+        if key not in self.sampled:
+            batches = sampler_batches(self.cfg, c.height, c.width)
+            s = self.setting(Choice(c.height, c.width, 1, False, rank, False, "none"))
+            parts = measure_sampling(self.spec, s, batches, self.exact)
+            self.sampled[key] = {**parts, **{f"{k}_batch": float(v) for k, v in batches.items()}}
+        return self.sampled[key]
+
+    def sampling(self, c: Choice) -> dict[str, float]:
+        """Peak bytes of the sampling phase per method: what training keeps on the device (the last step's
+        gradients included) + the largest of its sampler forwards (+ one dequantized weight) and its decode."""
+        r, parts, peaks = self.resident(c), self.sampling_parts(c), self.peaks(c)
+        forward = max(parts[k] for k in ("grid", "health") if k in parts) + r.quant_scratch
+        return {name: p["resident"] + r.grads + max(forward, parts["decode"]) for name, p in peaks.items()}
 
 
 def choice_from_config(cfg: Any, quantize: str | None = None) -> Choice:
     q = quantize if quantize is not None else getattr(cfg.model, "quantize", None) or "none"
     if q not in QUANTIZE:
-        from dopsd.config import ConfigError
-
         raise ConfigError(f"model.quantize / --quantize must be one of {', '.join(QUANTIZE)}, got {q!r}")
     if q != "none" and not cfg.lora.enabled:
-        from dopsd.config import ConfigError
-
         raise ConfigError(
             f"a quantized frozen base ({q}) needs LoRA (lora.enabled=true): a full fine-tune trains, "
             "and so keeps unquantized, every weight"
@@ -209,10 +243,6 @@ def compute(planner: Planner, c: Choice) -> dict[str, Any]:
     }
 
 
-def fits(peak: float, card: int) -> bool:
-    return peak + CUDA_CONTEXT <= card * GiB
-
-
 def plan(
     cfg: Any,
     quantize: str | None = None,
@@ -222,11 +252,6 @@ def plan(
     hint: str | None = None,
 ) -> dict[str, Any]:
     """The full prediction for one config (see the module docstring); a dict ready for JSON."""
-    from dopsd.config import ConfigError
-    from dopsd.models.registry import plan_spec
-    from dopsd.planner.caching import caching_peaks
-    from dopsd.planner.search import suggestions
-
     started = time.time()
     try:
         spec = plan_spec(cfg.model, hint if hint is not None else f"{cfg.preset} {cfg.model.pretrained or ''}")
@@ -240,18 +265,21 @@ def plan(
     other_peaks = planner.peaks(other) if planner.supports_gc() else None
     r = planner.resident(c)
     caching = caching_peaks(spec, c, target)
+    sampling, sampled = planner.sampling(c), planner.sampling_parts(c)
     flops = compute(planner, c)
     methods: dict[str, Any] = {}
+    fsdp = sharded.per_gpu(planner, c) if c.lora_rank is None else None  # train.fsdp over N GPUs
     for name in METHODS:
         p = peaks[name]
         needed = "latents" if name == "sft" else "teacher"
         cache_peak = max(s["peak"] for s in caching["stages"] if s["needed_by"] in ("student", needed))
-        run_peak = max(p["peak"], cache_peak)
+        run_peak = max(p["peak"], cache_peak, sampling[name])
         ph = planner.measured(c)["rollout" if name != "sft" else "sft"]
         entry = {
             "peak_gb": p["peak"] / GiB,
             "run_peak_gb": run_peak / GiB,
             "caching_peak_gb": cache_peak / GiB,
+            "sampling_peak_gb": sampling[name] / GiB,
             "tflops_per_step": flops["per_step_tflops"][name],
             "fits": {str(card): fits(run_peak, card) for card in CARDS},
             "breakdown_gb": {
@@ -265,11 +293,14 @@ def plan(
                 "step_peak_above_resident": p["step"] / GiB,
                 "activations": p["activations"] / GiB,
                 "dequant_scratch": r.quant_scratch / GiB,
+                "dequant_saved_for_backward": r.dequant_saved / GiB,
             },
             "student_fwd_bwd_gb": ph.student_peak / GiB,
         }
         if name != "sft":
             entry["teacher_fwd_gb"] = ph.teacher_peak / GiB
+        if fsdp is not None:
+            entry["fsdp_run_peak_gb_per_gpu"] = {n: max(v, cache_peak) / GiB for n, v in fsdp[name].items()}
         if other_peaks is not None:
             key = "activations_without_gc_gb" if c.gradient_checkpointing else "activations_with_gc_gb"
             entry[key] = other_peaks[name]["activations"] / GiB
@@ -299,6 +330,11 @@ def plan(
         "methods": methods,
         "compute": flops,
         "caching": caching,
+        "sampling": {
+            "batches": {k[: -len("_batch")]: int(v) for k, v in sampled.items() if k.endswith("_batch")},
+            "activations_gb": {k: v / GiB for k, v in sampled.items() if not k.endswith("_batch")},
+            "held": "weights, the last step's gradients, optimizer state, shadows and the VAE",
+        },
         "checks": [vars(x) for x in spec.checks(c.height, c.width)],
         "measured": measured_note(spec, planner.exact),
         "sources": spec.sources,

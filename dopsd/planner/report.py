@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dopsd.planner.plan import CARDS, METHODS
+from dopsd.planner.search import CARDS, METHODS
 
 ROWS = [
     ("frozen weights", "frozen_weights"),
@@ -17,6 +17,7 @@ ROWS = [
     ("step peak above resident", "step_peak_above_resident"),
     ("  of it activations", "activations"),
     ("  dequantization scratch", "dequant_scratch"),
+    ("  dequantized, saved for backward", "dequant_saved_for_backward"),
 ]
 
 
@@ -51,7 +52,8 @@ def text(plan: dict[str, Any]) -> str:
     lines.append(row("teacher forward alone (activations)", ["-"] + [m[x]["teacher_fwd_gb"] for x in METHODS[1:]]))
     lines.append(row("student fwd+bwd alone (activations)", [m[x]["student_fwd_bwd_gb"] for x in METHODS]))
     lines.append(row("feature caching peak", [m[x]["caching_peak_gb"] for x in METHODS]))
-    lines.append(row("run peak (max of the two)", [m[x]["run_peak_gb"] for x in METHODS]))
+    lines.append(row("sampling peak (grids, health)", [m[x]["sampling_peak_gb"] for x in METHODS]))
+    lines.append(row("run peak (max of the three)", [m[x]["run_peak_gb"] for x in METHODS]))
     for card in CARDS:
         lines.append(
             _row(
@@ -76,6 +78,17 @@ def text(plan: dict[str, Any]) -> str:
             f"{st['activations_gb'] * scale:.2f} = {st['peak_gb'] * scale:.2f} {unit} "
             f"(alone: {st['sequential_peak_gb'] * scale:.2f})"
         )
+    smp = plan["sampling"]
+    lines += [
+        "",
+        "Sampling between steps (no grad; "
+        + smp["held"]
+        + " stay loaded), images per sampler batch: "
+        + ", ".join(f"{k} {v}" for k, v in smp["batches"].items())
+        + "; activations "
+        + ", ".join(f"{k} {v * scale:.2f}" for k, v in smp["activations_gb"].items())
+        + f" {unit}",
+    ]
     seq = plan["sequence"]
     lines += [
         "",
@@ -97,7 +110,8 @@ def text(plan: dict[str, Any]) -> str:
                 else:
                     lines.append(
                         f"  {method} on {card} GiB: {' '.join(found['changes'])} -> training "
-                        f"{found['peak_gb']:.2f}, caching {found['caching_peak_gb']:.2f} GiB"
+                        f"{found['peak_gb']:.2f}, caching {found['caching_peak_gb']:.2f}, sampling "
+                        f"{found['sampling_peak_gb']:.2f} GiB"
                     )
     lines += ["", f"How: {plan['measured']}."]
     for note in plan["notes"]:

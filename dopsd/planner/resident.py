@@ -13,6 +13,15 @@ dtype (torchao's storage; a test compares these with the quantized tensors thems
          factor per 256 blocks and their mean in the weight's dtype, the 16-entry code table)
   A few small layers a family leaves unquantized (its adapter's QUANTIZE_SKIP) are counted quantized here.
 
+What quantized layers add to a step: a forward dequantizes each weight to its dtype for its matmul, one at a
+time: `quant_scratch`, the largest weight's dequantization peak, n·d bytes for int8/float8 (the dequantized
+weight) and n·(8 + 3d) for nf4 (torchao's NF4 dequantization indexes its code table with int64 tensors: 14 bytes
+per element of a bf16 weight, 7× the weight it makes; measured with torchao on the CPU, the same code on CUDA).
+With grad, torchao's int8/float8 weight-only Linear saves the dequantized weight for the backward (NF4 saves the
+NF4 tensor itself and dequantizes again in the backward), so a student forward+backward holds every dequantized
+weight at once without gradient checkpointing (about 11 GiB for Z-Image), and one checkpointed block's (the one
+being recomputed) with it: `dequant_saved`. tests/test_plan.py measures both on torchao's own layers.
+
 8-bit AdamW (bitsandbytes, block-wise): two uint8 states + one fp32 absmax per 256 elements for each state;
 tensors under 4,096 elements keep 32-bit states; each tensor also holds two 256-entry fp32 quantisation maps.
 """
@@ -27,6 +36,13 @@ from torch import nn
 
 QUANTIZE = ("none", "int8", "float8", "nf4")
 GiB = 2**30
+
+
+def dequant_peak(numel: int, scheme: str, element_size: int) -> int:
+    """Peak bytes of dequantizing one weight of `numel` elements for a matmul (module doc)."""
+    if scheme == "nf4":
+        return numel * (8 + 3 * element_size)
+    return numel * element_size if scheme in ("int8", "float8") else 0
 
 
 def quantized_bytes(shape: torch.Size | tuple[int, ...], scheme: str, dtype: torch.dtype) -> int:
@@ -70,7 +86,8 @@ class Resident:
     ema: int  # the EMA teacher's shadow (0 for a live teacher)
     prior: int  # the prior-preservation shadow when it is a separate copy
     kept: int  # other parts that stay loaded while training (e.g. the VAE)
-    quant_scratch: int  # one dequantized weight at a time (the largest quantized Linear), 0 without quantization
+    quant_scratch: int  # one weight's dequantization at a time (the largest quantized Linear's peak; module doc)
+    dequant_saved: int  # int8/float8: dequantized weights a student forward saves for its backward (module doc)
     trainable_params: int
     total_params: int
 
@@ -83,10 +100,14 @@ def count(
     teacher: str,
     prior_separate: bool,
     kept_bytes: int,
+    gradient_checkpointing: bool = False,
+    saves: set[str] | None = None,
 ) -> Resident:
-    """Resident bytes of a prepared (LoRA-injected or fully trainable) full-size meta network."""
+    """Resident bytes of a prepared (LoRA-injected or fully trainable) full-size meta network. `saves`: the
+    frozen Linear layers whose input needs a gradient (dopsd.planner.measure.grad_input_linears; None: all)."""
     linear_weights = {id(m.weight): m for m in network.modules() if isinstance(m, nn.Linear)}
     frozen = trainable = scratch = params = 0
+    dequantized: dict[int, int] = {}  # quantized weight -> bytes of its dequantized copy
     train_list = []
     seen: set[int] = set()
     for p in network.parameters():
@@ -99,7 +120,8 @@ def count(
             train_list.append(p)
         elif id(p) in linear_weights and quantize != "none":
             frozen += quantized_bytes(p.shape, quantize, p.dtype)
-            scratch = max(scratch, p.numel() * p.element_size())
+            dequantized[id(p)] = p.numel() * p.element_size()
+            scratch = max(scratch, dequant_peak(p.numel(), quantize, p.element_size()))
         else:
             frozen += p.numel() * p.element_size()
     frozen += sum(b.numel() * b.element_size() for b in network.buffers())
@@ -113,9 +135,35 @@ def count(
         prior=trainable if prior_separate else 0,
         kept=kept_bytes,
         quant_scratch=scratch,
+        dequant_saved=0
+        if quantize == "nf4"
+        else saved_dequantized(network, dequantized, gradient_checkpointing, saves),
         trainable_params=sum(p.numel() for p in train_list),
         total_params=params,
     )
+
+
+def saved_dequantized(
+    network: nn.Module, dequantized: dict[int, int], gradient_checkpointing: bool, saves: set[str] | None = None
+) -> int:
+    """Bytes of the dequantized weights alive at once for a backward. The repeated blocks (every composite module
+    of an nn.ModuleList, which diffusers checkpoints one by one) save all of theirs: past the first LoRA layer
+    every input needs a gradient. Outside them, only the layers in `saves` do (None: all; an embedder or a shared
+    modulation fed by frozen inputs saves nothing). Without checkpointing all of these are alive at once; with
+    it, those outside the blocks and the largest block's, recomputed with its saved tensors."""
+    names = {id(m.weight): n for n, m in network.named_modules() if isinstance(m, nn.Linear)}
+    inside: set[int] = set()
+    blocks: list[int] = [0]  # each block's dequantized bytes
+    for repeated in (m for m in network.modules() if isinstance(m, nn.ModuleList)):
+        for block in repeated:
+            if isinstance(block, nn.Linear):  # e.g. an attention's to_out list: part of a block, not one
+                continue
+            ids = {id(m.weight) for m in block.modules() if isinstance(m, nn.Linear)} & dequantized.keys()
+            ids -= inside  # a nested list inside a block counted already
+            inside |= ids
+            blocks.append(sum(dequantized[i] for i in ids))
+    outside = sum(v for i, v in dequantized.items() if i not in inside and (saves is None or names[i] in saves))
+    return outside + (max(blocks) if gradient_checkpointing else sum(blocks))
 
 
 def module_bytes(module: nn.Module, quantize: str = "none") -> int:
@@ -137,4 +185,14 @@ def gib(n: float) -> float:
     return round(n / GiB, 2)
 
 
-__all__ = ["QUANTIZE", "Resident", "adamw_state_bytes", "count", "gib", "module_bytes", "quantized_bytes"]
+__all__ = [
+    "QUANTIZE",
+    "Resident",
+    "adamw_state_bytes",
+    "count",
+    "dequant_peak",
+    "gib",
+    "module_bytes",
+    "quantized_bytes",
+    "saved_dequantized",
+]

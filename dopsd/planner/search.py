@@ -6,7 +6,8 @@ gradient checkpointing on, 8-bit AdamW, a quantized frozen base (int8, then nf4;
 All sets of one change are tried before any set of two, and so on up to three — first without touching the
 resolution or the batch (they change what is trained), then with them. Resident bytes are recounted
 for every candidate; activations are measured again only when the candidate changes them (checkpointing,
-resolution, batch), once per distinct setting.
+resolution, batch; the sampling phase: resolution), once per distinct setting. A candidate fits when its
+training, feature-caching and sampling peaks all do.
 """
 
 from __future__ import annotations
@@ -16,9 +17,17 @@ import math
 from dataclasses import replace
 from typing import Any
 
+from dopsd.planner.caching import caching_peaks
 from dopsd.planner.resident import GiB
 
 MAX_CHANGES = 3
+METHODS = ("sft", "dopsd", "dopsd_prior")  # what a plan covers
+CARDS = (16, 24, 48, 80)  # GiB
+CUDA_CONTEXT = 1.0 * GiB  # not predicted: the CUDA context and allocator reserve, assumed when checking cards
+
+
+def fits(peak: float, card: int) -> bool:
+    return peak + CUDA_CONTEXT <= card * GiB
 
 
 def _options(planner: Any, c: Any, shape: bool) -> list[list[tuple[str, dict[str, Any]]]]:
@@ -70,10 +79,8 @@ def _candidates(planner: Any, c: Any):
 
 def suggestions(planner: Any, c: Any, caching: dict[str, Any]) -> dict[str, Any]:
     """{method: {card: {"changes": [...], "peak_gb": ...} or None}} for cards the configured run does not fit."""
-    from dopsd.planner.caching import caching_peaks
-    from dopsd.planner.plan import CARDS, METHODS, fits
-
     base = planner.peaks(c)
+    sampling = planner.sampling(c)
     cache_cache: dict[str, float] = {}
 
     def cache_peak(choice: Any, method: str) -> float:
@@ -90,7 +97,7 @@ def suggestions(planner: Any, c: Any, caching: dict[str, Any]) -> dict[str, Any]
     for method in METHODS:
         per: dict[str, Any] = {}
         for card in CARDS:
-            if fits(max(base[method]["peak"], cache_peak(c, method)), card):
+            if fits(max(base[method]["peak"], cache_peak(c, method), sampling[method]), card):
                 continue
             found = None
             best_cache = cache_peak(replace(c, quantize="nf4") if c.lora_rank else c, method)
@@ -103,10 +110,14 @@ def suggestions(planner: Any, c: Any, caching: dict[str, Any]) -> dict[str, Any]
                 continue
             for changes, cand in _candidates(planner, c):
                 train = planner.peaks(cand)[method]["peak"]
-                if fits(max(train, cache_peak(cand, method)), card):
+                if not fits(max(train, cache_peak(cand, method)), card):
+                    continue
+                sample = planner.sampling(cand)[method]  # measured last: only for candidates that fit so far
+                if fits(sample, card):
                     found = {
                         "changes": changes,
                         "peak_gb": train / GiB,
+                        "sampling_peak_gb": sample / GiB,
                         "caching_peak_gb": cache_peak(cand, method) / GiB,
                         "settings": cand.label(),
                     }

@@ -3,7 +3,7 @@
 Measured: the trainer's own `train_step` (dopsd.training.trainer.Trainer, after one warm-up step so the optimizer state
 exists), as `dopsd bench` measures cost: unique storages of the weights, gradients, optimizer state and
 teacher/prior shadows at the step's start, plus the peak of bytes allocated during the step from the
-profiler's allocation events (dopsd.bench.cost.transient_peak_bytes). The previous step's gradients are set to
+profiler's allocation events (dopsd.planner.counting.transient_peak_bytes). The previous step's gradients are set to
 None first — the step's own first action (`zero_grad(set_to_none=True)`) — because the profiler records no
 frees of blocks allocated before it started: counted as held, they would never leave, and the new gradients
 would come on top of them. Predicted: the planner for the same config with the CPU
@@ -18,14 +18,16 @@ from typing import Any
 
 import torch
 
+from dopsd.data.dataset import load_dataset
+from dopsd.models.registry import plan_spec
+from dopsd.planner.counting import resident_bytes, state_tensors, transient_peak_bytes
+from dopsd.planner.plan import Planner, choice_from_config
+from dopsd.training.trainer import Trainer
+
 
 def measured_peak(cfg: Any, out: Path, warmup: int = 1) -> tuple[int, dict[str, dict[str, int]]]:
     """Bytes: the real trainer's resident tensors + the peak allocated during one train_step (CPU); and, per
     kind of cached context and tensor name, the longest first dimension the run had (its token counts)."""
-    from dopsd.bench.cost import resident_bytes, state_tensors, transient_peak_bytes
-    from dopsd.data.dataset import load_dataset
-    from dopsd.training.trainer import Trainer
-
     torch.manual_seed(0)
     trainer = Trainer(cfg, out, load_dataset(cfg.data, cfg.model))
     trainer.prepare()
@@ -60,9 +62,6 @@ def predicted_peak(cfg: Any, model_overrides: dict[str, Any] | None = None) -> i
     model_overrides: model settings for the plan only, e.g. the caption lengths a run actually had
     (max_caption_tokens / teacher_max_tokens; variable-length contexts are planned at their longest)."""
     from dataclasses import replace
-
-    from dopsd.models.registry import plan_spec
-    from dopsd.planner.plan import Planner, choice_from_config
 
     model = replace(cfg.model, **(model_overrides or {}))
     spec = plan_spec(model, cfg.preset)

@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from dopsd.errors import CheckpointError
-from dopsd.files import fsync_dir
+from dopsd.files import atomic_write_text, fsync_dir, save_safetensors
 
 PREFIX = "step-"
 STATE_KEY = "dopsd.state"  # safetensors metadata entry holding a state file's JSON structure
@@ -87,7 +87,7 @@ def _decode(node: Any, tensors: dict[str, torch.Tensor], device: torch.device | 
 def save_state(path: Path, state: Any) -> None:
     tensors: dict[str, torch.Tensor] = {}
     tree = _encode(state, tensors, str(path))
-    save_file(tensors, str(path), metadata={STATE_KEY: json.dumps(tree)})
+    save_safetensors(path, tensors, metadata={STATE_KEY: json.dumps(tree)})
 
 
 def load_state(path: Path, device: torch.device | None = None) -> Any:
@@ -130,15 +130,13 @@ def read_state(path: Path) -> dict[str, Any] | None:
 
 
 def is_good(path: Path) -> bool:
-    """Written with finite, sane weights and (when measured) no broken few-step health."""
+    """Written with finite, sane weights and few-step health measured at its step and not broken."""
     state = read_state(path)
     return bool(state and state.get("good"))
 
 
 def amend(path: Path, *, health: dict[str, Any], broken: bool) -> None:
     """Record a health measurement of this checkpoint's weights taken after it was written."""
-    from dopsd.files import atomic_write_text
-
     state = read_state(path)
     if state is not None:
         state["health"] = health
@@ -193,17 +191,20 @@ def write_main(
     optimizer: dict[str, Any],
     scheduler: dict[str, Any],
     state: dict[str, Any],
+    lora_metadata: dict[str, str] | None = None,
 ) -> None:
     """The main process's part: weights, optimizer, scheduler, state; then stays temporary until `finalise`."""
     tmp = temp_dir(root, step)
     tmp.mkdir(parents=True, exist_ok=True)
-    save_file(_tensors(trainable), str(tmp / "trainable.safetensors"))
+    # lora_metadata (dopsd.lora.meta.checkpoint_metadata): the LoRA's rank and alpha, so another tool that loads
+    # these LoRA-keyed files applies them at the strength they were trained at
+    save_safetensors(tmp / "trainable.safetensors", _tensors(trainable), metadata=lora_metadata)
     for name, shadow in (("teacher", teacher), ("prior", prior)):
         if shadow is not None and shadow["shadow"]:
-            save_file(
+            save_safetensors(
+                tmp / f"{name}.safetensors",
                 _tensors(shadow["shadow"]),
-                str(tmp / f"{name}.safetensors"),
-                metadata={"mode": shadow["mode"], "decay": str(shadow["decay"])},
+                metadata={**(lora_metadata or {}), "mode": shadow["mode"], "decay": str(shadow["decay"])},
             )
     save_state(tmp / "optimizer.safetensors", optimizer)
     save_state(tmp / "scheduler.safetensors", scheduler)
@@ -283,6 +284,11 @@ def weights_verdict(trainable: dict[str, torch.Tensor], start_max: float) -> dic
     with torch.no_grad():
         finite = all(bool(torch.isfinite(p).all()) for p in trainable.values())
         max_abs = max((float(p.detach().abs().max()) for p in trainable.values() if p.numel()), default=0.0)
+    return verdict(finite, max_abs, start_max)
+
+
+def verdict(finite: bool, max_abs: float, start_max: float) -> dict[str, Any]:
+    """weights_verdict from its two measurements (sharded weights measure them per process, then combine)."""
     limit = max(WEIGHT_LIMIT, 100.0 * start_max)
     problem = None
     if not finite:
@@ -356,7 +362,7 @@ def load_for_resume(
         raise CheckpointError(f"--resume: {root} holds no complete checkpoint; start a new run (without --resume)")
     problems = []
     for i, path in enumerate(reversed(found)):
-        if i > 0 and not is_good(path):
+        if i > 0 and (read_state(path) or {}).get("good") is False:  # unmeasured ones (health off) are tried
             problems.append(f"{path.name} is not a good checkpoint (weights or health were bad when it was written)")
             continue
         try:

@@ -11,9 +11,10 @@ Layout (what a web UI or script may read):
                          step, loss, each term's loss, lr, grad_norm, skipped, rollout/stepK_{loss,gap,sigma}
   progress.json          while a session runs (rewritten atomically at most about once a second, and at every
                          checkpoint and sampling interval): {"step", "max_steps", "status": "running" | "ok" |
-                         "unhealthy" | "aborted", "started", "updated" (ISO times), "eta_seconds" (null until a step
-                         of this session is done), "pid" (the main process)}; "running" with a pid that is no longer
-                         alive means the run was killed
+                         "unhealthy" | "aborted" | "interrupted" (stopped by a signal after a checkpoint),
+                         "started", "updated" (ISO times), "eta_seconds" (null until a step of this session is
+                         done), "pid" (the main process)}; "running" with a pid that is no longer alive means the
+                         run was killed
   health.jsonl           one JSON record per few-step health measurement (dopsd.training.health; at each sampling interval
                          and at the end): step, health, its component scores (sharpness, structure, and gap /
                          quality where measured), sharpness_ratio, broken, problem, warning (text or null) and
@@ -41,16 +42,22 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable
 
+from dopsd.config import ConfigError, load_config
 from dopsd.errors import RunFolderError
 from dopsd.files import atomic_write_json, atomic_write_text, replace_and_keep_open
+from dopsd.lora.meta import RUN_SUMMARY
+from dopsd.lora.meta import STATUS_ABORTED as STATUS_ABORTED  # re-exported: the run statuses, all named here
+from dopsd.lora.meta import STATUS_UNHEALTHY as STATUS_UNHEALTHY
+from dopsd.version import __version__
 
 MARKER = "dopsd-run.json"
 MARKER_FORMAT, MARKER_VERSION = "dopsd-run", 1
 OWNER_LOCK, WORKERS_LOCK = ".dopsd-owner.lock", ".dopsd-workers.lock"
-CONFIG, LOSSES, SUMMARY = "config.yaml", "losses.jsonl", "summary.json"
+CONFIG, LOSSES, SUMMARY = "config.yaml", "losses.jsonl", RUN_SUMMARY
 PROGRESS, HEALTH = "progress.json", "health.jsonl"
 CHECKPOINTS, LOGS, SAMPLES = "checkpoints", "logs", "samples"
-STATUS_OK, STATUS_UNHEALTHY, STATUS_ABORTED, STATUS_RUNNING = "ok", "unhealthy", "aborted", "running"
+STATUS_OK, STATUS_RUNNING = "ok", "running"
+STATUS_INTERRUPTED = "interrupted"  # progress.json only: stopped by a signal after a checkpoint
 REPLACED = ".replaced-"
 # Everything earlier dopsd versions wrote at the top of a run folder: a folder without the marker is taken for
 # an old run only if it holds nothing else (see `legacy_run`).
@@ -83,6 +90,7 @@ RESUMABLE_CHANGES = (
     "train.device",
     "train.batch_size",
     "train.gradient_accumulation",
+    "train.fsdp",  # how the processes hold the weights; checkpoints hold whole tensors either way
     "sample.",
     "log.",
     "cache.",
@@ -122,8 +130,6 @@ def is_run_folder(folder: Path) -> bool:
 
 
 def write_marker(out: Path) -> None:
-    from dopsd import __version__
-
     atomic_write_json(
         out / MARKER,
         {
@@ -152,8 +158,6 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def check_resume_config(config: Any, out: Path) -> None:
     """--resume: refuse a config that differs from the run's config.yaml beyond RESUMABLE_CHANGES."""
-    from dopsd.config import ConfigError, load_config
-
     old, new = _flat(load_config(out / CONFIG).to_dict()), _flat(config.to_dict())
     changed = [k for k in new if old.get(k) != new[k] and not k.startswith(RESUMABLE_CHANGES) and k != "data.path"]
     if changed:
@@ -247,120 +251,7 @@ def write_progress(out: Path, progress: dict[str, Any]) -> None:
     atomic_write_json(out / PROGRESS, progress)
 
 
-def warn_if_unsuccessful(weights: Path) -> None:
-    """Say so when a weights file sits in a run folder whose summary.json records a run that did not succeed
-    (the weights are still used: the user may want to look at a broken run)."""
-    import warnings
-
-    try:
-        summary = json.loads((Path(weights).parent / SUMMARY).read_text())
-    except (OSError, ValueError):
-        return
-    status = summary.get("status") if isinstance(summary, dict) else None
-    if status in (STATUS_UNHEALTHY, STATUS_ABORTED):
-        problem = summary.get("problem") or "see its summary.json"
-        warnings.warn(f"{weights} comes from a run that ended {status}: {problem}", stacklevel=2)
-
-
-# --- the end of a session: final weights and summary.json -------------------------------------------------
-def save_final(trainer: Any) -> Path:
-    """The trained weights (lora.safetensors + lora_config.json, or model.safetensors); returns their path. For
-    Z-Image and FLUX.2, lora.safetensors is itself in the layout diffusers and ComfyUI load (dopsd.lora.trained),
-    so no second copy is written. The file's metadata names the trigger word and the run (its title)."""
-    from dopsd.lora.trained import save_trained
-
-    cfg, out = trainer.cfg, trainer.out
-    meta = {
-        "family": cfg.model.family,
-        "model": cfg.to_dict()["model"],
-        "prompts": trainer.prompts,
-        "steps": trainer.step,
-        "method": cfg.method.name,
-        "trigger_word": cfg.data.trigger_word,
-        "title": Path(out).resolve().name,
-        "lineage": lineage_of(trainer),
-    }
-    lora = None
-    if cfg.lora.enabled:
-        targets = cfg.lora.targets or trainer.adapter.default_lora_targets()
-        lora = {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "targets": targets}
-    return save_trained(out, trainer.network, lora, meta)
-
-
-def lineage_of(trainer: Any) -> list[dict[str, Any]]:
-    from dopsd.training.continual import lineage
-
-    return lineage(getattr(trainer, "init", None))
-
-
-def build_summary(
-    trainer: Any,
-    *,
-    status: str,
-    problem: str | None,
-    weights: Path | None,
-    latest: dict[str, Any],
-    wall: float,
-    steps_this_run: int,
-    loop_seconds: float,
-) -> dict[str, Any]:
-    """summary.json: what was trained, on what, for how long, with which result. `latest`: the last sampling's
-    result (grid paths and the few-step health)."""
-    import platform
-
-    import torch
-
-    from dopsd.runs.checkpoint import last_good
-
-    cfg = trainer.cfg
-    n_params = sum(p.numel() for p in trainer.trainable.values())
-    losses = [r["loss"] for r in trainer.history if not r.get("skipped")]
-    teacher = any(t.teacher for t in trainer.terms)
-    good = last_good(trainer.out / CHECKPOINTS)
-    model = getattr(trainer.adapter, "kind", None) or cfg.model.pretrained
-    return {
-        "status": status,
-        "problem": problem,
-        "what": f"{cfg.method.name} on {cfg.model.family} ({model}), "
-        + (f"LoRA rank {cfg.lora.rank}" if cfg.lora.enabled else "full fine-tune")
-        + (f", teacher {cfg.method.teacher}" if teacher else ""),
-        "method": cfg.method.name,
-        "teacher": cfg.method.teacher if teacher else None,
-        "family": cfg.model.family,
-        "pretrained": cfg.model.pretrained,
-        "trainable_parameters": n_params,
-        "data": {
-            "path": cfg.data.path,
-            "images": len(trainer.examples),
-            "captions": sum(len(e.captions) for e in trainer.examples),
-        },
-        "steps": trainer.step,
-        "steps_this_run": steps_this_run,
-        "global_batch": trainer.global_batch,
-        "processes": trainer.world,
-        "device": str(trainer.acc.device),
-        "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
-        "seconds_total": round(wall, 2),
-        "seconds_loop": round(loop_seconds, 2),
-        "steps_per_second": round(steps_this_run / loop_seconds, 3) if loop_seconds > 0 else None,
-        "first_loss": losses[0] if losses else None,
-        "final_loss": losses[-1] if losses else None,
-        "skipped_steps": sum(1 for r in trainer.history if r.get("skipped")),
-        "cache": {"hits": trainer.cache.hits, "misses": trainer.cache.misses},
-        "resumed_from": trainer.resumed_from,
-        # continual tuning: the runs this one builds on, oldest first ({from, mode, steps, method, weights})
-        "lineage": lineage_of(trainer),
-        "weights": str(weights) if weights else None,
-        "samples": {k: v for k, v in latest.items() if k.startswith("grid_")},
-        "health": {
-            k: v for k, v in (latest.get("health") or {}).items() if isinstance(v, (float, bool, str)) or v is None
-        },
-        "health_step": (trainer.last_health or {}).get("step"),  # when `health` was measured
-        "last_good_checkpoint": str(good) if good else None,
-        "replaced": trainer.replaced,  # where --overwrite moved an earlier run
-    }
-
-
+# --- the end of a session: summary.json (what it holds: dopsd.training.summary) ---------------------------------
 def write_summary(out: Path, summary: dict[str, Any]) -> None:
     atomic_write_json(out / SUMMARY, summary)
 

@@ -24,9 +24,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
-from dopsd.runs.checkpoint import list_checkpoints
+from dopsd.data.cache import default_cache_dir
 from dopsd.errors import CheckpointError, RunFolderError
 from dopsd.files import fsync_dir
+from dopsd.runs.checkpoint import list_checkpoints
 from dopsd.runs.folder import (
     CHECKPOINTS,
     CONFIG,
@@ -68,8 +69,6 @@ class Plan:
 
 def protected_paths(cfg: Any) -> list[tuple[str, Path]]:
     """Folders a run folder must never be (or contain): the data, the feature cache, the model, the cwd."""
-    from dopsd.data.cache import default_cache_dir
-
     found = [
         ("data.path", cfg.data.path),
         ("data.source_dir", cfg.data.source_dir),
@@ -110,6 +109,7 @@ def plan(cfg: Any, *, resume: bool, overwrite: bool) -> Plan:
             )
         return Plan(out, "resume")
     if not out.exists() or not [n for n in out.iterdir() if n.name not in (OWNER_LOCK, WORKERS_LOCK)]:
+        check_cache_outside(cfg, out)
         return Plan(out, "new")
     if not overwrite:
         raise OutputExistsError(
@@ -132,8 +132,22 @@ def plan(cfg: Any, *, resume: bool, overwrite: bool) -> Plan:
                 f"--overwrite: {out} is or contains {name} ({path}); dopsd never moves it. "
                 "Choose another train.output_dir"
             )
+    check_cache_outside(cfg, out)
     check_not_in_use(out)
     return Plan(out, "replace")
+
+
+def check_cache_outside(cfg: Any, out: Path) -> None:
+    """Features are built before the folder is claimed: a cache inside the run folder (existing yet or not) would
+    fill a new folder before its checks, or move aside with the run --overwrite replaces."""
+    if not cfg.cache.enabled:
+        return
+    cache = Path(cfg.cache.dir or default_cache_dir()).expanduser().resolve()
+    if _covers(out.resolve(), cache):
+        raise RunFolderError(
+            f"the feature cache (cache.dir {cache}) is inside train.output_dir {out}; the cache is shared by runs and "
+            "must not live in one: set cache.dir to a folder outside the run folder, or leave it empty for the default"
+        )
 
 
 # --- locks ----------------------------------------------------------------------------------------------

@@ -25,8 +25,12 @@ from typing import Any
 import torch
 from PIL import Image
 
+from dopsd.core.sampler import generate, sample_seed, seed_noise
+from dopsd.data.dataset import load_dataset, load_example_images
 from dopsd.data.images import grid_image, to_pil, to_tensor
 from dopsd.files import atomic_save_image, atomic_write_json
+from dopsd.lora.trained import apply_trained
+from dopsd.models.registry import load_adapter, torch_dtype
 from dopsd.tools.features import TextImageScorer, cosine_distance, load_image_features
 
 REPORT_FILES = r"eval\.json|targets\.png|sources\.png|(base|lora)_\d+steps\.png"  # what evaluate() writes
@@ -85,11 +89,6 @@ def evaluate(
     compare_base: bool = True,
     device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
-    from dopsd.core.sampler import generate, sample_seed, seed_noise
-    from dopsd.data.dataset import load_dataset, load_example_images
-    from dopsd.lora.trained import apply_trained
-    from dopsd.models.registry import load_adapter, torch_dtype
-
     m = config.model
     examples = load_dataset(config.data, m)[:max_prompts]
     if not examples:

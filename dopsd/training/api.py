@@ -14,11 +14,13 @@ from typing import Any
 from dopsd.config import Config, load_config
 from dopsd.data.checks import check_prompts
 from dopsd.data.dataset import check_dataset
+from dopsd.files import disk_full
 from dopsd.methods.terms import terms_for
+from dopsd.models.quantize import check_available, planned_device
 from dopsd.models.registry import check_teacher_folder
 from dopsd.runs import lock as runlock
 from dopsd.runs.folder import OutputExistsError, check_resume_config
-from dopsd.training import continual
+from dopsd.training import continual, stopping
 from dopsd.training.trainer import Result, StepCallback, Trainer
 
 __all__ = ["train", "Result", "OutputExistsError"]
@@ -78,8 +80,6 @@ def set_threads(cfg: Config) -> int:
 
 
 def _train(cfg: Config, resume: bool, overwrite: bool, adapter: Any, callback: StepCallback | None) -> Result:
-    from dopsd.models.quantize import check_available, planned_device
-
     check_available(cfg.model.quantize, planned_device(cfg), cfg.lora.enabled)  # model.quantize fits this machine
     if cfg.train.init_from:  # one spelling in config.yaml, whatever the working directory of a later --resume
         cfg.train.init_from = str(Path(cfg.train.init_from).expanduser().resolve())
@@ -100,14 +100,17 @@ def _train(cfg: Config, resume: bool, overwrite: bool, adapter: Any, callback: S
         main=trainer.main,
         share=trainer.broadcast,
         barrier=trainer.acc.wait_for_everyone,
-        seen=trainer.checkpoints_seen,
+        seen=trainer.resumed.seen if trainer.resumed else None,
     )
     try:
         if aside is not None:
-            trainer.replaced = str(aside)
             print(
                 f"dopsd train: moved the earlier run in {plan.out} aside to {aside} (nothing was deleted)", flush=True
             )
-        return trainer.fit(callback)
+        return trainer.fit(callback, replaced=None if aside is None else str(aside))
+    except Exception as err:
+        if disk_full(err):  # which device, what is intact, how to resume; not a bug report
+            raise stopping.no_space(trainer, err) from err
+        raise
     finally:
         lock.release()

@@ -24,7 +24,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from dopsd.errors import RunFolderError
+from dopsd.config import ConfigError, load_config
+from dopsd.errors import CheckpointError, RunFolderError
+from dopsd.lora.inject import add_lora
+from dopsd.lora.trained import FULL_FILE, apply_trained, trained_meta
+from dopsd.runs import checkpoint as ckpt
+from dopsd.runs import folder as rundir
+from dopsd.runs import lock as runlock
 
 MAX_DEPTH = 64  # a lineage longer than this is a loop of runs starting from each other
 
@@ -68,11 +74,6 @@ def _check_model(where: Path, family: Any, pretrained: Any, cfg: Any) -> None:
 
 
 def _from_run(folder: Path, cfg: Any, mode: str, depth: int) -> Source:
-    from dopsd.config import load_config
-    from dopsd.runs import checkpoint as ckpt
-    from dopsd.runs import folder as rundir
-    from dopsd.runs import lock as runlock
-
     if not rundir.is_run_folder(folder):
         raise RunFolderError(
             f"train.init_from {folder} is not a dopsd run folder (no {rundir.MARKER}); point it "
@@ -126,8 +127,6 @@ def _from_run(folder: Path, cfg: Any, mode: str, depth: int) -> Source:
 
 
 def _from_file(path: Path, cfg: Any, mode: str) -> Source:
-    from dopsd.lora.trained import FULL_FILE, trained_meta
-
     meta = trained_meta(path, cfg.model.family, field="train.init_from")
     model = meta.get("model") or {}
     if model:
@@ -156,8 +155,6 @@ def resolve_path(path: Path, cfg: Any, mode: str, depth: int = 0) -> Source:
 def resolve(cfg: Any) -> Source | None:
     """The checked source of train.init_from (None without one); raises RunFolderError / WeightsFileError /
     ConfigError with one message per problem, before any model is loaded."""
-    from dopsd.config import ConfigError
-
     if not cfg.train.init_from:
         return None
     out = Path(cfg.train.output_dir).expanduser().resolve()
@@ -209,8 +206,6 @@ def merge_lora(network: nn.Module) -> None:
 def _load_trainable(network: nn.Module, path: Path) -> None:
     from safetensors.torch import load_file
 
-    from dopsd.errors import CheckpointError
-
     saved = load_file(str(path))
     params = dict(network.named_parameters())
     missing = [k for k in saved if k not in params]
@@ -223,9 +218,6 @@ def _load_trainable(network: nn.Module, path: Path) -> None:
 
 def _add_source_lora(network: nn.Module, src: Source, default_targets: Any) -> None:
     """The source's LoRA with its trained values (on top of whatever the network holds now)."""
-    from dopsd.lora.inject import add_lora
-    from dopsd.lora.trained import apply_trained
-
     if src.trainable is None:  # a bare LoRA file: read it as `dopsd sample` does
         apply_trained(network, src.weights)
         return
@@ -250,8 +242,6 @@ def _rebuild_merged(network: nn.Module, src: Source, default_targets: Any) -> No
         if src.trainable is not None:
             _load_trainable(network, src.trainable)
         else:
-            from dopsd.lora.trained import apply_trained
-
             apply_trained(network, src.weights)
         return
     _rebuild_base(network, src, default_targets)
@@ -263,8 +253,6 @@ def apply(network: nn.Module, cfg: Any, src: Source, default_targets: Any) -> bo
     """Make `network` (the pristine base) this run's starting model; True when its LoRA is already in place and
     trainable (continue), False when the trainer adds its fresh LoRA (or trains all weights) as usual."""
     if cfg.lora.enabled and cfg.train.init_mode == "continue":
-        from dopsd.lora.inject import add_lora
-
         _rebuild_base(network, src, default_targets)
         if src.trainable is None:
             _add_source_lora(network, src, default_targets)

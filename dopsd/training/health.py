@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dopsd.core.sampler import generate
+from dopsd.core.sampler import generate, sample_batch
 from dopsd.models.base import ModelAdapter, QualityFn
 
 # What a low score of each kind means (for warnings); sharpness depends on the direction it moved.
@@ -147,6 +147,8 @@ class FewStepHealth:
         self.noise = torch.cat(
             [torch.randn((len(prompts), *shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds]
         )
+        # Every sample in one batch at small sizes; one image per batch at 1024² (dopsd.core.sampler.SAMPLE_PIXELS).
+        self.batch = sample_batch(height, width, len(self.prompts))
         self.schedule = adapter.inference_schedule(height, width, steps)
         # The control: the model's own schedule at many steps (what the trainer's control grid uses too).
         self.control = adapter.inference_schedule(height, width, control_steps) if control_steps > 0 else None
@@ -155,26 +157,26 @@ class FewStepHealth:
         self.last_images: torch.Tensor | None = None
 
     # --- sampling -----------------------------------------------------------------------------------
-    def _sample(self, network: nn.Module) -> dict[str, torch.Tensor]:
-        # One batch, latents float32 unless told otherwise (as the trainer's grids; adapters cast inside).
+    def _sample(self, network: nn.Module, control: bool = True) -> dict[str, torch.Tensor]:
+        # Batches of self.batch, latents float32 unless told otherwise (as the trainer's grids; adapters cast inside).
         sample = lambda schedule: generate(
             self.adapter,
             network,
             self.contexts,
             self.noise,
             schedule,  # noqa: E731
-            batch_size=len(self.contexts),
+            batch_size=self.batch,
             device=self.device,
             dtype=self.dtype,
         )
         out = {"few": sample(self.schedule)}
-        if self.control is not None:
+        if self.control is not None and control:
             out["many"] = sample(self.control)
         self.finite = all(bool(torch.isfinite(v).all()) for v in out.values())
         return {k: torch.nan_to_num(v, nan=0.0).clamp(-1, 1) for k, v in out.items()}
 
-    def _raw(self, network: nn.Module) -> dict[str, float]:
-        images = self._sample(network)
+    def _raw(self, network: nn.Module, control: bool = True) -> dict[str, float]:
+        images = self._sample(network, control)
         self.last_images = images["few"]
         raw = {"sharpness": float(sharpness(images["few"]).mean()), "structure": float(structure(images["few"]).mean())}
         if "many" in images:
@@ -189,12 +191,13 @@ class FewStepHealth:
         self.start = self._raw(network)
         return dict(self.start)
 
-    def measure(self, network: nn.Module) -> dict[str, Any]:
+    def measure(self, network: nn.Module, control: bool = True) -> dict[str, Any]:
         """Health of `network` now vs the reference: {'health', 'sharpness', 'structure', 'gap'?, 'quality'?,
-        'raw/…', 'start/…', 'sharpness_ratio', 'broken', 'problem', 'warning'}."""
+        'raw/…', 'start/…', 'sharpness_ratio', 'broken', 'problem', 'warning'}. `control=False`: the cheap check
+        of the few-step samples alone (no many-step control, so no gap score), e.g. when a checkpoint is written."""
         if self.start is None:
             raise RuntimeError("FewStepHealth.measure() before reference(): measure the starting model first")
-        raw = self._raw(network)
+        raw = self._raw(network, control)
         ratio = raw["sharpness"] / max(self.start["sharpness"], 1e-8)
         scores = {
             "sharpness": min(ratio, 1.0 / ratio) if ratio > 0 else 0.0,

@@ -15,10 +15,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from dopsd.core.sampler import generate, sample_seed, seed_noise
+from dopsd.core.sampler import generate, sample_batch, sample_seed, seed_noise
 from dopsd.data.images import grid_image
 from dopsd.files import atomic_save_image
 from dopsd.runs import folder as rundir
+from dopsd.training.health import HEALTH_THRESHOLD, TRAINING_PROMPTS_THRESHOLD, FewStepHealth
+from dopsd.training.stopping import StopRequests
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -30,14 +32,9 @@ def make_health(trainer: Trainer) -> Any:
     """The few-step health tracker (main process, not for editing models), or None when it is off. Built
     while the encoders are loaded: it encodes its prompts once."""
     cfg, m = trainer.cfg, trainer.m
-    if not (cfg.sample.health and trainer.main) or m.editing:
+    # a sharded network runs only with every process: then each one samples (the main one records)
+    if not (cfg.sample.health and (trainer.main or trainer.sharded)) or m.editing:
         return None
-    try:
-        from dopsd.training.health import FewStepHealth
-    except ImportError:
-        return None
-    from dopsd.training.health import HEALTH_THRESHOLD, TRAINING_PROMPTS_THRESHOLD
-
     s = cfg.sample
     unrelated = s.health_prompts or cfg.method.prior_prompts[:4]
     # On the training prompts the intended change itself (a concept's colour) moves the sharpness score, so the
@@ -77,6 +74,7 @@ class Monitor:
         self.latest: dict[str, Any] = {}
         cfg, out, main = trainer.cfg, trainer.out, trainer.main
         self.started, self.first_step, self.written = time.time(), trainer.step, 0.0
+        self.saved_step = trainer.step  # the newest checkpoint's step (a resumed run starts at one; 0: none needed)
         self.started_iso = rundir.iso_time(trainer.started)
         self.writer = self.losses = self.health_trace = None
         if main and cfg.log.tensorboard:
@@ -100,6 +98,7 @@ class Monitor:
             unit="step",
             dynamic_ncols=True,
         )
+        self.stop = StopRequests(trainer, self).install()  # signal handlers while the loop runs (until close)
 
     def step(self, record: dict[str, Any]) -> None:
         """After each optimizer step: the loss trace, TensorBoard and the progress bar."""
@@ -121,8 +120,21 @@ class Monitor:
         if time.time() - self.written >= PROGRESS_EVERY_S:
             self.progress(rundir.STATUS_RUNNING)
 
+    def check_health(self) -> dict[str, Any] | None:
+        """The few-step health of the network now by the cheap check (the few-step samples alone), summarised; None
+        with health off. The trainer asks for it before a checkpoint of a step no sampling interval measured, so
+        that a checkpoint is called good only when a measurement says so (dopsd.training.checkpoint)."""
+        t = self.trainer
+        if t.health is None:
+            return None
+        with torch.random.fork_rng(devices=None if torch.cuda.is_available() else []):  # the run stays exact
+            measured = t.health.measure(t.network, control=False)
+        keys = ("health", "broken", "problem")
+        return {"step": t.step, **{k: measured[k] for k in keys}, "check": "few-step samples only"}
+
     def checkpointed(self) -> None:
-        """What was logged up to a checkpoint survives a kill, like the checkpoint itself."""
+        """After a checkpoint: what was logged up to it survives a kill, like the checkpoint itself."""
+        self.saved_step = self.trainer.step
         if self.trainer.main:
             self.losses.sync()
             self.health_trace.sync()
@@ -151,16 +163,22 @@ class Monitor:
         )
         self.written = now
 
-    def sample(self, tag: str) -> None:
-        """Sample grids (and health) of the network now, as `samples/{tag}_{K}steps.png` (main process only)."""
-        if not self.trainer.main:
-            return
+    def sample(self, tag: str) -> dict[str, Any] | None:
+        """Sample grids (and health) of the network now, as `samples/{tag}_{K}steps.png` (main process only).
+        Returns the few-step health measured, summarised; None when none was."""
+        t = self.trainer
+        if not (t.main or t.sharded):  # a sharded network runs only with every process: each samples, main writes
+            return None
         # Sampling leaves the training RNG untouched, so a resumed run (which skips these samples) stays exact.
         with torch.random.fork_rng(devices=None if torch.cuda.is_available() else []):
             self.latest = self._sample(tag)
-        if self.trainer.step == self.first_step:  # the pace (for the ETA) counts from the first step on
+        if t.step == self.first_step:  # the pace (for the ETA) counts from the first step on
             self.started = time.time()
         self.progress(rundir.STATUS_RUNNING)
+        measured = self.latest.get("health")
+        if measured is None:
+            return None
+        return {"step": t.step, **{k: measured[k] for k in ("health", "broken", "problem")}}
 
     def _sample(self, tag: str) -> dict[str, Any]:
         t = self.trainer
@@ -173,40 +191,46 @@ class Monitor:
             adapter.latent_shape(m.height, m.width),
             [sample_seed(seed, i) for i in range(len(t.prompts)) for seed in seeds],
         )
-        (t.out / rundir.SAMPLES).mkdir(exist_ok=True)
+        if t.main:
+            (t.out / rundir.SAMPLES).mkdir(exist_ok=True)
         result: dict[str, Any] = {}
+        batch = sample_batch(m.height, m.width, 8)  # 8 at small sizes, one image at 1024² (bounded decode memory)
         for steps in [m.inference_steps] + ([s.control_steps] if s.control_steps > 0 else []):
             sched = adapter.inference_schedule(m.height, m.width, steps)
             steps = len(sched) - 1  # None = the model's own count
             with t.acc.autocast():
-                images = generate(adapter, t.network, contexts, noise, sched, device=t.acc.device, dtype=t.latent_dtype)
+                images = generate(
+                    adapter, t.network, contexts, noise, sched, batch, device=t.acc.device, dtype=t.latent_dtype
+                )
             grid = grid_image(images, len(t.prompts), len(seeds))
             path = rundir.sample_grid(t.out, tag, steps)
-            atomic_save_image(path, grid)
+            if t.main:
+                atomic_save_image(path, grid)
             result[f"grid_{steps}"] = str(path)
             if self.writer is not None:
                 self.writer.add_image(f"samples/{steps}steps", np.asarray(grid), t.step, dataformats="HWC")
         if t.health is not None:
             measured = t.health.measure(t.network)
             result["health"] = measured
-            t.last_health = {
-                "step": t.step,
-                "health": measured["health"],
-                "broken": measured["broken"],
-                "problem": measured["problem"],
-            }
-            self.health_trace.append(rundir.health_record(t.step, measured, t.health.threshold))
+            if t.main:
+                self.health_trace.append(rundir.health_record(t.step, measured, t.health.threshold))
             if self.writer is not None:
                 for k, v in t.health.scalars(measured).items():
                     self.writer.add_scalar(k, v, t.step)
-            if measured.get("warning"):
+            if measured.get("warning") and t.main:
                 warnings.warn(f"step {t.step}: {measured['warning']}")
         return result
 
     def close(self) -> None:
+        """Every file is closed even when one cannot be (a full disk fails the last flush); the first error is raised."""
+        self.stop.restore()
         self.bar.close()
-        for trace in (self.losses, self.health_trace):
-            if trace is not None:
-                trace.close()
-        if self.writer is not None:
-            self.writer.close()
+        failed: list[OSError] = []
+        for closable in (self.losses, self.health_trace, self.writer):
+            try:
+                if closable is not None:
+                    closable.close()
+            except OSError as err:
+                failed.append(err)
+        if failed:
+            raise failed[0]

@@ -23,8 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from accelerate import Accelerator
-from accelerate.utils import AutocastKwargs, DistributedDataParallelKwargs, set_seed
+from accelerate.utils import set_seed
 
 from dopsd.config import Config, ConfigError
 from dopsd.core.schedules import training_schedule
@@ -34,11 +33,16 @@ from dopsd.data.dataset import BatchOrder, Example, distinct_captions
 from dopsd.errors import TrainingFailed
 from dopsd.lora.inject import add_lora
 from dopsd.methods import terms as methods
+from dopsd.models.quantize import check_available
+from dopsd.models.registry import load_adapter, torch_dtype
 from dopsd.runs import checkpoint as ckpt
 from dopsd.runs import folder as rundir
 from dopsd.training import checkpoint as trainer_checkpoint
-from dopsd.training import continual, optim
+from dopsd.training import continual, optim, sharding
+from dopsd.training.checkpoint import Resumed
 from dopsd.training.monitor import Monitor, make_health
+from dopsd.training.processes import accelerator, broadcast
+from dopsd.training.summary import final_verdict, save_final, write_summary
 
 StepCallback = Callable[["Trainer", dict[str, Any]], None]
 
@@ -68,33 +72,18 @@ class Result:
 
 class Trainer:
     """`Trainer(config, out, examples, adapter=None, resume=False)`, then `prepare()` (every check that needs the
-    model), then `fit()`; `train_step()` alone is one optimizer step (the cost probes time it)."""
+    model), then `fit()`; `train_step()` alone is one optimizer step (the cost probes time it). What the loss terms
+    see of it is dopsd.methods.step.StepContext; its resumable loop state is `state_dict()`."""
 
     def __init__(self, config: Config, out: Path, examples: list[Example], adapter: Any = None, resume: bool = False):
         self.started = time.time()
         self.cfg, self.out, self.examples, self.resume = config, out, examples, resume
         t = config.train
-        kwargs: dict[str, Any] = {"mixed_precision": t.mixed_precision, "cpu": t.device == "cpu"}
-        if t.fsdp and (t.device == "cpu" or not torch.cuda.is_available()):
-            raise ConfigError(
-                "train.fsdp is set but this run would be on the CPU: FSDP shards models across GPUs "
-                "and is not run on the CPU; on the CPU leave train.fsdp empty (plain DDP)"
-            )
-        if t.fsdp:  # passed through to accelerate
-            from accelerate import FullyShardedDataParallelPlugin
-
-            kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(**t.fsdp)
-        # Autocast's cast cache is keyed by the parameter object, not its values: it would keep serving the
-        # student's bf16 cast after a ParamShadow swapped the teacher's (or the base's) values into `p.data`, and
-        # the reverse. Off, every forward casts the values it finds; for a LoRA that is a few MB per forward, and a
-        # full fine-tune no longer holds a second (bf16) copy of every weight for the whole step.
-        handlers = [DistributedDataParallelKwargs(find_unused_parameters=False), AutocastKwargs(cache_enabled=False)]
-        self.acc = Accelerator(**kwargs, kwargs_handlers=handlers)
+        self.acc = accelerator(t)
         self.main = self.acc.is_main_process
-        self.world, self.rank = self.acc.num_processes, self.acc.process_index
+        self.world, self.rank, self.device = self.acc.num_processes, self.acc.process_index, self.acc.device
+        self.sharded = sharding.wanted(config, self.world)  # train.fsdp: torch FSDP2 (dopsd.training.sharding)
         set_seed(t.seed)
-        from dopsd.models.quantize import check_available
-        from dopsd.models.registry import load_adapter, torch_dtype
 
         check_available(config.model.quantize, self.acc.device, config.lora.enabled)  # before anything loads
 
@@ -109,10 +98,8 @@ class Trainer:
         self.step = 0
         self.nonfinite = 0
         self.last_health: dict[str, Any] | None = None  # the latest few-step health measurement, summarised
-        self.resume_notes: list[str] = []
-        self.resumed_from: str | None = None  # the checkpoint a resumed run started from
-        self.checkpoints_seen: list[str] | None = None  # the checkpoints there were when resuming read one
-        self.replaced: str | None = None  # where --overwrite moved an earlier run
+        self.resumed: Resumed | None = None  # what --resume found (set by `prepare`)
+        self.replaced: str | None = None  # where --overwrite moved an earlier run (given to `fit`)
 
     # --- setup ------------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -169,9 +156,7 @@ class Trainer:
                 )
         network.train()
         self.trainable = trainable_parameters(network)
-        if cfg.lora.enabled and self.dtype != torch.float32:
-            for p in self.trainable.values():  # LoRA weights train in float32 on a low-precision base (peft casts)
-                p.data = p.data.float()
+        self.master_dtypes = sharding.float32_masters(network, self.trainable, cfg, self.acc)
         if not self.trainable:
             raise ConfigError("nothing to train: no parameter requires a gradient (check lora.targets)")
         self.start_max_abs = ckpt.weights_verdict(self.trainable, 0.0)["max_abs"] or 0.0
@@ -179,6 +164,11 @@ class Trainer:
         self.dataset = ckpt.dataset_identity(self.examples)  # what a checkpoint must be resumed on
         if self.health is not None:
             self.health.reference(network)  # the starting model (LoRA at zero), before any step or resume
+        for term in self.terms:  # with the starting model, before a resumed run loads its checkpoint
+            term.prepare(self)
+        if self.sharded:  # after the terms' own forwards; the shadows and the optimizer hold the shards
+            sharding.shard(network, adapter, self.m.family, self.acc.device)
+            self.trainable = trainable_parameters(network)
         self.teacher = None
         if any(t.teacher for t in self.terms):
             self.teacher = ParamShadow(self.trainable, self.method.teacher, self.method.ema_decay)
@@ -186,15 +176,32 @@ class Trainer:
         if any(t.prior for t in self.terms):
             same = self.teacher is not None and self.teacher.mode == "base"
             self.prior = self.teacher if same else ParamShadow(self.trainable, "base")
-        for term in self.terms:  # with the starting model, before a resumed run loads its checkpoint
-            term.prepare(self)
         optimizer, self.scheduler = optim.build(list(self.trainable.values()), cfg)
-        self.student, self.optimizer = self.acc.prepare(network, optimizer)
+        if self.sharded:  # FSDP is the parallelism: accelerate must not wrap the network in DDP as well
+            self.student, self.optimizer = network, self.acc.prepare(optimizer)
+        else:
+            self.student, self.optimizer = self.acc.prepare(network, optimizer)
         self.network = network  # unwrapped: teacher forwards, sampling, saving
         self.order = BatchOrder(self.examples, cfg.train.seed)
         self.schedules: dict[tuple[int, int], torch.Tensor] = {}
         if self.resume:
-            trainer_checkpoint.restore(self)
+            self.resumed = trainer_checkpoint.restore(self)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The loop's resumable state, saved in each checkpoint beside the other stateful parts' (weights, shadows,
+        optimizer, scheduler, RNG: dopsd.training.checkpoint)."""
+        return {
+            "step": self.step,
+            "order": self.order.state_dict(),
+            "history": self.history,
+            "nonfinite": self.nonfinite,
+            "health": self.last_health,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.history, self.nonfinite = state["step"], state["history"], state["nonfinite"]
+        self.order.load_state_dict(state["order"])
+        self.last_health = state.get("health")
 
     def schedule(self, bucket: tuple[int, int]) -> torch.Tensor:
         if bucket not in self.schedules:
@@ -203,18 +210,28 @@ class Trainer:
         return self.schedules[bucket]
 
     def weights_verdict(self) -> dict[str, Any]:
-        """Finite and not exploded (vs. the start): what a checkpoint and the final verdict record."""
+        """Finite and not exploded (vs. the start): what a checkpoint and the final verdict record. Sharded: a
+        collective (every process calls it)."""
+        if self.sharded:
+            return sharding.weights_verdict(self.trainable, self.start_max_abs)
         return ckpt.weights_verdict(self.trainable, self.start_max_abs)
 
     # --- one optimizer step -----------------------------------------------------------------------
     def sync(self, final: bool) -> contextlib.AbstractContextManager:
-        """DDP: gradients are all-reduced only on the last backward of an optimizer step."""
-        return contextlib.nullcontext() if final or self.world == 1 else self.acc.no_sync(self.student)
+        """DDP: gradients are all-reduced only on the last backward of an optimizer step. FSDP reduce-scatters
+        every backward: skipping it would keep whole gradients on every process."""
+        plain = final or self.world == 1 or self.sharded
+        return contextlib.nullcontext() if plain else self.acc.no_sync(self.student)
 
     def contexts(self, keys: list[str]) -> Any:
         """Cached contexts by key, on the device and collated into one batch."""
-        dev = self.acc.device
-        return self.adapter.collate([{k: v.to(dev) for k, v in self.feats.load(key).items()} for key in keys])
+        return self.adapter.collate([{k: v.to(self.device) for k, v in self.feats.load(key).items()} for key in keys])
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.acc.backward(loss)
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.acc.gather(tensor)
 
     def velocity(self, network: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]:
         return lambda x, s, c: self.adapter.velocity(network, x, s, c)
@@ -243,7 +260,8 @@ class Trainer:
             reduced = self.acc.reduce(reduced, "mean")
         record: dict[str, Any] = {"step": step + 1, **{k: float(v) for k, v in zip(keys, reduced.tolist())}}
         limit = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        norm = self.acc.clip_grad_norm_(list(self.trainable.values()), limit)
+        params = list(self.trainable.values())
+        norm = sharding.clip_grad_norm_(params, limit) if self.sharded else self.acc.clip_grad_norm_(params, limit)
         record["grad_norm"] = float(norm) if norm is not None else float("nan")
         record["lr"] = self.scheduler.get_last_lr()[0]
         finite = math.isfinite(record["loss"]) and (
@@ -270,24 +288,32 @@ class Trainer:
     # --- the training loop ------------------------------------------------------------------------
     def broadcast(self, value: Any) -> Any:
         """The main process's `value` on every process (a decision only the main process can make)."""
-        if self.world == 1:
-            return value
-        from accelerate.utils import broadcast_object_list
+        return broadcast(value, self.world)
 
-        box = [value]
-        broadcast_object_list(box, from_process=0)
-        return box[0]
+    def checkpoint(self, monitor: Monitor) -> None:
+        """A checkpoint of this step. Its few-step health is measured first when no sampling interval measured this
+        step, so that a checkpoint is called good only when a measurement says so (dopsd.training.checkpoint)."""
+        if (self.last_health or {}).get("step") != self.step:
+            self.last_health = monitor.check_health() or self.last_health
+        trainer_checkpoint.save(self)
+        monitor.checkpointed()
 
-    def fit(self, callback: StepCallback | None = None) -> Result:
+    def sample(self, monitor: Monitor, tag: str) -> None:
+        """Sample grids of the network now, and its few-step health when measured (dopsd.training.monitor)."""
+        self.last_health = monitor.sample(tag) or self.last_health
+
+    def fit(self, callback: StepCallback | None = None, replaced: str | None = None) -> Result:
         """Train to train.max_steps in the claimed run folder (dopsd.runs.lock), then write the final weights and
         summary.json. `callback(trainer, record)` runs on every process after each optimizer step; `record` is
         the step's record (as in losses.jsonl) plus `seconds`, the step's own wall time. Raises TrainingAborted
-        (too many non-finite steps in a row) or TrainingUnhealthy (a broken model) after writing the summary."""
+        (too many non-finite steps in a row) or TrainingUnhealthy (a broken model) after writing the summary.
+        `replaced`: where --overwrite moved an earlier run (summary.json says so)."""
         cfg, out, main = self.cfg, self.out, self.main
+        self.replaced = replaced
         # --- the run folder: this session's config, and what the resumed checkpoint said about itself
         if main:
             rundir.write_config(out, cfg.to_yaml())
-            for note in self.resume_notes:
+            for note in self.resumed.notes if self.resumed else []:
                 warnings.warn(f"--resume: {note}")
         self.acc.wait_for_everyone()
         monitor = Monitor(self)
@@ -296,10 +322,11 @@ class Trainer:
             try:
                 # --- samples (and health) of the starting model
                 if self.step == 0:
-                    monitor.sample("step-0000000")
+                    self.sample(monitor, "step-0000000")
                 every, ck = cfg.sample.every, cfg.train.checkpoint_every
                 t0 = time.time()
                 while self.step < cfg.train.max_steps:
+                    monitor.stop.check()  # Ctrl-C, SIGTERM: the last step is done; checkpoint it and exit
                     # --- one optimizer step, logged
                     started = time.perf_counter()
                     record = self.train_step()
@@ -315,28 +342,30 @@ class Trainer:
                         continue
                     # --- interval samples first, so that the checkpoint of the same step records their health
                     done = self.step == cfg.train.max_steps
-                    if every and self.step % every == 0 and not done:
-                        monitor.sample(f"step-{self.step:07d}")
+                    if every and self.step % every == 0 and not done and not monitor.stop.signum:
+                        self.sample(monitor, f"step-{self.step:07d}")
                     if (ck and self.step % ck == 0) or done:
-                        trainer_checkpoint.save(self)
-                        monitor.checkpointed()
+                        self.checkpoint(monitor)
+                monitor.stop.check()
                 self.acc.wait_for_everyone()
                 self.loop_seconds = time.time() - t0
                 # --- final samples and health; the final checkpoint learns the final health
-                monitor.sample("final")
+                self.sample(monitor, "final")
                 trainer_checkpoint.amend_health(self)
             finally:
                 monitor.close()
         except TrainingAborted as err:
             if main:
-                self._summary(monitor, rundir.STATUS_ABORTED, str(err), None)
+                write_summary(self, monitor, rundir.STATUS_ABORTED, str(err), None)
             raise
         # --- the verdict, final weights and summary (the main process: only it measured the final health)
         weights, failure, summary = None, None, {}
+        verdict = self.weights_verdict()  # every process: the verdict and whole weights of a sharded model are
+        state = sharding.final_state(self) if verdict["ok"] else None  # collectives
         if main:
-            status, problem = self._verdict(monitor.latest)
-            weights = rundir.save_final(self) if self.weights_verdict()["ok"] else None
-            summary = self._summary(monitor, status, problem, weights)
+            status, problem = final_verdict(monitor.latest, verdict)
+            weights = save_final(self, state) if verdict["ok"] else None
+            summary = write_summary(self, monitor, status, problem, weights)
             print(rundir.format_summary(summary))
             if status != rundir.STATUS_OK:
                 kept = f"the final weights are in {weights}" if weights else "no final weights were written"
@@ -365,29 +394,3 @@ class Trainer:
                 f"{self.nonfinite} non-finite steps in a row (train.max_nonfinite); training stopped at step "
                 f"{self.step}. Last good checkpoint: {good or 'none'}. Lower optim.lr or check the data."
             )
-
-    def _verdict(self, latest: dict[str, Any]) -> tuple[str, str | None]:
-        """ok, or unhealthy with the reason: non-finite/exploded weights, or broken few-step samples at the end."""
-        problems = []
-        weights = self.weights_verdict()
-        if not weights["ok"]:
-            problems.append(weights["problem"])
-        health = latest.get("health") or {}
-        if health.get("broken"):
-            problems.append(health["problem"])
-        return (rundir.STATUS_UNHEALTHY, "; ".join(problems)) if problems else (rundir.STATUS_OK, None)
-
-    def _summary(self, monitor: Monitor, status: str, problem: str | None, weights: Path | None) -> dict[str, Any]:
-        summary = rundir.build_summary(
-            self,
-            status=status,
-            problem=problem,
-            weights=weights,
-            latest=monitor.latest,
-            wall=time.time() - self.started,
-            steps_this_run=self.step - self.first_step,
-            loop_seconds=self.loop_seconds,
-        )
-        rundir.write_summary(self.out, summary)
-        monitor.progress(status)
-        return summary

@@ -23,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--host",
         default="127.0.0.1",
-        help="address to listen on (default 127.0.0.1: this machine only; any other address needs the access token)",
+        help="address to listen on (default 127.0.0.1: this machine only; another address, e.g. 0.0.0.0, serves "
+        "plain HTTP to the network: the app warns, and it always needs its secret then)",
     )
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 = any free)")
     parser.add_argument(
@@ -35,7 +36,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--token",
         default=None,
-        help="access token (default $DOPSD_UI_TOKEN; generated and printed for a non-local --host)",
+        help="the app's secret (default $DOPSD_UI_TOKEN, else a new one per launch, printed in the app's URL)",
+    )
+    parser.add_argument(
+        "--no-token",
+        action="store_true",
+        help="no secret (this machine only): any program or user on this machine can then use the app — start "
+        "jobs, read every dataset — so it warns; refused with a --host other than this machine",
     )
     parser.add_argument(
         "--max-jobs",
@@ -54,8 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--grace",
         type=float,
-        default=10.0,
-        help="seconds between SIGTERM and SIGKILL when a job is stopped (default 10)",
+        default=120.0,
+        help="seconds between SIGTERM and SIGKILL when a job is stopped (default 120: a stopped run finishes its "
+        "step and writes a checkpoint first)",
     )
 
 
@@ -108,27 +116,67 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def allowed_hosts(host: str) -> set[str] | None:
+    """The Host names a bind on `host` answers: for a local bind the local names and the address it listens on
+    (127.0.0.2 too: the address it prints), so no other name reaches it (DNS rebinding); else any."""
+    from dopsd.ui.server import LOCAL_HOSTS
+
+    if not is_local(host):
+        return None
+    return {*LOCAL_HOSTS, host, f"[{host}]" if ":" in host else host}
+
+
 def make_server(ctx: Any, sock: socket.socket, host: str, token: str | None) -> Any:
     """A uvicorn server for the app on an already bound socket (tests run it in a thread)."""
     import uvicorn
 
-    from dopsd.ui.server import LOCAL_HOSTS, create_app
+    from dopsd.ui.server import create_app
 
-    hosts = set(LOCAL_HOSTS) if is_local(host) else None
-    app = create_app(ctx, token=token, hosts=hosts)
+    app = create_app(ctx, token=token, hosts=allowed_hosts(host))
     return uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+
+
+def secret(args: argparse.Namespace) -> str | None:
+    """The launch's secret (--token, $DOPSD_UI_TOKEN, or a new one), or None with --no-token on a local bind."""
+    from dopsd.errors import UsageError
+
+    if args.no_token:
+        if args.token:
+            raise UsageError("--no-token and --token contradict each other; give one")
+        if not is_local(args.host):
+            raise UsageError(
+                f"--no-token with --host {args.host}: the app would let anyone on the network start jobs and read "
+                "every dataset; leave --no-token out (the app then prints its URL with the secret)"
+            )
+        print(
+            "dopsd ui: warning: --no-token: any program or user on this machine can use the app (start and stop "
+            "jobs, read and change datasets); leave it out to require the secret",
+            file=sys.stderr,
+            flush=True,
+        )
+        return None
+    given = args.token or os.environ.get("DOPSD_UI_TOKEN") or None
+    if given is not None and len(given) < 16:
+        raise UsageError("--token (or $DOPSD_UI_TOKEN): use at least 16 characters, or leave it out for a new one")
+    return given or secrets.token_urlsafe(32)
 
 
 def main(args: argparse.Namespace) -> int:
     home = args.home or Path(os.environ.get("DOPSD_HOME") or Path.home() / "dopsd-ui")
-    token = args.token or os.environ.get("DOPSD_UI_TOKEN") or None
-    if not is_local(args.host) and not token:
-        token = secrets.token_urlsafe(24)
+    token = secret(args)
+    if not is_local(args.host):
+        print(
+            f"dopsd ui: warning: --host {args.host} serves plain, unencrypted HTTP to the network: anyone who can "
+            "reach this machine can try the app, and the secret in its URL travels in the clear. Prefer the default "
+            "127.0.0.1 with an SSH tunnel (ssh -L PORT:127.0.0.1:PORT host)",
+            file=sys.stderr,
+            flush=True,
+        )
     sock = listen(args.host, args.port)
     ctx = build(home, max_jobs=args.max_jobs, threads=args.threads, max_upload_mb=args.max_upload_mb, grace=args.grace)
     port = sock.getsockname()[1]
-    shown = f"[{args.host}]" if ":" in args.host else args.host
-    url = f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
+    shown = socket.gethostname() if args.host in ("0.0.0.0", "::", "") else args.host  # a wildcard: this machine
+    url = f"http://{f'[{shown}]' if ':' in shown else shown}:{port}/" + (f"?token={token}" if token else "")
     print(
         f"dopsd ui: {ctx.home.root} at {url}  (Ctrl+C stops the app; running jobs go on and are found again)",
         flush=True,

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from dopsd.cli import COMMANDS
+from dopsd.commands import COMMANDS
 from dopsd.config import schema as _config
 from dopsd.config.keys import set_value
 from dopsd.config.presets import PRESETS
@@ -176,8 +176,9 @@ def has_command(name: str) -> bool:
 
 
 def write_mini_dataset(folder: Path) -> list[str]:
-    """The miniature's held-out concept dataset (captions use `sks`); written beside, then moved into place."""
-    from dopsd.mini.world import write_concept_dataset
+    """The miniature's held-out concept dataset (captions use `sks`), through the family registry (the web app
+    knows no family's code); written beside, then moved into place."""
+    from dopsd.models.registry import example_dataset
 
     folder = Path(folder)
     if folder.exists():
@@ -185,7 +186,7 @@ def write_mini_dataset(folder: Path) -> list[str]:
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    captions = write_concept_dataset(tmp)
+    captions = example_dataset("mini", tmp) or []
     tmp.rename(folder)
     return captions
 

@@ -15,11 +15,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-import dopsd
 from dopsd.ui import adapter, datasets
 from dopsd.ui.home import check_name
+from dopsd.ui.http import Context, HTTPError, endpoint, error_response
 from dopsd.ui.jobs import dopsd_command
-from dopsd.ui.server import Context, HTTPError, endpoint, error_response
+from dopsd.version import __version__
 
 MAX_FILES_PER_UPLOAD = 500
 
@@ -27,7 +27,7 @@ MAX_FILES_PER_UPLOAD = 500
 # --- info, settings, presets --------------------------------------------------------------------------------
 def info(ctx: Context, request: Request, body: dict) -> dict[str, Any]:
     return {
-        "version": dopsd.__version__,
+        "version": __version__,
         "home": str(ctx.home.root),
         "python": sys.executable,
         "plan_available": adapter.has_command("plan"),

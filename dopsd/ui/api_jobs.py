@@ -11,17 +11,8 @@ from starlette.routing import Route
 from dopsd.ui import adapter, api_results, datasets, runs
 from dopsd.ui.api_data import build_config, write_mini_dataset
 from dopsd.ui.home import check_name, inside
+from dopsd.ui.http import Context, HTTPError, endpoint, job_public
 from dopsd.ui.jobs import Job, dopsd_command
-from dopsd.ui.server import Context, HTTPError, endpoint
-
-
-def job_public(ctx: Context, job: Job | None, log: bool = False) -> dict[str, Any] | None:
-    if job is None:
-        return None
-    out = job.public()
-    if log:
-        out["log"] = ctx.jobs.log_tail(job)
-    return out
 
 
 def _new_name(ctx: Context, body: dict, area: str, default: str) -> str:

@@ -12,17 +12,11 @@ from starlette.routing import Route
 
 from dopsd.ui import adapter, runs
 from dopsd.ui.home import check_name
+from dopsd.ui.http import Context, HTTPError, endpoint, job_public
 from dopsd.ui.jobs import dopsd_command
-from dopsd.ui.server import Context, HTTPError, endpoint
 
 EXPORT_FORMATS = ("diffusers", "comfyui")
 MAX_PROMPTS, MAX_SEEDS = 8, 8
-
-
-def _public(ctx: Context, job: Any) -> dict[str, Any] | None:
-    from dopsd.ui.api_jobs import job_public
-
-    return job_public(ctx, job)
 
 
 def _int_list(value: Any, what: str, limit: int) -> list[int]:
@@ -152,7 +146,7 @@ def start_export(ctx: Context, request: Request, body: dict) -> dict[str, Any]:
             {"export": name, "file": f"exports/{name}/{target.name}"},
             queued=False,
         )
-    return {"job": _public(ctx, job), "file": f"/files/exports/{name}/{target.name}"}
+    return {"job": job_public(ctx, job), "file": f"/files/exports/{name}/{target.name}"}
 
 
 def exports_of(ctx: Context, run: str) -> list[dict[str, Any]]:
@@ -165,7 +159,7 @@ def exports_of(ctx: Context, run: str) -> list[dict[str, Any]]:
         done = path.is_file() and job.status == "succeeded"
         out.append(
             {
-                "job": _public(ctx, job),
+                "job": job_public(ctx, job),
                 "format": job.argv[job.argv.index("--format") + 1],
                 "file": f"/files/{job.target['file']}" if done else None,
                 "size": path.stat().st_size if done else None,
@@ -191,11 +185,11 @@ def report_list(ctx: Context, request: Request, body: dict) -> dict[str, Any]:
     for folder in sorted(ctx.home.area("reports").iterdir(), key=lambda p: p.stat().st_mtime, reverse=True):
         if folder.is_dir() and not folder.name.startswith("."):
             job = ctx.jobs.active_for("report", folder.name) or ctx.jobs.last_for("report", folder.name)
-            out.append({"name": folder.name, "kind": _kind(folder), "job": _public(ctx, job)})
+            out.append({"name": folder.name, "kind": _kind(folder), "job": job_public(ctx, job)})
     for job in ctx.jobs.list():  # started but the command has not created its folder yet
         name = job.target.get("report")
         if name and job.status in ("queued", "running") and not (ctx.home.area("reports") / name).exists():
-            out.insert(0, {"name": name, "kind": None, "job": _public(ctx, job)})
+            out.insert(0, {"name": name, "kind": None, "job": job_public(ctx, job)})
     return {"reports": out}
 
 
@@ -206,13 +200,13 @@ def report_view(ctx: Context, request: Request, body: dict) -> dict[str, Any]:
     if not folder.is_dir():
         if job is None:
             raise FileNotFoundError(f"no report {name!r}")
-        return {"name": name, "kind": None, "job": _public(ctx, job), "log": ctx.jobs.log_tail(job)}
+        return {"name": name, "kind": None, "job": job_public(ctx, job), "log": ctx.jobs.log_tail(job)}
     kind = _kind(folder)
     base = f"/files/reports/{name}"
     out: dict[str, Any] = {
         "name": name,
         "kind": kind,
-        "job": _public(ctx, job),
+        "job": job_public(ctx, job),
         "log": ctx.jobs.log_tail(job) if job else None,
     }
     if kind == "bench":
@@ -268,7 +262,7 @@ def _start_report(ctx: Context, body: dict) -> dict[str, Any]:
             if body.get(key) is not None:
                 args += [f"--{key}", str(_bounded(body[key], key, 0 if key == "seed" else 1, 100_000))]
     job = ctx.jobs.submit(kind, dopsd_command(*args), f"{kind} {name}", {"report": name})
-    return {"name": name, "job": _public(ctx, job)}
+    return {"name": name, "job": job_public(ctx, job)}
 
 
 def _bounded(value: Any, key: str, low: int, high: int) -> int:

@@ -18,7 +18,7 @@ from typing import Any
 from PIL import Image
 
 from dopsd.ui import adapter
-from dopsd.ui.home import Home, PathRefused
+from dopsd.ui.home import Home, PathRefused, inside
 
 MAX_CAPTION_BYTES = 64 * 1024
 
@@ -100,6 +100,7 @@ def set_meta(home: Home, name: str, trigger_word: str | None, preset: str) -> di
 def view(home: Home, name: str, preset: str | None = None, trigger_word: str | None = None) -> dict[str, Any]:
     """Files, captions (raw and as trained), the dataset check's problems per file and overall, and notices."""
     path = folder(home, name)
+    refuse_outside_links(home, path, name)
     settings = meta(home, name)
     preset = preset or settings["preset"]
     trigger_word = trigger_word if trigger_word is not None else settings["trigger_word"]
@@ -144,6 +145,17 @@ def view(home: Home, name: str, preset: str | None = None, trigger_word: str | N
         "notices": check["notices"],
         "path": str(path),
     }
+
+
+def refuse_outside_links(home: Home, path: Path, name: str) -> None:
+    """The dataset page reads every file of the folder (captions shown, the dataset check): a link in it that leads
+    out of the app's home would hand that file's content to any page of the app, so the page is refused."""
+    for entry in sorted(os.listdir(path)):
+        if not inside(home.root, path / entry):
+            raise PathRefused(
+                f"datasets/{name}/{entry} is a link to a file outside the app's home; the app does not read it. "
+                "Copy the file into the dataset folder instead, or remove the link"
+            )
 
 
 def _about(problem: str, filename: str) -> bool:

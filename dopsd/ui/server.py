@@ -1,36 +1,45 @@
 """The app: a Starlette application around one `Context` (home, jobs, caches), the guard every request passes
-(host, token, cross-site requests, body size) and the file server that only hands out files under the home.
+(host, secret, cross-site requests, body size) and the file server that only hands out files under the home.
+
+The secret (as Jupyter's token): `dopsd ui` makes one per launch and prints it in the app's URL; the first visit
+with `?token=…` exchanges it for an HttpOnly, SameSite=Strict cookie (named per port, so two apps on one machine
+keep theirs) and drops it from the address bar. From then on every request needs it — the cookie, or
+`Authorization: Bearer …` for scripts — pages, API and file downloads alike; without it the page is a short form
+asking for it and everything else is refused (401). State changes need, on top, the app's request header and a
+same-origin Origin. Every user file is served inert: images the app shows, text as text/plain, HTML reports in
+a script sandbox without the app's origin, anything else (.svg, .xhtml, .xml, …) as a download, all under a
+sandboxing Content-Security-Policy, so no stored file can run script on the app's origin.
 """
 
 from __future__ import annotations
 
 import hmac
-import json
 import mimetypes
-import threading
-from dataclasses import dataclass, field
-from http.cookies import SimpleCookie
+from http.cookies import CookieError, SimpleCookie
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 from urllib.parse import parse_qs
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from starlette.responses import FileResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from dopsd.ui import adapter
-from dopsd.ui.datasets import UploadRefused
-from dopsd.ui.home import Home, PathRefused
-from dopsd.ui.jobs import JobManager
-from dopsd.ui.runs import HealthCache
+from dopsd.ui import api_data, api_jobs
+from dopsd.ui.home import PathRefused
+from dopsd.ui.http import Context
+from dopsd.ui.http import json_error as _error
 
 STATIC = Path(__file__).parent / "static"
-COOKIE = "dopsd_ui_token"
+COOKIE = "dopsd_ui_token"  # + "_" + the port: cookies are shared by every port of a host
 CSRF_HEADER = "x-dopsd-request"  # custom header: a cross-site page cannot send it without a CORS preflight
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+# Shown inline: the image types the app displays (dataset images, sample grids); SVG is not one of them.
+INLINE_IMAGES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif"}
+INERT = "default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; sandbox"
+REPORT = "sandbox allow-scripts"  # benchmark reports: their scripts run, in an opaque origin (never the app's)
 TEXT_TYPES = {
     ".txt": "text/plain",
     ".md": "text/plain",
@@ -43,28 +52,9 @@ TEXT_TYPES = {
 }
 
 
-@dataclass
-class Context:
-    home: Home
-    jobs: JobManager
-    max_upload: int = 32 * 1024 * 1024  # bytes per uploaded image
-    max_body: int = 256 * 1024 * 1024  # bytes per request
-    health: HealthCache = field(default_factory=HealthCache)
-    seen: dict[str, dict[str, Any]] = field(default_factory=dict)  # per job: first progress observation (ETA)
-    # held while a request picks a new name and claims it (a folder, a config file or a job's output), so two
-    # requests at once never pick the same one
-    names: threading.Lock = field(default_factory=threading.Lock)
-
-
-class HTTPError(Exception):
-    def __init__(self, status: int, message: str, **extra: Any):
-        super().__init__(message)
-        self.status, self.message, self.extra = status, message, extra
-
-
 class Guard:
     """ASGI middleware: every request must come for an allowed Host (a local bind refuses other names: DNS
-    rebinding), carry the token when one is set, and — for anything that changes state — carry the app's
+    rebinding) and carry the secret when one is set; anything that changes state must also carry the app's
     request header and a same-origin Origin (cross-site requests), and a body within the size limit."""
 
     def __init__(self, app: Any, token: str | None, hosts: set[str] | None, max_body: int):
@@ -80,7 +70,7 @@ class Guard:
         if self.token and request.url.path == "/" and request.query_params.get("token"):
             # first visit with ?token=…: keep it in a cookie and drop it from the address bar
             response = RedirectResponse("/", status_code=303)
-            response.set_cookie(COOKIE, self.token, httponly=True, samesite="strict")
+            response.set_cookie(cookie_name(request), self.token, httponly=True, samesite="strict")
             return await response(scope, receive, send)
         await self.app(scope, receive, send)
 
@@ -90,7 +80,9 @@ class Guard:
         if self.hosts is not None and name not in self.hosts:
             return _error(421, f"host {name!r} is not served here (open the app at the address it printed)")
         if self.token and not self._has_token(request):
-            return _error(401, "this app needs its access token: open the URL with ?token=… that `dopsd ui` printed")
+            if request.method == "GET" and request.url.path == "/":
+                return login_page(bool(request.query_params.get("token")))
+            return _error(401, "this app needs its secret: open the URL with ?token=… that `dopsd ui` printed")
         if request.method not in ("GET", "HEAD", "OPTIONS"):
             if request.headers.get(CSRF_HEADER) != "1":
                 return _error(403, f"state-changing requests need the header {CSRF_HEADER}: 1 (sent by the app)")
@@ -109,56 +101,36 @@ class Guard:
         auth = request.headers.get("authorization", "")
         if auth.startswith("Bearer "):
             given.append(auth[7:])
-        cookie = SimpleCookie(request.headers.get("cookie", ""))
-        if COOKIE in cookie:
-            given.append(cookie[COOKIE].value)
+        cookie = SimpleCookie()
+        try:
+            cookie.load(request.headers.get("cookie", ""))
+        except CookieError:
+            pass
+        name = cookie_name(request)
+        if name in cookie:
+            given.append(cookie[name].value)
         if request.url.path == "/":
             given += parse_qs(request.url.query).get("token", [])
         return any(hmac.compare_digest(g.encode(), self.token.encode()) for g in given)  # type: ignore[union-attr]
 
 
-def _error(status: int, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": message, **extra}, status_code=status)
+def cookie_name(request: Request) -> str:
+    server = request.scope.get("server") or ("", 0)
+    return f"{COOKIE}_{server[1] or 0}"
 
 
-def endpoint(fn: Callable[..., Any]) -> Callable[[Request], Awaitable[Response]]:
-    """An API endpoint: fn(ctx, request, body) runs in a worker thread (it may read files, run the dataset check,
-    wait for a short subprocess); its dict/list result is returned as JSON and its errors as JSON errors."""
-
-    async def handler(request: Request) -> Response:
-        body: Any = {}
-        if request.method in ("POST", "PUT"):
-            raw = await request.body()
-            if raw:
-                try:
-                    body = json.loads(raw)
-                except ValueError:
-                    return _error(400, "the request body is not valid JSON")
-                if not isinstance(body, dict):
-                    return _error(400, "the request body must be a JSON object")
-        try:
-            result = await run_in_threadpool(fn, request.app.state.ctx, request, body)
-        except Exception as err:  # noqa: BLE001 - mapped to an HTTP answer; unknown errors are reported as bugs
-            return error_response(err)
-        return result if isinstance(result, Response) else JSONResponse(result)
-
-    return handler
+LOGIN = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>dopsd ui: secret needed</title>
+<style>body{font:15px system-ui,sans-serif;max-width:40em;margin:4em auto;padding:0 1em}input{width:24em}</style>
+</head><body><h1>dopsd ui</h1><p>%s</p><p>Open the address <code>dopsd ui</code> printed when it started (it ends
+in <code>/?token=…</code>), or paste its secret:</p><form method="get" action="/"><input name="token"
+type="password" autocomplete="off" autofocus> <button>Open</button></form></body></html>"""
 
 
-def error_response(err: Exception) -> JSONResponse:
-    if isinstance(err, HTTPError):
-        return _error(err.status, err.message, **err.extra)
-    if isinstance(err, UploadRefused):
-        return _error(400, str(err), problems=err.problems, file=err.name)
-    if isinstance(err, PathRefused):
-        return _error(400, str(err))
-    if isinstance(err, FileNotFoundError):
-        return _error(404, str(err) if err.args else "not found")
-    if isinstance(err, FileExistsError):
-        return _error(409, str(err))
-    if isinstance(err, (adapter.DopsdError, ValueError, KeyError, TypeError)):
-        return _error(400, str(err).strip("'\""))
-    return _error(500, f"internal error in dopsd ui: {type(err).__name__}: {err}")
+def login_page(wrong: bool) -> Response:
+    """The page a visit without the secret gets (401): a form that sends it as ?token=…, nothing of the app."""
+    said = "That secret is not this app's." if wrong else "This app needs the secret it was started with."
+    headers = {"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'"}
+    return Response(LOGIN % said, status_code=401, media_type="text/html", headers=headers)
 
 
 def serve_file(request: Request) -> Response:
@@ -170,11 +142,17 @@ def serve_file(request: Request) -> Response:
     except FileNotFoundError:
         return _error(404, "no such file")
     suffix = path.suffix.lower()
-    media = TEXT_TYPES.get(suffix) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    headers = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
-    if media == "text/html":  # reports: an opaque origin, so their scripts can never call this app's API
-        headers["Content-Security-Policy"] = "sandbox allow-scripts"
-    if request.query_params.get("download"):
+    headers = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache", "Content-Security-Policy": INERT}
+    download = bool(request.query_params.get("download"))
+    if suffix in INLINE_IMAGES:
+        media = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    elif suffix in TEXT_TYPES:
+        media = TEXT_TYPES[suffix]
+    elif suffix in (".html", ".htm"):  # reports: an opaque origin, so their scripts can never call this app's API
+        media, headers["Content-Security-Policy"] = "text/html", REPORT
+    else:  # anything else (.svg, .xhtml, .xml, weights, …) is only ever downloaded, never rendered here
+        media, download = "application/octet-stream", True
+    if download:
         return FileResponse(path, media_type=media, headers=headers, filename=path.name)
     return FileResponse(path, media_type=media, headers=headers)
 
@@ -189,9 +167,7 @@ async def index(request: Request) -> Response:
 
 def create_app(ctx: Context, token: str | None = None, hosts: set[str] | None = None) -> Any:
     """The ASGI app. `hosts`: the Host names accepted (None = any; `dopsd ui` passes the local names for a local
-    bind); `token`: required on every request when set."""
-    from dopsd.ui import api_data, api_jobs
-
+    bind); `token`: the secret, required on every request when set (`dopsd ui` always sets one unless --no-token)."""
     routes = [Route("/", index), Route("/files/{path:path}", files), Mount("/static", StaticFiles(directory=STATIC))]
     routes += api_data.routes() + api_jobs.routes()
     app = Starlette(routes=routes)

@@ -26,10 +26,13 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
+from dopsd.config import load_config
 from dopsd.core.sampler import generate, seed_noise
+from dopsd.data.dataset import check_dataset, load_example_images
 from dopsd.data.images import labelled_grid, to_pil
 from dopsd.files import atomic_save_image
 from dopsd.models.base import ModelAdapter
+from dopsd.models.registry import check_teacher_folder, load_adapter
 from dopsd.tools.probe.scorers import PixelScorer, Scorer
 
 Pair = tuple[Image.Image, str]
@@ -292,10 +295,6 @@ def load_setup(
     source: Any, overrides: list[str] | None = None, with_data: bool = True, limit: int | None = None
 ) -> Setup:
     """The adapter and (first-caption) training pairs exactly as `dopsd train` would read them."""
-    from dopsd.config import load_config
-    from dopsd.data.dataset import check_dataset, load_example_images
-    from dopsd.models.registry import check_teacher_folder, load_adapter
-
     cfg = load_config(source, overrides)
     check_teacher_folder(cfg.model)  # the probe samples the teacher: its folder is checked before weights load
     examples = []

@@ -16,6 +16,7 @@ from PIL import Image
 
 from dopsd.data.images import to_pil, to_tensor
 from dopsd.models.base import ModelAdapter
+from dopsd.tools.features import HFImageFeatures
 
 
 class Scorer(Protocol):
@@ -54,8 +55,6 @@ class FeatureScorer:
     """Cosine distance between image-feature embeddings (a local DINOv2/CLIP/SigLIP folder, `dopsd.tools.features`)."""
 
     def __init__(self, folder: str, device: str | torch.device = "cpu") -> None:
-        from dopsd.tools.features import HFImageFeatures
-
         self.features = HFImageFeatures(folder, device, field="--features")
         self.name = f"features:{self.features.name}"
 

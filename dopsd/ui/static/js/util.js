@@ -37,6 +37,8 @@ export async function api(path, { method = "GET", body, form } = {}) {
   }
   if (form) opts.body = form;
   const response = await fetch(path, opts);
+  // The secret is per launch: after a restart the old cookie opens nothing; the page at / asks for the new one.
+  if (response.status === 401) window.location.assign("/");
   const data = await response.json().catch(() => ({}));
   if (!response.ok) {
     const err = new Error(data.error || `${response.status} ${response.statusText}`);
