@@ -18,6 +18,7 @@ from PIL import Image
 
 # The tiny part configs live with benchmarks/gpu_real_scale.py's --tiny, which runs the same architectures.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from full_size.tokenizer import CHAT_TEMPLATE  # noqa: E402  (the one Qwen3 template in miniature)
 from gpu_real_scale_tiny import TINY  # noqa: E402
 
 SPECIAL = [
@@ -31,12 +32,6 @@ SPECIAL = [
     "<think>",
     "</think>",
 ]
-# Qwen3's template in miniature: one user turn; thinking disabled appends an empty think block.
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n"
-    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
-)
 CORPUS = [
     "a photo of a red cat on a mat",
     "a blue dog in the park",
