@@ -74,6 +74,8 @@ class Runner:
         print(f"[{time.strftime('%H:%M:%S')}] {text}", file=self.log, flush=True)
 
     def fits(self, name: str, need_gib: float) -> bool:
+        if self.only is not None and name.removeprefix(f"{self.preset}-") not in self.only:
+            return False  # --only: another phase; its record stays as it is
         if self.tiny:
             return True
         free = available_gib()

@@ -114,7 +114,17 @@ def tiny_overrides(cell: Cell, folders: SimpleNamespace) -> dict[str, tuple[str,
         "train.output_dir": (f"{folders.work}/run", "a temporary folder"),
         "cache.dir": (f"{folders.work}/cache", "a temporary folder"),
         "sample.health": (False, "sampling and its health check are no part of a training step"),
+        "method.train_states": (
+            0,
+            "every roll-out state: a few steps must move the loss measurably; one random state per step (the "
+            "default) is tested by tests/test_rollout_subset.py",
+        ),
     }
+    if base.train.gradient_checkpointing in (True, "auto"):
+        out["train.gradient_checkpointing"] = (
+            True,
+            "auto turns it off on a CPU; on is the recomputed path a card too small for the step without it runs",
+        )
     if cell.quantize != "none":
         out["model.quantize"] = (cell.quantize, "a quantized base, as users may add to any LoRA preset")
     if cell.quantize == "nf4":

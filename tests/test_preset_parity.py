@@ -43,6 +43,7 @@ def settings_in_effect(cell: Cell, pair) -> list[str]:
     from dopsd.data.dataset import bucket_sizes
     from dopsd.models.quantize import quantized_linear_count
     from dopsd.models.registry import torch_dtype
+    from dopsd.training import speed
 
     preset, trainer = preset_config(cell.preset), pair.own.trainer
     cfg, network, problems = trainer.cfg, trainer.network, []
@@ -51,7 +52,8 @@ def settings_in_effect(cell: Cell, pair) -> list[str]:
     frozen = {p.dtype for n, p in network.named_parameters() if n not in trainer.trainable and p.is_floating_point()}
     if cfg.lora.enabled and cell.quantize == "none" and frozen != {torch_dtype(preset.model.dtype)}:
         problems.append(f"frozen weights in {frozen}, the preset's {preset.model.dtype}")
-    if network.is_gradient_checkpointing != preset.train.gradient_checkpointing:
+    wanted, _ = speed.checkpointing(cfg.train.gradient_checkpointing, network, trainer.device)  # the cell's: on
+    if network.is_gradient_checkpointing != wanted:
         problems.append("gradient checkpointing is not as the preset sets it")
     if (quantized_linear_count(network) > 0) != (cell.quantize != "none"):
         problems.append(f"{quantized_linear_count(network)} quantized layers with model.quantize={cell.quantize}")

@@ -119,3 +119,16 @@ def test_probe_runs_on_any_adapter_with_the_pixel_fallback():
     assert report.metric == "pixel-palette" and report.steps == 4 and len(report.images) == 2
     assert all(p.student_hit is None for p in report.pairs)
     assert all(p.student_distance > 0 and p.teacher_distance > 0 for p in report.pairs)
+
+
+def test_probe_frees_the_encoders_before_sampling_and_scores_the_same():
+    """`dopsd probe` builds every context first and frees the encoders before the denoiser samples: a full-size
+    model's encoders and transformer do not fit in memory together. The scores must not change."""
+    pairs = carried_pairs(2)
+    kept = probe(tiny_random_adapter(0, teacher_context="reference"), pairs, seeds=(0, 1), scorer=PixelScorer())
+    adapter = tiny_random_adapter(0, teacher_context="reference")
+    freed = probe(adapter, pairs, seeds=(0, 1), scorer=PixelScorer(), release_encoders=True, batch_size=1)
+    assert adapter.encoder is None
+    for a, b in zip(kept.pairs, freed.pairs):
+        assert a.student_distance == pytest.approx(b.student_distance, abs=1e-6)
+        assert a.teacher_distance == pytest.approx(b.teacher_distance, abs=1e-6)

@@ -18,6 +18,7 @@ from dopsd.errors import RunFolderError
 from dopsd.mini.adapter import tiny_random_adapter
 from dopsd.runs import folder as rundir
 from dopsd.runs import lock as runlock
+from dopsd.training.health import TRAINING_PROMPTS_THRESHOLD
 
 
 def adapter():
@@ -60,7 +61,9 @@ def test_progress_and_health_files_follow_the_run(tmp_path, concept_data):
     assert final["started"] == first["started"]
     records = [json.loads(line) for line in (result.output_dir / rundir.HEALTH).read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 2, 4]  # before training, the interval, the end
-    assert all(0.5 < r["health"] < 1.5 and r["threshold"] == 0.85 and r["broken"] is False for r in records)
+    assert all(
+        0.5 < r["health"] < 1.5 and r["threshold"] == TRAINING_PROMPTS_THRESHOLD and not r["broken"] for r in records
+    )
     assert {"sharpness", "structure", "warning"} <= set(records[-1]) and not any("/" in k for k in records[-1])
     assert records[-1]["health"] == result.summary["health"]["health"]
 

@@ -45,10 +45,16 @@ def test_dataset_create_upload_caption_remove(world, tmp_path):
     assert refused["broken.png"] and refused["tiny.png"]  # undecodable; under the mini preset's minimum side
     assert "not an image" in refused["notes.exe"][0]
     assert sorted(p.name for p in (home / "datasets/cats").iterdir()) == ["photo_one.png", "photo_one.txt"]
-    # the same file again is kept under a new name, nothing overwritten
-    again = c.post(
-        "/api/datasets/cats/files", files=[("files", ("photo one.png", png_bytes((32, 32), (1, 2, 3)), "image/png"))]
+    assert r.json()["counts"] == {"images": 1, "captions": 1}  # counted apart, not "2 files"
+    assert refused["broken.png"] == ["cannot read image (Truncated File Read)"]  # no exception name, no temp path
+    # the same name again is refused (nothing overwritten, nothing added under another name) unless asked to keep both
+    same = ("files", ("photo one.png", png_bytes((32, 32), (1, 2, 3)), "image/png"))
+    refused_again = c.post("/api/datasets/cats/files", files=[same])
+    assert (
+        refused_again.status_code == 400
+        and "already has photo_one.png" in refused_again.json()["refused"][0]["problems"][0]
     )
+    again = c.post("/api/datasets/cats/files", files=[same], data={"on_exists": "keep"})
     assert again.json()["saved"][0]["saved"] == "photo_one-2.png"
     # a larger preset refuses the same small image (zimage-turbo trains at 1024²: min side 512)
     big = c.post(

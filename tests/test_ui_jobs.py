@@ -11,7 +11,7 @@ import time
 from ui_support import wait_for
 
 from dopsd.ui.home import Home
-from dopsd.ui.jobs import JobManager, _proc_start
+from dopsd.ui.jobs import JobManager, _proc_start, dopsd_command
 
 PY = sys.executable
 
@@ -141,3 +141,17 @@ def test_an_unreadable_jobs_file_is_kept_aside_not_deleted(tmp_path):
     assert jobs.list() == []
     kept = list(home.state.glob("jobs.unreadable-*.json"))
     assert len(kept) == 1 and kept[0].read_text() == "{ not json"
+
+
+def test_a_failed_command_says_why_in_its_own_words(tmp_path):
+    """What the run page shows for a failed start or resume: the command's last `dopsd COMMAND: …` message
+    (not the progress before it), else the last lines of its output."""
+    jobs = JobManager(Home(tmp_path), max_running=1)
+    missing = tmp_path / "nowhere.yaml"
+    refused = jobs.submit("train", dopsd_command("train", str(missing)), "train x")
+    assert settle(jobs, refused.id, 120) == "failed"
+    reason = jobs.failure_reason(jobs.get(refused.id))
+    assert reason.startswith("dopsd train: ") and "nowhere.yaml" in reason, reason
+    other = jobs.submit("t", py("print('step 1'); print('disk is on fire'); raise SystemExit(4)"), "other")
+    assert settle(jobs, other.id) == "failed"
+    assert jobs.failure_reason(jobs.get(other.id)) == "step 1\ndisk is on fire"

@@ -40,6 +40,7 @@ def close_ctx(ctx: Any) -> None:
         ctx.jobs.tick()
         time.sleep(0.2)
     ctx.jobs.shutdown()
+    ctx.fit.close()
 
 
 def wait_for(check: Callable[[], Any], timeout: float = 120.0, every: float = 0.3, what: str = "condition") -> Any:

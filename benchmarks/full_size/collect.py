@@ -115,7 +115,13 @@ def collect(r: Any, work: Path) -> dict[str, Any]:
             problems.append(f"a learning invariant does not hold: {extra['invariants']}")
     if "resume" in phases and phases["resume"].get("rc") == 0:
         a, b = work / "runs" / f"{p}-A", work / "runs" / f"{p}-B"
-        exact = resumed_bit_exact(a, b, r.steps)
+        kept = work / "stats" / f"{p}-bit-exact.json"  # the comparison outlives the checkpoints (disk is scarce)
+        ck = a / "checkpoints" / f"step-{r.steps:07d}"
+        if ck.is_dir() or not kept.is_file():
+            exact = resumed_bit_exact(a, b, r.steps)
+            kept.write_text(json.dumps(exact, indent=2))
+        else:
+            exact = json.loads(kept.read_text())
         extra["resumed_files"], extra["resumed_bit_exact"] = exact, all(exact.values())
         if not extra["resumed_bit_exact"]:
             problems.append(f"the resumed run differs from the uninterrupted one: {exact}")

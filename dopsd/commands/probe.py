@@ -67,6 +67,7 @@ def main(args: argparse.Namespace) -> int:
         thresholds=thresholds,
         names=setup.names,
         sources=setup.sources,
+        release_encoders=True,  # the denoiser then loads alone (a full-size model's parts do not fit together)
     )
     data = report.to_dict()
     data["config"] = str(args.config)

@@ -46,6 +46,11 @@ def main(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config.to_yaml(), end="")
         return 0
+    if config.train.gradient_checkpointing == "auto":  # decided with the plan for this GPU (config.yaml records it)
+        from dopsd.planner.auto import resolved
+
+        config, why = resolved(config)
+        print(f"dopsd train: gradient checkpointing {why}", flush=True)
     from dopsd.training.api import train
 
     train(config, resume=args.resume, overwrite=args.overwrite)

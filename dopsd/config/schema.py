@@ -158,6 +158,14 @@ class MethodConfig:
     )
     step_weighting: Literal["uniform", "sigma"] = opt("uniform", "Per-roll-out-step loss weights.")
     per_step_backward: bool = opt(True, "Backward after each roll-out step (same gradient, 1/K activation memory).")
+    train_states: int = opt(
+        1,
+        "D-OPSD-form losses (dopsd, offpolicy, prior): train at this many of the K roll-out states, drawn anew "
+        "for each micro-batch; the others are rolled out without a graph (no student backward, no teacher "
+        "forward) and the loss is rescaled by K/k, an unbiased estimate of the full one. 0 = all K. Default 1: "
+        "the same concept in less time on the miniature (docs/time-to-fidelity.md).",
+        ge=0,
+    )
     sft_weight: float = opt(1.0, "λ of the SFT term in the hybrid objective.", ge=0)
     sft_timesteps: Literal["uniform", "logit_normal", "shifted"] = opt("logit_normal", "SFT σ sampling.")
     sft_shift: float = opt(3.0, "Shift for sft_timesteps=shifted.", gt=0)
@@ -211,7 +219,17 @@ class TrainConfig:
     )
     seed: int = opt(0, "Seed of everything: LoRA init, data order, captions, noise.", ge=0, lt=SEED_LIMIT)
     mixed_precision: Literal["no", "bf16", "fp16"] = opt("no", "accelerate mixed precision.")
-    gradient_checkpointing: bool = opt(False, "Enable the network's gradient checkpointing if it has one.")
+    gradient_checkpointing: bool | Literal["auto"] = opt(
+        "auto",
+        "The network's gradient checkpointing (if it has one): less activation memory for one more forward. "
+        "auto: `dopsd train` asks the planner (`dopsd plan`) for the configured method's peak without it on "
+        "this GPU and turns it on only when that does not fit (config.yaml records the choice); off on the CPU.",
+    )
+    compile: bool = opt(
+        False,
+        "torch.compile the denoiser (in place, once per run; the first steps pay the compilation). Same outputs "
+        "to float tolerance; measure before turning it on (docs/time-to-fidelity.md).",
+    )
     checkpoint_every: int = opt(250, "Write a resumable checkpoint every n steps (0 = only at the end).", ge=0)
     keep_checkpoints: int = opt(2, "Keep the last n checkpoints.", ge=1)
     max_nonfinite: int = opt(
@@ -248,6 +266,8 @@ class TrainConfig:
         "CPU-side work.",
         ge=1,
     )
+    stop_when_done: bool = opt(False, "Stop (exit 0) once the done signal made no new low for done_patience samplings.")
+    done_patience: int = opt(3, "With stop_when_done: sampling intervals without a new low before stopping.", ge=1)
 
 
 @dataclass
@@ -260,6 +280,8 @@ class SampleConfig:
         32, "Also sample at this many steps as a control (0 = off), to make few-step blur visible.", ge=0
     )
     health: bool = opt(True, "Track few-step health (dopsd.training.health) at each sampling interval.")
+    done: bool = opt(True, "Done signal: the samples' distance to the training images (docs/done-signal.md).")
+    done_features: str | None = opt(None, "DINOv2/CLIP/SigLIP folder for the done signal; null = colour distribution.")
     health_prompts: list[str] = opt(
         [],
         "Prompts the health signal samples (empty = method.prior_prompts, else the sample prompts). Prompts "
@@ -348,6 +370,7 @@ def load_config(source: str | Path | dict[str, Any] | Config, overrides: list[st
             ("model", "teacher_encoder"),
             ("data", "source_dir"),
             ("train", "init_from"),
+            ("sample", "done_features"),
         ):
             value = getattr(getattr(config, section), key)
             if value and not Path(value).is_absolute() and (path.parent / value).exists():

@@ -105,6 +105,11 @@ def check_relations(c: Config) -> None:
             "quantized base cannot be fine-tuned itself; train a LoRA (lora.enabled=true) or set "
             "model.quantize=none for a full fine-tune"
         )
+    if c.train.stop_when_done and not (c.sample.every and c.sample.done):
+        raise ConfigError(
+            "config key 'train.stop_when_done' is true but the done signal is only measured at sampling intervals: "
+            "set sample.every > 0 (e.g. sample.every=50) and sample.done=true, or train.stop_when_done=false"
+        )
     check_precision(c)
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Literal, Protocol, Sequence
+from typing import Any, Callable, Collection, ContextManager, Literal, Protocol, Sequence
 
 import torch
 
@@ -84,6 +84,7 @@ def dopsd_loss(
     backward: Callable[[torch.Tensor], None] | None = None,
     step_context: Callable[[bool], ContextManager] = _no_context,
     rollout: Rollout = "student",
+    states: Collection[int] | None = None,
 ) -> DistillOutput:
     """One D-OPSD loss: roll out the student from `noise` on `schedule`, matching the teacher at each state.
 
@@ -97,6 +98,12 @@ def dopsd_loss(
     backward=fn calls fn(loss_k / K) right after each step ("per-step"): the same gradient, because the
     states are detached, with 1/K of the activation memory. `step_context(is_last_step)` wraps each
     step's forward and backward (the trainer uses it to skip DDP gradient sync until the last step).
+
+    states: train at these roll-out states only (indices 0…K−1; None = all K). The others only advance the
+    roll-out, with a forward of the model that drives it, without a graph and without the other model's
+    forward. The loss is then the mean over the k trained states, i.e. K/k × their share of the full mean:
+    over a uniformly drawn subset an unbiased estimate of the full loss and gradient, at k/K of the backward
+    and matching forwards (the states themselves are the same ones the full roll-out visits).
     """
     check_schedule(schedule)
     if rollout not in ("student", "teacher"):
@@ -106,13 +113,26 @@ def dopsd_loss(
     if len(weights) != num_steps:
         raise ValueError(f"step_weights has {len(weights)} entries for a {num_steps}-step schedule")
 
+    trained = list(range(num_steps)) if states is None else sorted({int(k) for k in states})
+    if not trained or not 0 <= trained[0] <= trained[-1] < num_steps:
+        raise ValueError(f"states must be a non-empty subset of 0…{num_steps - 1}, got {states!r}")
+
     x = noise
     total: torch.Tensor | float = 0.0
     stats: list[StepStats] = []
     for k in range(num_steps):
         x = x.detach()  # roll-out state; no gradient across roll-out steps
         sigma = _per_sample(schedule[k], x)
-        with step_context(k == num_steps - 1):
+        if k not in trained:  # only advance the roll-out: one forward of the model that drives it
+            with torch.no_grad():
+                if rollout == "student":
+                    v_step = student(x, sigma, student_context)
+                else:
+                    v_step = teacher(x, sigma, teacher_context)
+            stats.append(StepStats(float(schedule[k]), float("nan"), float("nan")))
+            x = x + (float(schedule[k + 1]) - float(schedule[k])) * v_step
+            continue
+        with step_context(k == trained[-1]):
             with torch.no_grad():
                 v_teacher = teacher(x, sigma, teacher_context)
             v_student = student(x, sigma, student_context)
@@ -123,7 +143,7 @@ def dopsd_loss(
                 raise ValueError(f"space must be 'x0' or 'velocity', got {space!r}")
             step_loss = weights[k] * diff.pow(2).mean()
             if backward is not None:
-                backward(step_loss / num_steps)
+                backward(step_loss / len(trained))
                 step_loss = step_loss.detach()
         total = total + step_loss
         gap = (_bcast(sigma, x) * (v_student - v_teacher)).detach().abs().mean()
@@ -131,7 +151,7 @@ def dopsd_loss(
         # One of the two velocities already computed advances the roll-out: no extra forward.
         v_step = v_student if rollout == "student" else v_teacher
         x = x + (float(schedule[k + 1]) - float(schedule[k])) * v_step.detach()
-    return DistillOutput(total / num_steps, stats, x.detach())
+    return DistillOutput(total / len(trained), stats, x.detach())
 
 
 # --- SFT baseline: flow matching on the target images with the caption-only context -----------------

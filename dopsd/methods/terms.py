@@ -34,6 +34,20 @@ from dopsd.methods.step import (
 
 __all__ = ["METHODS", "MicroBatch", "StepContext", "Term", "micro_batch", "micro_step", "slot_rng", "terms_for"]
 
+SUBSET_STREAM = 2  # (seed, step, 0, 2): the trained roll-out states' own generator (the prior's end in 1)
+
+
+def trained_states(ctx: StepContext, b: MicroBatch, num_steps: int) -> list[int] | None:
+    """`method.train_states` of the K roll-out states, drawn uniformly without replacement (None: all K).
+    Keyed by the optimizer step alone: every micro-batch and process trains the same states, so gradient
+    accumulation and any split of the batch over processes compute what one large batch would, and the
+    samples' own generators are untouched."""
+    k = ctx.cfg.method.train_states
+    if k == 0 or k >= num_steps:
+        return None
+    rng = slot_rng(ctx.cfg.train.seed, b.step, 0, SUBSET_STREAM)
+    return sorted(int(i) for i in rng.choice(num_steps, size=k, replace=False))
+
 
 def rollout_loss(
     ctx: StepContext,
@@ -45,9 +59,11 @@ def rollout_loss(
     weight: float,
     final: bool,
     rollout: str = "student",
+    states: list[int] | None = None,
 ) -> DistillOutput:
     """One D-OPSD-form loss (per-step backward by default); DDP syncs only on the step's very last backward.
-    rollout="teacher": the teacher's steps advance the roll-out (off-policy distillation)."""
+    rollout="teacher": the teacher's steps advance the roll-out (off-policy distillation). states: the trained
+    roll-out states (`trained_states`; None = all)."""
     dev, method = ctx.device, ctx.cfg.method
     per_step = method.per_step_backward
     out = dopsd_loss(
@@ -62,6 +78,7 @@ def rollout_loss(
         backward=(lambda loss: ctx.backward(loss * weight)) if per_step else None,
         step_context=lambda last: ctx.sync(final and last),
         rollout=rollout,  # type: ignore[arg-type]
+        states=states,
     )
     if not per_step:
         ctx.backward(out.loss * weight)  # DDP sync was decided by the last forward's context
@@ -83,16 +100,18 @@ class OnPolicyDistillation(Term):
     def __call__(self, ctx: StepContext, b: MicroBatch, scale: float, final: bool) -> dict[str, Any]:
         noise = seed_noise(b.shape, [int(r.integers(2**62)) for r in b.rngs])
         assert ctx.teacher is not None, "the teacher's weights are set up for a term with teacher = True"
+        sched = ctx.schedule(b.bucket)
         out = rollout_loss(
             ctx,
             ctx.contexts(student_keys(ctx, b)),
             ctx.contexts(teacher_keys(ctx, b)),
             ctx.teacher,
             noise,
-            ctx.schedule(b.bucket),
+            sched,
             scale,
             final,
             self.rollout,
+            trained_states(ctx, b, len(sched) - 1),
         )
         return {self.name: float(out.loss.detach()), "steps": out.steps}
 
@@ -143,7 +162,9 @@ class PriorPreservation(Term):
         noise = seed_noise(ctx.adapter.latent_shape(*size), [int(r.integers(2**62)) for r in rngs])
         plain = ctx.contexts([ctx.feats.prompts[p] for p in prompts])
         assert ctx.prior is not None, "the prior's weights are set up for a term with prior = True"
-        out = rollout_loss(ctx, plain, plain, ctx.prior, noise, ctx.schedule(size), self.weight * scale, final)
+        sched = ctx.schedule(size)
+        states = trained_states(ctx, b, len(sched) - 1)
+        out = rollout_loss(ctx, plain, plain, ctx.prior, noise, sched, self.weight * scale, final, states=states)
         return {"prior": float(out.loss.detach()) * self.weight}
 
 

@@ -9,10 +9,14 @@ the dequantized weights it saves (int8/float8; dopsd.planner.resident). Feature 
 with its own peak (dopsd.planner.caching), sampling (grids, few-step health) between steps with its own
 (dopsd.planner.sampling): resident + grads + max(sampler forward + dequant scratch, decode). The run peak is the
 largest of the three; a run fits a card when it does with the CUDA context. Compute per optimizer step follows
-the algorithm (K roll-out states):
-  SFT = S_fb;  D-OPSD = K·(S_fb + T_f);  D-OPSD+prior = K·(S_fb + T_f) + K·(S'_fb + S'_f)
+the algorithm (K roll-out states, k of them trained: method.train_states, 0 = all K):
+  SFT = S_fb;  D-OPSD = k·(S_fb + T_f) + (K−k)·S_f;  D-OPSD+prior = that + k·(S'_fb + S'_f) + (K−k)·S'_f
 (× gradient accumulation), with S_fb a student forward+backward (it includes the recomputed forward under
-gradient checkpointing), T_f a teacher forward and S'_f a forward with the caption-only context.
+gradient checkpointing), T_f a teacher forward, S_f a student forward without a graph (an untrained state only
+advances the roll-out) and S'_f a forward with the caption-only context. Activation memory does not depend on
+k: with per-step backward one state's graph is alive at a time either way.
+`train.gradient_checkpointing: auto` is planned without checkpointing (a card fits when the run does without
+it, or with it: auto turns it on there; dopsd.planner.auto).
 """
 
 from __future__ import annotations
@@ -200,7 +204,7 @@ def choice_from_config(cfg: Any, quantize: str | None = None) -> Choice:
         cfg.model.height,
         cfg.model.width,
         cfg.train.batch_size,
-        cfg.train.gradient_checkpointing,
+        cfg.train.gradient_checkpointing is True,  # auto: planned without it (see the module docstring)
         cfg.lora.rank if cfg.lora.enabled else None,
         cfg.optim.eight_bit,
         q,
@@ -211,26 +215,38 @@ def compute(planner: Planner, c: Choice) -> dict[str, Any]:
     """FLOPs per optimizer step per method, and the formula they follow."""
     ph, k = planner.measured(c), planner.spec.rollout_steps
     accum = planner.cfg.train.gradient_accumulation
+    sub = planner.cfg.method.train_states
+    n = k if sub == 0 or sub >= k else sub  # trained states per roll-out
     r, p = ph["rollout"], ph["prior"]
-    s_fb, t_f = r.flops - r.teacher_flops, r.teacher_flops
+    s_fb, t_f, s_f = r.flops - r.teacher_flops, r.teacher_flops, r.student_fwd_flops
     prior = p.flops
     per = {
         "sft": ph["sft"].flops * accum,
-        "dopsd": k * (s_fb + t_f) * accum,
-        "dopsd_prior": k * (s_fb + t_f + prior) * accum,
+        "dopsd": (n * (s_fb + t_f) + (k - n) * s_f) * accum,
+        "dopsd_prior": (n * (s_fb + t_f + prior) + (k - n) * (s_f + p.student_fwd_flops)) * accum,
     }
     t = lambda x: x / 1e12  # noqa: E731
     unit, div = next((u, d) for u, d in (("TFLOPs", 1e12), ("GFLOPs", 1e9), ("MFLOPs", 1e6)) if s_fb >= d or d == 1e6)
     f = lambda x: f"{x / div:.1f}"  # noqa: E731
+    if n == k:
+        head = f"D-OPSD/SFT = K*(S_fb + T_f)/S_fb = {k}*({f(s_fb)} + {f(t_f)})/{f(s_fb)}"
+        prior_text = f"K*(S'_fb + S'_f) = {k}*{f(prior)}"
+    else:
+        head = (
+            f"D-OPSD/SFT = (k*(S_fb + T_f) + (K-k)*S_f)/S_fb = ({n}*({f(s_fb)} + {f(t_f)}) + {k - n}*{f(s_f)})"
+            f"/{f(s_fb)}"
+        )
+        prior_text = f"k*(S'_fb + S'_f) + (K-k)*S'_f = {n}*{f(prior)} + {k - n}*{f(p.student_fwd_flops)}"
     formula = (
-        f"D-OPSD/SFT = K*(S_fb + T_f)/S_fb = {k}*({f(s_fb)} + {f(t_f)})/{f(s_fb)} = "
-        f"{per['dopsd'] / per['sft']:.2f}   ({unit}; S_fb: student forward+backward"
+        f"{head} = {per['dopsd'] / per['sft']:.2f}   ({unit}; S_fb: student forward+backward"
         f"{' incl. the recomputed forward' if c.gradient_checkpointing else ''}, T_f: teacher forward, "
-        f"K={k} roll-out states; with prior preservation K*(S'_fb + S'_f) = {k}*{f(prior)} more"
+        f"S_f: student forward, K={k} roll-out states"
+        f"{f', k={n} trained (method.train_states)' if n < k else ''}; with prior preservation {prior_text} more"
         f"{f', x{accum} micro-batches' if accum > 1 else ''})"
     )
     return {
         "K": k,
+        "trained_states": n,
         "student_fwd_bwd_tflops": t(s_fb),
         "student_fwd_tflops": t(r.student_fwd_flops),
         "teacher_fwd_tflops": t(t_f),
@@ -260,6 +276,7 @@ def plan(
     except (ValueError, FileNotFoundError) as err:  # sizes the model cannot take, missing weights manifest, …
         raise ConfigError(str(err)) from err
     planner = Planner(cfg, spec, target, exact)
+    auto = cfg.train.gradient_checkpointing == "auto"
     peaks = planner.peaks(c)
     other = Choice(c.height, c.width, c.batch, not c.gradient_checkpointing, c.lora_rank, c.eight_bit, c.quantize)
     other_peaks = planner.peaks(other) if planner.supports_gc() else None
@@ -305,6 +322,10 @@ def plan(
             key = "activations_without_gc_gb" if c.gradient_checkpointing else "activations_with_gc_gb"
             entry[key] = other_peaks[name]["activations"] / GiB
             entry["peak_" + key.replace("activations_", "")] = other_peaks[name]["peak"] / GiB
+            if auto:  # a card fits without checkpointing, or with it (auto turns it on there)
+                with_gc = max(other_peaks[name]["peak"], cache_peak, sampling[name])
+                entry["fits"] = {str(card): fits(run_peak, card) or fits(with_gc, card) for card in CARDS}
+                entry["auto_checkpointing_on"] = {str(card): not fits(run_peak, card) for card in CARDS}
         methods[name] = entry
     result = {
         "model": spec.label,
@@ -314,6 +335,7 @@ def plan(
         "settings": {
             "lora_rank": c.lora_rank,
             "gradient_checkpointing": c.gradient_checkpointing,
+            "gradient_checkpointing_auto": auto,
             "optimizer": "adamw8bit" if c.eight_bit else "adamw",
             "quantize": c.quantize,
             "dtype": cfg.model.dtype,

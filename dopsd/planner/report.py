@@ -26,6 +26,12 @@ def _row(label: str, values: list[Any], width: int = 12, scale: float = 1.0) -> 
     return f"  {label:<36}" + "".join(cells)
 
 
+def _checkpointing(s: dict[str, Any]) -> str:
+    if s.get("gradient_checkpointing_auto"):
+        return "gradient checkpointing auto (planned without it; on where only that fits)"
+    return "gradient checkpointing" if s["gradient_checkpointing"] else "no gradient checkpointing"
+
+
 def text(plan: dict[str, Any]) -> str:
     s, m = plan["settings"], plan["methods"]
     small = max(m[x]["run_peak_gb"] for x in METHODS) < 1.0  # the miniature: MiB reads better
@@ -34,7 +40,7 @@ def text(plan: dict[str, Any]) -> str:
     h, w = plan["resolution"]
     lines = [
         f"{plan['model']}: {h}x{w}, batch {plan['batch']}, {lora}, "
-        f"{'gradient checkpointing' if s['gradient_checkpointing'] else 'no gradient checkpointing'}, "
+        f"{_checkpointing(s)}, "
         f"{'8-bit AdamW' if s['optimizer'] == 'adamw8bit' else 'AdamW'}, weights {s['dtype']}, "
         f"base quantization {s['quantize']}, mixed precision {s['mixed_precision']}",
         "PREDICTIONS for one GPU (fake tensors on this CPU; nothing measured on a GPU)",

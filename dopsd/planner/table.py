@@ -1,6 +1,7 @@
 """The README's table of predictions: `python -m dopsd.planner.table` (markdown on stdout).
 
-Z-Image-Turbo and FLUX.2-klein 4B / 9B at 1024², LoRA r64, batch 1, gradient checkpointing (their presets),
+Z-Image-Turbo and FLUX.2-klein 4B / 9B at 1024², LoRA r64, batch 1, gradient checkpointing (their presets' `auto`
+turns it on on the cards that need it: the small-card view),
 for a bf16, an 8-bit (int8) and a 4-bit (nf4) frozen base. One measurement per model: quantization changes
 resident bytes (and adds dequantized weights: dopsd.planner.resident), not the step's other activations. The
 run peak is the largest of training, feature caching and sampling (grids and few-step health between steps).
@@ -25,7 +26,7 @@ BASES = (("bf16", "none"), ("8-bit", "int8"), ("4-bit", "nf4"))
 
 
 def rows(preset: str) -> list[str]:
-    cfg = load_config(preset)
+    cfg = load_config(preset, ["train.gradient_checkpointing=true"])
     spec = plan_spec(cfg.model, preset)
     planner = Planner(cfg, spec)
     base = choice_from_config(cfg)

@@ -9,12 +9,15 @@ Layout (what a web UI or script may read):
   config.yaml            the resolved config of the run (of its latest session)
   losses.jsonl           one JSON record per optimizer step (appended; a killed run may leave a partial last line):
                          step, loss, each term's loss, lr, grad_norm, skipped, rollout/stepK_{loss,gap,sigma}
+                         (of the roll-out states trained that step: method.train_states)
   progress.json          while a session runs (rewritten atomically at most about once a second, and at every
                          checkpoint and sampling interval): {"step", "max_steps", "status": "running" | "ok" |
                          "unhealthy" | "aborted" | "interrupted" (stopped by a signal after a checkpoint),
                          "started", "updated" (ISO times), "eta_seconds" (null until a step of this session is
                          done), "pid" (the main process)}; "running" with a pid that is no longer alive means the
                          run was killed
+  done.jsonl             one JSON record per done-signal measurement (dopsd.training.done; at each sampling): step,
+                         distance (samples to their training images), best_step, best, features, samples
   health.jsonl           one JSON record per few-step health measurement (dopsd.training.health; at each sampling interval
                          and at the end): step, health, its component scores (sharpness, structure, and gap /
                          quality where measured), sharpness_ratio, broken, problem, warning (text or null) and
@@ -23,7 +26,8 @@ Layout (what a web UI or script may read):
   checkpoints/step-NNNNNNN/   resumable state (dopsd.runs.checkpoint), the last train.keep_checkpoints kept
   logs/                  TensorBoard
   samples/               grids {tag}_{K}steps.png, tag step-NNNNNNN or final, K the few-step setting and the
-                         many-step control (sample.control_steps)
+                         many-step control (sample.control_steps); grid.json: {"prompts", "seeds"}, the grids'
+                         rows and columns
   eval/                  `dopsd eval` results
   lora.safetensors + lora_config.json   the LoRA and what `dopsd sample` needs to load it (dopsd.lora.trained);
                          for Z-Image / FLUX.2 in the layout diffusers (`pipe.load_lora_weights(run_folder)`) and
@@ -42,6 +46,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable
 
+import yaml
+
 from dopsd.config import ConfigError, load_config
 from dopsd.errors import RunFolderError
 from dopsd.files import atomic_write_json, atomic_write_text, replace_and_keep_open
@@ -55,6 +61,7 @@ MARKER_FORMAT, MARKER_VERSION = "dopsd-run", 1
 OWNER_LOCK, WORKERS_LOCK = ".dopsd-owner.lock", ".dopsd-workers.lock"
 CONFIG, LOSSES, SUMMARY = "config.yaml", "losses.jsonl", RUN_SUMMARY
 PROGRESS, HEALTH = "progress.json", "health.jsonl"
+DONE = "done.jsonl"  # the done signal's trace (dopsd.training.done)
 CHECKPOINTS, LOGS, SAMPLES = "checkpoints", "logs", "samples"
 STATUS_OK, STATUS_RUNNING = "ok", "running"
 STATUS_INTERRUPTED = "interrupted"  # progress.json only: stopped by a signal after a checkpoint
@@ -67,6 +74,7 @@ KNOWN = {
     SUMMARY,
     PROGRESS,
     HEALTH,
+    DONE,
     CHECKPOINTS,
     LOGS,
     SAMPLES,
@@ -91,6 +99,8 @@ RESUMABLE_CHANGES = (
     "train.batch_size",
     "train.gradient_accumulation",
     "train.fsdp",  # how the processes hold the weights; checkpoints hold whole tensors either way
+    "train.gradient_checkpointing",  # speed and memory only (auto resolves per machine); the same gradients
+    "train.compile",
     "sample.",
     "log.",
     "cache.",
@@ -156,9 +166,22 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Options added after runs already existed, with the value that reproduces a run whose config.yaml predates them:
+# a resume must continue the run it began, not pick up a newer default (one roll-out state instead of all).
+AS_BEFORE_THE_OPTION = {"method.train_states": 0, "train.compile": False, "train.stop_when_done": False}
+
+
 def check_resume_config(config: Any, out: Path) -> None:
-    """--resume: refuse a config that differs from the run's config.yaml beyond RESUMABLE_CHANGES."""
+    """--resume: refuse a config that differs from the run's config.yaml beyond RESUMABLE_CHANGES. Options the
+    run's config.yaml does not name take the value that reproduces the run as it began (AS_BEFORE_THE_OPTION)."""
+    saved = _flat(yaml.safe_load((out / CONFIG).read_text()) or {})
+    for key, value in AS_BEFORE_THE_OPTION.items():
+        section, name = key.split(".")
+        if key not in saved and getattr(getattr(config, section), name) != value:
+            print(f"[dopsd] --resume: the run began before {key} existed; it continues with {key}={value}")
+            setattr(getattr(config, section), name, value)
     old, new = _flat(load_config(out / CONFIG).to_dict()), _flat(config.to_dict())
+    old.update({k: v for k, v in AS_BEFORE_THE_OPTION.items() if k not in saved})
     changed = [k for k in new if old.get(k) != new[k] and not k.startswith(RESUMABLE_CHANGES) and k != "data.path"]
     if changed:
         raise ConfigError(
@@ -169,6 +192,11 @@ def check_resume_config(config: Any, out: Path) -> None:
 
 def sample_grid(out: Path, tag: str, steps: int) -> Path:
     return out / SAMPLES / f"{tag}_{steps}steps.png"
+
+
+def sample_layout(out: Path) -> Path:
+    """samples/grid.json: {"prompts": [...], "seeds": [...]}, the rows and the columns of every sample grid."""
+    return out / SAMPLES / "grid.json"
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -269,5 +297,8 @@ def format_summary(s: dict[str, Any]) -> str:
     ]
     if s["skipped_steps"]:
         lines.append(f"skipped steps (non-finite): {s['skipped_steps']}")
+    if done := s.get("done"):  # the done signal (dopsd.training.done): its lowest step, an early stop
+        stop = f"; stopped early at step {done['last_step']}" if done["stopped_early"] else ""
+        lines.append(f"done signal: lowest at step {done['best_step']} ({done['best_distance']:.4g}){stop}")
     lines += [f"samples: {v}" for v in s["samples"].values()]
     return "\n".join(lines)

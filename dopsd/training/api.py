@@ -16,6 +16,7 @@ from dopsd.data.checks import check_prompts
 from dopsd.data.dataset import check_dataset
 from dopsd.files import disk_full
 from dopsd.methods.terms import terms_for
+from dopsd.models.image_features import check_feature_folder
 from dopsd.models.quantize import check_available, planned_device
 from dopsd.models.registry import check_teacher_folder
 from dopsd.runs import lock as runlock
@@ -91,6 +92,8 @@ def _train(cfg: Config, resume: bool, overwrite: bool, adapter: Any, callback: S
     check_prompts(cfg)
     if any(t.teacher for t in terms_for(cfg.method)):  # e.g. Z-Image's Qwen3-VL folder, before the models load
         check_teacher_folder(cfg.model)
+    if cfg.sample.done and cfg.sample.done_features:  # the done signal's feature model (dopsd.training.done)
+        check_feature_folder(cfg.sample.done_features, "sample.done_features")
     if int(os.environ.get("RANK", "0")) == 0:  # what training will do to the data, said once (not per process)
         print(dataset.summary(), flush=True)
     trainer = Trainer(cfg, plan.out, dataset.examples, adapter=adapter, resume=resume)

@@ -17,8 +17,9 @@ import torch
 
 from dopsd.core.sampler import generate, sample_batch, sample_seed, seed_noise
 from dopsd.data.images import grid_image
-from dopsd.files import atomic_save_image
+from dopsd.files import atomic_save_image, atomic_write_json
 from dopsd.runs import folder as rundir
+from dopsd.training.done import DoneSignal
 from dopsd.training.health import HEALTH_THRESHOLD, TRAINING_PROMPTS_THRESHOLD, FewStepHealth
 from dopsd.training.stopping import StopRequests
 
@@ -98,6 +99,7 @@ class Monitor:
             unit="step",
             dynamic_ncols=True,
         )
+        self.done = DoneSignal(trainer)  # the done signal at each sampling (dopsd.training.done)
         self.stop = StopRequests(trainer, self).install()  # signal handlers while the loop runs (until close)
 
     def step(self, record: dict[str, Any]) -> None:
@@ -115,6 +117,7 @@ class Monitor:
             loss=f"{record['loss']:.4g}",
             lr=f"{record['lr']:.2g}",
             **({"health": f"{health:.3f}"} if isinstance(health, float) else {}),
+            **self.done.postfix(),
         )
         self.bar.update(1)
         if time.time() - self.written >= PROGRESS_EVERY_S:
@@ -138,6 +141,7 @@ class Monitor:
         if self.trainer.main:
             self.losses.sync()
             self.health_trace.sync()
+            self.done.sync()
             if self.writer is not None:
                 self.writer.flush()
             self.progress(rundir.STATUS_RUNNING)
@@ -168,10 +172,12 @@ class Monitor:
         Returns the few-step health measured, summarised; None when none was."""
         t = self.trainer
         if not (t.main or t.sharded):  # a sharded network runs only with every process: each samples, main writes
+            self.done.agree()
             return None
         # Sampling leaves the training RNG untouched, so a resumed run (which skips these samples) stays exact.
         with torch.random.fork_rng(devices=None if torch.cuda.is_available() else []):
             self.latest = self._sample(tag)
+        self.done.agree()  # an early stop (train.stop_when_done) is decided by the main process, for all
         if t.step == self.first_step:  # the pace (for the ETA) counts from the first step on
             self.started = time.time()
         self.progress(rundir.STATUS_RUNNING)
@@ -193,7 +199,10 @@ class Monitor:
         )
         if t.main:
             (t.out / rundir.SAMPLES).mkdir(exist_ok=True)
+            # what the grids' rows and columns are, for whoever shows them (dopsd ui labels its gallery with it)
+            atomic_write_json(rundir.sample_layout(t.out), {"prompts": list(t.prompts), "seeds": seeds})
         result: dict[str, Any] = {}
+        few = None  # the few-step images: the done signal measures them
         batch = sample_batch(m.height, m.width, 8)  # 8 at small sizes, one image at 1024² (bounded decode memory)
         for steps in [m.inference_steps] + ([s.control_steps] if s.control_steps > 0 else []):
             sched = adapter.inference_schedule(m.height, m.width, steps)
@@ -202,6 +211,7 @@ class Monitor:
                 images = generate(
                     adapter, t.network, contexts, noise, sched, batch, device=t.acc.device, dtype=t.latent_dtype
                 )
+            few = images if few is None else few
             grid = grid_image(images, len(t.prompts), len(seeds))
             path = rundir.sample_grid(t.out, tag, steps)
             if t.main:
@@ -209,6 +219,7 @@ class Monitor:
             result[f"grid_{steps}"] = str(path)
             if self.writer is not None:
                 self.writer.add_image(f"samples/{steps}steps", np.asarray(grid), t.step, dataformats="HWC")
+        self.done.measure(few, self.writer)
         if t.health is not None:
             measured = t.health.measure(t.network)
             result["health"] = measured
@@ -226,7 +237,7 @@ class Monitor:
         self.stop.restore()
         self.bar.close()
         failed: list[OSError] = []
-        for closable in (self.losses, self.health_trace, self.writer):
+        for closable in (self.losses, self.health_trace, self.done, self.writer):
             try:
                 if closable is not None:
                     closable.close()

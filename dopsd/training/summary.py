@@ -130,6 +130,7 @@ def write_summary(trainer: Any, monitor: Any, status: str, problem: str | None, 
         steps_this_run=trainer.step - trainer.first_step,
         loop_seconds=trainer.loop_seconds,
     )
+    summary["done"] = monitor.done.summary()  # the done signal's lowest step; an early stop (dopsd.training.done)
     write_summary_file(trainer.out, summary)
     monitor.progress(status)
     return summary

@@ -38,7 +38,7 @@ from dopsd.models.registry import load_adapter, torch_dtype
 from dopsd.runs import checkpoint as ckpt
 from dopsd.runs import folder as rundir
 from dopsd.training import checkpoint as trainer_checkpoint
-from dopsd.training import continual, optim, sharding
+from dopsd.training import continual, optim, sharding, speed
 from dopsd.training.checkpoint import Resumed
 from dopsd.training.monitor import Monitor, make_health
 from dopsd.training.processes import accelerator, broadcast
@@ -147,13 +147,7 @@ class Trainer:
             )
         elif not cfg.lora.enabled:
             network.requires_grad_(True)
-        if cfg.train.gradient_checkpointing:
-            if hasattr(network, "enable_gradient_checkpointing"):
-                network.enable_gradient_checkpointing()
-            else:
-                warnings.warn(
-                    f"{type(network).__name__} has no gradient checkpointing; train.gradient_checkpointing ignored"
-                )
+        self.speed = speed.setup(network, cfg.train, self.device)  # gradient checkpointing, torch.compile
         network.train()
         self.trainable = trainable_parameters(network)
         self.master_dtypes = sharding.float32_masters(network, self.trainable, cfg, self.acc)
@@ -279,6 +273,8 @@ class Trainer:
             self.nonfinite += 1
         record["skipped"] = not finite
         for k, stats in enumerate(zip(*diag) if diag else []):
+            if stats[0].loss != stats[0].loss:  # not trained this step (method.train_states): nothing to log
+                continue
             record[f"rollout/step{k}_loss"] = float(np.mean([s.loss for s in stats]))
             record[f"rollout/step{k}_gap"] = float(np.mean([s.gap for s in stats]))
             record[f"rollout/step{k}_sigma"] = stats[0].sigma
@@ -325,7 +321,7 @@ class Trainer:
                     self.sample(monitor, "step-0000000")
                 every, ck = cfg.sample.every, cfg.train.checkpoint_every
                 t0 = time.time()
-                while self.step < cfg.train.max_steps:
+                while self.step < cfg.train.max_steps and not monitor.done.stopped:  # or done (train.stop_when_done)
                     monitor.stop.check()  # Ctrl-C, SIGTERM: the last step is done; checkpoint it and exit
                     # --- one optimizer step, logged
                     started = time.perf_counter()
@@ -344,7 +340,7 @@ class Trainer:
                     done = self.step == cfg.train.max_steps
                     if every and self.step % every == 0 and not done and not monitor.stop.signum:
                         self.sample(monitor, f"step-{self.step:07d}")
-                    if (ck and self.step % ck == 0) or done:
+                    if (ck and self.step % ck == 0) or done or monitor.done.stopped:
                         self.checkpoint(monitor)
                 monitor.stop.check()
                 self.acc.wait_for_everyone()

@@ -2,8 +2,9 @@
 few-step health, side-by-side comparisons, exports, the benchmark report and the demo.
 
 It runs the real commands (`python -m dopsd.cli train|probe|sample|export|plan|bench|demo`) as separate
-processes and reads their results from the folders they write; see dopsd/ui/adapter.py for the few things it
-imports in-process. Kept light: the server imports neither torch nor the trainer.
+processes and reads their results from the folders they write. In-process it only reads: dopsd/ui/adapter.py
+(datasets, commands), preflight.py (the checks `dopsd train` runs before loading weights) and rules.py (the
+config's ranges); it loads no model and imports no trainer (the plan runs in its own process: dopsd/ui/fit/).
 """
 
 from __future__ import annotations
@@ -184,6 +185,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         make_server(ctx, sock, args.host, token).run(sockets=[sock])
     finally:
+        ctx.fit.close()  # the plan process: its answer would be for nobody
         ctx.jobs.shutdown()
         sock.close()
     return 0

@@ -2,7 +2,8 @@
 check (the one `dopsd train` runs), the trigger-word rule, atomic file writes and the command list.
 
 Everything else (training, probe, sampling, export, plan, bench, demo) runs as `python -m dopsd.cli …`
-subprocesses. When dopsd's modules move, this file is the one to update.
+subprocesses; "will it fit?" in the app's own plan process (`python -m dopsd.ui.fit.worker`, which imports the
+planner). When dopsd's modules move, this file and that one are the ones to update.
 
 `python -m dopsd.ui.adapter mini-dataset FOLDER` writes the miniature's concept dataset in a child process,
 so the server itself never imports torch.

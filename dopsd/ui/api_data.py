@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -15,8 +16,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from dopsd.ui import adapter, datasets
-from dopsd.ui.home import check_name
+from dopsd.ui import adapter, datasets, preflight, rules
+from dopsd.ui.home import PathRefused, check_name
 from dopsd.ui.http import Context, HTTPError, endpoint, error_response
 from dopsd.ui.jobs import dopsd_command
 from dopsd.version import __version__
@@ -39,7 +40,12 @@ def info(ctx: Context, request: Request, body: dict) -> dict[str, Any]:
 
 
 def presets(ctx: Context, request: Request, body: dict) -> dict[str, Any]:
-    return {"presets": adapter.presets(), "help": adapter.key_help(), "methods": adapter.methods()}
+    return {
+        "presets": adapter.presets(),
+        "help": adapter.key_help(),
+        "methods": adapter.methods(),
+        "rules": rules.form_rules(adapter.FORM_KEYS),
+    }
 
 
 def settings(ctx: Context, request: Request, body: dict) -> dict[str, Any]:
@@ -55,7 +61,22 @@ def settings(ctx: Context, request: Request, body: dict) -> dict[str, Any]:
 # --- configs --------------------------------------------------------------------------------------------------
 def build_config(ctx: Context, body: dict[str, Any], output_dir: Path) -> adapter.Config:
     """The config for a run or probe: the edited YAML when given, else the preset with the form's typed values
-    (only the form's keys); the dataset chosen in the app sets data.path; the app owns train.output_dir."""
+    (only the form's keys); the dataset chosen in the app sets data.path; the app owns train.output_dir.
+
+    A value the config refuses is answered with {"fields": {key: message}} so the form shows it at its field."""
+    try:
+        return _build_config(ctx, body, output_dir)
+    except (adapter.ConfigError, TypeError) as err:
+        problems = preflight.config_problem(err)
+        raise HTTPError(400, next(iter(problems.values())), fields=problems) from None
+    except (FileNotFoundError, PathRefused) as err:  # the dataset chosen is gone or its name is not one
+        message = str(err).strip("'\"")
+        raise HTTPError(
+            404 if isinstance(err, FileNotFoundError) else 400, message, fields={"dataset": message}
+        ) from None
+
+
+def _build_config(ctx: Context, body: dict[str, Any], output_dir: Path) -> adapter.Config:
     dataset = body.get("dataset")
     if isinstance(body.get("yaml"), str) and body["yaml"].strip():
         cfg = adapter.config_from_yaml(body["yaml"])
@@ -69,6 +90,9 @@ def build_config(ctx: Context, body: dict[str, Any], output_dir: Path) -> adapte
         if unknown:
             raise HTTPError(400, f"the form does not set {', '.join(unknown)}; edit them in the YAML view")
         values = {k: v for k, v in values.items() if v is not None and v != ""}
+        limits = rules.form_limit_problem(values)
+        if limits:
+            raise HTTPError(400, next(iter(limits.values())), fields=limits)
         if dataset:
             values["data.path"] = str(datasets.folder(ctx.home, dataset))
         cfg = adapter.resolve(str(body.get("preset") or "mini"), values)
@@ -104,7 +128,8 @@ def plan(ctx: Context, request: Request, body: dict) -> dict[str, Any]:
     finally:
         tmp.unlink(missing_ok=True)  # the app's own temporary file
     if done.returncode != 0:
-        return {"available": True, "error": (done.stderr or done.stdout).strip()[-2000:]}
+        said = (done.stderr or done.stdout).strip()[-2000:]
+        return {"available": True, "error": said.replace(str(tmp), "the form's config")}  # not the app's temp file
     try:
         return {"available": True, "plan": json.loads(done.stdout)}
     except ValueError:
@@ -173,7 +198,9 @@ def remove(ctx: Context, request: Request, body: dict) -> dict[str, Any]:
 
 
 async def upload(request: Request) -> Response:
-    """multipart/form-data: files (images, and .txt captions named like them), preset (for the size check)."""
+    """multipart/form-data: files (images, and .txt captions named like them), preset (for the size check), and
+    on_exists: what to do with an image whose name the dataset already has — "refuse" (the default: the answer
+    says so, nothing is overwritten) or "keep" (keep both: the new one gets a free name, name-2.png)."""
     ctx: Context = request.app.state.ctx
     name = request.path_params["name"]
     try:
@@ -181,6 +208,7 @@ async def upload(request: Request) -> Response:
             max_files=MAX_FILES_PER_UPLOAD, max_fields=20, max_part_size=ctx.max_upload + 1
         ) as form:
             preset = str(form.get("preset") or "mini")
+            on_exists = str(form.get("on_exists") or "refuse")
             items = []
             for part in form.getlist("files"):
                 if isinstance(part, str):
@@ -188,16 +216,35 @@ async def upload(request: Request) -> Response:
                 data = await part.read(ctx.max_upload + 1)
                 items.append((part.filename or "upload", data))
     except Exception as err:  # noqa: BLE001 - a malformed or oversized form is the client's problem
-        return JSONResponse({"error": f"could not read the upload: {err}"}, status_code=400)
+        return JSONResponse({"error": f"could not read the upload: {plain(str(err))}"}, status_code=400)
+    if on_exists not in ("refuse", "keep"):
+        return JSONResponse({"error": "on_exists: refuse or keep"}, status_code=400)
     try:
-        result = await run_in_threadpool(_save_uploads, ctx, name, items, preset)
+        result = await run_in_threadpool(_save_uploads, ctx, name, items, preset, on_exists)
     except Exception as err:  # noqa: BLE001
         return error_response(err)
     return JSONResponse(result, status_code=200 if result["saved"] or not result["refused"] else 400)
 
 
-def _save_uploads(ctx: Context, name: str, items: list[tuple[str, bytes]], preset: str) -> dict[str, Any]:
-    datasets.folder(ctx.home, name)
+# A problem found in the check's temporary copy names that copy and the library's exception class; the user
+# uploaded a file name and needs only what is wrong with it.
+_TEMP_PATH = re.compile(r"""['"]?/[^\s'"]*dopsd-ui-upload-[^/\s'"]*/([^'"\s)]+)['"]?""")
+_EXCEPTION = re.compile(r"\b[A-Z][A-Za-z]*(?:Error|Exception|Warning): ")
+
+
+def plain(message: str) -> str:
+    """A message without server temporary paths (the file's own name instead) or Python exception names."""
+    return _EXCEPTION.sub("", _TEMP_PATH.sub(r"\1", message))
+
+
+def _refusal(raw: str, problems: list[str]) -> dict[str, Any]:
+    return {"file": raw, "problems": [plain(p) for p in problems]}
+
+
+def _save_uploads(
+    ctx: Context, name: str, items: list[tuple[str, bytes]], preset: str, on_exists: str = "refuse"
+) -> dict[str, Any]:
+    folder = datasets.folder(ctx.home, name)
     if preset not in [p["name"] for p in adapter.presets()]:
         raise HTTPError(400, f"unknown preset {preset!r}")
     captions, refused, saved = {}, [], []
@@ -207,23 +254,50 @@ def _save_uploads(ctx: Context, name: str, items: list[tuple[str, bytes]], prese
                 stem, text = datasets.read_caption_upload(raw, data)
                 captions[stem] = text
             except datasets.UploadRefused as err:
-                refused.append({"file": raw, "problems": err.problems})
+                refused.append(_refusal(raw, err.problems))
     used: set[str] = set()
+    duplicates: set[str] = set()
     for raw, data in items:
         if raw.lower().endswith(".txt"):
+            continue
+        same = _same_name(folder, raw) if on_exists == "refuse" else None
+        if same:
+            duplicates.add(datasets.upload_stem(raw))
+            refused.append(
+                _refusal(
+                    raw,
+                    [
+                        f"the dataset already has {same}: nothing was replaced; remove it first to replace it, or "
+                        "rename the file to keep both"
+                    ],
+                )
+            )
             continue
         try:
             saved.append(datasets.save_upload(ctx.home, name, raw, data, preset, ctx.max_upload, captions))
             used.add(datasets.upload_stem(raw))
         except datasets.UploadRefused as err:
-            refused.append({"file": raw, "problems": err.problems})
+            refused.append(_refusal(raw, err.problems))
     for stem, text in captions.items():  # captions for images already in the dataset
-        if stem not in used:
+        if stem in duplicates:  # never attached to the image already there: it came with the refused one
+            refused.append(_refusal(f"{stem}.txt", ["not kept: it came with an image the dataset already has"]))
+        elif stem not in used:
             try:
                 saved.append(datasets.save_caption_for(ctx.home, name, stem, text))
             except datasets.UploadRefused as err:
-                refused.append({"file": f"{stem}.txt", "problems": err.problems})
-    return {"saved": saved, "refused": refused}
+                refused.append(_refusal(f"{stem}.txt", err.problems))
+    images = sum(1 for s in saved if not s["saved"].lower().endswith(".txt"))
+    caption_files = sum(1 for s in saved if s.get("caption"))
+    return {"saved": saved, "refused": refused, "counts": {"images": images, "captions": caption_files}}
+
+
+def _same_name(folder: Path, raw: str) -> str | None:
+    """The image in the dataset that an upload named `raw` would share its caption file with (same stem)."""
+    stem = Path(datasets.safe_filename(raw)).stem.lower()
+    for p in folder.iterdir():
+        if p.is_file() and p.stem.lower() == stem and datasets.is_image(p.name):
+            return p.name
+    return None
 
 
 def routes() -> list[Route]:

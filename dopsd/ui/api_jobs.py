@@ -8,9 +8,9 @@ from typing import Any
 from starlette.requests import Request
 from starlette.routing import Route
 
-from dopsd.ui import adapter, api_results, datasets, runs
+from dopsd.ui import adapter, api_results, datasets, preflight, queue, runs
 from dopsd.ui.api_data import build_config, write_mini_dataset
-from dopsd.ui.home import check_name, inside
+from dopsd.ui.home import PathRefused, check_name, inside
 from dopsd.ui.http import Context, HTTPError, endpoint, job_public
 from dopsd.ui.jobs import Job, dopsd_command
 
@@ -38,19 +38,40 @@ def run_list(ctx: Context, request: Request, body: dict) -> dict[str, Any]:
             if job is not None and job.status == "queued":
                 item["status"] = "queued"
             out.append(item)
-    return {"runs": out}
+    return {"runs": queue.complete(ctx, out)}  # + the runs without a folder yet (queued, refused, cancelled)
+
+
+def refused(problems: dict[str, str], what: str = "the run cannot start", status: int = 400) -> HTTPError:
+    """A start refused before anything is written or queued: {"error", "fields": {field: message}}."""
+    first = next(iter(problems.values()))
+    more = f" (and {len(problems) - 1} more problem(s), shown at their fields)" if len(problems) > 1 else ""
+    return HTTPError(status, f"{what}: {first}{more}", fields=problems)
+
+
+def _checked_name(ctx: Context, body: dict, area: str, default: str) -> str:
+    try:
+        return _new_name(ctx, body, area, default)
+    except (FileExistsError, PathRefused) as err:  # 409: the name is taken (nothing is overwritten)
+        raise refused({"name": str(err)}, status=409 if isinstance(err, FileExistsError) else 400) from None
 
 
 def start_run(ctx: Context, body: dict) -> dict[str, Any]:
-    with ctx.names:
-        return _start_run(ctx, body)
-
-
-def _start_run(ctx: Context, body: dict) -> dict[str, Any]:
+    """Queue `dopsd train` after the checks it runs first (dopsd.ui.preflight): a run that cannot start is
+    refused here, its reasons by field, and nothing is written or queued."""
     default = f"{body.get('dataset') or 'run'}-{(body.get('values') or {}).get('method.name') or 'dopsd'}"
-    name = _new_name(ctx, body, "runs", default)
+    chosen = _checked_name(ctx, body, "runs", default)  # claimed below, under the lock
+    cfg = build_config(ctx, body, ctx.home.area("runs") / chosen)
+    problems = preflight.check_start(cfg)
+    if problems:
+        raise refused(problems)
+    with ctx.names:
+        return _start_run(ctx, body, cfg, default)
+
+
+def _start_run(ctx: Context, body: dict, cfg: adapter.Config, default: str) -> dict[str, Any]:
+    name = _checked_name(ctx, body, "runs", default)
     folder = ctx.home.item("runs", name, "run name")
-    cfg = build_config(ctx, body, folder)
+    adapter.set_key(cfg, "train.output_dir", str(folder))
     config_file = ctx.home.area("configs") / f"runs-{name}.yaml"
     adapter.atomic_write_text(config_file, adapter.to_yaml(cfg))
     job = ctx.jobs.submit("train", dopsd_command("train", str(config_file)), f"train {name}", {"run": name})
@@ -67,7 +88,13 @@ def run_view(ctx: Context, request: Request, body: dict) -> dict[str, Any]:
             raise FileNotFoundError(f"no run {name!r}")
         # the command has not created the folder (yet): starting, queued, or refused before anything started
         status = {"queued": "queued", "running": "starting", "stopping": "starting"}.get(job.status, job.status)
-        return {"name": name, "status": status, "job": job_public(ctx, job, log=True), "exports": []}
+        return {
+            "name": name,
+            "status": status,
+            "job": job_public(ctx, job, log=True),
+            "failure": _failure(ctx, job),
+            "exports": [],
+        }
     running = active is not None and active.status != "queued"
     cfg = runs.read_config(folder)
     loss_records = runs.losses(folder)
@@ -101,8 +128,36 @@ def run_view(ctx: Context, request: Request, body: dict) -> dict[str, Any]:
             if (folder / f).is_file()
         },
         "job": job_public(ctx, job, log=True),
+        "failure": _failure(ctx, job),
+        "checkpoint_files": _checkpoint_files(folder, name),
+        "export_formats": api_results.export_formats(folder),
         "exports": api_results.exports_of(ctx, name),
     }
+
+
+def _failure(ctx: Context, job: Job | None) -> dict[str, Any] | None:
+    """Why the run's last job (a start or a resume) failed, in the command's own words; None if it did not."""
+    if job is None or job.status not in ("failed", "lost"):
+        return None
+    return {"title": job.title, "kind": job.kind, "reason": ctx.jobs.failure_reason(job), "ended": job.ended}
+
+
+def _checkpoint_files(folder: Path, name: str) -> list[dict[str, Any]]:
+    """Each checkpoint (newest first) with its files as downloads: a stopped run's weights so far are in them."""
+    out = []
+    for ckpt in reversed(runs.checkpoints(folder)):
+        files = sorted(p for p in (folder / "checkpoints" / ckpt).iterdir() if p.is_file())
+        out.append(
+            {
+                "name": ckpt,
+                "step": int(ckpt.split("-", 1)[1]) if ckpt.split("-", 1)[1].isdigit() else None,
+                "files": [
+                    {"name": p.name, "url": f"/files/runs/{name}/checkpoints/{ckpt}/{p.name}", "size": p.stat().st_size}
+                    for p in files
+                ],
+            }
+        )
+    return out
 
 
 def _text(path: Path) -> str | None:
@@ -128,6 +183,14 @@ def run_resume(ctx: Context, request: Request, body: dict) -> dict[str, Any]:
         raise FileNotFoundError(f"{name} is not a run folder (no config.yaml)")
     if ctx.jobs.active_for("run", name):
         raise HTTPError(409, f"run {name!r} already has a queued or running job")
+    try:
+        cfg = adapter.config_from_yaml((folder / "config.yaml").read_text(encoding="utf-8"))
+    except (adapter.ConfigError, OSError) as err:
+        raise refused(preflight.config_problem(err), "the run cannot resume") from None
+    adapter.set_key(cfg, "train.output_dir", str(folder))
+    problems = preflight.check_start(cfg, resume=True)
+    if problems:
+        raise refused(problems, "the run cannot resume")
     argv = dopsd_command("train", str(folder / "config.yaml"), f"train.output_dir={folder}", "--resume")
     job = ctx.jobs.submit("resume", argv, f"resume {name}", {"run": name})
     return {"job": job_public(ctx, job)}
@@ -177,9 +240,12 @@ def start_probe(ctx: Context, body: dict) -> dict[str, Any]:
 
 
 def _start_probe(ctx: Context, body: dict) -> dict[str, Any]:
-    name = _new_name(ctx, body, "probes", f"{body.get('dataset') or 'probe'}-probe")
+    name = _checked_name(ctx, body, "probes", f"{body.get('dataset') or 'probe'}-probe")
     out = ctx.home.item("probes", name, "probe name")
     cfg = build_config(ctx, body, out / "unused-run")  # probe writes to --out; output_dir is not used
+    problems = {k: v for k, v in preflight.check_start(cfg).items() if k != "name"}  # no run folder is made
+    if problems:
+        raise refused(problems, "the probe cannot start")
     config_file = ctx.home.area("configs") / f"probes-{name}.yaml"
     adapter.atomic_write_text(config_file, adapter.to_yaml(cfg))
     seeds = body.get("seeds", 3)

@@ -10,6 +10,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.routing import Route
 
+from dopsd.lora.layout import has_interchange
 from dopsd.ui import adapter, runs
 from dopsd.ui.home import check_name
 from dopsd.ui.http import Context, HTTPError, endpoint, job_public
@@ -121,6 +122,23 @@ def compare_view(ctx: Context, request: Request, body: dict) -> dict[str, Any]:
 
 
 # --- export ---------------------------------------------------------------------------------------------------
+def run_family(folder: Path) -> str | None:
+    """The model family a run trained: its LoRA's own record (lora_config.json), else its config.yaml."""
+    meta = runs.read_json(folder / "lora_config.json")
+    if isinstance(meta, dict) and meta.get("family"):
+        return str(meta["family"])
+    return (runs.read_config(folder).get("model") or {}).get("family") or None
+
+
+def export_formats(folder: Path) -> list[str]:
+    """The formats `dopsd export` can write for this run: a LoRA of a family that other tools have a model for
+    (the family registry says which: the miniature's LoRA loads only in dopsd); [] otherwise."""
+    if not (folder / "lora.safetensors").is_file():
+        return []  # no LoRA yet, or a full fine-tune (model.safetensors): nothing export converts
+    family = run_family(folder)
+    return list(EXPORT_FORMATS) if family and has_interchange(family) else []
+
+
 def start_export(ctx: Context, request: Request, body: dict) -> dict[str, Any]:
     name = request.path_params["name"]
     folder = ctx.home.item("runs", name, "run name")
@@ -129,6 +147,17 @@ def start_export(ctx: Context, request: Request, body: dict) -> dict[str, Any]:
     fmt = body.get("format")
     if fmt not in EXPORT_FORMATS:
         raise HTTPError(400, f"format: one of {', '.join(EXPORT_FORMATS)}")
+    if fmt not in export_formats(folder):
+        family = run_family(folder) or "unknown"
+        raise HTTPError(
+            400,
+            f"run {name!r} has no {fmt} export: "
+            + (
+                "it has no LoRA yet (lora.safetensors is written when the run ends)"
+                if not (folder / "lora.safetensors").is_file()
+                else f"its model family ({family}) loads only in dopsd, which has no {fmt} model for it"
+            ),
+        )
     out_dir = ctx.home.area("exports") / name
     out_dir.mkdir(exist_ok=True)
     with ctx.names:

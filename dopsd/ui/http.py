@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, Response
 
 from dopsd.ui import adapter
 from dopsd.ui.datasets import UploadRefused
+from dopsd.ui.fit.service import FitService
 from dopsd.ui.home import Home, PathRefused
 from dopsd.ui.jobs import Job, JobManager
 from dopsd.ui.runs import HealthCache
@@ -27,6 +28,7 @@ class Context:
     max_upload: int = 32 * 1024 * 1024  # bytes per uploaded image
     max_body: int = 256 * 1024 * 1024  # bytes per request
     health: HealthCache = field(default_factory=HealthCache)
+    fit: FitService = field(default_factory=FitService)  # "will it fit?": the one plan process (dopsd.ui.fit)
     seen: dict[str, dict[str, Any]] = field(default_factory=dict)  # per job: first progress observation (ETA)
     # held while a request picks a new name and claims it (a folder, a config file or a job's output), so two
     # requests at once never pick the same one
@@ -80,7 +82,11 @@ def error_response(err: Exception) -> JSONResponse:
         return json_error(409, str(err))
     if isinstance(err, (adapter.DopsdError, ValueError, KeyError, TypeError)):
         return json_error(400, str(err).strip("'\""))
-    return json_error(500, f"internal error in dopsd ui: {type(err).__name__}: {err}")
+    # A bug: the traceback goes to the app's terminal; the page gets no exception names or server paths.
+    import traceback
+
+    traceback.print_exception(err)
+    return json_error(500, "internal error in dopsd ui (a bug): the terminal running `dopsd ui` shows the details")
 
 
 def job_public(ctx: Context, job: Job | None, log: bool = False) -> dict[str, Any] | None:

@@ -194,6 +194,20 @@ class JobManager:
             line.rsplit("\r", 1)[-1] if "\r" in line.rstrip("\r") else line.rstrip("\r") for line in raw.split("\n")
         )
 
+    def failure_reason(self, job: Job, limit: int = 1500) -> str:
+        """Why a job failed, as its command said it: from the last `dopsd COMMAND: …` message in its output (the
+        line every refused or failed dopsd command ends with) to the end; else the record's own message."""
+        tail = self.log_tail(job, 20_000).rstrip()
+        prefix = f"dopsd {job.argv[3]}: " if len(job.argv) > 3 and job.argv[1:3] == ["-m", "dopsd.cli"] else "dopsd "
+        at = max(tail.rfind("\n" + prefix), -1 if not tail.startswith(prefix) else 0)
+        if at == -1:
+            lines = [line for line in tail.splitlines() if line.strip()]
+            said = "\n".join(lines[-3:])
+        else:
+            said = tail[at:].strip()
+        said = said[:limit] + (" …" if len(said) > limit else "")
+        return said or job.message or f"it ended with status {job.status}"
+
     def set_max_running(self, n: int) -> None:
         with self._lock:
             self.max_running = max(1, int(n))

@@ -47,8 +47,13 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def read_config(run: Path) -> dict[str, Any]:
+    return read_config_file(run / "config.yaml")
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A config file as a plain dict ({} when missing or not YAML)."""
     try:
-        data = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
         return {}
     return data if isinstance(data, dict) else {}

@@ -27,7 +27,8 @@ from starlette.responses import FileResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from dopsd.ui import api_data, api_jobs
+from dopsd.ui import api_data, api_jobs, queue
+from dopsd.ui.fit import api as api_fit
 from dopsd.ui.home import PathRefused
 from dopsd.ui.http import Context
 from dopsd.ui.http import json_error as _error
@@ -169,7 +170,9 @@ def create_app(ctx: Context, token: str | None = None, hosts: set[str] | None = 
     """The ASGI app. `hosts`: the Host names accepted (None = any; `dopsd ui` passes the local names for a local
     bind); `token`: the secret, required on every request when set (`dopsd ui` always sets one unless --no-token)."""
     routes = [Route("/", index), Route("/files/{path:path}", files), Mount("/static", StaticFiles(directory=STATIC))]
-    routes += api_data.routes() + api_jobs.routes()
+    routes += queue.routes() + api_data.routes() + api_jobs.routes() + api_fit.routes()
     app = Starlette(routes=routes)
     app.state.ctx = ctx
+    # the plan process runs with the jobs' thread limits; its own output goes to the app's logs
+    ctx.fit.env, ctx.fit.log = {**ctx.jobs.env, **ctx.fit.env}, ctx.home.state / "logs" / "fit.log"
     return Guard(app, token, hosts, ctx.max_body)

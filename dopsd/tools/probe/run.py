@@ -146,6 +146,7 @@ def probe(
     names: Sequence[str] | None = None,
     sources: Sequence[list[Image.Image]] | None = None,
     batch_size: int = 16,
+    release_encoders: bool | None = None,
 ) -> ProbeReport:
     """Sample each pair with student and teacher context at the few-step setting; score the teacher's gain.
 
@@ -153,12 +154,16 @@ def probe(
     size); `sources` are editing source images per pair (editing adapters only).
     `config_or_adapter` is a loaded adapter, or a training config (Config, YAML path or preset name): the
     adapter is then loaded from it, and `pairs=None` probes its dataset (the same one `dopsd train` reads).
+    `release_encoders`: free the encoders once every context is built (default: when the probe loaded the
+    adapter itself; a caller's adapter keeps them unless asked).
     """
     if isinstance(config_or_adapter, ModelAdapter):
         adapter = config_or_adapter
+        release_encoders = bool(release_encoders)
     else:
         setup = load_setup(config_or_adapter, with_data=pairs is None)
         adapter = setup.adapter
+        release_encoders = release_encoders is None or release_encoders
         if pairs is None:
             pairs, names, sources = setup.pairs, setup.names, setup.sources
     if not pairs:
@@ -176,17 +181,12 @@ def probe(
     first: dict[tuple[str, int], Image.Image] = {}
     n_steps = 0
     with torch.no_grad():  # generate samples as at inference (dropout off); this covers the encoders' calls
+        groups = []  # every context first: the encoders can then go before the denoiser loads (full size: ~20 GB)
         for start in range(0, len(jobs), batch_size):
-            chunk = jobs[start : start + batch_size]
             by_size: dict[tuple[int, int], list[tuple[int, int]]] = {}
-            for i, s in chunk:
-                hw = size or (pairs[i][0].height, pairs[i][0].width)
-                by_size.setdefault(hw, []).append((i, s))
+            for i, s in jobs[start : start + batch_size]:
+                by_size.setdefault(size or (pairs[i][0].height, pairs[i][0].width), []).append((i, s))
             for (h, w), group in by_size.items():
-                schedule = adapter.inference_schedule(h, w, steps)
-                n_steps = len(schedule) - 1
-                shape = tuple(adapter.latent_shape(h, w))
-                noise = seed_noise(shape, [s for _, s in group])
                 caps = [pairs[i][1] for i, _ in group]
                 imgs = [pairs[i][0].convert("RGB") for i, _ in group]
                 src = [list(sources[i]) for i, _ in group] if sources is not None else None
@@ -195,20 +195,27 @@ def probe(
                     "student": adapter.student_contexts(caps, src),
                     "teacher": adapter.teacher_contexts(caps, imgs, src),
                 }
-                out = {
-                    role: generate(adapter, adapter.network, ctx, noise, schedule, batch_size=len(group))
-                    for role, ctx in contexts.items()
-                }
-                for role, samples in out.items():
-                    d = scorer.distance(samples, targets)
-                    hit = scorer.hits(samples, targets) if hasattr(scorer, "hits") else None
-                    for k, (i, s) in enumerate(group):
-                        j = seeds.index(s)
-                        dist[role][i, j] = float(d[k])
-                        if hit is not None:
-                            hits.setdefault(role, torch.zeros(len(pairs), len(seeds)))[i, j] = float(hit[k])
-                        if j == 0:
-                            first[(role, i)] = to_pil(samples[k : k + 1])[0]
+                groups.append((h, w, group, targets, contexts))
+        if release_encoders:
+            adapter.release_encoders()
+        for h, w, group, targets, contexts in groups:
+            schedule = adapter.inference_schedule(h, w, steps)
+            n_steps = len(schedule) - 1
+            noise = seed_noise(tuple(adapter.latent_shape(h, w)), [s for _, s in group])
+            out = {
+                role: generate(adapter, adapter.network, ctx, noise, schedule, batch_size=len(group))
+                for role, ctx in contexts.items()
+            }
+            for role, samples in out.items():
+                d = scorer.distance(samples, targets)
+                hit = scorer.hits(samples, targets) if hasattr(scorer, "hits") else None
+                for k, (i, s) in enumerate(group):
+                    j = seeds.index(s)
+                    dist[role][i, j] = float(d[k])
+                    if hit is not None:
+                        hits.setdefault(role, torch.zeros(len(pairs), len(seeds)))[i, j] = float(hit[k])
+                    if j == 0:
+                        first[(role, i)] = to_pil(samples[k : k + 1])[0]
 
     results = []
     for i, (_img, caption) in enumerate(pairs):

@@ -25,7 +25,7 @@ function ticks(lo, hi, n = 4, integer = false) {
 
 // series: [{name, points: [[x, y], ...]}]; opts: {title, threshold, yMin, yMax, xLabel, height}
 export function lineChart(series, opts = {}) {
-  const W = 560, H = opts.height || 230, L = 56, R = 14, T = 40, B = 30;
+  const W = opts.width || 560, H = opts.height || 230, L = 56, R = 14, T = opts.legend === false ? 26 : 40, B = 30;
   const pts = series.flatMap((s) => s.points).filter(([x, y]) => isFinite(x) && isFinite(y));
   const root = svg("svg", { viewBox: `0 0 ${W} ${H}`, class: "chart", role: "img", "aria-label": opts.title || "chart" });
   root.append(svg("text", { x: L, y: 16, class: "chart-title" }, opts.title || ""));
@@ -65,9 +65,42 @@ export function lineChart(series, opts = {}) {
     if (good.length < 40) {
       for (const [x, y] of good) root.append(svg("circle", { cx: sx(x), cy: sy(y), r: 2.6, fill: color }));
     }
+    if (opts.legend === false) return;
     const lx = L + i * 96;
     root.append(svg("rect", { x: lx, y: 26, width: 12, height: 3, fill: color }));
     root.append(svg("text", { x: lx + 16, y: 31, class: "legend" }, s.name));
   });
   return root;
+}
+
+// Few-step health and its parts, each on a small chart of its own: on one shared axis the lines (scores near 1 on
+// different scales) overlap and hide each other. The health chart carries the alarm threshold.
+const HEALTH_PARTS = [
+  ["health", "few-step health (1 = as the starting model)"],
+  ["sharpness", "sharpness vs start (two-sided)"],
+  ["gap", "few-step vs many-step gap score"],
+  ["quality", "decoded quality vs start"],
+  ["structure", "image-scale structure vs start"],
+];
+
+export function healthCharts(health) {
+  const recs = (health && health.records) || [];
+  const present = HEALTH_PARTS.filter(([k]) => recs.some((r) => typeof r[k] === "number"));
+  const box = document.createElement("div");
+  box.className = "charts-small";
+  if (!present.length) {
+    box.append(lineChart([], { title: HEALTH_PARTS[0][1], empty: "measured at each sampling interval" }));
+    return box;
+  }
+  present.forEach(([key, title], i) => {
+    const main = key === "health";
+    const chart = lineChart([{ name: key, points: recs.map((r) => [r.step, r[key]]), color: COLORS[i % COLORS.length], width: 2 }], {
+      title, width: main ? 560 : 300, height: main ? 200 : 170, xInteger: true,
+      threshold: main ? health.threshold : undefined, legend: false,
+    });
+    chart.dataset.measure = key;
+    if (main) chart.classList.add("chart-wide");
+    box.append(chart);
+  });
+  return box;
 }

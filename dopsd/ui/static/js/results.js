@@ -1,7 +1,15 @@
 // Probes, comparisons, reports (benchmark and demo) and the job queue.
 
-import { act, api, append, badge, card, details, field, fmtDate, fmtNum, fmtTime, h, logBox, Parts } from "./util.js";
+import { openLightbox } from "./lightbox.js";
+import { act, api, append, badge, card, details, field, fmtDate, fmtNum, fmtTime, form, h, logBox, Parts } from "./util.js";
 import { summaryTable } from "./runs.js";
+import { jobTitle } from "./queue.js";
+
+// A picture that enlarges (click, Enter or Space) in the lightbox.
+function zoomable(attrs, title) {
+  return h("button", { type: "button", class: "zoom", "aria-label": `enlarge ${title}`,
+    onclick: (e) => openLightbox([{ src: attrs.src, title }], 0, e.currentTarget) }, h("img", attrs));
+}
 
 // --- probes -----------------------------------------------------------------------------------------------------
 export async function probesPage(main, _params, app) {
@@ -43,7 +51,7 @@ export async function probePage(main, params, app) {
             h("td", {}, x.caption), h("td", {}, badge(x.verdict)), h("td", {}, fmtNum(x.relative_gain, 3)),
             h("td", {}, `${Math.round(100 * x.win_rate)}%`),
             h("td", {}, x.teacher_hit === null ? "–" : `${fmtNum(x.student_hit, 2)} → ${fmtNum(x.teacher_hit, 2)}`))))),
-        r.grid ? h("figure", {}, h("img", { src: r.grid, class: "grid-img", alt: "probe grid", id: "probe-grid" }),
+        r.grid ? h("figure", {}, zoomable({ src: r.grid, class: "grid-img", alt: "probe grid", id: "probe-grid" }, "probe grid"),
           h("figcaption", {}, "each row: target | student sample | teacher sample (seed 0), labelled #pair verdict")) : null));
     }
     parts.set("log", r.job && [r.job.status, r.job.log], () => r.job ? card(null, details("log", `Output (${r.job.status})`, logBox(r.job.log))) : null);
@@ -68,22 +76,22 @@ export async function comparePage(main, params, app) {
   const seeds = h("input", { name: "seeds", value: "0 1 2 3" });
   const steps = h("input", { name: "steps", type: "number", min: 1, placeholder: "the model's few-step setting" });
   append(main, [h("div", { class: "page-head" }, h("h1", {}, "Compare runs")),
-    card("Side by side on the same prompts and noise",
+    card("Side by side on the same prompts and noise", form({ id: "compare-form" }, (button) => act(button, async () => {
+      const body = {
+        runs: boxes.map((b) => b.querySelector("input")).filter((i) => i.checked).map((i) => i.value),
+        base: base.checked, prompts: prompts.value.split("\n").map((s) => s.trim()).filter(Boolean),
+        seeds: seeds.value.split(/[\s,]+/).filter(Boolean).map(Number),
+        steps: steps.value ? Number(steps.value) : null,
+      };
+      const r = await api("/api/compare", { method: "POST", body });
+      location.hash = `#/compare/${encodeURIComponent(r.id)}`;
+    }),
       h("p", { class: "muted" }, "Runs ", h("code", {}, "dopsd sample"), " for each run and for the base model (",
         h("code", {}, "--no-lora"), ") with the same prompts and seeds: the same seed is the same noise in every grid."),
       done.length ? h("div", { class: "checks" }, boxes) : h("p", {}, "No finished runs yet."),
       h("label", { class: "check-label" }, base, " include the base model (before)"),
       h("div", { class: "grid2" }, field("prompts", prompts), h("div", {}, field("seeds", seeds), field("steps", steps))),
-      h("button", { class: "primary", id: "start-compare", onclick: (e) => act(e.target, async () => {
-        const body = {
-          runs: boxes.map((b) => b.querySelector("input")).filter((i) => i.checked).map((i) => i.value),
-          base: base.checked, prompts: prompts.value.split("\n").map((s) => s.trim()).filter(Boolean),
-          seeds: seeds.value.split(/[\s,]+/).filter(Boolean).map(Number),
-          steps: steps.value ? Number(steps.value) : null,
-        };
-        const r = await api("/api/compare", { method: "POST", body });
-        location.hash = `#/compare/${encodeURIComponent(r.id)}`;
-      }) }, "Compare")),
+      h("button", { type: "submit", class: "primary", id: "start-compare" }, "Compare"))),
     past.comparisons.length ? card("Earlier comparisons", h("ul", {}, past.comparisons.map((c) => h("li", {},
       h("a", { href: `#/compare/${encodeURIComponent(c.id)}` }, c.id), ` — ${c.runs.join(", ")}`)))) : null]);
 }
@@ -99,7 +107,7 @@ export async function comparisonPage(main, params, app) {
         h("div", { class: "compare-rows" }, c.prompts.map((p) => h("div", { class: "compare-prompt" }, p)))),
       entries.map((e) => h("div", { class: "compare-col", "data-entry": e.label },
         h("div", { class: "compare-label" }, e.label, " ", badge(e.status)),
-        e.url ? h("img", { src: e.url, alt: e.label, class: "grid-img" })
+        e.url ? zoomable({ src: e.url, alt: e.label, class: "grid-img" }, `${e.label}: ${c.prompts.join(" / ")}`)
           : e.error ? h("pre", { class: "log small" }, e.error) : h("p", { class: "muted" }, "sampling…")))));
     return c;
   }
@@ -116,18 +124,18 @@ export async function reportsPage(main, _params, app) {
     card(null, h("div", { class: "grid2" },
       h("div", {}, h("h3", {}, "Benchmark (dopsd bench)"),
         h("p", { class: "muted" }, "D-OPSD against the SFT baselines on the miniature, with the paper's claims checked (quick: < 10 min on a CPU)."),
-        h("div", { class: "row" }, field("size", size), h("button", { onclick: (e) => act(e.target, async () => {
+        form({ class: "row" }, (button) => act(button, async () => {
           const r = await api("/api/reports", { method: "POST", body: { kind: "bench", size: size.value } });
           location.hash = `#/reports/${encodeURIComponent(r.name)}`;
-        }) }, "Start benchmark"))),
+        }), field("size", size), h("button", { type: "submit", id: "start-bench" }, "Start benchmark"))),
       h("div", {}, h("h3", {}, "Demo (dopsd demo)"),
         h("p", { class: "muted" }, "before | SFT | D-OPSD on the miniature: concept fidelity, few-step quality, unrelated accuracy, drift."),
-        h("div", { class: "row" }, field("steps", demoSteps), h("button", { id: "start-demo", onclick: (e) => act(e.target, async () => {
+        form({ class: "row" }, (button) => act(button, async () => {
           const body = { kind: "demo" };
           if (demoSteps.value) body.steps = Number(demoSteps.value);
           const r = await api("/api/reports", { method: "POST", body });
           location.hash = `#/reports/${encodeURIComponent(r.name)}`;
-        }) }, "Start demo"))))));
+        }), field("steps", demoSteps), h("button", { type: "submit", id: "start-demo" }, "Start demo"))))));
   async function load() {
     const data = await api("/api/reports");
     parts.set("list", data.reports, (list) => card(`Report folders in ${app.info.home}/reports`, list.length ? h("table", { class: "table" },
@@ -151,7 +159,7 @@ export async function reportPage(main, params, app) {
         r.html ? h("iframe", { src: r.html, class: "report", sandbox: "allow-scripts", title: "benchmark report" }) : null));
     } else if (r.kind === "demo") {
       parts.set("demo", [r.summary, r.image], () => h("div", { class: "grid2" },
-        card("before | SFT | D-OPSD", r.image ? h("img", { src: r.image, class: "grid-img", alt: "demo grid", id: "demo-image" }) : null),
+        card("before | SFT | D-OPSD", r.image ? zoomable({ src: r.image, class: "grid-img", alt: "demo grid", id: "demo-image" }, "before | SFT | D-OPSD") : null),
         card("summary.json", r.summary ? summaryTable(r.summary) : null)));
     }
     parts.set("log", [r.job && r.job.status, r.log], () => r.log ? card(null, details("log", "Output", logBox(r.log))) : null);
@@ -165,16 +173,16 @@ export async function jobsPage(main, _params, app) {
   const parts = new Parts(main);
   const max = h("input", { type: "number", min: 1, max: 16, name: "max-running", value: app.info.max_running });
   main.prepend(h("div", { class: "page-head" }, h("h1", {}, "Jobs"),
-    h("div", { class: "row" }, field("jobs at a time", max), h("button", { onclick: (e) => act(e.target, async () => {
+    form({ class: "row" }, (button) => act(button, async () => {
       const r = await api("/api/settings", { method: "PUT", body: { max_running: Number(max.value) } });
       app.info.max_running = r.max_running;
-    }) }, "Set"))));
+    }), field("jobs at a time", max), h("button", { type: "submit", id: "set-max-running" }, "Set"))));
   async function load() {
     const data = await api("/api/jobs");
     parts.set("list", data.jobs, (jobs) => jobs.length ? h("table", { class: "table", id: "jobs-table" },
       h("thead", {}, h("tr", {}, ["job", "status", "started", "took", ""].map((t) => h("th", {}, t)))),
       h("tbody", {}, jobs.map((j) => h("tr", { "data-job": j.id },
-        h("td", {}, details(j.id, j.title, h("p", {}, h("code", {}, j.command)), h("p", { class: "muted" }, j.message || ""),
+        h("td", {}, details(j.id, jobTitle(j), h("p", {}, h("code", {}, j.command)), h("p", { class: "muted" }, j.message || ""),
           h("div", { "data-log": j.id }, h("button", { class: "small", onclick: async (e) => {
             const full = await api(`/api/jobs/${encodeURIComponent(j.id)}`);
             e.target.replaceWith(logBox(full.log));

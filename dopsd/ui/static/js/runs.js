@@ -1,8 +1,11 @@
 // Runs: the list, and one run live — progress and ETA, the loss curve, few-step health with its alarm, the latest
 // sample grids at few and many steps, stop / resume, exports, summary, the command's output.
 
-import { lineChart } from "./charts.js";
-import { act, api, badge, card, details, fmtBytes, fmtDate, fmtNum, fmtTime, h, logBox, Parts, progressBar } from "./util.js";
+import { healthCharts, lineChart } from "./charts.js";
+import { samplesCard } from "./gallery.js";
+import { checkpointsCard, failureCard, runActions } from "./runstate.js";
+import { runButtons } from "./queue.js";
+import { act, api, badge, card, details, fmtBytes, fmtDate, fmtNum, fmtTime, h, kvTable, logBox, Parts, progressBar } from "./util.js";
 
 const LIVE = ["running", "starting", "queued", "stopping"];
 
@@ -17,16 +20,17 @@ export async function runsPage(main, _params, app) {
   async function load() {
     const data = await api("/api/runs");
     parts.set("list", data.runs, (list) => list.length ? h("table", { class: "table", id: "runs-table" },
-      h("thead", {}, h("tr", {}, ["", "run", "status", "method", "model", "progress", "loss", "changed"].map((t) => h("th", {}, t)))),
+      h("thead", {}, h("tr", {}, ["", "run", "status", "method", "model", "progress", "loss", "changed", ""].map((t) => h("th", {}, t)))),
       h("tbody", {}, list.map((r) => h("tr", { "data-run": r.name },
-        h("td", {}, r.has_lora ? h("input", { type: "checkbox", checked: selected.has(r.name), onchange: (e) => {
+        h("td", {}, r.has_lora ? h("input", { type: "checkbox", "aria-label": `compare ${r.name}`, checked: selected.has(r.name), onchange: (e) => {
           if (e.target.checked) selected.add(r.name); else selected.delete(r.name);
           compare.disabled = !selected.size;
         } }) : null),
         h("td", {}, h("a", { href: `#/runs/${encodeURIComponent(r.name)}` }, r.name)), h("td", {}, badge(r.status)),
         h("td", {}, r.method || "–"), h("td", {}, r.family || "–"),
         h("td", { class: "progress-cell" }, progressBar(r.step, r.max_steps), h("span", { class: "muted" }, ` ${r.step ?? 0}/${r.max_steps ?? "?"}`)),
-        h("td", {}, fmtNum(r.loss)), h("td", {}, fmtDate(r.modified))))))
+        h("td", {}, fmtNum(r.loss)), h("td", {}, fmtDate(r.modified)),
+        h("td", { class: "row-actions" }, runButtons(r.name, r.actions, load, { small: true }))))))
       : h("p", {}, "No runs yet. ", h("a", { href: "#/datasets" }, "Try the miniature"), " or start a ", h("a", { href: "#/new" }, "new run"), "."));
   }
   await load();
@@ -35,10 +39,16 @@ export async function runsPage(main, _params, app) {
 
 export async function runPage(main, params, app) {
   const name = params.name;
-  const parts = new Parts(main, ["head", "alarm", "progress", "charts", "samples", "exports", "summary", "log", "config"]);
+  const parts = new Parts(main, ["head", "manage", "failure", "alarm", "progress", "charts", "samples", "exports", "checkpoints", "summary", "log", "config"]);
   async function load() {
     const r = await api(`/api/runs/${encodeURIComponent(name)}`);
     parts.set("head", [r.status, r.resumable, r.files, r.job && r.job.status, r.config && r.config.method], () => head(r));
+    parts.set("failure", [r.failure, r.status, r.resumable], () => failureCard(r));
+    const can = await api(`/api/runs/${encodeURIComponent(name)}/actions`);  // retry, delete, clone (queue.js)
+    parts.set("manage", can, (a) => h("div", { class: "row run-manage" }, runButtons(name, a, async (deleted) => {
+      if (deleted) location.hash = "#/runs"; else await load();
+    }, { cancelButton: false })));
+    parts.set("checkpoints", [r.checkpoint_files, r.status, r.resumable], () => checkpointsCard(name, r));
     if (r.progress) parts.set("progress", [r.status, r.progress], () => progressCard(r));
     if (r.health) parts.set("alarm", r.health.warning, (w) => w ? h("div", { class: "alarm", id: "health-alarm", role: "alert" },
       h("strong", {}, `Few-step health alarm at step ${w.step}: `), w.message) : null);
@@ -58,22 +68,12 @@ export async function runPage(main, params, app) {
   app.every(LIVE.includes(first.status) ? 1500 : 5000, load);
 
   function head(r) {
-    const stop = h("button", { class: "danger", id: "stop-run", onclick: (e) => act(e.target, async () => {
-      await api(`/api/runs/${encodeURIComponent(name)}/stop`, { method: "POST", body: {} });
-      await load();
-    }) }, "Stop");
-    const resume = h("button", { id: "resume-run", onclick: (e) => act(e.target, async () => {
-      await api(`/api/runs/${encodeURIComponent(name)}/resume`, { method: "POST", body: {} });
-      await load();
-    }) }, "Resume");
     const cfg = r.config || {};
     return h("div", { class: "page-head" },
       h("div", {}, h("h1", {}, name, " ", badge(r.status)),
         h("p", { class: "muted" }, [cfg.method && cfg.method.name, cfg.model && cfg.model.family,
           cfg.model && cfg.model.pretrained, cfg.data && cfg.data.path].filter(Boolean).join(" · "))),
-      h("div", { class: "row" },
-        ["running", "starting", "queued"].includes(r.status) ? stop : null,
-        r.resumable && !LIVE.includes(r.status) ? resume : null));
+      h("div", { class: "row" }, runActions(name, r, load)));
   }
 }
 
@@ -97,27 +97,7 @@ function lossChart(losses) {
 }
 
 function healthChart(health) {
-  const recs = health.records || [];
-  const keys = ["health", "sharpness", "gap", "quality"].filter((k) => recs.some((r) => typeof r[k] === "number"));
-  const chart = lineChart(keys.map((k) => ({ name: k, points: recs.map((r) => [r.step, r[k]]), width: k === "health" ? 2.4 : 1 })),
-    { title: "few-step health (1 = as the starting model)", threshold: health.threshold, xInteger: true,
-      empty: "measured at each sampling interval" });
-  return [chart, health.note ? h("p", { class: "muted small" }, health.note) : null];
-}
-
-function samplesCard(name, s) {
-  const url = (g) => `/files/runs/${encodeURIComponent(name)}/samples/${encodeURIComponent(g.file)}`;
-  const label = (g) => g.step === null ? "final" : `step ${g.step}`;
-  const figure = (g, title) => g ? h("figure", {}, h("img", { src: url(g), alt: `${title} ${label(g)}`, class: "grid-img" }),
-    h("figcaption", {}, `${title} · ${label(g)}`)) : null;
-  if (!s.grids.length) return card("Samples", h("p", { class: "muted" }, "The first grids appear before the first step."));
-  const history = s.grids.filter((g) => g.steps === s.few_steps);
-  return card("Samples",
-    h("div", { class: "grid2", id: "latest-samples" },
-      figure(s.latest.few, `${s.few_steps} steps (few-step)`),
-      figure(s.latest.many, s.many_steps ? `${s.many_steps} steps (many-step control)` : "")),
-    history.length > 1 ? details("history", `All ${s.few_steps}-step grids (${history.length})`,
-      h("div", { class: "history" }, history.map((g) => figure(g, `${g.steps} steps`)))) : null);
+  return [healthCharts(health), health.note ? h("p", { class: "muted small" }, health.note) : null];
 }
 
 function exportsCard(name, r) {
@@ -126,7 +106,9 @@ function exportsCard(name, r) {
   }) }, `Export ${fmt}`);
   const lora = r.files && (r.files["lora.safetensors"] || r.files["model.safetensors"]);
   return card("Weights and exports",
-    lora ? h("div", { class: "row" }, exp("diffusers"), exp("comfyui"),
+    lora ? h("div", { class: "row" }, (r.export_formats || []).map(exp),
+      r.export_formats && !r.export_formats.length ? h("span", { class: "muted", id: "no-export" },
+        "No diffusers/ComfyUI export: this model loads only in dopsd.") : null,
       h("a", { class: "button ghost", href: `${lora}?download=1`, id: "download-lora" }, "Download the run's LoRA"),
       r.files["pytorch_lora_weights.safetensors"] ? h("a", { class: "button ghost", href: `${r.files["pytorch_lora_weights.safetensors"]}?download=1` },
         "Download pytorch_lora_weights.safetensors") : null)
@@ -139,13 +121,5 @@ function exportsCard(name, r) {
 }
 
 export function summaryTable(s) {
-  const rows = [];
-  const walk = (obj, prefix) => {
-    for (const [k, v] of Object.entries(obj || {})) {
-      if (v && typeof v === "object" && !Array.isArray(v)) walk(v, `${prefix}${k}.`);
-      else rows.push([`${prefix}${k}`, Array.isArray(v) ? JSON.stringify(v) : fmtNum(v, 5)]);
-    }
-  };
-  walk(s, "");
-  return h("table", { class: "table kv" }, h("tbody", {}, rows.map(([k, v]) => h("tr", {}, h("th", {}, k), h("td", {}, v)))));
+  return kvTable(s, { id: "summary-table" });
 }

@@ -51,8 +51,8 @@ export async function api(path, { method = "GET", body, form } = {}) {
 
 export function notify(message, kind = "info") {
   const box = document.getElementById("notices");
-  const item = h("div", { class: `notice ${kind}`, role: kind === "error" ? "alert" : "status" }, message);
-  item.addEventListener("click", () => item.remove());
+  const item = h("div", { class: `notice ${kind}`, role: kind === "error" ? "alert" : "status" }, h("span", {}, message),
+    h("button", { class: "notice-close", "aria-label": "dismiss this message", onclick: () => item.remove() }, "×"));
   box.append(item);
   setTimeout(() => item.remove(), kind === "error" ? 12000 : 5000);
 }
@@ -143,9 +143,90 @@ export class Parts {
   }
 }
 
+let fieldIds = 0;
+
+// A labelled control. A group of controls (radios) gets a group named by its label instead of a <label>: a label
+// around several inputs would activate the first one when its text is clicked.
 export function field(label, input, help) {
-  return h("label", { class: "field" }, h("span", { class: "label" }, label), input,
-    help ? h("span", { class: "help" }, help) : null);
+  const helpEl = help ? h("span", { class: "help" }, help) : null;
+  if (input instanceof Element && input.getAttribute("role") === "radiogroup") {
+    const id = `field-label-${++fieldIds}`;
+    input.setAttribute("aria-labelledby", id);
+    return h("div", { class: "field", role: "group" }, h("span", { class: "label", id }, label), input, helpEl);
+  }
+  return h("label", { class: "field" }, h("span", { class: "label" }, label), input, helpEl);
+}
+
+// A <form>: Enter in any of its inputs submits it (the browser's own behaviour), and submitting runs `onSubmit`
+// instead of loading a page. Its submit button is the one with type "submit" (the default for a <button>).
+export function form(attrs, onSubmit, ...children) {
+  const el = h("form", { ...attrs, novalidate: true }, ...children);
+  el.addEventListener("submit", (e) => {
+    e.preventDefault();
+    onSubmit(e.submitter || el.querySelector("button[type=submit], button:not([type])"));
+  });
+  return el;
+}
+
+// --- values with their units: summaries and plans read as numbers people use, not raw floats --------------------
+const SI = [[1e12, "T"], [1e9, "B"], [1e6, "M"], [1e3, "k"]];
+
+function round(v, digits = 3) {
+  if (Number.isInteger(v)) return Math.abs(v) >= 1e4 ? v.toLocaleString("en-US") : String(v);
+  if (v === 0) return "0";
+  if (Math.abs(v) < 1e-3 || Math.abs(v) >= 1e6) return v.toExponential(2);
+  return String(Number(v.toPrecision(digits)));
+}
+
+export function fmtValue(key, v) {
+  if (v === null || v === undefined) return "–";
+  if (typeof v === "boolean") return v ? "yes" : "no";
+  if (Array.isArray(v)) {
+    if (!v.every((x) => x === null || typeof x !== "object")) return JSON.stringify(v);
+    return v.map((x) => fmtValue(key, x)).join(/resolution|size|shape/.test(key) ? " × " : ", ");
+  }
+  if (typeof v !== "number") return String(v);
+  const k = key.split(".").pop().toLowerCase();
+  if (/(^|_)gi?b$/.test(k)) return `${v.toFixed(v < 10 ? 2 : 1)} ${k.endsWith("gib") ? "GiB" : "GB"}`;
+  if (/(^|_)mi?b$/.test(k)) return `${v.toFixed(v < 10 ? 1 : 0)} ${k.endsWith("mib") ? "MiB" : "MB"}`;
+  if (/bytes$/.test(k)) return fmtBytes(v);
+  if (/(^|_)(seconds|secs|s|time|elapsed|duration)$|^seconds_/.test(k)) return fmtTime(v);
+  if (/(^|_)ms$/.test(k)) return `${round(v)} ms`;
+  if (/tflops/.test(k)) return `${round(v)} TFLOP`;
+  if (/^(lr|learning_rate)$|(_|^)lr$/.test(k)) return v.toExponential(1);
+  if (/(^|_)(frac|fraction|rate|share)$/.test(k) && v >= 0 && v <= 1) return `${round(100 * v, 3)} %`;
+  if (Number.isInteger(v) && Math.abs(v) >= 1e6) {
+    const [div, unit] = SI.find(([d]) => Math.abs(v) >= d);
+    return `${Number((v / div).toPrecision(3))} ${unit}`;
+  }
+  return round(v);
+}
+
+// A nested object as a two-column table: nested objects become headed sections, values carry their units; a
+// dictionary of yes/no answers (e.g. "fits" per GPU size) reads as one line.
+export function kvTable(obj, { id } = {}) {
+  const rows = [];
+  const walk = (o, prefix, depth) => {
+    for (const [k, v] of Object.entries(o || {})) {
+      const name = `${prefix}${k}`;
+      if (v && typeof v === "object" && !Array.isArray(v)) {
+        const values = Object.values(v);
+        if (values.length && values.every((x) => typeof x === "boolean")) {
+          rows.push(h("tr", {}, h("th", {}, name),
+            h("td", {}, Object.entries(v).map(([kk, x]) => `${kk}${/^\d+$/.test(kk) ? " GB" : ""} ${x ? "✓" : "✗"}`).join(" · "))));
+        } else if (depth === 0) {
+          rows.push(h("tr", { class: "kv-section" }, h("th", { colspan: 2 }, name)));
+          walk(v, "", depth + 1);
+        } else {
+          walk(v, `${name}.`, depth + 1);
+        }
+      } else {
+        rows.push(h("tr", {}, h("th", {}, name), h("td", { title: typeof v === "number" ? String(v) : null }, fmtValue(name, v))));
+      }
+    }
+  };
+  walk(obj, "", 0);
+  return h("table", { class: "table kv", id }, h("tbody", {}, rows));
 }
 
 export function card(title, ...children) {
