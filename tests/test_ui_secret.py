@@ -30,9 +30,14 @@ class Launched:
             stderr=subprocess.PIPE,
             text=True,
         )
-        self.line = self._read_line(60)
-        found = re.search(r"at (http://\S+)", self.line)
-        assert found, self.line
+        try:  # on a loaded machine the app may take long to start; a failed start must not leave it running
+            self.line = self._read_line(120)
+            found = re.search(r"at (http://\S+)", self.line)
+            assert found, self.line
+        except BaseException:
+            self.proc.kill()
+            self.proc.wait()
+            raise
         self.url = found.group(1)
         self.port = int(re.search(r":(\d+)/", self.url).group(1))
 
