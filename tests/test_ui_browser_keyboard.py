@@ -203,10 +203,10 @@ def test_caption_edits_are_kept(driver, tmp_path):
     try:
         d.get(app.login)
         d.get(f"{app.url}/#/datasets/cap")
-        until(d, lambda d: css(d, box), 30, "the dataset")
+        until(d, lambda d: css(d, box), 120, "the dataset")
         before = (home / "datasets/cap/img00.txt").read_text()
         css(d, box)[0].send_keys(K.END, " with a draft")
-        until(d, lambda d: css(d, '.file.unsaved[data-name="img00.png"]'), 10, "the edit marked unsaved")
+        until(d, lambda d: css(d, '.file.unsaved[data-name="img00.png"]'), 120, "the edit marked unsaved")
         assert "1 caption edit" in css(d, "#drafts")[0].text
         # leaving the page with an unsaved edit asks first (the browser's beforeunload dialog)
         assert not d.execute_script("return window.dispatchEvent(new Event('beforeunload', {cancelable: true}))")
@@ -218,26 +218,26 @@ def test_caption_edits_are_kept(driver, tmp_path):
         trigger = css(d, "input[name=trigger]")[0]
         trigger.send_keys(K.CONTROL, "a")
         trigger.send_keys("zzq", K.TAB)
-        until(d, lambda d: "zzq" in (home / ".ui/datasets.json").read_text(), 20, "the trigger word saved")
-        until(d, lambda d: "zzq" in css(d, ".trained-as")[0].text, 20, "the page reloaded with the trigger word")
+        until(d, lambda d: "zzq" in (home / ".ui/datasets.json").read_text(), 120, "the trigger word saved")
+        until(d, lambda d: "zzq" in css(d, ".trained-as")[0].text, 120, "the page reloaded with the trigger word")
         assert kept(d)
         # so does a preset change
         preset = css(d, "select[name=preset]")[0]
         other = [o for o in preset.find_elements("css selector", "option") if not o.is_selected()][0]
         other.click()
-        until(d, lambda d: other.get_attribute("value") in (home / ".ui/datasets.json").read_text(), 20, "the preset")
-        until(d, kept, 20, "the edit after the preset change")
+        until(d, lambda d: other.get_attribute("value") in (home / ".ui/datasets.json").read_text(), 120, "the preset")
+        until(d, kept, 120, "the edit after the preset change")
         # and navigating elsewhere in the app and back
         d.get(f"{app.url}/#/runs")
-        until(d, lambda d: css(d, "h1") and "Runs" in css(d, "h1")[0].text, 30, "the runs page")
+        until(d, lambda d: css(d, "h1") and "Runs" in css(d, "h1")[0].text, 120, "the runs page")
         d.get(f"{app.url}/#/datasets/cap")
-        until(d, kept, 30, "the edit after navigating away and back")
+        until(d, kept, 120, "the edit after navigating away and back")
         assert (home / "datasets/cap/img00.txt").read_text() == before  # nothing written without Save
         css(d, "#save-all-captions")[0].click()
         until(
             d, lambda d: (home / "datasets/cap/img00.txt").read_text().strip().endswith("with a draft"), 20, "the save"
         )
-        until(d, lambda d: not css(d, ".file.unsaved") and not css(d, "#save-all-captions"), 20, "no drafts left")
+        until(d, lambda d: not css(d, ".file.unsaved") and not css(d, "#save-all-captions"), 120, "no drafts left")
         assert d.execute_script("return window.dispatchEvent(new Event('beforeunload', {cancelable: true}))")
     finally:
         app.close()
