@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 import dopsd.training.api
+from dopsd.bench.suite import _repeat, domain_prompts
 from dopsd.config import load_config
 from dopsd.data.dataset import load_dataset
 from dopsd.files import atomic_write_json
@@ -61,19 +62,6 @@ CANDIDATES: dict[str, list[str]] = {
     "base_variants": ["method.name=dopsd", "method.teacher=base"],
     "preset": [],  # the preset as shipped
 }
-
-
-def domain_prompts() -> list[str]:
-    return [
-        f"a {c} {s}" + (f" on a {b} background" if b else "")
-        for c in world.COLOURS
-        for s in world.SHAPES
-        for b in (*world.BACKGROUNDS, None)
-    ]
-
-
-def _repeat(prompts: list[str], n: int) -> list[str]:
-    return [prompts[i % len(prompts)] for i in range(n)]
 
 
 def in_tint(dec: M.Decoded, tint) -> torch.Tensor:

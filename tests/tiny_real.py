@@ -18,6 +18,7 @@ from PIL import Image
 
 # The tiny part configs live with benchmarks/gpu_real_scale.py's --tiny, which runs the same architectures.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from full_size.folders import scheduler as published_scheduler  # noqa: E402
 from full_size.tokenizer import CHAT_TEMPLATE  # noqa: E402  (the one Qwen3 template in miniature)
 from gpu_real_scale_tiny import TINY  # noqa: E402
 
@@ -78,7 +79,7 @@ def _fill_pad_tokens(transformer) -> None:
 def build_zimage(path: Path, seed: int = 0) -> Path:
     """Z-Image-Turbo layout: transformer, vae, text_encoder (Qwen3Model), tokenizer, scheduler (static shift 3); the
     part configs are benchmarks/gpu_real_scale_tiny.py's (one set of tiny architectures for tests and --tiny)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from diffusers import AutoencoderKL, ZImagePipeline, ZImageTransformer2DModel
     from transformers import Qwen3Model
 
     path, parts = Path(path), TINY["zimage-turbo"]
@@ -87,7 +88,7 @@ def build_zimage(path: Path, seed: int = 0) -> Path:
     _fill_pad_tokens(transformer)
     vae = AutoencoderKL(**parts["vae"])
     text_encoder = Qwen3Model(_text_config(parts))
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+    scheduler = published_scheduler("zimage-turbo")
     tokenizer = build_tokenizer(path / "tokenizer")
     pipe = ZImagePipeline(
         scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
@@ -99,12 +100,7 @@ def build_zimage(path: Path, seed: int = 0) -> Path:
 def build_flux2(path: Path, seed: int = 0) -> Path:
     """FLUX.2-klein layout: Flux2Transformer2DModel, AutoencoderKLFlux2, Qwen3ForCausalLM (27 layers so
     klein's default feature layers 9/18/27 exist), tokenizer, dynamic-shift scheduler, is_distilled."""
-    from diffusers import (
-        AutoencoderKLFlux2,
-        FlowMatchEulerDiscreteScheduler,
-        Flux2KleinPipeline,
-        Flux2Transformer2DModel,
-    )
+    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
     from transformers import Qwen3ForCausalLM
 
     path, parts = Path(path), TINY["flux2-klein-4b"]
@@ -115,16 +111,7 @@ def build_flux2(path: Path, seed: int = 0) -> Path:
         vae.bn.running_mean.uniform_(-0.5, 0.5)
         vae.bn.running_var.uniform_(0.5, 2.0)
     text_encoder = Qwen3ForCausalLM(_text_config(parts))
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-        time_shift_type="exponential",
-    )
+    scheduler = published_scheduler("flux2-klein-4b")
     tokenizer = build_tokenizer(path / "tokenizer")
     pipe = Flux2KleinPipeline(
         scheduler=scheduler,

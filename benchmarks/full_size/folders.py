@@ -197,23 +197,30 @@ def write_vae(folder: Path, cls: Any, config: dict[str, Any]) -> dict[str, Any]:
     return {"bytes": 2 * n, "files": 1, "params": n}
 
 
-def write_scheduler(folder: Path, preset: str) -> None:
+# The published scheduler configs (tests/tiny_real.py builds its tiny pipelines with the same ones).
+SCHEDULERS: dict[str, dict[str, Any]] = {
+    "zimage-turbo": {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": False},
+    "flux2-klein": {  # every klein size: dynamic shift
+        "num_train_timesteps": 1000,
+        "shift": 3.0,
+        "use_dynamic_shifting": True,
+        "base_shift": 0.5,
+        "max_shift": 1.15,
+        "base_image_seq_len": 256,
+        "max_image_seq_len": 4096,
+        "time_shift_type": "exponential",
+    },
+}
+
+
+def scheduler(preset: str) -> Any:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    if preset == "zimage-turbo":
-        sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
-    else:  # FLUX.2-klein: dynamic shift
-        sched = FlowMatchEulerDiscreteScheduler(
-            num_train_timesteps=1000,
-            shift=3.0,
-            use_dynamic_shifting=True,
-            base_shift=0.5,
-            max_shift=1.15,
-            base_image_seq_len=256,
-            max_image_seq_len=4096,
-            time_shift_type="exponential",
-        )
-    sched.save_pretrained(str(folder))
+    return FlowMatchEulerDiscreteScheduler(**SCHEDULERS["zimage-turbo" if preset == "zimage-turbo" else "flux2-klein"])
+
+
+def write_scheduler(folder: Path, preset: str) -> None:
+    scheduler(preset).save_pretrained(str(folder))
 
 
 INDEX = {
