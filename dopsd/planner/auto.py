@@ -14,6 +14,7 @@ import torch
 from dopsd.planner.plan import plan
 from dopsd.planner.resident import GiB
 from dopsd.planner.search import fits
+from dopsd.training.speed import CPU_REASON
 
 
 def planned_method(method: Any) -> str:
@@ -30,7 +31,7 @@ def resolve(cfg: Any, device_bytes: int | None = None) -> tuple[bool, str]:
         return bool(value), f"train.gradient_checkpointing={str(bool(value)).lower()}"
     on_cpu = cfg.train.device == "cpu" or (device_bytes is None and not torch.cuda.is_available())
     if on_cpu:
-        return False, "auto: off on the CPU (host memory; recomputing would only cost time)"
+        return False, CPU_REASON
     if device_bytes is None:
         device_bytes = torch.cuda.get_device_properties(0).total_memory
     card = device_bytes / GiB

@@ -60,7 +60,7 @@ def _options(planner: Any, c: Any, shape: bool) -> list[list[tuple[str, dict[str
     return [k for k in kinds if k]
 
 
-def _candidates(planner: Any, c: Any):
+def candidates(planner: Any, c: Any):
     seen = set()
     for shape in (False, True):
         kinds = _options(planner, c, shape)
@@ -108,7 +108,7 @@ def suggestions(planner: Any, c: Any, caching: dict[str, Any]) -> dict[str, Any]
                     "caching_peak_gb": best_cache / GiB,
                 }
                 continue
-            for changes, cand in _candidates(planner, c):
+            for changes, cand in candidates(planner, c):
                 train = planner.peaks(cand)[method]["peak"]
                 if not fits(max(train, cache_peak(cand, method)), card):
                     continue

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+CPU_REASON = "auto: off on the CPU (host memory; recomputing would only cost time)"
+
 
 def checkpointing(value: bool | str, network: nn.Module, device: torch.device) -> tuple[bool, str]:
     """Whether to enable the network's gradient checkpointing, and why (the reason goes into the step log)."""
@@ -30,7 +32,7 @@ def checkpointing(value: bool | str, network: nn.Module, device: torch.device) -
     if value is True:
         return True, "on (train.gradient_checkpointing=true)"
     if device.type == "cpu":
-        return False, "auto: off on the CPU (host memory; recomputing would only cost time)"
+        return False, CPU_REASON
     return True, "auto: on (not resolved with a plan: `dopsd train` or dopsd.planner.auto.resolve does that)"
 
 

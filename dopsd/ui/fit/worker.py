@@ -37,7 +37,7 @@ from dopsd.planner.caching import caching_peaks
 from dopsd.planner.measure import PHASES, measure
 from dopsd.planner.plan import Choice, Planner, choice_from_config
 from dopsd.planner.resident import GiB
-from dopsd.planner.search import CARDS, CUDA_CONTEXT, _candidates, fits
+from dopsd.planner.search import CARDS, CUDA_CONTEXT, candidates, fits
 
 PHASES_OF = {"sft": ("sft", "optim"), "dopsd": ("rollout", "optim"), "dopsd_prior": ("rollout", "prior", "optim")}
 BREAKDOWN = (  # (label, the `Resident` attribute): the bytes the run holds throughout, as the trainer holds them
@@ -129,7 +129,7 @@ def answer(cfg: Any, emit: Callable[[str, dict], None]) -> None:
         if not fits(best, card):  # no setting the search tries changes the encoders
             found["reason"] = f"feature caching alone needs {best / GiB:.1f} GB (the largest encoder with the VAE)"
         else:
-            for changes, cand in _candidates(planner, c):
+            for changes, cand in candidates(planner, c):
                 t = planner.peaks(cand)[method]["peak"]
                 if not fits(max(t, cache_peak(cand)), card):
                     continue
