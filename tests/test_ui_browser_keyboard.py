@@ -224,8 +224,9 @@ def test_caption_edits_are_kept(driver, tmp_path):
         # so does a preset change
         preset = css(d, "select[name=preset]")[0]
         other = [o for o in preset.find_elements("css selector", "option") if not o.is_selected()][0]
+        wanted = other.get_attribute("value")  # read now: the saved change re-renders the page (`other` goes stale)
         other.click()
-        until(d, lambda d: other.get_attribute("value") in (home / ".ui/datasets.json").read_text(), 120, "the preset")
+        until(d, lambda d: wanted in (home / ".ui/datasets.json").read_text(), 120, "the preset")
         until(d, kept, 120, "the edit after the preset change")
         # and navigating elsewhere in the app and back
         d.get(f"{app.url}/#/runs")
