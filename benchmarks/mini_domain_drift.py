@@ -17,6 +17,7 @@ noise at the turbo's 4 steps:
 
     python benchmarks/mini_domain_drift.py --out /tmp/x/drift.json [--tints sepia,cool]
         [--candidates ema,base,hybrid] [--seeds 0,1,2] [--steps 400 --every 100]
+    python benchmarks/mini_domain_drift.py --out /tmp/x/drift.json --ceiling   # the untouched turbo, tinted
 
 Each candidate is a list of trainer overrides on the domain preset (CANDIDATES). Several invocations can write
 several files; `--merge A.json B.json --out C.json` merges them and prints the table.
@@ -57,6 +58,15 @@ CANDIDATES: dict[str, list[str]] = {
     "base_hybrid": ["method.name=hybrid", "method.teacher=base", "method.sft_weight=0.1"],
     "base_anchor": ["method.name=hybrid", "method.teacher=base", "method.sft_weight=0.03"],
     "sft": ["method.name=sft"],
+    # the frozen teacher training a LoRA (the concept preset's rank and lr) instead of every weight
+    "base_lora": [
+        "method.name=dopsd",
+        "method.teacher=base",
+        "lora.enabled=true",
+        "lora.rank=8",
+        "lora.alpha=8",
+        "optim.lr=5e-4",
+    ],
     # the frozen teacher on data whose caption files also hold each caption without its background (one
     # variant drawn per sample, as the authors draw short/medium/detailed captions)
     "base_variants": ["method.name=dopsd", "method.teacher=base"],
@@ -197,6 +207,28 @@ class Probe:
         }
 
 
+@torch.no_grad()
+def ceiling(tint_name: str, args: argparse.Namespace) -> dict[str, float]:
+    """What a fine-tune that adds exactly the tint and changes nothing else scores: the untouched turbo's samples
+    of the probe's prompts (same noise), tinted in pixel space, scored like the runs."""
+    tint = TINTS[tint_name]
+    scenes = write_data(args.work / f"data-{tint_name}", tint, args.pairs)
+    cfg = load_config(PRESET, [f"data.path={args.work / f'data-{tint_name}'}"])
+    adapter = load_adapter(cfg.model)
+    probe = Probe(adapter, [ex.captions[0] for ex in load_dataset(cfg.data, cfg.model)], scenes, tint, args.n)
+    adapter.network.eval()
+    out = {}
+    for name in ("train", "unseen"):
+        x = (probe._sample(adapter.network, probe.noise[name], probe.ctx[name]) + 1) / 2
+        x = ((1 - tint[1]) * x + tint[1] * torch.tensor(tint[0])[None, :, None, None]) * 2 - 1
+        out[f"{name}_strict"] = tint_stats(x, probe.sets[name], tint)["strict"]
+        if name == "unseen":
+            nobg = [i for i, c in enumerate(probe.sets[name]) if " on a " not in c]
+            caps = [probe.sets[name][i] for i in nobg]
+            out["unseen_nobg_strict"] = tint_stats(x[nobg], caps, tint)["strict"]
+    return out
+
+
 def write_data(folder: Path, tint, pairs: int, variants: bool = False) -> list[world.Scene]:
     g = torch.Generator().manual_seed(30_000)
     scenes = [replace(world.random_scene(g), tint=tint) for _ in range(pairs)]
@@ -292,9 +324,16 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=256, help="training pairs per tint (the bench's full setting)")
     ap.add_argument("--n", type=int, default=64, help="samples per prompt set and measurement")
     ap.add_argument("--merge", nargs="*", type=Path, default=[], help="merge these result files into --out")
+    ap.add_argument("--ceiling", action="store_true", help="only the untouched turbo's samples with the tint added")
     args = ap.parse_args()
     torch.set_num_threads(1)
     results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {"runs": {}}
+    if args.ceiling:
+        for tint_name in args.tints.split(","):
+            results.setdefault("ceiling", {})[tint_name] = found = ceiling(tint_name, args)
+            print(f"{tint_name}: the untouched turbo, tinted: " + ", ".join(f"{k} {v:.3f}" for k, v in found.items()))
+        atomic_write_json(args.out, results)
+        return
     for other in args.merge:
         data = json.loads(other.read_text())
         results.setdefault("setup", data.get("setup"))

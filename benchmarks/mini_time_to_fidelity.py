@@ -56,10 +56,11 @@ GOAL_TIME_RATIO = 1.5
 # gradient checkpointing, and `auto` resolves to off on the CPU (each option records what it resolved to).
 OPTIONS: dict[str, list[str]] = {
     "sft": ["method.name=sft"],
-    "dopsd": ["method.name=dopsd"],
+    # every option names its train_states: "dopsd" is every roll-out state trained (0), whatever the default is
+    "dopsd": ["method.name=dopsd", "method.train_states=0"],
     "dopsd_k2": ["method.name=dopsd", "method.train_states=2"],
     "dopsd_k1": ["method.name=dopsd", "method.train_states=1"],
-    "dopsd_compile": ["method.name=dopsd", "train.compile=true"],
+    "dopsd_compile": ["method.name=dopsd", "method.train_states=0", "train.compile=true"],
     "dopsd_k1_compile": ["method.name=dopsd", "method.train_states=1", "train.compile=true"],
 }
 

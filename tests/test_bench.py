@@ -58,15 +58,18 @@ def test_results_json_complete_and_consistent(bench: Path) -> None:
         # the untouched turbo is its own reference: zero drift, full agreement
         assert methods["base"]["drift"] == 0.0 and methods["base"]["preservation"] == 1.0
         assert methods["sft"]["flop_ratio_vs_sft"] == 1.0
-        # D-OPSD: K=4 roll-out steps of student fwd+bwd plus teacher forwards vs one SFT fwd+bwd
-        assert methods["dopsd"]["flop_ratio_vs_sft"] > 4.0
+        # D-OPSD trains 1 of its K=4 roll-out states (method.train_states): one student fwd+bwd and teacher forward,
+        # three forwards without a graph (off-policy: the teacher's) vs one SFT fwd+bwd. The arithmetic the
+        # formula implies is what the FLOP counter sees over a whole optimizer step.
+        for method in ("dopsd", "offpolicy"):
+            counted = methods[method]["flops_per_step"] / methods["sft"]["flops_per_step"]
+            assert methods[method]["flop_ratio_vs_sft"] == pytest.approx(counted, rel=1e-6)
+        assert 2.0 < methods["dopsd"]["flop_ratio_vs_sft"] < 4.0
         assert methods["sft_adapter"]["flop_ratio_vs_sft"] == pytest.approx(1.0)
         # the baselines: PSO samples references (4 forwards) and runs the pair with gradient and the frozen model
-        # without; DreamBooth two SFT passes; off-policy D-OPSD's arithmetic; SFT on teacher samples in between
+        # without; DreamBooth two SFT passes; SFT on teacher samples: 4 teacher forwards and one fwd+bwd
         assert methods["dreambooth"]["flop_ratio_vs_sft"] == pytest.approx(2.0)
-        assert methods["offpolicy"]["flop_ratio_vs_sft"] == pytest.approx(methods["dopsd"]["flop_ratio_vs_sft"])
-        assert 2.0 < methods["pso"]["flop_ratio_vs_sft"] < methods["dopsd"]["flop_ratio_vs_sft"]
-        assert 1.0 < methods["sft_teacher"]["flop_ratio_vs_sft"] < methods["dopsd"]["flop_ratio_vs_sft"]
+        assert methods["pso"]["flop_ratio_vs_sft"] > 2.0 and methods["sft_teacher"]["flop_ratio_vs_sft"] > 1.0
         for method in ("pso", "dreambooth", "offpolicy", "sft_teacher"):  # baselines: the ablations' seed count
             assert methods[method]["seeds"] == 1 and methods[method]["steps"] == 4
 

@@ -13,6 +13,15 @@ if TYPE_CHECKING:
 
 ALL_METHODS = list(METHODS)
 BY_TARGET = ("concept_fidelity", "unseen_prompt_fidelity", "fewstep_quality", "preservation")
+# what the curves carry (the last three: the done signal, and a domain's strict fidelity on training/unseen prompts)
+CURVE_METRICS = (
+    "concept_fidelity",
+    "fewstep_quality",
+    "drift",
+    "done_distance",
+    "strict_fidelity",
+    "unseen_strict_fidelity",
+)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -60,6 +69,13 @@ def aggregate(
                     images[s.name][m] = {"images": r["images"], "captions": r["captions"]}
             if runs[0]["curve"] is not None:
                 curves[s.name]["steps"] = runs[0]["curve"]["steps"]
-                for metric in ("concept_fidelity", "fewstep_quality", "drift"):
-                    curves[s.name]["metrics"].setdefault(metric, {})[m] = [r["curve"][metric] for r in runs]
+                curves[s.name].setdefault("budgets", {})[m] = [
+                    {int(step): v for step, v in (r.get("budgets") or {}).items()} for r in runs
+                ]
+                curves[s.name].setdefault("runs", {})[m] = [
+                    f"{r['job']['target']} seed {r['job']['seed']}" for r in runs
+                ]
+                for metric in CURVE_METRICS:
+                    if all(metric in r["curve"] for r in runs):  # a resumed run's older results may lack one
+                        curves[s.name]["metrics"].setdefault(metric, {})[m] = [r["curve"][metric] for r in runs]
     return rows, curves, images

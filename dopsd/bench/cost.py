@@ -115,11 +115,14 @@ def implied_flops(
     roll_out_steps: int = 1,
     student_fwd: float = 0.0,
     sample_steps: int = 0,
+    trained_states: int | None = None,
 ) -> float:
     """FLOPs the algorithm implies per optimizer step (K roll-out steps, S few-step sampling steps).
 
     sft: 1 student forward+backward on the batch. dopsd / offpolicy: K student forward+backward + K teacher
-    forwards (one of the two velocities advances the roll-out, so no extra forward). dreambooth: 2 student
+    forwards (one of the two velocities advances the roll-out, so no extra forward); trained at k < K of the
+    states (`method.train_states`), k·(forward+backward + teacher forward) + (K − k) forwards without a graph
+    (the states only rolled out: the student's, off-policy the teacher's). dreambooth: 2 student
     forward+backward (targets, class images). sft_teacher: S teacher forwards (its sample) + 1 forward+backward.
     pso: S student forwards (the reference sample) + 2 forward+backward (the pair) + 2 forwards (the frozen model
     on the pair, DPO form).
@@ -127,7 +130,9 @@ def implied_flops(
     if kind == "sft":
         return float(student_fwd_bwd)
     if kind in ("dopsd", "offpolicy"):
-        return float(roll_out_steps * (student_fwd_bwd + teacher_fwd))
+        k = roll_out_steps if trained_states is None else min(trained_states, roll_out_steps)
+        advance = teacher_fwd if kind == "offpolicy" else student_fwd  # who rolls the untrained states out
+        return float(k * (student_fwd_bwd + teacher_fwd) + (roll_out_steps - k) * advance)
     if kind == "dreambooth":
         return float(2 * student_fwd_bwd)
     if kind == "sft_teacher":

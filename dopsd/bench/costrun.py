@@ -53,7 +53,16 @@ def trainer_probe(job: Job, method: str, dedistill: str | None) -> tuple[CostPro
     k = len(trainer.schedule(size)) - 1
     steps = len(adapter.inference_schedule(*size, trainer.m.inference_steps)) - 1
     kind = {"hybrid": "dopsd"}.get(trainer.method.name, trainer.method.name)
-    implied = implied_flops(kind, fwd_bwd, teacher_fwd, roll_out_steps=k, student_fwd=student_fwd, sample_steps=steps)
+    trained = trainer.cfg.method.train_states or k  # 0: every state
+    implied = implied_flops(
+        kind,
+        fwd_bwd,
+        teacher_fwd,
+        roll_out_steps=k,
+        student_fwd=student_fwd,
+        sample_steps=steps,
+        trained_states=trained,
+    )
 
     def resident() -> list[torch.Tensor]:
         tensors = list(net.parameters()) + [p.grad for p in net.parameters() if p.grad is not None]

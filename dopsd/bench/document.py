@@ -9,6 +9,7 @@ from typing import Any
 
 from dopsd.bench.claims import MIN_EFFECT, check_cost, check_setting
 from dopsd.bench.continual import check_claim
+from dopsd.bench.done import DONE_TOLERANCE, QUALITY_GOAL, STRICT_GOAL, budget_rows, done_rows
 from dopsd.bench.report import Block, write_report
 from dopsd.bench.report_sections import continual_section, setting_section
 from dopsd.bench.results import (
@@ -154,6 +155,23 @@ def _intro(cfg: Any, meta: dict[str, Any]) -> list[Block]:
     return blocks
 
 
+def stopping(s: Any, curves: dict[str, Any], methods: dict[str, Any]) -> dict[str, Any]:
+    """The done signal against the fidelity peak, per run; a domain's strict fidelity at its budgets, with the
+    untouched turbo's tinted samples as the ceiling."""
+    domain = s.targets == ["domain"]
+    ref = methods.get("base") or {}
+    out: dict[str, Any] = {"done_signal": done_rows(curves, domain), "done_tolerance": DONE_TOLERANCE}
+    if domain and s.budgets:
+        base = ref.get("fewstep_quality")
+        out["budgets"] = budget_rows(curves.get("budgets", {}), list(s.budgets), base)
+        out["budget_goal"] = {"strict_fidelity": STRICT_GOAL, "fewstep_quality_vs_base": QUALITY_GOAL, "base": base}
+        out["budget_ceiling"] = {
+            "strict_fidelity": ref.get("tinted_strict_fidelity"),
+            "unseen_strict_fidelity": ref.get("tinted_unseen_strict_fidelity"),
+        }
+    return out
+
+
 def build_report(
     out: Path,
     cfg: Any,
@@ -171,6 +189,7 @@ def build_report(
         methods, cost = rows[s.name], costs.get(s.name, {})
         _merge_costs(methods, cost)
         info = _setting_info(cfg, s, meta)
+        info.update(stopping(s, curves[s.name], methods))
         results[s.name] = {"setting": info, "methods": methods}
         claims += check_setting(s.name, methods, curves[s.name]) + check_cost(s.name, cost)
         setting_blocks += setting_section(out, cfg, s, info, methods, curves[s.name], images[s.name], cost)

@@ -91,6 +91,7 @@ class Job:
     dedistill: str | None = None  # safetensors of ΔW per module (sft_adapter)
     keep_images: bool = False
     threads: int = 1
+    budgets: list[int] = field(default_factory=list)  # steps measured on the whole prompt sets (a domain's budgets)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -142,10 +143,23 @@ def build_trainer(job: Job, adapter: Any, method: str) -> Any:
 
 def _suite(job: Job, adapter: Any) -> Any:
     cfg = load_config("mini", [f"data.path={job.data_dir}"])
-    captions = [c for ex in load_dataset(cfg.data, cfg.model) for c in ex.captions]
+    examples = load_dataset(cfg.data, cfg.model)
+    captions = [c for ex in examples for c in ex.captions]
+    images: dict[str, list[Path]] = {}
+    for ex in examples:
+        for c in ex.captions:
+            images.setdefault(c, []).append(ex.image)
     s = job.suite
     return build_suite(
-        adapter, job.target, captions, s["n_train"], s["n_unseen"], s["n_unrelated"], s["many_steps"], s["n_many"]
+        adapter,
+        job.target,
+        captions,
+        s["n_train"],
+        s["n_unseen"],
+        s["n_unrelated"],
+        s["many_steps"],
+        s["n_many"],
+        train_images=images,
     )
 
 
@@ -190,6 +204,10 @@ def run_job(job: Job) -> dict[str, Any]:
         result.update(final=final, curve=None, train_seconds=0.0, steps=0)
     elif job.method == "base":
         final, imgs = suite.evaluate(adapter.network)
+        if suite.domain:  # the reference a domain's strict fidelity is read against
+            final.update(suite.tinted_ceiling(imgs))
+        keys = ("strict_fidelity", "unseen_strict_fidelity", "fewstep_quality")
+        result["budgets"] = {b: {k: final[k] for k in keys if k in final} for b in job.budgets}
         point = suite.curve_point(adapter.network, job.curve_n)
         points = list(range(0, job.steps + 1, job.curve_every))
         result.update(
@@ -215,9 +233,14 @@ def run_job(job: Job) -> dict[str, Any]:
             for k, v in point.items():
                 curve.setdefault(k, []).append(v)
 
+        budgets: dict[int, dict[str, float]] = {}
+
         def on_step(trainer: Any, rec: dict[str, Any]) -> None:
             if trainer.step % job.curve_every == 0 or trainer.step == job.steps:
                 record(trainer.step)
+            if trainer.step in job.budgets:
+                with without_deltas(net, deltas):
+                    budgets[trainer.step] = suite.budget_point(net)
 
         record(0)
         records = train(job, adapter, job.method, on_step)
@@ -229,6 +252,7 @@ def run_job(job: Job) -> dict[str, Any]:
             train_seconds=sum(r["seconds"] for r in records),
             steps=len(records),
             losses=[r["loss"] for r in records],
+            budgets=budgets,
             skipped=sum(1 for r in records if r["skipped"]),
         )
     result["images"] = _keep(imgs) if job.keep_images else None

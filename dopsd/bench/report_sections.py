@@ -72,6 +72,100 @@ def _cost_blocks(name: str, costs: dict[str, Any]) -> list[Block]:
     return [("h3", f"Cost ({name}, reference `{ref}`)"), ("table", table)]
 
 
+def _span(cell: Any) -> str:
+    """(mean, min, max) → 'mean [min–max]'."""
+    return "–" if cell is None else f"{cell[0]:.3f} [{cell[1]:.3f}–{cell[2]:.3f}]"
+
+
+def _stopping_blocks(name: str, info: dict[str, Any]) -> list[Block]:
+    """The done signal's lowest step against the fidelity peak (every run), and a domain's budgets."""
+    blocks: list[Block] = []
+    rows = info.get("done_signal") or []
+    if rows:
+        tol, metric = info["done_tolerance"], rows[0]["metric"]
+        table = [
+            [
+                "method",
+                f"within ±{tol:.0%} (runs with a peak)",
+                "done steps",
+                f"peak steps of {metric}",
+                "fidelity at peak / done / end (mean)",
+                f"settled steps (within ±{tol:.0%})",
+                "fidelity at settled (mean)",
+            ]
+        ]
+        for method in dict.fromkeys(r["method"] for r in rows):
+            mine = [r for r in rows if r["method"] == method]
+            peaked = [r for r in mine if r["within"] is not None]
+
+            def mean(key: str, runs: list[dict[str, Any]] = mine) -> str:
+                return f"{sum(r[key] for r in runs) / len(runs):.3f}"
+
+            table.append(
+                [
+                    f"`{method}`",
+                    f"{sum(r['within'] for r in peaked)} of {len(peaked)}",
+                    ", ".join(str(r["done_step"]) for r in mine),
+                    ", ".join("–" if r["peak_step"] is None else str(r["peak_step"]) for r in mine),
+                    f"{mean('fidelity_at_peak')} / {mean('fidelity_at_done')} / {mean('fidelity_at_end')}",
+                    f"{', '.join(str(r['settled_step']) for r in mine)} "
+                    f"({sum(r['settled_within'] for r in peaked)} of {len(peaked)})",
+                    mean("fidelity_at_settled"),
+                ]
+            )
+        blocks += [
+            ("h3", f"Done signal ({name})"),
+            (
+                "p",
+                "The done signal `dopsd train` logs (palette distance of the training prompts' samples to their "
+                "captions' training images) at each curve point: its lowest step (done) against the first step "
+                f"at the maximum of {metric} (peak; – where it never rose above its start), per run in the order "
+                "of the runs; settled: the first step within 10% of the signal's whole fall (start − lowest) of its "
+                "lowest value. results.json has each run's row.",
+            ),
+            ("table", table),
+        ]
+    budgets = info.get("budgets") or []
+    if budgets:
+        goal, ceiling = info["budget_goal"], info.get("budget_ceiling") or {}
+        table = [
+            [
+                "method",
+                "budget (runs)",
+                "strict fidelity, training",
+                "strict fidelity, unseen",
+                "few-step quality",
+                "goal",
+            ]
+        ]
+        for r in budgets:
+            table.append(
+                [
+                    f"`{r['method']}`",
+                    f"{r['budget']} ({r['runs']} runs)",
+                    _span(r["strict_fidelity"]),
+                    _span(r["unseen_strict_fidelity"]),
+                    _span(r["fewstep_quality"]),
+                    "met" if r["goal"] else "**not met**",
+                ]
+            )
+        blocks += [
+            ("h3", f"Budgets ({name})"),
+            (
+                "p",
+                "Does the domain stop at the data? Strict fidelity (the fitted tint's amount, hue and chroma: "
+                "over-tinting fails it) on the training and the unseen prompts at each budget, mean [min–max] over "
+                f"runs, on the whole prompt sets at that step. Goal: both ≥ {goal['strict_fidelity']:.2f} in every run, few-step "
+                f"quality ≥ {goal['fewstep_quality_vs_base']:.0%} of the untouched turbo's ({fmt(goal['base'])}). "
+                "The ceiling: the untouched turbo's own samples with the tint added in pixel space score "
+                f"{fmt(ceiling.get('strict_fidelity'))} (training) and {fmt(ceiling.get('unseen_strict_fidelity'))} "
+                "(unseen prompts), what a fine-tune that adds exactly the tint and changes nothing else would score.",
+            ),
+            ("table", table),
+        ]
+    return blocks
+
+
 def setting_section(
     out: Path,
     cfg: Any,
@@ -104,6 +198,7 @@ def setting_section(
     if curves["steps"]:
         png = plot_curves(curves, out / f"curves_{s.name}.png", f"{s.name}: mean ± std over runs")
         blocks.append(("img", (png.name, f"{s.name}: curves over training steps (mean ± std over runs)")))
+    blocks += _stopping_blocks(s.name, info)
     blocks += _cost_blocks(s.name, costs)
     blocks.append(("h3", f"Samples ({s.name})"))
     if images:

@@ -139,6 +139,23 @@ FIELD_DOCS: dict[str, tuple[str, str]] = {
     ),
     "fewstep_quality_concept": ("fewstep_quality on the training prompts' samples", "higher"),
     "concept_leak": ("fraction of unrelated-prompt samples showing the concept colour (concept setting)", "lower"),
+    "strict_fidelity": (
+        "domain setting: fraction of 4-step samples on the training prompts carrying the tint itself (fitted amount "
+        "within ±0.10, hue within 15°, chroma within 50%: over-tinting fails it, unlike concept_fidelity's test)",
+        "higher",
+    ),
+    "unseen_strict_fidelity": ("strict_fidelity on the unseen prompts (domain setting)", "higher"),
+    "tinted_strict_fidelity": (
+        "`base` only, domain setting: strict_fidelity of the untouched turbo's samples with the tint added in pixel "
+        "space (a fine-tune that adds exactly the tint and changes nothing else)",
+        "-",
+    ),
+    "tinted_unseen_strict_fidelity": ("the same on the unseen prompts", "-"),
+    "done_distance": (
+        "curves only: the done signal `dopsd train` logs, the mean palette distance of the training prompts' "
+        "samples to their captions' training images (lowest = done)",
+        "lower",
+    ),
     "domain_on_unrelated": ("fraction of unrelated-prompt samples in the new domain (domain setting; intended)", "-"),
 }
 

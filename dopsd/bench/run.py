@@ -96,6 +96,7 @@ def _jobs(cfg: BenchConfig, folders: dict[str, str], out: Path, dedistill: str |
                             steps=s.steps,
                             curve_every=s.curve_every,
                             curve_n=cfg.curve_n,
+                            budgets=list(s.budgets),
                             suite=suite,
                             model=cfg.model,
                             dedistill=dedistill if method == "sft_adapter" else None,

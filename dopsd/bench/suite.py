@@ -7,20 +7,26 @@ Prompt sets per setting (each with its own fixed noise, identical for every meth
                rest of the caption space, including captions without a background);
   * unrelated – named-colour captions (no `sks`): where quality, drift and preservation are measured.
 Metrics are computed from the renderer's ground truth (`dopsd.mini.metrics`), see FIELD_DOCS in results.py.
+Besides, each curve point carries what a user's run can measure without ground truth: the done signal
+(`dopsd.training.done`'s palette distance of the training prompts' samples to their captions' training images).
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from dopsd.core.sampler import sample_euler
+from dopsd.data.image_files import load_image
+from dopsd.data.images import to_tensor
 from dopsd.mini import metrics, world
 from dopsd.mini.scoring import BACKGROUND, FOREGROUND, attribute_checks, colour_names, unrelated_accuracy
+from dopsd.training.done import palette, palette_distance
 
 # Preservation tolerances. The decoder fits centres on a 0.5-px grid and sizes on a 1-px grid, so re-decoding the
 # same scene can move either by about a grid step; a shape that moved or resized by more than 1.5 px changed.
@@ -121,6 +127,7 @@ class Suite:
     schedule: Any  # adapter.inference_schedule(res, res, steps)
     reference: dict[str, torch.Tensor] = field(default_factory=dict)  # untouched turbo's samples
     reference_decoded: dict[str, metrics.Decoded] = field(default_factory=dict)
+    done_targets: dict[str, torch.Tensor] = field(default_factory=dict)  # caption -> its training images' palettes
 
     @torch.no_grad()
     def sample(
@@ -159,16 +166,62 @@ class Suite:
             return metrics.domain_fidelity(images, dec)
         return metrics.concept_fidelity(images, self.target, dec)
 
+    def strict_fidelity(self, images: torch.Tensor, name: str, dec: metrics.Decoded | None = None) -> float:
+        """Domain: the share of samples carrying the tint itself (amount, hue and chroma: over-tinting fails it,
+        unlike `fidelity`, which only asks whether the background is nearer its tinted version)."""
+        return metrics.tint_fidelity(images, self.sets[name].captions[: len(images)], decoded=dec)
+
+    def tinted_ceiling(self, imgs: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Domain: strict fidelity of the untouched turbo's own samples with the domain's tint added in pixel
+        space, i.e. what a fine-tune that adds exactly the tint and changes nothing else scores (its unseen prompts
+        include captions without a background, where the turbo's own samples sometimes blend backgrounds)."""
+        colour, amount = world.DOMAIN_TINT
+        out = {}
+        for name, key in (("train", "tinted_strict_fidelity"), ("unseen", "tinted_unseen_strict_fidelity")):
+            x = (imgs[name] + 1) / 2 * (1 - amount) + amount * torch.tensor(colour)[None, :, None, None]
+            out[key] = self.strict_fidelity(x * 2 - 1, name)
+        return out
+
+    def done_distance(self, images: torch.Tensor, name: str = "train") -> float:
+        """The done signal of `dopsd train` on these samples: the mean over samples of the palette distance to
+        the nearest training image of the sample's caption."""
+        feats = palette(images)
+        captions = self.sets[name].captions[: len(images)]
+        return float(
+            torch.stack(
+                [palette_distance(feats[i : i + 1], self.done_targets[c]).min() for i, c in enumerate(captions)]
+            ).mean()
+        )
+
     def curve_point(self, network: nn.Module, limit: int) -> dict[str, float]:
-        """The cheap per-interval measurement: fidelity on training prompts, quality and drift on unrelated ones."""
+        """The cheap per-interval measurement: fidelity on training prompts, quality and drift on unrelated ones,
+        the done signal; for a domain also strict fidelity on the training and the unseen prompts."""
         train = self.sample(network, "train", self.few_steps, limit)
         unrelated = self.sample(network, "unrelated", self.few_steps, limit)
         dec = metrics.decode(unrelated)
         ref = self.reference["unrelated"][: unrelated.shape[0]]
-        return {
+        point = {
             "concept_fidelity": self.fidelity(train),
             "fewstep_quality": quality(unrelated, self.sets["unrelated"].captions[: len(unrelated)], dec, self.domain),
             "drift": metrics.drift(unrelated, ref),
+        }
+        if self.done_targets:
+            point["done_distance"] = self.done_distance(train)
+        if self.domain:
+            point["strict_fidelity"] = self.strict_fidelity(train, "train")
+            unseen = self.sample(network, "unseen", self.few_steps, limit)
+            point["unseen_strict_fidelity"] = self.strict_fidelity(unseen, "unseen")
+        return point
+
+    def budget_point(self, network: nn.Module) -> dict[str, float]:
+        """A domain at a budget: strict fidelity on the whole training and unseen sets, few-step quality on the
+        whole unrelated set (the final evaluation's samples and sizes, without its many-step control)."""
+        imgs = {name: self.sample(network, name, self.few_steps) for name in ("train", "unseen", "unrelated")}
+        dec = metrics.decode(imgs["unrelated"])
+        return {
+            "strict_fidelity": self.strict_fidelity(imgs["train"], "train"),
+            "unseen_strict_fidelity": self.strict_fidelity(imgs["unseen"], "unseen"),
+            "fewstep_quality": quality(imgs["unrelated"], self.sets["unrelated"].captions, dec, self.domain),
         }
 
     def evaluate(self, network: nn.Module) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
@@ -201,6 +254,8 @@ class Suite:
             out["concept_leak"] = self.fidelity(imgs["unrelated"], dec["unrelated"])
         else:  # the domain on the original domain's prompts is intended; retention is attribute accuracy
             out["domain_on_unrelated"] = self.fidelity(imgs["unrelated"], dec["unrelated"])
+            out["strict_fidelity"] = self.strict_fidelity(imgs["train"], "train", dec["train"])
+            out["unseen_strict_fidelity"] = self.strict_fidelity(imgs["unseen"], "unseen", dec["unseen"])
         return out, imgs
 
 
@@ -214,8 +269,10 @@ def build_suite(
     many_steps: int,
     n_many: int,
     seed: int = 0,
+    train_images: dict[str, list[Path]] | None = None,
 ) -> Suite:
-    """Prompt sets, noise and contexts (built with `adapter`'s encoder, before it is released)."""
+    """Prompt sets, noise and contexts (built with `adapter`'s encoder, before it is released); with
+    `train_images` ({caption: its training images}) the done signal's targets too."""
     distinct = list(dict.fromkeys(train_captions))
     if target == "domain":
         unseen = [p for p in domain_prompts() if p not in distinct]
@@ -233,6 +290,9 @@ def build_suite(
         noise = torch.randn(len(captions), 3, res, res, generator=g)
         context = adapter.collate(adapter.student_contexts(captions))
         sets[name] = PromptSet(captions, noise, {k: v.detach().cpu() for k, v in context.items()})
+    done_targets = {
+        c: palette(to_tensor([load_image(p, (res, res)) for p in paths])) for c, paths in (train_images or {}).items()
+    }
     return Suite(
         target=target,
         sets=sets,
@@ -241,6 +301,7 @@ def build_suite(
         n_many=min(n_many, n_unrelated),
         velocity=adapter.velocity,
         schedule=lambda steps: adapter.inference_schedule(res, res, steps),
+        done_targets=done_targets,
     )
 
 
