@@ -157,3 +157,18 @@ def test_the_families_token_and_layer_settings_are_declared():
     assert (d.teacher_max_tokens, d.teacher_image_tokens, d.text_encoder_out_layers) == (1024, 256, None)
     with pytest.raises(ConfigError, match="teacher_image_tokens"):
         load_config("zimage-turbo", ["model.teacher_image_tokens=0"])
+
+
+def test_options_newer_than_run_folders_declare_the_value_of_older_runs():
+    """opt(before=...) is the one place that says how a run begun before an option existed resumes: each such
+    value is a valid setting of its option (train_states' differs from today's default: the reason for all this)."""
+    from dopsd.config import as_before_the_options
+
+    before = as_before_the_options()
+    assert before == {"method.train_states": 0, "train.compile": False, "train.stop_when_done": False}
+    default = load_config("mini", [])
+    old = load_config("mini", [f"{key}={str(value).lower()}" for key, value in before.items()])
+    for key, value in before.items():
+        section, name = key.split(".")
+        assert getattr(getattr(old, section), name) == value
+    assert default.method.train_states != before["method.train_states"]

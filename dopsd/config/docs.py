@@ -52,6 +52,11 @@ def render_docs() -> str:
             meaning = f.metadata["help"]
             if "bounds" in f.metadata:
                 meaning += f" Valid: {range_text(f.metadata['bounds'])}."
+            if "before" in f.metadata:  # yaml's spelling, as config.yaml has it
+                value = (
+                    yaml.safe_dump(f.metadata["before"], default_flow_style=True).strip().removesuffix("...").strip()
+                )
+                meaning += f" A run begun before this option existed resumes with `{value}`."
             out.append(
                 f"| `{section}.{f.name}` | {kind} | {_default_text(f).replace('|', chr(92) + '|')} | {meaning} |"
             )

@@ -33,6 +33,9 @@ from dopsd.config.validate import validate as check
 SEED_LIMIT = 2**32  # numpy's legacy seeding (accelerate.set_seed) takes seeds below 2^32
 
 
+NOT_NEW = object()  # opt(before=...) not given: the option is as old as the run folders
+
+
 def opt(
     default: Any,
     help: str,
@@ -41,15 +44,22 @@ def opt(
     gt: float | None = None,
     le: float | None = None,
     lt: float | None = None,
+    before: Any = NOT_NEW,
     **kw: Any,
 ) -> Any:
     """A documented field (lists/dicts get a factory so instances never share them).
 
     ge/gt/le/lt bound a number (each element of a list; a null value is not checked): `validate` enforces them
-    and the reference docs list them, so a range is declared once, here.
+    and the reference docs list them, so a range is declared once, here. `before`: for an option added after runs
+    already existed, the value that reproduces a run whose config.yaml does not name it (`--resume` continues
+    such a run with it, `as_before_the_options`).
     """
     bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
-    meta = {"help": help, **({"bounds": bounds} if bounds else {})}
+    meta = {
+        "help": help,
+        **({"bounds": bounds} if bounds else {}),
+        **({"before": before} if before is not NOT_NEW else {}),
+    }
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: copy.deepcopy(d), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
@@ -165,6 +175,7 @@ class MethodConfig:
         "forward) and the loss is rescaled by K/k, an unbiased estimate of the full one. 0 = all K. Default 1: "
         "the same concept in less time on the miniature (docs/time-to-fidelity.md).",
         ge=0,
+        before=0,
     )
     sft_weight: float = opt(1.0, "λ of the SFT term in the hybrid objective.", ge=0)
     sft_timesteps: Literal["uniform", "logit_normal", "shifted"] = opt("logit_normal", "SFT σ sampling.")
@@ -229,6 +240,7 @@ class TrainConfig:
         False,
         "torch.compile the denoiser (in place, once per run; the first steps pay the compilation). Same outputs "
         "to float tolerance; measure before turning it on (docs/time-to-fidelity.md).",
+        before=False,
     )
     checkpoint_every: int = opt(250, "Write a resumable checkpoint every n steps (0 = only at the end).", ge=0)
     keep_checkpoints: int = opt(2, "Keep the last n checkpoints.", ge=1)
@@ -266,7 +278,9 @@ class TrainConfig:
         "CPU-side work.",
         ge=1,
     )
-    stop_when_done: bool = opt(False, "Stop (exit 0) once the done signal made no new low for done_patience samplings.")
+    stop_when_done: bool = opt(
+        False, "Stop (exit 0) once the done signal made no new low for done_patience samplings.", before=False
+    )
     done_patience: int = opt(3, "With stop_when_done: sampling intervals without a new low before stopping.", ge=1)
 
 
@@ -322,6 +336,18 @@ class Config:
 
 
 SECTIONS = [f.name for f in dataclasses.fields(Config) if f.name != "preset"]
+
+
+def as_before_the_options() -> dict[str, Any]:
+    """{section.key: value} of the options declared with opt(before=...): added after runs already existed, with
+    the value that reproduces a run whose config.yaml does not name them."""
+    out = {}
+    for section in dataclasses.fields(Config):
+        if section.name in SECTIONS:
+            for f in dataclasses.fields(section.default_factory()):
+                if "before" in f.metadata:
+                    out[f"{section.name}.{f.name}"] = f.metadata["before"]
+    return out
 
 
 # --- loading ------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from dopsd.config import ConfigError, load_config
+from dopsd.config import ConfigError, as_before_the_options, load_config
 from dopsd.errors import RunFolderError
 from dopsd.files import atomic_write_json, atomic_write_text, replace_and_keep_open
 from dopsd.lora.meta import RUN_SUMMARY
@@ -166,22 +166,19 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-# Options added after runs already existed, with the value that reproduces a run whose config.yaml predates them:
-# a resume must continue the run it began, not pick up a newer default (one roll-out state instead of all).
-AS_BEFORE_THE_OPTION = {"method.train_states": 0, "train.compile": False, "train.stop_when_done": False}
-
-
 def check_resume_config(config: Any, out: Path) -> None:
     """--resume: refuse a config that differs from the run's config.yaml beyond RESUMABLE_CHANGES. Options the
-    run's config.yaml does not name take the value that reproduces the run as it began (AS_BEFORE_THE_OPTION)."""
+    run's config.yaml does not name take the value that reproduces the run as it began (declared in the schema,
+    opt(before=...)): a resume continues the run it began, not a newer default (one roll-out state instead of all)."""
     saved = _flat(yaml.safe_load((out / CONFIG).read_text()) or {})
-    for key, value in AS_BEFORE_THE_OPTION.items():
+    before = as_before_the_options()
+    for key, value in before.items():
         section, name = key.split(".")
         if key not in saved and getattr(getattr(config, section), name) != value:
             print(f"[dopsd] --resume: the run began before {key} existed; it continues with {key}={value}")
             setattr(getattr(config, section), name, value)
     old, new = _flat(load_config(out / CONFIG).to_dict()), _flat(config.to_dict())
-    old.update({k: v for k, v in AS_BEFORE_THE_OPTION.items() if k not in saved})
+    old.update({k: v for k, v in before.items() if k not in saved})
     changed = [k for k in new if old.get(k) != new[k] and not k.startswith(RESUMABLE_CHANGES) and k != "data.path"]
     if changed:
         raise ConfigError(
