@@ -1,34 +1,19 @@
-"""The training configuration: its typed sections, and a config from a preset, a YAML file and dotted overrides.
+"""The training configuration's typed sections: every option a dataclass field declared once, with `opt`.
 
-Every option is a dataclass field whose `help` metadata is its one documentation; `dopsd.config.docs` renders
-them into docs/configuration.md (a test keeps that file up to date: `python -m dopsd.config.docs`).
-
-A YAML file names a preset and overrides some fields:
-
-    preset: mini
-    data: {path: ./my_images, trigger_word: sks}
-    optim: {lr: 2e-4}
-
-and the command line overrides any field with `section.field=value` (e.g. `optim.lr=2e-4`). Unknown keys are
-rejected with the closest valid name; values are checked against the field types. The presets' values are
-dopsd.config.presets; setting and parsing dotted keys is dopsd.config.keys.
+Every option's `help` metadata is its one documentation; `dopsd.config.docs` renders them into
+docs/configuration.md (a test keeps that file up to date: `python -m dopsd.config.docs`). Its range (`ge`/`gt`/
+`le`/`lt`) and, for an option newer than existing run folders, the value older runs resume with (`before`) are
+declared beside it. Loading a config from a preset, a YAML file and overrides: dopsd.config.load.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-
-from dopsd.config.keys import flatten, parse_override, set_value
-from dopsd.config.presets import PRESETS
-from dopsd.config.types import ConfigError, load_yaml
-from dopsd.config.validate import validate as check
 
 SEED_LIMIT = 2**32  # numpy's legacy seeding (accelerate.set_seed) takes seeds below 2^32
 
@@ -348,65 +333,3 @@ def as_before_the_options() -> dict[str, Any]:
                 if "before" in f.metadata:
                     out[f"{section.name}.{f.name}"] = f.metadata["before"]
     return out
-
-
-# --- loading ------------------------------------------------------------------------------------
-def preset(name: str) -> Config:
-    if name not in PRESETS:
-        close = difflib.get_close_matches(name, list(PRESETS), n=1, cutoff=0.5)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"unknown preset {name!r}{hint}; choose one of {', '.join(PRESETS)}")
-    config = Config(preset=name)
-    for key, value in flatten(PRESETS[name][1], f"preset {name}", SECTIONS).items():
-        set_value(config, key, value)
-    return config
-
-
-def from_dict(data: dict[str, Any], origin: str = "config") -> Config:
-    """A preset (data['preset'], default mini) with the given sections applied."""
-    name = data.get("preset", "mini") if isinstance(data, dict) else "mini"
-    config = preset(str(name))
-    for key, value in flatten(data, origin, SECTIONS).items():
-        set_value(config, key, value)
-    return config
-
-
-def load_config(source: str | Path | dict[str, Any] | Config, overrides: list[str] | None = None) -> Config:
-    """Config from a YAML file, a preset name, a dict or a Config, then `section.key=value` overrides."""
-    if isinstance(source, Config):
-        config = copy.deepcopy(source)
-    elif isinstance(source, dict):
-        config = from_dict(source)
-    elif str(source) in PRESETS:
-        config = preset(str(source))
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"config {str(source)!r} is neither a file nor a preset ({', '.join(PRESETS)})")
-        try:
-            data = load_yaml(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from err
-        config = from_dict(data, str(path))
-        if config.data.path and not Path(config.data.path).is_absolute():  # relative to the YAML file
-            config.data.path = str((path.parent / config.data.path).resolve())
-        # other local paths too, where they exist beside the YAML file ('turbo'/'base' stay keywords)
-        for section, key in (
-            ("model", "pretrained"),
-            ("model", "teacher_encoder"),
-            ("data", "source_dir"),
-            ("train", "init_from"),
-            ("sample", "done_features"),
-        ):
-            value = getattr(getattr(config, section), key)
-            if value and not Path(value).is_absolute() and (path.parent / value).exists():
-                setattr(getattr(config, section), key, str((path.parent / value).resolve()))
-    for text in overrides or []:
-        set_value(config, *parse_override(text))
-    validate(config)
-    return config
-
-
-def validate(config: Config) -> None:
-    """Every option in its declared range and the relations between options (see dopsd.config.validate)."""
-    check(config)

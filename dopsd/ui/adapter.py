@@ -22,15 +22,16 @@ from typing import Any
 import yaml
 
 from dopsd.commands import COMMANDS
+from dopsd.config import load as _load
 from dopsd.config import schema as _config
 from dopsd.config.keys import set_value
 from dopsd.config.presets import PRESETS
+from dopsd.config.types import ConfigError
 from dopsd.data import dataset as _data
 from dopsd.data.dataset import IMAGE_EXTENSIONS, METADATA, DatasetError, apply_trigger
 from dopsd.errors import DopsdError
 from dopsd.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 
-ConfigError = _config.ConfigError
 Config = _config.Config
 
 __all__ = [
@@ -76,7 +77,7 @@ def presets() -> list[dict[str, Any]]:
     """Each preset: name, description, its resolved config (dict) and the form keys' values."""
     out = []
     for name, (description, _) in PRESETS.items():
-        cfg = _config.preset(name)
+        cfg = _load.preset(name)
         out.append(
             {
                 "name": name,
@@ -105,10 +106,10 @@ def key_help() -> dict[str, str]:
 
 def resolve(preset: str, values: dict[str, Any]) -> Config:
     """The preset with typed `section.key` values set one by one (no value is ever parsed as YAML text)."""
-    cfg = _config.preset(preset)
+    cfg = _load.preset(preset)
     for key, value in values.items():
         set_value(cfg, key, value)
-    _config.validate(cfg)
+    _load.validate(cfg)
     return cfg
 
 
@@ -118,8 +119,8 @@ def config_from_yaml(text: str) -> Config:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"the YAML is not valid: {err}") from err
-    cfg = _config.from_dict(data, "the YAML")
-    _config.validate(cfg)
+    cfg = _load.from_dict(data, "the YAML")
+    _load.validate(cfg)
     return cfg
 
 
@@ -146,7 +147,7 @@ def check_dataset(folder: Path, preset: str = "mini", trigger_word: str | None =
     """Run the dataset check `dopsd train` runs, for `preset`'s model. Returns {ok, problems, notices, examples}.
 
     notices: what training will do to the data (resizing, cropping, caption changes), as the check reports it."""
-    cfg = _config.preset(preset)
+    cfg = _load.preset(preset)
     cfg.data.path = str(folder)
     cfg.data.trigger_word = trigger_word or None
     try:
@@ -164,7 +165,7 @@ def check_dataset(folder: Path, preset: str = "mini", trigger_word: str | None =
 def check_upload(data: bytes, name: str, preset: str = "mini") -> list[str]:
     """The dataset check's verdict on one uploaded image file (readable, supported, large enough), before it is
     kept; its caption is checked with the whole dataset."""
-    cfg = _config.preset(preset)
+    cfg = _load.preset(preset)
     with tempfile.TemporaryDirectory(prefix="dopsd-ui-upload-") as tmp:
         path = Path(tmp) / name
         path.write_bytes(data)

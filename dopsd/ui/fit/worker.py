@@ -29,7 +29,8 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from dopsd.config import ConfigError, schema
+from dopsd.config import ConfigError
+from dopsd.config import load as config_load
 from dopsd.errors import DopsdError
 from dopsd.models.registry import plan_spec
 from dopsd.planner.auto import planned_method
@@ -173,8 +174,8 @@ def main() -> int:
             print(json.dumps({"id": rid, "event": event, "data": data}), file=out, flush=True)
 
         try:
-            cfg = schema.from_dict(yaml.safe_load(request["yaml"]) or {}, "the config")
-            schema.validate(cfg)
+            cfg = config_load.from_dict(yaml.safe_load(request["yaml"]) or {}, "the config")
+            config_load.validate(cfg)
             answer(cfg, emit)
             emit("done", {"seconds": round(time.time() - started, 1)})
         except DopsdError as err:
