@@ -1,5 +1,5 @@
-"""When is a run done, read off the bench's curves: the done signal's lowest step against the step where measured
-fidelity peaks, and a domain's strict fidelity at its budgets.
+"""When is a run done: the done signal's lowest step against the step where measured fidelity peaks (both from the
+bench's curves), and a domain's strict fidelity at its budgets (measured on the whole prompt sets at those steps).
 
 The done signal is what `dopsd train` logs on a user's data (`dopsd.training.done`: the palette distance of the
 training prompts' samples to their captions' training images); the fidelity is what only the miniature can score.
@@ -112,13 +112,13 @@ def budget_rows(
 
 
 __all__ = [
-    "SETTLED_FRACTION",
-    "settled_at",
     "DONE_TOLERANCE",
     "QUALITY_GOAL",
+    "SETTLED_FRACTION",
     "STRICT_GOAL",
     "budget_rows",
     "done_rows",
     "peak_metric",
+    "settled_at",
     "within",
 ]
