@@ -74,15 +74,6 @@ CANDIDATES: dict[str, list[str]] = {
 }
 
 
-def in_tint(dec: M.Decoded, tint) -> torch.Tensor:
-    """(N,) bool: the decoded background is nearer its tinted version than any plain background."""
-    colour, amount = torch.tensor(tint[0]), tint[1]
-    plain = torch.tensor(list(world.BACKGROUNDS.values()))
-    tinted = (1 - amount) * plain + amount * colour
-    d_plain = world.colour_distance(dec.bg[:, None], plain[None]).min(1).values
-    return world.colour_distance(dec.bg[:, None], tinted[None]).min(1).values < d_plain
-
-
 def quality(images: torch.Tensor, captions: list[str], tint) -> float:
     """The bench's domain few-step quality (`dopsd.bench.suite.quality`) for any tint: sharpness over that of
     clean renders of the decoded layouts in the captions' colours, under `tint` where the sample carries it."""
@@ -94,7 +85,7 @@ def quality(images: torch.Tensor, captions: list[str], tint) -> float:
         if background is not None:
             bg[i] = torch.tensor(world.BACKGROUNDS[background])
     n = len(captions)
-    mix = (torch.tensor(tint[0]).expand(n, 3), in_tint(dec, tint).float() * tint[1])
+    mix = (torch.tensor(tint[0]).expand(n, 3), M.in_tint(dec, tint).float() * tint[1])
     grain = 2 * world.grain_texture(list(range(n)))[:, None]
     ref = (world.composite(dec.mask, fg, bg, mix) + grain).clamp(-1, 1)
     ratio = M.sharpness_per_sample(images).sum() / M.sharpness_per_sample(ref).sum().clamp_min(1e-6)
@@ -219,8 +210,7 @@ def ceiling(tint_name: str, args: argparse.Namespace) -> dict[str, float]:
     adapter.network.eval()
     out = {}
     for name in ("train", "unseen"):
-        x = (probe._sample(adapter.network, probe.noise[name], probe.ctx[name]) + 1) / 2
-        x = ((1 - tint[1]) * x + tint[1] * torch.tensor(tint[0])[None, :, None, None]) * 2 - 1
+        x = world.add_tint(probe._sample(adapter.network, probe.noise[name], probe.ctx[name]), tint)
         out[f"{name}_strict"] = tint_stats(x, probe.sets[name], tint)["strict"]
         if name == "unseen":
             nobg = [i for i, c in enumerate(probe.sets[name]) if " on a " not in c]

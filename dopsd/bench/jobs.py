@@ -184,6 +184,11 @@ def train(job: Job, adapter: Any, method: str, on_step: Any = None) -> list[dict
     return records
 
 
+def _budget_measures(final: dict[str, float]) -> dict[str, float]:
+    """What a budget records, from an evaluation's metrics (a domain's; Suite.budget_point measures the same)."""
+    return {k: final[k] for k in ("strict_fidelity", "unseen_strict_fidelity", "fewstep_quality") if k in final}
+
+
 def _keep(imgs: dict[str, torch.Tensor], n: int = 8) -> dict[str, torch.Tensor]:
     return {k: v[:n].clone() for k, v in imgs.items()}
 
@@ -206,8 +211,7 @@ def run_job(job: Job) -> dict[str, Any]:
         final, imgs = suite.evaluate(adapter.network)
         if suite.domain:  # the reference a domain's strict fidelity is read against
             final.update(suite.tinted_ceiling(imgs))
-        keys = ("strict_fidelity", "unseen_strict_fidelity", "fewstep_quality")
-        result["budgets"] = {b: {k: final[k] for k in keys if k in final} for b in job.budgets}
+        result["budgets"] = {b: _budget_measures(final) for b in job.budgets}
         point = suite.curve_point(adapter.network, job.curve_n)
         points = list(range(0, job.steps + 1, job.curve_every))
         result.update(
@@ -238,7 +242,7 @@ def run_job(job: Job) -> dict[str, Any]:
         def on_step(trainer: Any, rec: dict[str, Any]) -> None:
             if trainer.step % job.curve_every == 0 or trainer.step == job.steps:
                 record(trainer.step)
-            if trainer.step in job.budgets:
+            if trainer.step in job.budgets and trainer.step < job.steps:  # the last one: the final evaluation's
                 with without_deltas(net, deltas):
                     budgets[trainer.step] = suite.budget_point(net)
 
@@ -246,6 +250,8 @@ def run_job(job: Job) -> dict[str, Any]:
         records = train(job, adapter, job.method, on_step)
         with without_deltas(net, deltas):
             final, imgs = suite.evaluate(net)
+        if job.steps in job.budgets and len(records) == job.steps:  # trained to the end: measured on the same sets
+            budgets[job.steps] = _budget_measures(final)
         result.update(
             final=final,
             curve=curve,

@@ -74,21 +74,10 @@ def attribute_accuracy(dec: metrics.Decoded, captions: list[str]) -> float:
     return sum(sum(c) / len(c) for c in checks) / len(checks)
 
 
-def in_domain(dec: metrics.Decoded) -> torch.Tensor:
-    """(N,) bool: the decoded background is nearer its domain-tinted version than any plain background
-    (the per-sample test behind `metrics.domain_fidelity`, which returns only the mean)."""
-    tint, amount = torch.tensor(world.DOMAIN_TINT[0]), world.DOMAIN_TINT[1]
-    plain = torch.tensor(list(world.BACKGROUNDS.values()))
-    tinted = (1 - amount) * plain + amount * tint
-    d_plain = world.colour_distance(dec.bg[:, None], plain[None]).min(1).values
-    d_tinted = world.colour_distance(dec.bg[:, None], tinted[None]).min(1).values
-    return d_tinted < d_plain
-
-
 def quality(images: torch.Tensor, captions: list[str], dec: metrics.Decoded, domain: bool) -> float:
     """`metrics.fewstep_quality`; in the domain setting the clean reference of an in-domain sample is tinted
     too (a tint lowers contrast by its amount, so a perfect tinted render would otherwise score 0.6)."""
-    return metrics.fewstep_quality(images, captions, dec, tinted=in_domain(dec) if domain else None)
+    return metrics.fewstep_quality(images, captions, dec, tinted=metrics.in_tint(dec) if domain else None)
 
 
 def domain_prompts() -> list[str]:
@@ -175,12 +164,10 @@ class Suite:
         """Domain: strict fidelity of the untouched turbo's own samples with the domain's tint added in pixel
         space, i.e. what a fine-tune that adds exactly the tint and changes nothing else scores (its unseen prompts
         include captions without a background, where the turbo's own samples sometimes blend backgrounds)."""
-        colour, amount = world.DOMAIN_TINT
-        out = {}
-        for name, key in (("train", "tinted_strict_fidelity"), ("unseen", "tinted_unseen_strict_fidelity")):
-            x = (imgs[name] + 1) / 2 * (1 - amount) + amount * torch.tensor(colour)[None, :, None, None]
-            out[key] = self.strict_fidelity(x * 2 - 1, name)
-        return out
+        return {
+            key: self.strict_fidelity(world.add_tint(imgs[name], world.DOMAIN_TINT), name)
+            for name, key in (("train", "tinted_strict_fidelity"), ("unseen", "tinted_unseen_strict_fidelity"))
+        }
 
     def done_distance(self, images: torch.Tensor, name: str = "train") -> float:
         """The done signal of `dopsd train` on these samples: the mean over samples of the palette distance to

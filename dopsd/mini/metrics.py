@@ -136,17 +136,21 @@ def concept_fidelity(images: torch.Tensor, concept: str, decoded: Decoded | None
     return float(shows_colour(dec.fg, world.CONCEPTS[concept]).float().mean())
 
 
+def in_tint(dec: Decoded, tint=world.DOMAIN_TINT) -> torch.Tensor:
+    """(N,) bool: the decoded background is nearer its tinted version (`tint`: colour, amount; default the held-out
+    domain's) than any plain background."""
+    colour, amount = torch.tensor(tint[0]), tint[1]
+    plain = torch.tensor(list(world.BACKGROUNDS.values()))
+    tinted = (1 - amount) * plain + amount * colour
+    d_plain = world.colour_distance(dec.bg[:, None], plain[None]).min(1).values
+    return world.colour_distance(dec.bg[:, None], tinted[None]).min(1).values < d_plain
+
+
 def domain_fidelity(images: torch.Tensor, decoded: Decoded | None = None) -> float:
     """Fraction of samples whose background is nearer its tinted (held-out domain) version than any plain one.
 
     Hue-blind (a background tinted toward another warm colour passes too): `tint_fidelity` fits the tint."""
-    dec = decoded or decode(images)
-    tint, amount = torch.tensor(world.DOMAIN_TINT[0]), world.DOMAIN_TINT[1]
-    plain = torch.tensor(list(world.BACKGROUNDS.values()))
-    tinted = (1 - amount) * plain + amount * tint
-    d_plain = world.colour_distance(dec.bg[:, None], plain[None]).min(1).values
-    d_tinted = world.colour_distance(dec.bg[:, None], tinted[None]).min(1).values
-    return float((d_tinted < d_plain).float().mean())
+    return float(in_tint(decoded or decode(images)).float().mean())
 
 
 # The per-sample tint test. A tint mixes every pixel toward colour t by amount a: a scene whose caption names its

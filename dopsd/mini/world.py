@@ -162,6 +162,12 @@ def composite(mask: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor, tint=None)
     return img * 2 - 1
 
 
+def add_tint(images: torch.Tensor, tint: tuple[tuple[float, float, float], float]) -> torch.Tensor:
+    """Images in [-1, 1] mixed toward a tint colour by its amount, as `composite` tints a scene."""
+    colour, amount = tint
+    return ((1 - amount) * (images + 1) / 2 + amount * torch.tensor(colour)[None, :, None, None]) * 2 - 1
+
+
 def render(scenes: list[Scene]) -> torch.Tensor:
     """Scenes → (B, 3, RES, RES) images in [-1, 1]."""
     mask = shape_masks(*(torch.tensor([getattr(s, k) for s in scenes]) for k in ("shape", "cx", "cy", "size")))

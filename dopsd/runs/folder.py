@@ -259,6 +259,11 @@ def open_health(out: Path, step: int) -> Trace:
     return Trace(out / HEALTH, [r for r in _read_jsonl(out / HEALTH) if int(r["step"]) <= step])
 
 
+def read_done(out: Path, step: int) -> list[dict[str, Any]]:
+    """done.jsonl's measurements up to the checkpoint's `step` (a killed run may have measured further)."""
+    return [r for r in _read_jsonl(out / DONE) if int(r["step"]) <= step and isinstance(r.get("distance"), float)]
+
+
 def health_record(step: int, measured: dict[str, Any], threshold: float) -> dict[str, Any]:
     """One few-step health measurement (dopsd.training.health's result, without its raw and starting values)."""
     return {

@@ -23,9 +23,7 @@ decline, and inside the concept's fidelity plateau; docs/done-signal.md has the 
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -81,7 +79,7 @@ class DoneSignal:
             self.features = HFImageFeatures(cfg.sample.done_features, trainer.acc.device, "sample.done_features")
             self.name = self.features.name
         # the trace restarts at the checkpoint's step (a killed run may have measured further)
-        self.records = [r for r in _read(trainer.out / DONE) if r["step"] <= trainer.step]
+        self.records = rundir.read_done(trainer.out, trainer.step)
         self.trace = rundir.Trace(trainer.out / DONE, self.records)
 
     # --- which samples, against which images ------------------------------------------------------------
@@ -219,23 +217,6 @@ class DoneSignal:
             "reason": self.reason,
             "best_checkpoint": str(path) if path.is_dir() else None,
         }
-
-
-def _read(path: Path) -> list[dict[str, Any]]:
-    """done.jsonl's complete records (a partial last line from a kill is skipped)."""
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return []
-    out = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-            if isinstance(record.get("step"), int) and isinstance(record.get("distance"), float):
-                out.append(record)
-        except (ValueError, AttributeError):
-            continue
-    return out
 
 
 __all__ = ["DONE", "DoneSignal", "palette", "palette_distance"]
