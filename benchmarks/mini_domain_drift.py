@@ -52,6 +52,9 @@ TINTS = {"sepia": world.DOMAIN_TINT, "cool": COOL}
 CANDIDATES: dict[str, list[str]] = {
     "ema": ["method.name=dopsd", "method.teacher=ema"],
     "base": ["method.name=dopsd", "method.teacher=base"],
+    # the frozen teacher at a third and three times mini-domain.yaml's learning rate
+    "base_lr3e-5": ["method.name=dopsd", "method.teacher=base", "optim.lr=3e-5"],
+    "base_lr3e-4": ["method.name=dopsd", "method.teacher=base", "optim.lr=3e-4"],
     "ema_slow": ["method.name=dopsd", "method.teacher=ema", "method.ema_decay=0.9999"],
     "offpolicy": ["method.name=offpolicy", "method.teacher=ema"],
     "hybrid": ["method.name=hybrid", "method.teacher=ema", "method.sft_weight=0.1"],
