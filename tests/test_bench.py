@@ -60,8 +60,9 @@ def test_results_json_complete_and_consistent(bench: Path) -> None:
         assert methods["sft"]["flop_ratio_vs_sft"] == 1.0
         # D-OPSD trains 1 of its K=4 roll-out states (method.train_states): one student fwd+bwd and teacher forward,
         # three forwards without a graph (off-policy: the teacher's) vs one SFT fwd+bwd. The arithmetic the
-        # formula implies is what the FLOP counter sees over a whole optimizer step.
-        for method in ("dopsd", "offpolicy"):
+        # formula implies is what the FLOP counter sees over a whole optimizer step; with prior preservation
+        # (concepts) its roll-out on the prior prompts too.
+        for method in ("dopsd", "offpolicy") + (("dopsd_prior",) if name == "concept_lora" else ()):
             counted = methods[method]["flops_per_step"] / methods["sft"]["flops_per_step"]
             assert methods[method]["flop_ratio_vs_sft"] == pytest.approx(counted, rel=1e-6)
         assert 2.0 < methods["dopsd"]["flop_ratio_vs_sft"] < 4.0

@@ -6,7 +6,8 @@ What is measured, and how (the report quotes this):
     the median over repeats, after warm-up steps. CUDA is synchronised around each step.
   * FLOPs: `torch.utils.flop_counter.FlopCounterMode` around (a) one whole step and (b) the network calls
     the algorithm is made of (student forward+backward, teacher forward). The *implied* count is the
-    algorithm's formula over (b): D-OPSD = K·(student fwd+bwd) + K·(teacher fwd), SFT = 1 student fwd+bwd.
+    algorithm's formula over (b): D-OPSD = k·(student fwd+bwd + teacher fwd) + (K − k)·(student fwd) for the k of
+    its K roll-out states it trains, SFT = 1 student fwd+bwd (`implied_flops`, which has the other methods).
     `overhead` = (time ratio to SFT) / (implied FLOP ratio to SFT): 1.0 means the step costs exactly what the
     algorithm implies; above 1, something beyond the algorithm's arithmetic (small-kernel overhead, the
     sequential roll-out, the teacher swap, Python) costs time.
@@ -116,6 +117,8 @@ def implied_flops(
     student_fwd: float = 0.0,
     sample_steps: int = 0,
     trained_states: int | None = None,
+    prior_share: float = 0.0,
+    sft_weight: float = 0.0,
 ) -> float:
     """FLOPs the algorithm implies per optimizer step (K roll-out steps, S few-step sampling steps).
 
@@ -125,14 +128,19 @@ def implied_flops(
     (the states only rolled out: the student's, off-policy the teacher's). dreambooth: 2 student
     forward+backward (targets, class images). sft_teacher: S teacher forwards (its sample) + 1 forward+backward.
     pso: S student forwards (the reference sample) + 2 forward+backward (the pair) + 2 forwards (the frozen model
-    on the pair, DPO form).
+    on the pair, DPO form). hybrid: dopsd + 1 forward+backward (its SFT term) when `sft_weight` > 0.
+    prior_share > 0 (prior preservation: `method.prior_batch_size` ÷ the batch): plus that share of D-OPSD's
+    roll-out at the same states on caption-only contexts, whose teacher (the original weights) costs a student
+    forward.
     """
+    k = roll_out_steps if trained_states is None else min(trained_states, roll_out_steps)
+    prior = prior_share * (k * (student_fwd_bwd + student_fwd) + (roll_out_steps - k) * student_fwd)
     if kind == "sft":
-        return float(student_fwd_bwd)
-    if kind in ("dopsd", "offpolicy"):
-        k = roll_out_steps if trained_states is None else min(trained_states, roll_out_steps)
+        return float(student_fwd_bwd + prior)
+    if kind in ("dopsd", "offpolicy", "hybrid"):
         advance = teacher_fwd if kind == "offpolicy" else student_fwd  # who rolls the untrained states out
-        return float(k * (student_fwd_bwd + teacher_fwd) + (roll_out_steps - k) * advance)
+        sft = student_fwd_bwd if kind == "hybrid" and sft_weight > 0 else 0.0
+        return float(k * (student_fwd_bwd + teacher_fwd) + (roll_out_steps - k) * advance + sft + prior)
     if kind == "dreambooth":
         return float(2 * student_fwd_bwd)
     if kind == "sft_teacher":
@@ -140,7 +148,7 @@ def implied_flops(
     if kind == "pso":
         return float(sample_steps * student_fwd + 2 * student_fwd_bwd + 2 * student_fwd)
     raise ValueError(
-        f"implied FLOPs are defined for sft, dopsd, offpolicy, dreambooth, sft_teacher and pso, got {kind!r}"
+        f"implied FLOPs are defined for sft, dopsd, offpolicy, hybrid, dreambooth, sft_teacher and pso, got {kind!r}"
     )
 
 

@@ -52,16 +52,18 @@ def trainer_probe(job: Job, method: str, dedistill: str | None) -> tuple[CostPro
     size = (trainer.m.height, trainer.m.width)
     k = len(trainer.schedule(size)) - 1
     steps = len(adapter.inference_schedule(*size, trainer.m.inference_steps)) - 1
-    kind = {"hybrid": "dopsd"}.get(trainer.method.name, trainer.method.name)
-    trained = trainer.cfg.method.train_states or k  # 0: every state
+    m = trainer.cfg.method
+    prior = m.prior_batch_size / trainer.cfg.train.batch_size if m.prior_weight > 0 and m.prior_prompts else 0.0
     implied = implied_flops(
-        kind,
+        m.name,
         fwd_bwd,
         teacher_fwd,
         roll_out_steps=k,
         student_fwd=student_fwd,
         sample_steps=steps,
-        trained_states=trained,
+        trained_states=m.train_states or k,  # 0: every state
+        prior_share=prior,
+        sft_weight=m.sft_weight,
     )
 
     def resident() -> list[torch.Tensor]:
