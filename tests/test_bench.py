@@ -58,6 +58,9 @@ def test_results_json_complete_and_consistent(bench: Path) -> None:
         # the untouched turbo is its own reference: zero drift, full agreement
         assert methods["base"]["drift"] == 0.0 and methods["base"]["preservation"] == 1.0
         assert methods["sft"]["flop_ratio_vs_sft"] == 1.0
+        # the done signal per run: the earliest step as good as the lowest, from the per-sample distances
+        rows = setting["done_signal"]
+        assert rows and all(isinstance(r["as_good_step"], int) and r["as_good_step"] <= r["done_step"] for r in rows)
         # D-OPSD trains 1 of its K=4 roll-out states (method.train_states): one student fwd+bwd and teacher forward,
         # three forwards without a graph (off-policy: the teacher's) vs one SFT fwd+bwd. The arithmetic the
         # formula implies is what the FLOP counter sees over a whole optimizer step; with prior preservation

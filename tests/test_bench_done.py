@@ -39,6 +39,12 @@ def test_done_step_against_the_first_peak() -> None:
     # settled: the first step within 10% of the whole fall of the lowest (run 2: 0.30 → 0.10, bar 0.12)
     assert (first["settled_step"], second["settled_step"]) == (50, 100)
     assert settled_at(steps, [0.30, 0.115, 0.11, 0.105, 0.10]) == 25 and first["settled_within"]
+    # without the runs' as-good steps (older results): none; with them, read against the same peak
+    assert first["as_good_step"] is None and first["as_good_within"] is None
+    curves["as_good"] = {"dopsd": [50, 50]}
+    first, second = done_rows(curves, domain=False)
+    assert (first["as_good_step"], first["as_good_within"], first["fidelity_at_as_good"]) == (50, True, 1.0)
+    assert (second["as_good_step"], second["as_good_within"]) == (50, False)  # 50 vs the peak at 25
 
 
 def test_a_curve_that_never_rose_has_no_peak_and_base_is_not_a_run() -> None:
@@ -92,7 +98,7 @@ def test_suite_done_distance_is_the_trainers_signal() -> None:
         schedule=None,
         done_targets=targets,
     )
-    assert suite.done_distance(torch.cat([b, c, a])) == pytest.approx(0.0, abs=1e-6)
+    assert float(suite.done_distances(torch.cat([b, c, a])).abs().max()) == pytest.approx(0.0, abs=1e-6)
     shifted = torch.cat([b, c, a]) * 0.5
     expected = torch.stack(
         [
@@ -101,7 +107,9 @@ def test_suite_done_distance_is_the_trainers_signal() -> None:
             palette_distance(palette(shifted[2:3]), targets["x"]).min(),
         ]
     ).mean()
-    assert suite.done_distance(shifted) == pytest.approx(float(expected)) and float(expected) > 0.05
+    per_sample = suite.done_distances(shifted)
+    assert per_sample.shape == (3,) and float(per_sample.mean()) == pytest.approx(float(expected))
+    assert float(expected) > 0.05
 
 
 def test_strict_fidelity_fails_an_over_tinted_domain() -> None:

@@ -14,7 +14,7 @@ from conftest import save_tiny_mini, tiny_config, write_concept_folder
 
 import dopsd
 from dopsd.config import ConfigError
-from dopsd.training.done import DONE, palette, palette_distance
+from dopsd.training.done import DONE, earliest_as_good, palette, palette_distance
 
 
 def _run(tmp_path: Path, **overrides):
@@ -37,6 +37,22 @@ def test_palette_is_position_invariant_and_sees_colour():
     assert d[0, 0] < 1e-6 < 0.1 < d[0, 1]
 
 
+def test_earliest_as_good_is_the_start_of_a_plateau_within_the_sampling_noise():
+    g = torch.Generator().manual_seed(0)
+    noise = 0.02 * torch.randn(6, 32, generator=g)
+    # a fall to a plateau at step 20 that creeps down by far less than the samples' spread, then a clear fall
+    level = torch.tensor([1.0, 0.6, 0.3, 0.299, 0.298, 0.297])
+    steps = [0, 10, 20, 30, 40, 50]
+    assert earliest_as_good(steps, (level[:, None] + noise).tolist()) == 20
+    # a real improvement, larger than the noise allows, is not "as good": the lowest step stays the answer
+    level[-1] = 0.25
+    assert earliest_as_good(steps, (level[:, None] + noise).tolist()) == 50
+    # a clear minimum with a rise after it: the minimum (earlier steps are worse)
+    rise = torch.tensor([1.0, 0.5, 0.2, 0.4, 0.6, 0.8])
+    assert earliest_as_good(steps, (rise[:, None] + noise).tolist()) == 20
+    assert earliest_as_good([0], [[0.5, 0.4]]) == 0  # one measurement: itself
+
+
 def test_measured_at_each_sampling_logged_and_lowest_step_in_the_summary(tmp_path):
     result, out = _run(tmp_path, **{"train.max_steps": 6, "sample.every": 2, "log.tensorboard": True})
     records = _records(out)
@@ -48,6 +64,11 @@ def test_measured_at_each_sampling_logged_and_lowest_step_in_the_summary(tmp_pat
     assert done["best_step"] == lowest["step"] and done["best_distance"] == pytest.approx(lowest["distance"])
     assert done["last_step"] == 6 and done["stopped_early"] is False and done["measurements"] == 4
     assert json.loads((out / "summary.json").read_text())["done"] == done
+    # every sample's distance, the same samples each time; the earliest step as good as the lowest
+    assert all(len(r["per_sample"]) == 4 and r["distance"] == pytest.approx(sum(r["per_sample"]) / 4) for r in records)
+    steps, per_sample = [r["step"] for r in records], [r["per_sample"] for r in records]
+    assert done["as_good_step"] == records[-1]["as_good_step"] == earliest_as_good(steps, per_sample)
+    assert done["as_good_step"] <= done["best_step"]
     assert result.steps == 6  # off by default: no early stop
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

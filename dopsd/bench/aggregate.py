@@ -72,6 +72,7 @@ def aggregate(
                 curves[s.name].setdefault("budgets", {})[m] = [
                     {int(step): v for step, v in (r.get("budgets") or {}).items()} for r in runs
                 ]
+                curves[s.name].setdefault("as_good", {})[m] = [r.get("done_as_good_step") for r in runs]
                 curves[s.name].setdefault("runs", {})[m] = [
                     f"{r['job']['target']} seed {r['job']['seed']}" for r in runs
                 ]

@@ -6,8 +6,10 @@ training prompts' samples to their captions' training images); the fidelity is w
 The peak is the first step at the curve's maximum (concept: `concept_fidelity`; domain: `strict_fidelity`, which
 over-tinting fails); the done step is the first step at the signal's minimum. The criterion, fixed before any run:
 the done step lies within ±25% of the peak step (DONE_TOLERANCE). A run whose fidelity never rose above its start
-has no peak (`within` None). Besides the lowest step, the settled step (`settled_at`): the first step within 10%
-of the signal's whole fall of its minimum, for a signal that creeps down on a fidelity plateau.
+has no peak (`within` None). Besides the lowest step, two plateau readings: the settled step (`settled_at`), the
+first step within 10% of the signal's whole fall of its minimum; and the as-good step
+(`dopsd.training.done.earliest_as_good`, what `dopsd train` reports), the first step whose samples are not
+further from the data than the lowest step's by more than two standard errors of the paired difference.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ def done_rows(curves: dict[str, Any], domain: bool) -> list[dict[str, Any]]:
         if method == "base" or method not in fidelity:
             continue
         labels = curves.get("runs", {}).get(method) or [f"run {i}" for i in range(len(runs))]
-        for label, dist, fid in zip(labels, runs, fidelity[method]):
+        as_good = curves.get("as_good", {}).get(method) or [None] * len(runs)
+        for label, dist, fid, good in zip(labels, runs, fidelity[method], as_good):
             steps = curves["steps"][: len(dist)]
             done, peak, settled = first_at(steps, dist, min), first_at(steps, fid, max), settled_at(steps, dist)
             rose = max(fid) > fid[0]  # a curve that never rose above its start has no peak to be near
@@ -69,6 +72,9 @@ def done_rows(curves: dict[str, Any], domain: bool) -> list[dict[str, Any]]:
                     "settled_step": settled,
                     "settled_within": within(settled, peak) if rose else None,
                     "fidelity_at_settled": fid[steps.index(settled)],
+                    "as_good_step": good,
+                    "as_good_within": within(good, peak) if rose and good is not None else None,
+                    "fidelity_at_as_good": fid[steps.index(good)] if good in steps else None,
                     "fidelity_at_peak": max(fid),
                     "fidelity_at_done": fid[steps.index(done)],
                     "fidelity_at_end": fid[-1],

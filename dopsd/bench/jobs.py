@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from dopsd.data.dataset import load_dataset
 from dopsd.files import save_safetensors
 from dopsd.lora.inject import lora_state_dict
 from dopsd.mini import adapter as mini
+from dopsd.training.done import earliest_as_good
 from dopsd.training.trainer import Trainer, TrainingUnhealthy
 
 # The unrelated prompts on-policy prior preservation keeps (dopsd_prior, and the continual setting's *_prior).
@@ -261,11 +263,22 @@ def run_job(job: Job) -> dict[str, Any]:
             budgets=budgets,
             skipped=sum(1 for r in records if r["skipped"]),
         )
+    result["done_as_good_step"] = _as_good(result["curve"])
     result["images"] = _keep(imgs) if job.keep_images else None
     result["captions"] = {k: ps.captions[:8] for k, ps in suite.sets.items()} if job.keep_images else None
     result["seconds"] = time.perf_counter() - started
     result["cpu_seconds"] = time.process_time() - cpu_started  # ≈ wall time on an idle core (1 thread)
     return result
+
+
+def _as_good(curve: dict[str, Any] | None) -> int | None:
+    """The done signal's earliest step as good as its lowest (dopsd.training.done.earliest_as_good), from the
+    curve's per-sample distances, which are then dropped (results.json keeps the mean); None without them or
+    where a sample diverged."""
+    per_sample = curve.pop("done_per_sample", None) if curve else None
+    if not per_sample or not all(map(math.isfinite, (d for point in per_sample for d in point))):
+        return None
+    return earliest_as_good(curve["steps"][: len(per_sample)], per_sample)
 
 
 def train_dedistill(job: Job, out_file: str) -> dict[str, Any]:

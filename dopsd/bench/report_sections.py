@@ -77,6 +77,13 @@ def _span(cell: Any) -> str:
     return "–" if cell is None else f"{cell[0]:.3f} [{cell[1]:.3f}–{cell[2]:.3f}]"
 
 
+def _as_good_cell(mine: list[dict[str, Any]], peaked: list[dict[str, Any]]) -> str:
+    if not any(r.get("as_good_step") is not None for r in mine):  # results from before the as-good reading
+        return "–"
+    steps = ", ".join("–" if r.get("as_good_step") is None else str(r["as_good_step"]) for r in mine)
+    return f"{steps} ({sum(bool(r.get('as_good_within')) for r in peaked)} of {len(peaked)})"
+
+
 def _stopping_blocks(name: str, info: dict[str, Any]) -> list[Block]:
     """The done signal's lowest step against the fidelity peak (every run), and a domain's budgets."""
     blocks: list[Block] = []
@@ -92,6 +99,8 @@ def _stopping_blocks(name: str, info: dict[str, Any]) -> list[Block]:
                 "fidelity at peak / done / end (mean)",
                 f"settled steps (within ±{tol:.0%})",
                 "fidelity at settled (mean)",
+                f"as-good steps (within ±{tol:.0%})",
+                "fidelity at as-good (mean)",
             ]
         ]
         for method in dict.fromkeys(r["method"] for r in rows):
@@ -111,6 +120,8 @@ def _stopping_blocks(name: str, info: dict[str, Any]) -> list[Block]:
                     f"{', '.join(str(r['settled_step']) for r in mine)} "
                     f"({sum(r['settled_within'] for r in peaked)} of {len(peaked)})",
                     mean("fidelity_at_settled"),
+                    _as_good_cell(mine, peaked),
+                    mean("fidelity_at_as_good", good) if (good := [r for r in mine if r.get("as_good_step")]) else "–",
                 ]
             )
         blocks += [
@@ -121,7 +132,9 @@ def _stopping_blocks(name: str, info: dict[str, Any]) -> list[Block]:
                 "captions' training images) at each curve point: its lowest step (done) against the first step "
                 f"at the maximum of {metric} (peak; – where it never rose above its start), per run in the order "
                 "of the runs; settled: the first step within 10% of the signal's whole fall (start − lowest) of its "
-                "lowest value. results.json has each run's row.",
+                "lowest value; as-good: the first step whose samples are no further from the data than the lowest "
+                "step's by more than two standard errors (what `dopsd train` reports as `as_good_step`). "
+                "results.json has each run's row.",
             ),
             ("table", table),
         ]

@@ -169,18 +169,16 @@ class Suite:
             for name, key in (("train", "tinted_strict_fidelity"), ("unseen", "tinted_unseen_strict_fidelity"))
         }
 
-    def done_distance(self, images: torch.Tensor, name: str = "train") -> float:
-        """The done signal of `dopsd train` on these samples: the mean over samples of the palette distance to
-        the nearest training image of the sample's caption."""
+    def done_distances(self, images: torch.Tensor, name: str = "train") -> torch.Tensor:
+        """The done signal of `dopsd train` on these samples, per sample: the palette distance to the nearest
+        training image of the sample's caption (the signal is their mean)."""
         feats = palette(images)
         captions = self.sets[name].captions[: len(images)]
-        return float(
-            torch.stack(
-                [palette_distance(feats[i : i + 1], self.done_targets[c]).min() for i, c in enumerate(captions)]
-            ).mean()
+        return torch.stack(
+            [palette_distance(feats[i : i + 1], self.done_targets[c]).min() for i, c in enumerate(captions)]
         )
 
-    def curve_point(self, network: nn.Module, limit: int) -> dict[str, float]:
+    def curve_point(self, network: nn.Module, limit: int) -> dict[str, Any]:
         """The cheap per-interval measurement: fidelity on training prompts, quality and drift on unrelated ones,
         the done signal; for a domain also strict fidelity on the training and the unseen prompts."""
         train = self.sample(network, "train", self.few_steps, limit)
@@ -193,7 +191,9 @@ class Suite:
             "drift": metrics.drift(unrelated, ref),
         }
         if self.done_targets:
-            point["done_distance"] = self.done_distance(train)
+            per_sample = self.done_distances(train)
+            point["done_distance"] = float(per_sample.mean())
+            point["done_per_sample"] = per_sample.tolist()  # for the earliest step as good as the lowest
         if self.domain:
             point["strict_fidelity"] = self.strict_fidelity(train, "train")
             unseen = self.sample(network, "unseen", self.few_steps, limit)

@@ -301,6 +301,8 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append(f"skipped steps (non-finite): {s['skipped_steps']}")
     if done := s.get("done"):  # the done signal (dopsd.training.done): its lowest step, an early stop
         stop = f"; stopped early at step {done['last_step']}" if done["stopped_early"] else ""
-        lines.append(f"done signal: lowest at step {done['best_step']} ({done['best_distance']:.4g}){stop}")
+        as_good = done.get("as_good_step", done["best_step"])
+        early = f"; as good from step {as_good}" if as_good != done["best_step"] else ""
+        lines.append(f"done signal: lowest at step {done['best_step']} ({done['best_distance']:.4g}){early}{stop}")
     lines += [f"samples: {v}" for v in s["samples"].values()]
     return "\n".join(lines)

@@ -43,6 +43,10 @@ if TYPE_CHECKING:
 DONE = rundir.DONE  # in the run folder: one record per measurement (step, distance, best_step, best, ...)
 PALETTE_SIDE = 32  # the palette's downsampled side (at most; the image's own side when smaller)
 OWN_SEEDS = 2  # seeds per caption when the grid's prompts are not training captions
+# "as good as the lowest": a step whose samples are on average no further from the data than the lowest step's by
+# more than this many standard errors of the mean paired difference (the same prompts and seeds each time). Fixed
+# before any run measured it: two standard errors, about a 2.5% chance of calling a step as good when it is worse.
+AS_GOOD_SE = 2.0
 
 
 def palette(images: torch.Tensor) -> torch.Tensor:
@@ -55,6 +59,20 @@ def palette(images: torch.Tensor) -> torch.Tensor:
 def palette_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(Na, Nb) RMS difference of palettes: the colour distributions' 1-D optimal-transport distance."""
     return torch.cdist(a, b) / math.sqrt(a.shape[1])
+
+
+def earliest_as_good(steps: list[int], per_sample: list[list[float]], se: float = AS_GOOD_SE) -> int:
+    """The first step whose samples are as close to the data as the lowest step's, within the signal's own
+    sampling noise: the mean paired difference of the per-sample distances to the lowest step's is at most `se`
+    standard errors. Where the signal creeps down on a plateau this is the plateau's start; where it has a clear
+    minimum it is that minimum. Needs the same samples (prompts, seeds) at every step."""
+    values = torch.tensor(per_sample, dtype=torch.float64)
+    lowest = int(values.mean(1).argmin())
+    diff = values[: lowest + 1] - values[lowest]
+    n = values.shape[1]
+    spread = diff.std(1, correction=1) / math.sqrt(n) if n > 1 else torch.zeros(len(diff), dtype=torch.float64)
+    as_good = diff.mean(1) <= se * spread
+    return steps[int(as_good.nonzero()[0])]  # the lowest step itself always qualifies
 
 
 class DoneSignal:
@@ -149,7 +167,8 @@ class DoneSignal:
         nearest = [
             self._distance(feats[i * per : (i + 1) * per], self.targets[i]).min(1).values for i in range(len(plan))
         ]
-        value = float(torch.cat(nearest).mean())
+        per_sample = torch.cat(nearest)
+        value = float(per_sample.mean())
         best = min(self.records, key=lambda r: r["distance"]) if self.records else None
         if best is None or value < best["distance"]:
             best_step, best_value = t.step, value
@@ -162,7 +181,9 @@ class DoneSignal:
             "best": best_value,
             "features": self.name,
             "samples": int(images.shape[0]),
+            "per_sample": [round(float(d), 6) for d in per_sample],
         }
+        record["as_good_step"] = self._as_good(record)
         self.records.append(record)
         self.trace.append(record)
         if writer is not None:
@@ -180,6 +201,13 @@ class DoneSignal:
 
             tqdm.write(f"dopsd train: {self.reason}")
         return record
+
+    def _as_good(self, record: dict[str, Any]) -> int:
+        """`earliest_as_good` over the measurements so far that have this one's samples (a run resumed from an
+        older version, or whose grid changed, compares only like with like)."""
+        n = len(record["per_sample"])
+        mine = [r for r in self.records if len(r.get("per_sample", ())) == n] + [record]
+        return earliest_as_good([r["step"] for r in mine], [r["per_sample"] for r in mine])
 
     def agree(self) -> None:
         """Every process learns the main process's stop decision (a DDP/FSDP run stops after the same step)."""
@@ -210,6 +238,7 @@ class DoneSignal:
             "features": self.name,
             "best_step": best["step"],
             "best_distance": best["distance"],
+            "as_good_step": last.get("as_good_step", best["step"]),
             "last_step": last["step"],
             "last_distance": last["distance"],
             "measurements": len(self.records),
@@ -219,4 +248,4 @@ class DoneSignal:
         }
 
 
-__all__ = ["DONE", "DoneSignal", "palette", "palette_distance"]
+__all__ = ["AS_GOOD_SE", "DONE", "DoneSignal", "earliest_as_good", "palette", "palette_distance"]
