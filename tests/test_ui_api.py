@@ -168,6 +168,10 @@ def test_run_view_has_losses_health_samples_files(world):
     health = run["health"]
     assert health["source"] in ("health.jsonl", "tensorboard") and health["records"][0]["step"] == 0
     assert all(0.5 < r["health"] <= 1.5 for r in health["records"])
+    done = run["done"]  # the done signal: a record per sampling, the lowest step and the earliest as good
+    assert done["records"][0]["step"] == 0 and all(r["distance"] > 0 for r in done["records"])
+    lowest = min(done["records"], key=lambda r: r["distance"])
+    assert done["best_step"] == lowest["step"] and done["as_good_step"] <= done["best_step"]
     samples = run["samples"]
     assert samples["few_steps"] == 4 and samples["many_steps"] == 8
     assert samples["latest"]["few"]["file"] == "final_4steps.png"

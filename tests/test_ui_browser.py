@@ -232,6 +232,11 @@ def test_dataset_run_compare_export_in_the_browser(driver, tmp_path, shots):
         )
         paths = [p.get_attribute("d") for p in css(d, "svg.chart path.series")]
         assert len(paths) >= 2 and all(p.count("L") >= 2 for p in paths[:2])  # the loss and health curves are drawn
+        # the done signal: measured at steps 0, 5 and 10, its chart and the reading of its lowest step
+        reading = css(d, "#done-reading")[0].text
+        assert reading.startswith("Lowest at step ") and int(reading.split()[3].rstrip(".;")) in (0, 5, 10)
+        (done_curve,) = css(d, 'svg.chart[data-measure="done"] path.series')
+        assert done_curve.get_attribute("d").count("L") == 2
         screenshot(d, shots / "ui-run.png")
 
         # --- compare with the base model on the same prompts and seeds --------------------------------------------

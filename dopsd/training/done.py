@@ -45,7 +45,8 @@ PALETTE_SIDE = 32  # the palette's downsampled side (at most; the image's own si
 OWN_SEEDS = 2  # seeds per caption when the grid's prompts are not training captions
 # "as good as the lowest": a step whose samples are on average no further from the data than the lowest step's by
 # more than this many standard errors of the mean paired difference (the same prompts and seeds each time). Fixed
-# before any run measured it: two standard errors, about a 2.5% chance of calling a step as good when it is worse.
+# before any run measured it: two standard errors, so a step truly as good is called worse about 2.5% of the time,
+# and a step worse by less than about two standard errors can pass as good.
 AS_GOOD_SE = 2.0
 
 

@@ -110,6 +110,7 @@ def run_view(ctx: Context, request: Request, body: dict) -> dict[str, Any]:
         "progress": runs.progress(folder, cfg, loss_records, seen),
         "losses": runs.thin(loss_records),
         "health": runs.health(folder, ctx.health, log),
+        "done": runs.done_signal(folder),
         "samples": runs.samples(folder),
         "summary": summary,
         "checkpoints": runs.checkpoints(folder),

@@ -3,6 +3,7 @@ grids, summary. Newer files are used when present, with fallbacks for folders wr
 
   progress.json  {step, max_steps, status, started, updated, eta_seconds, pid}  else: losses.jsonl + config.yaml
   health.jsonl   one record per sampling interval (step, health, warning, …)    else: TensorBoard logs (logs/)
+  done.jsonl     the done signal per sampling interval (step, distance, best_step, as_good_step)  else: none
   summary.json   `status` ("ok" / "unhealthy" / "aborted")                       else: "ok" when summary.json exists
 """
 
@@ -192,6 +193,22 @@ def health(run: Path, cache: HealthCache, log_text: str = "") -> dict[str, Any]:
             warning = {"step": int(step), "message": message}
             threshold = threshold or float(limit)
     return {"records": thin(records), "source": source, "note": note, "warning": warning, "threshold": threshold}
+
+
+def done_signal(run: Path) -> dict[str, Any] | None:
+    """The done signal (done.jsonl: dopsd.training.done) per sampling, and its latest reading: the lowest step and
+    the earliest step as good as it. None for a run without one (off, or written before it existed)."""
+    records = [r for r in read_jsonl(run / "done.jsonl") if isinstance(r.get("distance"), (int, float))]
+    if not records:
+        return None
+    last = records[-1]
+    return {
+        "records": thin([{"step": r["step"], "distance": r["distance"]} for r in records]),
+        "best_step": last.get("best_step"),
+        "best": last.get("best"),
+        "as_good_step": last.get("as_good_step", last.get("best_step")),
+        "features": last.get("features"),
+    }
 
 
 def progress(

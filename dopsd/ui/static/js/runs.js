@@ -1,5 +1,5 @@
-// Runs: the list, and one run live — progress and ETA, the loss curve, few-step health with its alarm, the latest
-// sample grids at few and many steps, stop / resume, exports, summary, the command's output.
+// Runs: the list, and one run live — progress and ETA, the loss curve, few-step health with its alarm, the done
+// signal, the latest sample grids at few and many steps, stop / resume, exports, summary, the command's output.
 
 import { healthCharts, lineChart } from "./charts.js";
 import { samplesCard } from "./gallery.js";
@@ -39,7 +39,7 @@ export async function runsPage(main, _params, app) {
 
 export async function runPage(main, params, app) {
   const name = params.name;
-  const parts = new Parts(main, ["head", "manage", "failure", "alarm", "progress", "charts", "samples", "exports", "checkpoints", "summary", "log", "config"]);
+  const parts = new Parts(main, ["head", "manage", "failure", "alarm", "progress", "charts", "done", "samples", "exports", "checkpoints", "summary", "log", "config"]);
   async function load() {
     const r = await api(`/api/runs/${encodeURIComponent(name)}`);
     parts.set("head", [r.status, r.resumable, r.files, r.job && r.job.status, r.config && r.config.method], () => head(r));
@@ -56,6 +56,7 @@ export async function runPage(main, params, app) {
       parts.set("charts", [r.losses, r.health], () => h("div", { class: "grid2" },
         card("Loss", lossChart(r.losses)), card("Few-step health", healthChart(r.health))));
     }
+    parts.set("done", r.done, (d) => d ? doneCard(d) : null);
     if (r.samples) parts.set("samples", r.samples, (s) => samplesCard(name, s));
     parts.set("exports", [r.exports, r.files && r.files["lora.safetensors"], r.status], () => exportsCard(name, r));
     if (r.summary) parts.set("summary", r.summary, (s) => card("summary.json", summaryTable(s)));
@@ -98,6 +99,20 @@ function lossChart(losses) {
 
 function healthChart(health) {
   return [healthCharts(health), health.note ? h("p", { class: "muted small" }, health.note) : null];
+}
+
+// The done signal (done.jsonl): the samples' distance to the training images at each sampling, its lowest step and
+// the earliest step as good as it (docs/done-signal.md).
+function doneCard(done) {
+  const chart = lineChart([{ name: "distance", points: done.records.map((r) => [r.step, r.distance]), width: 2 }], {
+    title: `distance of the samples to the training images (${done.features})`, xInteger: true, legend: false,
+  });
+  chart.dataset.measure = "done";
+  const earlier = done.as_good_step !== null && done.as_good_step !== done.best_step;
+  return card("Done signal", chart,
+    h("p", { id: "done-reading" }, `Lowest at step ${done.best_step}`, earlier ? `; as good from step ${done.as_good_step}` : "", "."),
+    h("p", { class: "muted small" }, "It falls while the run learns the data and rises once training goes past it. "
+      + "Checkpointing at the sampling interval keeps the weights of those steps."));
 }
 
 function exportsCard(name, r) {
