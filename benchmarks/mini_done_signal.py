@@ -91,6 +91,15 @@ def stop_step(steps: list[int], values: list[float], patience: int = 3) -> int |
     return None
 
 
+def as_good_stop(steps: list[int], as_good: list[int], patience: int = 3) -> int | None:
+    """Where a stop counted from the as-good step would stop: at the first measurement (not the final one) with
+    `patience` measurements after the as-good step as it stood then (None: it runs to the end)."""
+    for i in range(1, len(steps) - 1):
+        if sum(1 for s in steps[: i + 1] if s > as_good[i]) >= patience:
+            return steps[i]
+    return None
+
+
 def within(done: int, at: int, tol: float = 0.25) -> bool:
     return abs(done - at) <= tol * at if at > 0 else done == 0
 
@@ -145,7 +154,7 @@ def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
     d_steps, d_values = [r["step"] for r in done], [r["distance"] for r in done]
     if d_steps != curve["steps"]:
         raise RuntimeError(f"{setting} seed {seed}: done steps {d_steps} != fidelity steps {curve['steps']}")
-    done_step = result.summary["done"]["best_step"]
+    done_step, as_good = result.summary["done"]["best_step"], result.summary["done"]["as_good_step"]
     primary = peak(curve["steps"], curve[PRIMARY[setting]])
     secondary = peak(curve["steps"], curve[SECONDARY[setting]], lower=True)
     return {
@@ -165,22 +174,34 @@ def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
         "peak_step_continuous": secondary,
         "within_25pct": within(done_step, primary),
         "within_25pct_continuous": within(done_step, secondary),
-        "curve": {**curve, "done_distance": d_values},
+        "as_good_step": as_good,
+        "as_good_within_25pct": within(as_good, primary),
+        "as_good_within_25pct_continuous": within(as_good, secondary),
+        "curve": {**curve, "done_distance": d_values, "as_good_step": [r["as_good_step"] for r in done]},
         "seconds": round(time.perf_counter() - started, 1),
     }
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = "| setting | seed | done step | fidelity peak | ±25% | continuous peak | ±25% | stops at (patience 3) | s |"
-    lines = [head, "|" + "---|" * 9]
+    head = (
+        "| setting | seed | done step | as-good step | fidelity peak | ±25% (done / as good) | continuous peak | "
+        "±25% (done / as good) | stops at, patience 3 (lowest / as good) | fidelity at peak / stops / end | s |"
+    )
+    lines = [head, "|" + "---|" * 11]
+    yes = {True: "yes", False: "no", None: "–"}
     for r in rows:
         c = r["curve"]
-        stop = stop_step(c["steps"], c["done_distance"])
+        stops = [stop_step(c["steps"], c["done_distance"])]
+        stops.append(as_good_stop(c["steps"], c["as_good_step"]) if "as_good_step" in c else None)
+        fid = c[PRIMARY[r["setting"]]]
+        at = [f"{fid[c['steps'].index(s)]:.3f}" if s is not None else "end" for s in stops]
         lines.append(
-            f"| {r['setting']} | {r['seed']} | {r['done_step']} | {r['peak_step']} ({PRIMARY[r['setting']]}) | "
-            f"{'yes' if r['within_25pct'] else 'no'} | {r['peak_step_continuous']} ({SECONDARY[r['setting']]}) | "
-            f"{'yes' if r['within_25pct_continuous'] else 'no'} | {stop if stop is not None else 'end'} | "
-            f"{r['seconds']:.0f} |"
+            f"| {r['setting']} | {r['seed']} | {r['done_step']} | {r.get('as_good_step', '–')} | {r['peak_step']} "
+            f"({PRIMARY[r['setting']]}) | {yes[r['within_25pct']]} / {yes[r.get('as_good_within_25pct')]} | "
+            f"{r['peak_step_continuous']} ({SECONDARY[r['setting']]}) | {yes[r['within_25pct_continuous']]} / "
+            f"{yes[r.get('as_good_within_25pct_continuous')]} | "
+            f"{' / '.join(str(s) if s is not None else 'end' for s in stops)} | "
+            f"{max(fid):.3f} / {' / '.join(at)} / {fid[-1]:.3f} | {r['seconds']:.0f} |"
         )
     return "\n".join(lines)
 
