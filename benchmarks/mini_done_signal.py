@@ -13,7 +13,9 @@ scores) measures the fidelity at the same steps from the training loop's callbac
            fails it), domain_fidelity (background nearer its tinted twin: saturates), and amount_error (mean
            |fitted tint amount − the domain's 0.40|: continuous, lower = better).
 The peak of a fidelity is its FIRST step at the maximum (its minimum for the errors). Criterion: the done step
-within ±25% of the peak step of the primary fidelity (concept_fidelity; tint_fidelity).
+within ±25% of the peak step of the primary fidelity (concept_fidelity; tint_fidelity). The same for the run's
+as-good step (summary.json `done.as_good_step`), and where train.stop_when_done (patience 3) would stop: counted
+from the lowest step (what it does) and, for comparison, from the as-good step (simulated from done.jsonl).
 
 Run: nice -n 10 .venv/bin/python benchmarks/mini_done_signal.py --out /tmp/donesignal/done.json
 """
