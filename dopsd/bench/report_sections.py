@@ -121,7 +121,9 @@ def _stopping_blocks(name: str, info: dict[str, Any]) -> list[Block]:
                     f"({sum(r['settled_within'] for r in peaked)} of {len(peaked)})",
                     mean("fidelity_at_settled"),
                     _as_good_cell(mine, peaked),
-                    mean("fidelity_at_as_good", good) if (good := [r for r in mine if r.get("as_good_step")]) else "–",
+                    mean("fidelity_at_as_good", good)
+                    if (good := [r for r in mine if r.get("fidelity_at_as_good") is not None])
+                    else "–",
                 ]
             )
         blocks += [
