@@ -134,22 +134,25 @@ def implied_flops(
     forward.
     """
     k = roll_out_steps if trained_states is None else min(trained_states, roll_out_steps)
+    # prior preservation is a term of its own beside any method's (dopsd.methods.terms.terms_for)
     prior = prior_share * (k * (student_fwd_bwd + student_fwd) + (roll_out_steps - k) * student_fwd)
     if kind == "sft":
-        return float(student_fwd_bwd + prior)
-    if kind in ("dopsd", "offpolicy", "hybrid"):
+        own = student_fwd_bwd
+    elif kind in ("dopsd", "offpolicy", "hybrid"):
         advance = teacher_fwd if kind == "offpolicy" else student_fwd  # who rolls the untrained states out
         sft = student_fwd_bwd if kind == "hybrid" and sft_weight > 0 else 0.0
-        return float(k * (student_fwd_bwd + teacher_fwd) + (roll_out_steps - k) * advance + sft + prior)
-    if kind == "dreambooth":
-        return float(2 * student_fwd_bwd)
-    if kind == "sft_teacher":
-        return float(sample_steps * teacher_fwd + student_fwd_bwd)
-    if kind == "pso":
-        return float(sample_steps * student_fwd + 2 * student_fwd_bwd + 2 * student_fwd)
-    raise ValueError(
-        f"implied FLOPs are defined for sft, dopsd, offpolicy, hybrid, dreambooth, sft_teacher and pso, got {kind!r}"
-    )
+        own = k * (student_fwd_bwd + teacher_fwd) + (roll_out_steps - k) * advance + sft
+    elif kind == "dreambooth":
+        own = 2 * student_fwd_bwd
+    elif kind == "sft_teacher":
+        own = sample_steps * teacher_fwd + student_fwd_bwd
+    elif kind == "pso":
+        own = sample_steps * student_fwd + 2 * student_fwd_bwd + 2 * student_fwd
+    else:
+        raise ValueError(
+            f"implied FLOPs are defined for sft, dopsd, offpolicy, hybrid, dreambooth, sft_teacher and pso, got {kind!r}"
+        )
+    return float(own + prior)
 
 
 def _quantile(values: list[float], q: float) -> float:

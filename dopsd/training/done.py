@@ -62,13 +62,16 @@ def palette_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.cdist(a, b) / math.sqrt(a.shape[1])
 
 
-def earliest_as_good(steps: list[int], per_sample: list[list[float]], se: float = AS_GOOD_SE) -> int:
+def earliest_as_good(
+    steps: list[int], per_sample: list[list[float]], se: float = AS_GOOD_SE, lowest_step: int | None = None
+) -> int:
     """The first step whose samples are as close to the data as the lowest step's, within the signal's own
     sampling noise: the mean paired difference of the per-sample distances to the lowest step's is at most `se`
     standard errors. Where the signal creeps down on a plateau this is the plateau's start; where it has a clear
-    minimum it is that minimum. Needs the same samples (prompts, seeds) at every step."""
+    minimum it is that minimum. Needs the same samples (prompts, seeds) at every step. `lowest_step`: the caller's
+    own lowest step (so both agree on a near tie); by default the lowest mean of `per_sample`."""
     values = torch.tensor(per_sample, dtype=torch.float64)
-    lowest = int(values.mean(1).argmin())
+    lowest = int(values.mean(1).argmin()) if lowest_step is None else steps.index(lowest_step)
     diff = values[: lowest + 1] - values[lowest]
     n = values.shape[1]
     spread = diff.std(1, correction=1) / math.sqrt(n) if n > 1 else torch.zeros(len(diff), dtype=torch.float64)
@@ -184,7 +187,7 @@ class DoneSignal:
             "samples": int(images.shape[0]),
             "per_sample": [round(float(d), 6) for d in per_sample],
         }
-        record["as_good_step"] = self._as_good(record)
+        record["as_good_step"] = self._as_good(record, best_step)
         self.records.append(record)
         self.trace.append(record)
         if writer is not None:
@@ -203,12 +206,16 @@ class DoneSignal:
             tqdm.write(f"dopsd train: {self.reason}")
         return record
 
-    def _as_good(self, record: dict[str, Any]) -> int:
+    def _as_good(self, record: dict[str, Any], best_step: int) -> int:
         """`earliest_as_good` over the measurements so far that have this one's samples (a run resumed from an
-        older version, or whose grid changed, compares only like with like)."""
+        older version, or whose grid changed, compares only like with like), against the signal's lowest step
+        (the lowest itself when that measurement is not comparable)."""
         n = len(record["per_sample"])
         mine = [r for r in self.records if len(r.get("per_sample", ())) == n] + [record]
-        return earliest_as_good([r["step"] for r in mine], [r["per_sample"] for r in mine])
+        steps = [r["step"] for r in mine]
+        if best_step not in steps:
+            return best_step
+        return earliest_as_good(steps, [r["per_sample"] for r in mine], lowest_step=best_step)
 
     def agree(self) -> None:
         """Every process learns the main process's stop decision (a DDP/FSDP run stops after the same step)."""
